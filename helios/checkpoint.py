@@ -1,0 +1,112 @@
+"""Atomic checkpoints: ``checkpoints/step_<N>/`` appears only once complete.
+
+Each save writes into ``step_<N>.tmp-<pid>/``: rank-0 files (trainable weights, optimizer, LR
+scheduler, stage state, config) and one RNG/data-position file per rank, then a ``COMPLETE``
+marker, then renames the folder. ``resume=latest`` only considers folders with the marker, so a
+crash mid-save never leaves a checkpoint that resume would pick.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from helios.distributed import DistInfo, barrier, broadcast_object
+
+MARKER = "COMPLETE"
+_STEP_RE = re.compile(r"^step_(\d+)$")
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def list_complete(run_dir: Path) -> list[tuple[int, Path]]:
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        m = _STEP_RE.match(child.name)
+        if m and (child / MARKER).exists():
+            found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def resolve_resume(resume: str, run_dir: Path) -> Path | None:
+    """``latest`` -> newest complete checkpoint of this run dir (or None), ``none`` -> None,
+    otherwise a checkpoint folder (or a run dir, whose newest checkpoint is used)."""
+    if resume == "none":
+        return None
+    if resume == "latest":
+        done = list_complete(run_dir)
+        return done[-1][1] if done else None
+    path = Path(resume).expanduser()
+    if (path / MARKER).exists():
+        return path
+    done = list_complete(path)
+    if done:
+        return done[-1][1]
+    raise FileNotFoundError(
+        f"resume={resume}: no complete checkpoint there (a folder checkpoints/step_<N>/ with a {MARKER} file); "
+        "use resume=latest, resume=none or a checkpoint path"
+    )
+
+
+def save(
+    run_dir: Path,
+    step: int,
+    dist_info: DistInfo,
+    tensors: dict[str, dict[str, torch.Tensor]],
+    objects: dict[str, Any],
+    rank_state: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Save a checkpoint collectively (every rank calls this)."""
+    root = checkpoint_dir(run_dir)
+    final = root / f"step_{step}"
+    tmp_name = broadcast_object(f"step_{step}.tmp-{os.getpid()}" if dist_info.is_main else None)
+    tmp = root / tmp_name
+    if dist_info.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    torch.save(rank_state, tmp / f"rank_{dist_info.rank:05d}.pt")
+    if dist_info.is_main:
+        for name, tensor_dict in tensors.items():
+            save_file(tensor_dict, str(tmp / f"{name}.safetensors"))
+        torch.save(objects, tmp / "state.pt")
+        (tmp / "meta.json").write_text(json.dumps({"step": step, "world_size": dist_info.world_size}))
+    barrier()
+    if dist_info.is_main:
+        (tmp / MARKER).write_text("ok\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for _, old in list_complete(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in root.glob("step_*.tmp-*"):  # left by a crashed save
+            shutil.rmtree(stale, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load(path: Path, dist_info: DistInfo) -> tuple[dict[str, dict[str, torch.Tensor]], dict, dict]:
+    """(tensors by file stem, rank-0 objects, this rank's state)."""
+    meta = json.loads((path / "meta.json").read_text())
+    if meta["world_size"] != dist_info.world_size:
+        raise ValueError(
+            f"checkpoint {path} was written by {meta['world_size']} ranks; this run has {dist_info.world_size}. "
+            "Exact resume needs the same world size"
+        )
+    tensors = {p.stem: load_file(str(p)) for p in path.glob("*.safetensors")}
+    objects = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    rank_state = torch.load(path / f"rank_{dist_info.rank:05d}.pt", map_location="cpu", weights_only=False)
+    return tensors, objects, rank_state

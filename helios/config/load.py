@@ -1,0 +1,92 @@
+"""From Hydra's composed DictConfig to a validated :class:`TrainConfig`."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from helios.config.schema import ConfigError, TrainConfig
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+SCHEMA_NAME = "train_schema"
+
+
+def register_schema() -> None:
+    """Make :class:`TrainConfig` the base of ``configs/train.yaml`` (its first defaults entry), so
+    Hydra knows every key at compose time and type-checks overrides as it merges them."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=TrainConfig)
+
+
+register_schema()
+
+_STAGE_RE = re.compile(r"^(stage)=([0-9][0-9,]*)$")
+
+
+def normalize_overrides(argv: Sequence[str]) -> list[str]:
+    """Rewrite the user-facing forms Hydra cannot parse as group selections.
+
+    * ``stage=3`` / ``stage=1,2`` -> ``stage='3'`` / ``stage='1','2'`` (Hydra reads bare digits
+      as integers, but config-group options are names).
+    * ``data=<path>`` where the value is not a ``configs/data`` option -> ``data=latents
+      data.path=<path>`` so ``python train_helios.py data=/shards`` trains on prepared shards.
+    """
+    data_options = {p.stem for p in (CONFIG_DIR / "data").glob("*.yaml")}
+    out: list[str] = []
+    for arg in argv:
+        m = _STAGE_RE.match(arg)
+        if m:
+            out.append("stage=" + ",".join(f"'{v}'" for v in m.group(2).split(",") if v))
+            continue
+        if arg.startswith("data=") and arg[5:] and arg[5:] not in data_options and "," not in arg:
+            out.extend(["data=latents", f"data.path={arg[5:]}"])
+            continue
+        out.append(arg)
+    return out
+
+
+def _format_omegaconf_error(err: OmegaConfBaseException) -> ConfigError:
+    key = getattr(err, "full_key", None) or "?"
+    msg = str(err).splitlines()[0]
+    return ConfigError(str(key), msg)
+
+
+def load_config(cfg: DictConfig | dict) -> TrainConfig:
+    """Type-check ``cfg`` against the schema and validate ranges; raise :class:`ConfigError`."""
+    if isinstance(cfg, dict):
+        cfg = OmegaConf.create(cfg)
+    cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"]) if "hydra" in cfg else cfg
+    schema = OmegaConf.structured(TrainConfig)
+    try:
+        merged = OmegaConf.merge(schema, cfg)
+        OmegaConf.resolve(merged)
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise _format_omegaconf_error(err) from None
+    assert isinstance(obj, TrainConfig)
+    if not obj.data.cache_dir:
+        obj.data.cache_dir = os.path.join(os.environ.get("HELIOS_CACHE", "~/.cache/helios"), "synthetic")
+    obj.data.cache_dir = os.path.expanduser(obj.data.cache_dir)
+    obj.validate()
+    return obj
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def compose(overrides: Sequence[str] = (), config_name: str = "train") -> TrainConfig:
+    """Compose ``configs/`` with Hydra's compose API (as the CLI does) and validate."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        cfg = hydra_compose(config_name=config_name, overrides=normalize_overrides(overrides))
+    return load_config(cfg)

@@ -1,0 +1,452 @@
+"""Typed configuration schema.
+
+Every Hydra YAML file under ``configs/`` is merged into :class:`TrainConfig` before anything is
+built: unknown keys, wrong types and out-of-range values stop the run at start-up with the key
+path in the message (:class:`ConfigError`). Each dataclass validates its own fields in
+``validate(prefix)``; cross-field rules live in :meth:`TrainConfig.validate`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, of the wrong type, or out of range."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"config error at '{key}': {reason}")
+        self.key = key
+        self.reason = reason
+
+
+def _check(cond: bool, key: str, reason: str) -> None:
+    if not cond:
+        raise ConfigError(key, reason)
+
+
+def _choice(value: str, options: tuple[str, ...], key: str) -> None:
+    _check(value in options, key, f"must be one of {list(options)}, got {value!r}")
+
+
+def _range(values: list[float], key: str, lo: float, hi: float) -> None:
+    _check(len(values) == 2, key, f"must be a [min, max] pair, got {values}")
+    _check(lo <= values[0] <= values[1] <= hi, key, f"must satisfy {lo} <= min <= max <= {hi}, got {values}")
+
+
+class Validated:
+    """Mixin: validate this node, then every nested dataclass field."""
+
+    def validate(self, prefix: str = "") -> None:
+        self._validate(prefix)
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if is_dataclass(value) and isinstance(value, Validated):
+                value.validate(f"{prefix}{f.name}.")
+
+    def _validate(self, prefix: str) -> None:  # overridden where a node has rules
+        return None
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass
+class TransformerConfig(Validated):
+    """`HeliosTransformer3DModel` construction (diffusers is the model definition).
+
+    ``source``: ``random`` (seeded init from the shape fields below), ``helios`` (a diffusers
+    Helios checkpoint at ``path``) or ``wan`` (a diffusers Wan-2.1 T2V checkpoint at ``path``,
+    converted on load, see :mod:`helios.model.wan_init`).
+    """
+
+    source: str = "random"
+    path: str | None = None
+    subfolder: str | None = None
+    num_attention_heads: int = 40
+    attention_head_dim: int = 128
+    in_channels: int = 16
+    out_channels: int = 16
+    text_dim: int = 4096
+    freq_dim: int = 256
+    ffn_dim: int = 13824
+    num_layers: int = 40
+    rope_dim: list[int] = field(default_factory=lambda: [44, 42, 42])
+    rope_theta: float = 10000.0
+    # Guidance Attention (§3.1.2)
+    guidance_cross_attn: bool = True
+    zero_history_timestep: bool = True
+    is_amplify_history: bool = False
+    history_scale_mode: str = "per_head"
+    # How the multi-term memory patch convs are initialised from the patch embedding (Wan init).
+    memory_patch_init: str = "average"
+    init_seed: int = 0
+    gradient_checkpointing: bool = False
+
+    def _validate(self, prefix: str) -> None:
+        _choice(self.source, ("random", "helios", "wan"), prefix + "source")
+        if self.source != "random":
+            _check(bool(self.path), prefix + "path", f"source={self.source!r} needs a checkpoint directory")
+        _check(len(self.rope_dim) == 3, prefix + "rope_dim", "needs three entries (t, h, w)")
+        _check(
+            sum(self.rope_dim) == self.attention_head_dim,
+            prefix + "rope_dim",
+            f"must sum to attention_head_dim={self.attention_head_dim}, got {sum(self.rope_dim)}",
+        )
+        _check(all(d % 2 == 0 for d in self.rope_dim), prefix + "rope_dim", "entries must be even")
+        for name in ("num_attention_heads", "attention_head_dim", "text_dim", "ffn_dim", "num_layers"):
+            _check(getattr(self, name) > 0, prefix + name, "must be > 0")
+        _choice(self.history_scale_mode, ("per_head", "scalar"), prefix + "history_scale_mode")
+        _choice(self.memory_patch_init, ("average", "copy_center", "zero"), prefix + "memory_patch_init")
+
+
+@dataclass
+class LoraConfig(Validated):
+    """LoRA through peft (Table 1: rank = alpha, all linear layers of the DiT blocks)."""
+
+    enabled: bool = True
+    rank: int = 128
+    alpha: int = 128
+    dropout: float = 0.0
+    # "all-linear" or an explicit list of module-name suffixes (e.g. [to_q, to_k, to_v, to_out.0]).
+    targets: Any = "all-linear"
+    # How the multi-term memory patch convs (patch_short/mid/long) train: full | lora | frozen.
+    memory_patch: str = "full"
+    # Also train these parameters in full (name substrings), e.g. [history_key_scale].
+    extra_trainable: list[str] = field(default_factory=lambda: ["history_key_scale"])
+
+    def _validate(self, prefix: str) -> None:
+        _check(self.rank > 0, prefix + "rank", "must be > 0")
+        _check(self.alpha > 0, prefix + "alpha", "must be > 0")
+        _check(0.0 <= self.dropout < 1.0, prefix + "dropout", "must be in [0, 1)")
+        _check(
+            self.targets == "all-linear"
+            or (isinstance(self.targets, list | tuple) and all(isinstance(t, str) for t in self.targets)),
+            prefix + "targets",
+            "must be 'all-linear' or a list of module-name suffixes",
+        )
+        _choice(self.memory_patch, ("full", "lora", "frozen"), prefix + "memory_patch")
+
+
+@dataclass
+class VaeConfig(Validated):
+    """`AutoencoderKLWan`: ``tiny`` builds a small seeded one; ``pretrained`` loads ``path``."""
+
+    source: str = "pretrained"
+    path: str | None = None
+    subfolder: str | None = "vae"
+    base_dim: int = 8
+    init_seed: int = 0
+
+    def _validate(self, prefix: str) -> None:
+        _choice(self.source, ("tiny", "pretrained"), prefix + "source")
+        if self.source == "pretrained":
+            _check(bool(self.path), prefix + "path", "source='pretrained' needs a model directory")
+
+
+@dataclass
+class TextEncoderConfig(Validated):
+    """UMT5 encoder + tokenizer: ``tiny`` (byte tokenizer, small seeded UMT5) or ``pretrained``."""
+
+    source: str = "pretrained"
+    path: str | None = None
+    subfolder: str | None = "text_encoder"
+    tokenizer_subfolder: str | None = "tokenizer"
+    max_sequence_length: int = 512
+    d_model: int = 32
+    num_layers: int = 2
+    init_seed: int = 0
+
+    def _validate(self, prefix: str) -> None:
+        _choice(self.source, ("tiny", "pretrained"), prefix + "source")
+        if self.source == "pretrained":
+            _check(bool(self.path), prefix + "path", "source='pretrained' needs a model directory")
+        _check(self.max_sequence_length > 0, prefix + "max_sequence_length", "must be > 0")
+
+
+@dataclass
+class ModelConfig(Validated):
+    name: str = "tiny"
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    vae: VaeConfig = field(default_factory=VaeConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+
+
+# --------------------------------------------------------------------------- history
+
+
+@dataclass
+class TaskConfig(Validated):
+    """Representation Control (§3.1.1): per-sample probabilities of each history format.
+
+    The remaining probability ``1 - t2v - i2v - v2v_partial`` keeps the full history (V2V).
+    ``i2v`` trains the format the I2V sampler feeds (anchor + last history frame only), which
+    the public reference code never trains.
+    """
+
+    t2v: float = 0.4
+    i2v: float = 0.06
+    v2v_partial: float = 0.22
+
+    def _validate(self, prefix: str) -> None:
+        for name in ("t2v", "i2v", "v2v_partial"):
+            _check(0.0 <= getattr(self, name) <= 1.0, prefix + name, "must be a probability in [0, 1]")
+        total = self.t2v + self.i2v + self.v2v_partial
+        _check(total <= 1.0 + 1e-6, prefix.rstrip("."), f"t2v + i2v + v2v_partial = {total:.4f} exceeds 1")
+
+
+@dataclass
+class CorruptConfig(Validated):
+    """Frame-Aware Corrupt (§3.2.3).
+
+    ``mode=paper``: every history frame independently draws exposure (p_exposure, scale in
+    ``exposure``), noise (p_noise, level in ``noise``), down-then-up sampling (p_downsample,
+    resolution reduction in ``downsample``) or clean (p_clean); the four must sum to 1.
+    ``mode=reference``: the public reference code's clip-level draw (one branch per sample).
+    """
+
+    enabled: bool = True
+    mode: str = "paper"
+    p_exposure: float = 0.0
+    p_noise: float = 0.8
+    p_downsample: float = 0.1
+    p_clean: float = 0.1
+    exposure: list[float] = field(default_factory=lambda: [0.3, 1.7])
+    noise: list[float] = field(default_factory=lambda: [0.0, 0.33])
+    downsample: list[float] = field(default_factory=lambda: [0.0, 0.1])
+
+    def _validate(self, prefix: str) -> None:
+        _choice(self.mode, ("paper", "reference"), prefix + "mode")
+        probs = {k: getattr(self, k) for k in ("p_exposure", "p_noise", "p_downsample", "p_clean")}
+        for k, v in probs.items():
+            _check(0.0 <= v <= 1.0, prefix + k, f"must be a probability in [0, 1], got {v}")
+        total = sum(probs.values())
+        _check(
+            math.isclose(total, 1.0, abs_tol=1e-6),
+            prefix + "p_*",
+            f"p_exposure + p_noise + p_downsample + p_clean must sum to 1, got {total:.6f} ({probs})",
+        )
+        _range(self.exposure, prefix + "exposure", 0.0, 10.0)
+        _range(self.noise, prefix + "noise", 0.0, 1.0)
+        _range(self.downsample, prefix + "downsample", 0.0, 0.95)
+
+
+@dataclass
+class HistoryConfig(Validated):
+    """History layout (§3.1, §3.3.1): ``sizes`` = [long, mid, short] latent frames, ``window`` =
+    noisy latent frames per section, first-frame ``anchor`` (§3.2.2), ``relative_rope`` (§3.2.1)."""
+
+    sizes: list[int] = field(default_factory=lambda: [16, 2, 1])
+    window: int = 9
+    anchor: bool = True
+    relative_rope: bool = True
+    multi_term_patch: bool = True
+    tasks: TaskConfig = field(default_factory=TaskConfig)
+    corrupt: CorruptConfig = field(default_factory=CorruptConfig)
+
+    def _validate(self, prefix: str) -> None:
+        _check(len(self.sizes) == 3, prefix + "sizes", "needs [long, mid, short] latent frame counts")
+        _check(all(s >= 1 for s in self.sizes), prefix + "sizes", f"entries must be >= 1, got {self.sizes}")
+        _check(self.window >= 1, prefix + "window", "must be >= 1")
+
+
+# --------------------------------------------------------------------------- flow matching
+
+
+@dataclass
+class ShiftConfig(Validated):
+    """Dynamic shifting by sequence length: mu = base_shift + (seq - base_seq_len) * slope,
+    linear s = mu, exponential s = exp(min(mu, ln(exp_cap))); sigma' = s*sigma / (1 + (s-1)*sigma)."""
+
+    enabled: bool = True
+    type: str = "exponential"
+    base_seq_len: int = 256
+    max_seq_len: int = 4096
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    exp_cap: float = 7.0
+
+    def _validate(self, prefix: str) -> None:
+        _choice(self.type, ("linear", "exponential"), prefix + "type")
+        _check(self.max_seq_len > self.base_seq_len, prefix + "max_seq_len", "must exceed base_seq_len")
+        _check(self.exp_cap > 1.0, prefix + "exp_cap", "must be > 1")
+
+
+@dataclass
+class FlowConfig(Validated):
+    """Flow matching with v-prediction (target = noise - x0)."""
+
+    timestep_sampling: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift: ShiftConfig = field(default_factory=ShiftConfig)
+
+    def _validate(self, prefix: str) -> None:
+        _choice(self.timestep_sampling, ("uniform", "logit_normal"), prefix + "timestep_sampling")
+        _check(self.logit_std > 0, prefix + "logit_std", "must be > 0")
+
+
+# --------------------------------------------------------------------------- optimisation
+
+
+@dataclass
+class OptimConfig(Validated):
+    """AdamW + diffusers LR schedule (Table 1: constant LR, grad clip 1.0)."""
+
+    lr: float = 5e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    schedule: str = "constant"
+    warmup_steps: int = 0
+
+    def _validate(self, prefix: str) -> None:
+        _check(self.lr > 0, prefix + "lr", "must be > 0")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), prefix + "betas", "two values in [0,1)")
+        _check(self.eps > 0, prefix + "eps", "must be > 0")
+        _check(self.weight_decay >= 0, prefix + "weight_decay", "must be >= 0")
+        _check(self.grad_clip >= 0, prefix + "grad_clip", "must be >= 0 (0 disables clipping)")
+        _choice(
+            self.schedule,
+            ("constant", "constant_with_warmup", "linear", "cosine"),
+            prefix + "schedule",
+        )
+        _check(self.warmup_steps >= 0, prefix + "warmup_steps", "must be >= 0")
+
+
+@dataclass
+class TrainerConfig(Validated):
+    max_steps: int = 40
+    batch_size: int = 2
+    grad_accum: int = 1
+    # When > 0, grad_accum is derived: global_batch_size = batch_size * world_size * grad_accum.
+    global_batch_size: int = 0
+    log_every: int = 1
+    checkpoint_every: int = 20
+    keep_last: int = 3
+    precision: str = "auto"
+    device: str = "auto"
+    num_workers: int = 0
+    progress: bool = True
+
+    def _validate(self, prefix: str) -> None:
+        _check(self.max_steps >= 0, prefix + "max_steps", "must be >= 0")
+        _check(self.batch_size >= 1, prefix + "batch_size", "must be >= 1")
+        _check(self.grad_accum >= 1, prefix + "grad_accum", "must be >= 1")
+        _check(self.global_batch_size >= 0, prefix + "global_batch_size", "must be >= 0")
+        _check(self.log_every >= 1, prefix + "log_every", "must be >= 1")
+        _check(self.checkpoint_every >= 0, prefix + "checkpoint_every", "must be >= 0 (0 disables)")
+        _check(self.keep_last >= 1, prefix + "keep_last", "must be >= 1")
+        _choice(self.precision, ("auto", "fp32", "bf16"), prefix + "precision")
+        _choice(self.device, ("auto", "cpu", "cuda"), prefix + "device")
+        _check(self.num_workers >= 0, prefix + "num_workers", "must be >= 0")
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class SyntheticConfig(Validated):
+    """Moving-shapes videos with captions, written as real mp4 files and encoded like user data."""
+
+    num_videos: int = 8
+    height: int = 64
+    width: int = 64
+    fps: int = 8
+    seed: int = 1234
+
+    def _validate(self, prefix: str) -> None:
+        _check(self.num_videos >= 1, prefix + "num_videos", "must be >= 1")
+        _check(self.height % 16 == 0 and self.width % 16 == 0, prefix + "height/width", "multiples of 16")
+
+
+@dataclass
+class DataConfig(Validated):
+    """``synthetic``: generate + encode the tiny set into ``cache_dir``; ``latents``: read shards
+    written by ``helios.prepare`` from ``path``."""
+
+    kind: str = "synthetic"
+    path: str | None = None
+    # Where data=synthetic builds its set; "" = $HELIOS_CACHE/synthetic or ~/.cache/helios/synthetic.
+    cache_dir: str = ""
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    shuffle: bool = True
+
+    def _validate(self, prefix: str) -> None:
+        _choice(self.kind, ("synthetic", "latents"), prefix + "kind")
+        if self.kind == "latents":
+            _check(bool(self.path), prefix + "path", "data=latents needs data.path=<shard directory>")
+
+
+# --------------------------------------------------------------------------- parallel / sampling
+
+
+@dataclass
+class ParallelConfig(Validated):
+    """Data parallelism. ``ddp`` wraps the trainable model in DistributedDataParallel."""
+
+    backend: str = "ddp"
+    dist_backend: str = "auto"
+    find_unused_parameters: bool = False
+
+    def _validate(self, prefix: str) -> None:
+        _choice(self.backend, ("ddp",), prefix + "backend")
+        _choice(self.dist_backend, ("auto", "gloo", "nccl"), prefix + "dist_backend")
+
+
+@dataclass
+class SampleConfig(Validated):
+    """A sample video written to ``samples/`` at the end of training (diffusers HeliosPipeline)."""
+
+    enabled: bool = True
+    prompt: str = "a red circle moving right on a blue background"
+    num_frames: int = 21
+    num_inference_steps: int = 8
+    guidance_scale: float = 5.0
+    seed: int = 0
+    fps: int = 8
+
+    def _validate(self, prefix: str) -> None:
+        _check(self.num_frames >= 1, prefix + "num_frames", "must be >= 1")
+        _check(self.num_inference_steps >= 1, prefix + "num_inference_steps", "must be >= 1")
+
+
+# --------------------------------------------------------------------------- root
+
+
+@dataclass
+class TrainConfig(Validated):
+    stage: int = 1
+    phase: str = "tiny"
+    seed: int = 0
+    resume: str = "latest"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def _validate(self, prefix: str) -> None:
+        from helios.stages import STAGES
+
+        _check(self.stage in STAGES, "stage", f"must be one of {sorted(STAGES)}, got {self.stage}")
+        _check(bool(self.resume), "resume", "must be 'latest', 'none' or a checkpoint path")
+        tr = self.model.transformer
+        _check(
+            tr.text_dim == self.model.text_encoder.d_model or self.model.text_encoder.source != "tiny",
+            "model.text_encoder.d_model",
+            f"tiny text encoder width {self.model.text_encoder.d_model} != transformer.text_dim {tr.text_dim}",
+        )
+        if not self.history.multi_term_patch:
+            _check(
+                not self.model.lora.enabled or self.model.lora.memory_patch != "lora",
+                "model.lora.memory_patch",
+                "LoRA on memory patch convs needs history.multi_term_patch=true",
+            )

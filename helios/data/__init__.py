@@ -1,0 +1,1 @@
+"""Data: synthetic videos, decoding, latent shards, training clips."""

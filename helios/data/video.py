@@ -1,0 +1,56 @@
+"""Decode a video file into a clip tensor: fps resampling, resize + centre crop (decord)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+class VideoDecodeError(RuntimeError):
+    """The file cannot be decoded into a clip (corrupt, truncated, too short, no frames)."""
+
+
+def frame_indices(num_source: int, source_fps: float, target_fps: float, num_frames: int, start: int = 0) -> list[int]:
+    """Indices of ``num_frames`` frames sampled at ``target_fps`` from a ``source_fps`` stream."""
+    step = source_fps / target_fps if target_fps > 0 else 1.0
+    idx = [start + int(math.floor(i * step + 1e-6)) for i in range(num_frames)]
+    if not idx or idx[-1] >= num_source:
+        raise VideoDecodeError(
+            f"too short: need {num_frames} frames at {target_fps} fps, the video has {num_source} at {source_fps:.2f}"
+        )
+    return idx
+
+
+def resize_center_crop(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[T, H, W, 3] uint8 -> [3, T, height, width] float in [-1, 1] (shorter side scaled, centre crop)."""
+    x = frames.permute(0, 3, 1, 2).float()
+    h, w = x.shape[-2:]
+    scale = max(height / h, width / w)
+    nh, nw = max(height, round(h * scale)), max(width, round(w * scale))
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+    top, left = (nh - height) // 2, (nw - width) // 2
+    x = x[:, :, top : top + height, left : left + width]
+    return (x / 127.5 - 1.0).clamp(-1, 1).permute(1, 0, 2, 3).contiguous()
+
+
+def decode_clip(path: str, num_frames: int, height: int, width: int, fps: float | None = None) -> torch.Tensor:
+    """The first ``num_frames`` frames of ``path`` at ``fps`` (source fps when None) as [3, T, H, W]."""
+    import decord
+
+    try:
+        reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+    except Exception as err:  # decord raises its own DECORDError / RuntimeError variants
+        raise VideoDecodeError(f"cannot open: {err}".splitlines()[0]) from None
+    n = len(reader)
+    if n == 0:
+        raise VideoDecodeError("no frames")
+    source_fps = float(reader.get_avg_fps() or fps or 1.0)
+    idx = frame_indices(n, source_fps, fps or source_fps, num_frames)
+    try:
+        frames = torch.from_numpy(reader.get_batch(idx).asnumpy())
+    except Exception as err:
+        raise VideoDecodeError(f"decode failed: {err}".splitlines()[0]) from None
+    return resize_center_crop(frames, height, width)

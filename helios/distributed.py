@@ -1,0 +1,86 @@
+"""Process-group setup for torchrun / srun, and small collective helpers."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from helios.config.schema import ParallelConfig, TrainerConfig
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(*names: str, default: int) -> int:
+    for name in names:
+        if name in os.environ:
+            return int(os.environ[name])
+    return default
+
+
+def setup(parallel: ParallelConfig, trainer: TrainerConfig) -> DistInfo:
+    """Initialise ``torch.distributed`` from torchrun's (or Slurm's) environment when world > 1.
+
+    gloo on CPU, NCCL on CUDA (``parallel.dist_backend`` overrides).
+    """
+    world = _env_int("WORLD_SIZE", default=1)
+    rank = _env_int("RANK", default=0)
+    local_rank = _env_int("LOCAL_RANK", default=0)
+    use_cuda = trainer.device == "cuda" or (trainer.device == "auto" and torch.cuda.is_available())
+    if trainer.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu or auto")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        backend = parallel.dist_backend if parallel.dist_backend != "auto" else ("nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=device)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Mean of scalar metrics over ranks (one all-reduce)."""
+    if not dist.is_initialized() or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def broadcast_object(obj, src: int = 0):
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

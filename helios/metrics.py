@@ -1,0 +1,48 @@
+"""``metrics.jsonl`` (one JSON object per logged step) and a rank-0 progress line."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+
+class MetricsLogger:
+    """Appends ``{"step": N, "loss": ..., ...}`` lines on the main process; prints progress."""
+
+    def __init__(
+        self, run_dir: Path, enabled: bool, max_steps: int, start_step: int = 0, progress: bool = True
+    ) -> None:
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.max_steps = max_steps
+        self.progress = progress and enabled
+        self._t0 = time.monotonic()
+        self._first_step = start_step
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: (float(v) if math.isfinite(float(v)) else str(v)) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.progress:
+            self._print(step, metrics)
+
+    def _print(self, step: int, metrics: dict[str, float]) -> None:
+        done = step - self._first_step
+        elapsed = time.monotonic() - self._t0
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = (self.max_steps - step) / rate if rate > 0 else float("nan")
+        line = (
+            f"step {step}/{self.max_steps} loss {metrics.get('loss', float('nan')):.4f} "
+            f"lr {metrics.get('lr', 0):.2e} {rate:.2f} step/s eta {eta:.0f}s"
+        )
+        print(line, file=sys.stderr, flush=True)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

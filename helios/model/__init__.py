@@ -1,0 +1,24 @@
+"""Model construction around diffusers' Helios classes: transformer, LoRA, VAE, text encoder."""
+
+from helios.model.encoders import (
+    build_text_encoder,
+    build_vae,
+    decode_latents,
+    encode_prompts,
+    encode_video,
+)
+from helios.model.lora import apply_lora, load_trainable_state_dict, trainable_state_dict
+from helios.model.transformer import build_transformer, count_parameters
+
+__all__ = [
+    "apply_lora",
+    "build_text_encoder",
+    "build_transformer",
+    "build_vae",
+    "count_parameters",
+    "decode_latents",
+    "encode_prompts",
+    "encode_video",
+    "load_trainable_state_dict",
+    "trainable_state_dict",
+]

@@ -1,0 +1,123 @@
+"""VAE (``AutoencoderKLWan``) and UMT5 text encoder: load pretrained or build the tiny ones.
+
+The tiny set needs no download: a byte tokenizer built in code, a small seeded UMT5 encoder and
+a small seeded Wan VAE whose ``latents_mean/std`` are calibrated once on fixed moving-shapes
+videos, so normalised latents have roughly unit scale like the real VAE's.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKLWan, HeliosPipeline
+from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+from helios.config.schema import TextEncoderConfig, VaeConfig
+
+PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A character tokenizer over code points 0-255 with T5-style ``</s>`` and ``<pad>`` (id 0)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {PAD: 0, EOS: 1, UNK: 2, **{chr(i): i + 3 for i in range(256)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.post_processor = processors.TemplateProcessing(single=f"$A {EOS}", special_tokens=[(EOS, 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK)
+
+
+def _seeded(seed: int, fn):
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return fn()
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def build_text_encoder(cfg: TextEncoderConfig) -> tuple[PreTrainedTokenizerFast, UMT5EncoderModel]:
+    if cfg.source == "pretrained":
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.path, subfolder=cfg.tokenizer_subfolder or "")
+        encoder = UMT5EncoderModel.from_pretrained(cfg.path, subfolder=cfg.subfolder or "")
+    else:
+        tokenizer = byte_tokenizer()
+        config = UMT5Config(
+            vocab_size=len(tokenizer),
+            d_model=cfg.d_model,
+            d_kv=max(8, cfg.d_model // 2),
+            d_ff=cfg.d_model * 2,
+            num_layers=cfg.num_layers,
+            num_heads=2,
+        )
+        encoder = _seeded(cfg.init_seed, lambda: UMT5EncoderModel(config))
+    encoder.requires_grad_(False).eval()
+    return tokenizer, encoder
+
+
+@torch.no_grad()
+def encode_prompts(
+    tokenizer, encoder, prompts: list[str], max_sequence_length: int, device: torch.device | None = None
+) -> torch.Tensor:
+    """Prompt embeddings exactly as diffusers' Helios pipelines compute them (cleaned text,
+    padded to ``max_sequence_length``, zeros after the last token)."""
+    pipe = HeliosPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=None, scheduler=None, transformer=None)
+    device = device or next(encoder.parameters()).device
+    embeds, _ = pipe.encode_prompt(
+        prompts, do_classifier_free_guidance=False, max_sequence_length=max_sequence_length, device=device
+    )
+    return embeds
+
+
+TINY_VAE_KWARGS = {"num_res_blocks": 1, "dim_mult": [1, 2, 4, 4], "temperal_downsample": [False, True, True]}
+
+
+def build_vae(cfg: VaeConfig) -> AutoencoderKLWan:
+    if cfg.source == "pretrained":
+        vae = AutoencoderKLWan.from_pretrained(cfg.path, subfolder=cfg.subfolder)
+    else:
+        vae = _seeded(cfg.init_seed, lambda: AutoencoderKLWan(base_dim=cfg.base_dim, **TINY_VAE_KWARGS))
+        _calibrate(vae, cfg.init_seed)
+    vae.requires_grad_(False).eval()
+    return vae
+
+
+@torch.no_grad()
+def _calibrate(vae: AutoencoderKLWan, seed: int) -> None:
+    """Set ``latents_mean/std`` of a randomly initialised VAE from fixed moving-shapes clips."""
+    from helios.data.synthetic import render_clip
+
+    gen = torch.Generator().manual_seed(seed)
+    clips = torch.stack([render_clip(17, 64, 64, gen)[0] for _ in range(4)])  # [N, C, T, H, W] in [-1, 1]
+    z = vae.encode(clips).latent_dist.mode()
+    mean = z.mean(dim=(0, 2, 3, 4))
+    std = z.std(dim=(0, 2, 3, 4)).clamp_min(1e-4)
+    vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
+
+
+def latent_stats(vae: AutoencoderKLWan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (mean, std) as [1, C, 1, 1, 1] tensors from the VAE config."""
+    c = vae.config.z_dim
+    mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32).view(1, c, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, dtype=torch.float32).view(1, c, 1, 1, 1)
+    return mean, std
+
+
+@torch.no_grad()
+def encode_video(vae: AutoencoderKLWan, video: torch.Tensor) -> torch.Tensor:
+    """Pixels [B, 3, T, H, W] in [-1, 1] -> normalised latents ``(z - mean) / std`` (posterior mode)."""
+    param = next(vae.parameters())
+    z = vae.encode(video.to(param.device, param.dtype)).latent_dist.mode().float()
+    mean, std = latent_stats(vae)
+    return (z - mean.to(z.device)) / std.to(z.device)
+
+
+@torch.no_grad()
+def decode_latents(vae: AutoencoderKLWan, latents: torch.Tensor) -> torch.Tensor:
+    """Normalised latents -> pixels in [-1, 1]."""
+    param = next(vae.parameters())
+    mean, std = latent_stats(vae)
+    z = latents.float() * std.to(latents.device) + mean.to(latents.device)
+    return vae.decode(z.to(param.device, param.dtype)).sample.float().clamp(-1, 1)

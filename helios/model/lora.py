@@ -1,0 +1,82 @@
+"""LoRA adapters (peft, through diffusers' ``add_adapter``) and the set of trainable parameters."""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+
+from helios.config.schema import LoraConfig
+
+ADAPTER_NAME = "default"
+MEMORY_PATCHES = ("patch_short", "patch_mid", "patch_long")
+
+
+def linear_targets(model: torch.nn.Module) -> list[str]:
+    """"all-linear": every ``nn.Linear`` inside the DiT blocks (attention q/k/v/out and FFN);
+    the embedders and the output projection stay frozen, as peft's all-linear skips the head."""
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("blocks.")]
+
+
+def resolve_targets(model: torch.nn.Module, cfg: LoraConfig) -> list[str]:
+    if cfg.targets == "all-linear":
+        targets = linear_targets(model)
+    else:
+        suffixes = tuple(cfg.targets)
+        targets = [n for n, m in model.named_modules() if n.endswith(suffixes) and n]
+        if not targets:
+            raise ValueError(f"model.lora.targets={list(suffixes)} matches no module of the transformer")
+    if cfg.memory_patch == "lora":
+        targets += [p for p in MEMORY_PATCHES if hasattr(model, p)]
+    return targets
+
+
+def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
+    """Freeze the base, add LoRA to the configured targets, then unfreeze the parameters that
+    train in full (memory-patch convs when ``memory_patch=full``, ``extra_trainable`` names)."""
+    model.requires_grad_(False)
+    if cfg.enabled:
+        peft_cfg = PeftLoraConfig(
+            r=cfg.rank,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            target_modules=resolve_targets(model, cfg),
+            init_lora_weights=True,
+        )
+        model.add_adapter(peft_cfg, adapter_name=ADAPTER_NAME)
+    else:  # full fine-tuning of the DiT
+        model.requires_grad_(True)
+    if cfg.memory_patch == "full":
+        for name in MEMORY_PATCHES:
+            if hasattr(model, name):
+                getattr(model, name).requires_grad_(True)
+    for name, param in model.named_parameters():
+        if any(s in name for s in cfg.extra_trainable):
+            param.requires_grad_(True)
+    for param in model.parameters():  # trainable params in fp32 (master weights)
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    return model
+
+
+def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable tensor by its name in the (unwrapped) model: LoRA and full-trained weights."""
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load tensors saved by :func:`trainable_state_dict`; every trainable name must be present."""
+    params = dict(model.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    missing = sorted(expected - set(state))
+    unknown = sorted(set(state) - set(params))
+    if missing or unknown:
+        raise ValueError(
+            "checkpoint does not match the configured trainable parameters "
+            f"(missing {missing[:5]}, unknown {unknown[:5]}); check model.lora.* against the run that saved it"
+        )
+    with torch.no_grad():
+        for name, tensor in state.items():
+            if params[name].shape != tensor.shape:
+                raise ValueError(f"shape mismatch for {name}: checkpoint {tuple(tensor.shape)} vs model "
+                                 f"{tuple(params[name].shape)}")
+            params[name].copy_(tensor)

@@ -1,0 +1,60 @@
+"""Build the diffusers ``HeliosTransformer3DModel`` from config (random, Helios or Wan weights)."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import HeliosTransformer3DModel
+
+from helios.config.schema import TransformerConfig
+
+GUIDANCE_KEYS = ("guidance_cross_attn", "zero_history_timestep", "is_amplify_history", "history_scale_mode")
+
+
+def transformer_kwargs(cfg: TransformerConfig) -> dict:
+    return {
+        "num_attention_heads": cfg.num_attention_heads,
+        "attention_head_dim": cfg.attention_head_dim,
+        "in_channels": cfg.in_channels,
+        "out_channels": cfg.out_channels,
+        "text_dim": cfg.text_dim,
+        "freq_dim": cfg.freq_dim,
+        "ffn_dim": cfg.ffn_dim,
+        "num_layers": cfg.num_layers,
+        "rope_dim": tuple(cfg.rope_dim),
+        "rope_theta": cfg.rope_theta,
+        **{k: getattr(cfg, k) for k in GUIDANCE_KEYS},
+    }
+
+
+def build_transformer(cfg: TransformerConfig) -> HeliosTransformer3DModel:
+    """``random``: seeded init (``init_seed``) so every rank and every resume builds the same base;
+    ``helios``: a diffusers Helios directory; ``wan``: a diffusers Wan-2.1 T2V directory, converted.
+
+    The Guidance Attention switches of the config override the checkpoint's own settings.
+    """
+    guidance = {k: getattr(cfg, k) for k in GUIDANCE_KEYS}
+    if cfg.source == "random":
+        state = torch.random.get_rng_state()
+        torch.manual_seed(cfg.init_seed)
+        try:
+            model = HeliosTransformer3DModel(**transformer_kwargs(cfg))
+        finally:
+            torch.random.set_rng_state(state)
+    elif cfg.source == "helios":
+        model = HeliosTransformer3DModel.from_pretrained(
+            cfg.path, subfolder=cfg.subfolder, low_cpu_mem_usage=False, **guidance
+        )
+    else:
+        from helios.model.wan_init import load_wan_as_helios
+
+        model = load_wan_as_helios(cfg.path, cfg.subfolder, cfg.memory_patch_init, **guidance)
+    if cfg.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    return model
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable

@@ -1,0 +1,250 @@
+"""The one training loop shared by all stages: data, DDP, optimiser, logging, checkpoints, resume."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from helios import checkpoint
+from helios.config.load import to_yaml
+from helios.config.schema import ConfigError, TrainConfig
+from helios.data.dataset import LatentClipDataset, ResumableSampler
+from helios.distributed import DistInfo, all_mean, barrier, setup, teardown
+from helios.history import HistoryLayout
+from helios.metrics import MetricsLogger
+from helios.model import count_parameters, load_trainable_state_dict, trainable_state_dict
+from helios.stages import STAGES
+
+log = logging.getLogger(__name__)
+
+
+def resolve_grad_accum(cfg: TrainConfig, world_size: int) -> int:
+    """``trainer.global_batch_size`` (when set) = batch_size x world_size x grad_accum."""
+    t = cfg.trainer
+    if t.global_batch_size == 0:
+        return t.grad_accum
+    per_step = t.batch_size * world_size
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            "trainer.global_batch_size",
+            f"{t.global_batch_size} is not a multiple of batch_size x world_size = {t.batch_size} x {world_size}",
+        )
+    return t.global_batch_size // per_step
+
+
+def resolve_precision(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    if cfg.trainer.precision == "bf16" or (cfg.trainer.precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.dist: DistInfo = setup(cfg.parallel, cfg.trainer)
+        self.grad_accum = resolve_grad_accum(cfg, self.dist.world_size)
+        self.dtype = resolve_precision(cfg, self.dist.device)
+        self.stage = STAGES[cfg.stage](cfg)
+        self.step = 0
+
+    # ------------------------------------------------------------------ setup
+    def _build_data(self) -> None:
+        cfg = self.cfg
+        layout = HistoryLayout.from_config(cfg.history)
+        if cfg.data.kind == "synthetic":
+            from helios.data.encode import ensure_synthetic_shards
+
+            # A couple of spare latent frames so clip windows start at different offsets.
+            path = ensure_synthetic_shards(cfg.data, cfg.model, layout.clip_frames + 2, self.dist.is_main)
+            barrier()
+        else:
+            path = Path(cfg.data.path)
+            if not path.is_dir():
+                raise FileNotFoundError(
+                    f"data.path={path} does not exist; write shards with `python -m helios.prepare input=... "
+                    f"output={path}` or use data=synthetic"
+                )
+        self.dataset = LatentClipDataset(
+            path, layout.clip_frames, cfg.model.text_encoder.max_sequence_length, seed=cfg.seed
+        )
+        self.sampler = ResumableSampler(
+            len(self.dataset), self.dist.rank, self.dist.world_size, seed=cfg.seed, shuffle=cfg.data.shuffle
+        )
+
+    def _build_model(self) -> None:
+        cfg = self.cfg
+        self.model = self.stage.build_model()
+        frozen_dtype = self.dtype
+        for p in self.model.parameters():  # frozen base in the compute dtype, trainable in fp32
+            if not p.requires_grad and p.dtype.is_floating_point:
+                p.data = p.data.to(frozen_dtype)
+        self.model.to(self.dist.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ConfigError("model.lora", "nothing is trainable: enable LoRA or set memory_patch=full")
+        if self.dist.enabled:
+            self.wrapped = DistributedDataParallel(
+                self.model,
+                device_ids=[self.dist.local_rank] if self.dist.device.type == "cuda" else None,
+                find_unused_parameters=cfg.parallel.find_unused_parameters,
+            )
+        else:
+            self.wrapped = self.model
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
+        )
+        from diffusers.optimization import get_scheduler
+
+        self.lr_scheduler = get_scheduler(
+            o.schedule, self.optimizer, num_warmup_steps=o.warmup_steps, num_training_steps=max(1, cfg.trainer.max_steps)
+        )
+        self.generator = torch.Generator().manual_seed(cfg.seed * 100_003 + self.dist.rank)
+
+    # ------------------------------------------------------------------ checkpoint
+    def _rank_state(self) -> dict:
+        state = {"generator": self.generator.get_state(), "torch": torch.random.get_rng_state(),
+                 "sampler": self.sampler.state_dict()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def save_checkpoint(self) -> Path:
+        tensors = {"trainable": trainable_state_dict(self.model)}
+        if self.cfg.model.transformer.source == "random":
+            # The base itself is not on disk anywhere: keep it, so export and resume never depend on init_seed.
+            tensors["base"] = {n: p.detach().cpu().contiguous() for n, p in self.model.state_dict().items()
+                               if n not in tensors["trainable"]}
+        objects = {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "stage": self.stage.state_dict(),
+            "config": to_yaml(self.cfg),
+        }
+        path = checkpoint.save(self.run_dir, self.step, self.dist, tensors, objects, self._rank_state(),
+                               self.cfg.trainer.keep_last)
+        if self.dist.is_main:
+            log.info("saved checkpoint %s", path)
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        tensors, objects, rank_state = checkpoint.load(path, self.dist)
+        if "base" in tensors:
+            missing = self.model.load_state_dict(
+                {k: v.to(self.model.state_dict()[k].dtype) for k, v in tensors["base"].items()}, strict=False
+            )
+            del missing
+        load_trainable_state_dict(self.model, tensors["trainable"])
+        self.optimizer.load_state_dict(objects["optimizer"])
+        self.lr_scheduler.load_state_dict(objects["lr_scheduler"])
+        self.stage.load_state_dict(objects["stage"])
+        self.step = int(objects["step"])
+        self.generator.set_state(rank_state["generator"])
+        torch.random.set_rng_state(rank_state["torch"])
+        if "cuda" in rank_state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rank_state["cuda"])
+        self.sampler.load_state_dict(rank_state["sampler"])
+        if self.dist.is_main:
+            log.info("resumed from %s at step %d", path, self.step)
+
+    # ------------------------------------------------------------------ loop
+    def _summary(self) -> str:
+        total, trainable = count_parameters(self.model)
+        t = self.cfg.trainer
+        layout = HistoryLayout.from_config(self.cfg.history)
+        return (
+            f"Helios stage {self.cfg.stage} ({self.cfg.phase}) | run dir {self.run_dir}\n"
+            f"  model {self.cfg.model.name}: {total / 1e6:.2f}M params, {trainable / 1e6:.3f}M trainable "
+            f"(LoRA r={self.cfg.model.lora.rank}, enabled={self.cfg.model.lora.enabled})\n"
+            f"  data: {len(self.dataset)} clips of {layout.clip_frames} latent frames "
+            f"(history {list(self.cfg.history.sizes)} + window {layout.window})\n"
+            f"  batch: {t.batch_size} x {self.dist.world_size} ranks x {self.grad_accum} accum = "
+            f"{t.batch_size * self.dist.world_size * self.grad_accum} clips/step | device {self.dist.device} "
+            f"| {str(self.dtype).replace('torch.', '')} | {t.max_steps} steps"
+        )
+
+    def _micro_step(self, last: bool) -> tuple[float, dict[str, float]]:
+        indices, epoch = self.sampler.take(self.cfg.trainer.batch_size)
+        batch = self.dataset.batch(indices, epoch).to(self.dist.device)
+        sync = contextlib.nullcontext() if (last or not self.dist.enabled) else self.wrapped.no_sync()
+        autocast = torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
+        with sync:
+            with autocast:
+                loss, stats = self.stage.compute_loss(self.wrapped, batch, self.generator)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"loss is {loss.item()} at step {self.step + 1}; lower optim.lr or check the data "
+                    f"(resume=latest restarts from the last checkpoint)"
+                )
+            (loss / self.grad_accum).backward()
+        return float(loss.detach()), stats
+
+    def train_step(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        losses, stats_acc = [], {}
+        for micro in range(self.grad_accum):
+            loss, stats = self._micro_step(last=micro == self.grad_accum - 1)
+            losses.append(loss)
+            for k, v in stats.items():
+                stats_acc[k] = stats_acc.get(k, 0.0) + v / self.grad_accum
+        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+        lr = self.lr_scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        elapsed = time.perf_counter() - t0
+        clips = self.cfg.trainer.batch_size * self.grad_accum * self.dist.world_size
+        metrics = {"loss": sum(losses) / len(losses), **stats_acc, "grad_norm": grad_norm}
+        metrics = all_mean(metrics, self.dist.device)
+        metrics.update({"lr": lr, "samples_per_s": clips / elapsed, "step_time_s": elapsed})
+        return metrics
+
+    def run(self) -> Path:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._build_data()
+        self._build_model()
+        resume = checkpoint.resolve_resume(self.cfg.resume, self.run_dir)
+        if resume is not None:
+            self.load_checkpoint(resume)
+        if self.dist.is_main:
+            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+            print(self._summary(), flush=True)
+        logger = MetricsLogger(
+            self.run_dir, self.dist.is_main, self.cfg.trainer.max_steps, self.step, self.cfg.trainer.progress
+        )
+        self.wrapped.train()
+        every = self.cfg.trainer.checkpoint_every
+        while self.step < self.cfg.trainer.max_steps:
+            metrics = self.train_step()
+            if self.step % self.cfg.trainer.log_every == 0 or self.step == self.cfg.trainer.max_steps:
+                logger.log(self.step, metrics)
+            if (every and self.step % every == 0) or self.step == self.cfg.trainer.max_steps:
+                self.save_checkpoint()
+        if self.cfg.sample.enabled and self.dist.is_main:
+            self._final_sample()
+        barrier()
+        return self.run_dir
+
+    def _final_sample(self) -> None:
+        from helios.sample import write_sample
+
+        latents = self.dataset.samples[0]["latents"]
+        height, width = latents.shape[-2] * 8, latents.shape[-1] * 8
+        autocast = torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
+        with autocast:
+            path = write_sample(self.cfg, self.model, self.run_dir / "samples" / f"step_{self.step}.mp4",
+                                height, width, self.dist.device)
+        print(f"sample video: {path}", flush=True)
+
+    def close(self) -> None:
+        teardown()
