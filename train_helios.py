@@ -1,8 +1,8 @@
 """Helios training entry point (Hydra).
 
-    python train_helios.py                       # tiny stage-1 job on CPU
-    python train_helios.py stage=1 stage1=init data=/path/to/shards
-    torchrun --nproc_per_node=8 train_helios.py stage=1 stage1=post data=/shards parallel=ddp
+python train_helios.py                       # tiny stage-1 job on CPU
+python train_helios.py stage=1 stage1=init data=/path/to/shards
+torchrun --nproc_per_node=8 train_helios.py stage=1 stage1=post data=/shards parallel=ddp
 """
 
 from __future__ import annotations

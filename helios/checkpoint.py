@@ -55,7 +55,8 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
     if done:
         return done[-1][1]
     raise FileNotFoundError(
-        f"resume={resume}: no complete checkpoint there (a folder checkpoints/step_<N>/ with a {MARKER} file); "
+        f"resume={resume}: no complete checkpoint there "
+        f"(a folder checkpoints/step_<N>/ with a {MARKER} file); "
         "use resume=latest, resume=none or a checkpoint path"
     )
 
@@ -103,10 +104,16 @@ def load(path: Path, dist_info: DistInfo) -> tuple[dict[str, dict[str, torch.Ten
     meta = json.loads((path / "meta.json").read_text())
     if meta["world_size"] != dist_info.world_size:
         raise ValueError(
-            f"checkpoint {path} was written by {meta['world_size']} ranks; this run has {dist_info.world_size}. "
+            f"checkpoint {path} was written by {meta['world_size']} ranks; "
+            f"this run has {dist_info.world_size}. "
             "Exact resume needs the same world size"
         )
-    tensors = {p.stem: load_file(str(p)) for p in path.glob("*.safetensors")}
+    tensors = load_tensors(path)
     objects = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
     rank_state = torch.load(path / f"rank_{dist_info.rank:05d}.pt", map_location="cpu", weights_only=False)
     return tensors, objects, rank_state
+
+
+def load_tensors(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The weight files of a checkpoint by stem (``trainable``, and ``base`` for a random base)."""
+    return {p.stem: load_file(str(p)) for p in Path(path).glob("*.safetensors")}

@@ -34,7 +34,7 @@ def draw_branches(shape: tuple[int, ...], cfg: CorruptConfig, generator: torch.G
 
 def down_up(frame: torch.Tensor, reduction: float) -> torch.Tensor:
     """Bilinear (anti-aliased) downsample by ``1 - reduction`` then upsample back. frame: [C, h, w]."""
-    c, h, w = frame.shape
+    h, w = frame.shape[-2:]
     size = (max(1, round(h * (1.0 - reduction))), max(1, round(w * (1.0 - reduction))))
     if size == (h, w):
         return frame

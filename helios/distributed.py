@@ -45,14 +45,18 @@ def setup(parallel: ParallelConfig, trainer: TrainerConfig) -> DistInfo:
     local_rank = _env_int("LOCAL_RANK", default=0)
     use_cuda = trainer.device == "cuda" or (trainer.device == "auto" and torch.cuda.is_available())
     if trainer.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu or auto")
+        raise RuntimeError(
+            "trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu or auto"
+        )
     if use_cuda:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        backend = parallel.dist_backend if parallel.dist_backend != "auto" else ("nccl" if use_cuda else "gloo")
+        backend = (
+            parallel.dist_backend if parallel.dist_backend != "auto" else ("nccl" if use_cuda else "gloo")
+        )
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=device)
 

@@ -25,7 +25,10 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        record = {"step": step, **{k: (float(v) if math.isfinite(float(v)) else str(v)) for k, v in metrics.items()}}
+        record = {
+            "step": step,
+            **{k: (float(v) if math.isfinite(float(v)) else str(v)) for k, v in metrics.items()},
+        }
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.progress:

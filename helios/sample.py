@@ -33,7 +33,12 @@ def build_pipeline(cfg: TrainConfig, transformer: torch.nn.Module, device: torch
 
 @torch.no_grad()
 def write_sample(
-    cfg: TrainConfig, transformer: torch.nn.Module, out_path: Path, height: int, width: int, device: torch.device
+    cfg: TrainConfig,
+    transformer: torch.nn.Module,
+    out_path: Path,
+    height: int,
+    width: int,
+    device: torch.device,
 ) -> Path:
     """Generate ``cfg.sample.num_frames`` frames for ``cfg.sample.prompt`` and write an mp4."""
     from diffusers.utils import export_to_video
@@ -57,6 +62,6 @@ def write_sample(
     )
     transformer.train(was_training)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    export_to_video(list(out.frames[0]), str(out_path), fps=cfg.sample.fps)
+    frames = list(out.frames[0])[: cfg.sample.num_frames]  # the pipeline renders whole sections
+    export_to_video(frames, str(out_path), fps=cfg.sample.fps)
     return out_path
-

@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import random
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
@@ -24,6 +26,12 @@ from helios.stages import STAGES
 log = logging.getLogger(__name__)
 
 
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def resolve_grad_accum(cfg: TrainConfig, world_size: int) -> int:
     """``trainer.global_batch_size`` (when set) = batch_size x world_size x grad_accum."""
     t = cfg.trainer
@@ -33,7 +41,8 @@ def resolve_grad_accum(cfg: TrainConfig, world_size: int) -> int:
     if t.global_batch_size % per_step:
         raise ConfigError(
             "trainer.global_batch_size",
-            f"{t.global_batch_size} is not a multiple of batch_size x world_size = {t.batch_size} x {world_size}",
+            f"{t.global_batch_size} is not a multiple of batch_size x world_size = "
+            f"{t.batch_size} x {world_size}",
         )
     return t.global_batch_size // per_step
 
@@ -80,11 +89,14 @@ class Trainer:
 
     def _build_model(self) -> None:
         cfg = self.cfg
+        seed_everything(cfg.seed)  # the same initial weights (LoRA A draws) on every rank and every run
         self.model = self.stage.build_model()
         frozen_dtype = self.dtype
         for p in self.model.parameters():  # frozen base in the compute dtype, trainable in fp32
             if not p.requires_grad and p.dtype.is_floating_point:
                 p.data = p.data.to(frozen_dtype)
+        if cfg.init_from:
+            self._init_weights_from(cfg.init_from)
         self.model.to(self.dist.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.params:
@@ -104,14 +116,23 @@ class Trainer:
         from diffusers.optimization import get_scheduler
 
         self.lr_scheduler = get_scheduler(
-            o.schedule, self.optimizer, num_warmup_steps=o.warmup_steps, num_training_steps=max(1, cfg.trainer.max_steps)
+            o.schedule,
+            self.optimizer,
+            num_warmup_steps=o.warmup_steps,
+            num_training_steps=max(1, cfg.trainer.max_steps),
         )
         self.generator = torch.Generator().manual_seed(cfg.seed * 100_003 + self.dist.rank)
+        seed_everything(cfg.seed * 100_003 + self.dist.rank)  # per-rank streams from here on
 
     # ------------------------------------------------------------------ checkpoint
     def _rank_state(self) -> dict:
-        state = {"generator": self.generator.get_state(), "torch": torch.random.get_rng_state(),
-                 "sampler": self.sampler.state_dict()}
+        state = {
+            "generator": self.generator.get_state(),
+            "torch": torch.random.get_rng_state(),
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "sampler": self.sampler.state_dict(),
+        }
         if torch.cuda.is_available():
             state["cuda"] = torch.cuda.get_rng_state_all()
         return state
@@ -119,9 +140,12 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         tensors = {"trainable": trainable_state_dict(self.model)}
         if self.cfg.model.transformer.source == "random":
-            # The base itself is not on disk anywhere: keep it, so export and resume never depend on init_seed.
-            tensors["base"] = {n: p.detach().cpu().contiguous() for n, p in self.model.state_dict().items()
-                               if n not in tensors["trainable"]}
+            # A random base exists nowhere on disk: keep it, so export/resume never depend on init_seed.
+            tensors["base"] = {
+                n: p.detach().cpu().contiguous()
+                for n, p in self.model.state_dict().items()
+                if n not in tensors["trainable"]
+            }
         objects = {
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
@@ -129,26 +153,46 @@ class Trainer:
             "stage": self.stage.state_dict(),
             "config": to_yaml(self.cfg),
         }
-        path = checkpoint.save(self.run_dir, self.step, self.dist, tensors, objects, self._rank_state(),
-                               self.cfg.trainer.keep_last)
+        path = checkpoint.save(
+            self.run_dir,
+            self.step,
+            self.dist,
+            tensors,
+            objects,
+            self._rank_state(),
+            self.cfg.trainer.keep_last,
+        )
         if self.dist.is_main:
             log.info("saved checkpoint %s", path)
         return path
 
+    def _load_weights(self, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
+        if "base" in tensors:
+            current = self.model.state_dict()
+            self.model.load_state_dict(
+                {k: v.to(current[k].dtype) for k, v in tensors["base"].items()}, strict=False
+            )
+        load_trainable_state_dict(self.model, tensors["trainable"])
+
+    def _init_weights_from(self, source: str) -> None:
+        path = checkpoint.resolve_resume(source, Path(source))
+        if path is None:
+            raise FileNotFoundError(f"init_from={source}: no checkpoint there")
+        self._load_weights(checkpoint.load_tensors(path))
+        if self.dist.is_main:
+            log.info("initialised weights from %s", path)
+
     def load_checkpoint(self, path: Path) -> None:
         tensors, objects, rank_state = checkpoint.load(path, self.dist)
-        if "base" in tensors:
-            missing = self.model.load_state_dict(
-                {k: v.to(self.model.state_dict()[k].dtype) for k, v in tensors["base"].items()}, strict=False
-            )
-            del missing
-        load_trainable_state_dict(self.model, tensors["trainable"])
+        self._load_weights(tensors)
         self.optimizer.load_state_dict(objects["optimizer"])
         self.lr_scheduler.load_state_dict(objects["lr_scheduler"])
         self.stage.load_state_dict(objects["stage"])
         self.step = int(objects["step"])
         self.generator.set_state(rank_state["generator"])
         torch.random.set_rng_state(rank_state["torch"])
+        random.setstate(rank_state["python"])
+        np.random.set_state(rank_state["numpy"])
         if "cuda" in rank_state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rank_state["cuda"])
         self.sampler.load_state_dict(rank_state["sampler"])
@@ -175,7 +219,9 @@ class Trainer:
         indices, epoch = self.sampler.take(self.cfg.trainer.batch_size)
         batch = self.dataset.batch(indices, epoch).to(self.dist.device)
         sync = contextlib.nullcontext() if (last or not self.dist.enabled) else self.wrapped.no_sync()
-        autocast = torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
+        autocast = torch.autocast(
+            self.dist.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16
+        )
         with sync:
             with autocast:
                 loss, stats = self.stage.compute_loss(self.wrapped, batch, self.generator)
@@ -240,10 +286,18 @@ class Trainer:
 
         latents = self.dataset.samples[0]["latents"]
         height, width = latents.shape[-2] * 8, latents.shape[-1] * 8
-        autocast = torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
+        autocast = torch.autocast(
+            self.dist.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16
+        )
         with autocast:
-            path = write_sample(self.cfg, self.model, self.run_dir / "samples" / f"step_{self.step}.mp4",
-                                height, width, self.dist.device)
+            path = write_sample(
+                self.cfg,
+                self.model,
+                self.run_dir / "samples" / f"step_{self.step}.mp4",
+                height,
+                width,
+                self.dist.device,
+            )
         print(f"sample video: {path}", flush=True)
 
     def close(self) -> None:

@@ -306,7 +306,11 @@ class OptimConfig(Validated):
 
     def _validate(self, prefix: str) -> None:
         _check(self.lr > 0, prefix + "lr", "must be > 0")
-        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), prefix + "betas", "two values in [0,1)")
+        _check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            prefix + "betas",
+            "two values in [0,1)",
+        )
         _check(self.eps > 0, prefix + "eps", "must be > 0")
         _check(self.weight_decay >= 0, prefix + "weight_decay", "must be >= 0")
         _check(self.grad_clip >= 0, prefix + "grad_clip", "must be >= 0 (0 disables clipping)")
@@ -424,6 +428,9 @@ class TrainConfig(Validated):
     phase: str = "tiny"
     seed: int = 0
     resume: str = "latest"
+    # Start from the weights of another run (a checkpoint folder or a run dir: its newest checkpoint);
+    # optimiser state and step counter start fresh, as for the next phase of a recipe.
+    init_from: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
@@ -442,7 +449,8 @@ class TrainConfig(Validated):
         _check(
             tr.text_dim == self.model.text_encoder.d_model or self.model.text_encoder.source != "tiny",
             "model.text_encoder.d_model",
-            f"tiny text encoder width {self.model.text_encoder.d_model} != transformer.text_dim {tr.text_dim}",
+            f"tiny text encoder width {self.model.text_encoder.d_model} "
+            f"!= transformer.text_dim {tr.text_dim}",
         )
         if not self.history.multi_term_patch:
             _check(

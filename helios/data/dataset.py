@@ -21,8 +21,12 @@ class ClipBatch:
     offset: torch.Tensor
 
     def to(self, device: torch.device) -> ClipBatch:
-        return ClipBatch(*(t.to(device, non_blocking=True) for t in
-                           (self.latents, self.first_latent, self.prompt_embeds, self.offset)))
+        return ClipBatch(
+            *(
+                t.to(device, non_blocking=True)
+                for t in (self.latents, self.first_latent, self.prompt_embeds, self.offset)
+            )
+        )
 
 
 class LatentClipDataset:
@@ -69,8 +73,12 @@ class LatentClipDataset:
 
     def batch(self, indices: list[int], epoch: int) -> ClipBatch:
         items = [self.item(i, epoch) for i in indices]
-        return ClipBatch(*(torch.stack([it[k] for it in items]) for k in
-                           ("latents", "first_latent", "prompt_embeds", "offset")))
+        return ClipBatch(
+            *(
+                torch.stack([it[k] for it in items])
+                for k in ("latents", "first_latent", "prompt_embeds", "offset")
+            )
+        )
 
 
 class ResumableSampler:
@@ -80,14 +88,18 @@ class ResumableSampler:
     (as ``DistributedSampler`` does) and gives rank ``r`` the entries ``r::world``.
     """
 
-    def __init__(self, n: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True) -> None:
+    def __init__(
+        self, n: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True
+    ) -> None:
         self.n, self.rank, self.world_size, self.seed, self.shuffle = n, rank, world_size, seed, shuffle
         self.epoch = 0
         self.position = 0
 
     def _epoch_indices(self) -> list[int]:
         if self.shuffle:
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+            order = torch.randperm(
+                self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)
+            ).tolist()
         else:
             order = list(range(self.n))
         total = -(-self.n // self.world_size) * self.world_size

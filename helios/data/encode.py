@@ -77,8 +77,13 @@ def encode_captioned_videos(
 
 def synthetic_fingerprint(data: DataConfig, model: ModelConfig, latent_frames: int) -> str:
     key = json.dumps(
-        {"synthetic": asdict(data.synthetic), "vae": asdict(model.vae), "text": asdict(model.text_encoder),
-         "latent_frames": latent_frames, "version": 1},
+        {
+            "synthetic": asdict(data.synthetic),
+            "vae": asdict(model.vae),
+            "text": asdict(model.text_encoder),
+            "latent_frames": latent_frames,
+            "version": 1,
+        },
         sort_keys=True,
     )
     return hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -102,12 +107,21 @@ def ensure_synthetic_shards(data: DataConfig, model: ModelConfig, latent_frames:
     syn = data.synthetic
     frames = video_frames_for(latent_frames)
     log.info("building the synthetic dataset in %s (%d videos x %d frames)", root, syn.num_videos, frames)
-    captions = make_synthetic_videos(root / "videos", syn.num_videos, frames, syn.height, syn.width, syn.fps, syn.seed)
+    captions = make_synthetic_videos(
+        root / "videos", syn.num_videos, frames, syn.height, syn.width, syn.fps, syn.seed
+    )
     vae = build_vae(model.vae)
     tokenizer, text_encoder = build_text_encoder(model.text_encoder)
     report = encode_captioned_videos(
-        captions, shard_dir, vae, tokenizer, text_encoder,
-        latent_frames=latent_frames, height=syn.height, width=syn.width, fps=None,
+        captions,
+        shard_dir,
+        vae,
+        tokenizer,
+        text_encoder,
+        latent_frames=latent_frames,
+        height=syn.height,
+        width=syn.width,
+        fps=None,
         max_sequence_length=model.text_encoder.max_sequence_length,
     )
     if report["skipped"]:

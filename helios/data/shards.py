@@ -96,7 +96,15 @@ def iter_shard_samples(shards: Iterable[Path]) -> Iterator[dict]:
     """Decoded samples: latents [C, T, h, w], prompt_embeds [L, D], meta dict, key."""
     import webdataset as wds
 
-    for sample in wds.WebDataset([str(s) for s in shards], shardshuffle=False, empty_check=False):
+    # Every caller reads the shards it was given: rank/worker splitting happens upstream.
+    dataset = wds.WebDataset(
+        [str(s) for s in shards],
+        shardshuffle=False,
+        empty_check=False,
+        nodesplitter=None,
+        workersplitter=None,
+    )
+    for sample in dataset:
         yield {
             "key": sample["__key__"],
             "latents": torch.from_numpy(_npy_load(sample["latents.npy"])),

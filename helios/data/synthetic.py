@@ -43,10 +43,14 @@ def render_clip(
     dx, dy = DIRECTIONS[direction]
     cx = width * (0.3 + 0.4 * float(torch.rand(1, generator=generator)))
     cy = height * (0.3 + 0.4 * float(torch.rand(1, generator=generator)))
-    yy, xx = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32),
-                            indexing="ij")
+    yy, xx = torch.meshgrid(
+        torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32), indexing="ij"
+    )
     frames = torch.empty(num_frames, height, width, 3)
-    fg, bgc = torch.tensor(COLORS[color], dtype=torch.float32), torch.tensor(BACKGROUNDS[bg], dtype=torch.float32)
+    fg, bgc = (
+        torch.tensor(COLORS[color], dtype=torch.float32),
+        torch.tensor(BACKGROUNDS[bg], dtype=torch.float32),
+    )
     for t in range(num_frames):
         px = (cx + dx * speed * t) % width
         py = (cy + dy * speed * t) % height
@@ -65,8 +69,15 @@ def write_mp4(path: Path, video: torch.Tensor, fps: int) -> None:
     import imageio.v2 as imageio
 
     frames = ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
-    with imageio.get_writer(str(path), fps=fps, codec="libx264", quality=8, macro_block_size=16,
-                            ffmpeg_log_level="error", pixelformat="yuv420p") as writer:
+    with imageio.get_writer(
+        str(path),
+        fps=fps,
+        codec="libx264",
+        quality=8,
+        macro_block_size=16,
+        ffmpeg_log_level="error",
+        pixelformat="yuv420p",
+    ) as writer:
         for frame in frames:
             writer.append_data(np.ascontiguousarray(frame))
 

@@ -12,13 +12,16 @@ class VideoDecodeError(RuntimeError):
     """The file cannot be decoded into a clip (corrupt, truncated, too short, no frames)."""
 
 
-def frame_indices(num_source: int, source_fps: float, target_fps: float, num_frames: int, start: int = 0) -> list[int]:
+def frame_indices(
+    num_source: int, source_fps: float, target_fps: float, num_frames: int, start: int = 0
+) -> list[int]:
     """Indices of ``num_frames`` frames sampled at ``target_fps`` from a ``source_fps`` stream."""
     step = source_fps / target_fps if target_fps > 0 else 1.0
-    idx = [start + int(math.floor(i * step + 1e-6)) for i in range(num_frames)]
+    idx = [start + math.floor(i * step + 1e-6) for i in range(num_frames)]
     if not idx or idx[-1] >= num_source:
         raise VideoDecodeError(
-            f"too short: need {num_frames} frames at {target_fps} fps, the video has {num_source} at {source_fps:.2f}"
+            f"too short: need {num_frames} frames at {target_fps} fps, "
+            f"the video has {num_source} at {source_fps:.2f}"
         )
     return idx
 
@@ -36,7 +39,9 @@ def resize_center_crop(frames: torch.Tensor, height: int, width: int) -> torch.T
     return (x / 127.5 - 1.0).clamp(-1, 1).permute(1, 0, 2, 3).contiguous()
 
 
-def decode_clip(path: str, num_frames: int, height: int, width: int, fps: float | None = None) -> torch.Tensor:
+def decode_clip(
+    path: str, num_frames: int, height: int, width: int, fps: float | None = None
+) -> torch.Tensor:
     """The first ``num_frames`` frames of ``path`` at ``fps`` (source fps when None) as [3, T, H, W]."""
     import decord
 

@@ -63,7 +63,9 @@ def encode_prompts(
 ) -> torch.Tensor:
     """Prompt embeddings exactly as diffusers' Helios pipelines compute them (cleaned text,
     padded to ``max_sequence_length``, zeros after the last token)."""
-    pipe = HeliosPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=None, scheduler=None, transformer=None)
+    pipe = HeliosPipeline(
+        tokenizer=tokenizer, text_encoder=encoder, vae=None, scheduler=None, transformer=None
+    )
     device = device or next(encoder.parameters()).device
     embeds, _ = pipe.encode_prompt(
         prompts, do_classifier_free_guidance=False, max_sequence_length=max_sequence_length, device=device

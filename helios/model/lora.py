@@ -12,7 +12,7 @@ MEMORY_PATCHES = ("patch_short", "patch_mid", "patch_long")
 
 
 def linear_targets(model: torch.nn.Module) -> list[str]:
-    """"all-linear": every ``nn.Linear`` inside the DiT blocks (attention q/k/v/out and FFN);
+    """ "all-linear": every ``nn.Linear`` inside the DiT blocks (attention q/k/v/out and FFN);
     the embedders and the output projection stay frozen, as peft's all-linear skips the head."""
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("blocks.")]
 
@@ -72,11 +72,14 @@ def load_trainable_state_dict(model: torch.nn.Module, state: dict[str, torch.Ten
     if missing or unknown:
         raise ValueError(
             "checkpoint does not match the configured trainable parameters "
-            f"(missing {missing[:5]}, unknown {unknown[:5]}); check model.lora.* against the run that saved it"
+            f"(missing {missing[:5]}, unknown {unknown[:5]}); "
+            "check model.lora.* against the run that saved it"
         )
     with torch.no_grad():
         for name, tensor in state.items():
             if params[name].shape != tensor.shape:
-                raise ValueError(f"shape mismatch for {name}: checkpoint {tuple(tensor.shape)} vs model "
-                                 f"{tuple(params[name].shape)}")
+                raise ValueError(
+                    f"shape mismatch for {name}: checkpoint {tuple(tensor.shape)} vs model "
+                    f"{tuple(params[name].shape)}"
+                )
             params[name].copy_(tensor)

@@ -27,7 +27,9 @@ HELIOS_ONLY_DEFAULTS = ("history_key_scale",)  # Guidance Attention amplificatio
 def helios_config_from_wan(wan_config: dict[str, Any], **overrides: Any) -> dict[str, Any]:
     """Map a diffusers ``WanTransformer3DModel`` config to ``HeliosTransformer3DModel`` kwargs."""
     if wan_config.get("image_dim") or wan_config.get("added_kv_proj_dim"):
-        raise ValueError("Helios initialises from Wan-2.1 *T2V*; this checkpoint has image conditioning (I2V)")
+        raise ValueError(
+            "Helios initialises from Wan-2.1 *T2V*; this checkpoint has image conditioning (I2V)"
+        )
     head_dim = wan_config["attention_head_dim"]
     h = w = 2 * (head_dim // 6)
     cfg = {
@@ -77,7 +79,9 @@ def convert_wan_state_dict(wan_sd: dict[str, torch.Tensor], memory_patch_init: s
     return out
 
 
-def load_wan_as_helios(path: str, subfolder: str | None = None, memory_patch_init: str = "average", **overrides):
+def load_wan_as_helios(
+    path: str, subfolder: str | None = None, memory_patch_init: str = "average", **overrides
+):
     """Load a diffusers Wan-2.1 T2V transformer and return an equivalent ``HeliosTransformer3DModel``.
 
     The Helios model is created on the meta device and the converted tensors are assigned, so the

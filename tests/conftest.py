@@ -1,0 +1,24 @@
+"""Shared fixtures: one synthetic-data cache per test session (subprocesses inherit HELIOS_CACHE)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def helios_cache(tmp_path_factory) -> Path:
+    cache = tmp_path_factory.mktemp("helios-cache")
+    os.environ["HELIOS_CACHE"] = str(cache)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    return cache
+
+
+@pytest.fixture
+def python() -> str:
+    return sys.executable

@@ -1,0 +1,47 @@
+"""Run the trainer for a few steps under torchrun and dump each rank's trainable weights and data."""
+
+import json
+import sys
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from helios.config import compose
+from helios.model import trainable_state_dict
+from helios.trainer import Trainer
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    cfg = compose(
+        [
+            "trainer.max_steps=3",
+            "trainer.batch_size=2",
+            "trainer.checkpoint_every=0",
+            "sample.enabled=false",
+            "trainer.progress=false",
+            *sys.argv[2:],
+        ]
+    )
+    trainer = Trainer(cfg, out / "run")
+    trainer.run_dir.mkdir(parents=True, exist_ok=True)
+    trainer._build_data()
+    seen = []
+    original = trainer.sampler.take
+
+    def take(count):
+        indices, epoch = original(count)
+        seen.append([epoch, indices])
+        return indices, epoch
+
+    trainer.sampler.take = take
+    trainer._build_model()
+    losses = [trainer.train_step()["loss"] for _ in range(cfg.trainer.max_steps)]
+    rank = trainer.dist.rank
+    save_file(trainable_state_dict(trainer.model), str(out / f"rank{rank}.safetensors"))
+    (out / f"rank{rank}.json").write_text(json.dumps({"seen": seen, "losses": losses}))
+    trainer.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Every config composes; bad input fails at start-up naming the key."""
+
+import subprocess
+import sys
+
+import pytest
+
+from helios.config import CONFIG_DIR, ConfigError, compose, normalize_overrides
+
+REAL = ["model.transformer.path=/models/wan", "data.path=/data/shards"]
+
+
+def _phases(stage: int) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / f"stage{stage}").glob("*.yaml"))
+
+
+def test_default_is_the_tiny_stage1_job():
+    cfg = compose([])
+    assert (cfg.stage, cfg.phase, cfg.model.name, cfg.data.kind) == (1, "tiny", "tiny", "synthetic")
+
+
+@pytest.mark.parametrize("phase", _phases(1))
+def test_every_stage1_phase_composes(phase):
+    cfg = compose(["stage=1", f"stage1={phase}", *REAL])
+    assert cfg.stage == 1 and cfg.phase == phase
+
+
+@pytest.mark.parametrize("model", sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml")))
+def test_every_model_composes(model):
+    cfg = compose([f"model={model}", "model.transformer.path=/m"])
+    assert cfg.model.name == model
+
+
+def test_table1_stage1_values():
+    init = compose(["stage=1", "stage1=init", *REAL])
+    assert init.model.name == "wan14b" and init.model.transformer.source == "wan"
+    assert (init.optim.lr, init.model.lora.rank, init.model.lora.alpha) == (5e-5, 128, 128)
+    assert (init.trainer.max_steps, init.trainer.global_batch_size, init.optim.grad_clip) == (5500, 128, 1.0)
+    assert init.history.sizes == [16, 2, 1] and init.history.window == 9
+    post = compose(["stage=1", "stage1=post", *REAL])
+    assert (post.optim.lr, post.trainer.max_steps) == (3e-5, 7500)
+    c = post.history.corrupt
+    assert c.enabled and (c.p_exposure, c.p_noise, c.p_downsample, c.p_clean) == (0.0, 0.8, 0.1, 0.1)
+    assert c.noise == [0.0, 0.33] and c.downsample == [0.0, 0.1]
+    # 14B shapes (REFERENCE.md) flow from the model config into the schema
+    t = init.model.transformer
+    assert (t.num_layers, t.num_attention_heads, t.attention_head_dim, t.ffn_dim) == (40, 40, 128, 13824)
+
+
+def test_real_recipe_without_paths_names_the_missing_key():
+    with pytest.raises(ConfigError, match=r"model\.transformer\.path"):
+        compose(["stage1=init", "data.path=/d"])
+
+
+def test_data_path_shorthand():
+    assert normalize_overrides(["data=/x/shards"]) == ["data=latents", "data.path=/x/shards"]
+    assert normalize_overrides(["data=synthetic", "stage=1", "stage=1,2"]) == [
+        "data=synthetic",
+        "stage='1'",
+        "stage='1','2'",
+    ]
+    cfg = compose(["data=/x/shards"])
+    assert cfg.data.kind == "latents" and cfg.data.path == "/x/shards"
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("history.corrupt.p_noise=0.5", "history.corrupt"),
+        ("history.tasks.t2v=0.9", "history.tasks"),
+        ("optim.lr=-1", "optim.lr"),
+        ("trainer.precision=fp8", "trainer.precision"),
+        ("model.transformer.rope_dim=[8,8,4]", "model.transformer.rope_dim"),
+        ("history.sizes=[4,2]", "history.sizes"),
+    ],
+)
+def test_out_of_range_values_name_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        compose([override])
+    assert key in str(err.value)
+
+
+def test_wrong_type_and_unknown_key_fail_in_hydra_naming_the_key():
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as err:
+        compose(["trainer.max_steps=many"])
+    assert "trainer.max_steps" in str(err.value.__cause__ or err.value)
+    with pytest.raises(ConfigCompositionException) as err:
+        compose(["trainer.max_stepz=3"])
+    assert "max_stepz" in str(err.value.__cause__ or err.value)
+
+
+def test_unknown_stage_is_refused():
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException):
+        compose(["stage=7"])
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("history.corrupt.p_clean=0.5", "history.corrupt"),
+        ("trainer.max_steps=abc", "trainer.max_steps"),
+        ("trainer.bogus=1", "bogus"),
+    ],
+)
+def test_cli_fails_before_building_anything(tmp_path, override, needle):
+    proc = subprocess.run(
+        [sys.executable, "train_helios.py", override, f"hydra.run.dir={tmp_path}"],
+        cwd=CONFIG_DIR.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert needle in proc.stderr + proc.stdout
+    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "checkpoints").exists()

@@ -1,0 +1,87 @@
+import torch
+
+from helios.config.schema import TaskConfig
+from helios.history import HistoryLayout, Task, apply_tasks, draw_tasks
+
+REAL = HistoryLayout(long=16, mid=2, short=1, window=9)
+
+
+def test_relative_indices_real_layout():
+    idx = REAL.indices(batch_size=2)
+    # arange(29) split [1, 16, 2, 1, 9]: anchor 0, long 1-16, mid 17-18, short [0, 19], noisy 20-28
+    assert idx["indices_latents_history_long"][0].tolist() == list(range(1, 17))
+    assert idx["indices_latents_history_mid"][0].tolist() == [17, 18]
+    assert idx["indices_latents_history_short"][0].tolist() == [0, 19]
+    assert idx["indices_hidden_states"][0].tolist() == list(range(20, 29))
+    assert all(v.shape[0] == 2 for v in idx.values())
+    assert REAL.clip_frames == 28  # 109 frames -> 28 latent frames (paper §5.1)
+
+
+def test_absolute_indices_shift_everything_but_the_anchor():
+    idx = REAL.indices(batch_size=2, offset=torch.tensor([0, 5]))
+    assert idx["indices_latents_history_short"].tolist() == [[0, 19], [0, 24]]
+    assert idx["indices_hidden_states"][1].tolist() == list(range(25, 34))
+    assert idx["indices_latents_history_long"][1, 0].item() == 6
+
+
+def test_model_inputs_split_and_anchor():
+    b, c, h, w = 2, 4, 6, 8
+    clip = torch.arange(b * c * 28 * h * w, dtype=torch.float32).view(b, c, 28, h, w)
+    history, target = REAL.split_clip(clip)
+    assert history.shape[2] == 19 and target.shape[2] == 9
+    assert torch.equal(target, clip[:, :, 19:])
+    anchor = clip[:, :, :1] + 0.5
+    inputs = REAL.model_inputs(history, anchor)
+    assert torch.equal(inputs["latents_history_long"], clip[:, :, :16])
+    assert torch.equal(inputs["latents_history_mid"], clip[:, :, 16:18])
+    assert torch.equal(inputs["latents_history_short"][:, :, 0:1], anchor)
+    assert torch.equal(inputs["latents_history_short"][:, :, 1:], clip[:, :, 18:19])
+
+
+def test_no_multi_term_patch_puts_everything_in_short():
+    layout = HistoryLayout(4, 2, 1, 3, multi_term=False)
+    history = torch.randn(1, 2, 7, 4, 4)
+    anchor = torch.randn(1, 2, 1, 4, 4)
+    inputs = layout.model_inputs(history, anchor)
+    assert "latents_history_mid" not in inputs and "latents_history_long" not in inputs
+    assert inputs["latents_history_short"].shape[2] == 8
+    assert inputs["indices_latents_history_short"][0].tolist() == list(range(8))
+
+
+def test_no_anchor_zeroes_the_anchor():
+    layout = HistoryLayout(4, 2, 1, 3, anchor=False)
+    inputs = layout.model_inputs(torch.ones(1, 2, 7, 4, 4), torch.ones(1, 2, 1, 4, 4))
+    assert inputs["latents_history_short"][:, :, 0].abs().sum() == 0
+
+
+def test_tasks_formats():
+    layout = HistoryLayout(4, 2, 1, 3)
+    history = torch.randn(4, 2, 7, 4, 4) + 5  # no exact zeros
+    first = torch.randn(4, 2, 1, 4, 4)
+    tasks = torch.tensor([Task.T2V, Task.I2V, Task.V2V_PARTIAL, Task.V2V])
+    gen = torch.Generator().manual_seed(0)
+    out, anchor, valid = apply_tasks(history, first, tasks, layout, gen)
+    # T2V: all zero including the anchor
+    assert out[0].abs().sum() == 0 and anchor[0].abs().sum() == 0 and not valid[0].any()
+    # I2V: only the last frame, and the anchor is that image
+    assert out[1, :, :-1].abs().sum() == 0 and torch.equal(out[1, :, -1], history[1, :, -1])
+    assert torch.equal(anchor[1], history[1, :, -1:]) and valid[1].tolist() == [False] * 6 + [True]
+    # partial V2V: the newest k*window frames (3 or 6), the anchor is the first of them
+    n = int(valid[2].sum())
+    assert n in (3, 6)
+    assert out[2, :, : 7 - n].abs().sum() == 0 and torch.equal(out[2, :, 7 - n :], history[2, :, 7 - n :])
+    assert torch.equal(anchor[2], history[2, :, 7 - n : 8 - n])
+    # full V2V: untouched, anchor = the video's first latent
+    assert torch.equal(out[3], history[3]) and torch.equal(anchor[3], first[3]) and valid[3].all()
+
+
+def test_partial_lengths_real_layout():
+    assert REAL.partial_lengths() == [9, 18]
+
+
+def test_task_frequencies():
+    cfg = TaskConfig(t2v=0.4, i2v=0.1, v2v_partial=0.2)
+    tasks = draw_tasks(40_000, cfg, torch.Generator().manual_seed(1))
+    freq = torch.bincount(tasks, minlength=4).float() / tasks.numel()
+    expected = torch.tensor([0.4, 0.1, 0.2, 0.3])
+    assert torch.allclose(freq, expected, atol=0.01), freq

@@ -1,0 +1,154 @@
+"""End-to-end training on CPU: the CLI run directory, overfitting, exact resume, 2-process DDP."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helios.checkpoint import MARKER, list_complete, resolve_resume
+from helios.config import compose
+from helios.metrics import read_metrics
+from helios.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _train(overrides, run_dir) -> list[dict]:
+    cfg = compose(["sample.enabled=false", "trainer.progress=false", "trainer.log_every=1", *overrides])
+    trainer = Trainer(cfg, run_dir)
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+    return read_metrics(run_dir)
+
+
+def test_cli_tiny_run_writes_the_run_directory(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "train_helios.py",
+            f"hydra.run.dir={tmp_path}",
+            "trainer.max_steps=10",
+            "trainer.checkpoint_every=5",
+            "trainer.log_every=1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "config.yaml").read_text().startswith("stage: 1")
+    metrics = read_metrics(tmp_path)
+    assert [m["step"] for m in metrics] == list(range(1, 11))
+    for key in ("loss", "lr", "grad_norm", "samples_per_s"):
+        assert all(isinstance(m[key], float) for m in metrics), key
+    assert [s for s, _ in list_complete(tmp_path)] == [5, 10]
+    video = tmp_path / "samples" / "step_10.mp4"
+    import decord
+
+    reader = decord.VideoReader(str(video))
+    assert len(reader) == 21 and reader[0].shape == (64, 64, 3)
+
+
+def test_loss_decreases_when_overfitting_two_clips(tmp_path):
+    metrics = _train(
+        # full fine-tuning: LoRA on a random tiny base has too little capacity to memorise
+        [
+            "data.synthetic.num_videos=2",
+            "trainer.batch_size=2",
+            "trainer.max_steps=200",
+            "optim.lr=1e-3",
+            "model.lora.enabled=false",
+            "trainer.checkpoint_every=0",
+            "history.corrupt.enabled=false",
+            "seed=3",
+        ],
+        tmp_path,
+    )
+    losses = [m["loss"] for m in metrics]
+    first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert last < 0.7 * first, (first, last)
+
+
+def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
+    common = ["trainer.checkpoint_every=3", "trainer.max_steps=6", "seed=5"]
+    full = _train(common, tmp_path / "full")
+    _train([*common, "trainer.max_steps=3"], tmp_path / "split")
+    assert [s for s, _ in list_complete(tmp_path / "split")] == [3]
+    resumed = _train(common, tmp_path / "split")  # resume=latest picks step_3
+    by_step = {m["step"]: m["loss"] for m in resumed}
+    assert sorted(by_step) == [1, 2, 3, 4, 5, 6]
+    for m in full[3:]:
+        assert by_step[m["step"]] == pytest.approx(m["loss"], rel=1e-6, abs=1e-7), m["step"]
+
+
+def test_half_written_checkpoint_is_never_resumed(tmp_path):
+    _train(["trainer.checkpoint_every=2", "trainer.max_steps=2"], tmp_path)
+    broken = tmp_path / "checkpoints" / "step_4"
+    broken.mkdir()
+    (broken / "trainable.safetensors").write_bytes(b"partial")
+    (tmp_path / "checkpoints" / "step_6.tmp-123").mkdir()
+    assert resolve_resume("latest", tmp_path).name == "step_2"
+    assert (resolve_resume("latest", tmp_path) / MARKER).exists()
+    assert resolve_resume("none", tmp_path) is None
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        resolve_resume(str(broken), tmp_path)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_keeps_ranks_identical(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_port=29531",
+            "tests/helpers/ddp_probe.py",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    w0, w1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
+    assert w0.keys() == w1.keys() and len(w0) > 0
+    for key in w0:
+        assert torch.equal(w0[key], w1[key]), key
+    init = compose([])
+    assert init.trainer.batch_size  # the weights moved away from their initial LoRA-B zeros
+    assert any(v.abs().sum() > 0 for k, v in w0.items() if "lora_B" in k)
+    s0 = json.loads((tmp_path / "rank0.json").read_text())
+    s1 = json.loads((tmp_path / "rank1.json").read_text())
+    # each step the two ranks read disjoint clips of the same epoch (8 clips, 2 per rank per step)
+    for (e0, i0), (e1, i1) in zip(s0["seen"], s1["seen"]):
+        assert e0 == e1 and not set(i0) & set(i1)
+    assert s0["losses"] == s1["losses"]  # metrics are all-reduced
+
+
+def test_init_from_starts_from_the_previous_weights_with_a_fresh_optimizer(tmp_path):
+    from safetensors.torch import load_file as load
+
+    _train(["trainer.checkpoint_every=3", "trainer.max_steps=3"], tmp_path / "init")
+    saved = load(str(tmp_path / "init" / "checkpoints" / "step_3" / "trainable.safetensors"))
+    cfg = compose(["sample.enabled=false", "trainer.progress=false", f"init_from={tmp_path / 'init'}"])
+    trainer = Trainer(cfg, tmp_path / "post")
+    trainer._build_data()
+    trainer._build_model()
+    params = dict(trainer.model.named_parameters())
+    for name, tensor in saved.items():
+        assert torch.equal(params[name].detach(), tensor), name
+    assert trainer.step == 0 and not trainer.optimizer.state
+    trainer.close()

@@ -1,0 +1,94 @@
+"""Wan-2.1 -> Helios initialisation: a converted model reproduces Wan with no history."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import HeliosTransformer3DModel, WanTransformer3DModel
+
+from helios.model.wan_init import convert_wan_state_dict, helios_config_from_wan, load_wan_as_helios
+
+TINY_WAN = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=24,
+    in_channels=16,
+    out_channels=16,
+    text_dim=32,
+    freq_dim=32,
+    ffn_dim=64,
+    num_layers=2,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+)
+
+
+@pytest.fixture(scope="module")
+def wan_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    wan = WanTransformer3DModel(**TINY_WAN)
+    # Non-trivial output modulation so the renamed table matters.
+    with torch.no_grad():
+        wan.scale_shift_table.normal_()
+    path = tmp_path_factory.mktemp("wan") / "transformer"
+    wan.save_pretrained(path)
+    return path
+
+
+def test_config_mapping_gives_wan_rope_split():
+    cfg = helios_config_from_wan({**TINY_WAN, "eps": 1e-6})
+    assert cfg["rope_dim"] == (8, 8, 8)
+    assert helios_config_from_wan({**TINY_WAN, "attention_head_dim": 128, "eps": 1e-6})["rope_dim"] == (
+        44,
+        42,
+        42,
+    )
+
+
+def test_converted_model_reproduces_wan_without_history(wan_dir):
+    wan = WanTransformer3DModel.from_pretrained(wan_dir).eval()
+    helios = load_wan_as_helios(str(wan_dir)).eval()
+    assert isinstance(helios, HeliosTransformer3DModel)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 16, 3, 8, 8, generator=gen)
+    t = torch.tensor([250.0, 900.0])
+    text = torch.randn(2, 7, 32, generator=gen)
+    with torch.no_grad():
+        ref = wan(x, t, text, return_dict=False)[0]
+        out = helios(x, t, text, return_dict=False)[0]
+    assert ref.shape == out.shape
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_every_wan_weight_is_copied(wan_dir):
+    wan = WanTransformer3DModel.from_pretrained(wan_dir)
+    helios = load_wan_as_helios(str(wan_dir))
+    h_sd = helios.state_dict()
+    for key, value in wan.state_dict().items():
+        target = "norm_out.scale_shift_table" if key == "scale_shift_table" else key
+        assert torch.equal(h_sd[target], value), key
+    assert not any(p.is_meta for p in helios.parameters())
+
+
+def test_average_init_makes_mid_and_long_tokens_the_mean_of_short_tokens(wan_dir):
+    helios = load_wan_as_helios(str(wan_dir))
+    x = torch.randn(1, 16, 4, 16, 16)
+    with torch.no_grad():
+        short = helios.patch_short(x)  # [1, D, 4, 8, 8]
+        mid = helios.patch_mid(x)  # [1, D, 2, 4, 4]
+        long = helios.patch_long(x)  # [1, D, 1, 2, 2]
+    # bias is shared, so compare the pooled short tokens directly
+    torch.testing.assert_close(mid, F.avg_pool3d(short, 2), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(long, F.avg_pool3d(short, 4), rtol=1e-4, atol=1e-5)
+
+
+def test_zero_init_and_unknown_mode():
+    sd = {"patch_embedding.weight": torch.randn(4, 2, 1, 2, 2), "patch_embedding.bias": torch.randn(4)}
+    out = convert_wan_state_dict(sd, "zero")
+    assert out["patch_mid.weight"].shape == (4, 2, 2, 4, 4) and out["patch_long.weight"].abs().sum() == 0
+    with pytest.raises(ValueError, match="memory_patch_init"):
+        convert_wan_state_dict(sd, "bogus")
+
+
+def test_i2v_checkpoint_is_rejected():
+    with pytest.raises(ValueError, match="T2V"):
+        helios_config_from_wan({**TINY_WAN, "eps": 1e-6, "image_dim": 1280})
