@@ -152,3 +152,34 @@ def test_init_from_starts_from_the_previous_weights_with_a_fresh_optimizer(tmp_p
         assert torch.equal(params[name].detach(), tensor), name
     assert trainer.step == 0 and not trainer.optimizer.state
     trainer.close()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["trainer.precision=bf16", "model.transformer.gradient_checkpointing=true"],
+        ["history.multi_term_patch=false"],
+        ["history.relative_rope=false", "history.anchor=false"],
+        ["history.corrupt.mode=reference", "flow.timestep_sampling=uniform", "flow.shift.type=linear"],
+        [
+            "model.transformer.guidance_cross_attn=false",
+            "model.transformer.zero_history_timestep=false",
+            "model.transformer.is_amplify_history=true",
+        ],
+        ["model.lora.memory_patch=lora", "model.lora.targets=[to_q,to_v]", "trainer.grad_accum=2"],
+        ["model.lora.enabled=false", "optim.schedule=cosine", "optim.warmup_steps=1"],
+    ],
+    ids=[
+        "bf16-ckpt",
+        "no-multi-term",
+        "abs-rope-no-anchor",
+        "reference-corrupt",
+        "guidance-attn",
+        "lora-variants",
+        "full-ft",
+    ],
+)
+def test_every_switch_trains(tmp_path, overrides):
+    metrics = _train(["trainer.max_steps=2", "trainer.checkpoint_every=0", *overrides], tmp_path)
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(m["loss"])) and m["grad_norm"] > 0 for m in metrics)
