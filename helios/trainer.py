@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from helios import checkpoint
 from helios.config.load import to_yaml
 from helios.config.schema import ConfigError, TrainConfig
-from helios.data.dataset import LatentClipDataset, ResumableSampler
+from helios.data.dataset import BucketBatchSampler, LatentClipDataset, make_loader
 from helios.distributed import DistInfo, all_mean, barrier, setup, teardown
 from helios.history import HistoryLayout
 from helios.metrics import MetricsLogger
@@ -68,7 +68,7 @@ class Trainer:
         cfg = self.cfg
         layout = HistoryLayout.from_config(cfg.history)
         if cfg.data.kind == "synthetic":
-            from helios.data.encode import ensure_synthetic_shards
+            from helios.data.synthetic import ensure_synthetic_shards
 
             # A couple of spare latent frames so clip windows start at different offsets.
             path = ensure_synthetic_shards(cfg.data, cfg.model, layout.clip_frames + 2, self.dist.is_main)
@@ -83,9 +83,22 @@ class Trainer:
         self.dataset = LatentClipDataset(
             path, layout.clip_frames, cfg.model.text_encoder.max_sequence_length, seed=cfg.seed
         )
-        self.sampler = ResumableSampler(
-            len(self.dataset), self.dist.rank, self.dist.world_size, seed=cfg.seed, shuffle=cfg.data.shuffle
+        self.sampler = BucketBatchSampler(
+            self.dataset,
+            cfg.trainer.batch_size,
+            self.dist.rank,
+            self.dist.world_size,
+            cfg.seed,
+            cfg.data.shuffle,
         )
+        self._batches = None  # the loader starts after a resume has restored the data position
+
+    def next_batch(self):
+        if self._batches is None:
+            self._batches = make_loader(self.dataset, self.sampler, self.cfg.trainer.num_workers)
+        batch, (epoch, position) = next(self._batches)
+        self.sampler.epoch, self.sampler.position = epoch, position  # consumed, not prefetched
+        return batch
 
     def _build_model(self) -> None:
         cfg = self.cfg
@@ -216,8 +229,7 @@ class Trainer:
         )
 
     def _micro_step(self, last: bool) -> tuple[float, dict[str, float]]:
-        indices, epoch = self.sampler.take(self.cfg.trainer.batch_size)
-        batch = self.dataset.batch(indices, epoch).to(self.dist.device)
+        batch = self.next_batch().to(self.dist.device)
         sync = contextlib.nullcontext() if (last or not self.dist.enabled) else self.wrapped.no_sync()
         autocast = torch.autocast(
             self.dist.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16
@@ -284,8 +296,8 @@ class Trainer:
     def _final_sample(self) -> None:
         from helios.sample import write_sample
 
-        latents = self.dataset.samples[0]["latents"]
-        height, width = latents.shape[-2] * 8, latents.shape[-1] * 8
+        h, w = self.dataset.latent_hw()
+        height, width = h * 8, w * 8
         autocast = torch.autocast(
             self.dist.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16
         )

@@ -10,7 +10,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from helios.config.schema import ConfigError, TrainConfig
+from helios.config.schema import ConfigError, PrepareConfig, TrainConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
@@ -23,6 +23,7 @@ def register_schema() -> None:
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name=SCHEMA_NAME, node=TrainConfig)
+    ConfigStore.instance().store(name="prepare_schema", node=PrepareConfig)
 
 
 register_schema()
@@ -58,22 +59,23 @@ def _format_omegaconf_error(err: OmegaConfBaseException) -> ConfigError:
     return ConfigError(str(key), msg)
 
 
-def load_config(cfg: DictConfig | dict) -> TrainConfig:
+def load_config(cfg: DictConfig | dict, schema_type: type = TrainConfig):
     """Type-check ``cfg`` against the schema and validate ranges; raise :class:`ConfigError`."""
     if isinstance(cfg, dict):
         cfg = OmegaConf.create(cfg)
     cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"]) if "hydra" in cfg else cfg
-    schema = OmegaConf.structured(TrainConfig)
+    schema = OmegaConf.structured(schema_type)
     try:
         merged = OmegaConf.merge(schema, cfg)
         OmegaConf.resolve(merged)
         obj = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise _format_omegaconf_error(err) from None
-    assert isinstance(obj, TrainConfig)
-    if not obj.data.cache_dir:
-        obj.data.cache_dir = os.path.join(os.environ.get("HELIOS_CACHE", "~/.cache/helios"), "synthetic")
-    obj.data.cache_dir = os.path.expanduser(obj.data.cache_dir)
+    assert isinstance(obj, schema_type)
+    if isinstance(obj, TrainConfig):
+        if not obj.data.cache_dir:
+            obj.data.cache_dir = os.path.join(os.environ.get("HELIOS_CACHE", "~/.cache/helios"), "synthetic")
+        obj.data.cache_dir = os.path.expanduser(obj.data.cache_dir)
     obj.validate()
     return obj
 
@@ -82,11 +84,11 @@ def to_yaml(cfg: TrainConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def compose(overrides: Sequence[str] = (), config_name: str = "train") -> TrainConfig:
+def compose(overrides: Sequence[str] = (), config_name: str = "train", schema_type: type = TrainConfig):
     """Compose ``configs/`` with Hydra's compose API (as the CLI does) and validate."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         cfg = hydra_compose(config_name=config_name, overrides=normalize_overrides(overrides))
-    return load_config(cfg)
+    return load_config(cfg, schema_type)

@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
+from omegaconf import MISSING
+
 
 class ConfigError(ValueError):
     """A configuration value is missing, of the wrong type, or out of range."""
@@ -458,3 +460,40 @@ class TrainConfig(Validated):
                 "model.lora.memory_patch",
                 "LoRA on memory patch convs needs history.multi_term_patch=true",
             )
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+@dataclass
+class ClipConfig(Validated):
+    """Clip extraction for ``helios.prepare``: latent frames per clip (pixel frames = 4(n-1)+1),
+    resolution after resize + centre crop, frame rate (``null`` = the source's)."""
+
+    latent_frames: int = 12
+    height: int = 64
+    width: int = 64
+    fps: float | None = None
+
+    def _validate(self, prefix: str) -> None:
+        _check(self.latent_frames >= 1, prefix + "latent_frames", "must be >= 1")
+        _check(self.height % 16 == 0 and self.width % 16 == 0, prefix + "height/width", "multiples of 16")
+        _check(self.fps is None or self.fps > 0, prefix + "fps", "must be > 0 or null")
+
+
+@dataclass
+class PrepareConfig(Validated):
+    """``python -m helios.prepare input=PATH output=DIR``."""
+
+    input: str = MISSING
+    output: str = MISSING
+    model: ModelConfig = field(default_factory=ModelConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    samples_per_shard: int = 16
+    batch_size: int = 4
+    device: str = "auto"
+
+    def _validate(self, prefix: str) -> None:
+        _check(self.samples_per_shard >= 1, "samples_per_shard", "must be >= 1")
+        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _choice(self.device, ("auto", "cpu", "cuda"), "device")

@@ -1,13 +1,16 @@
-"""Training clips from latent shards, with a resumable per-rank sampler."""
+"""Training clips from latent shards: random access, shape buckets, per-rank-disjoint batches and a
+data position that is part of the checkpoint (exact resume, no repeated or skipped data)."""
 
 from __future__ import annotations
 
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from helios.data.shards import iter_shard_samples, list_shards
+from helios.data.shards import ShardIndex
 
 
 @dataclass
@@ -29,37 +32,45 @@ class ClipBatch:
         )
 
 
-class LatentClipDataset:
-    """Every sample of a shard directory held in host memory; item ``i`` is a random window of
-    ``clip_frames`` latent frames of video ``i`` (deterministic in seed, epoch and index, so a
-    resumed run draws the same windows). Streaming of large sets is the shard reader's job."""
+def _seed(*parts: int) -> int:
+    return zlib.crc32(",".join(map(str, parts)).encode())
+
+
+class LatentClipDataset(torch.utils.data.Dataset):
+    """Item ``(i, epoch)`` is a window of ``clip_frames`` latent frames of sample ``i`` (its start is a
+    deterministic draw from seed, epoch and index, so a resumed run reads the same windows), the
+    sample's first latent (the video's first frame: the anchor) and its padded prompt embedding."""
 
     def __init__(self, path: str | Path, clip_frames: int, max_sequence_length: int, seed: int = 0) -> None:
+        self.index = ShardIndex.open(path)
         self.clip_frames = clip_frames
         self.max_sequence_length = max_sequence_length
         self.seed = seed
-        self.samples = []
-        too_short = 0
-        for sample in iter_shard_samples(list_shards(path)):
-            if sample["latents"].shape[1] < clip_frames:
-                too_short += 1
-                continue
-            self.samples.append(sample)
-        if not self.samples:
+        self.eligible = [i for i in range(len(self.index)) if self.index.latent_shape(i)[1] >= clip_frames]
+        self.skipped_too_short = len(self.index) - len(self.eligible)
+        if not self.eligible:
             raise ValueError(
                 f"no sample in {path} has the {clip_frames} latent frames a training clip needs "
-                f"({too_short} too short); prepare longer clips or reduce history.sizes / history.window"
+                f"({self.skipped_too_short} too short); prepare longer clips or reduce history.sizes / window"
             )
-        self.skipped_too_short = too_short
+        self.buckets: dict[tuple[int, int], list[int]] = {}
+        for i in self.eligible:
+            _, _, h, w = self.index.latent_shape(i)
+            self.buckets.setdefault((h, w), []).append(i)
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.eligible)
 
-    def item(self, index: int, epoch: int) -> dict[str, torch.Tensor]:
-        sample = self.samples[index]
+    def latent_hw(self) -> tuple[int, int]:
+        """The most common latent (h, w) bucket."""
+        return max(self.buckets, key=lambda k: len(self.buckets[k]))
+
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, torch.Tensor]:
+        index, epoch = item
+        sample = self.index.read(index)
         latents = sample["latents"]
         spare = latents.shape[1] - self.clip_frames
-        gen = torch.Generator().manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF)
+        gen = torch.Generator().manual_seed(_seed(self.seed, epoch, index))
         start = int(torch.randint(spare + 1, (1,), generator=gen)) if spare > 0 else 0
         embeds = sample["prompt_embeds"][: self.max_sequence_length]
         padded = torch.zeros(self.max_sequence_length, embeds.shape[-1])
@@ -71,62 +82,116 @@ class LatentClipDataset:
             "offset": torch.tensor(start),
         }
 
-    def batch(self, indices: list[int], epoch: int) -> ClipBatch:
-        items = [self.item(i, epoch) for i in indices]
-        return ClipBatch(
-            *(
-                torch.stack([it[k] for it in items])
-                for k in ("latents", "first_latent", "prompt_embeds", "offset")
-            )
-        )
 
+class BucketBatchSampler:
+    """Batches of one shape bucket, disjoint across ranks, in an order fixed by (seed, epoch).
 
-class ResumableSampler:
-    """Per-rank disjoint, epoch-shuffled indices whose position is part of the checkpoint.
-
-    Each epoch permutes ``range(n)`` with ``seed + epoch``, pads it to a multiple of the world size
-    (as ``DistributedSampler`` does) and gives rank ``r`` the entries ``r::world``.
+    Epoch ``e``: permute the eligible samples with ``seed + e``, fill per-bucket batches in that
+    order (a partial batch left at the end is dropped), deal the batches round-robin to the ranks
+    after truncating to a multiple of the world size, so every rank has the same number of batches
+    per epoch. The position (epoch, batches consumed) is saved with the checkpoint.
     """
 
     def __init__(
-        self, n: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True
+        self,
+        dataset: LatentClipDataset,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
     ) -> None:
-        self.n, self.rank, self.world_size, self.seed, self.shuffle = n, rank, world_size, seed, shuffle
-        self.epoch = 0
-        self.position = 0
+        self.dataset, self.batch_size = dataset, batch_size
+        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.epoch, self.position = 0, 0
+        self._cache: tuple[int, list[list[int]]] | None = None
+        if not self.epoch_batches(0):
+            raise ValueError(
+                f"{len(dataset)} clips make fewer than one batch of {batch_size} per rank on {world_size} "
+                "ranks in any shape bucket; lower trainer.batch_size or add data"
+            )
 
-    def _epoch_indices(self) -> list[int]:
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        if self._cache and self._cache[0] == epoch:
+            return self._cache[1]
+        order = list(self.dataset.eligible)
         if self.shuffle:
-            order = torch.randperm(
-                self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)
-            ).tolist()
-        else:
-            order = list(range(self.n))
-        total = -(-self.n // self.world_size) * self.world_size
-        order += order[: total - self.n]
-        return order[self.rank :: self.world_size]
+            perm = torch.randperm(len(order), generator=torch.Generator().manual_seed(self.seed + epoch))
+            order = [order[i] for i in perm.tolist()]
+        shape_of = {i: key for key, members in self.dataset.buckets.items() for i in members}
+        filling: dict[tuple[int, int], list[int]] = {}
+        batches: list[list[int]] = []
+        for i in order:
+            bucket = filling.setdefault(shape_of[i], [])
+            bucket.append(i)
+            if len(bucket) == self.batch_size:
+                batches.append(bucket)
+                filling[shape_of[i]] = []
+        batches = batches[: len(batches) // self.world_size * self.world_size]
+        mine = batches[self.rank :: self.world_size]
+        self._cache = (epoch, mine)
+        return mine
 
-    def take(self, count: int) -> tuple[list[int], int]:
-        """The next ``count`` indices of this rank and the epoch of the first of them."""
-        out: list[int] = []
-        epoch = self.epoch
-        while len(out) < count:
-            indices = self._epoch_indices()
-            need = count - len(out)
-            out += indices[self.position : self.position + need]
-            self.position += need
-            if self.position >= len(indices):
-                self.epoch += 1
-                self.position = 0
-        return out, epoch
+    def __iter__(self) -> Iterator[list[tuple[int, int, int, int]]]:
+        """Infinite: each batch is a list of (index, epoch, epoch_after, position_after)."""
+        epoch, position = self.epoch, self.position
+        while True:
+            batches = self.epoch_batches(epoch)
+            while position < len(batches):
+                batch = batches[position]
+                position += 1
+                after = (epoch + 1, 0) if position == len(batches) else (epoch, position)
+                yield [(i, epoch, *after) for i in batch]
+            epoch, position = epoch + 1, 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "n": self.n, "world_size": self.world_size}
+        return {"epoch": self.epoch, "position": self.position, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["n"] != self.n or state["world_size"] != self.world_size:
+        if state["world_size"] != self.world_size:
             raise ValueError(
-                f"data position was saved for {state['n']} samples on {state['world_size']} ranks, "
-                f"this run has {self.n} on {self.world_size}; resume with the same data and world size"
+                f"data position was saved on {state['world_size']} ranks, this run has {self.world_size}; "
+                "resume with the same world size"
             )
         self.epoch, self.position = state["epoch"], state["position"]
+
+
+def _collate(
+    items: list[tuple[dict[str, torch.Tensor], tuple[int, int]]],
+) -> tuple[ClipBatch, tuple[int, int]]:
+    samples = [s for s, _ in items]
+    batch = ClipBatch(
+        *(
+            torch.stack([s[k] for s in samples])
+            for k in ("latents", "first_latent", "prompt_embeds", "offset")
+        )
+    )
+    return batch, items[-1][1]
+
+
+class _WithPosition(torch.utils.data.Dataset):
+    def __init__(self, dataset: LatentClipDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int, int, int]):
+        index, epoch, epoch_after, position_after = item
+        return self.dataset[(index, epoch)], (epoch_after, position_after)
+
+
+def make_loader(dataset: LatentClipDataset, sampler: BucketBatchSampler, num_workers: int) -> Iterator:
+    """Yields (ClipBatch, (epoch, position) after this batch), prefetching in ``num_workers`` processes.
+
+    The caller records the position of the batches it has *consumed*; workers may run ahead.
+    """
+    loader = torch.utils.data.DataLoader(
+        _WithPosition(dataset),
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=2 if num_workers > 0 else None,
+    )
+    return iter(loader)

@@ -3,8 +3,11 @@ latents and text embeddings are pre-computed and offloaded to disk so the GPU ho
 
 Sample members: ``latents.npy`` float32 [C, T, h, w] (normalised), ``prompt_embeds.npy`` float32
 [L, D] (only the L valid tokens; zero padding is restored on load), ``json`` metadata (caption,
-source, shape, fps). A shard is written under a temporary name and renamed when complete, so a
-reader never sees a partial shard.
+source, latent shape, fps, ...). Each shard ``NAME.tar`` has a sidecar ``NAME.idx.json`` with the
+byte offset of every member, so a training reader fetches one sample with one seek (random access
+keeps resume exact and ranks disjoint without streaming state). Shards are written under a
+temporary name and renamed: a reader never sees a partial shard. Tars are reproducible (fixed
+mtime), so an interrupted and resumed ``prepare`` writes byte-identical files.
 """
 
 from __future__ import annotations
@@ -12,22 +15,25 @@ from __future__ import annotations
 import io
 import json
 import os
+import tarfile
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
-COMPLETE_MARKER = "_COMPLETE"
+INDEX_SUFFIX = ".idx.json"
+MEMBERS = ("latents.npy", "prompt_embeds.npy", "json")
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
+def npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     return buf.getvalue()
 
 
-def _npy_load(data: bytes) -> np.ndarray:
+def npy_load(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
@@ -38,49 +44,51 @@ def trim_embeds(embeds: torch.Tensor) -> torch.Tensor:
     return embeds[:n]
 
 
-class ShardWriter:
-    """Writes samples into ``{prefix}-{index:06d}.tar`` files of ``samples_per_shard`` samples."""
+def encode_sample(key: str, latents: torch.Tensor, prompt_embeds: torch.Tensor, meta: dict) -> dict:
+    meta = {**meta, "latent_shape": list(latents.shape)}
+    return {
+        "__key__": key,
+        "latents.npy": npy_bytes(latents.detach().float().cpu().numpy()),
+        "prompt_embeds.npy": npy_bytes(trim_embeds(prompt_embeds.detach().float().cpu()).numpy()),
+        "json": json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8"),
+    }
 
-    def __init__(self, out_dir: str | Path, prefix: str = "shard", samples_per_shard: int = 64) -> None:
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.prefix = prefix
-        self.samples_per_shard = samples_per_shard
-        self.index = 0
-        self._buffer: list[dict[str, bytes]] = []
-        self.written: list[Path] = []
 
-    def add(self, key: str, latents: torch.Tensor, prompt_embeds: torch.Tensor, meta: dict) -> None:
-        meta = {**meta, "latent_shape": list(latents.shape)}
-        self._buffer.append(
-            {
-                "__key__": key,
-                "latents.npy": _npy_bytes(latents.detach().float().cpu().numpy()),
-                "prompt_embeds.npy": _npy_bytes(trim_embeds(prompt_embeds.detach().float().cpu()).numpy()),
-                "json": json.dumps(meta, ensure_ascii=False).encode("utf-8"),
-            }
-        )
-        if len(self._buffer) >= self.samples_per_shard:
-            self.flush()
+def write_shard(path: str | Path, samples: list[dict]) -> Path:
+    """Write ``samples`` to ``path`` (atomically) and its offset index; returns the tar path."""
+    import webdataset as wds
 
-    def flush(self) -> None:
-        if not self._buffer:
-            return
-        import webdataset as wds
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with wds.TarWriter(str(tmp), mtime=0.0) as sink:
+        for sample in samples:
+            sink.write(sample)
+    index = scan_tar(tmp)
+    idx_tmp = path.with_name(path.name[: -len(".tar")] + INDEX_SUFFIX + ".tmp")
+    idx_tmp.write_text(json.dumps(index))
+    os.replace(tmp, path)
+    os.replace(idx_tmp, index_path(path))
+    return path
 
-        final = self.out_dir / f"{self.prefix}-{self.index:06d}.tar"
-        tmp = final.with_name(final.name + ".tmp")
-        with wds.TarWriter(str(tmp)) as sink:
-            for sample in self._buffer:
-                sink.write(sample)
-        os.replace(tmp, final)
-        self.written.append(final)
-        self._buffer = []
-        self.index += 1
 
-    def close(self) -> list[Path]:
-        self.flush()
-        return self.written
+def index_path(shard: Path) -> Path:
+    return shard.with_name(shard.name[: -len(".tar")] + INDEX_SUFFIX)
+
+
+def scan_tar(path: str | Path) -> list[dict]:
+    """Per sample: key, member offsets/sizes and the latent shape (read from its json)."""
+    samples: dict[str, dict] = {}
+    with tarfile.open(path, "r:") as tar:
+        for member in tar.getmembers():
+            if not member.isfile() or "." not in member.name:
+                continue
+            key, ext = member.name.split(".", 1)
+            entry = samples.setdefault(key, {"key": key, "members": {}})
+            entry["members"][ext] = [member.offset_data, member.size]
+            if ext == "json":
+                meta = json.loads(tar.extractfile(member).read().decode("utf-8"))
+                entry["latent_shape"] = meta.get("latent_shape")
+    return [s for s in samples.values() if all(m in s["members"] for m in MEMBERS)]
 
 
 def list_shards(path: str | Path) -> list[Path]:
@@ -92,22 +100,60 @@ def list_shards(path: str | Path) -> list[Path]:
     return shards
 
 
-def iter_shard_samples(shards: Iterable[Path]) -> Iterator[dict]:
-    """Decoded samples: latents [C, T, h, w], prompt_embeds [L, D], meta dict, key."""
-    import webdataset as wds
+class ShardIndex:
+    """Random access to every sample of a shard directory (sidecar indices, or a header scan)."""
 
-    # Every caller reads the shards it was given: rank/worker splitting happens upstream.
-    dataset = wds.WebDataset(
-        [str(s) for s in shards],
-        shardshuffle=False,
-        empty_check=False,
-        nodesplitter=None,
-        workersplitter=None,
-    )
-    for sample in dataset:
-        yield {
-            "key": sample["__key__"],
-            "latents": torch.from_numpy(_npy_load(sample["latents.npy"])),
-            "prompt_embeds": torch.from_numpy(_npy_load(sample["prompt_embeds.npy"])),
-            "meta": json.loads(sample["json"].decode("utf-8")),
+    def __init__(self, shards: Iterable[Path], max_open: int = 32) -> None:
+        self.entries: list[tuple[Path, dict]] = []
+        for shard in shards:
+            idx = index_path(shard)
+            items = json.loads(idx.read_text()) if idx.exists() else scan_tar(shard)
+            self.entries.extend((shard, item) for item in items)
+        self._files: OrderedDict[Path, io.BufferedReader] = OrderedDict()
+        self._max_open = max_open
+
+    @classmethod
+    def open(cls, path: str | Path) -> ShardIndex:
+        return cls(list_shards(path))
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def latent_shape(self, i: int) -> tuple[int, ...]:
+        return tuple(self.entries[i][1]["latent_shape"])
+
+    def _file(self, shard: Path):
+        f = self._files.pop(shard, None)
+        if f is None:
+            f = open(shard, "rb")  # kept open in the LRU
+            while len(self._files) >= self._max_open:
+                self._files.popitem(last=False)[1].close()
+        self._files[shard] = f
+        return f
+
+    def read_member(self, i: int, ext: str) -> bytes:
+        shard, item = self.entries[i]
+        offset, size = item["members"][ext]
+        f = self._file(shard)
+        f.seek(offset)
+        return f.read(size)
+
+    def read(self, i: int) -> dict:
+        return {
+            "key": self.entries[i][1]["key"],
+            "latents": torch.from_numpy(npy_load(self.read_member(i, "latents.npy"))),
+            "prompt_embeds": torch.from_numpy(npy_load(self.read_member(i, "prompt_embeds.npy"))),
+            "meta": json.loads(self.read_member(i, "json").decode("utf-8")),
         }
+
+    def __getstate__(self):  # DataLoader workers open their own files
+        state = self.__dict__.copy()
+        state["_files"] = OrderedDict()
+        return state
+
+
+def iter_shard_samples(shards: Iterable[Path]) -> Iterator[dict]:
+    """Sequential decode of whole shards (every rank reads what it is given)."""
+    index = ShardIndex([Path(s) for s in shards], max_open=1)
+    for i in range(len(index)):
+        yield index.read(i)

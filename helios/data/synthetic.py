@@ -6,11 +6,17 @@ so the tiny job exercises the same decode -> VAE -> shard path as user data.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from helios.config.schema import DataConfig, ModelConfig
 
 COLORS = {
     "red": (220, 40, 40),
@@ -98,3 +104,59 @@ def make_synthetic_videos(
     captions = out / "captions.jsonl"
     captions.write_text("\n".join(lines) + "\n")
     return captions
+
+
+def synthetic_fingerprint(data: DataConfig, model: ModelConfig, latent_frames: int) -> str:
+    key = json.dumps(
+        {
+            "synthetic": asdict(data.synthetic),
+            "vae": asdict(model.vae),
+            "text": asdict(model.text_encoder),
+            "latent_frames": latent_frames,
+            "version": 2,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def ensure_synthetic_shards(data: DataConfig, model: ModelConfig, latent_frames: int, is_main: bool) -> Path:
+    """Build once (cached by fingerprint) the moving-shapes mp4 set and its latent shards through the
+    same path as ``helios.prepare``. Only the main process builds; the caller synchronises ranks."""
+    from helios.data.prepare_job import ClipSpec, prepare, video_frames_for, write_report
+    from helios.model.encoders import build_text_encoder, build_vae
+
+    final = Path(data.cache_dir) / synthetic_fingerprint(data, model, latent_frames)
+    if (final / "shards" / "report.json").exists() or not is_main:
+        return final / "shards"
+    # Build in a private directory and rename: concurrent jobs sharing the cache never see a partial set.
+    root = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(root, ignore_errors=True)
+    syn = data.synthetic
+    make_synthetic_videos(
+        root / "videos",
+        syn.num_videos,
+        video_frames_for(latent_frames),
+        syn.height,
+        syn.width,
+        syn.fps,
+        syn.seed,
+    )
+    tokenizer, text_encoder = build_text_encoder(model.text_encoder)
+    prepare(
+        root / "videos",
+        root / "shards",
+        ClipSpec(latent_frames, syn.height, syn.width, None),
+        build_vae(model.vae),
+        tokenizer,
+        text_encoder,
+        max_sequence_length=model.text_encoder.max_sequence_length,
+    )
+    report = write_report(root / "shards")
+    if report["skipped"]:
+        raise RuntimeError(f"synthetic videos failed to encode: {report['skipped_inputs'][:3]}")
+    try:
+        os.replace(root, final)
+    except OSError:  # another job finished first; its copy is identical
+        shutil.rmtree(root, ignore_errors=True)
+    return final / "shards"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 
 import torch
@@ -40,13 +41,16 @@ def resize_center_crop(frames: torch.Tensor, height: int, width: int) -> torch.T
 
 
 def decode_clip(
-    path: str, num_frames: int, height: int, width: int, fps: float | None = None
-) -> torch.Tensor:
-    """The first ``num_frames`` frames of ``path`` at ``fps`` (source fps when None) as [3, T, H, W]."""
+    source: str | io.BytesIO, num_frames: int, height: int, width: int, fps: float | None = None
+) -> tuple[torch.Tensor, float]:
+    """The first ``num_frames`` frames of a file path or in-memory video at ``fps`` (source fps when
+    None) as [3, T, H, W] in [-1, 1], and the frame rate actually sampled."""
     import decord
 
     try:
-        reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+        reader = decord.VideoReader(
+            source if isinstance(source, io.BytesIO) else str(source), ctx=decord.cpu(0), num_threads=1
+        )
     except Exception as err:  # decord raises its own DECORDError / RuntimeError variants
         raise VideoDecodeError(f"cannot open: {err}".splitlines()[0]) from None
     n = len(reader)
@@ -58,4 +62,6 @@ def decode_clip(
         frames = torch.from_numpy(reader.get_batch(idx).asnumpy())
     except Exception as err:
         raise VideoDecodeError(f"decode failed: {err}".splitlines()[0]) from None
-    return resize_center_crop(frames, height, width)
+    if frames.shape[0] != num_frames or frames.numel() == 0:
+        raise VideoDecodeError(f"decoded {frames.shape[0]} of {num_frames} frames")
+    return resize_center_crop(frames, height, width), float(fps or source_fps)

@@ -26,15 +26,8 @@ def main() -> None:
     trainer = Trainer(cfg, out / "run")
     trainer.run_dir.mkdir(parents=True, exist_ok=True)
     trainer._build_data()
-    seen = []
-    original = trainer.sampler.take
-
-    def take(count):
-        indices, epoch = original(count)
-        seen.append([epoch, indices])
-        return indices, epoch
-
-    trainer.sampler.take = take
+    planned = iter(trainer.sampler)  # the batches training will consume, in order
+    seen = [[b[0][1], [i for i, *_ in b]] for b in (next(planned) for _ in range(cfg.trainer.max_steps))]
     trainer._build_model()
     losses = [trainer.train_step()["loss"] for _ in range(cfg.trainer.max_steps)]
     rank = trainer.dist.rank

@@ -1,0 +1,200 @@
+"""Raw videos -> latent shards: decode (decord), VAE-encode, UMT5-encode, write (paper §4.2).
+
+Work is split into units (one output shard each, :mod:`helios.data.inputs`); rank ``r`` of ``W``
+takes units ``r, r+W, ...``. A unit is done when ``.progress/<unit>.json`` exists (written after its
+shard is renamed into place), so a rerun skips finished units and redoes an interrupted one from
+scratch, writing byte-identical files. Unusable inputs are skipped with a reason; the job never
+dies on one bad video. ``report.json`` lists every skipped input.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from helios.data.inputs import InputItem, Unit, discover_units
+from helios.data.shards import encode_sample, npy_bytes, trim_embeds, write_shard
+from helios.data.video import VideoDecodeError, decode_clip
+
+log = logging.getLogger(__name__)
+
+PROGRESS_DIR = ".progress"
+EMPTY_PROMPT_FILE = "empty_prompt_embeds.npy"
+VAE_TEMPORAL = 4  # Wan VAE: 4x temporal compression, the first frame on its own
+
+
+def video_frames_for(latent_frames: int) -> int:
+    """Pixel frames that the causal Wan VAE encodes into ``latent_frames`` latents."""
+    return VAE_TEMPORAL * (latent_frames - 1) + 1
+
+
+@dataclass
+class ClipSpec:
+    latent_frames: int
+    height: int
+    width: int
+    fps: float | None
+
+
+class PromptCache:
+    """UMT5 embeddings by caption: repeated captions are encoded once."""
+
+    def __init__(self, tokenizer, encoder, max_sequence_length: int, device: torch.device) -> None:
+        self.tokenizer, self.encoder = tokenizer, encoder
+        self.max_sequence_length, self.device = max_sequence_length, device
+        self.cache: dict[str, torch.Tensor] = {}
+        self.hits = 0
+
+    def encode(self, captions: list[str]) -> list[torch.Tensor]:
+        from helios.model.encoders import encode_prompts
+
+        todo = sorted({c for c in captions if c not in self.cache})
+        self.hits += len(captions) - len(todo)
+        if todo:
+            embeds = encode_prompts(self.tokenizer, self.encoder, todo, self.max_sequence_length, self.device)
+            for caption, emb in zip(todo, embeds):
+                self.cache[caption] = trim_embeds(emb.float().cpu())
+        return [self.cache[c] for c in captions]
+
+
+def _decode(item: InputItem, spec: ClipSpec) -> tuple[torch.Tensor | None, float, str | None]:
+    if item.error:
+        return None, 0.0, item.error
+    try:
+        clip, fps = decode_clip(
+            item.open_video(), video_frames_for(spec.latent_frames), spec.height, spec.width, spec.fps
+        )
+        return clip, fps, None
+    except VideoDecodeError as err:
+        return None, 0.0, str(err)
+    except Exception as err:  # a broken container can surface as any decoder error: skip, never die
+        return None, 0.0, f"decode failed: {type(err).__name__}: {err}".splitlines()[0]
+
+
+@torch.no_grad()
+def encode_unit(
+    unit: Unit,
+    out_dir: Path,
+    spec: ClipSpec,
+    vae,
+    prompts: PromptCache,
+    batch_size: int,
+    device: torch.device,
+) -> dict:
+    """Encode one unit into ``out_dir/<unit>.tar``; returns its progress record."""
+    from helios.model.encoders import encode_video
+
+    samples, skipped, pending = [], [], []
+
+    def flush() -> None:
+        if not pending:
+            return
+        latents = encode_video(vae, torch.stack([clip for _, clip, _ in pending]).to(device))
+        embeds = prompts.encode([item.caption for item, _, _ in pending])
+        for (item, _, fps), lat, emb in zip(pending, latents, embeds):
+            meta = {
+                **item.meta,
+                "caption": item.caption,
+                "fps": fps,
+                "source": item.name,
+                "size": [spec.height, spec.width],
+            }
+            samples.append(encode_sample(f"{unit.name}-{len(samples):05d}", lat.cpu(), emb, meta))
+        pending.clear()
+
+    for item in unit.items():
+        clip, fps, error = _decode(item, spec)
+        if error:
+            skipped.append({"input": item.name, "reason": error})
+            continue
+        pending.append((item, clip, fps))
+        if len(pending) >= batch_size:
+            flush()
+    flush()
+    if samples:
+        write_shard(out_dir / f"{unit.name}.tar", samples)
+    return {"unit": unit.name, "written": len(samples), "skipped": skipped}
+
+
+def prepare(
+    input_path: str | Path,
+    out_dir: str | Path,
+    spec: ClipSpec,
+    vae,
+    tokenizer,
+    text_encoder,
+    *,
+    max_sequence_length: int,
+    samples_per_shard: int = 64,
+    batch_size: int = 4,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | None = None,
+) -> dict:
+    """Run this rank's share of the units; return this rank's summary."""
+    device = device or torch.device("cpu")
+    out = Path(out_dir)
+    progress_dir = out / PROGRESS_DIR
+    progress_dir.mkdir(parents=True, exist_ok=True)
+    units = discover_units(input_path, samples_per_shard)
+    mine = [u for k, u in enumerate(units) if k % world_size == rank]
+    todo = [u for u in mine if not (progress_dir / f"{u.name}.json").exists()]
+    prompts = PromptCache(tokenizer, text_encoder, max_sequence_length, device)
+    if rank == 0 and not (out / EMPTY_PROMPT_FILE).exists():  # unconditional embedding for CFG
+        tmp = out / (EMPTY_PROMPT_FILE + ".tmp")
+        tmp.write_bytes(npy_bytes(prompts.encode([""])[0].numpy()))
+        os.replace(tmp, out / EMPTY_PROMPT_FILE)
+    log.info(
+        "rank %d: %d of %d units to do (%d already done)", rank, len(todo), len(mine), len(mine) - len(todo)
+    )
+    t0, clips = time.monotonic(), 0
+    for n, unit in enumerate(todo, start=1):
+        record = encode_unit(unit, out, spec, vae, prompts, batch_size, device)
+        tmp = progress_dir / f"{unit.name}.json.tmp"
+        tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+        os.replace(tmp, progress_dir / f"{unit.name}.json")
+        clips += record["written"] + len(record["skipped"])
+        rate = clips / max(time.monotonic() - t0, 1e-9)
+        eta = (len(todo) - n) * (time.monotonic() - t0) / n
+        log.info(
+            "rank %d: %s done (%d/%d) %d written %d skipped | %.2f clips/s, ETA %.0fs",
+            rank,
+            unit.name,
+            n,
+            len(todo),
+            record["written"],
+            len(record["skipped"]),
+            rate,
+            eta,
+        )
+    return {"units": len(mine), "done_now": len(todo), "prompt_cache_hits": prompts.hits}
+
+
+def write_report(out_dir: str | Path) -> dict:
+    """Merge the per-unit progress records into ``report.json``."""
+    out = Path(out_dir)
+    records = [json.loads(p.read_text()) for p in sorted((out / PROGRESS_DIR).glob("*.json"))]
+    skipped = [s for r in records for s in r["skipped"]]
+    report = {
+        "units": len(records),
+        "shards": sorted(p.name for p in out.glob("*.tar")),
+        "written": sum(r["written"] for r in records),
+        "skipped": len(skipped),
+        "skipped_inputs": skipped,
+    }
+    tmp = out / "report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    os.replace(tmp, out / "report.json")
+    return report
+
+
+def load_empty_prompt(out_dir: str | Path) -> torch.Tensor | None:
+    path = Path(out_dir) / EMPTY_PROMPT_FILE
+    return torch.from_numpy(np.load(path)) if path.exists() else None

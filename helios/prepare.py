@@ -1,0 +1,82 @@
+"""``python -m helios.prepare input=PATH output=DIR``: raw videos + captions -> latent shards.
+
+Input: a folder with ``captions.jsonl`` (``{"video": "rel/path.mp4", "caption": "..."}``, extra fields
+kept as metadata) or ``captions.csv`` (columns ``video,caption``), or webdataset tar shards with
+``mp4`` + ``txt``/``json``. Data-parallel under ``torchrun``; resumable (rerun to continue).
+``clip=real model.transformer.path=<Wan2.1-T2V-14B-Diffusers>`` is the paper's recipe.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from helios.config import CONFIG_DIR, ConfigError, load_config
+from helios.config.schema import PrepareConfig
+
+log = logging.getLogger("helios.prepare")
+
+
+def run(cfg: PrepareConfig) -> dict:
+    import torch
+
+    from helios.config.schema import ParallelConfig, TrainerConfig
+    from helios.data.prepare_job import ClipSpec, prepare, write_report
+    from helios.distributed import barrier, setup, teardown
+    from helios.model.encoders import build_text_encoder, build_vae
+
+    dist = setup(ParallelConfig(), TrainerConfig(device=cfg.device))
+    try:
+        vae = build_vae(cfg.model.vae).to(dist.device)
+        tokenizer, text_encoder = build_text_encoder(cfg.model.text_encoder)
+        text_encoder.to(dist.device)
+        spec = ClipSpec(cfg.clip.latent_frames, cfg.clip.height, cfg.clip.width, cfg.clip.fps)
+        with torch.inference_mode():
+            prepare(
+                cfg.input,
+                cfg.output,
+                spec,
+                vae,
+                tokenizer,
+                text_encoder,
+                max_sequence_length=cfg.model.text_encoder.max_sequence_length,
+                samples_per_shard=cfg.samples_per_shard,
+                batch_size=cfg.batch_size,
+                rank=dist.rank,
+                world_size=dist.world_size,
+                device=dist.device,
+            )
+        barrier()
+        report = write_report(cfg.output) if dist.is_main else {}
+        if dist.is_main:
+            log.info(
+                "%d clips written in %d shards, %d inputs skipped (see %s/report.json)",
+                report["written"],
+                len(report["shards"]),
+                report["skipped"],
+                cfg.output,
+            )
+        return report
+    finally:
+        teardown()
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="prepare", version_base=None)
+def _main(raw: DictConfig) -> None:
+    try:
+        cfg = load_config(raw, PrepareConfig)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        run(cfg)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    _main()
