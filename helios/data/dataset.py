@@ -107,8 +107,8 @@ class BucketBatchSampler:
         self._cache: tuple[int, list[list[int]]] | None = None
         if not self.epoch_batches(0):
             raise ValueError(
-                f"{len(dataset)} clips make fewer than one batch of {batch_size} per rank on {world_size} "
-                "ranks in any shape bucket; lower trainer.batch_size or add data"
+                f"{len(dataset.eligible)} clips make fewer than one batch of {batch_size} per rank on "
+                f"{world_size} ranks in any shape bucket; lower trainer.batch_size or add data"
             )
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:

@@ -1,0 +1,85 @@
+"""The training stream: disjoint and complete across ranks, one shape per batch, exact position."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from helios.config import compose
+from helios.data.dataset import BucketBatchSampler, LatentClipDataset, make_loader
+from helios.data.synthetic import ensure_synthetic_shards
+
+
+def _fake(n: int, shapes=((8, 8),)) -> SimpleNamespace:
+    buckets = {s: [i for i in range(n) if i % len(shapes) == k] for k, s in enumerate(shapes)}
+    return SimpleNamespace(eligible=list(range(n)), buckets=buckets)
+
+
+def _epoch(sampler: BucketBatchSampler, epoch: int) -> list[list[int]]:
+    return sampler.epoch_batches(epoch)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_ranks_are_disjoint_and_complete(world):
+    data = _fake(48)
+    per_rank = [_epoch(BucketBatchSampler(data, 4, r, world, seed=1), 0) for r in range(world)]
+    seen = [i for batches in per_rank for b in batches for i in b]
+    assert len(seen) == len(set(seen))  # disjoint
+    usable = 48 // 4 // world * world * 4
+    assert len(seen) == usable  # complete up to whole batches per rank
+    assert len({len(b) for b in per_rank}) == 1  # every rank has the same number of batches
+
+
+def test_epochs_reshuffle_and_are_reproducible():
+    data = _fake(40)
+    a, b = BucketBatchSampler(data, 4, 0, 2, seed=3), BucketBatchSampler(data, 4, 0, 2, seed=3)
+    assert _epoch(a, 0) == _epoch(b, 0)
+    assert _epoch(a, 0) != _epoch(a, 1)
+
+
+def test_batches_never_mix_shapes():
+    data = _fake(60, shapes=((8, 8), (8, 12), (12, 8)))
+    shape_of = {i: s for s, members in data.buckets.items() for i in members}
+    for batch in _epoch(BucketBatchSampler(data, 4, 0, 1, seed=0), 0):
+        assert len({shape_of[i] for i in batch}) == 1
+
+
+def test_iteration_positions_and_resume_from_them():
+    data = _fake(24)
+    sampler = BucketBatchSampler(data, 4, 0, 2, seed=0)  # 3 batches per epoch per rank
+    it = iter(sampler)
+    batches = [next(it) for _ in range(7)]
+    positions = [(b[0][2], b[0][3]) for b in batches]
+    assert positions == [(0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 0), (2, 1)]
+    resumed = BucketBatchSampler(data, 4, 0, 2, seed=0)
+    resumed.load_state_dict({"epoch": 1, "position": 1, "world_size": 2})
+    assert next(iter(resumed)) == batches[4]
+    with pytest.raises(ValueError, match="same world size"):
+        resumed.load_state_dict({"epoch": 0, "position": 0, "world_size": 4})
+
+
+def test_too_small_dataset_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"lower trainer\.batch_size"):
+        BucketBatchSampler(_fake(3), 4, 0, 1)
+
+
+def test_loader_position_restores_the_exact_next_batch():
+    cfg = compose([])
+    path = ensure_synthetic_shards(cfg.data, cfg.model, 12, is_main=True)
+    dataset = LatentClipDataset(path, 10, 32, seed=0)
+    assert dataset.latent_hw() == (8, 8)
+    sampler = BucketBatchSampler(dataset, 2, 0, 1, seed=0)
+    loader = make_loader(dataset, sampler, num_workers=0)
+    consumed = [next(loader) for _ in range(5)]
+    state = consumed[2][1]  # position after the third batch
+    resumed = BucketBatchSampler(dataset, 2, 0, 1, seed=0)
+    resumed.load_state_dict({"epoch": state[0], "position": state[1], "world_size": 1})
+    nxt, _ = next(make_loader(dataset, resumed, num_workers=1))  # with a worker process too
+    ref = consumed[3][0]
+    assert torch.equal(nxt.latents, ref.latents) and torch.equal(nxt.offset, ref.offset)
+    assert nxt.latents.shape[2] == 10 and nxt.prompt_embeds.shape == (2, 32, 32)
+    # the anchor is the video's first latent even when the window starts later
+    sample = dataset.index.read(0)["latents"]
+    item = dataset[(0, 0)]
+    assert torch.equal(item["first_latent"], sample[:, :1])
+    assert torch.equal(item["latents"], sample[:, int(item["offset"]) : int(item["offset"]) + 10])

@@ -1,0 +1,210 @@
+"""helios.prepare: bad inputs skipped and reported, every input format, resume, ranks, then training."""
+
+import csv
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from helios.config.schema import TextEncoderConfig, VaeConfig
+from helios.data.prepare_job import ClipSpec, prepare, write_report
+from helios.data.shards import ShardIndex
+from helios.data.synthetic import make_synthetic_videos, render_clip, write_mp4
+from helios.metrics import read_metrics
+from helios.model.encoders import build_text_encoder, build_vae
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = ClipSpec(latent_frames=4, height=32, width=32, fps=None)  # 13 frames
+
+
+@pytest.fixture(scope="module")
+def encoders():
+    vae = build_vae(VaeConfig(source="tiny"))
+    tokenizer, text = build_text_encoder(TextEncoderConfig(source="tiny", max_sequence_length=16))
+    return vae, tokenizer, text
+
+
+def _run(inp, out, encoders, **kw):
+    vae, tok, text = encoders
+    prepare(inp, out, SPEC, vae, tok, text, max_sequence_length=16, **kw)
+    return write_report(out)
+
+
+@pytest.fixture(scope="module")
+def messy_input(tmp_path_factory):
+    """6 good videos and one of every kind of bad input."""
+    root = tmp_path_factory.mktemp("messy")
+    make_synthetic_videos(root, 6, 13, 32, 32, 8, seed=7)
+    good = [json.loads(line) for line in (root / "captions.jsonl").read_text().splitlines()]
+    data = (root / "shapes_00000.mp4").read_bytes()
+    (root / "truncated.mp4").write_bytes(data[: len(data) // 3])
+    (root / "zero.mp4").write_bytes(b"")
+    (root / "garbage.mp4").write_bytes(os.urandom(4096))
+    video, _ = render_clip(5, 32, 32, torch.Generator().manual_seed(0))
+    write_mp4(root / "short.mp4", video, 8)
+    lines = [json.dumps(g).encode() for g in good[:3]]
+    lines += [
+        json.dumps({"video": "truncated.mp4", "caption": "a"}).encode(),
+        json.dumps({"video": "zero.mp4", "caption": "b"}).encode(),
+        json.dumps({"video": "garbage.mp4", "caption": "c"}).encode(),
+        json.dumps({"video": "short.mp4", "caption": "d"}).encode(),
+        json.dumps({"video": "missing.mp4", "caption": "e"}).encode(),
+        json.dumps({"video": "shapes_00001.mp4", "caption": ""}).encode(),
+        b'{"video": "shapes_00002.mp4", "caption": "caf\xe9 \xff"}',
+        b"{not json",
+    ]
+    lines += [json.dumps(g).encode() for g in good[3:]]
+    (root / "captions.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    return root
+
+
+EXPECTED_REASONS = {
+    "truncated.mp4": "cannot open",
+    "zero.mp4": "cannot open",
+    "garbage.mp4": "cannot open",
+    "short.mp4": "too short",
+    "missing.mp4": "missing file",
+    "shapes_00001.mp4": "empty caption",
+    "captions.jsonl:10": "not valid UTF-8",
+    "captions.jsonl:11": "unreadable caption line",
+}
+
+
+def test_bad_inputs_are_skipped_counted_and_listed(messy_input, encoders, tmp_path):
+    report = _run(messy_input, tmp_path, encoders, samples_per_shard=4)
+    assert report["written"] == 6 and report["skipped"] == len(EXPECTED_REASONS)
+    reasons = {s["input"]: s["reason"] for s in report["skipped_inputs"]}
+    for name, needle in EXPECTED_REASONS.items():
+        assert needle in reasons[name], (name, reasons[name])
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk == report
+    index = ShardIndex.open(tmp_path)
+    assert len(index) == 6
+    sample = index.read(0)
+    assert sample["latents"].shape == (16, 4, 4, 4)
+    assert sample["meta"]["caption"] and sample["meta"]["latent_shape"] == [16, 4, 4, 4]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.tar"))}
+
+
+def test_interrupted_prepare_resumes_to_byte_identical_shards(messy_input, encoders, tmp_path):
+    _run(messy_input, tmp_path / "full", encoders, samples_per_shard=4)
+    part = tmp_path / "part"
+    _run(messy_input, part, encoders, samples_per_shard=4)
+    # Simulate a crash inside the last unit: its progress record gone, a half-written tar left behind.
+    last = sorted((part / ".progress").glob("*.json"))[-1]
+    unit = last.stem
+    last.unlink()
+    (part / f"{unit}.tar").unlink(missing_ok=True)
+    (part / f"{unit}.tar.tmp").write_bytes(b"half a shard")
+    kept = {p.name: p.stat().st_mtime_ns for p in part.glob("*.tar")}
+    _run(messy_input, part, encoders, samples_per_shard=4)
+    assert _digest(part) == _digest(tmp_path / "full")
+    for name, mtime in kept.items():  # finished shards were not rewritten
+        assert (part / name).stat().st_mtime_ns == mtime
+    assert json.loads((part / "report.json").read_text()) == json.loads(
+        (tmp_path / "full" / "report.json").read_text()
+    )
+
+
+def test_csv_and_tar_inputs(tmp_path, encoders):
+    videos = tmp_path / "videos"
+    make_synthetic_videos(videos, 3, 13, 32, 32, 8, seed=3)
+    entries = [json.loads(line) for line in (videos / "captions.jsonl").read_text().splitlines()]
+    (videos / "captions.jsonl").unlink()
+    with (videos / "captions.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["video", "caption"])
+        writer.writerows([[e["video"], e["caption"]] for e in entries])
+    assert _run(videos, tmp_path / "from_csv", encoders)["written"] == 3
+
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    with tarfile.open(tars / "part-0.tar", "w") as tar:
+        for i, e in enumerate(entries):
+            members = {f"{i:04d}.mp4": (videos / e["video"]).read_bytes()}
+            if i == 0:
+                members[f"{i:04d}.json"] = json.dumps({"caption": e["caption"], "id": 7}).encode()
+            else:
+                members[f"{i:04d}.txt"] = e["caption"].encode()
+            for name, data in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    report = _run(tars, tmp_path / "from_tar", encoders)
+    assert report["written"] == 3 and report["shards"] == ["shard-part-0.tar"]
+    index = ShardIndex.open(tmp_path / "from_tar")
+    captions = sorted(index.read(i)["meta"]["caption"] for i in range(3))
+    assert captions == sorted(e["caption"] for e in entries)
+    assert any(index.read(i)["meta"].get("id") == 7 for i in range(3))
+
+
+def test_repeated_captions_are_encoded_once(tmp_path, encoders):
+    videos = tmp_path / "v"
+    make_synthetic_videos(videos, 4, 13, 32, 32, 8, seed=1)
+    lines = [json.loads(x) for x in (videos / "captions.jsonl").read_text().splitlines()]
+    (videos / "captions.jsonl").write_text("\n".join(json.dumps({**x, "caption": "same"}) for x in lines))
+    vae, tok, text = encoders
+    summary = prepare(videos, tmp_path / "o", SPEC, vae, tok, text, max_sequence_length=16)
+    assert summary["prompt_cache_hits"] >= 3
+    embeds = [ShardIndex.open(tmp_path / "o").read(i)["prompt_embeds"] for i in range(4)]
+    assert all(torch.equal(e, embeds[0]) for e in embeds)
+    assert (tmp_path / "o" / "empty_prompt_embeds.npy").exists()
+
+
+@pytest.mark.slow
+def test_cli_two_ranks_then_train_with_defaults(tmp_path):
+    videos = tmp_path / "videos"
+    make_synthetic_videos(videos, 10, 45, 64, 64, 8, seed=11)
+    out = tmp_path / "shards"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_port=29533",
+            "-m",
+            "helios.prepare",
+            f"input={videos}",
+            f"output={out}",
+            "samples_per_shard=3",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["written"] == 10 and report["units"] == 4 and len(report["shards"]) == 4
+    help_text = subprocess.run(
+        [sys.executable, "-m", "helios.prepare", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    assert "input=PATH output=DIR" in help_text
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "train_helios.py", f"data={out}", f"hydra.run.dir={run}", "trainer.max_steps=3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [m["step"] for m in read_metrics(run)][-1] == 3
