@@ -115,7 +115,7 @@ def tiny_step_rate(tmp: Path) -> float:
         [
             "trainer.max_steps=40",
             "trainer.checkpoint_every=0",
-            "sample.enabled=false",
+            "validation.enabled=false",
             "trainer.progress=false",
             "trainer.log_every=1",
         ]

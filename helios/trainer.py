@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import random
@@ -282,35 +283,69 @@ class Trainer:
         )
         self.wrapped.train()
         every = self.cfg.trainer.checkpoint_every
-        while self.step < self.cfg.trainer.max_steps:
+        v = self.cfg.validation
+        last = self.cfg.trainer.max_steps
+        while self.step < last:
             metrics = self.train_step()
-            if self.step % self.cfg.trainer.log_every == 0 or self.step == self.cfg.trainer.max_steps:
+            validate = v.enabled and ((v.every and self.step % v.every == 0) or self.step == last)
+            if validate:
+                if self.dist.is_main:
+                    metrics.update(self.validate())
+                barrier()
+            if validate or self.step % self.cfg.trainer.log_every == 0 or self.step == last:
                 logger.log(self.step, metrics)
-            if (every and self.step % every == 0) or self.step == self.cfg.trainer.max_steps:
+            if (every and self.step % every == 0) or self.step == last:
                 self.save_checkpoint()
-        if self.cfg.sample.enabled and self.dist.is_main:
-            self._final_sample()
-        barrier()
         return self.run_dir
 
-    def _final_sample(self) -> None:
-        from helios.sample import write_sample
+    def validate(self) -> dict[str, float]:
+        """Videos for the validation prompts (main rank) under ``samples/``; drift metrics returned.
 
+        The VAE and text encoder live on the CPU between validations, so training holds only the DiT.
+        """
+        from diffusers.utils import export_to_video
+
+        from helios.model.encoders import build_text_encoder, build_vae
+        from helios.sampling.pipeline import generate_video
+
+        v = self.cfg.validation
+        if not hasattr(self, "_val_encoders"):
+            tokenizer, text_encoder = build_text_encoder(self.cfg.model.text_encoder)
+            self._val_encoders = (build_vae(self.cfg.model.vae), tokenizer, text_encoder)
+        vae, tokenizer, text_encoder = self._val_encoders
+        device = self.dist.device
+        vae.to(device)
+        text_encoder.to(device)
         h, w = self.dataset.latent_hw()
-        height, width = h * 8, w * 8
-        autocast = torch.autocast(
-            self.dist.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16
-        )
-        with autocast:
-            path = write_sample(
-                self.cfg,
-                self.model,
-                self.run_dir / "samples" / f"step_{self.step}.mp4",
-                height,
-                width,
-                self.dist.device,
-            )
-        print(f"sample video: {path}", flush=True)
+        layout = HistoryLayout.from_config(self.cfg.history)
+        was_training = self.model.training
+        self.model.eval()
+        metrics: dict[str, float] = {}
+        max_len = self.cfg.model.text_encoder.max_sequence_length
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
+        try:
+            for i, prompt in enumerate(v.prompts):
+                generator = torch.Generator().manual_seed(v.seed + i)
+                with autocast:
+                    result = generate_video(
+                        self.model, vae, tokenizer, text_encoder, layout, v.sampler, [(0, prompt)],
+                        v.num_frames, h * 8, w * 8, generator, max_len,
+                        adaptive_seed=v.seed + i,
+                    )
+                out = self.run_dir / "samples" / f"step_{self.step}_{i}.mp4"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                frames = ((result.frames[0].permute(1, 2, 3, 0).float().cpu() + 1) / 2).clamp(0, 1).numpy()
+                export_to_video(list(frames), str(out), fps=v.fps)
+                out.with_suffix(".json").write_text(json.dumps({**result.stats, "prompt": prompt}, indent=2))
+                for key, value in result.stats["drift"]["max_abs_delta"].items():
+                    metrics[f"val/{i}/drift_{key}"] = value
+                metrics[f"val/{i}/seam_ratio"] = result.stats["seams"]["ratio"]
+            print(f"validation videos: {self.run_dir / 'samples'}", flush=True)
+        finally:
+            self.model.train(was_training)
+            vae.to("cpu")
+            text_encoder.to("cpu")
+        return metrics
 
     def close(self) -> None:
         teardown()

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _train(overrides, run_dir) -> list[dict]:
-    cfg = compose(["sample.enabled=false", "trainer.progress=false", "trainer.log_every=1", *overrides])
+    cfg = compose(["validation.enabled=false", "trainer.progress=false", "trainer.log_every=1", *overrides])
     trainer = Trainer(cfg, run_dir)
     try:
         trainer.run()
@@ -50,11 +50,14 @@ def test_cli_tiny_run_writes_the_run_directory(tmp_path):
     for key in ("loss", "lr", "grad_norm", "samples_per_s"):
         assert all(isinstance(m[key], float) for m in metrics), key
     assert [s for s, _ in list_complete(tmp_path)] == [5, 10]
-    video = tmp_path / "samples" / "step_10.mp4"
+    video = tmp_path / "samples" / "step_10_0.mp4"
     import decord
 
     reader = decord.VideoReader(str(video))
     assert len(reader) == 21 and reader[0].shape == (64, 64, 3)
+    stats = json.loads(video.with_suffix(".json").read_text())
+    assert len(stats["drift"]["sections"]) == 3 and "ratio" in stats["seams"]
+    assert "val/0/seam_ratio" in metrics[-1] and "val/0/drift_saturation" in metrics[-1]
 
 
 def test_loss_decreases_when_overfitting_two_clips(tmp_path):
@@ -143,7 +146,7 @@ def test_init_from_starts_from_the_previous_weights_with_a_fresh_optimizer(tmp_p
 
     _train(["trainer.checkpoint_every=3", "trainer.max_steps=3"], tmp_path / "init")
     saved = load(str(tmp_path / "init" / "checkpoints" / "step_3" / "trainable.safetensors"))
-    cfg = compose(["sample.enabled=false", "trainer.progress=false", f"init_from={tmp_path / 'init'}"])
+    cfg = compose(["validation.enabled=false", "trainer.progress=false", f"init_from={tmp_path / 'init'}"])
     trainer = Trainer(cfg, tmp_path / "post")
     trainer._build_data()
     trainer._build_model()

@@ -405,20 +405,68 @@ class ParallelConfig(Validated):
 
 
 @dataclass
-class SampleConfig(Validated):
-    """A sample video written to ``samples/`` at the end of training (diffusers HeliosPipeline)."""
+class AdaptiveSamplingConfig(Validated):
+    """Adaptive Sampling (§3.5, Eq. 17-19): EMA of section latent mean/variance; a drifting section's
+    history frames get Frame-Aware Corrupt (noise of level ``noise``) for the next section."""
 
-    enabled: bool = True
-    prompt: str = "a red circle moving right on a blue background"
-    num_frames: int = 21
-    num_inference_steps: int = 8
-    guidance_scale: float = 5.0
-    seed: int = 0
-    fps: int = 8
+    enabled: bool = False
+    rho_mu: float = 0.9
+    rho_sigma: float = 0.9
+    delta_mu: float = 0.15
+    delta_sigma: float = 0.15
+    noise: float = 0.1
 
     def _validate(self, prefix: str) -> None:
+        for k in ("rho_mu", "rho_sigma"):
+            _check(0.0 < getattr(self, k) < 1.0, prefix + k, "must be in (0, 1)")
+        _check(0.0 <= self.noise <= 1.0, prefix + "noise", "must be in [0, 1]")
+
+
+@dataclass
+class SamplerConfig(Validated):
+    """Section sampler: ``unipc`` (Stage 1), ``pyramid`` (Pyramid UniPC, Stage 2), ``dmd`` (Stage 3).
+    ``steps`` has one entry per pyramid stage (one for ``unipc``)."""
+
+    kind: str = "unipc"
+    steps: list[int] = field(default_factory=lambda: [50])
+    guidance_scale: float = 5.0
+    cfg_zero_star: bool = False
+    amplify_first: bool = False
+    shift_type: str = "exponential"
+    gamma: float = 1.0 / 3.0
+    negative_prompt: str = ""
+    interpolation_steps: int = 1
+    adaptive: AdaptiveSamplingConfig = field(default_factory=AdaptiveSamplingConfig)
+
+    def _validate(self, prefix: str) -> None:
+        _choice(self.kind, ("unipc", "pyramid", "dmd"), prefix + "kind")
+        _check(
+            all(s >= 1 for s in self.steps) and self.steps, prefix + "steps", "one positive count per stage"
+        )
+        if self.kind == "unipc":
+            _check(len(self.steps) == 1, prefix + "steps", "unipc has a single stage: steps=[N]")
+        _choice(self.shift_type, ("linear", "exponential"), prefix + "shift_type")
+        _check(0.0 < self.gamma <= 1.0 / 3.0, prefix + "gamma", "must be in (0, 1/3]")
+        _check(self.interpolation_steps >= 1, prefix + "interpolation_steps", "must be >= 1")
+
+
+@dataclass
+class ValidationConfig(Validated):
+    """Videos on fixed prompts and seeds every ``every`` steps (0: only at the end) under
+    ``samples/``, with per-section drift statistics in ``metrics.jsonl``."""
+
+    enabled: bool = True
+    every: int = 0
+    prompts: list[str] = field(default_factory=lambda: ["a red circle moving right on a blue background"])
+    seed: int = 0
+    num_frames: int = 21
+    fps: int = 8
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+
+    def _validate(self, prefix: str) -> None:
+        _check(self.every >= 0, prefix + "every", "must be >= 0")
+        _check(bool(self.prompts), prefix + "prompts", "needs at least one prompt")
         _check(self.num_frames >= 1, prefix + "num_frames", "must be >= 1")
-        _check(self.num_inference_steps >= 1, prefix + "num_inference_steps", "must be >= 1")
 
 
 # --------------------------------------------------------------------------- root
@@ -440,7 +488,7 @@ class TrainConfig(Validated):
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def _validate(self, prefix: str) -> None:
         from helios.stages import STAGES
@@ -497,3 +545,35 @@ class PrepareConfig(Validated):
         _check(self.samples_per_shard >= 1, "samples_per_shard", "must be >= 1")
         _check(self.batch_size >= 1, "batch_size", "must be >= 1")
         _choice(self.device, ("auto", "cpu", "cuda"), "device")
+
+
+# --------------------------------------------------------------------------- generate
+
+
+@dataclass
+class GenerateConfig(Validated):
+    """``python -m helios.generate checkpoint=PATH prompt="..." num_frames=N output=FILE.mp4``."""
+
+    checkpoint: str = MISSING
+    output: str = "output.mp4"
+    prompt: str | None = None
+    prompts_file: str | None = None  # one prompt per line: one video each (output_<i>.mp4)
+    timed_prompts: str | None = None  # CSV "time,prompt" (seconds): interactive prompt switches
+    image: str | None = None
+    video: str | None = None
+    num_frames: int = 33
+    height: int | None = None
+    width: int | None = None
+    fps: int = 16
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)  # group: sampler=unipc|pyramid|dmd
+
+    def _validate(self, prefix: str) -> None:
+        given = [x for x in (self.prompt, self.prompts_file, self.timed_prompts) if x]
+        _check(len(given) == 1, "prompt", "give exactly one of prompt=, prompts_file=, timed_prompts=")
+        _check(self.num_frames >= 1, "num_frames", "must be >= 1")
+        _check(not (self.image and self.video), "image", "give image= (I2V) or video= (V2V), not both")
+        _choice(self.device, ("auto", "cpu", "cuda"), "device")
+        _choice(self.dtype, ("auto", "fp32", "bf16"), "dtype")

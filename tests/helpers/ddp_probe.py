@@ -18,7 +18,7 @@ def main() -> None:
             "trainer.max_steps=3",
             "trainer.batch_size=2",
             "trainer.checkpoint_every=0",
-            "sample.enabled=false",
+            "validation.enabled=false",
             "trainer.progress=false",
             *sys.argv[2:],
         ]

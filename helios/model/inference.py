@@ -1,0 +1,90 @@
+"""Load a model for sampling: a training checkpoint (or run dir) or a diffusers-format Helios directory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from helios.config.schema import TrainConfig
+from helios.history import HistoryLayout
+
+
+@dataclass
+class LoadedModel:
+    transformer: torch.nn.Module
+    vae: torch.nn.Module
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    layout: HistoryLayout
+    max_sequence_length: int
+    size: tuple[int, int] | None  # (height, width) the model was trained at, when known
+    train_config: TrainConfig | None = None
+
+
+def load_train_config(checkpoint_dir: Path) -> TrainConfig:
+    from helios.config.load import load_config
+
+    state = torch.load(checkpoint_dir / "state.pt", map_location="cpu", weights_only=False)
+    return load_config(OmegaConf.create(state["config"]))
+
+
+def load_for_inference(
+    path: str | Path, device: torch.device, dtype: torch.dtype = torch.float32
+) -> LoadedModel:
+    from helios import checkpoint as ckpt
+
+    path = Path(path).expanduser()
+    if (path / "model_index.json").exists():
+        return _load_diffusers(path, device, dtype)
+    found = ckpt.resolve_resume(str(path), path)
+    if found is None:
+        raise FileNotFoundError(f"checkpoint={path}: not a diffusers model directory and no checkpoint there")
+    cfg = load_train_config(found)
+    from helios.model.encoders import build_text_encoder, build_vae
+    from helios.stages import STAGES
+
+    model = STAGES[cfg.stage](cfg).build_model()
+    tensors = ckpt.load_tensors(found)
+    if "base" in tensors:
+        model.load_state_dict(tensors["base"], strict=False)
+    from helios.model.lora import load_trainable_state_dict
+
+    load_trainable_state_dict(model, tensors["trainable"])
+    model.requires_grad_(False).eval().to(device)
+    if dtype != torch.float32:
+        model.to(dtype)
+    tokenizer, text_encoder = build_text_encoder(cfg.model.text_encoder)
+    size = (cfg.data.synthetic.height, cfg.data.synthetic.width) if cfg.data.kind == "synthetic" else None
+    return LoadedModel(
+        model,
+        build_vae(cfg.model.vae).to(device),
+        tokenizer,
+        text_encoder.to(device),
+        HistoryLayout.from_config(cfg.history),
+        cfg.model.text_encoder.max_sequence_length,
+        size,
+        cfg,
+    )
+
+
+def _load_diffusers(path: Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    from diffusers import AutoencoderKLWan, HeliosTransformer3DModel
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    transformer = HeliosTransformer3DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype)
+    vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae")
+    tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
+    text_encoder = UMT5EncoderModel.from_pretrained(path, subfolder="text_encoder")
+    layout = HistoryLayout(16, 2, 1, 9)
+    return LoadedModel(
+        transformer.eval().to(device),
+        vae.eval().to(device),
+        tokenizer,
+        text_encoder.eval().to(device),
+        layout,
+        512,
+        None,
+    )

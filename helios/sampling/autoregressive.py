@@ -1,0 +1,110 @@
+"""The autoregressive long-video loop (paper §3.1, §3.7): one section after another, each conditioned
+on a fixed-size history buffer (long / mid / short + the first-frame anchor) with relative indices.
+
+The history tensors are built by the same :class:`~helios.history.HistoryLayout` the trainer uses,
+so sampling conditions on exactly the format the model was trained on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from helios.history import HistoryLayout
+from helios.sampling.drift import AdaptiveAntiDrift
+from helios.sampling.prompts import PromptSchedule
+from helios.sampling.section import SectionSampler
+
+
+@dataclass
+class SampleResult:
+    latents: torch.Tensor  # [B, C, T, h, w]: conditioning video (V2V) / image (I2V) + generated frames
+    drift_sections: list[int] = field(default_factory=list)
+    section_times: list[float] = field(default_factory=list)
+
+
+@torch.no_grad()
+def sample_video(
+    transformer: torch.nn.Module,
+    layout: HistoryLayout,
+    sampler: SectionSampler,
+    prompts: PromptSchedule,
+    negative: torch.Tensor | None,
+    num_sections: int,
+    latent_hw: tuple[int, int],
+    generator: torch.Generator | None = None,
+    image_latents: torch.Tensor | None = None,
+    video_latents: torch.Tensor | None = None,
+    adaptive: AdaptiveAntiDrift | None = None,
+    on_section: Callable[[int, torch.Tensor], None] | None = None,
+    device: torch.device | None = None,
+) -> SampleResult:
+    """Generate ``num_sections`` sections of ``layout.window`` latent frames.
+
+    T2V: history starts empty, the anchor becomes the first generated latent frame.
+    I2V (``image_latents`` [B, C, 1, h, w]): the image is the anchor and the newest history frame.
+    V2V (``video_latents`` [B, C, T, h, w]): its frames fill the history; its first frame is the anchor.
+    ``on_section(k, latents)`` sees each new section (e.g. to stream-decode it).
+    """
+    import time
+
+    device = device or next(transformer.parameters()).device
+    dtype = next(transformer.parameters()).dtype
+    b = (prompts(0)).shape[0]
+    c = transformer.config.in_channels
+    h, w = latent_hw
+    history = torch.zeros(b, c, layout.num_history, h, w, device=device, dtype=torch.float32)
+    anchor = None
+    generated: list[torch.Tensor] = []
+    if image_latents is not None:
+        anchor = image_latents.to(device, torch.float32)
+        history = torch.cat([history[:, :, 1:], anchor], dim=2)
+        generated.append(anchor)
+    if video_latents is not None:
+        video = video_latents.to(device, torch.float32)
+        history = torch.cat([history, video], dim=2)[:, :, -layout.num_history :]
+        anchor = video[:, :, :1] if anchor is None else anchor
+        generated.append(video)
+
+    drift_frames = torch.zeros(layout.num_history, dtype=torch.bool)
+    result = SampleResult(latents=torch.empty(0))
+    for k in range(num_sections):
+        t0 = time.perf_counter()
+        cond_history = history
+        if adaptive is not None and drift_frames.any():
+            cond_history = adaptive.corrupt(history, drift_frames)
+        anchor_k = anchor if anchor is not None else torch.zeros(b, c, 1, h, w, device=device)
+        inputs = {key: v.to(device) for key, v in layout.model_inputs(cond_history, anchor_k).items()}
+        inputs = {key: (v.to(dtype) if v.is_floating_point() else v) for key, v in inputs.items()}
+
+        def model_fn(
+            x: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor, inputs=inputs
+        ) -> torch.Tensor:
+            return transformer(
+                hidden_states=x.to(dtype),
+                timestep=timestep,
+                encoder_hidden_states=embeds,
+                **inputs,
+                return_dict=False,
+            )[0]
+
+        noise = sampler.initial_noise((b, c, layout.window, h, w), generator, device)
+        cond = prompts(k).to(device, dtype)
+        uncond = negative.to(device, dtype) if negative is not None else None
+        section = sampler(model_fn, noise, cond, uncond, generator, first_section=k == 0).float()
+
+        if anchor is None:
+            anchor = section[:, :, :1]
+        history = torch.cat([history, section], dim=2)[:, :, -layout.num_history :]
+        drift_frames = torch.zeros(layout.num_history, dtype=torch.bool)
+        if adaptive is not None and adaptive.observe(k, section):
+            drift_frames[-layout.window :] = True
+            result.drift_sections.append(k)
+        generated.append(section)
+        result.section_times.append(time.perf_counter() - t0)
+        if on_section is not None:
+            on_section(k, section)
+    result.latents = torch.cat(generated, dim=2)
+    return result

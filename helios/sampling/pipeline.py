@@ -1,0 +1,158 @@
+"""Text/image/video -> long video: prompt encoding, the autoregressive loop, streaming decode, and
+per-section statistics. Shared by ``helios.generate`` and the trainer's validation."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from helios.config.schema import CorruptConfig, SamplerConfig
+from helios.history import HistoryLayout
+from helios.model.encoders import encode_prompts, encode_video
+from helios.sampling.autoregressive import sample_video
+from helios.sampling.decode import StreamingDecoder, seam_statistic
+from helios.sampling.drift import AdaptiveAntiDrift, AdaptiveConfig, drift_report, section_stats
+from helios.sampling.prompts import PromptSchedule
+from helios.sampling.section import Guidance, SectionSampler
+
+VAE_TEMPORAL = 4
+
+
+def build_section_sampler(cfg: SamplerConfig, patch_size=(1, 2, 2)) -> SectionSampler:
+    """Scheduler + guidance from config: unipc (1 stage), pyramid (K stages), dmd (K stages, no CFG)."""
+    from diffusers import HeliosDMDScheduler, HeliosScheduler
+
+    k = len(cfg.steps)
+    stage_range = [i / k for i in range(k + 1)]
+    if cfg.kind == "dmd":
+        scheduler = HeliosDMDScheduler(
+            stages=k,
+            stage_range=stage_range,
+            gamma=cfg.gamma,
+            use_dynamic_shifting=True,
+            time_shift_type=cfg.shift_type,
+        )
+    else:
+        scheduler = HeliosScheduler(
+            stages=k,
+            stage_range=stage_range,
+            gamma=cfg.gamma,
+            use_dynamic_shifting=True,
+            time_shift_type=cfg.shift_type,
+        )
+    guidance = Guidance(scale=cfg.guidance_scale, cfg_zero_star=cfg.cfg_zero_star)
+    return SectionSampler(scheduler, cfg.steps, guidance, patch_size, amplify_first=cfg.amplify_first)
+
+
+def sections_for(num_frames: int, window: int) -> int:
+    """Sections whose latents decode to at least ``num_frames`` frames (causal VAE: 4(T-1)+1)."""
+    latent_frames = (num_frames - 1) // VAE_TEMPORAL + 1
+    return max(1, math.ceil(latent_frames / window))
+
+
+@dataclass
+class VideoResult:
+    frames: torch.Tensor  # [B, 3, T, H, W] in [-1, 1]
+    latents: torch.Tensor
+    stats: dict = field(default_factory=dict)
+
+
+@torch.no_grad()
+def generate_video(
+    transformer,
+    vae,
+    tokenizer,
+    text_encoder,
+    layout: HistoryLayout,
+    sampler_cfg: SamplerConfig,
+    prompts: list[tuple[int, str]],
+    num_frames: int,
+    height: int,
+    width: int,
+    generator: torch.Generator,
+    max_sequence_length: int,
+    image: torch.Tensor | None = None,
+    video: torch.Tensor | None = None,
+    adaptive_seed: int = 0,
+) -> VideoResult:
+    """``prompts``: [(first_section, text), ...]; ``image`` [B, 3, 1, H, W] / ``video`` [B, 3, T, H, W]
+    pixels in [-1, 1] for I2V / V2V. Frames are decoded section by section with the VAE's causal
+    cache carried over (no seams)."""
+    device = next(transformer.parameters()).device
+    t_text = time.perf_counter()
+    texts = sorted({p for _, p in prompts} | {sampler_cfg.negative_prompt})
+    embeds = dict(zip(texts, encode_prompts(tokenizer, text_encoder, texts, max_sequence_length, device)))
+    schedule = PromptSchedule([(s, embeds[p][None]) for s, p in prompts], sampler_cfg.interpolation_steps)
+    negative = embeds[sampler_cfg.negative_prompt][None] if sampler_cfg.guidance_scale > 1.0 else None
+    t_text = time.perf_counter() - t_text
+
+    image_latents = encode_video(vae, image.to(device)) if image is not None else None
+    video_latents = encode_video(vae, video.to(device)) if video is not None else None
+    adaptive = None
+    if sampler_cfg.adaptive.enabled:
+        a = sampler_cfg.adaptive
+        adaptive = AdaptiveAntiDrift(
+            AdaptiveConfig(
+                True,
+                a.rho_mu,
+                a.rho_sigma,
+                a.delta_mu,
+                a.delta_sigma,
+                CorruptConfig(
+                    p_exposure=0.0, p_noise=1.0, p_downsample=0.0, p_clean=0.0, noise=[a.noise, a.noise]
+                ),
+            ),
+            seed=adaptive_seed,
+        )
+    decoder = StreamingDecoder(vae)
+    pieces, per_section, vae_time = [], [], [0.0]
+    if video_latents is not None or image_latents is not None:
+        pieces.append(decoder.push(video_latents if video_latents is not None else image_latents))
+
+    def on_section(k: int, latents: torch.Tensor) -> None:
+        t0 = time.perf_counter()
+        frames = decoder.push(latents)
+        vae_time[0] += time.perf_counter() - t0
+        pieces.append(frames)
+        per_section.append(section_stats(frames))
+
+    sampler = build_section_sampler(sampler_cfg, tuple(transformer.config.patch_size))
+    num_sections = sections_for(num_frames, layout.window)
+    result = sample_video(
+        transformer,
+        layout,
+        sampler,
+        schedule,
+        negative,
+        num_sections,
+        (height // 8, width // 8),
+        generator,
+        image_latents,
+        video_latents,
+        adaptive,
+        on_section,
+        device,
+    )
+    frames = torch.cat(pieces, dim=2)
+    cond_frames = pieces[0].shape[2] if len(pieces) > num_sections else 0
+    generated = frames[:, :, cond_frames : cond_frames + num_frames]
+    first = VAE_TEMPORAL * (layout.window - 1) + 1 if cond_frames == 0 else VAE_TEMPORAL * layout.window
+    dit_time = sum(result.section_times)  # decode runs after each section's timer stops
+    stats = {
+        "drift": drift_report(per_section),
+        "seams": seam_statistic(generated, VAE_TEMPORAL * layout.window, first),
+        "adaptive_drift_sections": result.drift_sections,
+        "timing_s": {
+            "text": t_text,
+            "dit": dit_time,
+            "vae_decode": vae_time[0],
+            "per_section_dit": [t for t in result.section_times],
+        },
+        "frames": int(generated.shape[2]),
+        "sections": num_sections,
+    }
+    # I2V / V2V: the conditioning frames open the output video
+    return VideoResult(frames[:, :, : cond_frames + num_frames], result.latents, stats)

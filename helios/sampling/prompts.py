@@ -1,0 +1,34 @@
+"""Prompt schedules for interactive generation with Interactive Interpolation (§3.5, Eq. 20)."""
+
+from __future__ import annotations
+
+import torch
+
+
+class PromptSchedule:
+    """Conditioning per section: ``switches`` = [(first_section, embeds [1, L, D]), ...] sorted by
+    section; after a switch the embedding moves linearly from the previous prompt to the new one
+    over ``interpolation_steps`` (M) sections: e[j] = (1 - j/(M-1)) e1 + j/(M-1) e2."""
+
+    def __init__(self, switches: list[tuple[int, torch.Tensor]], interpolation_steps: int = 1) -> None:
+        if not switches or switches[0][0] != 0:
+            raise ValueError("the first prompt must start at section 0")
+        if interpolation_steps < 1:
+            raise ValueError("interpolation_steps must be >= 1")
+        self.switches = sorted(switches, key=lambda s: s[0])
+        self.m = interpolation_steps
+
+    def __call__(self, section: int) -> torch.Tensor:
+        current = 0
+        for i, (start, _) in enumerate(self.switches):
+            if start <= section:
+                current = i
+        start, target = self.switches[current]
+        if current == 0 or self.m == 1:
+            return target
+        j = section - start
+        if j >= self.m - 1:
+            return target
+        lam = j / (self.m - 1)
+        previous = self.switches[current - 1][1]
+        return (1 - lam) * previous + lam * target

@@ -1,0 +1,210 @@
+"""Denoise one section (paper §3.3.2, Eq. 8): K pyramid stages driven by diffusers' Helios schedulers.
+
+* K = 1 with ``HeliosScheduler(stages=1)``: the Stage-1 UniPC sampler with CFG;
+* K = 3 with ``HeliosScheduler(stages=3)``: Pyramid UniPC, the solver history reset per stage,
+  nearest 2x upsample + renoise between stages, CFG-Zero* (Stage 2);
+* ``HeliosDMDScheduler``: the few-step distilled sampler (Stage 3).
+
+The order of random draws and the scheduler calls follow diffusers' ``HeliosPipeline`` /
+``HeliosPyramidPipeline`` so that the same generator gives the same latents (tested), except the
+correlated block noise, which diffusers draws through a Cholesky factor that does not exist at the
+default gamma = 1/3 (see :func:`block_noise`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, timestep, embeds) -> v
+
+
+def calculate_shift(
+    seq_len: int, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15
+) -> float:
+    """mu for dynamic shifting (the schedulers' convention; :mod:`helios.flow` has the training twin)."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return seq_len * m + base_shift - m * base_seq_len
+
+
+def block_noise(
+    shape: tuple[int, ...],
+    gamma: float,
+    generator: torch.Generator | None,
+    patch: tuple[int, int] = (2, 2),
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Noise correlated inside each ``patch`` with covariance (1+gamma) I - gamma 11^T (PyramidFlow's
+    renoise). Drawn as ``z`` [blocks, ph*pw] ~ N(0, I) mapped by the covariance's symmetric square root
+    (eigenvalues: 1 + gamma - n*gamma along 1, 1 + gamma across), which exists also where the matrix
+    is singular (n*gamma = 1, e.g. gamma = 1/3 for 2x2 blocks) and a Cholesky factor does not."""
+    b, c, t, h, w = shape
+    ph, pw = patch
+    n = ph * pw
+    z = torch.randn(
+        b * c * t * (h // ph) * (w // pw),
+        n,
+        generator=generator,
+        device=generator.device if generator is not None else device,
+    )
+    mean = z.mean(dim=1, keepdim=True)
+    along = math.sqrt(max(1.0 + gamma - n * gamma, 0.0))
+    noise = math.sqrt(1.0 + gamma) * (z - mean) + along * mean
+    noise = noise.view(b, c, t, h // ph, w // pw, ph, pw).permute(0, 1, 2, 3, 5, 4, 6).reshape(b, c, t, h, w)
+    return noise.to(device) if device is not None else noise
+
+
+def renoise_coefficients(start_sigma: float, gamma: float) -> tuple[float, float]:
+    """(alpha, beta) of ``x = alpha * Up(x) + beta * block_noise`` at a stage hand-off."""
+    ori = 1.0 - start_sigma
+    alpha = 1.0 / (math.sqrt(1.0 + 1.0 / gamma) * (1.0 - ori) + ori)
+    return alpha, alpha * (1.0 - ori) / math.sqrt(gamma)
+
+
+def cfg_zero_star_scale(cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+    """s* = <v_c, v_u> / ||v_u||^2 per sample (CFG-Zero*)."""
+    b = cond.shape[0]
+    c, u = cond.float().reshape(b, -1), uncond.float().reshape(b, -1)
+    s = (c * u).sum(dim=1, keepdim=True) / ((u * u).sum(dim=1, keepdim=True) + 1e-8)
+    return s.view(b, *([1] * (cond.dim() - 1)))
+
+
+@dataclass
+class Guidance:
+    """Classifier-free guidance. ``cfg_zero_star``: scale the unconditional branch by s* and zero the
+    prediction for the first ``zero_steps + 1`` steps of the first stage (``zero_init``)."""
+
+    scale: float = 5.0
+    cfg_zero_star: bool = False
+    zero_init: bool = True
+    zero_steps: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.scale > 1.0
+
+    def combine(self, cond: torch.Tensor, uncond: torch.Tensor, stage: int, step: int) -> torch.Tensor:
+        if not self.cfg_zero_star:
+            return uncond + self.scale * (cond - uncond)
+        s = cfg_zero_star_scale(cond, uncond).to(cond.dtype)
+        if stage == 0 and step <= self.zero_steps and self.zero_init:
+            return cond * 0.0
+        return uncond * s + self.scale * (cond - uncond * s)
+
+
+def _resize_frames(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    b, c, t, h, w = x.shape
+    y = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+    y = F.interpolate(y, size=size, mode=mode)
+    return y.reshape(b, t, c, *size).permute(0, 2, 1, 3, 4)
+
+
+class SectionSampler:
+    """Run the K-stage schedule of ``scheduler`` on one section.
+
+    ``steps``: steps per stage (length K = ``scheduler.config.stages``). ``amplify_first``: the
+    distilled models' doubled step count on the first section.
+    """
+
+    def __init__(
+        self,
+        scheduler,
+        steps: list[int],
+        guidance: Guidance,
+        patch_size=(1, 2, 2),
+        amplify_first: bool = False,
+    ) -> None:
+        stages = scheduler.config.stages
+        if len(steps) != stages:
+            raise ValueError(f"{len(steps)} step counts for a {stages}-stage scheduler")
+        self.scheduler, self.steps, self.guidance = scheduler, list(steps), guidance
+        self.patch = patch_size
+        self.amplify_first = amplify_first
+        from diffusers import HeliosDMDScheduler
+
+        self.is_dmd = isinstance(scheduler, HeliosDMDScheduler)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.steps)
+
+    def initial_noise(
+        self, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device
+    ) -> torch.Tensor:
+        """Full-resolution noise, bilinearly halved (x2) per extra stage (as the pyramid pipeline)."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        x = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        h, w = shape[-2:]
+        for _ in range(self.num_stages - 1):
+            h, w = h // 2, w // 2
+            x = _resize_frames(x, (h, w), "bilinear") * 2
+        return x
+
+    def _set_timesteps(self, stage: int, x: torch.Tensor, device, first_section: bool) -> None:
+        p = self.patch
+        seq = x.shape[-1] * x.shape[-2] * x.shape[-3] // (p[0] * p[1] * p[2])
+        mu = calculate_shift(seq)
+        if self.num_stages == 1 and not self.is_dmd:
+            sigmas = np.linspace(0.999, 0.0, self.steps[0] + 1)[:-1]
+            self.scheduler.set_timesteps(self.steps[0], device=device, sigmas=sigmas, mu=mu)
+        else:
+            self.scheduler.set_timesteps(
+                self.steps[stage],
+                stage,
+                device=device,
+                mu=mu,
+                is_amplify_first_chunk=self.amplify_first and first_section,
+            )
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        model_fn: ModelFn,
+        x: torch.Tensor,
+        cond: torch.Tensor,
+        uncond: torch.Tensor | None,
+        generator: torch.Generator | None,
+        first_section: bool = False,
+    ) -> torch.Tensor:
+        """``x``: the output of :meth:`initial_noise`. Returns the clean section latents."""
+        device = x.device
+        starts = [x] if self.is_dmd else None
+        for stage in range(self.num_stages):
+            self._set_timesteps(stage, x, device, first_section)
+            if stage > 0:
+                h, w = x.shape[-2] * 2, x.shape[-1] * 2
+                x = _resize_frames(x, (h, w), "nearest")
+                alpha, beta = renoise_coefficients(
+                    self.scheduler.ori_start_sigmas[stage], self.scheduler.config.gamma
+                )
+                noise = block_noise(
+                    tuple(x.shape), self.scheduler.config.gamma, generator, self.patch[1:], device
+                )
+                x = alpha * x + beta * noise.to(x.dtype)
+                if starts is not None:
+                    starts.append(x)
+            timesteps = self.scheduler.timesteps
+            for i, t in enumerate(timesteps):
+                timestep = t.expand(x.shape[0])
+                if self.num_stages > 1 or self.is_dmd:
+                    timestep = timestep.to(torch.int64)
+                v = model_fn(x, timestep, cond)
+                if uncond is not None and self.guidance.enabled:
+                    v = self.guidance.combine(v, model_fn(x, timestep, uncond), stage, i)
+                extra = {}
+                if self.is_dmd:
+                    extra = {
+                        "cur_sampling_step": i,
+                        "dmd_noisy_tensor": starts[stage],
+                        "dmd_sigmas": self.scheduler.sigmas,
+                        "dmd_timesteps": self.scheduler.timesteps,
+                        "all_timesteps": timesteps,
+                    }
+                x = self.scheduler.step(v, t, x, generator=generator, return_dict=False, **extra)[0]
+        return x

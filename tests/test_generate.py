@@ -1,0 +1,101 @@
+"""python -m helios.generate from a training run: T2V, timed prompts, I2V; errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helios.config import compose
+from helios.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    run = tmp_path_factory.mktemp("gen-run")
+    cfg = compose(
+        [
+            "trainer.max_steps=2",
+            "trainer.checkpoint_every=2",
+            "validation.enabled=false",
+            "trainer.progress=false",
+        ]
+    )
+    trainer = Trainer(cfg, run)
+    trainer.run()
+    trainer.close()
+    return run
+
+
+def _generate(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "helios.generate", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_generate_t2v_and_timed_prompts_and_i2v(run_dir, tmp_path):
+    import decord
+    import imageio.v2 as imageio
+    import numpy as np
+
+    out = tmp_path / "t2v.mp4"
+    proc = _generate(
+        f"checkpoint={run_dir}",
+        'prompt="a green square moving up"',
+        "num_frames=40",
+        f"output={out}",
+        "sampler.steps=[3]",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(decord.VideoReader(str(out))) == 40
+    stats = json.loads(out.with_suffix(".json").read_text())
+    assert stats["sections"] == 4 and len(stats["drift"]["sections"]) == 4
+    assert len(stats["timing_s"]["per_section_dit"]) == 4
+
+    timed = tmp_path / "timed.csv"
+    timed.write_text("time,prompt\n0,a red circle\n1.5,a white square\n")
+    out2 = tmp_path / "timed.mp4"
+    proc = _generate(
+        f"checkpoint={run_dir}",
+        f"timed_prompts={timed}",
+        "num_frames=40",
+        f"output={out2}",
+        "sampler.steps=[2]",
+        "sampler.interpolation_steps=2",
+        "fps=8",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(out2.with_suffix(".json").read_text())["prompts"] == [
+        [0, "a red circle"],
+        [1, "a white square"],
+    ]
+
+    image = tmp_path / "first.png"
+    imageio.imwrite(image, (np.random.default_rng(0).random((80, 96, 3)) * 255).astype("uint8"))
+    out3 = tmp_path / "i2v.mp4"
+    proc = _generate(
+        f"checkpoint={run_dir}",
+        "prompt=x",
+        f"image={image}",
+        "num_frames=12",
+        f"output={out3}",
+        "sampler.steps=[2]",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(decord.VideoReader(str(out3))) == 13  # the image, then 12 generated frames
+
+
+def test_generate_errors_and_help(tmp_path):
+    proc = _generate(f"checkpoint={tmp_path}", "prompt=x")
+    assert proc.returncode == 2 and "no complete checkpoint" in proc.stderr
+    proc = _generate(f"checkpoint={tmp_path}")
+    assert proc.returncode == 2 and "prompt" in proc.stderr
+    help_text = _generate("--help").stdout
+    assert "checkpoint=PATH" in help_text and "timed_prompts" in help_text

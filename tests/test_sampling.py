@@ -1,0 +1,269 @@
+"""Samplers against diffusers, block noise, seamless streaming decode, adaptive sampling, prompts."""
+
+import pytest
+import torch
+from diffusers import HeliosDMDScheduler, HeliosPipeline, HeliosPyramidPipeline, HeliosScheduler
+
+from helios.config import compose
+from helios.config.schema import SamplerConfig
+from helios.history import HistoryLayout
+from helios.model.encoders import build_text_encoder, build_vae, encode_prompts
+from helios.model.transformer import build_transformer
+from helios.sampling import (
+    AdaptiveAntiDrift,
+    AdaptiveConfig,
+    Guidance,
+    PromptSchedule,
+    SectionSampler,
+    StreamingDecoder,
+    block_noise,
+    sample_video,
+    seam_statistic,
+)
+from helios.sampling.decode import decode_sections_independently
+from helios.sampling.pipeline import build_section_sampler, generate_video, sections_for
+from helios.sampling.section import renoise_coefficients
+
+LAYOUT = HistoryLayout(4, 2, 1, 3)
+KW = dict(
+    height=64,
+    width=64,
+    num_frames=27,
+    history_sizes=[4, 2, 1],
+    num_latent_frames_per_chunk=3,
+    output_type="latent",
+)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = compose([])
+    transformer = build_transformer(cfg.model.transformer).eval()
+    with torch.no_grad():  # a non-trivial output head so that guidance and history matter
+        transformer.proj_out.weight.normal_(std=0.2, generator=torch.Generator().manual_seed(0))
+    vae = build_vae(cfg.model.vae)
+    tokenizer, text = build_text_encoder(cfg.model.text_encoder)
+    cond = encode_prompts(tokenizer, text, ["a red circle"], 32)
+    neg = encode_prompts(tokenizer, text, [""], 32)
+    return transformer, vae, tokenizer, text, cond, neg
+
+
+def _ours(transformer, scheduler, steps, guidance, cond, neg, amplify=False):
+    sampler = SectionSampler(scheduler, steps, guidance, amplify_first=amplify)
+    return sample_video(
+        transformer,
+        LAYOUT,
+        sampler,
+        PromptSchedule([(0, cond)]),
+        neg,
+        3,
+        (8, 8),
+        torch.Generator().manual_seed(0),
+    ).latents
+
+
+def test_stage1_sampler_matches_helios_pipeline(tiny):
+    transformer, vae, tok, text, cond, neg = tiny
+
+    def scheduler():
+        return HeliosScheduler(stages=1, stage_range=[0, 1], use_dynamic_shifting=True)
+
+    pipe = HeliosPipeline(
+        tokenizer=tok, text_encoder=text, vae=vae, scheduler=scheduler(), transformer=transformer
+    )
+    ref = pipe(
+        prompt_embeds=cond,
+        negative_prompt_embeds=neg,
+        num_inference_steps=4,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(0),
+        **KW,
+    ).frames
+    ours = _ours(transformer, scheduler(), [4], Guidance(5.0), cond, neg)
+    assert ours.abs().max() > 0
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)  # bit-exact in practice
+
+
+@pytest.fixture
+def pyramid_pipeline_patched(monkeypatch, tiny):
+    """diffusers' pyramid pipeline with two of its defects worked around: its block noise goes through a
+    Cholesky factor that does not exist at gamma=1/3, and its CFG-Zero* calls .view() on the model's
+    non-contiguous output. It is given our block-noise draw (same generator stream) instead."""
+    transformer = tiny[0]
+
+    def ours(self, b, c, t, h, w, patch_size=(1, 2, 2), device=None, generator=None):
+        return block_noise((b, c, t, h, w), self.scheduler.config.gamma, generator, patch_size[1:], device)
+
+    monkeypatch.setattr(HeliosPyramidPipeline, "sample_block_noise", ours)
+    hook = transformer.register_forward_hook(
+        lambda m, i, o: (o[0].contiguous(),) if isinstance(o, tuple) else o
+    )
+    yield
+    hook.remove()
+
+
+def test_pyramid_unipc_with_cfg_zero_star_matches_diffusers(tiny, pyramid_pipeline_patched):
+    transformer, vae, tok, text, cond, neg = tiny
+    pipe = HeliosPyramidPipeline(
+        tokenizer=tok,
+        text_encoder=text,
+        vae=vae,
+        transformer=transformer,
+        scheduler=HeliosScheduler(use_dynamic_shifting=True),
+        is_cfg_zero_star=True,
+    )
+    ref = pipe(
+        prompt_embeds=cond,
+        negative_prompt_embeds=neg,
+        pyramid_num_inference_steps_list=[2, 2, 2],
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(0),
+        **KW,
+    ).frames
+    ours = _ours(
+        transformer,
+        HeliosScheduler(use_dynamic_shifting=True),
+        [2, 2, 2],
+        Guidance(5.0, cfg_zero_star=True),
+        cond,
+        neg,
+    )
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+
+
+def test_dmd_few_step_sampler_matches_diffusers(tiny, pyramid_pipeline_patched):
+    transformer, vae, tok, text, cond, _ = tiny
+    pipe = HeliosPyramidPipeline(
+        tokenizer=tok,
+        text_encoder=text,
+        vae=vae,
+        transformer=transformer,
+        scheduler=HeliosDMDScheduler(use_dynamic_shifting=True),
+        is_distilled=True,
+    )
+    ref = pipe(
+        prompt_embeds=cond,
+        pyramid_num_inference_steps_list=[2, 2, 2],
+        guidance_scale=1.0,
+        is_amplify_first_chunk=True,
+        generator=torch.Generator().manual_seed(0),
+        **KW,
+    ).frames
+    ours = _ours(
+        transformer,
+        HeliosDMDScheduler(use_dynamic_shifting=True),
+        [2, 2, 2],
+        Guidance(1.0),
+        cond,
+        None,
+        amplify=True,
+    )
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("gamma", [1 / 3, 0.2])
+def test_block_noise_covariance(gamma):
+    x = block_noise((8000, 1, 1, 2, 2), gamma, torch.Generator().manual_seed(0))
+    blocks = x.reshape(8000, 4)
+    cov = blocks.T @ blocks / blocks.shape[0]
+    expected = (1 + gamma) * torch.eye(4) - gamma * torch.ones(4, 4)
+    torch.testing.assert_close(cov, expected, atol=0.05, rtol=0)
+
+
+def test_diffusers_cholesky_is_singular_at_one_third():
+    cov = torch.eye(4) * (1 + 1 / 3) - torch.ones(4, 4) / 3 + torch.eye(4) * 1e-8
+    with pytest.raises(torch.linalg.LinAlgError):
+        torch.linalg.cholesky(cov.float())
+
+
+def test_renoise_coefficients_reference_values():
+    a, b = renoise_coefficients(2 / 3, 1 / 3)  # original start sigma of stage 2
+    assert (round(a, 3), round(b, 3)) == (0.6, 0.693)
+    a, b = renoise_coefficients(1 / 3, 1 / 3)  # ... and of stage 3
+    assert (round(a, 3), round(b, 3)) == (0.75, 0.433)
+
+
+def test_streaming_decode_is_seamless_and_equals_full_decode(tiny):
+    vae = tiny[1]
+    sections = [torch.randn(1, 16, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    stream = StreamingDecoder(vae)
+    streamed = torch.cat([stream.push(s) for s in sections], dim=2)
+    full = StreamingDecoder(vae).push(torch.cat(sections, dim=2))
+    assert streamed.shape == (1, 3, 33, 64, 64)  # 4 * (9 - 1) + 1 frames
+    torch.testing.assert_close(streamed, full, rtol=0, atol=1e-5)
+    separate = decode_sections_independently(vae, sections)
+    torch.testing.assert_close(separate[:, :, :9], streamed[:, :, :9], rtol=0, atol=1e-6)
+    assert separate.shape[2] == 27  # each section restarts the causal VAE: 9 frames each, not 9 + 12 + 12
+    assert not torch.allclose(separate[:, :, 9:18], streamed[:, :, 9:18])
+
+
+def test_seam_statistic_flags_a_jump_at_boundaries():
+    video = torch.zeros(1, 3, 21, 4, 4)
+    video[:, :, 9:] += 0.5  # jump between frames 8 and 9: the boundary after a 9-frame first section
+    stats = seam_statistic(video, section_frames=12, first_section_frames=9)
+    assert stats["boundary_diff"] == pytest.approx(0.5) and stats["inside_diff"] == 0 and stats["ratio"] > 100
+
+
+def test_adaptive_detects_a_shift_and_corrupts_only_those_frames():
+    adaptive = AdaptiveAntiDrift(AdaptiveConfig(enabled=True, delta_mu=0.15, delta_sigma=0.15))
+    base = torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert not adaptive.observe(0, base)
+    assert not adaptive.observe(1, base + 0.01)
+    assert adaptive.observe(2, base * 3 + 2)  # mean and variance jump
+    assert adaptive.events == [2]
+    history = torch.ones(1, 4, 7, 8, 8)
+    frames = torch.tensor([False] * 4 + [True] * 3)
+    out = adaptive.corrupt(history, frames)
+    assert torch.equal(out[:, :, :4], history[:, :, :4]) and not torch.equal(out[:, :, 4:], history[:, :, 4:])
+
+
+def test_prompt_interpolation_eq20():
+    e1, e2 = torch.zeros(1, 2, 3), torch.ones(1, 2, 3)
+    schedule = PromptSchedule([(0, e1), (2, e2)], interpolation_steps=3)
+    assert [float(schedule(k).mean()) for k in range(6)] == [0.0, 0.0, 0.0, 0.5, 1.0, 1.0]
+    with pytest.raises(ValueError):
+        PromptSchedule([(1, e1)])
+
+
+def test_generate_video_t2v_i2v_v2v_and_adaptive(tiny):
+    transformer, vae, tok, text, *_ = tiny
+    cfg = SamplerConfig(kind="unipc", steps=[2], guidance_scale=3.0)
+
+    def run(**kw):
+        return generate_video(
+            transformer,
+            vae,
+            tok,
+            text,
+            LAYOUT,
+            cfg,
+            [(0, "a red circle"), (1, "x")],
+            30,
+            64,
+            64,
+            torch.Generator().manual_seed(0),
+            32,
+            **kw,
+        )
+
+    t2v = run()
+    assert t2v.frames.shape == (1, 3, 30, 64, 64) and t2v.stats["sections"] == sections_for(30, 3) == 3
+    assert len(t2v.stats["drift"]["sections"]) == 3 and "ratio" in t2v.stats["seams"]
+    i2v = run(image=torch.rand(1, 3, 1, 64, 64) * 2 - 1)
+    assert i2v.frames.shape[2] == 31 and i2v.latents.shape[2] == 1 + 9
+    v2v = run(video=torch.rand(1, 3, 13, 64, 64) * 2 - 1)
+    assert v2v.frames.shape[2] == 13 + 30 and v2v.latents.shape[2] == 4 + 9
+    cfg.adaptive.enabled, cfg.adaptive.delta_mu, cfg.adaptive.delta_sigma = True, 0.0, 0.0
+    adaptive = run()
+    assert adaptive.stats["adaptive_drift_sections"] == [1, 2]  # zero thresholds: every later section
+    assert torch.equal(adaptive.latents[:, :, :6], t2v.latents[:, :, :6])  # nothing corrupted before a drift
+    assert not torch.equal(
+        adaptive.latents[:, :, 6:], t2v.latents[:, :, 6:]
+    )  # corrupted history changed them
+
+
+def test_build_section_sampler_kinds():
+    assert build_section_sampler(SamplerConfig(kind="unipc", steps=[5])).num_stages == 1
+    pyr = build_section_sampler(SamplerConfig(kind="pyramid", steps=[3, 3, 3], cfg_zero_star=True))
+    assert pyr.num_stages == 3 and pyr.guidance.cfg_zero_star
+    assert build_section_sampler(SamplerConfig(kind="dmd", steps=[2, 2, 2], guidance_scale=1.0)).is_dmd
