@@ -328,8 +328,18 @@ class Trainer:
                 generator = torch.Generator().manual_seed(v.seed + i)
                 with autocast:
                     result = generate_video(
-                        self.model, vae, tokenizer, text_encoder, layout, v.sampler, [(0, prompt)],
-                        v.num_frames, h * 8, w * 8, generator, max_len,
+                        self.model,
+                        vae,
+                        tokenizer,
+                        text_encoder,
+                        layout,
+                        v.sampler,
+                        [(0, prompt)],
+                        v.num_frames,
+                        h * 8,
+                        w * 8,
+                        generator,
+                        max_len,
                         adaptive_seed=v.seed + i,
                     )
                 out = self.run_dir / "samples" / f"step_{self.step}_{i}.mp4"
