@@ -66,15 +66,21 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Mean of scalar metrics over ranks (one all-reduce)."""
-    if not dist.is_initialized() or not values:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+def all_mean(
+    values: dict[str, float], device: torch.device, keys: list[str] | None = None
+) -> dict[str, float]:
+    """Mean over ranks of scalar metrics, ignoring NaN (a metric a rank did not see this step).
+
+    ``keys`` must be the same list on every rank (one all-reduce); missing values count as absent.
+    """
+    keys = sorted(values) if keys is None else keys
+    if not dist.is_initialized():
+        return {k: values.get(k, float("nan")) for k in keys}
+    v = torch.tensor([values.get(k, float("nan")) for k in keys], dtype=torch.float64)
+    seen = torch.isfinite(v)
+    t = torch.stack([torch.where(seen, v, torch.zeros_like(v)), seen.double()]).to(device)
     dist.all_reduce(t)
-    t /= dist.get_world_size()
-    return dict(zip(keys, t.tolist()))
+    return {k: (s / c if c > 0 else float("nan")) for k, s, c in zip(keys, t[0].tolist(), t[1].tolist())}
 
 
 def broadcast_object(obj, src: int = 0):

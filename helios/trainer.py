@@ -27,6 +27,11 @@ from helios.stages import STAGES
 log = logging.getLogger(__name__)
 
 
+def _nanmean(values: list[float]) -> float:
+    seen = [v for v in values if math.isfinite(v)]
+    return sum(seen) / len(seen) if seen else math.nan
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -248,12 +253,10 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         t0 = time.perf_counter()
-        losses, stats_acc = [], {}
+        records = []
         for micro in range(self.grad_accum):
             loss, stats = self._micro_step(last=micro == self.grad_accum - 1)
-            losses.append(loss)
-            for k, v in stats.items():
-                stats_acc[k] = stats_acc.get(k, 0.0) + v / self.grad_accum
+            records.append({"loss": loss, **stats})
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
         lr = self.lr_scheduler.get_last_lr()[0]
@@ -263,10 +266,16 @@ class Trainer:
         self.step += 1
         elapsed = time.perf_counter() - t0
         clips = self.cfg.trainer.batch_size * self.grad_accum * self.dist.world_size
-        metrics = {"loss": sum(losses) / len(losses), **stats_acc, "grad_norm": grad_norm}
-        metrics = all_mean(metrics, self.dist.device)
+        metrics = {k: _nanmean([r.get(k, math.nan) for r in records]) for k in self.metric_keys(records)}
+        metrics["grad_norm"] = grad_norm
+        metrics = all_mean(metrics, self.dist.device, keys=[*self.metric_keys(records), "grad_norm"])
         metrics.update({"lr": lr, "samples_per_s": clips / elapsed, "step_time_s": elapsed})
         return metrics
+
+    def metric_keys(self, records: list[dict]) -> list[str]:
+        """The stage's metric names: fixed per stage so every rank all-reduces the same list."""
+        declared = getattr(self.stage, "metric_names", None)
+        return sorted(declared() if declared else {k for r in records for k in r})
 
     def run(self) -> Path:
         self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,9 +16,22 @@ from helios.history import HistoryLayout, Task, apply_tasks, draw_tasks
 from helios.model import apply_lora, build_transformer
 
 
+@dataclass
+class NoisyGroup:
+    """Samples of a micro-batch that share one noisy-window shape (one forward pass)."""
+
+    index: torch.Tensor  # which samples of the batch
+    x_t: torch.Tensor
+    timestep: torch.Tensor
+    target: torch.Tensor  # velocity, diffusers convention: noise side minus data side
+    name: str = "flow"
+
+
 class FlowStage:
     """One section per sample: history (Representation Control + Frame-Aware Corrupt) conditions
-    the noisy window; the loss is the MSE between predicted and true velocity ``noise - x0``."""
+    the noisy window; the loss is the MSE between predicted and true velocity ``noise - x0``.
+
+    Subclasses change only :meth:`noisy_groups` (how the noisy window and its target are made)."""
 
     name = "flow"
 
@@ -25,52 +39,82 @@ class FlowStage:
         self.cfg = cfg
         self.layout = HistoryLayout.from_config(cfg.history)
 
-    def build_model(self) -> torch.nn.Module:
+    def build_model(self, base_state: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+        """The transformer (+ LoRA). ``base_state`` replaces the base weights before the adapters are
+        added (a merged previous-phase model, see ``init_from``)."""
         model = build_transformer(self.cfg.model.transformer)
+        if base_state is not None:
+            _, unexpected = model.load_state_dict(base_state, strict=False)
+            if unexpected:
+                raise ValueError(f"init_from weights unknown to this model: {unexpected[:5]}")
         return apply_lora(model, self.cfg.model.lora)
 
-    def prepare_inputs(
-        self, batch: ClipBatch, generator: torch.Generator
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, float]]:
-        """Model inputs, velocity target and input statistics for one micro-batch."""
+    def condition(self, batch: ClipBatch, generator: torch.Generator) -> tuple[dict, torch.Tensor, dict]:
+        """History inputs of the model, the clean noisy-window latents, and statistics."""
         cfg = self.cfg
-        device = batch.latents.device
         history, target = self.layout.split_clip(batch.latents.cpu())
-        b, _, w, h, wd = target.shape
+        b = target.shape[0]
         tasks = draw_tasks(b, cfg.history.tasks, generator)
         history, anchor, valid = apply_tasks(history, batch.first_latent.cpu(), tasks, self.layout, generator)
         history, branches = frame_aware_corrupt(history, valid, cfg.history.corrupt, generator)
-
-        noise = torch.randn(target.shape, generator=generator)
-        seq_len = token_count(w, h, wd)
-        shift = shift_factor(seq_len, cfg.flow.shift)
-        sigmas = shift_sigmas(sample_sigmas(b, cfg.flow, generator), shift)
-        x_t, velocity = flow_pair(target, noise, sigmas)
-
         offset = None if cfg.history.relative_rope else batch.offset.cpu()
         inputs = {
-            "hidden_states": x_t,
-            "timestep": sigmas * NUM_TRAIN_TIMESTEPS,
             "encoder_hidden_states": batch.prompt_embeds.cpu(),
             **self.layout.model_inputs(history, anchor, offset),
         }
-        inputs = {k: v.to(device) for k, v in inputs.items()}
         n_valid = max(1, int(valid.sum()))
         stats = {
-            "sigma_mean": float(sigmas.mean()),
-            "shift": shift,
             **{f"task_{t.name.lower()}": float((tasks == t).float().mean()) for t in Task},
             "corrupt_frac": float(((branches != Branch.CLEAN) & valid).sum()) / n_valid,
         }
-        return inputs, velocity.to(device), stats
+        return inputs, target, stats
+
+    def noisy_groups(self, target: torch.Tensor, generator: torch.Generator) -> tuple[list[NoisyGroup], dict]:
+        """Single-scale flow matching: x_t = (1 - s) x0 + s noise, s logit-normal/uniform and shifted."""
+        cfg = self.cfg
+        b, _, w, h, wd = target.shape
+        noise = torch.randn(target.shape, generator=generator)
+        shift = shift_factor(token_count(w, h, wd), cfg.flow.shift)
+        sigmas = shift_sigmas(sample_sigmas(b, cfg.flow, generator), shift)
+        x_t, velocity = flow_pair(target, noise, sigmas)
+        group = NoisyGroup(torch.arange(b), x_t, sigmas * NUM_TRAIN_TIMESTEPS, velocity)
+        return [group], {"sigma_mean": float(sigmas.mean()), "shift": shift}
 
     def compute_loss(
         self, model: torch.nn.Module, batch: ClipBatch, generator: torch.Generator
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        inputs, velocity, stats = self.prepare_inputs(batch, generator)
-        pred = model(**inputs, return_dict=False)[0]
-        loss = F.mse_loss(pred.float(), velocity.float())
-        return loss, stats
+        device = batch.latents.device
+        cond, target, stats = self.condition(batch, generator)
+        groups, noisy_stats = self.noisy_groups(target, generator)
+        total = torch.zeros((), device=device)
+        b = target.shape[0]
+        stats["noisy_tokens"] = float(sum(len(g.index) * token_count(*g.x_t.shape[2:]) for g in groups))
+        for g in groups:
+            inputs = {k: v[g.index].to(device) for k, v in cond.items()}
+            pred = model(
+                hidden_states=g.x_t.to(device), timestep=g.timestep.to(device), **inputs, return_dict=False
+            )[0]
+            loss = F.mse_loss(pred.float(), g.target.to(device).float())
+            total = total + loss * (len(g.index) / b)
+            if g.name != "flow":
+                stats[f"loss_{g.name}"] = float(loss.detach())
+        return total, {**stats, **noisy_stats}
+
+    def metric_names(self) -> list[str]:
+        """Every metric key this stage reports (the same on every rank and step)."""
+        tasks = [f"task_{t.name.lower()}" for t in Task]
+        return [
+            "loss",
+            "corrupt_frac",
+            "noisy_tokens",
+            "sigma_mean",
+            "shift",
+            *tasks,
+            *self.extra_metric_names(),
+        ]
+
+    def extra_metric_names(self) -> list[str]:
+        return []
 
     def state_dict(self) -> dict[str, Any]:
         return {}
