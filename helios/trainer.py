@@ -108,14 +108,13 @@ class Trainer:
 
     def _build_model(self) -> None:
         cfg = self.cfg
+        base_state = self._merged_init_weights(cfg.init_from) if cfg.init_from else None
         seed_everything(cfg.seed)  # the same initial weights (LoRA A draws) on every rank and every run
-        self.model = self.stage.build_model()
+        self.model = self.stage.build_model(base_state)
         frozen_dtype = self.dtype
         for p in self.model.parameters():  # frozen base in the compute dtype, trainable in fp32
             if not p.requires_grad and p.dtype.is_floating_point:
                 p.data = p.data.to(frozen_dtype)
-        if cfg.init_from:
-            self._init_weights_from(cfg.init_from)
         self.model.to(self.dist.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.params:
@@ -193,13 +192,30 @@ class Trainer:
             )
         load_trainable_state_dict(self.model, tensors["trainable"])
 
-    def _init_weights_from(self, source: str) -> None:
+    def _merged_init_weights(self, source: str) -> dict[str, torch.Tensor]:
+        """``init_from``: rebuild the previous run's model from its own saved config, merge its LoRA
+        into the base and return the merged weights: the next phase (or stage) starts from exactly
+        the function the previous one ended with, whatever its own LoRA settings."""
+        from helios.model.inference import load_train_config
+        from helios.model.lora import merged_state_dict
+
         path = checkpoint.resolve_resume(source, Path(source))
         if path is None:
             raise FileNotFoundError(f"init_from={source}: no checkpoint there")
-        self._load_weights(checkpoint.load_tensors(path))
+        previous_cfg = load_train_config(path)
+        previous = STAGES[previous_cfg.stage](previous_cfg).build_model()
+        tensors = checkpoint.load_tensors(path)
+        if "base" in tensors:
+            previous.load_state_dict(tensors["base"], strict=False)
+        load_trainable_state_dict(previous, tensors["trainable"])
         if self.dist.is_main:
-            log.info("initialised weights from %s", path)
+            log.info(
+                "initialising from %s (stage %d, %s), LoRA merged",
+                path,
+                previous_cfg.stage,
+                previous_cfg.phase,
+            )
+        return merged_state_dict(previous)
 
     def load_checkpoint(self, path: Path) -> None:
         tensors, objects, rank_state = checkpoint.load(path, self.dist)

@@ -19,10 +19,21 @@ def test_default_is_the_tiny_stage1_job():
     assert (cfg.stage, cfg.phase, cfg.model.name, cfg.data.kind) == (1, "tiny", "tiny", "synthetic")
 
 
-@pytest.mark.parametrize("phase", _phases(1))
-def test_every_stage1_phase_composes(phase):
-    cfg = compose(["stage=1", f"stage1={phase}", *REAL])
-    assert cfg.stage == 1 and cfg.phase == phase
+@pytest.mark.parametrize(("stage", "phase"), [(s, p) for s in (1, 2) for p in _phases(s)])
+def test_every_stage_phase_composes(stage, phase):
+    cfg = compose([f"stage={stage}", f"stage{stage}={phase}", *REAL])
+    assert cfg.stage == stage and cfg.phase == phase
+
+
+def test_table1_stage2_values():
+    init = compose(["stage=2", "stage2=init", *REAL])
+    assert init.model.name == "helios14b" and (init.model.lora.rank, init.model.lora.alpha) == (256, 256)
+    assert (init.optim.lr, init.trainer.max_steps, init.trainer.global_batch_size) == (1e-4, 16000, 256)
+    assert init.pyramid.stage_ratios == [1, 2, 1] and init.flow.timestep_sampling == "uniform"
+    assert init.validation.sampler.kind == "pyramid" and init.validation.sampler.cfg_zero_star
+    post = compose(["stage=2", "stage2=post", *REAL])
+    assert (post.optim.lr, post.trainer.max_steps, post.trainer.global_batch_size) == (3e-5, 20000, 192)
+    assert post.pyramid.stage_ratios == [1, 1, 1]
 
 
 @pytest.mark.parametrize("model", sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml")))

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from helios.checkpoint import MARKER, list_complete, resolve_resume
 from helios.config import compose
 from helios.metrics import read_metrics
+from helios.model.transformer import build_transformer
 from helios.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,19 +142,39 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path):
     assert s0["losses"] == s1["losses"]  # metrics are all-reduced
 
 
-def test_init_from_starts_from_the_previous_weights_with_a_fresh_optimizer(tmp_path):
-    from safetensors.torch import load_file as load
+def test_init_from_starts_from_the_previous_function_with_a_fresh_optimizer(tmp_path):
+    """Stage 1 (LoRA r=8) -> stage 2 with another LoRA rank: LoRA merged, the model's output unchanged."""
+    from helios.model.inference import load_for_inference
 
-    _train(["trainer.checkpoint_every=3", "trainer.max_steps=3"], tmp_path / "init")
-    saved = load(str(tmp_path / "init" / "checkpoints" / "step_3" / "trainable.safetensors"))
-    cfg = compose(["validation.enabled=false", "trainer.progress=false", f"init_from={tmp_path / 'init'}"])
-    trainer = Trainer(cfg, tmp_path / "post")
+    _train(["trainer.checkpoint_every=3", "trainer.max_steps=3", "optim.lr=1e-2"], tmp_path / "s1")
+    previous = load_for_inference(tmp_path / "s1", torch.device("cpu")).transformer
+    cfg = compose(
+        [
+            "stage=2",
+            "validation.enabled=false",
+            "trainer.progress=false",
+            f"init_from={tmp_path / 's1'}",
+            "model.lora.rank=4",
+            "model.lora.alpha=4",
+        ]
+    )
+    trainer = Trainer(cfg, tmp_path / "s2")
     trainer._build_data()
     trainer._build_model()
-    params = dict(trainer.model.named_parameters())
-    for name, tensor in saved.items():
-        assert torch.equal(params[name].detach(), tensor), name
     assert trainer.step == 0 and not trainer.optimizer.state
+    gen = torch.Generator().manual_seed(0)
+    inputs = dict(
+        hidden_states=torch.randn(1, 16, 3, 8, 8, generator=gen),
+        timestep=torch.tensor([500.0]),
+        encoder_hidden_states=torch.randn(1, 32, 32, generator=gen),
+    )
+    with torch.no_grad():
+        before = previous(**inputs, return_dict=False)[0]
+        after = trainer.model(**inputs, return_dict=False)[0]
+        fresh = build_transformer(cfg.model.transformer)(**inputs, return_dict=False)[0]
+    assert not torch.allclose(before, fresh, atol=1e-4)  # training changed the function ...
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)  # ... and stage 2 starts from it
+    assert any("lora_A" in n and p.shape[0] == 4 for n, p in trainer.model.named_parameters())
     trainer.close()
 
 

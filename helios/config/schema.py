@@ -291,6 +291,26 @@ class FlowConfig(Validated):
         _check(self.logit_std > 0, prefix + "logit_std", "must be > 0")
 
 
+@dataclass
+class PyramidConfig(Validated):
+    """Stage 2 (§3.3.2): ``stages`` resolutions (halved below full); each sample trains stage k with
+    probability ``stage_ratios[k] / sum`` (Table 1 reference: [1, 2, 1] init, [1, 1, 1] post)."""
+
+    stages: int = 3
+    stage_ratios: list[float] = field(default_factory=lambda: [1.0, 2.0, 1.0])
+    gamma: float = 1.0 / 3.0
+
+    def _validate(self, prefix: str) -> None:
+        _check(self.stages >= 1, prefix + "stages", "must be >= 1")
+        _check(len(self.stage_ratios) == self.stages, prefix + "stage_ratios", f"needs {self.stages} entries")
+        _check(
+            all(r >= 0 for r in self.stage_ratios) and sum(self.stage_ratios) > 0,
+            prefix + "stage_ratios",
+            "must be >= 0 with a positive sum",
+        )
+        _check(0.0 < self.gamma <= 1.0 / 3.0, prefix + "gamma", "must be in (0, 1/3]")
+
+
 # --------------------------------------------------------------------------- optimisation
 
 
@@ -484,6 +504,7 @@ class TrainConfig(Validated):
     model: ModelConfig = field(default_factory=ModelConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
+    pyramid: PyramidConfig = field(default_factory=PyramidConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     data: DataConfig = field(default_factory=DataConfig)

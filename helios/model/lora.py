@@ -83,3 +83,20 @@ def load_trainable_state_dict(model: torch.nn.Module, state: dict[str, torch.Ten
                     f"{tuple(params[name].shape)}"
                 )
             params[name].copy_(tensor)
+
+
+@torch.no_grad()
+def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The plain-model state dict with every LoRA update merged into its base weight (and the
+    fully trained tensors, e.g. memory-patch convs, as they are). Modifies ``model`` in place."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.merge()
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if "lora_" in name:
+            continue
+        out[name.replace(".base_layer.", ".")] = tensor
+    return out

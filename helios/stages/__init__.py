@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from helios.stages.flow import FlowStage
+from helios.stages.pyramid import PyramidStage
 
-STAGES = {1: FlowStage}
+STAGES = {1: FlowStage, 2: PyramidStage}
 
-__all__ = ["STAGES", "FlowStage"]
+__all__ = ["STAGES", "FlowStage", "PyramidStage"]
