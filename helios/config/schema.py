@@ -598,3 +598,16 @@ class GenerateConfig(Validated):
         _check(not (self.image and self.video), "image", "give image= (I2V) or video= (V2V), not both")
         _choice(self.device, ("auto", "cpu", "cuda"), "device")
         _choice(self.dtype, ("auto", "fp32", "bf16"), "dtype")
+
+
+@dataclass
+class ExportConfig(Validated):
+    """``python -m helios.export checkpoint=PATH output=DIR [lora_only=true] [weights=ema]``."""
+
+    checkpoint: str = MISSING
+    output: str = MISSING
+    lora_only: bool = False
+    weights: str = "raw"
+
+    def _validate(self, prefix: str) -> None:
+        _choice(self.weights, ("raw", "ema"), "weights")

@@ -1,0 +1,159 @@
+"""``python -m helios.export checkpoint=PATH output=DIR``: a training checkpoint -> diffusers format.
+
+Default: LoRA merged into the base, written as a complete pipeline directory (transformer, scheduler,
+VAE, text encoder, tokenizer, ``model_index.json``) that ``HeliosPipeline`` (stage 1) or
+``HeliosPyramidPipeline`` (stages 2-3) load with ``from_pretrained``. ``lora_only=true`` writes only the
+adapters in the diffusers LoRA format (``pytorch_lora_weights.safetensors``, for ``load_lora_weights``)
+plus ``helios_full_weights.safetensors`` with the tensors trained in full (memory-patch convs), so
+every trained parameter round-trips. ``weights=ema`` exports the EMA weights where the checkpoint has
+them (stage 3).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from safetensors.torch import save_file
+
+from helios.config import CONFIG_DIR, ConfigError, load_config
+from helios.config.schema import ExportConfig, TrainConfig
+
+log = logging.getLogger("helios.export")
+
+
+def scheduler_for(cfg: TrainConfig):
+    """The scheduler matching the stage's sampler (validation settings of the run)."""
+    from helios.sampling.pipeline import build_section_sampler
+
+    return build_section_sampler(cfg.validation.sampler).scheduler
+
+
+def pipeline_class(cfg: TrainConfig):
+    from diffusers import HeliosPipeline, HeliosPyramidPipeline
+
+    return HeliosPipeline if cfg.validation.sampler.kind == "unipc" else HeliosPyramidPipeline
+
+
+def load_checkpoint_model(path: Path, weights: str) -> tuple[torch.nn.Module, TrainConfig, Path]:
+    """The trained model (base + adapters) of a checkpoint, with raw or EMA weights."""
+    from helios import checkpoint as ckpt
+    from helios.model.inference import load_train_config
+    from helios.model.lora import load_trainable_state_dict
+    from helios.stages import STAGES
+
+    found = ckpt.resolve_resume(str(path), path)
+    if found is None:
+        raise FileNotFoundError(f"checkpoint={path}: no complete checkpoint there")
+    cfg = load_train_config(found)
+    model = STAGES[cfg.stage](cfg).build_model()
+    tensors = ckpt.load_tensors(found)
+    if "base" in tensors:
+        model.load_state_dict(tensors["base"], strict=False)
+    if weights == "ema":
+        if "ema" not in tensors:
+            raise ValueError(f"weights=ema: {found} has no EMA weights (stage 3 keeps them); use weights=raw")
+        load_trainable_state_dict(model, tensors["ema"])
+    else:
+        load_trainable_state_dict(model, tensors["trainable"])
+    return model.eval(), cfg, found
+
+
+def full_trained_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable tensors that are not LoRA factors (trained in full), by their plain-model name."""
+    return {
+        n.replace(".base_layer.", "."): p.detach().cpu().contiguous()
+        for n, p in model.named_parameters()
+        if p.requires_grad and "lora_" not in n
+    }
+
+
+def export(cfg: ExportConfig) -> Path:
+    from diffusers import HeliosPipeline, HeliosTransformer3DModel
+
+    from helios.model.encoders import build_text_encoder, build_vae
+    from helios.model.lora import merged_state_dict
+
+    model, train_cfg, found = load_checkpoint_model(Path(cfg.checkpoint), cfg.weights)
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    info = {
+        "checkpoint": str(found),
+        "stage": train_cfg.stage,
+        "phase": train_cfg.phase,
+        "weights": cfg.weights,
+    }
+    if cfg.lora_only:
+        from peft.utils import get_peft_model_state_dict
+
+        if not train_cfg.model.lora.enabled:
+            raise ValueError("lora_only=true: this run trained the model in full (model.lora.enabled=false)")
+        lora = get_peft_model_state_dict(model, adapter_name="default")
+        peft_cfg = model.peft_config["default"].to_dict()
+        metadata = {
+            k: (sorted(v) if isinstance(v, set) else v)
+            for k, v in peft_cfg.items()
+            if k in ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_rslora", "use_dora")
+        }
+        HeliosPipeline.save_lora_weights(
+            out, transformer_lora_layers=lora, transformer_lora_adapter_metadata=metadata
+        )
+        full = {k: v for k, v in full_trained_tensors(model).items() if not k.startswith("base_model")}
+        if full:
+            save_file(full, str(out / "helios_full_weights.safetensors"))
+        info.update(
+            {
+                "format": "lora",
+                "rank": train_cfg.model.lora.rank,
+                "alpha": train_cfg.model.lora.alpha,
+                "full_weights": sorted(full),
+            }
+        )
+    else:
+        plain = HeliosTransformer3DModel.from_config(model.config)
+        missing, unexpected = plain.load_state_dict(merged_state_dict(model), strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"merge left missing {missing[:5]} / unexpected {unexpected[:5]} tensors")
+        tokenizer, text_encoder = build_text_encoder(train_cfg.model.text_encoder)
+        pipe_cls = pipeline_class(train_cfg)
+        extra = {}
+        if pipe_cls.__name__ == "HeliosPyramidPipeline":
+            sampler = train_cfg.validation.sampler
+            extra = {"is_cfg_zero_star": sampler.cfg_zero_star, "is_distilled": sampler.kind == "dmd"}
+        pipe = pipe_cls(
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            vae=build_vae(train_cfg.model.vae),
+            scheduler=scheduler_for(train_cfg),
+            transformer=plain,
+            **extra,
+        )
+        pipe.save_pretrained(out)
+        info.update(
+            {
+                "format": "pipeline",
+                "pipeline": pipe_cls.__name__,
+                "history": {"sizes": train_cfg.history.sizes, "window": train_cfg.history.window},
+            }
+        )
+    (out / "helios_export.json").write_text(json.dumps(info, indent=2))
+    log.info("exported %s to %s (%s)", found, out, info["format"])
+    return out
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="export", version_base=None)
+def _main(raw: DictConfig) -> None:
+    try:
+        export(load_config(raw, ExportConfig))
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    _main()
