@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -24,18 +25,45 @@ def _hydra_main(raw: DictConfig) -> None:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    from hydra.types import RunMode
+
     from helios.trainer import Trainer
 
-    trainer = Trainer(cfg, HydraConfig.get().runtime.output_dir)
+    hc = HydraConfig.get()
+    sweep = hc.mode == RunMode.MULTIRUN
+    trainer = Trainer(
+        cfg,
+        hc.runtime.output_dir,
+        run_name=hc.job.override_dirname if sweep else None,
+        run_group=Path(hc.sweep.dir).name if sweep else None,
+    )
     try:
         trainer.run()
     finally:
         trainer.close()
 
 
+def _check_sweep(argv: list[str]) -> None:
+    """A multirun is validated whole before any job starts: every invalid combination is listed."""
+    from helios.config.load import validate_sweep
+
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]  # not Hydra's flags or their values
+    bad = validate_sweep(overrides)
+    if bad:
+        lines = [f"  {' '.join(job)}\n    -> {reason}" for job, reason in bad]
+        print(
+            f"error: {len(bad)} sweep combination(s) are invalid; nothing was launched:\n" + "\n".join(lines),
+            file=sys.stderr,
+        )
+        sys.exit(2)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sys.argv = [sys.argv[0], *normalize_overrides(sys.argv[1:])]
+    argv = normalize_overrides(sys.argv[1:])
+    if "-m" in argv or "--multirun" in argv:
+        _check_sweep(argv)
+    sys.argv = [sys.argv[0], *argv]
     _hydra_main()
 
 

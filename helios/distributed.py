@@ -35,11 +35,43 @@ def _env_int(*names: str, default: int) -> int:
     return default
 
 
+def slurm_env(env: dict[str, str]) -> dict[str, str]:
+    """torch.distributed variables for a process started by ``srun`` without torchrun (one task per
+    GPU): rank/world/local rank from the Slurm task ids, the master on the job's first node."""
+    if "WORLD_SIZE" in env or int(env.get("SLURM_NTASKS", "1")) <= 1 or "SLURM_PROCID" not in env:
+        return {}
+    nodes = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
+    return {
+        "RANK": env["SLURM_PROCID"],
+        "WORLD_SIZE": env["SLURM_NTASKS"],
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(nodes),
+        "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000),
+    }
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a Slurm node list (``gpu[001-004,007]`` -> ``gpu001``), via scontrol when present."""
+    import shutil
+    import subprocess
+
+    if shutil.which("scontrol"):
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.split()[0]
+    head, _, rest = nodelist.partition("[")
+    if not rest:
+        return nodelist.split(",")[0]
+    first = rest.split(",")[0].split("-")[0].rstrip("]")
+    return head + first
+
+
 def setup(parallel: ParallelConfig, trainer: TrainerConfig) -> DistInfo:
     """Initialise ``torch.distributed`` from torchrun's (or Slurm's) environment when world > 1.
 
     gloo on CPU, NCCL on CUDA (``parallel.dist_backend`` overrides).
     """
+    os.environ.update(slurm_env(dict(os.environ)))
     world = _env_int("WORLD_SIZE", default=1)
     rank = _env_int("RANK", default=0)
     local_rank = _env_int("LOCAL_RANK", default=0)

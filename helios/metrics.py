@@ -32,7 +32,23 @@ class MetricsLogger:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.progress:
-            self._print(step, metrics)
+            if sys.stderr.isatty():
+                self._bar(step, metrics)
+            else:
+                self._print(step, metrics)
+
+    def _bar(self, step: int, metrics: dict[str, float]) -> None:
+        """A tqdm bar (ETA, step/s, loss) on a terminal; plain lines otherwise."""
+        if not hasattr(self, "bar"):
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.max_steps, initial=self._first_step, unit="step", dynamic_ncols=True)
+        self.bar.update(step - self.bar.n)
+        self.bar.set_postfix(
+            loss=f"{metrics.get('loss', float('nan')):.4f}", lr=f"{metrics.get('lr', 0):.1e}"
+        )
+        if step >= self.max_steps:
+            self.bar.close()
 
     def _print(self, step: int, metrics: dict[str, float]) -> None:
         done = step - self._first_step

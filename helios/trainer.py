@@ -60,9 +60,13 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> torch.dtype:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, run_dir: str | Path) -> None:
+    def __init__(
+        self, cfg: TrainConfig, run_dir: str | Path, run_name: str | None = None, run_group: str | None = None
+    ) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        self.run_name, self.run_group = run_name, run_group
+        self.tracker = None
         self.dist: DistInfo = setup(cfg.parallel, cfg.trainer)
         self.grad_accum = resolve_grad_accum(cfg, self.dist.world_size)
         self.dtype = resolve_precision(cfg, self.dist.device)
@@ -239,6 +243,14 @@ class Trainer:
         total, trainable = count_parameters(self.model)
         t = self.cfg.trainer
         layout = HistoryLayout.from_config(self.cfg.history)
+        h, w = self.dataset.latent_hw()
+        clips = t.batch_size * self.dist.world_size * self.grad_accum
+        tokens = self.tokens_per_clip(h, w)
+        frozen_bytes = sum(
+            p.numel() * p.element_size() for p in self.model.parameters() if not p.requires_grad
+        )
+        # trainable fp32 weights + fp32 grads + two AdamW moments
+        state_bytes = trainable * 4 * 4
         return (
             f"Helios stage {self.cfg.stage} ({self.cfg.phase}) | run dir {self.run_dir}\n"
             f"  model {self.cfg.model.name}: {total / 1e6:.2f}M params, {trainable / 1e6:.3f}M trainable "
@@ -246,9 +258,32 @@ class Trainer:
             f"  data: {len(self.dataset)} clips of {layout.clip_frames} latent frames "
             f"(history {list(self.cfg.history.sizes)} + window {layout.window})\n"
             f"  batch: {t.batch_size} x {self.dist.world_size} ranks x {self.grad_accum} accum = "
-            f"{t.batch_size * self.dist.world_size * self.grad_accum} clips/step | device {self.dist.device} "
-            f"| {str(self.dtype).replace('torch.', '')} | {t.max_steps} steps"
+            f"{clips} clips/step | device {self.dist.device} "
+            f"| {str(self.dtype).replace('torch.', '')} | {t.max_steps} steps\n"
+            f"  tokens per clip: {tokens['noisy']} noisy + {tokens['history']} history; per step "
+            f"{clips * (tokens['noisy'] + tokens['history']):,}\n"
+            f"  parallel: {self.cfg.parallel.backend} over {self.dist.world_size} rank(s) | memory per rank "
+            f"(weights + grads + AdamW, activations excluded): {(frozen_bytes + state_bytes) / 2**30:.2f} GiB"
         )
+
+    def tokens_per_clip(self, h: int, w: int) -> dict[str, int]:
+        """Noisy and history tokens of one training clip (patch 1x2x2; mid 2x4x4 and long 4x8x8 convs on
+        replicate-padded inputs)."""
+
+        def up(a: int, b: int) -> int:
+            return -(-a // b)
+
+        layout = HistoryLayout.from_config(self.cfg.history)
+        short = (h // 2) * (w // 2)
+        if not layout.multi_term:
+            history = (layout.num_history + 1) * short
+        else:
+            history = (
+                (layout.short + 1) * short
+                + up(layout.mid, 2) * up(h, 4) * up(w, 4)
+                + up(layout.long, 4) * up(h, 8) * up(w, 8)
+            )
+        return {"noisy": layout.window * short, "history": history}
 
     def _micro_step(self, last: bool) -> tuple[float, dict[str, float]]:
         batch = self.next_batch().to(self.dist.device)
@@ -271,7 +306,17 @@ class Trainer:
         t0 = time.perf_counter()
         records = []
         for micro in range(self.grad_accum):
-            loss, stats = self._micro_step(last=micro == self.grad_accum - 1)
+            try:
+                loss, stats = self._micro_step(last=micro == self.grad_accum - 1)
+            except torch.OutOfMemoryError as err:
+                clips = self.cfg.trainer.batch_size * self.dist.world_size * self.grad_accum
+                raise RuntimeError(
+                    f"out of device memory at step {self.step + 1} with trainer.batch_size="
+                    f"{self.cfg.trainer.batch_size}. Try trainer.batch_size=1 "
+                    f"trainer.global_batch_size={clips} (the same global batch by accumulation), "
+                    "model.transformer.gradient_checkpointing=true, "
+                    "or fewer history/window frames"
+                ) from err
             records.append({"loss": loss, **stats})
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
@@ -303,6 +348,8 @@ class Trainer:
         if self.dist.is_main:
             (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
             print(self._summary(), flush=True)
+        if self.dist.is_main and self.cfg.logging.wandb:
+            self.tracker = self._start_tracker()
         logger = MetricsLogger(
             self.run_dir, self.dist.is_main, self.cfg.trainer.max_steps, self.step, self.cfg.trainer.progress
         )
@@ -319,6 +366,8 @@ class Trainer:
                 barrier()
             if validate or self.step % self.cfg.trainer.log_every == 0 or self.step == last:
                 logger.log(self.step, metrics)
+                if self.tracker is not None:
+                    self.tracker.log(self.step, metrics)
             if (every and self.step % every == 0) or self.step == last:
                 self.save_checkpoint()
         return self.run_dir
@@ -346,6 +395,7 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         metrics: dict[str, float] = {}
+        videos, reports = [], []
         max_len = self.cfg.model.text_encoder.max_sequence_length
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
         try:
@@ -375,6 +425,10 @@ class Trainer:
                 for key, value in result.stats["drift"]["max_abs_delta"].items():
                     metrics[f"val/{i}/drift_{key}"] = value
                 metrics[f"val/{i}/seam_ratio"] = result.stats["seams"]["ratio"]
+                videos.append(out)
+                reports.append(result.stats)
+            if self.tracker is not None:
+                self.tracker.log_validation(self.step, videos, reports, v.fps)
             print(f"validation videos: {self.run_dir / 'samples'}", flush=True)
         finally:
             self.model.train(was_training)
@@ -382,5 +436,19 @@ class Trainer:
             text_encoder.to("cpu")
         return metrics
 
+    def _start_tracker(self):
+        from helios.tracking import WandbTracker, run_name
+
+        id_file = self.run_dir / "wandb_id.txt"
+        if self.cfg.logging.run_id is None:
+            import uuid
+
+            if not id_file.exists():
+                id_file.write_text(uuid.uuid4().hex[:12])
+            self.cfg.logging.run_id = id_file.read_text().strip()
+        return WandbTracker(self.cfg, self.run_dir, run_name(self.cfg, self.run_name or ""), self.run_group)
+
     def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.finish()
         teardown()

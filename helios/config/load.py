@@ -94,3 +94,27 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train", schema_ty
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         cfg = hydra_compose(config_name=config_name, overrides=normalize_overrides(overrides))
     return load_config(cfg, schema_type)
+
+
+def sweep_jobs(overrides: Sequence[str]) -> list[list[str]]:
+    """The override list of every job of a Hydra multirun (the basic sweeper's cartesian product)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
+    return [list(job) for batch in batches for job in batch]
+
+
+def validate_sweep(overrides: Sequence[str]) -> list[tuple[list[str], str]]:
+    """Compose and validate every job of a sweep; return (job overrides, error) for the invalid ones."""
+    from hydra.errors import HydraException
+
+    keep = [o for o in overrides if not o.startswith(("hydra.", "hydra/"))]
+    bad = []
+    for job in sweep_jobs(keep):
+        try:
+            compose(job)
+        except (ConfigError, HydraException) as err:
+            bad.append((job, str(err).splitlines()[0]))
+    return bad

@@ -82,6 +82,8 @@ class TransformerConfig(Validated):
     zero_history_timestep: bool = True
     is_amplify_history: bool = False
     history_scale_mode: str = "per_head"
+    # Ablation "w Guidance Attention*" (Table 5): history queries do not see noisy keys.
+    history_causal_mask: bool = False
     # How the multi-term memory patch convs are initialised from the patch embedding (Wan init).
     memory_patch_init: str = "average"
     init_seed: int = 0
@@ -215,13 +217,15 @@ class CorruptConfig(Validated):
     p_exposure: float = 0.0
     p_noise: float = 0.8
     p_downsample: float = 0.1
-    p_clean: float = 0.1
+    p_clean: float | None = 0.1  # null: whatever the other three leave (handy in sweeps)
     exposure: list[float] = field(default_factory=lambda: [0.3, 1.7])
     noise: list[float] = field(default_factory=lambda: [0.0, 0.33])
     downsample: list[float] = field(default_factory=lambda: [0.0, 0.1])
 
     def _validate(self, prefix: str) -> None:
         _choice(self.mode, ("paper", "reference"), prefix + "mode")
+        if self.p_clean is None:
+            self.p_clean = round(1.0 - self.p_exposure - self.p_noise - self.p_downsample, 12)
         probs = {k: getattr(self, k) for k in ("p_exposure", "p_noise", "p_downsample", "p_clean")}
         for k, v in probs.items():
             _check(0.0 <= v <= 1.0, prefix + k, f"must be a probability in [0, 1], got {v}")
@@ -489,6 +493,24 @@ class ValidationConfig(Validated):
         _check(self.num_frames >= 1, prefix + "num_frames", "must be >= 1")
 
 
+@dataclass
+class LoggingConfig(Validated):
+    """wandb (main rank): ``logging.wandb=true``; ``mode=offline`` needs no network (``wandb sync``
+    later). Name and group default to the stage/phase and, in a sweep, its values and sweep dir."""
+
+    wandb: bool = False
+    project: str = "helios"
+    entity: str | None = None
+    mode: str = "online"
+    name: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    run_id: str | None = None  # default: kept in the run dir, so a resumed run continues its wandb run
+
+    def _validate(self, prefix: str) -> None:
+        _choice(self.mode, ("online", "offline", "disabled"), prefix + "mode")
+
+
 # --------------------------------------------------------------------------- root
 
 
@@ -510,6 +532,7 @@ class TrainConfig(Validated):
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def _validate(self, prefix: str) -> None:
         from helios.stages import STAGES

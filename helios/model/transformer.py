@@ -48,6 +48,10 @@ def build_transformer(cfg: TransformerConfig) -> HeliosTransformer3DModel:
         from helios.model.wan_init import load_wan_as_helios
 
         model = load_wan_as_helios(cfg.path, cfg.subfolder, cfg.memory_patch_init, **guidance)
+    if cfg.history_causal_mask:
+        from helios.model.attention import apply_history_causal_mask
+
+        apply_history_causal_mask(model)
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model

@@ -1,0 +1,50 @@
+"""The ``helios`` command: ``helios <command> [key=value ...]``; ``helios`` alone lists the commands."""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+
+COMMANDS = {
+    "train": ("train_helios", "train a stage (Hydra overrides: stage=1|2, trainer.max_steps=N, ...)"),
+    "prepare": ("helios.prepare", "raw videos + captions -> latent shards"),
+    "generate": ("helios.generate", "sample a (long) video from a checkpoint or a diffusers model"),
+    "export": ("helios.export", "checkpoint -> diffusers pipeline directory or LoRA weights"),
+    "bench": (None, "benchmarks: helios bench data | sampler [args]"),
+}
+BENCHES = {"data": "bench_data.py", "sampler": "bench_sampler.py"}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: helios <command> [key=value ...]   (each command takes --help)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"helios: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    if name == "bench":
+        if not rest or rest[0] not in BENCHES:
+            print(f"usage: helios bench {{{'|'.join(BENCHES)}}} [args]", file=sys.stderr)
+            return 2
+        script = Path(__file__).resolve().parents[1] / "bench" / BENCHES[rest[0]]
+        sys.argv = [str(script), *rest[1:]]
+        runpy.run_path(str(script), run_name="__main__")
+        return 0
+    module = COMMANDS[name][0]
+    sys.argv = [f"helios {name}", *rest]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

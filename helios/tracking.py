@@ -1,0 +1,64 @@
+"""Experiment tracking with wandb (main rank only; ``metrics.jsonl`` is complete without it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from helios.config.schema import TrainConfig
+
+
+def run_name(cfg: TrainConfig, overrides: str = "") -> str:
+    """``stage1-tiny`` plus the sweep values of this run (``history.corrupt.p_noise=0.4``)."""
+    base = cfg.logging.name or f"stage{cfg.stage}-{cfg.phase}"
+    return f"{base}-{overrides}" if overrides else base
+
+
+class WandbTracker:
+    """Logs every scalar of ``metrics.jsonl``, the resolved config, validation videos and drift plots;
+    wandb samples system statistics (GPU/CPU/memory) itself. Offline mode needs no network."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, name: str, group: str | None) -> None:
+        import wandb
+
+        lg = cfg.logging
+        self.run = wandb.init(
+            project=lg.project,
+            entity=lg.entity,
+            name=name,
+            group=lg.group or group,
+            job_type=f"stage{cfg.stage}-{cfg.phase}",
+            tags=[f"stage{cfg.stage}", cfg.phase, cfg.model.name, *lg.tags],
+            dir=str(run_dir),
+            mode=lg.mode,
+            config=OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
+            resume="allow",
+            id=lg.run_id,
+        )
+        self.sent_keys: set[str] = set()  # what was handed to wandb (its summary updates asynchronously)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.run.log(metrics, step=step)
+        self.sent_keys.update(metrics)
+
+    def log_validation(self, step: int, videos: list[Path], reports: list[dict], fps: int) -> None:
+        import wandb
+
+        data: dict = {}
+        for i, (video, report) in enumerate(zip(videos, reports)):
+            data[f"val/{i}/video"] = wandb.Video(str(video), fps=fps, format="mp4")
+            rows = report["drift"]["sections"]
+            keys = ["delta_saturation", "delta_r_mean", "delta_g_mean", "delta_b_mean"]
+            data[f"val/{i}/drift"] = wandb.plot.line_series(
+                xs=list(range(len(rows))),
+                ys=[[r[k] for r in rows] for k in keys],
+                keys=keys,
+                title=f"drift from the first section (prompt {i})",
+                xname="section",
+            )
+        self.run.log(data, step=step)
+        self.sent_keys.update(data)
+
+    def finish(self) -> None:
+        self.run.finish()
