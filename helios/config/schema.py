@@ -171,12 +171,30 @@ class TextEncoderConfig(Validated):
 
 
 @dataclass
+class KernelsConfig(Validated):
+    """Fused Triton kernels (§4.3) patched into the diffusers model: ``triton`` or eager ``torch``."""
+
+    norm: str = "torch"
+    rope: str = "torch"
+
+    def _validate(self, prefix: str) -> None:
+        _choice(self.norm, ("torch", "triton"), prefix + "norm")
+        _choice(self.rope, ("torch", "triton"), prefix + "rope")
+
+
+@dataclass
 class ModelConfig(Validated):
     name: str = "tiny"
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    # attention backend: sdpa (torch), flash (flash-attn 2), flash3 (Hopper); SDPA where unavailable
+    attention: str = "sdpa"
     vae: VaeConfig = field(default_factory=VaeConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+
+    def _validate(self, prefix: str) -> None:
+        _choice(self.attention, ("sdpa", "flash", "flash3"), prefix + "attention")
 
 
 # --------------------------------------------------------------------------- history

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers import HeliosTransformer3DModel
 
-from helios.config.schema import TransformerConfig
+from helios.config.schema import KernelsConfig, TransformerConfig
 
 GUIDANCE_KEYS = ("guidance_cross_attn", "zero_history_timestep", "is_amplify_history", "history_scale_mode")
 
@@ -26,7 +26,32 @@ def transformer_kwargs(cfg: TransformerConfig) -> dict:
     }
 
 
-def build_transformer(cfg: TransformerConfig) -> HeliosTransformer3DModel:
+def apply_kernels(
+    model: HeliosTransformer3DModel,
+    cfg: TransformerConfig,
+    kernels: KernelsConfig | None,
+    attention: str = "sdpa",
+) -> None:
+    """Processor / module replacement: Flash RoPE, Flash Norm, the causal-mask ablation, backend."""
+    from helios.model.attention import replace_norms, set_attention_backend, set_processors, triton_usable
+
+    kernels = kernels or KernelsConfig()
+    if "triton" in (kernels.norm, kernels.rope) and not triton_usable():
+        raise RuntimeError(
+            "model.kernels.*=triton needs a CUDA GPU (or TRITON_INTERPRET=1 for CPU tests); "
+            "use model.kernels.norm=torch model.kernels.rope=torch"
+        )
+    if kernels.rope != "torch" or cfg.history_causal_mask:
+        set_processors(model, rope=kernels.rope, history_causal=cfg.history_causal_mask)
+    if kernels.norm == "triton":
+        replace_norms(model)
+    if attention != "sdpa":
+        set_attention_backend(model, attention)
+
+
+def build_transformer(
+    cfg: TransformerConfig, kernels: KernelsConfig | None = None, attention: str = "sdpa"
+) -> HeliosTransformer3DModel:
     """``random``: seeded init (``init_seed``) so every rank and every resume builds the same base;
     ``helios``: a diffusers Helios directory; ``wan``: a diffusers Wan-2.1 T2V directory, converted.
 
@@ -48,10 +73,7 @@ def build_transformer(cfg: TransformerConfig) -> HeliosTransformer3DModel:
         from helios.model.wan_init import load_wan_as_helios
 
         model = load_wan_as_helios(cfg.path, cfg.subfolder, cfg.memory_patch_init, **guidance)
-    if cfg.history_causal_mask:
-        from helios.model.attention import apply_history_causal_mask
-
-        apply_history_causal_mask(model)
+    apply_kernels(model, cfg, kernels, attention)
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model

@@ -42,7 +42,8 @@ class FlowStage:
     def build_model(self, base_state: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
         """The transformer (+ LoRA). ``base_state`` replaces the base weights before the adapters are
         added (a merged previous-phase model, see ``init_from``)."""
-        model = build_transformer(self.cfg.model.transformer)
+        m = self.cfg.model
+        model = build_transformer(m.transformer, m.kernels, m.attention)
         if base_state is not None:
             _, unexpected = model.load_state_dict(base_state, strict=False)
             if unexpected:
