@@ -1,0 +1,136 @@
+"""Stage-3 building blocks: DMD gradient, Dynamic Re-noise, GAN losses + approximate R1, TTUR, EMA, heads."""
+
+import pytest
+import torch
+
+from helios.config import compose
+from helios.distill import (
+    TTUR,
+    EmaSchedule,
+    RenoiseSchedule,
+    approx_r1,
+    cfg_x0,
+    dmd_gradient,
+    dmd_loss,
+    ema_update,
+    frozen,
+    gan_d_loss,
+    gan_g_loss,
+)
+from helios.model.gan import GanHeads
+from helios.model.transformer import build_transformer
+
+
+def gaussian_x0(x_tau: torch.Tensor, tau: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """E[x0 | x_tau] for x0 ~ N(mu, I), x_tau = (1 - tau) x0 + tau eps: the exact score of either model."""
+    t = tau.view(-1, 1)
+    var = (1 - t) ** 2 + t**2
+    return mu + (1 - t) / var * (x_tau - (1 - t) * mu)
+
+
+def test_dmd_gradient_sign_and_normalisation_on_a_toy_gaussian():
+    gen = torch.Generator().manual_seed(0)
+    mu_real, theta = torch.tensor([1.0, -2.0]), torch.tensor([-1.0, 1.0], requires_grad=True)
+    opt = torch.optim.SGD([theta], lr=0.05)
+    for _ in range(300):
+        x0 = theta + torch.randn(256, 2, generator=gen)  # the generator: N(theta, I)
+        tau = torch.rand(256, generator=gen) * 0.9 + 0.05
+        x_tau = (1 - tau.view(-1, 1)) * x0.detach() + tau.view(-1, 1) * torch.randn(256, 2, generator=gen)
+        real = gaussian_x0(x_tau, tau, mu_real)
+        fake = gaussian_x0(x_tau, tau, theta.detach())  # a perfect fake score tracks the generator
+        grad = dmd_gradient(x0.detach(), real, fake)
+        expected = (fake - real) / (x0.detach() - real).abs().mean(dim=1, keepdim=True)
+        torch.testing.assert_close(grad, expected)  # the DMD normalisation, per sample
+        opt.zero_grad()
+        dmd_loss(x0, grad).backward()
+        opt.step()
+    assert torch.allclose(theta.detach(), mu_real, atol=0.1), theta  # descending moves G onto the data
+
+
+def test_dmd_loss_gradient_is_the_dmd_direction():
+    x0 = torch.randn(3, 4, requires_grad=True)
+    grad = torch.randn(3, 4)
+    dmd_loss(x0, grad).backward()
+    torch.testing.assert_close(x0.grad, grad / x0.numel())
+
+
+def test_real_score_cfg():
+    x, s = torch.ones(2, 3), torch.tensor([0.5, 0.25])
+    vc, vu = torch.full((2, 3), 2.0), torch.zeros(2, 3)
+    torch.testing.assert_close(cfg_x0(x, s, vc, vu, 3.0), x - s.view(-1, 1) * 6.0)
+
+
+def test_renoise_beta_schedule_moments():
+    sched = RenoiseSchedule(a0=4.0, b0=1.5, anneal_steps=500, low=0.0, high=1.0)
+    gen = torch.Generator().manual_seed(0)
+    for step, (a, b) in ((0, (4.0, 1.5)), (250, (2.5, 1.25)), (500, (1.0, 1.0)), (2000, (1.0, 1.0))):
+        assert sched.params(step) == pytest.approx((a, b))
+        tau = sched.sample(40_000, step, gen).double()
+        mean, var = a / (a + b), a * b / ((a + b) ** 2 * (a + b + 1))
+        assert tau.mean().item() == pytest.approx(mean, abs=0.006)
+        assert tau.var().item() == pytest.approx(var, abs=0.003)
+    clamped = RenoiseSchedule().sample(10_000, 0, gen)
+    assert clamped.min() >= 0.02 and clamped.max() <= 0.98
+
+
+def test_approximate_r1_matches_the_gradient_penalty():
+    w = torch.tensor([0.3, -1.2, 0.7])
+
+    def disc(x):
+        return torch.tanh(x @ w)
+
+    x = torch.randn(20_000, 3, generator=torch.Generator().manual_seed(1)) * 0.5  # MC std ~1 %
+    xr = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(disc(xr).sum(), xr)
+    exact = grad.pow(2).sum(dim=1).mean()  # E ||grad_x D||^2, the R1 penalty
+    sigma = 1e-2
+    approx = approx_r1(disc, x, sigma, torch.Generator().manual_seed(2)) / sigma**2
+    assert approx.item() == pytest.approx(exact.item(), rel=0.05)
+
+
+def test_gan_losses_are_non_saturating():
+    hi, lo = torch.full((4,), 8.0), torch.full((4,), -8.0)
+    assert gan_d_loss(hi, lo) < 1e-3 and gan_d_loss(lo, hi) > 15
+    assert gan_g_loss(hi) < 1e-3 and gan_g_loss(lo) > 7
+
+
+def test_ttur_counts_optimizer_steps_per_role():
+    ttur, critic, generator = TTUR(generator_every=5), 0, 0
+    for iteration in range(20):
+        critic += ttur.update_critic(iteration)
+        generator += ttur.update_generator(iteration)
+    assert (critic, generator) == (20, 4)
+
+
+def test_ema_schedule_and_update():
+    sched = EmaSchedule(decay=0.99, start=10)
+    assert sched(9) is None and sched(10) == pytest.approx(0.1) and sched(100) == pytest.approx(91 / 100)
+    assert sched(10_000) == 0.99
+    ema, p = {"w": torch.zeros(2)}, {"w": torch.ones(2)}
+    ema_update(ema, p, 0.75)
+    torch.testing.assert_close(ema["w"], torch.full((2,), 0.25))
+
+
+def test_gan_heads_get_gradients_only_in_the_critic_phase():
+    cfg = compose([])
+    fake = build_transformer(cfg.model.transformer)
+    heads = GanHeads([5, 15, 39], num_blocks=len(fake.blocks), in_dim=48, dim=16)
+    assert heads.layers == [1]  # clamped to the tiny model's two blocks
+    text = torch.randn(2, 8, 32)
+
+    def logits(x):
+        with heads.capture(fake) as store:
+            fake(hidden_states=x, timestep=torch.tensor([400.0, 400.0]), encoder_hidden_states=text)
+        return heads.logits(store, (x.shape[2], x.shape[3] // 2, x.shape[4] // 2))
+
+    real, generated = torch.randn(2, 16, 3, 8, 8), torch.randn(2, 16, 3, 8, 8, requires_grad=True)
+    gan_d_loss(logits(real), logits(generated.detach())).backward()  # critic phase
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in heads.parameters())
+    assert generated.grad is None
+    heads.zero_grad(set_to_none=True)
+    fake.zero_grad(set_to_none=True)
+    with frozen(heads, fake):  # generator phase
+        gan_g_loss(logits(generated)).backward()
+    assert all(p.grad is None for p in heads.parameters()) and all(p.grad is None for p in fake.parameters())
+    assert generated.grad is not None and generated.grad.abs().sum() > 0
+    assert all(p.requires_grad for p in heads.parameters())  # restored
