@@ -9,6 +9,7 @@ from pathlib import Path
 COMMANDS = {
     "train": ("train_helios", "train a stage (Hydra overrides: stage=1|2, trainer.max_steps=N, ...)"),
     "prepare": ("helios.prepare", "raw videos + captions -> latent shards"),
+    "ode-pairs": ("helios.ode_pairs", "teacher samples -> ODE-pair shards for stage 3's ODE init"),
     "generate": ("helios.generate", "sample a (long) video from a checkpoint or a diffusers model"),
     "export": ("helios.export", "checkpoint -> diffusers pipeline directory or LoRA weights"),
     "bench": (None, "benchmarks: helios bench data | sampler [args]"),

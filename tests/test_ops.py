@@ -137,7 +137,7 @@ def test_srun_environment_without_torchrun():
 def test_helios_command_lists_subcommands(capsys):
     assert helios_main([]) == 0
     out = capsys.readouterr().out
-    for name in ("train", "prepare", "generate", "export", "bench"):
+    for name in ("train", "prepare", "ode-pairs", "generate", "export", "bench"):
         assert f"  {name}" in out
     assert helios_main(["nope"]) == 2
 

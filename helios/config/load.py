@@ -10,7 +10,14 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from helios.config.schema import ConfigError, ExportConfig, GenerateConfig, PrepareConfig, TrainConfig
+from helios.config.schema import (
+    ConfigError,
+    ExportConfig,
+    GenerateConfig,
+    OdePairsConfig,
+    PrepareConfig,
+    TrainConfig,
+)
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
@@ -26,6 +33,7 @@ def register_schema() -> None:
     ConfigStore.instance().store(name="prepare_schema", node=PrepareConfig)
     ConfigStore.instance().store(name="generate_schema", node=GenerateConfig)
     ConfigStore.instance().store(name="export_schema", node=ExportConfig)
+    ConfigStore.instance().store(name="ode_pairs_schema", node=OdePairsConfig)
 
 
 register_schema()

@@ -652,3 +652,26 @@ class ExportConfig(Validated):
 
     def _validate(self, prefix: str) -> None:
         _choice(self.weights, ("raw", "ema"), "weights")
+
+
+@dataclass
+class OdePairsConfig(Validated):
+    """``python -m helios.ode_pairs teacher=PATH shards=DIR output=DIR``."""
+
+    teacher: str = MISSING
+    shards: str = MISSING
+    output: str = MISSING
+    sampler: SamplerConfig = field(
+        default_factory=lambda: SamplerConfig(
+            kind="pyramid", steps=[20, 20, 20], guidance_scale=5.0, cfg_zero_star=True
+        )
+    )
+    tasks: dict = field(default_factory=lambda: {"t2v": 0.4, "i2v": 0.06, "v2v_partial": 0.22})
+    max_sequence_length: int = 512
+    seed: int = 0
+    device: str = "auto"
+
+    def _validate(self, prefix: str) -> None:
+        _check(self.sampler.kind == "pyramid", "sampler.kind", "the teacher samples with the pyramid sampler")
+        _choice(self.device, ("auto", "cpu", "cuda"), "device")
+        TaskConfig(**self.tasks).validate("tasks.")

@@ -54,7 +54,7 @@ def encode_sample(key: str, latents: torch.Tensor, prompt_embeds: torch.Tensor, 
     }
 
 
-def write_shard(path: str | Path, samples: list[dict]) -> Path:
+def write_shard(path: str | Path, samples: list[dict], required: tuple[str, ...] = MEMBERS) -> Path:
     """Write ``samples`` to ``path`` (atomically) and its offset index; returns the tar path."""
     import webdataset as wds
 
@@ -63,7 +63,7 @@ def write_shard(path: str | Path, samples: list[dict]) -> Path:
     with wds.TarWriter(str(tmp), mtime=0.0) as sink:
         for sample in samples:
             sink.write(sample)
-    index = scan_tar(tmp)
+    index = scan_tar(tmp, required)
     idx_tmp = path.with_name(path.name[: -len(".tar")] + INDEX_SUFFIX + ".tmp")
     idx_tmp.write_text(json.dumps(index))
     os.replace(tmp, path)
@@ -75,7 +75,7 @@ def index_path(shard: Path) -> Path:
     return shard.with_name(shard.name[: -len(".tar")] + INDEX_SUFFIX)
 
 
-def scan_tar(path: str | Path) -> list[dict]:
+def scan_tar(path: str | Path, required: tuple[str, ...] = MEMBERS) -> list[dict]:
     """Per sample: key, member offsets/sizes and the latent shape (read from its json)."""
     samples: dict[str, dict] = {}
     with tarfile.open(path, "r:") as tar:
@@ -88,7 +88,7 @@ def scan_tar(path: str | Path) -> list[dict]:
             if ext == "json":
                 meta = json.loads(tar.extractfile(member).read().decode("utf-8"))
                 entry["latent_shape"] = meta.get("latent_shape")
-    return [s for s in samples.values() if all(m in s["members"] for m in MEMBERS)]
+    return [s for s in samples.values() if all(m in s["members"] for m in required)]
 
 
 def list_shards(path: str | Path) -> list[Path]:

@@ -171,8 +171,10 @@ class SectionSampler:
         uncond: torch.Tensor | None,
         generator: torch.Generator | None,
         first_section: bool = False,
+        record: list | None = None,
     ) -> torch.Tensor:
-        """``x``: the output of :meth:`initial_noise`. Returns the clean section latents."""
+        """``x``: the output of :meth:`initial_noise`. Returns the clean section latents.
+        ``record`` (a list) receives ``(stage, start_state, end_state)`` per pyramid stage (ODE pairs)."""
         device = x.device
         starts = [x] if self.is_dmd else None
         for stage in range(self.num_stages):
@@ -190,6 +192,7 @@ class SectionSampler:
                 if starts is not None:
                     starts.append(x)
             timesteps = self.scheduler.timesteps
+            stage_start = x
             for i, t in enumerate(timesteps):
                 timestep = t.expand(x.shape[0])
                 if self.num_stages > 1 or self.is_dmd:
@@ -207,4 +210,6 @@ class SectionSampler:
                         "all_timesteps": timesteps,
                     }
                 x = self.scheduler.step(v, t, x, generator=generator, return_dict=False, **extra)[0]
+            if record is not None:
+                record.append((stage, stage_start.detach().clone(), x.detach().clone()))
         return x

@@ -1,0 +1,166 @@
+"""``python -m helios.ode_pairs teacher=PATH output=DIR``: ODE-pair shards for Staged ODE Init (§3.4.2).
+
+The teacher (a stage-2 run / checkpoint, or a diffusers Helios-Mid directory) samples one section per
+real clip with the Pyramid UniPC sampler, conditioned on that clip's history (Representation Control
+formats drawn as in training, no corruption); each sample stores the conditioning (history, anchor,
+prompt embedding), the initial noise and the start and end state of every pyramid stage.
+One output shard per input shard; ranks take shards r, r+W, ...; a shard is done when
+``.progress/<shard>.json`` exists, so a rerun continues; ``report.json`` sums up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from helios.config import CONFIG_DIR, ConfigError, load_config
+from helios.config.schema import OdePairsConfig
+
+log = logging.getLogger("helios.ode_pairs")
+ODE_MEMBERS = ("noise.npy", "prompt_embeds.npy", "json")
+
+
+def _encode(key: str, arrays: dict[str, torch.Tensor], meta: dict) -> dict:
+    from helios.data.shards import npy_bytes
+
+    sample = {"__key__": key, "json": json.dumps(meta, sort_keys=True).encode()}
+    sample.update({f"{k}.npy": npy_bytes(v.detach().float().cpu().numpy()) for k, v in arrays.items()})
+    return sample
+
+
+@torch.no_grad()
+def pairs_for_shard(shard: Path, out: Path, cfg: OdePairsConfig, model, empty: torch.Tensor) -> dict:
+    from helios.config.schema import TaskConfig
+    from helios.data.shards import ShardIndex, trim_embeds, write_shard
+    from helios.history import apply_tasks, draw_tasks
+    from helios.sampling.pipeline import build_section_sampler
+
+    layout = model.layout
+    index = ShardIndex([shard])
+    sampler = build_section_sampler(cfg.sampler, tuple(model.transformer.config.patch_size))
+    device = next(model.transformer.parameters()).device
+    dtype = next(model.transformer.parameters()).dtype
+    samples, skipped = [], 0
+    tasks_cfg = TaskConfig(**cfg.tasks)
+    for i in range(len(index)):
+        item = index.read(i)
+        latents = item["latents"]
+        if latents.shape[1] < layout.clip_frames:
+            skipped += 1
+            continue
+        gen = torch.Generator().manual_seed(zlib.crc32(f"{cfg.seed}:{shard.name}:{item['key']}".encode()))
+        clip = latents[None, :, : layout.clip_frames]
+        history, _ = layout.split_clip(clip)
+        tasks = draw_tasks(1, tasks_cfg, gen)
+        history, anchor, _ = apply_tasks(history, latents[None, :, :1], tasks, layout, gen)
+        inputs = {k: v.to(device) for k, v in layout.model_inputs(history, anchor).items()}
+        inputs = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in inputs.items()}
+        emb = torch.zeros(1, cfg.max_sequence_length, item["prompt_embeds"].shape[-1])
+        emb[0, : item["prompt_embeds"].shape[0]] = item["prompt_embeds"][: cfg.max_sequence_length]
+
+        def model_fn(x, t, e, inputs=inputs):
+            return model.transformer(
+                hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=e, **inputs, return_dict=False
+            )[0]
+
+        h, w = latents.shape[-2:]
+        noise = sampler.initial_noise((1, latents.shape[0], layout.window, h, w), gen, device)
+        record: list = []
+        sampler(model_fn, noise, emb.to(device, dtype), empty.to(device, dtype), gen, record=record)
+        arrays = {
+            "noise": noise[0],
+            "history": history[0],
+            "anchor": anchor[0],
+            "prompt_embeds": trim_embeds(emb[0]),
+        }
+        for k, start, end in record:
+            arrays[f"stage{k}_start"] = start[0]
+            arrays[f"stage{k}_end"] = end[0]
+        meta = {
+            "source": f"{shard.name}:{item['key']}",
+            "task": int(tasks[0]),
+            "stages": len(record),
+            "steps": list(cfg.sampler.steps),
+            "guidance_scale": cfg.sampler.guidance_scale,
+            "caption": item["meta"].get("caption"),
+        }
+        samples.append(_encode(f"{shard.stem}-{i:05d}", arrays, meta))
+    if samples:
+        write_shard(out / f"ode-{shard.stem}.tar", samples, ODE_MEMBERS)
+    return {"shard": shard.name, "written": len(samples), "skipped_too_short": skipped}
+
+
+def run(cfg: OdePairsConfig) -> dict:
+    from helios.config.schema import ParallelConfig, TrainerConfig
+    from helios.data.prepare_job import load_empty_prompt
+    from helios.data.shards import list_shards
+    from helios.distributed import barrier, setup, teardown
+    from helios.model.encoders import encode_prompts
+    from helios.model.inference import load_for_inference
+
+    dist = setup(ParallelConfig(), TrainerConfig(device=cfg.device))
+    try:
+        model = load_for_inference(cfg.teacher, dist.device)
+        empty = load_empty_prompt(cfg.shards)
+        if empty is None:
+            empty = encode_prompts(model.tokenizer, model.text_encoder, [""], cfg.max_sequence_length)[0]
+        padded = torch.zeros(1, cfg.max_sequence_length, empty.shape[-1])
+        padded[0, : min(len(empty), cfg.max_sequence_length)] = empty[: cfg.max_sequence_length]
+        out = Path(cfg.output)
+        progress = out / ".progress"
+        progress.mkdir(parents=True, exist_ok=True)
+        shards = list_shards(cfg.shards)
+        mine = [s for k, s in enumerate(shards) if k % dist.world_size == dist.rank]
+        todo = [s for s in mine if not (progress / f"{s.stem}.json").exists()]
+        t0 = time.monotonic()
+        for n, shard in enumerate(todo, start=1):
+            record = pairs_for_shard(shard, out, cfg, model, padded)
+            tmp = progress / f"{shard.stem}.json.tmp"
+            tmp.write_text(json.dumps(record))
+            os.replace(tmp, progress / f"{shard.stem}.json")
+            log.info(
+                "rank %d: %s -> %d pairs (%d/%d shards, %.1fs)",
+                dist.rank,
+                shard.name,
+                record["written"],
+                n,
+                len(todo),
+                time.monotonic() - t0,
+            )
+        barrier()
+        report = {}
+        if dist.is_main:
+            records = [json.loads(p.read_text()) for p in sorted(progress.glob("*.json"))]
+            report = {
+                "shards": len(records),
+                "pairs": sum(r["written"] for r in records),
+                "skipped_too_short": sum(r["skipped_too_short"] for r in records),
+                "teacher": str(cfg.teacher),
+                "sampler": {"steps": list(cfg.sampler.steps), "guidance_scale": cfg.sampler.guidance_scale},
+            }
+            (out / "report.json").write_text(json.dumps(report, indent=2))
+        return report
+    finally:
+        teardown()
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="ode_pairs", version_base=None)
+def _main(raw: DictConfig) -> None:
+    try:
+        run(load_config(raw, OdePairsConfig))
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    _main()
