@@ -90,9 +90,14 @@ class Trainer:
                     f"data.path={path} does not exist; write shards with `python -m helios.prepare input=... "
                     f"output={path}` or use data=synthetic"
                 )
-        self.dataset = LatentClipDataset(
-            path, layout.clip_frames, cfg.model.text_encoder.max_sequence_length, seed=cfg.seed
-        )
+        if hasattr(self.stage, "setup"):
+            self.stage.setup(path, self.dist)  # e.g. stage 3: teacher, ODE pairs, the empty prompt
+        if hasattr(self.stage, "make_dataset"):
+            self.dataset = self.stage.make_dataset(path)
+        else:
+            self.dataset = LatentClipDataset(
+                path, layout.clip_frames, cfg.model.text_encoder.max_sequence_length, seed=cfg.seed
+            )
         self.sampler = BucketBatchSampler(
             self.dataset,
             cfg.trainer.batch_size,
@@ -132,8 +137,19 @@ class Trainer:
         else:
             self.wrapped = self.model
         o = cfg.optim
+        groups = (
+            self.stage.param_groups(self.model)
+            if hasattr(self.stage, "param_groups")
+            else [{"name": "model", "params": self.params, "lr": o.lr}]
+        )
+        self.group_names = [g["name"] for g in groups]
+        self.opt_steps = dict.fromkeys(self.group_names, 0)
         self.optimizer = torch.optim.AdamW(
-            self.params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
+            [{"params": g["params"], "lr": g["lr"]} for g in groups],
+            lr=o.lr,
+            betas=tuple(o.betas),
+            eps=o.eps,
+            weight_decay=o.weight_decay,
         )
         from diffusers.optimization import get_scheduler
 
@@ -168,7 +184,10 @@ class Trainer:
                 for n, p in self.model.state_dict().items()
                 if n not in tensors["trainable"]
             }
+        if hasattr(self.stage, "extra_tensors"):
+            tensors.update(self.stage.extra_tensors())
         objects = {
+            "opt_steps": self.opt_steps,
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
@@ -227,6 +246,9 @@ class Trainer:
         self.optimizer.load_state_dict(objects["optimizer"])
         self.lr_scheduler.load_state_dict(objects["lr_scheduler"])
         self.stage.load_state_dict(objects["stage"])
+        if hasattr(self.stage, "load_extra_tensors"):
+            self.stage.load_extra_tensors(tensors)
+        self.opt_steps.update(objects.get("opt_steps", {}))
         self.step = int(objects["step"])
         self.generator.set_state(rank_state["generator"])
         torch.random.set_rng_state(rank_state["torch"])
@@ -304,6 +326,7 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         t0 = time.perf_counter()
+        self.stage.current_step = self.step
         records = []
         for micro in range(self.grad_accum):
             try:
@@ -319,18 +342,31 @@ class Trainer:
                 ) from err
             records.append({"loss": loss, **stats})
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+        role_norms, stepped = {}, []
+        for name, group in zip(self.group_names, self.optimizer.param_groups):
+            with_grad = [p for p in group["params"] if p.grad is not None]
+            if with_grad:  # a role without gradients (TTUR) is not stepped: AdamW skips it
+                role_norms[name] = float(torch.nn.utils.clip_grad_norm_(with_grad, clip))
+                stepped.append(name)
+        grad_norm = math.sqrt(sum(n**2 for n in role_norms.values())) if role_norms else 0.0
         lr = self.lr_scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        for name in stepped:
+            self.opt_steps[name] += 1
         self.step += 1
+        if hasattr(self.stage, "after_optimizer_step"):
+            self.stage.after_optimizer_step(self.model, self.step, stepped)
         elapsed = time.perf_counter() - t0
         clips = self.cfg.trainer.batch_size * self.grad_accum * self.dist.world_size
         metrics = {k: _nanmean([r.get(k, math.nan) for r in records]) for k in self.metric_keys(records)}
         metrics["grad_norm"] = grad_norm
         metrics = all_mean(metrics, self.dist.device, keys=[*self.metric_keys(records), "grad_norm"])
         metrics.update({"lr": lr, "samples_per_s": clips / elapsed, "step_time_s": elapsed})
+        if len(self.group_names) > 1:
+            metrics.update({f"grad_norm_{n}": role_norms.get(n, 0.0) for n in self.group_names})
+            metrics.update({f"opt_steps_{n}": float(self.opt_steps[n]) for n in self.group_names})
         return metrics
 
     def metric_keys(self, records: list[dict]) -> list[str]:
@@ -392,6 +428,9 @@ class Trainer:
         text_encoder.to(device)
         h, w = self.dataset.latent_hw()
         layout = HistoryLayout.from_config(self.cfg.history)
+        sampling = (
+            self.stage.sampling_model(self.model) if hasattr(self.stage, "sampling_model") else self.model
+        )
         was_training = self.model.training
         self.model.eval()
         metrics: dict[str, float] = {}
@@ -403,7 +442,7 @@ class Trainer:
                 generator = torch.Generator().manual_seed(v.seed + i)
                 with autocast:
                     result = generate_video(
-                        self.model,
+                        sampling,
                         vae,
                         tokenizer,
                         text_encoder,

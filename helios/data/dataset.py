@@ -65,6 +65,15 @@ class LatentClipDataset(torch.utils.data.Dataset):
         """The most common latent (h, w) bucket."""
         return max(self.buckets, key=lambda k: len(self.buckets[k]))
 
+    @staticmethod
+    def collate(samples: list[dict[str, torch.Tensor]]) -> ClipBatch:
+        return ClipBatch(
+            *(
+                torch.stack([s[k] for s in samples])
+                for k in ("latents", "first_latent", "prompt_embeds", "offset")
+            )
+        )
+
     def __getitem__(self, item: tuple[int, int]) -> dict[str, torch.Tensor]:
         index, epoch = item
         sample = self.index.read(index)
@@ -156,17 +165,14 @@ class BucketBatchSampler:
         self.epoch, self.position = state["epoch"], state["position"]
 
 
-def _collate(
-    items: list[tuple[dict[str, torch.Tensor], tuple[int, int]]],
-) -> tuple[ClipBatch, tuple[int, int]]:
-    samples = [s for s, _ in items]
-    batch = ClipBatch(
-        *(
-            torch.stack([s[k] for s in samples])
-            for k in ("latents", "first_latent", "prompt_embeds", "offset")
-        )
-    )
-    return batch, items[-1][1]
+class _Collate:
+    """Stacks a batch with the dataset's own ``collate`` and passes the position along."""
+
+    def __init__(self, collate) -> None:
+        self.collate = collate
+
+    def __call__(self, items: list[tuple[dict[str, torch.Tensor], tuple[int, int]]]):
+        return self.collate([s for s, _ in items]), items[-1][1]
 
 
 class _WithPosition(torch.utils.data.Dataset):
@@ -190,7 +196,7 @@ def make_loader(dataset: LatentClipDataset, sampler: BucketBatchSampler, num_wor
         _WithPosition(dataset),
         batch_sampler=sampler,
         num_workers=num_workers,
-        collate_fn=_collate,
+        collate_fn=_Collate(dataset.collate),
         persistent_workers=num_workers > 0,
         prefetch_factor=2 if num_workers > 0 else None,
     )
