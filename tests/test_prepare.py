@@ -174,7 +174,7 @@ def test_cli_two_ranks_then_train_with_defaults(tmp_path):
             "-m",
             "torch.distributed.run",
             "--nproc_per_node=2",
-            "--master_port=29533",
+            "--standalone",
             "-m",
             "helios.prepare",
             f"input={videos}",

@@ -116,7 +116,7 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path):
             "-m",
             "torch.distributed.run",
             "--nproc_per_node=2",
-            "--master_port=29531",
+            "--standalone",
             "tests/helpers/ddp_probe.py",
             str(tmp_path),
         ],
