@@ -51,16 +51,16 @@ def load_checkpoint_model(path: Path, weights: str) -> tuple[torch.nn.Module, Tr
     if found is None:
         raise FileNotFoundError(f"checkpoint={path}: no complete checkpoint there")
     cfg = load_train_config(found)
-    model = STAGES[cfg.stage](cfg).build_model()
+    stage = STAGES[cfg.stage](cfg)
+    model = stage.build_inference_model() if hasattr(stage, "build_inference_model") else stage.build_model()
     tensors = ckpt.load_tensors(found)
     if "base" in tensors:
         model.load_state_dict(tensors["base"], strict=False)
-    if weights == "ema":
-        if "ema" not in tensors:
-            raise ValueError(f"weights=ema: {found} has no EMA weights (stage 3 keeps them); use weights=raw")
-        load_trainable_state_dict(model, tensors["ema"])
-    else:
-        load_trainable_state_dict(model, tensors["trainable"])
+    if weights == "ema" and "ema" not in tensors:
+        raise ValueError(f"weights=ema: {found} has no EMA weights (stage 3 keeps them); use weights=raw")
+    load_trainable_state_dict(model, tensors["trainable"], strict=False)
+    if hasattr(stage, "sampling_model"):  # stage 3: the generator, with EMA weights on request
+        model = stage.sampling_model(model, ema=tensors.get("ema") if weights == "ema" else {})
     return model.eval(), cfg, found
 
 

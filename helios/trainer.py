@@ -216,29 +216,14 @@ class Trainer:
         load_trainable_state_dict(self.model, tensors["trainable"])
 
     def _merged_init_weights(self, source: str) -> dict[str, torch.Tensor]:
-        """``init_from``: rebuild the previous run's model from its own saved config, merge its LoRA
-        into the base and return the merged weights: the next phase (or stage) starts from exactly
-        the function the previous one ended with, whatever its own LoRA settings."""
-        from helios.model.inference import load_train_config
-        from helios.model.lora import merged_state_dict
+        """``init_from``: the previous run's model rebuilt from its own saved config with its LoRA merged
+        (for a stage-3 run: its generator): the next phase or stage starts from exactly the function the
+        previous one ended with, whatever its own LoRA settings."""
+        from helios.model.inference import merged_weights
 
-        path = checkpoint.resolve_resume(source, Path(source))
-        if path is None:
-            raise FileNotFoundError(f"init_from={source}: no checkpoint there")
-        previous_cfg = load_train_config(path)
-        previous = STAGES[previous_cfg.stage](previous_cfg).build_model()
-        tensors = checkpoint.load_tensors(path)
-        if "base" in tensors:
-            previous.load_state_dict(tensors["base"], strict=False)
-        load_trainable_state_dict(previous, tensors["trainable"])
         if self.dist.is_main:
-            log.info(
-                "initialising from %s (stage %d, %s), LoRA merged",
-                path,
-                previous_cfg.stage,
-                previous_cfg.phase,
-            )
-        return merged_state_dict(previous)
+            log.info("initialising from %s (LoRA merged)", source)
+        return merged_weights(source)
 
     def load_checkpoint(self, path: Path) -> None:
         tensors, objects, rank_state = checkpoint.load(path, self.dist)

@@ -98,9 +98,20 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train", schema_ty
     """Compose ``configs/`` with Hydra's compose API (as the CLI does) and validate."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        cfg = hydra_compose(config_name=config_name, overrides=normalize_overrides(overrides))
+    # Inside a running Hydra app (e.g. stage 3 building its tiny teacher) the global instance is taken:
+    # step it aside for this composition and put it back.
+    global_hydra = GlobalHydra.instance()
+    saved = global_hydra.hydra if global_hydra.is_initialized() else None
+    global_hydra.clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            cfg = hydra_compose(config_name=config_name, overrides=normalize_overrides(overrides))
+    finally:
+        if saved is not None:
+            global_hydra.clear()
+            global_hydra.initialize(saved)
     return load_config(cfg, schema_type)
 
 

@@ -333,6 +333,58 @@ class PyramidConfig(Validated):
         _check(0.0 < self.gamma <= 1.0 / 3.0, prefix + "gamma", "must be in (0, 1/3]")
 
 
+@dataclass
+class GanConfig(Validated):
+    """Adversarial Post-Training (§3.4.2, Table 2): heads on the fake score's layers."""
+
+    enabled: bool = True
+    start_step: int = 1000
+    layers: list[int] = field(default_factory=lambda: [5, 15, 25, 35, 39])
+    dim: int = 768
+    w_g: float = 5e-2
+    w_d: float = 1e-2
+    r1_lambda: float = 100.0
+    r1_sigma: float = 0.1
+    crop: float = 0.5
+
+    def _validate(self, prefix: str) -> None:
+        _check(self.start_step >= 0, prefix + "start_step", "must be >= 0")
+        _check(0.0 < self.crop <= 1.0, prefix + "crop", "must be in (0, 1]")
+
+
+@dataclass
+class DistillConfig(Validated):
+    """Stage 3 (§3.4, Table 2). ``phase=ode``: Staged ODE Init on ODE pairs; ``phase=post``: DMD +
+    GAN with real score (frozen teacher), fake score (LoRA) and the few-step generator (LoRA)."""
+
+    phase: str = "post"
+    teacher: str | None = None  # Helios-Base: real/fake score base (run dir, checkpoint, diffusers dir)
+    generator_init: str | None = None  # Helios-Mid: the generator's base (default: the teacher)
+    ode_pairs: str | None = None  # shards from helios.ode_pairs (phase=ode)
+    steps: list[int] = field(default_factory=lambda: [2, 2, 2])
+    real_cfg: float = 3.0
+    ttur: int = 5
+    fake_lr: float = 4e-7
+    fake_lora_rank: int = 256
+    fake_lora_alpha: int = 256
+    renoise_a0: float = 4.0
+    renoise_b0: float = 1.5
+    renoise_anneal_steps: int = 500
+    ema_decay: float = 0.99
+    ema_start: int = 750
+    ode_weight: float = 40.0  # reference: 0.5 * MSE * 80
+    tiny_teacher_steps: int = 60
+    gan: GanConfig = field(default_factory=GanConfig)
+
+    def _validate(self, prefix: str) -> None:
+        _choice(self.phase, ("ode", "post"), prefix + "phase")
+        _check(self.ttur >= 1, prefix + "ttur", "must be >= 1")
+        _check(
+            len(self.steps) >= 1 and all(s >= 1 for s in self.steps), prefix + "steps", "positive per stage"
+        )
+        _check(0.0 < self.ema_decay < 1.0, prefix + "ema_decay", "must be in (0, 1)")
+
+
 # --------------------------------------------------------------------------- optimisation
 
 
@@ -545,6 +597,7 @@ class TrainConfig(Validated):
     history: HistoryConfig = field(default_factory=HistoryConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
     pyramid: PyramidConfig = field(default_factory=PyramidConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     data: DataConfig = field(default_factory=DataConfig)

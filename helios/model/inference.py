@@ -46,13 +46,16 @@ def load_for_inference(
     from helios.model.encoders import build_text_encoder, build_vae
     from helios.stages import STAGES
 
-    model = STAGES[cfg.stage](cfg).build_model()
+    stage = STAGES[cfg.stage](cfg)
+    model = stage.build_inference_model() if hasattr(stage, "build_inference_model") else stage.build_model()
     tensors = ckpt.load_tensors(found)
     if "base" in tensors:
         model.load_state_dict(tensors["base"], strict=False)
     from helios.model.lora import load_trainable_state_dict
 
-    load_trainable_state_dict(model, tensors["trainable"])
+    load_trainable_state_dict(model, tensors["trainable"], strict=False)
+    if hasattr(stage, "sampling_model"):
+        model = stage.sampling_model(model, ema=tensors.get("ema"))
     model.requires_grad_(False).eval().to(device)
     if dtype != torch.float32:
         model.to(dtype)
@@ -88,3 +91,33 @@ def _load_diffusers(path: Path, device: torch.device, dtype: torch.dtype) -> Loa
         512,
         None,
     )
+
+
+def merged_weights(source: str | Path) -> dict[str, torch.Tensor]:
+    """Plain-model weights of a run dir / checkpoint (LoRA merged) or a diffusers Helios directory."""
+    from helios import checkpoint as ckpt
+    from helios.model.lora import load_trainable_state_dict, merged_state_dict
+    from helios.stages import STAGES
+
+    path = Path(source).expanduser()
+    if (path / "model_index.json").exists() or (path / "transformer" / "config.json").exists():
+        from diffusers import HeliosTransformer3DModel
+
+        return HeliosTransformer3DModel.from_pretrained(path, subfolder="transformer").state_dict()
+    if (path / "config.json").exists():
+        from diffusers import HeliosTransformer3DModel
+
+        return HeliosTransformer3DModel.from_pretrained(path).state_dict()
+    found = ckpt.resolve_resume(str(path), path)
+    if found is None:
+        raise FileNotFoundError(f"{source}: no checkpoint or diffusers model there")
+    cfg = load_train_config(found)
+    stage = STAGES[cfg.stage](cfg)
+    model = stage.build_inference_model() if hasattr(stage, "build_inference_model") else stage.build_model()
+    tensors = ckpt.load_tensors(found)
+    if "base" in tensors:
+        model.load_state_dict(tensors["base"], strict=False)
+    load_trainable_state_dict(model, tensors["trainable"], strict=False)
+    if hasattr(stage, "sampling_model"):
+        model = stage.sampling_model(model)
+    return merged_state_dict(model)

@@ -63,9 +63,14 @@ def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def load_trainable_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load tensors saved by :func:`trainable_state_dict`; every trainable name must be present."""
+def load_trainable_state_dict(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], strict: bool = True
+) -> None:
+    """Load tensors saved by :func:`trainable_state_dict`; every trainable name must be present.
+    ``strict=False``: tensors of roles this model does not have (e.g. stage 3's critic) are skipped."""
     params = dict(model.named_parameters())
+    if not strict:
+        state = {k: v for k, v in state.items() if k in params}
     expected = {n for n, p in params.items() if p.requires_grad}
     missing = sorted(expected - set(state))
     unknown = sorted(set(state) - set(params))

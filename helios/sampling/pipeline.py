@@ -49,7 +49,7 @@ def build_section_sampler(cfg: SamplerConfig, patch_size=(1, 2, 2)) -> SectionSa
 
 def sections_for(num_frames: int, window: int) -> int:
     """Sections whose latents decode to at least ``num_frames`` frames (causal VAE: 4(T-1)+1)."""
-    latent_frames = (num_frames - 1) // VAE_TEMPORAL + 1
+    latent_frames = -(-(num_frames - 1) // VAE_TEMPORAL) + 1
     return max(1, math.ceil(latent_frames / window))
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from helios.stages.distill import DistillStage
 from helios.stages.flow import FlowStage
 from helios.stages.pyramid import PyramidStage
 
-STAGES = {1: FlowStage, 2: PyramidStage}
+STAGES = {1: FlowStage, 2: PyramidStage, 3: DistillStage}
 
-__all__ = ["STAGES", "FlowStage", "PyramidStage"]
+__all__ = ["STAGES", "DistillStage", "FlowStage", "PyramidStage"]

@@ -1,0 +1,518 @@
+"""Stage 3 (Helios-Distilled): Adversarial Hierarchical Distillation (paper §3.4, Eq. 10-16, Table 2).
+
+Roles: the few-step generator G (LoRA on Helios-Mid), the frozen real score (Helios-Base, CFG), the fake
+score (LoRA on Helios-Base) with GAN heads, and an EMA of G. ``distill.phase=ode`` regresses G onto
+teacher ODE pairs across the pyramid stages (Staged ODE Init); ``phase=post`` trains DMD + GAN:
+
+* Pure Teacher Forcing: the history is real data with Frame-Aware Corrupt, one section per step;
+* Staged Backward Simulation (Eq. 10): G rolls out through the K stages with its few DMD steps
+  (x0 = x_t - sigma v, re-noised toward the stage start), gradients only through one exit step of the
+  last stage; only the full-resolution x0 goes to the scores;
+* Dynamic Re-noise: tau ~ Beta with cosine-annealed parameters, shifted for the token count;
+* TTUR: the critic (fake score + heads) every step, G every ``distill.ttur`` steps (G has no gradients
+  on the other steps, so its optimiser group is not stepped: counted per role in the metrics).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from helios.config.schema import ConfigError, LoraConfig, TrainConfig
+from helios.distill import (
+    TTUR,
+    EmaSchedule,
+    RenoiseSchedule,
+    approx_r1,
+    cfg_x0,
+    dmd_gradient,
+    dmd_loss,
+    ema_update,
+    frozen,
+    gan_d_loss,
+    gan_g_loss,
+)
+from helios.flow import NUM_TRAIN_TIMESTEPS, shift_factor, shift_sigmas, token_count
+from helios.model import apply_lora, build_transformer
+from helios.model.gan import GanHeads
+from helios.pyramid import double_nearest
+from helios.sampling.section import block_noise, calculate_shift, renoise_coefficients
+from helios.stages.flow import FlowStage
+
+
+class TensorDict(dict):
+    def to(self, device: torch.device) -> TensorDict:
+        return TensorDict({k: v.to(device) for k, v in self.items()})
+
+
+class DistillModule(nn.Module):
+    """The roles as one module; ``forward(fn, *args)`` runs ``fn(self, *args)`` so that DDP wraps the
+    whole multi-role step."""
+
+    def __init__(
+        self,
+        generator: nn.Module,
+        fake: nn.Module | None = None,
+        real: nn.Module | None = None,
+        heads: GanHeads | None = None,
+    ) -> None:
+        super().__init__()
+        self.generator, self.fake, self.real, self.heads = generator, fake, real, heads
+
+    def forward(self, fn, *args):
+        return fn(self, *args)
+
+
+class OdePairDataset(torch.utils.data.Dataset):
+    """ODE pairs written by ``helios.ode_pairs`` (same batching interface as the clip dataset)."""
+
+    def __init__(self, path: str | Path, stages: int, max_sequence_length: int) -> None:
+        from helios.data.shards import ShardIndex, list_shards, scan_tar
+        from helios.ode_pairs import ODE_MEMBERS
+
+        shards = list_shards(path)
+        self.index = ShardIndex([])
+        self.index.entries = [(s, e) for s in shards for e in scan_tar(s, ODE_MEMBERS)]
+        self.stages, self.max_len = stages, max_sequence_length
+        self.eligible = list(range(len(self.index)))
+        self.buckets = {(0, 0): self.eligible}
+
+    def __len__(self) -> int:
+        return len(self.eligible)
+
+    def latent_hw(self) -> tuple[int, int]:
+        return tuple(self[(0, 0)]["history"].shape[-2:])
+
+    def __getitem__(self, item):
+        from helios.data.shards import npy_load
+
+        i, _ = item
+        read = lambda name: torch.from_numpy(npy_load(self.index.read_member(i, name + ".npy")))  # noqa: E731
+        out = {"history": read("history"), "anchor": read("anchor")}
+        emb = read("prompt_embeds")[: self.max_len]
+        out["prompt_embeds"] = torch.zeros(self.max_len, emb.shape[-1])
+        out["prompt_embeds"][: emb.shape[0]] = emb
+        for k in range(self.stages):
+            out[f"stage{k}_start"], out[f"stage{k}_end"] = read(f"stage{k}_start"), read(f"stage{k}_end")
+        return out
+
+    @staticmethod
+    def collate(samples: list[dict]) -> TensorDict:
+        return TensorDict({k: torch.stack([s[k] for s in samples]) for k in samples[0]})
+
+
+class DistillStage(FlowStage):
+    name = "distill"
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        super().__init__(cfg)
+        d = cfg.distill
+        self.d = d
+        self.ttur = TTUR(d.ttur)
+        self.renoise = RenoiseSchedule(d.renoise_a0, d.renoise_b0, d.renoise_anneal_steps)
+        self.ema_schedule = EmaSchedule(d.ema_decay, d.ema_start)
+        self.ema: dict[str, torch.Tensor] | None = None
+        self.current_step = 0
+        self.empty: torch.Tensor | None = None
+        self._scheduler = None
+
+    # ------------------------------------------------------------------ setup and roles
+    def setup(self, data_path: Path, dist) -> None:
+        """Resolve the teacher (a tiny one is trained on the fly for the tiny job), the ODE pairs and the
+        empty prompt (unconditional branch of the real score's CFG)."""
+        from helios.data.prepare_job import load_empty_prompt
+
+        if self.d.teacher is None:
+            if self.cfg.model.name != "tiny":
+                raise ConfigError(
+                    "distill.teacher",
+                    "stage 3 needs the teacher (Helios-Base): a run dir, checkpoint or diffusers directory",
+                )
+            self.d.teacher = str(self._tiny_teacher(dist))
+        if self.d.phase == "ode" and self.d.ode_pairs is None:
+            if self.cfg.model.name != "tiny":
+                raise ConfigError(
+                    "distill.ode_pairs", "phase=ode needs ODE pairs: python -m helios.ode_pairs ..."
+                )
+            self.d.ode_pairs = str(self._tiny_ode_pairs(data_path, dist))
+        empty = load_empty_prompt(data_path)
+        if empty is None:
+            raise FileNotFoundError(f"{data_path} has no empty_prompt_embeds.npy (written by helios.prepare)")
+        n = self.cfg.model.text_encoder.max_sequence_length
+        self.empty = torch.zeros(1, n, empty.shape[-1])
+        self.empty[0, : min(n, len(empty))] = empty[:n]
+
+    def _cache(self, name: str) -> Path:
+        key = zlib.crc32(f"{self.cfg.seed}:{self.d.tiny_teacher_steps}:{self.cfg.history.sizes}".encode())
+        return Path(self.cfg.data.cache_dir).parent / name / f"{key:08x}"
+
+    def _tiny_teacher(self, dist) -> Path:
+        from helios.checkpoint import list_complete
+        from helios.config.load import compose
+        from helios.trainer import Trainer
+
+        out = self._cache("tiny_teacher")
+        if not list_complete(out):
+            if dist.world_size > 1:
+                raise ConfigError(
+                    "distill.teacher",
+                    "build the tiny teacher in one process first "
+                    "(python train_helios.py stage=3) or set distill.teacher",
+                )
+            teacher = Trainer(
+                compose(
+                    [
+                        "stage=2",
+                        f"trainer.max_steps={self.d.tiny_teacher_steps}",
+                        "validation.enabled=false",
+                        "trainer.progress=false",
+                        f"seed={self.cfg.seed}",
+                        f"trainer.checkpoint_every={self.d.tiny_teacher_steps}",
+                    ]
+                ),
+                out,
+            )
+            teacher.run()
+        return out
+
+    def _tiny_ode_pairs(self, data_path: Path, dist) -> Path:
+        from helios.config.schema import OdePairsConfig, SamplerConfig
+        from helios.ode_pairs import run
+
+        out = self._cache("tiny_ode_pairs")
+        if not (out / "report.json").exists():
+            run(
+                OdePairsConfig(
+                    teacher=self.d.teacher,
+                    shards=str(data_path),
+                    output=str(out),
+                    sampler=SamplerConfig(
+                        kind="pyramid", steps=[3] * len(self.d.steps), guidance_scale=3.0, cfg_zero_star=True
+                    ),
+                    max_sequence_length=self.cfg.model.text_encoder.max_sequence_length,
+                )
+            )
+        return out
+
+    def make_dataset(self, data_path: Path):
+        if self.d.phase == "ode":
+            return OdePairDataset(
+                self.d.ode_pairs, len(self.d.steps), self.cfg.model.text_encoder.max_sequence_length
+            )
+        from helios.data.dataset import LatentClipDataset
+
+        return LatentClipDataset(
+            data_path,
+            self.layout.clip_frames,
+            self.cfg.model.text_encoder.max_sequence_length,
+            seed=self.cfg.seed,
+        )
+
+    def _role(self, state: dict | None, lora: LoraConfig | None) -> nn.Module:
+        m = self.cfg.model
+        model = build_transformer(m.transformer, m.kernels, m.attention)
+        if state is not None:
+            model.load_state_dict(state, strict=False)
+        if lora is None:
+            return model.requires_grad_(False).eval()
+        return apply_lora(model, lora)
+
+    def build_inference_model(self) -> DistillModule:
+        """Only the generator (export, generate): its base comes from the checkpoint or generator_init."""
+        from helios.model.inference import merged_weights
+
+        source = self.d.generator_init or self.d.teacher
+        state = merged_weights(source) if source and self.cfg.model.transformer.source != "random" else None
+        return DistillModule(self._role(state, self.cfg.model.lora))
+
+    def build_model(self, base_state: dict | None = None) -> DistillModule:
+        from helios.model.inference import merged_weights
+
+        teacher = merged_weights(self.d.teacher)
+        generator_state = base_state or (
+            merged_weights(self.d.generator_init) if self.d.generator_init else teacher
+        )
+        generator = self._role(generator_state, self.cfg.model.lora)
+        if self.d.phase == "ode":
+            return DistillModule(generator)
+        lora = self.cfg.model.lora
+        fake_lora = LoraConfig(
+            enabled=True,
+            rank=self.d.fake_lora_rank,
+            alpha=self.d.fake_lora_alpha,
+            targets=lora.targets,
+            memory_patch="frozen",
+            extra_trainable=[],
+        )
+        fake = self._role(teacher, fake_lora)
+        real = self._role(teacher, None)
+        tr = self.cfg.model.transformer
+        heads = (
+            GanHeads(
+                self.d.gan.layers,
+                tr.num_layers,
+                tr.num_attention_heads * tr.attention_head_dim,
+                self.d.gan.dim,
+            )
+            if self.d.gan.enabled
+            else None
+        )
+        return DistillModule(generator, fake, real, heads)
+
+    def param_groups(self, model: DistillModule) -> list[dict]:
+        groups = [
+            {
+                "name": "generator",
+                "lr": self.cfg.optim.lr,
+                "params": [p for p in model.generator.parameters() if p.requires_grad],
+            }
+        ]
+        if model.fake is not None:
+            critic = [p for p in model.fake.parameters() if p.requires_grad]
+            if model.heads is not None:
+                critic += list(model.heads.parameters())
+            groups.append({"name": "critic", "lr": self.d.fake_lr, "params": critic})
+        return groups
+
+    def sampling_model(self, model: DistillModule, ema: dict | None = None) -> nn.Module:
+        """The generator, with the EMA weights when there are any (a copy; training weights untouched)."""
+        ema = ema if ema is not None else self.ema
+        if not ema:
+            return model.generator
+        generator = copy.deepcopy(model.generator)
+        params = dict(generator.named_parameters())
+        with torch.no_grad():
+            for name, tensor in ema.items():
+                key = name.removeprefix("generator.")
+                if key in params:
+                    params[key].copy_(tensor)
+        return generator
+
+    # ------------------------------------------------------------------ steps
+    def compute_loss(self, model, batch, generator: torch.Generator):
+        step = self._ode_step if self.d.phase == "ode" else self._post_step
+        return model(step, batch, generator)
+
+    def _scheduler_for(self):
+        if self._scheduler is None:
+            from diffusers import HeliosDMDScheduler
+
+            k = len(self.d.steps)
+            self._scheduler = HeliosDMDScheduler(
+                stages=k,
+                stage_range=[i / k for i in range(k + 1)],
+                gamma=self.cfg.pyramid.gamma,
+                use_dynamic_shifting=True,
+                time_shift_type=self.cfg.flow.shift.type,
+            )
+        return self._scheduler
+
+    def _stage_schedule(self, k: int, shape) -> tuple[torch.Tensor, torch.Tensor]:
+        sched = self._scheduler_for()
+        sched.set_timesteps(self.d.steps[k], k, mu=calculate_shift(token_count(*shape[2:])))
+        return sched.timesteps.float().clone(), sched.sigmas.float().clone()
+
+    @staticmethod
+    def _call(model, x, t, cond) -> torch.Tensor:
+        return model(hidden_states=x, timestep=t, **cond, return_dict=False)[0].float()
+
+    def _ode_step(self, m: DistillModule, batch: TensorDict, gen: torch.Generator):
+        device = batch["history"].device
+        k = int(torch.randint(len(self.d.steps), (1,), generator=gen))
+        start, end = batch[f"stage{k}_start"], batch[f"stage{k}_end"]
+        timesteps, sigmas = self._stage_schedule(k, start.shape)
+        j = int(torch.randint(len(timesteps), (1,), generator=gen))
+        sigma = float(sigmas[j])
+        x = sigma * start + (1 - sigma) * end
+        cond = {
+            "encoder_hidden_states": batch["prompt_embeds"],
+            **self.layout.model_inputs(batch["history"], batch["anchor"]),
+        }
+        t = timesteps[j].expand(x.shape[0]).to(device)
+        x0 = x - sigma * self._call(m.generator, x, t, cond)
+        loss = self.d.ode_weight * F.mse_loss(x0, end.float())
+        return loss, {"loss_ode": float(loss.detach()), "ode_stage": float(k)}
+
+    def rollout(
+        self, generator: nn.Module, cond: dict, shape, gen: torch.Generator, grad: bool
+    ) -> torch.Tensor:
+        """Staged Backward Simulation (Eq. 10): x0 at full resolution, gradients only through the exit
+        step (a random step of the last stage, the same on every rank)."""
+        b, c, t, h, w = shape
+        device = cond["encoder_hidden_states"].device
+        k_max = len(self.d.steps)
+        shared = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.current_step)
+        exit_j = int(torch.randint(self.d.steps[-1], (1,), generator=shared))
+        x = torch.randn(b, c, t, h, w, generator=gen).to(device)
+        for _ in range(k_max - 1):
+            x = F.interpolate(x.flatten(1, 2), scale_factor=0.5, mode="bilinear").unflatten(1, (c, t)) * 2
+        gamma = self.cfg.pyramid.gamma
+        sched = self._scheduler_for()
+        x0 = x
+        for k in range(k_max):
+            if k > 0:
+                alpha, beta = renoise_coefficients(sched.ori_start_sigmas[k], gamma)
+                x = double_nearest(x0.detach())
+                x = alpha * x + beta * block_noise(tuple(x.shape), gamma, gen).to(device)
+            start = x
+            timesteps, sigmas = self._stage_schedule(k, x.shape)
+            for j in range(len(timesteps)):
+                exiting = k == k_max - 1 and j == exit_j
+                with torch.set_grad_enabled(grad and exiting):
+                    v = self._call(generator, x, timesteps[j].expand(b).to(device), cond)
+                x0 = x - float(sigmas[j]) * v
+                if exiting:
+                    return x0
+                nxt = float(sigmas[j + 1])
+                x = nxt * start + (1 - nxt) * x0.detach()
+        return x0
+
+    def _crop(self, x: torch.Tensor, top: int, left: int) -> torch.Tensor:
+        ch, cw = self._crop_hw(x)
+        return x[..., top : top + ch, left : left + cw]
+
+    def _crop_hw(self, x: torch.Tensor) -> tuple[int, int]:
+        h, w = x.shape[-2:]
+        r = self.d.gan.crop
+        return max(2, int(h * r) // 2 * 2), max(2, int(w * r) // 2 * 2)
+
+    def _disc(self, m: DistillModule, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        with m.heads.capture(m.fake) as store:
+            self._call(m.fake, x, t, cond)
+        return m.heads.logits(store, (x.shape[2], x.shape[3] // 2, x.shape[4] // 2))
+
+    def _post_step(self, m: DistillModule, batch, gen: torch.Generator):
+        cond, target, stats = self.condition(batch, gen)
+        device = batch.latents.device
+        dtype = next(m.generator.parameters()).dtype
+        cond = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in cond.items()}
+        target = target.to(device)
+        b = target.shape[0]
+        step = self.current_step
+        update_g = self.ttur.update_generator(step)
+        gan_on = m.heads is not None and step >= self.d.gan.start_step
+        clock = time.perf_counter()
+        x0 = self.rollout(m.generator, cond, target.shape, gen, grad=update_g)
+        nan = float("nan")
+        metrics = dict.fromkeys(self.extra_metric_names(), nan)
+        metrics["update_g"] = float(update_g)
+        metrics["time_rollout_s"], clock = time.perf_counter() - clock, time.perf_counter()
+
+        # critic: flow matching of the fake score on the generator's samples (+ GAN D with approx. R1)
+        x0d = x0.detach()
+        t = torch.rand(b, generator=gen).to(device)
+        eps = torch.randn(x0d.shape, generator=gen).to(device)
+        x_t = (1 - t.view(-1, 1, 1, 1, 1)) * x0d + t.view(-1, 1, 1, 1, 1) * eps
+        loss_flow = F.mse_loss(self._call(m.fake, x_t, t * NUM_TRAIN_TIMESTEPS, cond), eps - x0d)
+        total = loss_flow
+        metrics["loss_flow"] = float(loss_flow.detach())
+
+        shift = shift_factor(token_count(*target.shape[2:]), self.cfg.flow.shift)
+        tau = shift_sigmas(self.renoise.sample(b, step, gen), shift).clamp(0.02, 0.98).to(device)
+        tau5 = tau.view(-1, 1, 1, 1, 1)
+        ch, cw = self._crop_hw(target)
+        top = 2 * int(torch.randint((target.shape[-2] - ch) // 2 + 1, (1,), generator=gen))
+        left = 2 * int(torch.randint((target.shape[-1] - cw) // 2 + 1, (1,), generator=gen))
+        t_tau = tau * NUM_TRAIN_TIMESTEPS
+        if gan_on:
+            real_tau = (1 - tau5) * target + tau5 * torch.randn(target.shape, generator=gen).to(device)
+            fake_tau = (1 - tau5) * x0d + tau5 * torch.randn(x0d.shape, generator=gen).to(device)
+            real_c, fake_c = self._crop(real_tau, top, left), self._crop(fake_tau, top, left)
+            l_real, l_fake = self._disc(m, real_c, t_tau, cond), self._disc(m, fake_c, t_tau, cond)
+            r1 = approx_r1(lambda x: self._disc(m, x, t_tau, cond), real_c, self.d.gan.r1_sigma, gen)
+            loss_d = gan_d_loss(l_real, l_fake) + self.d.gan.r1_lambda * r1
+            total = total + self.d.gan.w_d * loss_d
+            metrics.update(
+                {
+                    "loss_gan_d": float(loss_d.detach()),
+                    "r1": float(r1.detach()),
+                    "d_real": float(l_real.detach().mean()),
+                    "d_fake": float(l_fake.detach().mean()),
+                }
+            )
+
+        metrics["time_critic_s"], clock = time.perf_counter() - clock, time.perf_counter()
+        if update_g:  # generator: DMD (+ GAN G) through the exit step only
+            x_tau = (1 - tau5) * x0 + tau5 * torch.randn(x0.shape, generator=gen).to(device)
+            with torch.no_grad():
+                xt = x_tau.detach()
+                real_x0 = cfg_x0(
+                    xt,
+                    tau,
+                    self._call(m.real, xt, t_tau, cond),
+                    self._call(
+                        m.real,
+                        xt,
+                        t_tau,
+                        {**cond, "encoder_hidden_states": self.empty.to(device, dtype).expand(b, -1, -1)},
+                    ),
+                    self.d.real_cfg,
+                )
+                fake_x0 = xt - tau5 * self._call(m.fake, xt, t_tau, cond)
+            grad = dmd_gradient(x0.detach(), real_x0, fake_x0)
+            loss_dmd = dmd_loss(x0, grad)
+            total = total + loss_dmd
+            metrics.update(
+                {"loss_dmd": float(loss_dmd.detach()), "dmd_grad_norm": float(grad.norm() / math.sqrt(b))}
+            )
+            if gan_on:
+                with frozen(m.fake, m.heads):
+                    loss_g = gan_g_loss(self._disc(m, self._crop(x_tau, top, left), t_tau, cond))
+                total = total + self.d.gan.w_g * loss_g
+                metrics["loss_gan_g"] = float(loss_g.detach())
+            metrics["time_generator_s"] = time.perf_counter() - clock
+        metrics["tau_mean"] = float(tau.mean())
+        return total, {**stats, **metrics}
+
+    # ------------------------------------------------------------------ bookkeeping
+    def metric_names(self) -> list[str]:
+        if self.d.phase == "ode":
+            return ["loss", "loss_ode", "ode_stage"]
+        from helios.history import Task
+
+        tasks = [f"task_{t.name.lower()}" for t in Task]
+        return ["loss", "corrupt_frac", *tasks, *self.extra_metric_names()]
+
+    def extra_metric_names(self) -> list[str]:
+        return [
+            "loss_flow",
+            "loss_dmd",
+            "loss_gan_g",
+            "loss_gan_d",
+            "r1",
+            "d_real",
+            "d_fake",
+            "dmd_grad_norm",
+            "tau_mean",
+            "update_g",
+        ]
+
+    def after_optimizer_step(self, model: DistillModule, step: int, stepped: list[str]) -> None:
+        decay = self.ema_schedule(step)
+        if "generator" not in stepped or decay is None:
+            return
+        params = {f"generator.{n}": p for n, p in model.generator.named_parameters() if p.requires_grad}
+        if self.ema is None:
+            self.ema = {n: p.detach().float().cpu().clone() for n, p in params.items()}
+        else:
+            ema_update(self.ema, {n: p.detach().cpu() for n, p in params.items()}, decay)
+
+    def extra_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {"ema": self.ema} if self.ema else {}
+
+    def load_extra_tensors(self, tensors: dict) -> None:
+        self.ema = tensors.get("ema")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"teacher": self.d.teacher, "ode_pairs": self.d.ode_pairs}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None

@@ -1,0 +1,120 @@
+"""Stage 3: the tiny self-contained runs, TTUR step counts per role, EMA, resume, the whole chain."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helios.config import compose
+from helios.sampling.pipeline import sections_for
+
+from .test_training import _train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_tiny_post_counts_optimizer_steps_per_role_and_keeps_an_ema(tmp_path):
+    metrics = _train(
+        [
+            "stage=3",
+            "trainer.max_steps=11",
+            "trainer.checkpoint_every=11",
+            "distill.ttur=5",
+            "distill.gan.start_step=3",
+            "distill.ema_start=2",
+        ],
+        tmp_path,
+    )
+    last = metrics[-1]
+    # critic every iteration, generator at iterations 0, 5, 10: exactly one optimizer step each time
+    assert (last["opt_steps_critic"], last["opt_steps_generator"]) == (11, 3)
+    assert [m["update_g"] for m in metrics] == [float(i % 5 == 0) for i in range(11)]
+    assert all(math.isfinite(m["loss"]) and math.isfinite(m["loss_flow"]) for m in metrics)
+    gan = [m for m in metrics if m["step"] > 3]
+    assert all(isinstance(m["loss_gan_d"], float) for m in gan)  # GAN on from its start step ...
+    assert all(m["loss_gan_d"] == "nan" for m in metrics[:3])  # ... and not before
+    assert isinstance(metrics[5]["loss_gan_g"], float) and isinstance(metrics[5]["loss_dmd"], float)
+    ema = load_file(str(tmp_path / "checkpoints" / "step_11" / "ema.safetensors"))
+    trainable = load_file(str(tmp_path / "checkpoints" / "step_11" / "trainable.safetensors"))
+    assert ema and all(k.startswith("generator.") and k in trainable for k in ema)
+    assert any(not torch.equal(ema[k], trainable[k]) for k in ema)  # the average lags the weights
+
+
+def test_tiny_post_resumes_exactly(tmp_path):
+    common = [
+        "stage=3",
+        "trainer.checkpoint_every=3",
+        "trainer.max_steps=6",
+        "distill.gan.start_step=1",
+        "distill.ema_start=1",
+        "seed=4",
+    ]
+    full = _train(common, tmp_path / "full")
+    _train([*common, "trainer.max_steps=3"], tmp_path / "split")
+    resumed = {m["step"]: m["loss"] for m in _train(common, tmp_path / "split")}
+    for m in full[3:]:
+        assert resumed[m["step"]] == pytest.approx(m["loss"], rel=1e-5, abs=1e-6), m["step"]
+
+
+def test_tiny_ode_phase_regresses_onto_teacher_pairs(tmp_path):
+    metrics = _train(
+        ["stage=3", "stage3=tiny_ode", "trainer.max_steps=30", "trainer.checkpoint_every=0"], tmp_path
+    )
+    losses = [m["loss_ode"] for m in metrics]
+    assert all(math.isfinite(x) for x in losses)
+    assert sum(losses[-10:]) < sum(losses[:10])
+
+
+def test_real_recipe_needs_its_teacher():
+    from helios.config import ConfigError
+
+    from helios.stages import DistillStage
+
+    no_teacher = compose(["stage=3", "stage3=post", "model.transformer.path=/m", "data.path=/d"])
+    with pytest.raises(ConfigError, match=r"distill\.teacher"):
+        DistillStage(no_teacher).setup(Path("/d"), None)  # at start-up, before any model is built
+    cfg = compose(
+        ["stage=3", "stage3=post", "model.transformer.path=/m", "data.path=/d", "distill.teacher=/t"]
+    )
+    d = cfg.distill
+    assert (d.ttur, d.real_cfg, d.fake_lr, d.ema_start, d.gan.start_step) == (5, 3.0, 4e-7, 750, 1000)
+    assert d.gan.layers == [5, 15, 25, 35, 39] and (d.gan.w_g, d.gan.w_d, d.gan.r1_lambda) == (
+        5e-2,
+        1e-2,
+        100.0,
+    )
+    assert cfg.optim.betas == [0.0, 0.999] and cfg.optim.grad_clip == 10.0 and cfg.trainer.max_steps == 2250
+    c = cfg.history.corrupt
+    assert (c.p_exposure, c.p_noise, c.p_downsample, c.p_clean) == (0.4, 0.4, 0.0, 0.2)
+
+
+def test_sections_cover_the_requested_frames():
+    for frames in (1, 9, 33, 40, 60, 1440):
+        latent = sections_for(frames, 9) * 9
+        assert 4 * (latent - 1) + 1 >= frames
+
+
+@pytest.mark.slow
+def test_the_tiny_chain_script(tmp_path):
+    out = tmp_path / "chain"
+    proc = subprocess.run(
+        ["bash", "launch/tiny_chain.sh", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env={**os.environ, "STEPS": "4", "PYTHON": sys.executable},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "helios_distilled" / "helios_export.json").read_text())["pipeline"] == (
+        "HeliosPyramidPipeline"
+    )
+    assert json.loads((out / "distilled.json").read_text())["frames"] == 60
+    for run in ("s1", "s2", "s3_ode", "s3_post"):
+        assert (out / run / "metrics.jsonl").exists()
