@@ -73,7 +73,6 @@ def test_tiny_ode_phase_regresses_onto_teacher_pairs(tmp_path):
 
 def test_real_recipe_needs_its_teacher():
     from helios.config import ConfigError
-
     from helios.stages import DistillStage
 
     no_teacher = compose(["stage=3", "stage3=post", "model.transformer.path=/m", "data.path=/d"])

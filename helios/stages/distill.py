@@ -493,6 +493,9 @@ class DistillStage(FlowStage):
             "dmd_grad_norm",
             "tau_mean",
             "update_g",
+            "time_rollout_s",
+            "time_critic_s",
+            "time_generator_s",
         ]
 
     def after_optimizer_step(self, model: DistillModule, step: int, stepped: list[str]) -> None:
