@@ -39,6 +39,9 @@ def _hydra_main(raw: DictConfig) -> None:
     )
     try:
         trainer.run()
+    except (ConfigError, FileNotFoundError, ValueError) as err:  # user errors: one line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     finally:
         trainer.close()
 

@@ -40,7 +40,7 @@ def list_complete(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def resolve_resume(resume: str, run_dir: Path) -> Path | None:
+def resolve_resume(resume: str, run_dir: Path, key: str = "resume") -> Path | None:
     """``latest`` -> newest complete checkpoint of this run dir (or None), ``none`` -> None,
     otherwise a checkpoint folder (or a run dir, whose newest checkpoint is used)."""
     if resume == "none":
@@ -55,9 +55,9 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
     if done:
         return done[-1][1]
     raise FileNotFoundError(
-        f"resume={resume}: no complete checkpoint there "
-        f"(a folder checkpoints/step_<N>/ with a {MARKER} file); "
-        "use resume=latest, resume=none or a checkpoint path"
+        f"{key}={resume}: no complete checkpoint there "
+        f"(a folder checkpoints/step_<N>/ with a {MARKER} file)"
+        + ("; use resume=latest, resume=none or a checkpoint path" if key == "resume" else "")
     )
 
 

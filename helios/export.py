@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
-import hydra
 import torch
-from omegaconf import DictConfig
 from safetensors.torch import save_file
 
-from helios.config import CONFIG_DIR, ConfigError, load_config
+from helios.config.cli import command
 from helios.config.schema import ExportConfig, TrainConfig
+from helios.model.inference import load_checkpoint_model
 
 log = logging.getLogger("helios.export")
 
@@ -38,30 +36,6 @@ def pipeline_class(cfg: TrainConfig):
     from diffusers import HeliosPipeline, HeliosPyramidPipeline
 
     return HeliosPipeline if cfg.validation.sampler.kind == "unipc" else HeliosPyramidPipeline
-
-
-def load_checkpoint_model(path: Path, weights: str) -> tuple[torch.nn.Module, TrainConfig, Path]:
-    """The trained model (base + adapters) of a checkpoint, with raw or EMA weights."""
-    from helios import checkpoint as ckpt
-    from helios.model.inference import load_train_config
-    from helios.model.lora import load_trainable_state_dict
-    from helios.stages import STAGES
-
-    found = ckpt.resolve_resume(str(path), path)
-    if found is None:
-        raise FileNotFoundError(f"checkpoint={path}: no complete checkpoint there")
-    cfg = load_train_config(found)
-    stage = STAGES[cfg.stage](cfg)
-    model = stage.build_inference_model() if hasattr(stage, "build_inference_model") else stage.build_model()
-    tensors = ckpt.load_tensors(found)
-    if "base" in tensors:
-        model.load_state_dict(tensors["base"], strict=False)
-    if weights == "ema" and "ema" not in tensors:
-        raise ValueError(f"weights=ema: {found} has no EMA weights (stage 3 keeps them); use weights=raw")
-    load_trainable_state_dict(model, tensors["trainable"], strict=False)
-    if hasattr(stage, "sampling_model"):  # stage 3: the generator, with EMA weights on request
-        model = stage.sampling_model(model, ema=tensors.get("ema") if weights == "ema" else {})
-    return model.eval(), cfg, found
 
 
 def full_trained_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -146,13 +120,7 @@ def export(cfg: ExportConfig) -> Path:
     return out
 
 
-@hydra.main(config_path=str(CONFIG_DIR), config_name="export", version_base=None)
-def _main(raw: DictConfig) -> None:
-    try:
-        export(load_config(raw, ExportConfig))
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+_main = command("export", ExportConfig, export)
 
 
 if __name__ == "__main__":

@@ -11,14 +11,11 @@ import csv
 import json
 import logging
 import math
-import sys
 from pathlib import Path
 
-import hydra
 import torch
-from omegaconf import DictConfig
 
-from helios.config import CONFIG_DIR, ConfigError, load_config
+from helios.config.cli import command
 from helios.config.schema import GenerateConfig
 
 log = logging.getLogger("helios.generate")
@@ -116,14 +113,7 @@ def run(cfg: GenerateConfig) -> list[Path]:
     return outputs
 
 
-@hydra.main(config_path=str(CONFIG_DIR), config_name="generate", version_base=None)
-def _main(raw: DictConfig) -> None:
-    try:
-        cfg = load_config(raw, GenerateConfig)
-        run(cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+_main = command("generate", GenerateConfig, run)
 
 
 if __name__ == "__main__":

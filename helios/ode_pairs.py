@@ -13,16 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 import zlib
 from pathlib import Path
 
-import hydra
 import torch
-from omegaconf import DictConfig
 
-from helios.config import CONFIG_DIR, ConfigError, load_config
+from helios.config.cli import command
 from helios.config.schema import OdePairsConfig
 
 log = logging.getLogger("helios.ode_pairs")
@@ -153,13 +150,7 @@ def run(cfg: OdePairsConfig) -> dict:
         teardown()
 
 
-@hydra.main(config_path=str(CONFIG_DIR), config_name="ode_pairs", version_base=None)
-def _main(raw: DictConfig) -> None:
-    try:
-        run(load_config(raw, OdePairsConfig))
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+_main = command("ode_pairs", OdePairsConfig, run)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,8 @@ kept as metadata) or ``captions.csv`` (columns ``video,caption``), or webdataset
 from __future__ import annotations
 
 import logging
-import sys
 
-import hydra
-from omegaconf import DictConfig
-
-from helios.config import CONFIG_DIR, ConfigError, load_config
+from helios.config.cli import command
 from helios.config.schema import PrepareConfig
 
 log = logging.getLogger("helios.prepare")
@@ -64,18 +60,7 @@ def run(cfg: PrepareConfig) -> dict:
         teardown()
 
 
-@hydra.main(config_path=str(CONFIG_DIR), config_name="prepare", version_base=None)
-def _main(raw: DictConfig) -> None:
-    try:
-        cfg = load_config(raw, PrepareConfig)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    try:
-        run(cfg)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+_main = command("prepare", PrepareConfig, run)
 
 
 if __name__ == "__main__":

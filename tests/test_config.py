@@ -115,6 +115,8 @@ def test_unknown_stage_is_refused():
         ("history.corrupt.p_clean=0.5", "history.corrupt"),
         ("trainer.max_steps=abc", "trainer.max_steps"),
         ("trainer.bogus=1", "bogus"),
+        ("resume=/no/such/run", "resume=/no/such/run: no complete checkpoint"),
+        ("data=/no/such/shards", "data.path=/no/such/shards does not exist"),
     ],
 )
 def test_cli_fails_before_building_anything(tmp_path, override, needle):

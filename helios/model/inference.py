@@ -31,31 +31,44 @@ def load_train_config(checkpoint_dir: Path) -> TrainConfig:
     return load_config(OmegaConf.create(state["config"]))
 
 
-def load_for_inference(
-    path: str | Path, device: torch.device, dtype: torch.dtype = torch.float32
-) -> LoadedModel:
+def load_checkpoint_model(
+    source: str | Path, weights: str = "raw", key: str = "checkpoint"
+) -> tuple[torch.nn.Module, TrainConfig, Path]:
+    """The model a training checkpoint (or run dir: its newest checkpoint) sampled with: its base
+    weights, its trained tensors, and for stage 3 the generator role (with EMA weights on request)."""
     from helios import checkpoint as ckpt
-
-    path = Path(path).expanduser()
-    if (path / "model_index.json").exists():
-        return _load_diffusers(path, device, dtype)
-    found = ckpt.resolve_resume(str(path), path)
-    if found is None:
-        raise FileNotFoundError(f"checkpoint={path}: not a diffusers model directory and no checkpoint there")
-    cfg = load_train_config(found)
-    from helios.model.encoders import build_text_encoder, build_vae
+    from helios.model.lora import load_trainable_state_dict
     from helios.stages import STAGES
 
+    path = Path(source).expanduser()
+    found = ckpt.resolve_resume(str(path), path, key)
+    if found is None:
+        raise FileNotFoundError(f"{key}={source}: no complete checkpoint there")
+    cfg = load_train_config(found)
     stage = STAGES[cfg.stage](cfg)
     model = stage.build_inference_model() if hasattr(stage, "build_inference_model") else stage.build_model()
     tensors = ckpt.load_tensors(found)
+    if weights == "ema" and "ema" not in tensors:
+        raise ValueError(f"weights=ema: {found} has no EMA weights (stage 3 keeps them); use weights=raw")
     if "base" in tensors:
         model.load_state_dict(tensors["base"], strict=False)
-    from helios.model.lora import load_trainable_state_dict
-
     load_trainable_state_dict(model, tensors["trainable"], strict=False)
-    if hasattr(stage, "sampling_model"):
-        model = stage.sampling_model(model, ema=tensors.get("ema"))
+    if hasattr(
+        stage, "sampling_model"
+    ):  # stage 3: the generator role (the EMA when there is one / asked for)
+        model = stage.sampling_model(model, ema=tensors.get("ema") if weights != "raw" else {})
+    return model.eval(), cfg, found
+
+
+def load_for_inference(
+    path: str | Path, device: torch.device, dtype: torch.dtype = torch.float32
+) -> LoadedModel:
+    path = Path(path).expanduser()
+    if (path / "model_index.json").exists():
+        return _load_diffusers(path, device, dtype)
+    model, cfg, _ = load_checkpoint_model(path, weights="auto")  # stage 3: the EMA generator when saved
+    from helios.model.encoders import build_text_encoder, build_vae
+
     model.requires_grad_(False).eval().to(device)
     if dtype != torch.float32:
         model.to(dtype)
@@ -93,11 +106,9 @@ def _load_diffusers(path: Path, device: torch.device, dtype: torch.dtype) -> Loa
     )
 
 
-def merged_weights(source: str | Path) -> dict[str, torch.Tensor]:
+def merged_weights(source: str | Path, key: str = "init_from") -> dict[str, torch.Tensor]:
     """Plain-model weights of a run dir / checkpoint (LoRA merged) or a diffusers Helios directory."""
-    from helios import checkpoint as ckpt
-    from helios.model.lora import load_trainable_state_dict, merged_state_dict
-    from helios.stages import STAGES
+    from helios.model.lora import merged_state_dict
 
     path = Path(source).expanduser()
     if (path / "model_index.json").exists() or (path / "transformer" / "config.json").exists():
@@ -108,16 +119,7 @@ def merged_weights(source: str | Path) -> dict[str, torch.Tensor]:
         from diffusers import HeliosTransformer3DModel
 
         return HeliosTransformer3DModel.from_pretrained(path).state_dict()
-    found = ckpt.resolve_resume(str(path), path)
-    if found is None:
-        raise FileNotFoundError(f"{source}: no checkpoint or diffusers model there")
-    cfg = load_train_config(found)
-    stage = STAGES[cfg.stage](cfg)
-    model = stage.build_inference_model() if hasattr(stage, "build_inference_model") else stage.build_model()
-    tensors = ckpt.load_tensors(found)
-    if "base" in tensors:
-        model.load_state_dict(tensors["base"], strict=False)
-    load_trainable_state_dict(model, tensors["trainable"], strict=False)
-    if hasattr(stage, "sampling_model"):
-        model = stage.sampling_model(model)
+    model, _, _ = load_checkpoint_model(
+        path, weights="raw", key=key
+    )  # the weights the previous run ended with
     return merged_state_dict(model)
