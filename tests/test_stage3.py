@@ -117,3 +117,34 @@ def test_the_tiny_chain_script(tmp_path):
     assert json.loads((out / "distilled.json").read_text())["frames"] == 60
     for run in ("s1", "s2", "s3_ode", "s3_post"):
         assert (out / run / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_stage3_two_process_ddp_keeps_roles_identical(tmp_path):
+    # the tiny teacher is built by one process (several ranks are told to build it first)
+    _train(["stage=3", "trainer.max_steps=1", "trainer.checkpoint_every=0"], tmp_path / "warm")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "tests/helpers/ddp_probe.py",
+            str(tmp_path),
+            "stage=3",
+            "trainer.batch_size=2",
+            "distill.gan.start_step=1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    w0, w1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
+    assert any(k.startswith("generator.") for k in w0) and any(k.startswith("fake.") for k in w0)
+    assert any(k.startswith("heads.") for k in w0)
+    for key in w0:
+        assert torch.equal(w0[key], w1[key]), key
