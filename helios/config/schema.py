@@ -373,6 +373,9 @@ class DistillConfig(Validated):
     ema_decay: float = 0.99
     ema_start: int = 750
     ode_weight: float = 40.0  # reference: 0.5 * MSE * 80
+    # §4.2 Cache Grad for GAN: the generator's GAN gradient is taken w.r.t. the discriminator's input
+    # right away (its activations freed) and injected into the generator's backward; same gradients.
+    cache_gan_grad: bool = True
     tiny_teacher_steps: int = 60
     gan: GanConfig = field(default_factory=GanConfig)
 

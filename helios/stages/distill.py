@@ -464,9 +464,18 @@ class DistillStage(FlowStage):
                 {"loss_dmd": float(loss_dmd.detach()), "dmd_grad_norm": float(grad.norm() / math.sqrt(b))}
             )
             if gan_on:
-                with frozen(m.fake, m.heads):
-                    loss_g = gan_g_loss(self._disc(m, self._crop(x_tau, top, left), t_tau, cond))
-                total = total + self.d.gan.w_g * loss_g
+                crop = self._crop(x_tau, top, left)
+                if self.d.cache_gan_grad:  # §4.2 Cache Grad: D's input gradient now, its activations freed
+                    x_in = crop.detach().requires_grad_(True)
+                    with frozen(m.fake, m.heads):
+                        loss_g = gan_g_loss(self._disc(m, x_in, t_tau, cond))
+                        (g_x,) = torch.autograd.grad(self.d.gan.w_g * loss_g, x_in)
+                    injected = (crop * g_x).sum()  # its gradient w.r.t. the generator's sample is g_x
+                    total = total + injected - injected.detach() + self.d.gan.w_g * loss_g.detach()
+                else:
+                    with frozen(m.fake, m.heads):
+                        loss_g = gan_g_loss(self._disc(m, crop, t_tau, cond))
+                    total = total + self.d.gan.w_g * loss_g
                 metrics["loss_gan_g"] = float(loss_g.detach())
             metrics["time_generator_s"] = time.perf_counter() - clock
         metrics["tau_mean"] = float(tau.mean())
