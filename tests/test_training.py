@@ -207,3 +207,61 @@ def test_every_switch_trains(tmp_path, overrides):
     metrics = _train(["trainer.max_steps=2", "trainer.checkpoint_every=0", *overrides], tmp_path)
     assert [m["step"] for m in metrics] == [1, 2]
     assert all(torch.isfinite(torch.tensor(m["loss"])) and m["grad_norm"] > 0 for m in metrics)
+
+
+def _last_losses(run_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in read_metrics(run_dir)}  # later lines (after resume) win
+
+
+@pytest.mark.slow
+def test_killed_two_process_run_resumes_exactly(tmp_path):
+    """SIGKILL a 2-process DDP run once its step-2 checkpoint exists, resume it, and compare every later
+    step's loss with an uninterrupted run."""
+    import signal
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [
+        "trainer.max_steps=12",
+        "trainer.checkpoint_every=2",
+        "trainer.log_every=1",
+        "trainer.keep_last=10",
+        "validation.enabled=false",
+        "trainer.progress=false",
+        "seed=11",
+    ]
+
+    def launch(run_dir: Path) -> subprocess.Popen:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "train_helios.py",
+            f"hydra.run.dir={run_dir}",
+            *args,
+        ]
+        return subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        )
+
+    full = launch(tmp_path / "full")
+    assert full.wait(timeout=600) == 0, full.stderr.read().decode()[-2000:]
+
+    killed = launch(tmp_path / "killed")
+    marker = tmp_path / "killed" / "checkpoints" / "step_2" / "COMPLETE"
+    deadline = time.monotonic() + 600
+    while not marker.exists() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait(timeout=60)
+    done = [s for s, _ in list_complete(tmp_path / "killed")]
+    assert 2 in done and max(done) < 12  # it died mid-run, with step 2 saved
+
+    resumed = launch(tmp_path / "killed")  # resume=latest
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read().decode()[-2000:]
+    ref, got = _last_losses(tmp_path / "full"), _last_losses(tmp_path / "killed")
+    assert sorted(got) == list(range(1, 13))
+    for step in range(max(done) + 1, 13):
+        assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-7), step
