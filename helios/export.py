@@ -77,7 +77,7 @@ def export(cfg: ExportConfig) -> Path:
         HeliosPipeline.save_lora_weights(
             out, transformer_lora_layers=lora, transformer_lora_adapter_metadata=metadata
         )
-        full = {k: v for k, v in full_trained_tensors(model).items() if not k.startswith("base_model")}
+        full = full_trained_tensors(model)
         if full:
             save_file(full, str(out / "helios_full_weights.safetensors"))
         info.update(

@@ -345,9 +345,10 @@ class Trainer:
             self.stage.after_optimizer_step(self.model, self.step, stepped)
         elapsed = time.perf_counter() - t0
         clips = self.cfg.trainer.batch_size * self.grad_accum * self.dist.world_size
-        metrics = {k: _nanmean([r.get(k, math.nan) for r in records]) for k in self.metric_keys(records)}
+        keys = self.metric_keys(records)
+        metrics = {k: _nanmean([r.get(k, math.nan) for r in records]) for k in keys}
         metrics["grad_norm"] = grad_norm
-        metrics = all_mean(metrics, self.dist.device, keys=[*self.metric_keys(records), "grad_norm"])
+        metrics = all_mean(metrics, self.dist.device, keys=[*keys, "grad_norm"])
         metrics.update({"lr": lr, "samples_per_s": clips / elapsed, "step_time_s": elapsed})
         if len(self.group_names) > 1:
             metrics.update({f"grad_norm_{n}": role_norms.get(n, 0.0) for n in self.group_names})

@@ -22,17 +22,12 @@ import torch
 from helios.data.inputs import InputItem, Unit, discover_units
 from helios.data.shards import encode_sample, npy_bytes, trim_embeds, write_shard
 from helios.data.video import VideoDecodeError, decode_clip
+from helios.model.encoders import video_frames_for
 
 log = logging.getLogger(__name__)
 
 PROGRESS_DIR = ".progress"
 EMPTY_PROMPT_FILE = "empty_prompt_embeds.npy"
-VAE_TEMPORAL = 4  # Wan VAE: 4x temporal compression, the first frame on its own
-
-
-def video_frames_for(latent_frames: int) -> int:
-    """Pixel frames that the causal Wan VAE encodes into ``latent_frames`` latents."""
-    return VAE_TEMPORAL * (latent_frames - 1) + 1
 
 
 @dataclass

@@ -103,11 +103,13 @@ def list_shards(path: str | Path) -> list[Path]:
 class ShardIndex:
     """Random access to every sample of a shard directory (sidecar indices, or a header scan)."""
 
-    def __init__(self, shards: Iterable[Path], max_open: int = 32) -> None:
+    def __init__(
+        self, shards: Iterable[Path], max_open: int = 32, required: tuple[str, ...] = MEMBERS
+    ) -> None:
         self.entries: list[tuple[Path, dict]] = []
         for shard in shards:
             idx = index_path(shard)
-            items = json.loads(idx.read_text()) if idx.exists() else scan_tar(shard)
+            items = json.loads(idx.read_text()) if idx.exists() else scan_tar(shard, required)
             self.entries.extend((shard, item) for item in items)
         self._files: OrderedDict[Path, io.BufferedReader] = OrderedDict()
         self._max_open = max_open

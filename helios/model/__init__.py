@@ -3,7 +3,6 @@
 from helios.model.encoders import (
     build_text_encoder,
     build_vae,
-    decode_latents,
     encode_prompts,
     encode_video,
 )
@@ -16,7 +15,6 @@ __all__ = [
     "build_transformer",
     "build_vae",
     "count_parameters",
-    "decode_latents",
     "encode_prompts",
     "encode_video",
     "load_trainable_state_dict",

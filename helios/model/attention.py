@@ -84,11 +84,7 @@ def set_processors(model: torch.nn.Module, rope: str = "torch", history_causal: 
             module.set_processor(HeliosProcessor(rope, history_causal and not module.is_cross_attention))
 
 
-def apply_history_causal_mask(model: torch.nn.Module) -> None:
-    set_processors(model, history_causal=True)
-
-
-def triton_usable(device_hint: str = "auto") -> bool:
+def triton_usable() -> bool:
     """Triton kernels run on a CUDA GPU, or anywhere under ``TRITON_INTERPRET=1`` (tests)."""
     return os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
 

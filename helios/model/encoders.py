@@ -14,6 +14,17 @@ from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 from helios.config.schema import TextEncoderConfig, VaeConfig
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
+VAE_TEMPORAL = 4  # Wan VAE: 4x temporal compression, the first frame on its own
+
+
+def video_frames_for(latent_frames: int) -> int:
+    """Pixel frames that the causal Wan VAE encodes into (or decodes from) ``latent_frames`` latents."""
+    return VAE_TEMPORAL * (latent_frames - 1) + 1
+
+
+def latent_frames_for(video_frames: int) -> int:
+    """Latent frames whose decoding covers at least ``video_frames`` frames."""
+    return -(-(video_frames - 1) // VAE_TEMPORAL) + 1
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -114,12 +125,3 @@ def encode_video(vae: AutoencoderKLWan, video: torch.Tensor) -> torch.Tensor:
     z = vae.encode(video.to(param.device, param.dtype)).latent_dist.mode().float()
     mean, std = latent_stats(vae)
     return (z - mean.to(z.device)) / std.to(z.device)
-
-
-@torch.no_grad()
-def decode_latents(vae: AutoencoderKLWan, latents: torch.Tensor) -> torch.Tensor:
-    """Normalised latents -> pixels in [-1, 1]."""
-    param = next(vae.parameters())
-    mean, std = latent_stats(vae)
-    z = latents.float() * std.to(latents.device) + mean.to(latents.device)
-    return vae.decode(z.to(param.device, param.dtype)).sample.float().clamp(-1, 1)

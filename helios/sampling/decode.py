@@ -15,10 +15,10 @@ class StreamingDecoder:
     """``push(latents)`` normalised section latents [B, C, T, h, w] -> pixels [B, 3, T', H, W] in [-1, 1]."""
 
     def __init__(self, vae) -> None:
+        from helios.model.encoders import latent_stats
+
         self.vae = vae
-        c = vae.config.z_dim
-        self.mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32).view(1, c, 1, 1, 1)
-        self.std = torch.tensor(vae.config.latents_std, dtype=torch.float32).view(1, c, 1, 1, 1)
+        self.mean, self.std = latent_stats(vae)
         self.reset()
 
     def reset(self) -> None:

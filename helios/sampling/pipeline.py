@@ -11,14 +11,12 @@ import torch
 
 from helios.config.schema import CorruptConfig, SamplerConfig
 from helios.history import HistoryLayout
-from helios.model.encoders import encode_prompts, encode_video
+from helios.model.encoders import VAE_TEMPORAL, encode_prompts, encode_video, latent_frames_for
 from helios.sampling.autoregressive import sample_video
 from helios.sampling.decode import StreamingDecoder, seam_statistic
 from helios.sampling.drift import AdaptiveAntiDrift, AdaptiveConfig, drift_report, section_stats
 from helios.sampling.prompts import PromptSchedule
 from helios.sampling.section import Guidance, SectionSampler
-
-VAE_TEMPORAL = 4
 
 
 def build_section_sampler(cfg: SamplerConfig, patch_size=(1, 2, 2)) -> SectionSampler:
@@ -49,8 +47,7 @@ def build_section_sampler(cfg: SamplerConfig, patch_size=(1, 2, 2)) -> SectionSa
 
 def sections_for(num_frames: int, window: int) -> int:
     """Sections whose latents decode to at least ``num_frames`` frames (causal VAE: 4(T-1)+1)."""
-    latent_frames = -(-(num_frames - 1) // VAE_TEMPORAL) + 1
-    return max(1, math.ceil(latent_frames / window))
+    return max(1, math.ceil(latent_frames_for(num_frames) / window))
 
 
 @dataclass

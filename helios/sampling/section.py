@@ -19,17 +19,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from diffusers.pipelines.helios.pipeline_helios import calculate_shift
+
+from helios.pyramid import double_nearest, halve
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, timestep, embeds) -> v
-
-
-def calculate_shift(
-    seq_len: int, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15
-) -> float:
-    """mu for dynamic shifting (the schedulers' convention; :mod:`helios.flow` has the training twin)."""
-    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
-    return seq_len * m + base_shift - m * base_seq_len
 
 
 def block_noise(
@@ -66,6 +60,21 @@ def renoise_coefficients(start_sigma: float, gamma: float) -> tuple[float, float
     return alpha, alpha * (1.0 - ori) / math.sqrt(gamma)
 
 
+def upsample_renoise(
+    x: torch.Tensor,
+    ori_start_sigma: float,
+    gamma: float,
+    generator: torch.Generator | None,
+    patch: tuple[int, int] = (2, 2),
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Stage hand-off (§3.3.2): nearest 2x upsample, then ``alpha * x + beta * block_noise``."""
+    x = double_nearest(x)
+    alpha, beta = renoise_coefficients(ori_start_sigma, gamma)
+    noise = block_noise(tuple(x.shape), gamma, generator, patch, device or x.device)
+    return alpha * x + beta * noise.to(x.dtype)
+
+
 def cfg_zero_star_scale(cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
     """s* = <v_c, v_u> / ||v_u||^2 per sample (CFG-Zero*)."""
     b = cond.shape[0]
@@ -95,13 +104,6 @@ class Guidance:
         if stage == 0 and step <= self.zero_steps and self.zero_init:
             return cond * 0.0
         return uncond * s + self.scale * (cond - uncond * s)
-
-
-def _resize_frames(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
-    b, c, t, h, w = x.shape
-    y = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
-    y = F.interpolate(y, size=size, mode=mode)
-    return y.reshape(b, t, c, *size).permute(0, 2, 1, 3, 4)
 
 
 class SectionSampler:
@@ -140,10 +142,8 @@ class SectionSampler:
         from diffusers.utils.torch_utils import randn_tensor
 
         x = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-        h, w = shape[-2:]
         for _ in range(self.num_stages - 1):
-            h, w = h // 2, w // 2
-            x = _resize_frames(x, (h, w), "bilinear") * 2
+            x = halve(x) * 2
         return x
 
     def _set_timesteps(self, stage: int, x: torch.Tensor, device, first_section: bool) -> None:
@@ -180,15 +180,10 @@ class SectionSampler:
         for stage in range(self.num_stages):
             self._set_timesteps(stage, x, device, first_section)
             if stage > 0:
-                h, w = x.shape[-2] * 2, x.shape[-1] * 2
-                x = _resize_frames(x, (h, w), "nearest")
-                alpha, beta = renoise_coefficients(
-                    self.scheduler.ori_start_sigmas[stage], self.scheduler.config.gamma
+                gamma = self.scheduler.config.gamma
+                x = upsample_renoise(
+                    x, self.scheduler.ori_start_sigmas[stage], gamma, generator, self.patch[1:], device
                 )
-                noise = block_noise(
-                    tuple(x.shape), self.scheduler.config.gamma, generator, self.patch[1:], device
-                )
-                x = alpha * x + beta * noise.to(x.dtype)
                 if starts is not None:
                     starts.append(x)
             timesteps = self.scheduler.timesteps

@@ -43,8 +43,8 @@ from helios.distill import (
 from helios.flow import NUM_TRAIN_TIMESTEPS, shift_factor, shift_sigmas, token_count
 from helios.model import apply_lora, build_transformer
 from helios.model.gan import GanHeads
-from helios.pyramid import double_nearest
-from helios.sampling.section import block_noise, calculate_shift, renoise_coefficients
+from helios.pyramid import halve
+from helios.sampling.section import calculate_shift, upsample_renoise
 from helios.stages.flow import FlowStage
 
 
@@ -75,12 +75,10 @@ class OdePairDataset(torch.utils.data.Dataset):
     """ODE pairs written by ``helios.ode_pairs`` (same batching interface as the clip dataset)."""
 
     def __init__(self, path: str | Path, stages: int, max_sequence_length: int) -> None:
-        from helios.data.shards import ShardIndex, list_shards, scan_tar
+        from helios.data.shards import ShardIndex, list_shards
         from helios.ode_pairs import ODE_MEMBERS
 
-        shards = list_shards(path)
-        self.index = ShardIndex([])
-        self.index.entries = [(s, e) for s in shards for e in scan_tar(s, ODE_MEMBERS)]
+        self.index = ShardIndex(list_shards(path), required=ODE_MEMBERS)
         self.stages, self.max_len = stages, max_sequence_length
         self.eligible = list(range(len(self.index)))
         self.buckets = {(0, 0): self.eligible}
@@ -353,15 +351,12 @@ class DistillStage(FlowStage):
         exit_j = int(torch.randint(self.d.steps[-1], (1,), generator=shared))
         x = torch.randn(b, c, t, h, w, generator=gen).to(device)
         for _ in range(k_max - 1):
-            x = F.interpolate(x.flatten(1, 2), scale_factor=0.5, mode="bilinear").unflatten(1, (c, t)) * 2
-        gamma = self.cfg.pyramid.gamma
+            x = halve(x) * 2
         sched = self._scheduler_for()
         x0 = x
         for k in range(k_max):
             if k > 0:
-                alpha, beta = renoise_coefficients(sched.ori_start_sigmas[k], gamma)
-                x = double_nearest(x0.detach())
-                x = alpha * x + beta * block_noise(tuple(x.shape), gamma, gen).to(device)
+                x = upsample_renoise(x0.detach(), sched.ori_start_sigmas[k], self.cfg.pyramid.gamma, gen)
             start = x
             timesteps, sigmas = self._stage_schedule(k, x.shape)
             for j in range(len(timesteps)):
