@@ -383,8 +383,12 @@ class Trainer:
             metrics = self.train_step()
             validate = v.enabled and ((v.every and self.step % v.every == 0) or self.step == last)
             if validate:
+                if hasattr(self.stage, "before_validation"):
+                    self.stage.before_validation()  # collective (e.g. gathers a sharded EMA)
                 if self.dist.is_main:
                     metrics.update(self.validate())
+                if hasattr(self.stage, "after_validation"):
+                    self.stage.after_validation()
                 barrier()
             if validate or self.step % self.cfg.trainer.log_every == 0 or self.step == last:
                 logger.log(self.step, metrics)

@@ -372,6 +372,8 @@ class DistillConfig(Validated):
     renoise_anneal_steps: int = 500
     ema_decay: float = 0.99
     ema_start: int = 750
+    # §4.2 sharded EMA: each rank keeps 1/world of the fp32 EMA (gathered to save); false: full copies
+    ema_sharded: bool = True
     ode_weight: float = 40.0  # reference: 0.5 * MSE * 80
     # §4.2 Cache Grad for GAN: the generator's GAN gradient is taken w.r.t. the discriminator's input
     # right away (its activations freed) and injected into the generator's backward; same gradients.

@@ -35,11 +35,11 @@ from helios.distill import (
     cfg_x0,
     dmd_gradient,
     dmd_loss,
-    ema_update,
     frozen,
     gan_d_loss,
     gan_g_loss,
 )
+from helios.ema import ShardedEma
 from helios.flow import NUM_TRAIN_TIMESTEPS, shift_factor, shift_sigmas, token_count
 from helios.model import apply_lora, build_transformer
 from helios.model.gan import GanHeads
@@ -117,7 +117,10 @@ class DistillStage(FlowStage):
         self.ttur = TTUR(d.ttur)
         self.renoise = RenoiseSchedule(d.renoise_a0, d.renoise_b0, d.renoise_anneal_steps)
         self.ema_schedule = EmaSchedule(d.ema_decay, d.ema_start)
-        self.ema: dict[str, torch.Tensor] | None = None
+        self.ema: ShardedEma | None = None
+        self._ema_full: dict[str, torch.Tensor] | None = None  # gathered for validation only
+        self.rank, self.world_size = 0, 1
+        self.model: DistillModule | None = None
         self.current_step = 0
         self.empty: torch.Tensor | None = None
         self._scheduler = None
@@ -128,6 +131,8 @@ class DistillStage(FlowStage):
         empty prompt (unconditional branch of the real score's CFG)."""
         from helios.data.prepare_job import load_empty_prompt
 
+        if self.d.ema_sharded and dist is not None:
+            self.rank, self.world_size = dist.rank, dist.world_size
         if self.d.teacher is None:
             if self.cfg.model.name != "tiny":
                 raise ConfigError(
@@ -240,7 +245,8 @@ class DistillStage(FlowStage):
         )
         generator = self._role(generator_state, self.cfg.model.lora)
         if self.d.phase == "ode":
-            return DistillModule(generator)
+            self.model = DistillModule(generator)
+            return self.model
         lora = self.cfg.model.lora
         fake_lora = LoraConfig(
             enabled=True,
@@ -263,7 +269,8 @@ class DistillStage(FlowStage):
             if self.d.gan.enabled
             else None
         )
-        return DistillModule(generator, fake, real, heads)
+        self.model = DistillModule(generator, fake, real, heads)
+        return self.model
 
     def param_groups(self, model: DistillModule) -> list[dict]:
         groups = [
@@ -281,8 +288,10 @@ class DistillStage(FlowStage):
         return groups
 
     def sampling_model(self, model: DistillModule, ema: dict | None = None) -> nn.Module:
-        """The generator, with the EMA weights when there are any (a copy; training weights untouched)."""
-        ema = ema if ema is not None else self.ema
+        """The generator, with the EMA weights when there are any (a copy; training weights untouched).
+
+        During training the EMA is the one ``before_validation`` gathered on every rank."""
+        ema = ema if ema is not None else self._ema_full
         if not ema:
             return model.generator
         generator = copy.deepcopy(model.generator)
@@ -502,21 +511,37 @@ class DistillStage(FlowStage):
             "time_generator_s",
         ]
 
+    def _ema_params(self, model: DistillModule) -> dict[str, torch.Tensor]:
+        return {f"generator.{n}": p for n, p in model.generator.named_parameters() if p.requires_grad}
+
     def after_optimizer_step(self, model: DistillModule, step: int, stepped: list[str]) -> None:
         decay = self.ema_schedule(step)
         if "generator" not in stepped or decay is None:
             return
-        params = {f"generator.{n}": p for n, p in model.generator.named_parameters() if p.requires_grad}
-        if self.ema is None:
-            self.ema = {n: p.detach().float().cpu().clone() for n, p in params.items()}
+        params = self._ema_params(model)
+        if self.ema is None:  # starts as a copy of the generator at ema_start
+            self.ema = ShardedEma(params, self.rank, self.world_size)
         else:
-            ema_update(self.ema, {n: p.detach().cpu() for n, p in params.items()}, decay)
+            self.ema.update(params, decay)
+
+    def before_validation(self) -> None:
+        """Collective: the full EMA for the main rank's validation sampler."""
+        self._ema_full = self.ema.gather() if self.ema is not None else None
+
+    def after_validation(self) -> None:
+        self._ema_full = None
 
     def extra_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {"ema": self.ema} if self.ema else {}
+        """Collective: the sharded EMA is gathered for the checkpoint."""
+        return {"ema": self.ema.gather()} if self.ema is not None else {}
 
     def load_extra_tensors(self, tensors: dict) -> None:
-        self.ema = tensors.get("ema")
+        full = tensors.get("ema")
+        if full is None or self.model is None:
+            self.ema = None
+            return
+        self.ema = ShardedEma(self._ema_params(self.model), self.rank, self.world_size)
+        self.ema.load(full)
 
     def state_dict(self) -> dict[str, Any]:
         return {"teacher": self.d.teacher, "ode_pairs": self.d.ode_pairs}
