@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +70,10 @@ def save(
     objects: dict[str, Any],
     rank_state: dict[str, Any],
     keep_last: int,
+    write_extra: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Save a checkpoint collectively (every rank calls this)."""
+    """Save a checkpoint collectively (every rank calls this). ``write_extra(tmp_dir)`` runs on every
+    rank before the marker (e.g. DeepSpeed's per-rank optimiser partitions)."""
     root = checkpoint_dir(run_dir)
     final = root / f"step_{step}"
     tmp_name = broadcast_object(f"step_{step}.tmp-{os.getpid()}" if dist_info.is_main else None)
@@ -85,6 +88,8 @@ def save(
             save_file(tensor_dict, str(tmp / f"{name}.safetensors"))
         torch.save(objects, tmp / "state.pt")
         (tmp / "meta.json").write_text(json.dumps({"step": step, "world_size": dist_info.world_size}))
+    if write_extra is not None:
+        write_extra(tmp)
     barrier()
     if dist_info.is_main:
         (tmp / MARKER).write_text("ok\n")

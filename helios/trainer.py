@@ -128,14 +128,6 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.params:
             raise ConfigError("model.lora", "nothing is trainable: enable LoRA or set memory_patch=full")
-        if self.dist.enabled:
-            self.wrapped = DistributedDataParallel(
-                self.model,
-                device_ids=[self.dist.local_rank] if self.dist.device.type == "cuda" else None,
-                find_unused_parameters=cfg.parallel.find_unused_parameters,
-            )
-        else:
-            self.wrapped = self.model
         o = cfg.optim
         groups = (
             self.stage.param_groups(self.model)
@@ -144,23 +136,55 @@ class Trainer:
         )
         self.group_names = [g["name"] for g in groups]
         self.opt_steps = dict.fromkeys(self.group_names, 0)
-        self.optimizer = torch.optim.AdamW(
-            [{"params": g["params"], "lr": g["lr"]} for g in groups],
-            lr=o.lr,
-            betas=tuple(o.betas),
-            eps=o.eps,
-            weight_decay=o.weight_decay,
-        )
         from diffusers.optimization import get_scheduler
 
-        self.lr_scheduler = get_scheduler(
-            o.schedule,
-            self.optimizer,
-            num_warmup_steps=o.warmup_steps,
-            num_training_steps=max(1, cfg.trainer.max_steps),
-        )
+        def make_scheduler(optimizer):
+            return get_scheduler(
+                o.schedule,
+                optimizer,
+                num_warmup_steps=o.warmup_steps,
+                num_training_steps=max(1, cfg.trainer.max_steps),
+            )
+
+        if cfg.parallel.backend != "ddp":
+            self._build_engines(groups, make_scheduler)
+        else:
+            self.engines = None
+            if self.dist.enabled:
+                self.wrapped = DistributedDataParallel(
+                    self.model,
+                    device_ids=[self.dist.local_rank] if self.dist.device.type == "cuda" else None,
+                    find_unused_parameters=cfg.parallel.find_unused_parameters,
+                )
+            else:
+                self.wrapped = self.model
+            self.optimizer = torch.optim.AdamW(
+                [{"params": g["params"], "lr": g["lr"]} for g in groups],
+                lr=o.lr,
+                betas=tuple(o.betas),
+                eps=o.eps,
+                weight_decay=o.weight_decay,
+            )
+            self.lr_scheduler = make_scheduler(self.optimizer)
         self.generator = torch.Generator().manual_seed(cfg.seed * 100_003 + self.dist.rank)
         seed_everything(cfg.seed * 100_003 + self.dist.rank)  # per-rank streams from here on
+
+    def _build_engines(self, groups: list[dict], make_scheduler) -> None:
+        """``parallel=zero2|zero3``: one DeepSpeed engine per role (helios/zero.py)."""
+        from helios.zero import RoleEngines
+
+        modules = self.stage.role_modules(self.model) if hasattr(self.stage, "role_modules") else None
+        modules = modules or {"model": self.model}
+        for role in ("model", "generator", "critic", "real"):
+            if getattr(self.cfg.parallel.roles, role) and role not in modules:
+                raise ConfigError(
+                    f"parallel.roles.{role}",
+                    f"stage {self.cfg.stage} ({self.cfg.phase}) has no role {role!r}; its roles: "
+                    + ", ".join(modules),
+                )
+        self.engines = RoleEngines(self.cfg, modules, groups, self.grad_accum, make_scheduler)
+        self.wrapped = self.model
+        self.optimizer = self.lr_scheduler = None
 
     # ------------------------------------------------------------------ checkpoint
     def _rank_state(self) -> dict:
@@ -176,24 +200,27 @@ class Trainer:
         return state
 
     def save_checkpoint(self) -> Path:
-        tensors = {"trainable": trainable_state_dict(self.model)}
-        if self.cfg.model.transformer.source == "random":
-            # A random base exists nowhere on disk: keep it, so export/resume never depend on init_seed.
-            tensors["base"] = {
-                n: p.detach().cpu().contiguous()
-                for n, p in self.model.state_dict().items()
-                if n not in tensors["trainable"]
-            }
+        gathered = self.engines.gathered() if self.engines else contextlib.nullcontext()
+        with gathered:  # ZeRO-3: full weights on every rank for the duration (collective)
+            tensors = {"trainable": trainable_state_dict(self.model)}
+            if self.cfg.model.transformer.source == "random":
+                # A random base exists nowhere on disk: keep it, so export/resume never depend on init_seed.
+                tensors["base"] = {
+                    n: p.detach().cpu().contiguous()
+                    for n, p in self.model.state_dict().items()
+                    if n not in tensors["trainable"]
+                }
         if hasattr(self.stage, "extra_tensors"):
             tensors.update(self.stage.extra_tensors())
         objects = {
             "opt_steps": self.opt_steps,
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.lr_scheduler.state_dict(),
             "stage": self.stage.state_dict(),
             "config": to_yaml(self.cfg),
         }
+        if self.engines is None:
+            objects["optimizer"] = self.optimizer.state_dict()
+            objects["lr_scheduler"] = self.lr_scheduler.state_dict()
         path = checkpoint.save(
             self.run_dir,
             self.step,
@@ -202,6 +229,7 @@ class Trainer:
             objects,
             self._rank_state(),
             self.cfg.trainer.keep_last,
+            write_extra=(lambda tmp: self.engines.save(tmp / "zero")) if self.engines else None,
         )
         if self.dist.is_main:
             log.info("saved checkpoint %s", path)
@@ -227,9 +255,22 @@ class Trainer:
 
     def load_checkpoint(self, path: Path) -> None:
         tensors, objects, rank_state = checkpoint.load(path, self.dist)
-        self._load_weights(tensors)
-        self.optimizer.load_state_dict(objects["optimizer"])
-        self.lr_scheduler.load_state_dict(objects["lr_scheduler"])
+        if self.engines is not None:
+            if not (path / "zero").is_dir():
+                raise ValueError(
+                    f"resume={path}: written with parallel=ddp, this run uses "
+                    f"parallel={self.cfg.parallel.backend}; resume with the same backend or init_from={path}"
+                )
+            self.engines.load(path / "zero")  # weights, partitioned optimiser state, LR scheduler
+        else:
+            if "optimizer" not in objects:
+                raise ValueError(
+                    f"resume={path}: written with parallel=zero*, this run uses parallel=ddp; resume with "
+                    f"the same backend or init_from={path}"
+                )
+            self._load_weights(tensors)
+            self.optimizer.load_state_dict(objects["optimizer"])
+            self.lr_scheduler.load_state_dict(objects["lr_scheduler"])
         self.stage.load_state_dict(objects["stage"])
         if hasattr(self.stage, "load_extra_tensors"):
             self.stage.load_extra_tensors(tensors)
@@ -301,13 +342,19 @@ class Trainer:
         with sync:
             with autocast:
                 loss, stats = self.stage.compute_loss(self.wrapped, batch, self.generator)
-            if not torch.isfinite(loss):
+            # a stage with several roles returns one loss per role (their graphs are disjoint)
+            losses = loss if isinstance(loss, dict) else {self.group_names[0]: loss}
+            total = sum(losses.values())
+            if not torch.isfinite(total):
                 raise FloatingPointError(
-                    f"loss is {loss.item()} at step {self.step + 1}; lower optim.lr or check the data "
+                    f"loss is {total.item()} at step {self.step + 1}; lower optim.lr or check the data "
                     f"(resume=latest restarts from the last checkpoint)"
                 )
-            (loss / self.grad_accum).backward()
-        return float(loss.detach()), stats
+            if self.engines is not None:
+                self.engines.backward(losses)  # per role: backward + step (applied at the boundary)
+            else:
+                (total / self.grad_accum).backward()
+        return float(total.detach()), stats
 
     def train_step(self) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -326,18 +373,12 @@ class Trainer:
                     "or fewer history/window frames"
                 ) from err
             records.append({"loss": loss, **stats})
-        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
-        role_norms, stepped = {}, []
-        for name, group in zip(self.group_names, self.optimizer.param_groups):
-            with_grad = [p for p in group["params"] if p.grad is not None]
-            if with_grad:  # a role without gradients (TTUR) is not stepped: AdamW skips it
-                role_norms[name] = float(torch.nn.utils.clip_grad_norm_(with_grad, clip))
-                stepped.append(name)
+        if self.engines is not None:
+            lr = self.engines.lr()
+            role_norms, stepped = self.engines.finish_step()
+        else:
+            role_norms, stepped, lr = self._optimizer_step()
         grad_norm = math.sqrt(sum(n**2 for n in role_norms.values())) if role_norms else 0.0
-        lr = self.lr_scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         for name in stepped:
             self.opt_steps[name] += 1
         self.step += 1
@@ -354,6 +395,21 @@ class Trainer:
             metrics.update({f"grad_norm_{n}": role_norms.get(n, 0.0) for n in self.group_names})
             metrics.update({f"opt_steps_{n}": float(self.opt_steps[n]) for n in self.group_names})
         return metrics
+
+    def _optimizer_step(self) -> tuple[dict[str, float], list[str], float]:
+        """DDP / single process: per-role clipping, then one AdamW step over the roles with gradients."""
+        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
+        role_norms, stepped = {}, []
+        for name, group in zip(self.group_names, self.optimizer.param_groups):
+            with_grad = [p for p in group["params"] if p.grad is not None]
+            if with_grad:  # a role without gradients (TTUR) is not stepped: AdamW skips it
+                role_norms[name] = float(torch.nn.utils.clip_grad_norm_(with_grad, clip))
+                stepped.append(name)
+        lr = self.lr_scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return role_norms, stepped, lr
 
     def metric_keys(self, records: list[dict]) -> list[str]:
         """The stage's metric names: fixed per stage so every rank all-reduces the same list."""
@@ -385,7 +441,8 @@ class Trainer:
             if validate:
                 if hasattr(self.stage, "before_validation"):
                     self.stage.before_validation()  # collective (e.g. gathers a sharded EMA)
-                if self.dist.is_main:
+                # under ZeRO-3 every rank joins the sampler's forwards (weights are gathered per layer)
+                if self.dist.is_main or (self.engines is not None and self.engines.any_zero3):
                     metrics.update(self.validate())
                 if hasattr(self.stage, "after_validation"):
                     self.stage.after_validation()
@@ -447,10 +504,13 @@ class Trainer:
                         adaptive_seed=v.seed + i,
                     )
                 out = self.run_dir / "samples" / f"step_{self.step}_{i}.mp4"
-                out.parent.mkdir(parents=True, exist_ok=True)
-                frames = ((result.frames[0].permute(1, 2, 3, 0).float().cpu() + 1) / 2).clamp(0, 1).numpy()
-                export_to_video(list(frames), str(out), fps=v.fps)
-                out.with_suffix(".json").write_text(json.dumps({**result.stats, "prompt": prompt}, indent=2))
+                if self.dist.is_main:
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    frames = ((result.frames[0].permute(1, 2, 3, 0).float().cpu() + 1) / 2).clamp(0, 1)
+                    export_to_video(list(frames.numpy()), str(out), fps=v.fps)
+                    out.with_suffix(".json").write_text(
+                        json.dumps({**result.stats, "prompt": prompt}, indent=2)
+                    )
                 for key, value in result.stats["drift"]["max_abs_delta"].items():
                     metrics[f"val/{i}/drift_{key}"] = value
                 metrics[f"val/{i}/seam_ratio"] = result.stats["seams"]["ratio"]
@@ -458,7 +518,8 @@ class Trainer:
                 reports.append(result.stats)
             if self.tracker is not None:
                 self.tracker.log_validation(self.step, videos, reports, v.fps)
-            print(f"validation videos: {self.run_dir / 'samples'}", flush=True)
+            if self.dist.is_main:
+                print(f"validation videos: {self.run_dir / 'samples'}", flush=True)
         finally:
             self.model.train(was_training)
             vae.to("cpu")

@@ -180,8 +180,8 @@ def test_cached_gan_gradient_equals_plain_autograd(tmp_path):
                 )
             )
         )
-        loss, stats = trainer.stage.compute_loss(trainer.model, batch, torch.Generator().manual_seed(7))
-        loss.backward()
+        losses, stats = trainer.stage.compute_loss(trainer.model, batch, torch.Generator().manual_seed(7))
+        sum(losses.values()).backward()
         assert math.isfinite(stats["loss_gan_g"])
         grads[cached] = {
             n: p.grad.clone() for n, p in trainer.model.generator.named_parameters() if p.grad is not None

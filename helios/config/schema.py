@@ -491,16 +491,60 @@ class DataConfig(Validated):
 
 
 @dataclass
+class RoleParallelConfig(Validated):
+    """Per-role ZeRO stage under ``parallel=zero2|zero3`` ("" = the backend's): stage 3's ``generator``,
+    ``critic`` (fake score + GAN heads) and frozen ``real`` score (zero3: partitioned, else replicated),
+    or stages 1-2's ``model``."""
+
+    model: str = ""
+    generator: str = ""
+    critic: str = ""
+    real: str = ""
+
+    def _validate(self, prefix: str) -> None:
+        for k in ("model", "generator", "critic", "real"):
+            _choice(getattr(self, k), ("", "zero2", "zero3"), prefix + k)
+
+
+@dataclass
 class ParallelConfig(Validated):
-    """Data parallelism. ``ddp`` wraps the trainable model in DistributedDataParallel."""
+    """Data parallelism. ``ddp`` wraps the trainable model in DistributedDataParallel; ``zero2|zero3``
+    give each role a DeepSpeed ZeRO engine (helios/zero.py)."""
 
     backend: str = "ddp"
     dist_backend: str = "auto"
     find_unused_parameters: bool = False
+    roles: RoleParallelConfig = field(default_factory=RoleParallelConfig)
+    zero_offload_optimizer: bool = False  # ZeRO-Offload: optimiser state and step on the CPU
+    zero_offload_params: bool = False  # ZeRO-3 roles keep their parameters in host memory
+    zero_bucket_size: int = 50_000_000
+    zero3_persistence_threshold: int = 100_000
+
+    def role_backend(self, role: str) -> str:
+        return getattr(self.roles, role, "") or self.backend
 
     def _validate(self, prefix: str) -> None:
-        _choice(self.backend, ("ddp",), prefix + "backend")
+        _choice(self.backend, ("ddp", "zero2", "zero3"), prefix + "backend")
         _choice(self.dist_backend, ("auto", "gloo", "nccl"), prefix + "dist_backend")
+        if self.backend == "ddp":
+            for k in ("model", "generator", "critic", "real"):
+                _check(
+                    not getattr(self.roles, k),
+                    prefix + f"roles.{k}",
+                    "per-role ZeRO stages need parallel=zero2 or parallel=zero3",
+                )
+            _check(
+                not (self.zero_offload_optimizer or self.zero_offload_params),
+                prefix + "zero_offload_optimizer",
+                "ZeRO offload needs parallel=zero2 or parallel=zero3",
+            )
+        if self.zero_offload_params:
+            _check(
+                "zero3" in (self.backend, *vars(self.roles).values()),
+                prefix + "zero_offload_params",
+                "parameter offload needs a ZeRO-3 role",
+            )
+        _check(self.zero_bucket_size > 0, prefix + "zero_bucket_size", "must be > 0")
 
 
 @dataclass

@@ -287,13 +287,20 @@ class DistillStage(FlowStage):
             groups.append({"name": "critic", "lr": self.d.fake_lr, "params": critic})
         return groups
 
+    def role_modules(self, model: DistillModule) -> dict[str, nn.Module]:
+        """The roles as engines see them (``parallel=zero2|zero3``): the critic is fake score + heads."""
+        if model.fake is None:
+            return {"generator": model.generator}
+        critic = nn.ModuleDict({"fake": model.fake, **({"heads": model.heads} if model.heads else {})})
+        return {"generator": model.generator, "critic": critic, "real": model.real}
+
     def sampling_model(self, model: DistillModule, ema: dict | None = None) -> nn.Module:
         """The generator, with the EMA weights when there are any (a copy; training weights untouched).
 
         During training the EMA is the one ``before_validation`` gathered on every rank."""
         ema = ema if ema is not None else self._ema_full
-        if not ema:
-            return model.generator
+        if not ema or any(hasattr(p, "ds_tensor") for p in model.generator.parameters()):
+            return model.generator  # (a ZeRO-3-partitioned generator samples with its raw weights)
         generator = copy.deepcopy(model.generator)
         params = dict(generator.named_parameters())
         with torch.no_grad():
@@ -416,7 +423,7 @@ class DistillStage(FlowStage):
         eps = torch.randn(x0d.shape, generator=gen).to(device)
         x_t = (1 - t.view(-1, 1, 1, 1, 1)) * x0d + t.view(-1, 1, 1, 1, 1) * eps
         loss_flow = F.mse_loss(self._call(m.fake, x_t, t * NUM_TRAIN_TIMESTEPS, cond), eps - x0d)
-        total = loss_flow
+        critic = loss_flow
         metrics["loss_flow"] = float(loss_flow.detach())
 
         shift = shift_factor(token_count(*target.shape[2:]), self.cfg.flow.shift)
@@ -433,7 +440,7 @@ class DistillStage(FlowStage):
             l_real, l_fake = self._disc(m, real_c, t_tau, cond), self._disc(m, fake_c, t_tau, cond)
             r1 = approx_r1(lambda x: self._disc(m, x, t_tau, cond), real_c, self.d.gan.r1_sigma, gen)
             loss_d = gan_d_loss(l_real, l_fake) + self.d.gan.r1_lambda * r1
-            total = total + self.d.gan.w_d * loss_d
+            critic = critic + self.d.gan.w_d * loss_d
             metrics.update(
                 {
                     "loss_gan_d": float(loss_d.detach()),
@@ -444,6 +451,7 @@ class DistillStage(FlowStage):
             )
 
         metrics["time_critic_s"], clock = time.perf_counter() - clock, time.perf_counter()
+        losses = {"critic": critic}
         if update_g:  # generator: DMD (+ GAN G) through the exit step only
             x_tau = (1 - tau5) * x0 + tau5 * torch.randn(x0.shape, generator=gen).to(device)
             with torch.no_grad():
@@ -463,7 +471,7 @@ class DistillStage(FlowStage):
                 fake_x0 = xt - tau5 * self._call(m.fake, xt, t_tau, cond)
             grad = dmd_gradient(x0.detach(), real_x0, fake_x0)
             loss_dmd = dmd_loss(x0, grad)
-            total = total + loss_dmd
+            total = loss_dmd
             metrics.update(
                 {"loss_dmd": float(loss_dmd.detach()), "dmd_grad_norm": float(grad.norm() / math.sqrt(b))}
             )
@@ -481,9 +489,10 @@ class DistillStage(FlowStage):
                         loss_g = gan_g_loss(self._disc(m, crop, t_tau, cond))
                     total = total + self.d.gan.w_g * loss_g
                 metrics["loss_gan_g"] = float(loss_g.detach())
+            losses["generator"] = total
             metrics["time_generator_s"] = time.perf_counter() - clock
         metrics["tau_mean"] = float(tau.mean())
-        return total, {**stats, **metrics}
+        return losses, {**stats, **metrics}
 
     # ------------------------------------------------------------------ bookkeeping
     def metric_names(self) -> list[str]:

@@ -1,0 +1,188 @@
+"""DeepSpeed ZeRO-2/3, one engine per role (``parallel=zero2|zero3``, per-role ``parallel.roles.*``).
+
+Each trainable role (stages 1-2: ``model``; stage 3: ``generator`` and ``critic`` = fake score + GAN
+heads) gets its own engine, optimiser, LR scheduler, gradient clipping and step counter; the frozen real
+score is partitioned by a ZeRO-3 engine without optimiser (or replicated under ``zero2``). A role's
+engine gets exactly one ``backward`` + ``step`` per micro-batch in which it has a loss, so TTUR and the
+per-role step counts hold (the reference code's accelerate wrapper stepped an engine on every backward).
+
+Precision is the trainer's: bf16 autocast with fp32 trainable weights and a bf16 frozen base, so ZeRO
+and DDP runs compute the same thing. Engines are called through their modules (ZeRO-3 gathers the
+partitioned weights with module hooks), so stages need not know which backend runs them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from helios.config.schema import ConfigError, TrainConfig
+
+log = logging.getLogger(__name__)
+# DeepSpeed still calls the collectives torch renamed; the warning repeats on every step
+warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed.c10d_logger")
+
+
+def deepspeed_config(zero_stage: int, cfg: TrainConfig, grad_accum: int, clip: float, train: bool) -> dict:
+    """The DeepSpeed config of one role's engine."""
+    p = cfg.parallel
+    zero: dict = {
+        "stage": zero_stage,
+        "contiguous_gradients": True,
+        "overlap_comm": torch.cuda.is_available(),
+        "reduce_bucket_size": p.zero_bucket_size,
+        "allgather_bucket_size": p.zero_bucket_size,
+    }
+    if zero_stage == 3:
+        zero.update(
+            {
+                "stage3_prefetch_bucket_size": p.zero_bucket_size,
+                "stage3_param_persistence_threshold": p.zero3_persistence_threshold,
+            }
+        )
+        if p.zero_offload_params:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if train and p.zero_offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return {
+        "train_micro_batch_size_per_gpu": cfg.trainer.batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": clip if clip > 0 else 0.0,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _ensure_process_group() -> None:
+    """DeepSpeed needs a process group even for one process (``python train_helios.py parallel=zero2``)."""
+    import os
+    import socket
+
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(port))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
+    deepspeed.init_distributed(dist_backend=dist.get_backend())
+
+
+class RoleEngines:
+    """The DeepSpeed engines of a run, by role, with the trainer's optimiser and scheduler settings."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        modules: dict[str, nn.Module],
+        groups: list[dict],
+        grad_accum: int,
+        make_scheduler,
+    ) -> None:
+        import deepspeed
+
+        _ensure_process_group()
+        self.cfg, self.grad_accum = cfg, grad_accum
+        self.engines: dict[str, deepspeed.DeepSpeedEngine] = {}
+        self.frozen: dict[str, deepspeed.DeepSpeedEngine] = {}
+        self.kind = {name: cfg.parallel.role_backend(name) for name in modules}
+        o = cfg.optim
+        for group in groups:
+            name = group["name"]
+            if name not in modules:
+                raise ConfigError("parallel.roles", f"no module for the trainable role {name!r}")
+            stage = int(self.kind[name][-1])
+            optimizer = torch.optim.AdamW(
+                group["params"], lr=group["lr"], betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
+            )
+            engine, *_ = deepspeed.initialize(
+                model=modules[name],
+                optimizer=optimizer,
+                lr_scheduler=make_scheduler,
+                config=deepspeed_config(stage, cfg, grad_accum, o.grad_clip, train=True),
+                dist_init_required=False,
+            )
+            self.engines[name] = engine
+        for name, module in modules.items():
+            if name in self.engines or self.kind[name] != "zero3":
+                continue
+            engine, *_ = deepspeed.initialize(
+                model=module,
+                config=deepspeed_config(3, cfg, grad_accum, 0.0, train=False),
+                dist_init_required=False,
+            )
+            self.frozen[name] = engine
+        self._global = {n: e.global_steps for n, e in self.engines.items()}
+
+    @property
+    def any_zero3(self) -> bool:
+        return "zero3" in self.kind.values()
+
+    def backward(self, losses: dict[str, torch.Tensor]) -> None:
+        """One backward + step per role with a loss (DeepSpeed applies the step at the accumulation
+        boundary and scales the loss by the accumulation itself)."""
+        unknown = set(losses) - set(self.engines)
+        if unknown:
+            raise KeyError(f"losses for roles without an engine: {sorted(unknown)}")
+        for name, loss in losses.items():
+            engine = self.engines[name]
+            engine.backward(loss)
+            engine.step()
+
+    def finish_step(self) -> tuple[dict[str, float], list[str]]:
+        """Per-role gradient norms and the roles whose optimiser really stepped this iteration."""
+        norms, stepped = {}, []
+        for name, engine in self.engines.items():
+            if engine.global_steps != self._global[name]:
+                stepped.append(name)
+                norm = engine.get_global_grad_norm()
+                norms[name] = float(norm) if norm is not None and math.isfinite(float(norm)) else 0.0
+            self._global[name] = engine.global_steps
+        return norms, stepped
+
+    def lr(self) -> float:
+        engine = next(iter(self.engines.values()))
+        return float(engine.lr_scheduler.get_last_lr()[0])
+
+    @contextlib.contextmanager
+    def gathered(self):
+        """Full parameters on every rank inside the block (ZeRO-3 partitions gathered; collective)."""
+        import deepspeed
+
+        with contextlib.ExitStack() as stack:
+            for name, engine in {**self.engines, **self.frozen}.items():
+                if self.kind[name] == "zero3":
+                    params = list(engine.module.parameters())
+                    stack.enter_context(deepspeed.zero.GatheredParameters(params, modifier_rank=None))
+            yield
+
+    def save(self, directory: Path) -> None:
+        """Collective: each engine's partitioned optimiser state, LR scheduler and trainable weights."""
+        for name, engine in self.engines.items():
+            engine.save_checkpoint(
+                str(directory), tag=name, save_latest=False, exclude_frozen_parameters=True
+            )
+
+    def load(self, directory: Path) -> None:
+        for name, engine in self.engines.items():
+            path, _ = engine.load_checkpoint(
+                str(directory), tag=name, load_module_strict=False, load_optimizer_states=True
+            )
+            if path is None:
+                raise FileNotFoundError(f"{directory}/{name}: no DeepSpeed state for role {name!r}")
+        self._global = {n: e.global_steps for n, e in self.engines.items()}
