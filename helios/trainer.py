@@ -124,7 +124,9 @@ class Trainer:
         for p in self.model.parameters():  # frozen base in the compute dtype, trainable in fp32
             if not p.requires_grad and p.dtype.is_floating_point:
                 p.data = p.data.to(frozen_dtype)
-        self.model.to(self.dist.device)
+        placed = hasattr(self.stage, "place") and self.stage.place(self.model, self.dist.device)
+        if not placed:
+            self.model.to(self.dist.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.params:
             raise ConfigError("model.lora", "nothing is trainable: enable LoRA or set memory_patch=full")
@@ -151,6 +153,10 @@ class Trainer:
         else:
             self.engines = None
             if self.dist.enabled:
+                if placed:  # offloaded frozen weights stay where the stage put them (equal on all ranks)
+                    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                        self.model, [n for n, p in self.model.named_parameters() if not p.requires_grad]
+                    )
                 self.wrapped = DistributedDataParallel(
                     self.model,
                     device_ids=[self.dist.local_rank] if self.dist.device.type == "cuda" else None,

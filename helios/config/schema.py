@@ -378,6 +378,9 @@ class DistillConfig(Validated):
     # §4.2 Cache Grad for GAN: the generator's GAN gradient is taken w.r.t. the discriminator's input
     # right away (its activations freed) and injected into the generator's backward; same gradients.
     cache_gan_grad: bool = True
+    # §4.2 async VRAM offload: frozen role weights in pinned host memory, only the active roles resident
+    # (at most two of generator / critic / real), the next one prefetched on a side stream (parallel=ddp)
+    offload: bool = False
     tiny_teacher_steps: int = 60
     gan: GanConfig = field(default_factory=GanConfig)
 
@@ -659,6 +662,11 @@ class TrainConfig(Validated):
 
         _check(self.stage in STAGES, "stage", f"must be one of {sorted(STAGES)}, got {self.stage}")
         _check(bool(self.resume), "resume", "must be 'latest', 'none' or a checkpoint path")
+        _check(
+            not self.distill.offload or self.parallel.backend == "ddp",
+            "distill.offload",
+            "the offload pool works with parallel=ddp; under ZeRO use parallel.zero_offload_params",
+        )
         tr = self.model.transformer
         _check(
             tr.text_dim == self.model.text_encoder.d_model or self.model.text_encoder.source != "tiny",

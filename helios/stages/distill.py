@@ -121,6 +121,7 @@ class DistillStage(FlowStage):
         self._ema_full: dict[str, torch.Tensor] | None = None  # gathered for validation only
         self.rank, self.world_size = 0, 1
         self.model: DistillModule | None = None
+        self.pool = None  # helios.offload.OffloadPool when distill.offload
         self.current_step = 0
         self.empty: torch.Tensor | None = None
         self._scheduler = None
@@ -287,6 +288,28 @@ class DistillStage(FlowStage):
             groups.append({"name": "critic", "lr": self.d.fake_lr, "params": critic})
         return groups
 
+    def place(self, model: DistillModule, device: torch.device) -> bool:
+        """``distill.offload``: frozen weights to the offload pool (host), the rest to ``device``."""
+        if not self.d.offload:
+            return False
+        from helios.offload import OffloadPool
+
+        roles = self.role_modules(model)
+        self.pool = OffloadPool(roles, device)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(device)
+        for module in model.modules():
+            for key, buf in module._buffers.items():
+                if buf is not None:
+                    module._buffers[key] = buf.to(device)
+        self.pool.activate("generator")
+        return True
+
+    def _activate(self, *roles: str, prefetch: str | None = None) -> None:
+        if self.pool is not None:
+            self.pool.activate(*roles, prefetch=prefetch)
+
     def role_modules(self, model: DistillModule) -> dict[str, nn.Module]:
         """The roles as engines see them (``parallel=zero2|zero3``): the critic is fake score + heads."""
         if model.fake is None:
@@ -411,6 +434,7 @@ class DistillStage(FlowStage):
         update_g = self.ttur.update_generator(step)
         gan_on = m.heads is not None and step >= self.d.gan.start_step
         clock = time.perf_counter()
+        self._activate("generator", prefetch="critic")
         x0 = self.rollout(m.generator, cond, target.shape, gen, grad=update_g)
         nan = float("nan")
         metrics = dict.fromkeys(self.extra_metric_names(), nan)
@@ -418,6 +442,7 @@ class DistillStage(FlowStage):
         metrics["time_rollout_s"], clock = time.perf_counter() - clock, time.perf_counter()
 
         # critic: flow matching of the fake score on the generator's samples (+ GAN D with approx. R1)
+        self._activate("critic", prefetch="real" if update_g else "generator")
         x0d = x0.detach()
         t = torch.rand(b, generator=gen).to(device)
         eps = torch.randn(x0d.shape, generator=gen).to(device)
@@ -453,6 +478,7 @@ class DistillStage(FlowStage):
         metrics["time_critic_s"], clock = time.perf_counter() - clock, time.perf_counter()
         losses = {"critic": critic}
         if update_g:  # generator: DMD (+ GAN G) through the exit step only
+            self._activate("real", "critic", prefetch="generator")
             x_tau = (1 - tau5) * x0 + tau5 * torch.randn(x0.shape, generator=gen).to(device)
             with torch.no_grad():
                 xt = x_tau.detach()
@@ -490,6 +516,7 @@ class DistillStage(FlowStage):
                     total = total + self.d.gan.w_g * loss_g
                 metrics["loss_gan_g"] = float(loss_g.detach())
             losses["generator"] = total
+            self._activate("generator", "critic")  # both graphs wait for their backward
             metrics["time_generator_s"] = time.perf_counter() - clock
         metrics["tau_mean"] = float(tau.mean())
         return losses, {**stats, **metrics}
@@ -535,6 +562,7 @@ class DistillStage(FlowStage):
 
     def before_validation(self) -> None:
         """Collective: the full EMA for the main rank's validation sampler."""
+        self._activate("generator")
         self._ema_full = self.ema.gather() if self.ema is not None else None
 
     def after_validation(self) -> None:

@@ -1,0 +1,88 @@
+"""Async VRAM offload of idle roles (paper §4.2).
+
+The frozen weights of every role live in (pinned) host memory; ``activate(*roles)`` makes exactly those
+roles resident on the device and releases the others, and ``prefetch(role)`` starts the next role's
+host-to-device copy on a side CUDA stream so that it overlaps the current role's compute. Only frozen
+parameters move (the 14B bases): trainable weights (LoRA, heads) and their optimiser state stay on the
+device, so an offload never needs a copy back and the optimiser never sees a moved tensor.
+
+A frozen weight used by a graph that is still waiting for its backward may be released meanwhile: it is
+made resident again (same values) before that backward runs; autograd reads the parameter's data at that
+time. The stage calls ``activate`` with every role whose graph is pending before it returns its losses.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class OffloadPool:
+    def __init__(self, roles: dict[str, nn.Module], device: torch.device) -> None:
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.params: dict[str, list[nn.Parameter]] = {}
+        self.host: dict[str, list[torch.Tensor]] = {}
+        self.pending: dict[str, tuple[list[torch.Tensor], torch.cuda.Event | None]] = {}
+        self.resident: set[str] = set()
+        self.moved_bytes = 0  # host -> device traffic, for the benchmark
+        seen: set[int] = set()
+        for name, module in roles.items():
+            if module is None:
+                continue
+            params = [p for p in module.parameters() if not p.requires_grad and id(p) not in seen]
+            seen.update(id(p) for p in params)
+            self.params[name] = params
+            self.host[name] = [self._to_host(p.data) for p in params]
+            for p, h in zip(params, self.host[name]):
+                p.data = h  # start offloaded: nothing of this role on the device yet
+
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        pinned = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=torch.cuda.is_available())
+        pinned.copy_(t)
+        return pinned
+
+    def role_bytes(self, name: str) -> int:
+        return sum(h.numel() * h.element_size() for h in self.host[name])
+
+    def prefetch(self, name: str) -> None:
+        """Start copying ``name``'s frozen weights to the device (non-blocking, side stream)."""
+        if name not in self.params or name in self.resident or name in self.pending:
+            return
+        if self.cuda:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.stream):
+                copies = [h.to(self.device, non_blocking=True) for h in self.host[name]]
+                event = torch.cuda.Event()
+                event.record(self.stream)
+        else:  # CPU runs (tests): a separate copy stands in for device memory
+            copies, event = [h.clone() for h in self.host[name]], None
+        self.moved_bytes += self.role_bytes(name)
+        self.pending[name] = (copies, event)
+
+    def activate(self, *names: str, prefetch: str | None = None) -> None:
+        """Exactly ``names`` resident afterwards (others released to host); then prefetch ``prefetch``."""
+        for name in list(self.resident):
+            if name not in names:
+                for p, h in zip(self.params[name], self.host[name]):
+                    p.data = h  # frozen: the host copy is current, nothing to copy back
+                self.resident.discard(name)
+        for name in names:
+            if name not in self.params or name in self.resident:
+                continue
+            self.prefetch(name)
+            copies, event = self.pending.pop(name)
+            if event is not None:
+                current = torch.cuda.current_stream(self.device)
+                current.wait_event(event)
+                for c in copies:
+                    c.record_stream(current)  # allocated on the side stream, used and freed on this one
+            for p, c in zip(self.params[name], copies):
+                p.data = c
+            self.resident.add(name)
+        if prefetch is not None:
+            self.prefetch(prefetch)
+
+    def device_bytes(self) -> int:
+        return sum(self.role_bytes(n) for n in self.resident)
