@@ -109,3 +109,22 @@ def test_offload_needs_ddp():
 
     with pytest.raises(ConfigError, match=r"distill\.offload"):
         compose(["stage=3", "distill.offload=true", "parallel=zero2"])
+
+
+@pytest.mark.slow
+def test_stage3_memory_benchmark_runs_in_smoke_mode(tmp_path):
+    """bench/bench_stage3_memory.py's code paths on the tiny model (CPU: no device numbers)."""
+    out = tmp_path / "mem.json"
+    proc = subprocess.run(
+        [sys.executable, "bench/bench_stage3_memory.py", "--smoke", "--steps", "2", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    modes = json.loads(out.read_text())["modes"]
+    assert set(modes) == {"resident", "offload", "offload_cached_gan"}
+    assert modes["resident"]["max_resident_roles"] == ["critic", "generator", "real"]
+    assert len(modes["offload"]["max_resident_roles"]) == 2  # never all three roles at once
+    assert modes["offload"]["projected_14b"]["total_gib"] < modes["resident"]["projected_14b"]["total_gib"]

@@ -1,0 +1,164 @@
+"""Stage-3 memory benchmark (paper §4.2): peak device memory and step time of Adversarial Hierarchical
+Distillation with (a) all roles resident, (b) the async offload pool, (c) offload + cached GAN gradients.
+
+    python bench/bench_stage3_memory.py          # GPU, mid-size DiT: bench/results/stage3_memory_<gpu>.json
+    python bench/bench_stage3_memory.py --smoke  # tiny model on CPU: checks the script (no device numbers)
+
+Each mode runs in its own process (clean peak counters) through the real trainer. The projection for four
+14B roles uses the measured bytes per parameter of each role and the largest set of roles the mode keeps
+resident at once (counted by the pool), plus the generator's sharded fp32 EMA over ``--world`` ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MODES = {
+    "resident": ["distill.offload=false", "distill.cache_gan_grad=false"],
+    "offload": ["distill.offload=true", "distill.cache_gan_grad=false"],
+    "offload_cached_gan": ["distill.offload=true", "distill.cache_gan_grad=true"],
+}
+MID = [  # ~0.5B-parameter DiT per role: big enough for weights to dominate, small enough for one GPU
+    "model.transformer.num_attention_heads=12",
+    "model.transformer.attention_head_dim=128",
+    "model.transformer.ffn_dim=6144",
+    "model.transformer.num_layers=12",
+    "model.transformer.rope_dim=[44,42,42]",
+    "distill.gan.layers=[3,7,11]",
+    "distill.gan.dim=256",
+]
+PARAMS_14B = 14.0e9
+
+
+def run_mode(mode: str, smoke: bool, steps: int) -> dict:
+    import torch
+
+    from helios.config import compose
+    from helios.trainer import Trainer
+
+    overrides = [
+        "stage=3",
+        "validation.enabled=false",
+        "trainer.progress=false",
+        "trainer.checkpoint_every=0",
+        f"trainer.max_steps={steps}",
+        "distill.gan.start_step=0",
+        "distill.ttur=1",  # every iteration trains the generator: the memory-heaviest iteration
+        *MODES[mode],
+        *([] if smoke else [*MID, "trainer.device=cuda", "trainer.precision=bf16"]),
+    ]
+    cfg = compose(overrides)
+    run_dir = Path(f"/tmp/helios-bench-stage3-{mode}-{time.time_ns()}")
+    trainer = Trainer(cfg, run_dir)
+    trainer._build_data()
+    trainer._build_model()
+    cuda = trainer.dist.device.type == "cuda"
+    roles = trainer.stage.role_modules(trainer.model)
+    role_params = {n: sum(p.numel() for p in m.parameters()) for n, m in roles.items()}
+    role_bytes = {n: sum(p.numel() * p.element_size() for p in m.parameters()) for n, m in roles.items()}
+    pool = trainer.stage.pool
+    max_resident: set[str] = set()
+    if pool is not None:  # track the largest resident set across the step's phases
+        activate = pool.activate
+
+        def tracked(*names, prefetch=None):
+            activate(*names, prefetch=prefetch)
+            nonlocal max_resident
+            if sum(role_bytes[n] for n in pool.resident) > sum(role_bytes[n] for n in max_resident):
+                max_resident = set(pool.resident)
+
+        pool.activate = tracked
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    trainer.wrapped.train()
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        trainer.train_step()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    out = {
+        "mode": mode,
+        "overrides": overrides,
+        "role_params": role_params,
+        "role_bytes": role_bytes,
+        "max_resident_roles": sorted(max_resident) if pool is not None else sorted(roles),
+        "step_time_s": statistics.median(times[1:] if len(times) > 1 else times),
+        "peak_device_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+        "host_to_device_bytes_per_step": (pool.moved_bytes / steps) if pool is not None else 0,
+    }
+    trainer.close()
+    return out
+
+
+def project(result: dict, world: int) -> dict:
+    """Per-GPU weight memory for four 14B roles: resident roles at their measured bytes/param, plus the
+    generator's fp32 EMA sharded over ``world`` ranks."""
+    per_param = {n: result["role_bytes"][n] / max(1, result["role_params"][n]) for n in result["role_bytes"]}
+    resident = sum(per_param[n] * PARAMS_14B for n in result["max_resident_roles"] if n in per_param)
+    ema = 4 * PARAMS_14B / world
+    return {"weights_gib": resident / 2**30, "ema_gib": ema / 2**30, "total_gib": (resident + ema) / 2**30}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--world", type=int, default=8, help="ranks sharing the EMA in the projection")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--mode", choices=sorted(MODES), help=argparse.SUPPRESS)  # one mode, in a child process
+    args = ap.parse_args()
+    if args.mode:
+        print(json.dumps(run_mode(args.mode, args.smoke, args.steps)))
+        return
+    results = {}
+    for mode in MODES:
+        cmd = [sys.executable, __file__, "--mode", mode, "--steps", str(args.steps)] + (
+            ["--smoke"] if args.smoke else []
+        )
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        if proc.returncode != 0:
+            raise SystemExit(f"mode {mode} failed:\n{proc.stderr[-4000:]}")
+        results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+        results[mode]["projected_14b"] = project(results[mode], args.world)
+    base = results["resident"]
+    for r in results.values():
+        if r["peak_device_bytes"] and base["peak_device_bytes"]:
+            r["peak_vs_resident"] = r["peak_device_bytes"] / base["peak_device_bytes"]
+        r["step_time_vs_resident"] = r["step_time_s"] / base["step_time_s"]
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.smoke else "cpu-smoke"
+    report = {
+        "device": device,
+        "date": date.today().isoformat(),
+        "command": " ".join(sys.argv),
+        "modes": results,
+    }
+    out = args.out or ROOT / "bench" / "results" / f"stage3_memory_{device.replace(' ', '_')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    for mode, r in results.items():
+        peak = f"{r['peak_device_bytes'] / 2**30:.2f} GiB" if r["peak_device_bytes"] else "n/a (CPU)"
+        print(
+            f"{mode:>20}: peak {peak} | step {r['step_time_s'] * 1e3:.0f} ms "
+            f"(x{r['step_time_vs_resident']:.2f}) | resident at once {r['max_resident_roles']} | "
+            f"projected 14B/GPU {r['projected_14b']['total_gib']:.0f} GiB"
+        )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
