@@ -119,6 +119,32 @@ def test_sbatch_template_requeues_on_preemption_and_resumes(slurm, tmp_path):
     assert 20 in steps  # logged before the pre-emption, kept in the same metrics.jsonl
 
 
+def test_srun_starts_ranks_without_torchrun(slurm, tmp_path, python):
+    """``srun -n2 python train_helios.py``: each task takes rank / world / master from Slurm's variables."""
+    run = tmp_path / "run"
+    out = subprocess.run(
+        [
+            "srun",
+            "-N1",
+            "-n2",
+            "--kill-on-bad-exit=1",
+            python,
+            "train_helios.py",
+            f"hydra.run.dir={run}",
+            "trainer.max_steps=2",
+            "trainer.log_every=1",
+            *TINY,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "ddp over 2 rank(s)" in out.stdout and _steps(run) == [1, 2]
+
+
 def test_two_node_rendezvous_on_loopback(tmp_path, python):
     """Two torchrun agents (``launch/torchrun.sh`` as two nodes, 1 process each) meet through c10d."""
     run = tmp_path / "run"
@@ -147,3 +173,29 @@ def test_two_node_rendezvous_on_loopback(tmp_path, python):
     assert [a.returncode for a in agents] == [0, 0], "\n".join(outputs)
     assert any("ddp over 2 rank(s)" in o for o in outputs), "\n".join(outputs)
     assert _steps(run) == [1, 2, 3]
+
+
+def test_accelerate_launch_starts_the_trainer(tmp_path, python):
+    """``accelerate launch`` is a launcher too (its environment is torchrun's)."""
+    run = tmp_path / "run"
+    cmd = [
+        python,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes=2",
+        "--num_machines=1",
+        "--mixed_precision=no",
+        "--dynamo_backend=no",
+        f"--main_process_port={_free_port()}",
+        "train_helios.py",
+        f"hydra.run.dir={run}",
+        "trainer.max_steps=2",
+        "trainer.log_every=1",
+        *TINY,
+    ]
+    out = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "ddp over 2 rank(s)" in out.stdout and _steps(run) == [1, 2]

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +13,8 @@ from torch import nn
 
 from helios.offload import OffloadPool
 from tests.conftest import ROOT
+from tests.helpers.runs import losses as _losses
+from tests.helpers.runs import train_cli
 
 
 def _role(seed: int) -> nn.Module:
@@ -58,34 +58,9 @@ def test_moves_preserve_weights_and_gradients():
     assert torch.equal(torch.autograd.grad(loss, g[2].weight)[0], expected)
 
 
-def _losses(run: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def _train(args: list[str], nproc: int = 1) -> None:
-    launch = (
-        [sys.executable]
-        if nproc == 1
-        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    )
-    common = [
-        "stage=3",
-        "trainer.max_steps=6",
-        "distill.gan.start_step=0",
-        "distill.ema_start=0",
-        "validation.enabled=false",
-        "trainer.progress=false",
-        "trainer.log_every=1",
-    ]
-    out = subprocess.run(
-        [*launch, "train_helios.py", *common, *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    common = ["stage=3", "trainer.max_steps=6", "distill.gan.start_step=0", "distill.ema_start=0"]
+    train_cli([*common, *args], nproc)
 
 
 @pytest.mark.slow

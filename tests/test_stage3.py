@@ -192,3 +192,67 @@ def test_cached_gan_gradient_equals_plain_autograd(tmp_path):
         torch.testing.assert_close(grads[True][name], g, rtol=1e-4, atol=1e-7)
     # and the GAN term does reach the generator (without it the gradients differ)
     assert any(not torch.allclose(grads["no_gan"][n], g, atol=1e-7) for n, g in grads[False].items())
+
+
+def test_self_forcing_history_is_the_generators_own_rollout():
+    """Table 5 "w Self-Forcing": sections rolled out from an empty history fill the buffer; each rollout
+    sees the previous sections as history and the first generated frame as anchor."""
+    from helios.stages import DistillStage
+
+    stage = DistillStage(compose(["stage=3", "distill.history_source=self_forcing"]))
+    layout = stage.layout  # tiny: history 4/2/1, window 3 -> 3 sections fill the 7-frame buffer
+    seen = []
+
+    def fake_rollout(generator, cond, shape, gen, grad, full=False):
+        assert not grad and full
+        seen.append(cond["latents_history_short"].clone())
+        return torch.full(shape, float(len(seen)))
+
+    stage.rollout = fake_rollout
+    shape = (1, 16, layout.window, 4, 4)
+    cond = stage._self_forcing_cond(None, {"encoder_hidden_states": torch.zeros(1, 8, 32)}, shape, None)
+    assert len(seen) == 3
+    assert seen[0].abs().sum() == 0  # the first section starts from an empty history (T2V)
+    assert seen[1][0, 0, :, 0, 0].tolist() == [1.0, 1.0]  # anchor = first generated frame, 1x = newest
+    assert seen[2][0, 0, :, 0, 0].tolist() == [1.0, 2.0]
+    # final buffer: the last 7 generated frames [1, 2, 2, 2, 3, 3, 3] -> long 4 / mid 2 / short 1x + anchor
+    assert cond["latents_history_short"][0, 0, :, 0, 0].tolist() == [1.0, 3.0]
+    assert cond["latents_history_long"].shape[2] == 4 and cond["latents_history_mid"].shape[2] == 2
+
+
+def test_bidirectional_teacher_scores_one_segment_without_history_inputs():
+    """Table 5 "w Bidirectional Teacher": the real score sees [re-noised real context, x_tau] as one clip
+    of ``bidirectional_frames`` latent frames, with no history inputs; the x_tau part is returned."""
+    from helios.stages import DistillStage
+
+    stage = DistillStage(
+        compose(["stage=3", "distill.real_score=bidirectional", "distill.bidirectional_frames=8"])
+    )
+    calls = []
+
+    class Real(torch.nn.Module):
+        def forward(self, hidden_states, timestep, return_dict, **kwargs):
+            calls.append((hidden_states.shape[2], sorted(kwargs)))
+            return (hidden_states * 2,)
+
+    class Batch:
+        latents = torch.randn(2, 16, stage.layout.clip_frames, 4, 4)
+
+    xt = torch.randn(2, 16, stage.layout.window, 4, 4)
+    tau5 = torch.full((2, 1, 1, 1, 1), 0.5)
+    context = stage._bidirectional_context(Batch, xt, tau5, torch.Generator().manual_seed(0))
+    assert context.shape[2] == 8 - stage.layout.window  # 5 of the 7 history frames
+    v = stage._real_velocity(Real(), xt, torch.full((2,), 500.0), {"encoder_hidden_states": 0}, context)
+    assert calls == [(8, ["encoder_hidden_states"])] and torch.equal(v, xt * 2)
+    assert stage._bidirectional_context(Batch, xt, tau5, None) is not None
+    stage.d.real_score = "history"
+    assert stage._bidirectional_context(Batch, xt, tau5, None) is None
+
+
+@pytest.mark.parametrize(
+    "ablation", ["distill.history_source=self_forcing", "distill.real_score=bidirectional"]
+)
+def test_stage3_ablations_train(tmp_path, ablation):
+    metrics = _train(["stage=3", "trainer.max_steps=2", "distill.gan.start_step=0", ablation], tmp_path)
+    assert len(metrics) == 2 and all(math.isfinite(m["loss"]) for m in metrics)
+    assert math.isfinite(metrics[0]["loss_dmd"])  # the first iteration trains the generator (TTUR)

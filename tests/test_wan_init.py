@@ -92,3 +92,15 @@ def test_zero_init_and_unknown_mode():
 def test_i2v_checkpoint_is_rejected():
     with pytest.raises(ValueError, match="T2V"):
         helios_config_from_wan({**TINY_WAN, "eps": 1e-6, "image_dim": 1280})
+
+
+def test_a_wan_directory_serves_as_teacher_weights(wan_dir):
+    """``distill.teacher`` (and ``init_from``) may name a Wan-2.1 diffusers directory, e.g. the bidirectional
+    teacher of Table 5: its weights arrive converted to Helios names, whether the path is the pipeline
+    folder or its transformer subfolder."""
+    from helios.model.inference import merged_weights
+
+    expected = load_wan_as_helios(str(wan_dir)).state_dict()
+    for path in (wan_dir, wan_dir.parent):
+        state = merged_weights(str(path))
+        assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)

@@ -3,45 +3,14 @@ per-role optimiser steps in stage 3 (one engine step per role per iteration), st
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from helios.config import ConfigError, compose
-from tests.conftest import ROOT
+from tests.helpers.runs import QUIET, metrics
+from tests.helpers.runs import losses as _losses
+from tests.helpers.runs import train_cli as _train
 
 pytest.importorskip("deepspeed")
-
-QUIET = ["validation.enabled=false", "trainer.progress=false", "trainer.log_every=1"]
-
-
-def _losses(run: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def _last(run: Path) -> dict:
-    return json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-
-
-def _train(args: list[str], nproc: int = 1) -> None:
-    launcher = (
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-        if nproc > 1
-        else [sys.executable]
-    )
-    out = subprocess.run(
-        [*launcher, "train_helios.py", *QUIET, *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
 
 
 @pytest.mark.slow
@@ -76,7 +45,7 @@ def test_stage3_engines_per_role_step_once_per_iteration(tmp_path):
     common = ["stage=3", "trainer.max_steps=11", "distill.gan.start_step=0", "distill.ema_start=2"]
     _train([f"hydra.run.dir={tmp_path / 'ddp'}", *common])
     _train([f"hydra.run.dir={tmp_path / 'zero'}", *common, "parallel=zero2", "parallel.roles.real=zero3"])
-    last = _last(tmp_path / "zero")
+    last = metrics(tmp_path / "zero")[-1]
     assert (last["opt_steps_critic"], last["opt_steps_generator"]) == (11.0, 3.0)
     assert _losses(tmp_path / "zero") == pytest.approx(_losses(tmp_path / "ddp"), rel=1e-5)
     assert (tmp_path / "zero" / "checkpoints" / "step_11" / "ema.safetensors").exists()
@@ -97,3 +66,20 @@ def test_zero_settings_are_checked_at_start_up(tmp_path):
     with pytest.raises(ConfigError, match=r"parallel\.roles\.generator.*its roles: model"):
         trainer._build_model()
     trainer.close()
+
+
+@pytest.mark.slow
+def test_zero_cpu_offload_switches_train_the_same(tmp_path):
+    """ZeRO-Offload (optimizer state and step on the CPU) and ZeRO-3 parameter offload: same losses."""
+    steps = ["trainer.max_steps=3", "trainer.checkpoint_every=0"]
+    _train([f"hydra.run.dir={tmp_path / 'plain'}", "parallel=zero3", *steps])
+    _train(
+        [
+            f"hydra.run.dir={tmp_path / 'offload'}",
+            "parallel=zero3",
+            "parallel.zero_offload_optimizer=true",
+            "parallel.zero_offload_params=true",
+            *steps,
+        ]
+    )
+    assert _losses(tmp_path / "offload") == pytest.approx(_losses(tmp_path / "plain"), rel=1e-6)

@@ -381,11 +381,18 @@ class DistillConfig(Validated):
     # §4.2 async VRAM offload: frozen role weights in pinned host memory, only the active roles resident
     # (at most two of generator / critic / real), the next one prefetched on a side stream (parallel=ddp)
     offload: bool = False
+    # Table-5 ablations: "w Self-Forcing" (history = the generator's own rollout instead of real data) and
+    # "w Bidirectional Teacher" (the real score sees a bidirectional_frames-long segment, no history inputs)
+    history_source: str = "teacher"
+    real_score: str = "history"
+    bidirectional_frames: int = 21
     tiny_teacher_steps: int = 60
     gan: GanConfig = field(default_factory=GanConfig)
 
     def _validate(self, prefix: str) -> None:
         _choice(self.phase, ("ode", "post"), prefix + "phase")
+        _choice(self.history_source, ("teacher", "self_forcing"), prefix + "history_source")
+        _choice(self.real_score, ("history", "bidirectional"), prefix + "real_score")
         _check(self.ttur >= 1, prefix + "ttur", "must be >= 1")
         _check(
             len(self.steps) >= 1 and all(s >= 1 for s in self.steps), prefix + "steps", "positive per stage"

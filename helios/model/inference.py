@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,14 +112,17 @@ def merged_weights(source: str | Path, key: str = "init_from") -> dict[str, torc
     from helios.model.lora import merged_state_dict
 
     path = Path(source).expanduser()
-    if (path / "model_index.json").exists() or (path / "transformer" / "config.json").exists():
+    for sub in ("transformer", None):
+        config = path / sub / "config.json" if sub else path / "config.json"
+        if not config.exists():
+            continue
+        if json.loads(config.read_text()).get("_class_name") == "WanTransformer3DModel":
+            from helios.model.wan_init import load_wan_as_helios  # e.g. a bidirectional Wan-2.1 teacher
+
+            return load_wan_as_helios(str(path), subfolder=sub).state_dict()
         from diffusers import HeliosTransformer3DModel
 
-        return HeliosTransformer3DModel.from_pretrained(path, subfolder="transformer").state_dict()
-    if (path / "config.json").exists():
-        from diffusers import HeliosTransformer3DModel
-
-        return HeliosTransformer3DModel.from_pretrained(path).state_dict()
+        return HeliosTransformer3DModel.from_pretrained(path, subfolder=sub).state_dict()
     model, _, _ = load_checkpoint_model(
         path, weights="raw", key=key
     )  # the weights the previous run ended with

@@ -379,15 +379,17 @@ class DistillStage(FlowStage):
         return loss, {"loss_ode": float(loss.detach()), "ode_stage": float(k)}
 
     def rollout(
-        self, generator: nn.Module, cond: dict, shape, gen: torch.Generator, grad: bool
+        self, generator: nn.Module, cond: dict, shape, gen: torch.Generator, grad: bool, full: bool = False
     ) -> torch.Tensor:
         """Staged Backward Simulation (Eq. 10): x0 at full resolution, gradients only through the exit
-        step (a random step of the last stage, the same on every rank)."""
+        step (a random step of the last stage, the same on every rank; ``full``: the last step)."""
         b, c, t, h, w = shape
         device = cond["encoder_hidden_states"].device
         k_max = len(self.d.steps)
         shared = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.current_step)
         exit_j = int(torch.randint(self.d.steps[-1], (1,), generator=shared))
+        if full:
+            exit_j = self.d.steps[-1] - 1
         x = torch.randn(b, c, t, h, w, generator=gen).to(device)
         for _ in range(k_max - 1):
             x = halve(x) * 2
@@ -408,6 +410,42 @@ class DistillStage(FlowStage):
                 nxt = float(sigmas[j + 1])
                 x = nxt * start + (1 - nxt) * x0.detach()
         return x0
+
+    def _self_forcing_cond(self, generator: nn.Module, cond: dict, shape, gen: torch.Generator) -> dict:
+        """Table 5 "w Self-Forcing": the history is the generator's own few-step rollout, section after
+        section from an empty history (T2V, no gradients), instead of real frames (Pure Teacher Forcing)."""
+        b, c, _, h, w = shape
+        ref = cond["encoder_hidden_states"]
+        history = torch.zeros(b, c, self.layout.num_history, h, w, device=ref.device)
+        anchor = torch.zeros(b, c, 1, h, w, device=ref.device)
+        for k in range(-(-self.layout.num_history // self.layout.window)):
+            inputs = {"encoder_hidden_states": ref, **self.layout.model_inputs(history, anchor)}
+            inputs = {n: (v.to(ref.dtype) if v.is_floating_point() else v) for n, v in inputs.items()}
+            with torch.no_grad():
+                section = self.rollout(generator, inputs, shape, gen, grad=False, full=True).float()
+            anchor = section[:, :, :1] if k == 0 else anchor
+            history = torch.cat([history, section], dim=2)[:, :, -self.layout.num_history :]
+        inputs = {"encoder_hidden_states": ref, **self.layout.model_inputs(history, anchor)}
+        return {n: (v.to(ref.dtype) if v.is_floating_point() else v) for n, v in inputs.items()}
+
+    def _bidirectional_context(self, batch, xt: torch.Tensor, tau5: torch.Tensor, gen) -> torch.Tensor | None:
+        """Table 5 "w Bidirectional Teacher": the newest real history frames, re-noised to tau, that
+        precede x_tau in the real score's ``distill.bidirectional_frames``-long segment."""
+        if self.d.real_score == "history":
+            return None
+        history = self.layout.split_clip(batch.latents)[0]
+        m = max(0, min(history.shape[2], self.d.bidirectional_frames - xt.shape[2]))
+        ctx = history[:, :, history.shape[2] - m :].to(xt.device, xt.dtype)
+        return (1 - tau5) * ctx + tau5 * torch.randn(ctx.shape, generator=gen).to(xt.device, xt.dtype)
+
+    def _real_velocity(self, real: nn.Module, xt, t_tau, cond: dict, context: torch.Tensor | None):
+        """The real score's velocity on x_tau: with the history inputs (Helios-Base), or, as a
+        bidirectional teacher, on [context, x_tau] without history inputs (the x_tau part returned)."""
+        if context is None:
+            return self._call(real, xt, t_tau, cond)
+        segment = torch.cat([context, xt], dim=2)
+        v = self._call(real, segment, t_tau, {"encoder_hidden_states": cond["encoder_hidden_states"]})
+        return v[:, :, context.shape[2] :]
 
     def _crop(self, x: torch.Tensor, top: int, left: int) -> torch.Tensor:
         ch, cw = self._crop_hw(x)
@@ -435,6 +473,8 @@ class DistillStage(FlowStage):
         gan_on = m.heads is not None and step >= self.d.gan.start_step
         clock = time.perf_counter()
         self._activate("generator", prefetch="critic")
+        if self.d.history_source == "self_forcing":
+            cond = self._self_forcing_cond(m.generator, cond, target.shape, gen)
         x0 = self.rollout(m.generator, cond, target.shape, gen, grad=update_g)
         nan = float("nan")
         metrics = dict.fromkeys(self.extra_metric_names(), nan)
@@ -482,16 +522,13 @@ class DistillStage(FlowStage):
             x_tau = (1 - tau5) * x0 + tau5 * torch.randn(x0.shape, generator=gen).to(device)
             with torch.no_grad():
                 xt = x_tau.detach()
+                uncond = {**cond, "encoder_hidden_states": self.empty.to(device, dtype).expand(b, -1, -1)}
+                context = self._bidirectional_context(batch, xt, tau5, gen)
                 real_x0 = cfg_x0(
                     xt,
                     tau,
-                    self._call(m.real, xt, t_tau, cond),
-                    self._call(
-                        m.real,
-                        xt,
-                        t_tau,
-                        {**cond, "encoder_hidden_states": self.empty.to(device, dtype).expand(b, -1, -1)},
-                    ),
+                    self._real_velocity(m.real, xt, t_tau, cond, context),
+                    self._real_velocity(m.real, xt, t_tau, uncond, context),
                     self.d.real_cfg,
                 )
                 fake_x0 = xt - tau5 * self._call(m.fake, xt, t_tau, cond)

@@ -1,0 +1,37 @@
+"""Start ``train_helios.py`` in a subprocess (plain or under torchrun) and read its run directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+QUIET = ["validation.enabled=false", "trainer.progress=false", "trainer.log_every=1"]
+
+
+def train_cli(args: list[str], nproc: int = 1, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run the trainer with ``args`` (after the quiet defaults); fail with its output tail if it fails."""
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    out = subprocess.run(
+        [*launcher, "train_helios.py", *QUIET, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    return out
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run: Path) -> list[float]:
+    return [m["loss"] for m in metrics(run)]
