@@ -83,3 +83,24 @@ def test_zero_cpu_offload_switches_train_the_same(tmp_path):
         ]
     )
     assert _losses(tmp_path / "offload") == pytest.approx(_losses(tmp_path / "plain"), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_zero3_validation_samples_the_ema_and_restores_the_weights(tmp_path):
+    """Under ZeRO-3 the EMA is written into the partitioned generator for validation and the training
+    weights come back: validation metrics and the later losses equal the DDP run's."""
+    common = [
+        "stage=3",
+        "trainer.max_steps=7",
+        "validation.enabled=true",
+        "validation.every=6",
+        "validation.num_frames=12",
+        "distill.gan.start_step=0",
+        "distill.ema_start=0",
+    ]
+    _train([f"hydra.run.dir={tmp_path / 'ddp'}", *common])
+    _train([f"hydra.run.dir={tmp_path / 'zero3'}", "parallel=zero3", *common])
+    ddp, zero3 = metrics(tmp_path / "ddp"), metrics(tmp_path / "zero3")
+    val = {k: v for k, v in ddp[5].items() if k.startswith("val/")}
+    assert val and {k: zero3[5][k] for k in val} == pytest.approx(val, rel=1e-4)
+    assert [m["loss"] for m in zero3] == pytest.approx([m["loss"] for m in ddp], rel=1e-5)

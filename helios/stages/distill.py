@@ -119,6 +119,7 @@ class DistillStage(FlowStage):
         self.ema_schedule = EmaSchedule(d.ema_decay, d.ema_start)
         self.ema: ShardedEma | None = None
         self._ema_full: dict[str, torch.Tensor] | None = None  # gathered for validation only
+        self._raw: dict[str, torch.Tensor] | None = None  # ZeRO-3 training weights during validation
         self.rank, self.world_size = 0, 1
         self.model: DistillModule | None = None
         self.pool = None  # helios.offload.OffloadPool when distill.offload
@@ -322,8 +323,8 @@ class DistillStage(FlowStage):
 
         During training the EMA is the one ``before_validation`` gathered on every rank."""
         ema = ema if ema is not None else self._ema_full
-        if not ema or any(hasattr(p, "ds_tensor") for p in model.generator.parameters()):
-            return model.generator  # (a ZeRO-3-partitioned generator samples with its raw weights)
+        if not ema or self._partitioned(model.generator):
+            return model.generator  # ZeRO-3: before_validation wrote the EMA into it
         generator = copy.deepcopy(model.generator)
         params = dict(generator.named_parameters())
         with torch.no_grad():
@@ -598,12 +599,34 @@ class DistillStage(FlowStage):
             self.ema.update(params, decay)
 
     def before_validation(self) -> None:
-        """Collective: the full EMA for the main rank's validation sampler."""
+        """Collective: the full EMA for the validation sampler. A ZeRO-3-partitioned generator cannot be
+        copied, so the EMA is written into it (every rank) and the training weights come back afterwards."""
         self._activate("generator")
         self._ema_full = self.ema.gather() if self.ema is not None else None
+        self._raw = None
+        if self._ema_full and self._partitioned(self.model.generator):
+            self._raw = self._swap_generator(self._ema_full)
 
     def after_validation(self) -> None:
-        self._ema_full = None
+        if self._raw is not None:
+            self._swap_generator(self._raw)
+        self._ema_full = self._raw = None
+
+    @staticmethod
+    def _partitioned(module: nn.Module) -> bool:
+        return any(hasattr(p, "ds_tensor") for p in module.parameters())
+
+    def _swap_generator(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Write ``weights`` into the ZeRO-3 generator (collective); returns the weights it replaced."""
+        import deepspeed
+
+        params = {n: p for n, p in self._ema_params(self.model).items() if n in weights}
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
+            old = {n: p.detach().cpu().clone() for n, p in params.items()}
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(weights[n].to(p.device, p.dtype))
+        return old
 
     def extra_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         """Collective: the sharded EMA is gathered for the checkpoint."""
