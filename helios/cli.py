@@ -12,9 +12,14 @@ COMMANDS = {
     "ode-pairs": ("helios.ode_pairs", "teacher samples -> ODE-pair shards for stage 3's ODE init"),
     "generate": ("helios.generate", "sample a (long) video from a checkpoint or a diffusers model"),
     "export": ("helios.export", "checkpoint -> diffusers pipeline directory or LoRA weights"),
-    "bench": (None, "benchmarks: helios bench data | sampler [args]"),
+    "bench": (None, "benchmarks: helios bench data | sampler | kernels | stage3-memory [args]"),
 }
-BENCHES = {"data": "bench_data.py", "sampler": "bench_sampler.py"}
+BENCHES = {
+    "data": "bench_data.py",
+    "sampler": "bench_sampler.py",
+    "kernels": "bench_kernels.py",
+    "stage3-memory": "bench_stage3_memory.py",
+}
 
 
 def usage() -> str:
