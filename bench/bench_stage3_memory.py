@@ -55,7 +55,8 @@ def run_mode(mode: str, smoke: bool, steps: int) -> dict:
         "distill.gan.start_step=0",
         "distill.ttur=1",  # every iteration trains the generator: the memory-heaviest iteration
         *MODES[mode],
-        *([] if smoke else [*MID, "trainer.device=cuda", "trainer.precision=bf16"]),
+        "trainer.precision=bf16",  # frozen bases in bf16 as in a real run (CPU autocast for --smoke)
+        *([] if smoke else [*MID, "trainer.device=cuda"]),
     ]
     cfg = compose(overrides)
     run_dir = Path(f"/tmp/helios-bench-stage3-{mode}-{time.time_ns()}")
@@ -66,6 +67,11 @@ def run_mode(mode: str, smoke: bool, steps: int) -> dict:
     roles = trainer.stage.role_modules(trainer.model)
     role_params = {n: sum(p.numel() for p in m.parameters()) for n, m in roles.items()}
     role_bytes = {n: sum(p.numel() * p.element_size() for p in m.parameters()) for n, m in roles.items()}
+    frozen = {n: [p for p in m.parameters() if not p.requires_grad] for n, m in roles.items()}
+    frozen_bytes_per_param = {
+        n: sum(p.numel() * p.element_size() for p in ps) / max(1, sum(p.numel() for p in ps))
+        for n, ps in frozen.items()
+    }
     pool = trainer.stage.pool
     max_resident: set[str] = set()
     if pool is not None:  # track the largest resident set across the step's phases
@@ -94,6 +100,7 @@ def run_mode(mode: str, smoke: bool, steps: int) -> dict:
         "overrides": overrides,
         "role_params": role_params,
         "role_bytes": role_bytes,
+        "frozen_bytes_per_param": frozen_bytes_per_param,
         "max_resident_roles": sorted(max_resident) if pool is not None else sorted(roles),
         "step_time_s": statistics.median(times[1:] if len(times) > 1 else times),
         "peak_device_bytes": torch.cuda.max_memory_allocated() if cuda else None,
@@ -104,9 +111,10 @@ def run_mode(mode: str, smoke: bool, steps: int) -> dict:
 
 
 def project(result: dict, world: int) -> dict:
-    """Per-GPU weight memory for four 14B roles: resident roles at their measured bytes/param, plus the
-    generator's fp32 EMA sharded over ``world`` ranks."""
-    per_param = {n: result["role_bytes"][n] / max(1, result["role_params"][n]) for n in result["role_bytes"]}
+    """Per-GPU weight memory for four 14B roles: the 14B bases of the roles resident at once at their
+    measured frozen bytes per parameter, plus the generator's fp32 EMA sharded over ``world`` ranks
+    (LoRA weights and their optimiser state, ~1-2 % of a base at rank 128, and activations excluded)."""
+    per_param = result["frozen_bytes_per_param"]
     resident = sum(per_param[n] * PARAMS_14B for n in result["max_resident_roles"] if n in per_param)
     ema = 4 * PARAMS_14B / world
     return {"weights_gib": resident / 2**30, "ema_gib": ema / 2**30, "total_gib": (resident + ema) / 2**30}
