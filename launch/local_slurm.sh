@@ -17,7 +17,7 @@ if [ "$cmd" = stop ]; then stop munge; exit 0; fi
 [ "$cmd" = start ] || { echo "unknown command $cmd (start|stop)" >&2; exit 2; }
 
 host=$(hostname)
-cpus=$(nproc)
+cpus=$(getconf _NPROCESSORS_ONLN)  # not nproc: it obeys OMP_NUM_THREADS
 mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024 ))
 mkdir -p "$state"/spool "$state"/ctld /etc/slurm /run/munge /var/log/munge /var/lib/munge
 chown munge:munge /run/munge /var/log/munge /var/lib/munge 2>/dev/null || true
