@@ -316,9 +316,16 @@ class Trainer:
             f"| {str(self.dtype).replace('torch.', '')} | {t.max_steps} steps\n"
             f"  tokens per clip: {tokens['noisy']} noisy + {tokens['history']} history; per step "
             f"{clips * (tokens['noisy'] + tokens['history']):,}\n"
-            f"  parallel: {self.cfg.parallel.backend} over {self.dist.world_size} rank(s) | memory per rank "
+            f"  parallel: {self._parallel_layout()} over {self.dist.world_size} rank(s) | memory per rank "
             f"(weights + grads + AdamW, activations excluded): {(frozen_bytes + state_bytes) / 2**30:.2f} GiB"
         )
+
+    def _parallel_layout(self) -> str:
+        """``ddp``, or each role's ZeRO stage, e.g. ``zero2 (generator zero2, critic zero2, real zero3)``."""
+        if self.engines is None:
+            return self.cfg.parallel.backend
+        roles = ", ".join(f"{name} {kind}" for name, kind in self.engines.kind.items())
+        return f"{self.cfg.parallel.backend} ({roles})"
 
     def tokens_per_clip(self, h: int, w: int) -> dict[str, int]:
         """Noisy and history tokens of one training clip (patch 1x2x2; mid 2x4x4 and long 4x8x8 convs on
