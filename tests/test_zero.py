@@ -40,9 +40,17 @@ def test_two_process_zero2_zero3_match_ddp_and_resume_exactly(tmp_path):
 
 @pytest.mark.slow
 def test_stage3_engines_per_role_step_once_per_iteration(tmp_path):
-    """Critic every iteration, generator every ttur-th (11 iterations -> 11 / 3), same losses as DDP;
+    """Critic every iteration, generator every ttur-th (11 iterations -> 11 / 3), same losses as DDP, with
+    gradient accumulation (2 micro-batches: DeepSpeed applies each role's step at the boundary only);
     the frozen real score is partitioned by its own ZeRO-3 engine."""
-    common = ["stage=3", "trainer.max_steps=11", "distill.gan.start_step=0", "distill.ema_start=2"]
+    common = [
+        "stage=3",
+        "trainer.max_steps=11",
+        "distill.gan.start_step=0",
+        "distill.ema_start=2",
+        "trainer.grad_accum=2",
+        "trainer.batch_size=1",
+    ]
     _train([f"hydra.run.dir={tmp_path / 'ddp'}", *common])
     _train([f"hydra.run.dir={tmp_path / 'zero'}", *common, "parallel=zero2", "parallel.roles.real=zero3"])
     last = metrics(tmp_path / "zero")[-1]
