@@ -265,3 +265,27 @@ def test_killed_two_process_run_resumes_exactly(tmp_path):
     assert sorted(got) == list(range(1, 13))
     for step in range(max(done) + 1, 13):
         assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-7), step
+
+
+def test_a_crash_while_writing_engine_state_leaves_no_checkpoint_to_resume(tmp_path):
+    """DeepSpeed partitions are written inside the temporary folder before the marker: if that write
+    fails, resume=latest still picks the previous complete checkpoint, and the next save cleans up."""
+    from helios import checkpoint
+    from helios.distributed import DistInfo
+
+    info = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    weights = {"trainable": {"w": torch.ones(2)}}
+    checkpoint.save(tmp_path, 1, info, weights, {"step": 1}, {}, keep_last=3)
+
+    def crash(tmp: Path) -> None:
+        (tmp / "zero" / "model").mkdir(parents=True)
+        (tmp / "zero" / "model" / "partial.pt").write_bytes(b"\0" * 10)
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save(tmp_path, 2, info, weights, {"step": 2}, {}, keep_last=3, write_extra=crash)
+    assert [s for s, _ in list_complete(tmp_path)] == [1]
+    assert resolve_resume("latest", tmp_path).name == "step_1"
+    checkpoint.save(tmp_path, 3, info, weights, {"step": 3}, {}, keep_last=3)
+    assert not list((tmp_path / "checkpoints").glob("step_*.tmp-*"))  # the crashed save's leftovers
+    assert [s for s, _ in list_complete(tmp_path)] == [1, 3]
