@@ -85,12 +85,28 @@ def setup(parallel: ParallelConfig, trainer: TrainerConfig) -> DistInfo:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
+    # DeepSpeed (parallel=zero2|zero3) needs a process group even for one process
+    if (world > 1 or parallel.backend != "ddp") and not dist.is_initialized():
         backend = (
             parallel.dist_backend if parallel.dist_backend != "auto" else ("nccl" if use_cuda else "gloo")
         )
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+        # one process: a private rendezvous; only LOCAL_RANK (DeepSpeed reads it) goes to the environment,
+        # which child processes inherit (a WORLD_SIZE there would hide srun's own)
+        os.environ.setdefault("LOCAL_RANK", "0")
+        single = {"init_method": f"tcp://127.0.0.1:{free_port()}", "rank": 0, "world_size": 1}
+        dist.init_process_group(
+            backend=backend, timeout=datetime.timedelta(minutes=30), **(single if world == 1 else {})
+        )
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=device)
+
+
+def free_port() -> int:
+    """A free TCP port on this host (for a one-process rendezvous)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def barrier() -> None:

@@ -83,6 +83,3 @@ class OffloadPool:
             self.resident.add(name)
         if prefetch is not None:
             self.prefetch(prefetch)
-
-    def device_bytes(self) -> int:
-        return sum(self.role_bytes(n) for n in self.resident)

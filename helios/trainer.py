@@ -181,8 +181,8 @@ class Trainer:
 
         modules = self.stage.role_modules(self.model) if hasattr(self.stage, "role_modules") else None
         modules = modules or {"model": self.model}
-        for role in ("model", "generator", "critic", "real"):
-            if getattr(self.cfg.parallel.roles, role) and role not in modules:
+        for role in self.cfg.parallel.roles.chosen():
+            if role not in modules:
                 raise ConfigError(
                     f"parallel.roles.{role}",
                     f"stage {self.cfg.stage} ({self.cfg.phase}) has no role {role!r}; its roles: "

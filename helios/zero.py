@@ -62,27 +62,6 @@ def deepspeed_config(zero_stage: int, cfg: TrainConfig, grad_accum: int, clip: f
     }
 
 
-def _ensure_process_group() -> None:
-    """DeepSpeed needs a process group even for one process (``python train_helios.py parallel=zero2``)."""
-    import os
-    import socket
-
-    import deepspeed
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(port))
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
-    deepspeed.init_distributed(dist_backend=dist.get_backend())
-
-
 class RoleEngines:
     """The DeepSpeed engines of a run, by role, with the trainer's optimiser and scheduler settings."""
 
@@ -96,8 +75,7 @@ class RoleEngines:
     ) -> None:
         import deepspeed
 
-        _ensure_process_group()
-        self.cfg, self.grad_accum = cfg, grad_accum
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())  # the trainer's group
         self.engines: dict[str, deepspeed.DeepSpeedEngine] = {}
         self.frozen: dict[str, deepspeed.DeepSpeedEngine] = {}
         self.kind = {name: cfg.parallel.role_backend(name) for name in modules}

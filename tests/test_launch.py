@@ -8,29 +8,23 @@ one-node cluster with ``launch/local_slurm.sh`` when none answers and it may (ro
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
+from helios.distributed import free_port
 from tests.conftest import ROOT
+from tests.helpers.runs import metrics, train_cli
 
 TINY = ["validation.enabled=false", "trainer.progress=false"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _steps(run: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [m["step"] for m in metrics(run)]
 
 
 @pytest.fixture(scope="module")
@@ -122,26 +116,8 @@ def test_sbatch_template_requeues_on_preemption_and_resumes(slurm, tmp_path):
 def test_srun_starts_ranks_without_torchrun(slurm, tmp_path, python):
     """``srun -n2 python train_helios.py``: each task takes rank / world / master from Slurm's variables."""
     run = tmp_path / "run"
-    out = subprocess.run(
-        [
-            "srun",
-            "-N1",
-            "-n2",
-            "--kill-on-bad-exit=1",
-            python,
-            "train_helios.py",
-            f"hydra.run.dir={run}",
-            "trainer.max_steps=2",
-            "trainer.log_every=1",
-            *TINY,
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    srun = ["srun", "-N1", "-n2", "--kill-on-bad-exit=1", python]
+    out = train_cli([f"hydra.run.dir={run}", "trainer.max_steps=2"], timeout=300, launcher=srun)
     assert "ddp over 2 rank(s)" in out.stdout and _steps(run) == [1, 2]
 
 
@@ -153,7 +129,7 @@ def test_two_node_rendezvous_on_loopback(tmp_path, python):
         "NNODES": "2",
         "NPROC_PER_NODE": "1",
         "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
+        "MASTER_PORT": str(free_port()),
         "RDZV_ID": "test",
         "HELIOS_PYTHON": python,
     }
@@ -178,7 +154,7 @@ def test_two_node_rendezvous_on_loopback(tmp_path, python):
 def test_accelerate_launch_starts_the_trainer(tmp_path, python):
     """``accelerate launch`` is a launcher too (its environment is torchrun's)."""
     run = tmp_path / "run"
-    cmd = [
+    accelerate = [
         python,
         "-m",
         "accelerate.commands.launch",
@@ -187,15 +163,7 @@ def test_accelerate_launch_starts_the_trainer(tmp_path, python):
         "--num_machines=1",
         "--mixed_precision=no",
         "--dynamo_backend=no",
-        f"--main_process_port={_free_port()}",
-        "train_helios.py",
-        f"hydra.run.dir={run}",
-        "trainer.max_steps=2",
-        "trainer.log_every=1",
-        *TINY,
+        f"--main_process_port={free_port()}",
     ]
-    out = subprocess.run(
-        cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    out = train_cli([f"hydra.run.dir={run}", "trainer.max_steps=2"], timeout=300, launcher=accelerate)
     assert "ddp over 2 rank(s)" in out.stdout and _steps(run) == [1, 2]

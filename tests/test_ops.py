@@ -1,7 +1,6 @@
 """Operations: wandb, sweeps, Slurm env, the helios command, ablation switches, error messages."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from helios.metrics import read_metrics
 from helios.model.transformer import build_transformer
 from helios.tracking import run_name
 from helios.trainer import Trainer
+from tests.helpers.runs import train_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -180,21 +180,7 @@ def test_out_of_memory_names_the_fix(tmp_path, monkeypatch):
 
 
 def test_startup_summary_reports_tokens_and_memory(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "train_helios.py",
-            f"hydra.run.dir={tmp_path}",
-            "trainer.max_steps=1",
-            "validation.enabled=false",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = train_cli([f"hydra.run.dir={tmp_path}", "trainer.max_steps=1"], timeout=300)
     assert "tokens per clip: 48 noisy + 37 history; per step 340" in proc.stdout
     assert "memory per rank" in proc.stdout and "trainable" in proc.stdout
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 1

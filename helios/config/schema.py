@@ -511,9 +511,13 @@ class RoleParallelConfig(Validated):
     critic: str = ""
     real: str = ""
 
+    def chosen(self) -> dict[str, str]:
+        """The roles given a stage of their own."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name)}
+
     def _validate(self, prefix: str) -> None:
-        for k in ("model", "generator", "critic", "real"):
-            _choice(getattr(self, k), ("", "zero2", "zero3"), prefix + k)
+        for f in fields(self):
+            _choice(getattr(self, f.name), ("", "zero2", "zero3"), prefix + f.name)
 
 
 @dataclass
@@ -537,20 +541,19 @@ class ParallelConfig(Validated):
         _choice(self.backend, ("ddp", "zero2", "zero3"), prefix + "backend")
         _choice(self.dist_backend, ("auto", "gloo", "nccl"), prefix + "dist_backend")
         if self.backend == "ddp":
-            for k in ("model", "generator", "critic", "real"):
-                _check(
-                    not getattr(self.roles, k),
-                    prefix + f"roles.{k}",
-                    "per-role ZeRO stages need parallel=zero2 or parallel=zero3",
+            for role in self.roles.chosen():
+                raise ConfigError(
+                    prefix + f"roles.{role}", "per-role ZeRO stages need parallel=zero2 or parallel=zero3"
                 )
-            _check(
-                not (self.zero_offload_optimizer or self.zero_offload_params),
-                prefix + "zero_offload_optimizer",
-                "ZeRO offload needs parallel=zero2 or parallel=zero3",
-            )
+            for key in ("zero_offload_optimizer", "zero_offload_params"):
+                _check(
+                    not getattr(self, key),
+                    prefix + key,
+                    "ZeRO offload needs parallel=zero2 or parallel=zero3",
+                )
         if self.zero_offload_params:
             _check(
-                "zero3" in (self.backend, *vars(self.roles).values()),
+                "zero3" in (self.backend, *self.roles.chosen().values()),
                 prefix + "zero_offload_params",
                 "parameter offload needs a ZeRO-3 role",
             )

@@ -48,6 +48,14 @@ from helios.sampling.section import calculate_shift, upsample_renoise
 from helios.stages.flow import FlowStage
 
 
+def _cast(inputs: dict[str, torch.Tensor], like: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Model inputs on ``like``'s device, floating-point ones in its dtype (indices keep theirs)."""
+    return {
+        k: v.to(like.device, like.dtype) if v.is_floating_point() else v.to(like.device)
+        for k, v in inputs.items()
+    }
+
+
 class TensorDict(dict):
     def to(self, device: torch.device) -> TensorDict:
         return TensorDict({k: v.to(device) for k, v in self.items()})
@@ -419,15 +427,16 @@ class DistillStage(FlowStage):
         ref = cond["encoder_hidden_states"]
         history = torch.zeros(b, c, self.layout.num_history, h, w, device=ref.device)
         anchor = torch.zeros(b, c, 1, h, w, device=ref.device)
+
+        def inputs() -> dict:
+            return _cast({"encoder_hidden_states": ref, **self.layout.model_inputs(history, anchor)}, ref)
+
         for k in range(-(-self.layout.num_history // self.layout.window)):
-            inputs = {"encoder_hidden_states": ref, **self.layout.model_inputs(history, anchor)}
-            inputs = {n: (v.to(ref.dtype) if v.is_floating_point() else v) for n, v in inputs.items()}
             with torch.no_grad():
-                section = self.rollout(generator, inputs, shape, gen, grad=False, full=True).float()
+                section = self.rollout(generator, inputs(), shape, gen, grad=False, full=True).float()
             anchor = section[:, :, :1] if k == 0 else anchor
             history = torch.cat([history, section], dim=2)[:, :, -self.layout.num_history :]
-        inputs = {"encoder_hidden_states": ref, **self.layout.model_inputs(history, anchor)}
-        return {n: (v.to(ref.dtype) if v.is_floating_point() else v) for n, v in inputs.items()}
+        return inputs()
 
     def _bidirectional_context(self, batch, xt: torch.Tensor, tau5: torch.Tensor, gen) -> torch.Tensor | None:
         """Table 5 "w Bidirectional Teacher": the newest real history frames, re-noised to tau, that
@@ -466,7 +475,7 @@ class DistillStage(FlowStage):
         cond, target, stats = self.condition(batch, gen)
         device = batch.latents.device
         dtype = next(m.generator.parameters()).dtype
-        cond = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in cond.items()}
+        cond = _cast(cond, torch.empty((), device=device, dtype=dtype))
         target = target.to(device)
         b = target.shape[0]
         step = self.current_step

@@ -12,11 +12,17 @@ ROOT = Path(__file__).resolve().parents[2]
 QUIET = ["validation.enabled=false", "trainer.progress=false", "trainer.log_every=1"]
 
 
-def train_cli(args: list[str], nproc: int = 1, timeout: int = 900) -> subprocess.CompletedProcess:
-    """Run the trainer with ``args`` (after the quiet defaults); fail with its output tail if it fails."""
-    launcher = [sys.executable]
-    if nproc > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+def train_cli(
+    args: list[str], nproc: int = 1, timeout: int = 900, launcher: list[str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run the trainer with ``args`` (after the quiet defaults); fail with its output tail if it fails.
+
+    ``launcher``: the command line before ``train_helios.py`` (e.g. srun ... python); default python, or
+    torchrun with ``nproc`` processes."""
+    if launcher is None:
+        launcher = [sys.executable]
+        if nproc > 1:
+            launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     out = subprocess.run(
         [*launcher, "train_helios.py", *QUIET, *args],
         cwd=ROOT,
