@@ -795,3 +795,28 @@ class OdePairsConfig(Validated):
         _check(self.sampler.kind == "pyramid", "sampler.kind", "the teacher samples with the pyramid sampler")
         _choice(self.device, ("auto", "cpu", "cuda"), "device")
         TaskConfig(**self.tasks).validate("tasks.")
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@dataclass
+class FixturesConfig(Validated):
+    """``python -m helios.fixtures output=DIR``: tiny models in the published Wan/Helios layouts."""
+
+    output: str = MISSING
+    num_layers: int = 2
+    num_attention_heads: int = 2
+    attention_head_dim: int = 24
+    text_dim: int = 32
+    ffn_dim: int = 96
+    videos: int = 6
+    video_frames: int = 109  # clip=real: 28 latent frames
+    height: int = 64
+    width: int = 64
+    seed: int = 0
+
+    def _validate(self, prefix: str) -> None:
+        _check(self.attention_head_dim % 6 == 0, "attention_head_dim", "must be a multiple of 6 (Wan's RoPE)")
+        _check(self.num_layers >= 1 and self.videos >= 1, "num_layers/videos", "must be >= 1")
+        _check(self.height % 16 == 0 and self.width % 16 == 0, "height/width", "multiples of 16")
