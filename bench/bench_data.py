@@ -23,8 +23,11 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+CHECKOUT = Path(__file__).resolve().parents[1]
+if (CHECKOUT / "helios").is_dir():  # run from a checkout without installing
+    sys.path.insert(0, str(CHECKOUT))
+
+from helios.cli import bench_results  # noqa: E402
 
 STEP_14B_S = 3.60  # reference code, H100, with its Triton kernels (REFERENCE.md)
 CLIPS_PER_GPU_14B = 1
@@ -129,7 +132,7 @@ def tiny_step_rate(tmp: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "data_cpu.json"))
+    parser.add_argument("--out", default=str(bench_results("data_cpu.json")))
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as d:

@@ -22,8 +22,11 @@ import time
 from datetime import date
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+CHECKOUT = Path(__file__).resolve().parents[1]
+if (CHECKOUT / "helios").is_dir():  # run from a checkout without installing
+    sys.path.insert(0, str(CHECKOUT))
+
+from helios.cli import bench_results  # noqa: E402
 
 
 def timed(fn, device, warmup=3, iters=10) -> float:
@@ -231,7 +234,7 @@ def main() -> None:
                     {"long": long_frames, "multi_term": multi, "peak_GB": "OOM"}
                 )
                 torch.cuda.empty_cache()
-    out = Path(args.out or ROOT / "bench" / "results" / f"kernels_{gpu.replace(' ', '_')}.json")
+    out = Path(args.out or bench_results(f"kernels_{gpu.replace(' ', '_')}.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

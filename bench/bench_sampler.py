@@ -19,8 +19,11 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+CHECKOUT = Path(__file__).resolve().parents[1]
+if (CHECKOUT / "helios").is_dir():  # run from a checkout without installing
+    sys.path.insert(0, str(CHECKOUT))
+
+from helios.cli import bench_results  # noqa: E402
 
 
 def main() -> None:
@@ -29,7 +32,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--overrides", nargs="*", default=[])
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "sampler_cpu.json"))
+    parser.add_argument("--out", default=str(bench_results("sampler_cpu.json")))
     args = parser.parse_args()
 
     from helios.config import compose

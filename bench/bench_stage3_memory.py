@@ -20,8 +20,11 @@ import time
 from datetime import date
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+CHECKOUT = Path(__file__).resolve().parents[1]
+if (CHECKOUT / "helios").is_dir():  # run from a checkout without installing
+    sys.path.insert(0, str(CHECKOUT))
+
+from helios.cli import bench_results  # noqa: E402
 
 MODES = {
     "resident": ["distill.offload=false", "distill.cache_gan_grad=false"],
@@ -136,7 +139,9 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--mode", mode, "--steps", str(args.steps)] + (
             ["--smoke"] if args.smoke else []
         )
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, cwd=CHECKOUT if CHECKOUT.is_dir() else None
+        )
         if proc.returncode != 0:
             raise SystemExit(f"mode {mode} failed:\n{proc.stderr[-4000:]}")
         results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -155,7 +160,7 @@ def main() -> None:
         "command": " ".join(sys.argv),
         "modes": results,
     }
-    out = args.out or ROOT / "bench" / "results" / f"stage3_memory_{device.replace(' ', '_')}.json"
+    out = args.out or bench_results(f"stage3_memory_{device.replace(' ', '_')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     for mode, r in results.items():

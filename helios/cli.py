@@ -22,6 +22,22 @@ BENCHES = {
 }
 
 
+PACKAGE = Path(__file__).resolve().parent
+
+
+def bench_dir() -> Path:
+    """The benchmark scripts: ``helios/bench`` in an installed wheel, ``bench/`` in a checkout."""
+    installed = PACKAGE / "bench"
+    return installed if installed.is_dir() else PACKAGE.parent / "bench"
+
+
+def bench_results(name: str) -> Path:
+    """Where a benchmark writes its JSON: ``bench/results/`` in a checkout (recorded in BENCHMARKS.md),
+    ``./bench-results/`` for an installed package."""
+    checkout = PACKAGE.parent / "bench" / "results"
+    return (checkout if checkout.is_dir() else Path.cwd() / "bench-results") / name
+
+
 def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = ["usage: helios <command> [key=value ...]   (each command takes --help)", "", "commands:"]
@@ -42,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         if not rest or rest[0] not in BENCHES:
             print(f"usage: helios bench {{{'|'.join(BENCHES)}}} [args]", file=sys.stderr)
             return 2
-        script = Path(__file__).resolve().parents[1] / "bench" / BENCHES[rest[0]]
+        script = bench_dir() / BENCHES[rest[0]]
         sys.argv = [str(script), *rest[1:]]
         runpy.run_path(str(script), run_name="__main__")
         return 0

@@ -13,13 +13,23 @@ from omegaconf.errors import OmegaConfBaseException
 from helios.config.schema import (
     ConfigError,
     ExportConfig,
+    FixturesConfig,
     GenerateConfig,
     OdePairsConfig,
     PrepareConfig,
     TrainConfig,
 )
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+def _config_dir() -> Path:
+    """``configs/``: inside the package in an installed wheel (``helios/configs``), at the top of a
+    checkout otherwise (where users edit them)."""
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "configs"
+    return installed if installed.is_dir() else package.parent / "configs"
+
+
+CONFIG_DIR = _config_dir()
 
 SCHEMA_NAME = "train_schema"
 
@@ -34,6 +44,7 @@ def register_schema() -> None:
     ConfigStore.instance().store(name="generate_schema", node=GenerateConfig)
     ConfigStore.instance().store(name="export_schema", node=ExportConfig)
     ConfigStore.instance().store(name="ode_pairs_schema", node=OdePairsConfig)
+    ConfigStore.instance().store(name="fixtures_schema", node=FixturesConfig)
 
 
 register_schema()
