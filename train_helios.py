@@ -8,6 +8,7 @@ torchrun --nproc_per_node=8 train_helios.py stage=1 stage1=post data=/shards par
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -61,11 +62,33 @@ def _check_sweep(argv: list[str]) -> None:
         sys.exit(2)
 
 
+def launch_id(env: dict[str, str]) -> str | None:
+    """An id that every process of one multi-process launch shares: torchrun's rendezvous run id, else the
+    Slurm job (srun without torchrun). None for a single process."""
+    run_id = env.get("TORCHELASTIC_RUN_ID")
+    if run_id and run_id != "none":
+        return run_id
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in env:
+        return f"slurm-{env['SLURM_JOB_ID']}"
+    return None
+
+
+def shared_run_dir(argv: list[str], env: dict[str, str]) -> list[str]:
+    """Without ``hydra.run.dir``, each process would resolve the default's ``${now:...}`` itself, and
+    processes straddling a second would write into different run dirs: name it by the launch instead."""
+    run_id = launch_id(env)
+    if run_id is None or any(a.startswith("hydra.run.dir=") for a in argv):
+        return argv
+    return [*argv, f"hydra.run.dir=outputs/stage${{stage}}-${{phase}}/{run_id}"]
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     argv = normalize_overrides(sys.argv[1:])
     if "-m" in argv or "--multirun" in argv:
         _check_sweep(argv)
+    else:
+        argv = shared_run_dir(argv, dict(os.environ))
     sys.argv = [sys.argv[0], *argv]
     _hydra_main()
 

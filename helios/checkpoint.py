@@ -62,6 +62,21 @@ def resolve_resume(resume: str, run_dir: Path, key: str = "resume") -> Path | No
     )
 
 
+def pin_source(source: str | None, key: str) -> str | None:
+    """A weight source named so that it always means what this run loaded: an absolute path; a run dir
+    becomes its newest complete checkpoint (a run that trains on afterwards does not change what a reload
+    of this run rebuilds). Names that are not local paths (hub ids) are kept as they are."""
+    if not source:
+        return source
+    path = Path(source).expanduser()
+    if not path.exists():
+        return source
+    path = path.resolve()
+    if (path / MARKER).exists() or list_complete(path):
+        return str(resolve_resume(str(path), path, key))
+    return str(path)
+
+
 def save(
     run_dir: Path,
     step: int,
@@ -71,6 +86,7 @@ def save(
     rank_state: dict[str, Any],
     keep_last: int,
     write_extra: Callable[[Path], None] | None = None,
+    sources: dict[str, str | None] | None = None,
 ) -> Path:
     """Save a checkpoint collectively (every rank calls this). ``write_extra(tmp_dir)`` runs on every
     rank before the marker (e.g. DeepSpeed's per-rank optimiser partitions)."""
@@ -87,7 +103,8 @@ def save(
         for name, tensor_dict in tensors.items():
             save_file(tensor_dict, str(tmp / f"{name}.safetensors"))
         torch.save(objects, tmp / "state.pt")
-        (tmp / "meta.json").write_text(json.dumps({"step": step, "world_size": dist_info.world_size}))
+        meta = {"step": step, "world_size": dist_info.world_size, "sources": sources or {}}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     if write_extra is not None:
         write_extra(tmp)
     barrier()
@@ -102,6 +119,11 @@ def save(
             shutil.rmtree(stale, ignore_errors=True)
     barrier()
     return final
+
+
+def saved_sources(path: Path) -> dict[str, str | None]:
+    """The pinned weight sources a checkpoint's run started from (see :func:`pin_source`)."""
+    return json.loads((path / "meta.json").read_text()).get("sources", {})
 
 
 def load(path: Path, dist_info: DistInfo) -> tuple[dict[str, dict[str, torch.Tensor]], dict, dict]:

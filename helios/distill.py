@@ -136,13 +136,23 @@ def ema_update(ema: dict[str, torch.Tensor], params: dict[str, torch.Tensor], de
 @contextmanager
 def frozen(*modules: torch.nn.Module):
     """Parameters of ``modules`` take no gradient inside the block (the generator's GAN loss flows
-    through the fake score and heads to the generator only); their flags are restored after."""
+    through the fake score and heads to the generator only); their flags are restored after.
+
+    Gradient checkpointing of those modules is off inside the block: a checkpointed forward is recomputed
+    during backward, after the flags are back on, and would then save other tensors than it did."""
     params = [p for m in modules for p in m.parameters()]
     flags = [p.requires_grad for p in params]
+    checkpointed = [
+        m for root in modules for m in root.modules() if getattr(m, "gradient_checkpointing", False) is True
+    ]
     for p in params:
         p.requires_grad_(False)
+    for m in checkpointed:
+        m.gradient_checkpointing = False
     try:
         yield
     finally:
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
+        for m in checkpointed:
+            m.gradient_checkpointing = True

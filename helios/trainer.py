@@ -53,6 +53,14 @@ def resolve_grad_accum(cfg: TrainConfig, world_size: int) -> int:
     return t.global_batch_size // per_step
 
 
+def shared_generator(seed: int, step: int, micro: int) -> torch.Generator:
+    """The same random stream on every rank for one micro-batch: for draws that decide how many forward
+    passes a step makes (the pyramid stage of each sample, stage 3's exit step), which must agree across
+    ranks under ZeRO-3 (every forward gathers parameters collectively). A function of (seed, step, micro),
+    so a resumed run draws what the uninterrupted run drew."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1024 + micro)
+
+
 def resolve_precision(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     if cfg.trainer.precision == "bf16" or (cfg.trainer.precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
@@ -115,8 +123,36 @@ class Trainer:
         self.sampler.epoch, self.sampler.position = epoch, position  # consumed, not prefetched
         return batch
 
-    def _build_model(self) -> None:
+    def _source_nodes(self) -> dict[str, tuple[object, str]]:
+        """The config fields that name weights to load, as (node, attribute) by their key."""
+        cfg, m = self.cfg, self.cfg.model
+        nodes = {"init_from": (cfg, "init_from")}
+        nodes.update({f"distill.{k}": (cfg.distill, k) for k in ("teacher", "generator_init")})
+        for key in ("transformer", "vae", "text_encoder"):
+            node = getattr(m, key)
+            if node.source in ("helios", "wan", "pretrained"):
+                nodes[f"model.{key}.path"] = (node, "path")
+        return nodes
+
+    def _pin_sources(self, saved: dict[str, str | None] | None = None) -> None:
+        """Weight sources as absolute paths, run dirs as their exact checkpoint: ``config.yaml`` and every
+        checkpoint then name what this run started from, so export / generate / a later ``init_from``
+        rebuild the same weights from any working directory. A resumed run keeps the sources it started
+        with (``saved``), even when a source run has trained on since."""
+        for key, (node, attr) in self._source_nodes().items():
+            pinned = checkpoint.pin_source(getattr(node, attr), key)
+            if saved and key in saved and saved[key] != pinned:
+                if self.dist.is_main and pinned is not None:
+                    log.warning("%s: resuming with the source this run started from, %s", key, saved[key])
+                pinned = saved[key]
+            setattr(node, attr, pinned)
+
+    def sources(self) -> dict[str, str | None]:
+        return {key: getattr(node, attr) for key, (node, attr) in self._source_nodes().items()}
+
+    def _build_model(self, saved_sources: dict[str, str | None] | None = None) -> None:
         cfg = self.cfg
+        self._pin_sources(saved_sources)
         base_state = self._merged_init_weights(cfg.init_from) if cfg.init_from else None
         seed_everything(cfg.seed)  # the same initial weights (LoRA A draws) on every rank and every run
         self.model = self.stage.build_model(base_state)
@@ -236,6 +272,7 @@ class Trainer:
             self._rank_state(),
             self.cfg.trainer.keep_last,
             write_extra=(lambda tmp: self.engines.save(tmp / "zero")) if self.engines else None,
+            sources=self.sources(),
         )
         if self.dist.is_main:
             log.info("saved checkpoint %s", path)
@@ -346,15 +383,20 @@ class Trainer:
             )
         return {"noisy": layout.window * short, "history": history}
 
-    def _micro_step(self, last: bool) -> tuple[float, dict[str, float]]:
+    def _micro_step(self, micro: int, last: bool) -> tuple[float, dict[str, float]]:
         batch = self.next_batch().to(self.dist.device)
-        sync = contextlib.nullcontext() if (last or not self.dist.enabled) else self.wrapped.no_sync()
+        # DDP: no gradient all-reduce before the last micro-batch; ZeRO engines accumulate by themselves
+        plain = last or not self.dist.enabled or self.engines is not None
+        sync = contextlib.nullcontext() if plain else self.wrapped.no_sync()
         autocast = torch.autocast(
             self.dist.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16
         )
+        if self.engines is not None:
+            self.engines.begin_micro_step()
         with sync:
             with autocast:
-                loss, stats = self.stage.compute_loss(self.wrapped, batch, self.generator)
+                shared = shared_generator(self.cfg.seed, self.step, micro)
+                loss, stats = self.stage.compute_loss(self.wrapped, batch, self.generator, shared)
             # a stage with several roles returns one loss per role (their graphs are disjoint)
             losses = loss if isinstance(loss, dict) else {self.group_names[0]: loss}
             total = sum(losses.values())
@@ -375,7 +417,7 @@ class Trainer:
         records = []
         for micro in range(self.grad_accum):
             try:
-                loss, stats = self._micro_step(last=micro == self.grad_accum - 1)
+                loss, stats = self._micro_step(micro, last=micro == self.grad_accum - 1)
             except torch.OutOfMemoryError as err:
                 clips = self.cfg.trainer.batch_size * self.dist.world_size * self.grad_accum
                 raise RuntimeError(
@@ -431,9 +473,9 @@ class Trainer:
 
     def run(self) -> Path:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._build_data()
-        self._build_model()
         resume = checkpoint.resolve_resume(self.cfg.resume, self.run_dir)
+        self._build_data()
+        self._build_model(checkpoint.saved_sources(resume) if resume is not None else None)
         if resume is not None:
             self.load_checkpoint(resume)
         if self.dist.is_main:

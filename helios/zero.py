@@ -111,6 +111,17 @@ class RoleEngines:
     def any_zero3(self) -> bool:
         return "zero3" in self.kind.values()
 
+    def begin_micro_step(self) -> None:
+        """What ``engine.forward`` does before a forward pass, for our modules, which are called directly:
+        ZeRO-3 counts micro-batches there, and from the second micro-batch of a step on it adds to the
+        gradient partitions instead of overwriting them (without it, gradient accumulation keeps only
+        the last micro-batch's gradient)."""
+        from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+        for engine in self.engines.values():
+            if isinstance(engine.optimizer, ZeROOptimizer):
+                engine.optimizer.clear_backward_seen_flag()
+
     def backward(self, losses: dict[str, torch.Tensor]) -> None:
         """One backward + step per role with a loss (DeepSpeed applies the step at the accumulation
         boundary and scales the loss by the accumulation itself)."""

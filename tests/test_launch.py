@@ -167,3 +167,36 @@ def test_accelerate_launch_starts_the_trainer(tmp_path, python):
     ]
     out = train_cli([f"hydra.run.dir={run}", "trainer.max_steps=2"], timeout=300, launcher=accelerate)
     assert "ddp over 2 rank(s)" in out.stdout and _steps(run) == [1, 2]
+
+
+def test_ranks_without_run_dir_share_one_run_dir(tmp_path, python):
+    """No ``hydra.run.dir``: the default ``outputs/...`` is named by the launch, not by each process's clock,
+    so ranks that start in different seconds still write one run (a checkpoint holds both ranks' files)."""
+    launcher = [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    script = [str(ROOT / "tests/helpers/skewed_start.py"), str(ROOT / "train_helios.py")]
+    out = subprocess.run(
+        [*launcher, *script, "trainer.max_steps=2", "trainer.checkpoint_every=2", *TINY],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    (run,) = (tmp_path / "outputs" / "stage1-tiny").iterdir()
+    ckpt = run / "checkpoints" / "step_2"
+    assert (ckpt / "COMPLETE").exists()
+    assert sorted(p.name for p in ckpt.glob("rank_*.pt")) == ["rank_00000.pt", "rank_00001.pt"]
+
+
+def test_shared_run_dir_names_the_launch():
+    from train_helios import shared_run_dir
+
+    argv = ["trainer.max_steps=2"]
+    assert shared_run_dir(argv, {}) == argv  # one process: Hydra's timestamped default
+    torchrun = shared_run_dir(argv, {"TORCHELASTIC_RUN_ID": "abc"})
+    assert torchrun[-1] == "hydra.run.dir=outputs/stage${stage}-${phase}/abc"
+    srun = shared_run_dir(argv, {"SLURM_NTASKS": "2", "SLURM_JOB_ID": "42"})
+    assert srun[-1].endswith("/slurm-42")
+    given = [*argv, "hydra.run.dir=/runs/x"]
+    assert shared_run_dir(given, {"TORCHELASTIC_RUN_ID": "abc"}) == given

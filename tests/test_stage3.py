@@ -203,8 +203,8 @@ def test_self_forcing_history_is_the_generators_own_rollout():
     layout = stage.layout  # tiny: history 4/2/1, window 3 -> 3 sections fill the 7-frame buffer
     seen = []
 
-    def fake_rollout(generator, cond, shape, gen, grad, full=False):
-        assert not grad and full
+    def fake_rollout(generator, cond, shape, gen, grad, shared=None):
+        assert not grad and shared is None  # no gradients, the full few-step schedule
         seen.append(cond["latents_history_short"].clone())
         return torch.full(shape, float(len(seen)))
 
@@ -256,3 +256,21 @@ def test_stage3_ablations_train(tmp_path, ablation):
     metrics = _train(["stage=3", "trainer.max_steps=2", "distill.gan.start_step=0", ablation], tmp_path)
     assert len(metrics) == 2 and all(math.isfinite(m["loss"]) for m in metrics)
     assert math.isfinite(metrics[0]["loss_dmd"])  # the first iteration trains the generator (TTUR)
+
+
+def test_uncached_gan_gradient_trains_with_gradient_checkpointing(tmp_path):
+    """``distill.cache_gan_grad=false`` with gradient checkpointing (on in every 14B config): the generator's
+    GAN loss goes back through the frozen fake score, whose checkpointed forward must not be recomputed
+    after its flags are restored. Same losses and weights as without checkpointing."""
+    common = ["stage=3", "trainer.max_steps=2", "distill.gan.start_step=0", "distill.cache_gan_grad=false"]
+    plain = _train([*common, "trainer.checkpoint_every=2"], tmp_path / "plain")
+    ckpt = _train(
+        [*common, "trainer.checkpoint_every=2", "model.transformer.gradient_checkpointing=true"],
+        tmp_path / "gc",
+    )
+    assert plain[0]["update_g"] == 1.0 and isinstance(plain[0]["loss_gan_g"], float)
+    assert [m["loss"] for m in ckpt] == pytest.approx([m["loss"] for m in plain], rel=1e-6)
+    a = load_file(str(tmp_path / "plain" / "checkpoints" / "step_2" / "trainable.safetensors"))
+    b = load_file(str(tmp_path / "gc" / "checkpoints" / "step_2" / "trainable.safetensors"))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-7)

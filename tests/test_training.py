@@ -289,3 +289,19 @@ def test_a_crash_while_writing_engine_state_leaves_no_checkpoint_to_resume(tmp_p
     checkpoint.save(tmp_path, 3, info, weights, {"step": 3}, {}, keep_last=3)
     assert not list((tmp_path / "checkpoints").glob("step_*.tmp-*"))  # the crashed save's leftovers
     assert [s for s, _ in list_complete(tmp_path)] == [1, 3]
+
+
+def test_resume_keeps_the_init_from_checkpoint_it_started_with(tmp_path):
+    """``init_from=RUN`` is pinned to RUN's newest checkpoint at start-up (absolute path, recorded in every
+    checkpoint); resuming later keeps it even when RUN has trained on since."""
+    first = tmp_path / "first"
+    _train(["trainer.max_steps=2", "trainer.checkpoint_every=2"], first)
+    nxt = ["trainer.checkpoint_every=1", f"init_from={first}"]
+    _train([*nxt, "trainer.max_steps=1"], tmp_path / "next")
+    _train(["trainer.max_steps=4", "trainer.checkpoint_every=2"], first)  # the source run trains on
+    _train([*nxt, "trainer.max_steps=2"], tmp_path / "next")  # resume=latest
+    pinned = str((first / "checkpoints" / "step_2").resolve())
+    for step in (1, 2):
+        meta = json.loads((tmp_path / "next" / "checkpoints" / f"step_{step}" / "meta.json").read_text())
+        assert meta["sources"]["init_from"] == pinned
+    assert f"init_from: {pinned}" in (tmp_path / "next" / "config.yaml").read_text()

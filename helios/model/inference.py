@@ -36,7 +36,8 @@ def load_checkpoint_model(
     source: str | Path, weights: str = "raw", key: str = "checkpoint"
 ) -> tuple[torch.nn.Module, TrainConfig, Path]:
     """The model a training checkpoint (or run dir: its newest checkpoint) sampled with: its base
-    weights, its trained tensors, and for stage 3 the generator role (with EMA weights on request)."""
+    weights (for a run started with ``init_from``, the previous run's merged model, rebuilt the same way),
+    its trained tensors, and for stage 3 the generator role (with EMA weights on request)."""
     from helios import checkpoint as ckpt
     from helios.model.lora import load_trainable_state_dict
     from helios.stages import STAGES
@@ -47,7 +48,11 @@ def load_checkpoint_model(
         raise FileNotFoundError(f"{key}={source}: no complete checkpoint there")
     cfg = load_train_config(found)
     stage = STAGES[cfg.stage](cfg)
-    model = stage.build_inference_model() if hasattr(stage, "build_inference_model") else stage.build_model()
+    base_state = None
+    if cfg.init_from and cfg.model.transformer.source != "random":  # a random base is in the checkpoint
+        base_state = merged_weights(cfg.init_from)  # the function this run started from (recursive)
+    build = stage.build_inference_model if hasattr(stage, "build_inference_model") else stage.build_model
+    model = build(base_state)
     tensors = ckpt.load_tensors(found)
     if weights == "ema" and "ema" not in tensors:
         raise ValueError(f"weights=ema: {found} has no EMA weights (stage 3 keeps them); use weights=raw")
@@ -91,6 +96,12 @@ def _load_diffusers(path: Path, device: torch.device, dtype: torch.dtype) -> Loa
     from diffusers import AutoencoderKLWan, HeliosTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
 
+    kind = json.loads((path / "transformer" / "config.json").read_text()).get("_class_name")
+    if kind != "HeliosTransformer3DModel":
+        raise ValueError(
+            f"{path} holds a {kind}, not a Helios model: sample with a Helios directory (Helios-Base/-Mid/"
+            "-Distilled or a helios.export output) or a training run"
+        )
     transformer = HeliosTransformer3DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype)
     vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae")
     tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")

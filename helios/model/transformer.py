@@ -66,9 +66,9 @@ def build_transformer(
         finally:
             torch.random.set_rng_state(state)
     elif cfg.source == "helios":
-        model = HeliosTransformer3DModel.from_pretrained(
-            cfg.path, subfolder=cfg.subfolder, low_cpu_mem_usage=False, **guidance
-        )
+        # diffusers keeps some modules in fp32 (``_keep_in_fp32_modules``) and refuses
+        # low_cpu_mem_usage=False for such a model: load with its defaults
+        model = HeliosTransformer3DModel.from_pretrained(cfg.path, subfolder=cfg.subfolder, **guidance)
     else:
         from helios.model.wan_init import load_wan_as_helios
 

@@ -238,13 +238,16 @@ class DistillStage(FlowStage):
             return model.requires_grad_(False).eval()
         return apply_lora(model, lora)
 
-    def build_inference_model(self) -> DistillModule:
-        """Only the generator (export, generate): its base comes from the checkpoint or generator_init."""
+    def build_inference_model(self, base_state: dict | None = None) -> DistillModule:
+        """Only the generator (export, generate). Its base, as in :meth:`build_model`: ``base_state`` (the
+        ``init_from`` run's merged generator), else generator_init, else the teacher (a random base is
+        restored from the checkpoint instead)."""
         from helios.model.inference import merged_weights
 
         source = self.d.generator_init or self.d.teacher
-        state = merged_weights(source) if source and self.cfg.model.transformer.source != "random" else None
-        return DistillModule(self._role(state, self.cfg.model.lora))
+        if base_state is None and source and self.cfg.model.transformer.source != "random":
+            base_state = merged_weights(source)
+        return DistillModule(self._role(base_state, self.cfg.model.lora))
 
     def build_model(self, base_state: dict | None = None) -> DistillModule:
         from helios.model.inference import merged_weights
@@ -268,12 +271,12 @@ class DistillStage(FlowStage):
         )
         fake = self._role(teacher, fake_lora)
         real = self._role(teacher, None)
-        tr = self.cfg.model.transformer
+        shape = fake.config  # the loaded model's own shape (a checkpoint's, not the config's defaults)
         heads = (
             GanHeads(
                 self.d.gan.layers,
-                tr.num_layers,
-                tr.num_attention_heads * tr.attention_head_dim,
+                shape.num_layers,
+                shape.num_attention_heads * shape.attention_head_dim,
                 self.d.gan.dim,
             )
             if self.d.gan.enabled
@@ -343,9 +346,9 @@ class DistillStage(FlowStage):
         return generator
 
     # ------------------------------------------------------------------ steps
-    def compute_loss(self, model, batch, generator: torch.Generator):
+    def compute_loss(self, model, batch, generator: torch.Generator, shared: torch.Generator | None = None):
         step = self._ode_step if self.d.phase == "ode" else self._post_step
-        return model(step, batch, generator)
+        return model(step, batch, generator, shared or generator)
 
     def _scheduler_for(self):
         if self._scheduler is None:
@@ -370,7 +373,7 @@ class DistillStage(FlowStage):
     def _call(model, x, t, cond) -> torch.Tensor:
         return model(hidden_states=x, timestep=t, **cond, return_dict=False)[0].float()
 
-    def _ode_step(self, m: DistillModule, batch: TensorDict, gen: torch.Generator):
+    def _ode_step(self, m: DistillModule, batch: TensorDict, gen: torch.Generator, shared: torch.Generator):
         device = batch["history"].device
         k = int(torch.randint(len(self.d.steps), (1,), generator=gen))
         start, end = batch[f"stage{k}_start"], batch[f"stage{k}_end"]
@@ -388,17 +391,22 @@ class DistillStage(FlowStage):
         return loss, {"loss_ode": float(loss.detach()), "ode_stage": float(k)}
 
     def rollout(
-        self, generator: nn.Module, cond: dict, shape, gen: torch.Generator, grad: bool, full: bool = False
+        self,
+        generator: nn.Module,
+        cond: dict,
+        shape,
+        gen: torch.Generator,
+        grad: bool,
+        shared: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Staged Backward Simulation (Eq. 10): x0 at full resolution, gradients only through the exit
-        step (a random step of the last stage, the same on every rank; ``full``: the last step)."""
+        step: a random step of the last stage drawn from ``shared`` (the same on every rank), or the last
+        step without ``shared``."""
         b, c, t, h, w = shape
         device = cond["encoder_hidden_states"].device
         k_max = len(self.d.steps)
-        shared = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.current_step)
-        exit_j = int(torch.randint(self.d.steps[-1], (1,), generator=shared))
-        if full:
-            exit_j = self.d.steps[-1] - 1
+        last = self.d.steps[-1]
+        exit_j = int(torch.randint(last, (1,), generator=shared)) if shared is not None else last - 1
         x = torch.randn(b, c, t, h, w, generator=gen).to(device)
         for _ in range(k_max - 1):
             x = halve(x) * 2
@@ -433,7 +441,7 @@ class DistillStage(FlowStage):
 
         for k in range(-(-self.layout.num_history // self.layout.window)):
             with torch.no_grad():
-                section = self.rollout(generator, inputs(), shape, gen, grad=False, full=True).float()
+                section = self.rollout(generator, inputs(), shape, gen, grad=False).float()
             anchor = section[:, :, :1] if k == 0 else anchor
             history = torch.cat([history, section], dim=2)[:, :, -self.layout.num_history :]
         return inputs()
@@ -471,7 +479,7 @@ class DistillStage(FlowStage):
             self._call(m.fake, x, t, cond)
         return m.heads.logits(store, (x.shape[2], x.shape[3] // 2, x.shape[4] // 2))
 
-    def _post_step(self, m: DistillModule, batch, gen: torch.Generator):
+    def _post_step(self, m: DistillModule, batch, gen: torch.Generator, shared: torch.Generator):
         cond, target, stats = self.condition(batch, gen)
         device = batch.latents.device
         dtype = next(m.generator.parameters()).dtype
@@ -485,7 +493,7 @@ class DistillStage(FlowStage):
         self._activate("generator", prefetch="critic")
         if self.d.history_source == "self_forcing":
             cond = self._self_forcing_cond(m.generator, cond, target.shape, gen)
-        x0 = self.rollout(m.generator, cond, target.shape, gen, grad=update_g)
+        x0 = self.rollout(m.generator, cond, target.shape, gen, grad=update_g, shared=shared)
         nan = float("nan")
         metrics = dict.fromkeys(self.extra_metric_names(), nan)
         metrics["update_g"] = float(update_g)

@@ -70,7 +70,9 @@ class FlowStage:
         }
         return inputs, target, stats
 
-    def noisy_groups(self, target: torch.Tensor, generator: torch.Generator) -> tuple[list[NoisyGroup], dict]:
+    def noisy_groups(
+        self, target: torch.Tensor, generator: torch.Generator, shared: torch.Generator
+    ) -> tuple[list[NoisyGroup], dict]:
         """Single-scale flow matching: x_t = (1 - s) x0 + s noise, s logit-normal/uniform and shifted."""
         cfg = self.cfg
         b, _, w, h, wd = target.shape
@@ -82,11 +84,17 @@ class FlowStage:
         return [group], {"sigma_mean": float(sigmas.mean()), "shift": shift}
 
     def compute_loss(
-        self, model: torch.nn.Module, batch: ClipBatch, generator: torch.Generator
+        self,
+        model: torch.nn.Module,
+        batch: ClipBatch,
+        generator: torch.Generator,
+        shared: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss of one micro-batch. ``generator``: this rank's stream; ``shared``: the same on every rank
+        (draws that decide the number of forward passes)."""
         device = batch.latents.device
         cond, target, stats = self.condition(batch, generator)
-        groups, noisy_stats = self.noisy_groups(target, generator)
+        groups, noisy_stats = self.noisy_groups(target, generator, shared or generator)
         total = torch.zeros((), device=device)
         b = target.shape[0]
         stats["noisy_tokens"] = float(sum(len(g.index) * token_count(*g.x_t.shape[2:]) for g in groups))

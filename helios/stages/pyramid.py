@@ -13,7 +13,8 @@ from helios.stages.flow import FlowStage, NoisyGroup
 class PyramidStage(FlowStage):
     """Each sample trains one pyramid stage k (drawn with ``pyramid.stage_ratios``) on the straight
     path between the stage's start and end points at its resolution; sigma is sampled as in Stage 1
-    and shifted by the stage's own token count; samples of one stage share a forward pass."""
+    and shifted by the stage's own token count; samples of one stage share a forward pass. The stage of
+    each sample comes from the rank-shared generator, so every rank makes the same forward passes."""
 
     name = "pyramid"
 
@@ -23,7 +24,9 @@ class PyramidStage(FlowStage):
         ratios = torch.tensor(cfg.pyramid.stage_ratios, dtype=torch.float64)
         self.probs = ratios / ratios.sum()
 
-    def noisy_groups(self, target: torch.Tensor, generator: torch.Generator) -> tuple[list[NoisyGroup], dict]:
+    def noisy_groups(
+        self, target: torch.Tensor, generator: torch.Generator, shared: torch.Generator
+    ) -> tuple[list[NoisyGroup], dict]:
         k_max = self.schedule.stages
         h, w = target.shape[-2:]
         factor = 2 ** (k_max - 1) * 2  # halvings x the 2x2 patch
@@ -33,7 +36,8 @@ class PyramidStage(FlowStage):
                 "(choose the resolution or pyramid.stages accordingly)"
             )
         b = target.shape[0]
-        stage_of = torch.multinomial(self.probs, b, replacement=True, generator=generator)
+        # the same stage pattern on every rank: one forward per stage present, equal counts under ZeRO-3
+        stage_of = torch.multinomial(self.probs, b, replacement=True, generator=shared)
         noise = torch.randn(target.shape, generator=generator)
         groups, sigmas = [], []
         for k in range(k_max):
