@@ -39,11 +39,21 @@ class HistoryLayout:
     window: int
     anchor: bool = True
     multi_term: bool = True
+    relative_rope: bool = True  # §3.2.1; False: absolute indices (the Position Shift ablation)
 
     @classmethod
     def from_config(cls, cfg: HistoryConfig) -> HistoryLayout:
         long, mid, short = cfg.sizes
-        return cls(long, mid, short, cfg.window, cfg.anchor, cfg.multi_term_patch)
+        return cls(long, mid, short, cfg.window, cfg.anchor, cfg.multi_term_patch, cfg.relative_rope)
+
+    def position_offset(self, position: int, batch_size: int) -> torch.Tensor | None:
+        """Index offset of a section whose first noisy frame is latent frame ``position`` of the video:
+        None with Relative RoPE (every section sees the same indices, §3.2.1); with absolute indices the
+        offset grows with the video (index = 1 + position, the anchor keeps 0), never below 0, the
+        offset training gives a clip that starts at the video's first frame."""
+        if self.relative_rope:
+            return None
+        return torch.full((batch_size,), max(0, position - self.num_history), dtype=torch.long)
 
     @property
     def num_history(self) -> int:

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from helios.config.schema import TaskConfig
@@ -85,3 +86,75 @@ def test_task_frequencies():
     freq = torch.bincount(tasks, minlength=4).float() / tasks.numel()
     expected = torch.tensor([0.4, 0.1, 0.2, 0.3])
     assert torch.allclose(freq, expected, atol=0.01), freq
+
+
+def _condition(overrides: list[str]):
+    """The history inputs stage 1 builds for one fixed batch (clips starting at latent frames 2 and 5)."""
+    from helios.config import compose
+    from helios.data.dataset import ClipBatch
+    from helios.stages import FlowStage
+
+    cfg = compose(["history.tasks={t2v:0.0,i2v:0.0,v2v_partial:0.0}", *overrides])
+    stage = FlowStage(cfg)
+    gen = torch.Generator().manual_seed(0)
+    batch = ClipBatch(
+        torch.randn(2, 16, stage.layout.clip_frames, 8, 8, generator=gen),
+        torch.randn(2, 16, 1, 8, 8, generator=gen),
+        torch.randn(2, 32, 32, generator=gen),
+        torch.tensor([2, 5]),
+    )
+    return stage.condition(batch, torch.Generator().manual_seed(1))
+
+
+def test_each_history_switch_changes_the_batch_it_builds():
+    """The Table-5 / §3 switches act on what the model is fed (not only on a smoke run)."""
+    base, _, stats = _condition([])
+    assert stats["corrupt_frac"] > 0  # stage-1 tiny: Frame-Aware Corrupt on
+    clean, _, stats = _condition(["history.corrupt.enabled=false"])
+    assert stats["corrupt_frac"] == 0
+    assert not torch.equal(clean["latents_history_long"], base["latents_history_long"])
+    absolute, _, _ = _condition(["history.relative_rope=false"])
+    for key in ("indices_hidden_states", "indices_latents_history_long", "indices_latents_history_mid"):
+        assert (absolute[key] - base[key]).tolist() == [[2] * base[key].shape[1], [5] * base[key].shape[1]]
+    assert torch.equal(
+        absolute["indices_latents_history_short"][:, 0], base["indices_latents_history_short"][:, 0]
+    )
+    no_anchor, _, _ = _condition(["history.anchor=false"])
+    assert base["latents_history_short"][:, :, :1].abs().sum() > 0
+    assert no_anchor["latents_history_short"][:, :, :1].abs().sum() == 0
+    naive, _, _ = _condition(["history.multi_term_patch=false"])
+    assert naive["latents_history_short"].shape[2] > base["latents_history_short"].shape[2]
+    t2v, _, _ = _condition(["history.tasks={t2v:1.0,i2v:0.0,v2v_partial:0.0}"])
+    assert all(t2v[k].abs().sum() == 0 for k in t2v if k.startswith("latents_history"))
+
+
+@pytest.mark.parametrize("relative", [True, False])
+def test_sampling_indices_grow_only_with_absolute_rope(relative):
+    """Relative RoPE: every section sees the same indices; absolute: the window's indices move with the
+    video (position shift), from the section where the history buffer is full."""
+    from helios.sampling import PromptSchedule, SectionSampler, sample_video
+    from helios.sampling.section import Guidance
+
+    layout = HistoryLayout(4, 2, 1, 3, relative_rope=relative)
+    seen = []
+
+    class Model(torch.nn.Module):
+        config = type("C", (), {"in_channels": 16})()
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, hidden_states, indices_hidden_states, return_dict=False, **_):
+            seen.append(indices_hidden_states[0].tolist())
+            return (hidden_states * self.w,)
+
+    from diffusers import HeliosScheduler
+
+    sampler = SectionSampler(HeliosScheduler(stages=1, stage_range=[0, 1]), [1], Guidance(1.0))
+    sample_video(Model(), layout, sampler, PromptSchedule([(0, torch.zeros(1, 4, 8))]), None, 5, (4, 4))
+    first = [8, 9, 10]  # 1 + 7 history frames, then the window
+    if relative:
+        assert seen == [first] * 5
+    else:  # sections start at latent frames 0, 3, 6, 9, 12: offset max(0, position - 7)
+        assert seen == [first, first, first, [10, 11, 12], [13, 14, 15]]

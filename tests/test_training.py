@@ -305,3 +305,30 @@ def test_resume_keeps_the_init_from_checkpoint_it_started_with(tmp_path):
         meta = json.loads((tmp_path / "next" / "checkpoints" / f"step_{step}" / "meta.json").read_text())
         assert meta["sources"]["init_from"] == pinned
     assert f"init_from: {pinned}" in (tmp_path / "next" / "config.yaml").read_text()
+
+
+def test_lora_all_linear_is_the_reference_set():
+    """all-linear = the reference code's set (the released weights' adapters): every nn.Linear without "norm"
+    in its name, i.e. also the embedders, the adaLN projection and the output head, plus the patch embedding;
+    targets=blocks keeps the blocks-only set."""
+    from helios.model.lora import linear_targets
+    from helios.model.transformer import build_transformer
+
+    model = build_transformer(compose([]).model.transformer)
+    outside = {
+        "condition_embedder.time_embedder.linear_1",
+        "condition_embedder.time_embedder.linear_2",
+        "condition_embedder.time_proj",
+        "condition_embedder.text_embedder.linear_1",
+        "condition_embedder.text_embedder.linear_2",
+        "proj_out",
+        "patch_embedding",
+    }
+    blocks = set(linear_targets(model, "blocks"))
+    assert blocks and all(n.startswith("blocks.") for n in blocks)
+    assert set(linear_targets(model)) == blocks | outside
+    from helios.model.lora import apply_lora
+
+    lora = apply_lora(model, compose([]).model.lora)
+    adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in lora.named_parameters() if ".lora_A." in n}
+    assert adapted == blocks | outside

@@ -11,15 +11,22 @@ ADAPTER_NAME = "default"
 MEMORY_PATCHES = ("patch_short", "patch_mid", "patch_long")
 
 
-def linear_targets(model: torch.nn.Module) -> list[str]:
-    """ "all-linear": every ``nn.Linear`` inside the DiT blocks (attention q/k/v/out and FFN);
-    the embedders and the output projection stay frozen, as peft's all-linear skips the head."""
-    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("blocks.")]
+def linear_targets(model: torch.nn.Module, scope: str = "all-linear") -> list[str]:
+    """``all-linear``: every ``nn.Linear`` whose name has no "norm" (time/text embedders, the adaLN
+    projection ``time_proj``, ``proj_out`` and the blocks' attention and FFN) plus the patch embedding: the
+    reference code's set, which the released checkpoints were trained with (and a superset of peft's
+    ``all-linear`` on this model). ``blocks``: only the linears inside the DiT blocks."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    if scope == "blocks":
+        return [n for n in linears if n.startswith("blocks.")]
+    return [n for n in linears if "norm" not in n] + (
+        ["patch_embedding"] if hasattr(model, "patch_embedding") else []
+    )
 
 
 def resolve_targets(model: torch.nn.Module, cfg: LoraConfig) -> list[str]:
-    if cfg.targets == "all-linear":
-        targets = linear_targets(model)
+    if cfg.targets in ("all-linear", "blocks"):
+        targets = linear_targets(model, cfg.targets)
     else:
         suffixes = tuple(cfg.targets)
         targets = [n for n, m in model.named_modules() if n.endswith(suffixes) and n]

@@ -70,13 +70,15 @@ def sample_video(
 
     drift_frames = torch.zeros(layout.num_history, dtype=torch.bool)
     result = SampleResult(latents=torch.empty(0))
+    position = sum(g.shape[2] for g in generated)  # latent frames before the next section
     for k in range(num_sections):
         t0 = time.perf_counter()
         cond_history = history
         if adaptive is not None and drift_frames.any():
             cond_history = adaptive.corrupt(history, drift_frames)
         anchor_k = anchor if anchor is not None else torch.zeros(b, c, 1, h, w, device=device)
-        inputs = {key: v.to(device) for key, v in layout.model_inputs(cond_history, anchor_k).items()}
+        offset = layout.position_offset(position, b)  # None with Relative RoPE
+        inputs = {key: v.to(device) for key, v in layout.model_inputs(cond_history, anchor_k, offset).items()}
         inputs = {key: (v.to(dtype) if v.is_floating_point() else v) for key, v in inputs.items()}
 
         def model_fn(
@@ -103,6 +105,7 @@ def sample_video(
             drift_frames[-layout.window :] = True
             result.drift_sections.append(k)
         generated.append(section)
+        position += section.shape[2]
         result.section_times.append(time.perf_counter() - t0)
         if on_section is not None:
             on_section(k, section)

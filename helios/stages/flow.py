@@ -58,7 +58,7 @@ class FlowStage:
         tasks = draw_tasks(b, cfg.history.tasks, generator)
         history, anchor, valid = apply_tasks(history, batch.first_latent.cpu(), tasks, self.layout, generator)
         history, branches = frame_aware_corrupt(history, valid, cfg.history.corrupt, generator)
-        offset = None if cfg.history.relative_rope else batch.offset.cpu()
+        offset = None if self.layout.relative_rope else batch.offset.cpu()  # absolute: the window's start
         inputs = {
             "encoder_hidden_states": batch.prompt_embeds.cpu(),
             **self.layout.model_inputs(history, anchor, offset),
