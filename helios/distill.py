@@ -115,15 +115,18 @@ class TTUR:
 
 @dataclass
 class EmaSchedule:
-    """EMA decay min((1 + n) / (10 + n), decay), n counted from ``start`` (no EMA before it)."""
+    """EMA of the generator from iteration ``start`` on, updated on generator steps only: the first update
+    copies the weights, the n-th average after it uses decay min((1 + n) / (10 + n), ``decay``), n counting
+    EMA updates as the reference's (diffusers-style) EMA warm-up does. Counting iterations instead would
+    reach the final decay TTUR times sooner (the generator steps every TTUR-th iteration)."""
 
     decay: float = 0.99
     start: int = 750
 
-    def __call__(self, step: int) -> float | None:
-        if step < self.start:
-            return None
-        n = step - self.start
+    def active(self, step: int) -> bool:
+        return step >= self.start
+
+    def __call__(self, n: int) -> float:
         return min((1.0 + n) / (10.0 + n), self.decay)
 
 

@@ -104,8 +104,10 @@ def test_ttur_counts_optimizer_steps_per_role():
 
 def test_ema_schedule_and_update():
     sched = EmaSchedule(decay=0.99, start=10)
-    assert sched(9) is None and sched(10) == pytest.approx(0.1) and sched(100) == pytest.approx(91 / 100)
-    assert sched(10_000) == 0.99
+    assert not sched.active(9) and sched.active(10)
+    assert (
+        sched(1) == pytest.approx(2 / 11) and sched(90) == pytest.approx(91 / 100) and sched(10_000) == 0.99
+    )
     ema, p = {"w": torch.zeros(2)}, {"w": torch.ones(2)}
     ema_update(ema, p, 0.75)
     torch.testing.assert_close(ema["w"], torch.full((2,), 0.25))
@@ -174,3 +176,22 @@ def test_sharded_ema_single_process_is_the_plain_ema():
         ema.update(params, 0.9)
         ema_update(ref, params, 0.9)
     assert torch.equal(ema.gather()["w"], ref["w"]) and ema.local_bytes() == 15 * 4
+
+
+def test_ema_warmup_counts_generator_updates_not_iterations(monkeypatch):
+    """TTUR 5: the generator (and its EMA) steps at iterations 1, 6, 11, ...; the warm-up's n counts those
+    EMA updates (reference), so the averages after the first copy use 2/11, 3/12, 4/13."""
+    from types import SimpleNamespace
+
+    from helios.ema import ShardedEma
+    from helios.stages import DistillStage
+
+    stage = DistillStage(compose(["stage=3", "distill.ema_start=0", "distill.ttur=5"]))
+    model = SimpleNamespace(generator=torch.nn.Linear(2, 2))
+    decays = []
+    monkeypatch.setattr(ShardedEma, "update", lambda self, params, decay: decays.append(decay))
+    for step in range(1, 17):
+        stepped = ["critic", "generator"] if (step - 1) % 5 == 0 else ["critic"]
+        stage.after_optimizer_step(model, step, stepped)
+    assert decays == pytest.approx([2 / 11, 3 / 12, 4 / 13])
+    assert stage.state_dict()["ema_updates"] == 3

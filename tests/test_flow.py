@@ -49,3 +49,29 @@ def test_flow_pair_path_and_velocity():
     # one Euler step along v from sigma to 0 lands on x0
     assert torch.allclose(x_t[1] - 0.5 * v[1], x0[1], atol=1e-6)
     assert math.isclose(float((v - (noise - x0)).abs().max()), 0.0)
+
+
+def _law(overrides: list[str]) -> tuple[float, float]:
+    """(shift at one real section, median sigma) of a phase's training timestep law."""
+    from helios.config import compose
+
+    cfg = compose([*overrides, "data=/shards", "model.transformer.path=/m", "distill.teacher=/t"])
+    sigmas = sample_sigmas(200_000, cfg.flow, torch.Generator().manual_seed(0))
+    shift = shift_factor(token_count(9, 48, 80), cfg.flow.shift)
+    return shift, float(shift_sigmas(sigmas, shift).median())
+
+
+@pytest.mark.parametrize(
+    ("phase", "shift", "median"),
+    [
+        (["stage=1", "stage1=init"], 1.0, 0.5),  # reference: logit-normal(0, 1), no shift
+        (["stage=1", "stage1=post"], 1.0, 0.5),
+        (["stage=2", "stage2=init"], 1.0, 0.5),  # reference: uniform, no shift
+        (["stage=3", "stage3=post"], 1.92, None),  # reference stage 3: linear shift (Wan's 1.92)
+    ],
+)
+def test_phase_timestep_laws_are_the_references(phase, shift, median):
+    got_shift, got_median = _law(phase)
+    assert got_shift == pytest.approx(shift, abs=0.005)
+    if median is not None:
+        assert got_median == pytest.approx(median, abs=0.01)

@@ -11,6 +11,7 @@ generator; each export runs unchanged in diffusers' pipelines and gives our samp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -344,7 +345,7 @@ def test_exports_run_unchanged_in_diffusers_and_give_our_latents(chain, export_n
     ours = sample_video(
         model.eval(),
         layout,
-        build_section_sampler(s),
+        build_section_sampler(dataclasses.replace(s, shift_order="diffusers")),  # diffusers' shift order
         PromptSchedule([(0, cond)]),
         neg,
         2,

@@ -49,7 +49,8 @@ def tiny():
 
 
 def _ours(transformer, scheduler, steps, guidance, cond, neg, amplify=False):
-    sampler = SectionSampler(scheduler, steps, guidance, amplify_first=amplify)
+    # diffusers' ordering: its pyramid pipeline shifts each stage before the upsample
+    sampler = SectionSampler(scheduler, steps, guidance, amplify_first=amplify, shift_after_upsample=False)
     return sample_video(
         transformer,
         LAYOUT,
@@ -267,3 +268,27 @@ def test_build_section_sampler_kinds():
     pyr = build_section_sampler(SamplerConfig(kind="pyramid", steps=[3, 3, 3], cfg_zero_star=True))
     assert pyr.num_stages == 3 and pyr.guidance.cfg_zero_star
     assert build_section_sampler(SamplerConfig(kind="dmd", steps=[2, 2, 2], guidance_scale=1.0)).is_dmd
+
+
+@pytest.mark.parametrize(
+    ("order", "grids"),
+    [("stage", [(12, 20), (24, 40), (48, 80)]), ("diffusers", [(12, 20), (12, 20), (24, 40)])],
+)
+def test_each_pyramid_stage_is_shifted_by_its_own_token_count(order, grids, monkeypatch):
+    """At 384x640 the reference pipeline (and training) shifts stage k by stage k's grid; diffusers' port
+    by the previous stage's (kept as shift_order=diffusers for parity with its pipeline)."""
+    import helios.sampling.section as section
+
+    seen = []
+    original = section.set_stage_timesteps
+
+    def spy(scheduler, steps, stage, shape, *args, **kwargs):
+        seen.append(tuple(shape[-2:]))
+        return original(scheduler, steps, stage, shape, *args, **kwargs)
+
+    monkeypatch.setattr(section, "set_stage_timesteps", spy)
+    sampler = build_section_sampler(SamplerConfig(kind="pyramid", steps=[1, 1, 1], shift_order=order))
+    x = sampler.initial_noise((1, 16, 9, 48, 80), torch.Generator().manual_seed(0), torch.device("cpu"))
+    cond = torch.zeros(1, 4, 8)
+    sampler(lambda x, t, e: torch.zeros_like(x), x, cond, None, torch.Generator().manual_seed(0))
+    assert seen == grids

@@ -203,8 +203,9 @@ def test_self_forcing_history_is_the_generators_own_rollout():
     layout = stage.layout  # tiny: history 4/2/1, window 3 -> 3 sections fill the 7-frame buffer
     seen = []
 
-    def fake_rollout(generator, cond, shape, gen, grad, shared=None):
-        assert not grad and shared is None  # no gradients, the full few-step schedule
+    def fake_rollout(generator, cond, shape, gen, grad, exits=None, first_section=False):
+        assert not grad and exits is None  # no gradients, the full few-step schedule
+        assert first_section == (len(seen) == 0)  # the first section is sampled with the doubled schedule
         seen.append(cond["latents_history_short"].clone())
         return torch.full(shape, float(len(seen)))
 
@@ -274,3 +275,74 @@ def test_uncached_gan_gradient_trains_with_gradient_checkpointing(tmp_path):
     b = load_file(str(tmp_path / "gc" / "checkpoints" / "step_2" / "trainable.safetensors"))
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-7)
+
+
+class _Recorder(torch.nn.Module):
+    """A stand-in generator: v = w * x, recording (timestep, grid) per call and its output tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(0.5))
+        self.calls: list[tuple[float, tuple[int, int]]] = []
+        self.outputs: list[torch.Tensor] = []
+
+    def forward(self, hidden_states, timestep, return_dict=False, **_):
+        self.calls.append((float(timestep[0]), tuple(hidden_states.shape[-2:])))
+        out = self.w * hidden_states
+        if out.requires_grad:
+            out.retain_grad()
+        self.outputs.append(out)
+        return (out,)
+
+
+@pytest.mark.parametrize("first_section", [True, False])
+def test_rollout_uses_the_samplers_timesteps(first_section):
+    """The stage-3 rollout (all steps) feeds the generator exactly the timesteps and grids the DMD sampler
+    that validation, export and generate use feeds it: same shift per stage, same amplified first section."""
+    from helios.sampling.pipeline import build_section_sampler
+    from helios.stages import DistillStage
+
+    cfg = compose(["stage=3"])
+    stage = DistillStage(cfg)
+    shape = (1, 16, stage.layout.window, 16, 16)
+    cond = {"encoder_hidden_states": torch.zeros(1, 4, 32)}
+    trained = _Recorder()
+    with torch.no_grad():
+        stage.rollout(
+            trained, cond, shape, torch.Generator().manual_seed(0), grad=False, first_section=first_section
+        )
+    sampled = _Recorder()
+    sampler = build_section_sampler(cfg.validation.sampler)
+    x = sampler.initial_noise(shape, torch.Generator().manual_seed(0), torch.device("cpu"))
+    sampler(lambda x, t, e: sampled(x, t)[0], x, cond["encoder_hidden_states"], None, None, first_section)
+    assert trained.calls == sampled.calls
+    assert len(trained.calls) == (12 if first_section else 6)  # 3 stages x 2 steps, doubled on the first
+
+
+def test_staged_backward_simulation_sends_gradient_through_every_stage():
+    """Each stage stops at its exit step and hands its x0 on with the graph: the gradient of the final x0
+    reaches stage k's exit forward when stage k+1 exits at its first step, and not otherwise (reference)."""
+    from helios.stages import DistillStage
+
+    stage = DistillStage(compose(["stage=3"]))
+    shape = (1, 16, stage.layout.window, 16, 16)
+    cond = {"encoder_hidden_states": torch.zeros(1, 4, 32)}
+
+    def grads(exits):
+        gen = _Recorder()
+        x0 = stage.rollout(gen, cond, shape, torch.Generator().manual_seed(0), grad=True, exits=exits)
+        x0.square().sum().backward()
+        return [
+            (grid, out.grad is not None and bool(out.grad.abs().sum() > 0))
+            for (_, grid), out in zip(gen.calls, gen.outputs)
+        ]
+
+    assert grads([0, 0, 0]) == [((4, 4), True), ((8, 8), True), ((16, 16), True)]
+    # stage 1 exits at its second step: its first step ran without gradient, which cuts stage 0 off
+    assert grads([1, 1, 0]) == [
+        ((4, 4), False),
+        ((4, 4), False),
+        ((8, 8), False),
+        ((8, 8), True),
+        ((16, 16), True),
+    ]

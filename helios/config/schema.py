@@ -108,13 +108,15 @@ class TransformerConfig(Validated):
 
 @dataclass
 class LoraConfig(Validated):
-    """LoRA through peft (Table 1: rank = alpha, all linear layers of the DiT blocks)."""
+    """LoRA through peft (Table 1: rank = alpha)."""
 
     enabled: bool = True
     rank: int = 128
     alpha: int = 128
     dropout: float = 0.0
-    # "all-linear" or an explicit list of module-name suffixes (e.g. [to_q, to_k, to_v, to_out.0]).
+    # "all-linear": every nn.Linear whose name has no "norm" (embedders, adaLN projection, proj_out, the
+    # blocks) plus the patch embedding, as the reference code that trained the released weights;
+    # "blocks": only the linears inside the DiT blocks; or a list of module-name suffixes.
     targets: Any = "all-linear"
     # How the multi-term memory patch convs (patch_short/mid/long) train: full | lora | frozen.
     memory_patch: str = "full"
@@ -126,10 +128,10 @@ class LoraConfig(Validated):
         _check(self.alpha > 0, prefix + "alpha", "must be > 0")
         _check(0.0 <= self.dropout < 1.0, prefix + "dropout", "must be in [0, 1)")
         _check(
-            self.targets == "all-linear"
+            self.targets in ("all-linear", "blocks")
             or (isinstance(self.targets, list | tuple) and all(isinstance(t, str) for t in self.targets)),
             prefix + "targets",
-            "must be 'all-linear' or a list of module-name suffixes",
+            "must be 'all-linear', 'blocks' or a list of module-name suffixes",
         )
         _choice(self.memory_patch, ("full", "lora", "frozen"), prefix + "memory_patch")
 
@@ -589,6 +591,9 @@ class SamplerConfig(Validated):
     cfg_zero_star: bool = False
     amplify_first: bool = False
     shift_type: str = "exponential"
+    # "stage": each pyramid stage shifted by its own token count (training, the reference pipeline);
+    # "diffusers": by the previous stage's (diffusers' HeliosPyramidPipeline; for parity with it)
+    shift_order: str = "stage"
     gamma: float = 1.0 / 3.0
     negative_prompt: str = ""
     interpolation_steps: int = 1
@@ -602,6 +607,7 @@ class SamplerConfig(Validated):
         if self.kind == "unipc":
             _check(len(self.steps) == 1, prefix + "steps", "unipc has a single stage: steps=[N]")
         _choice(self.shift_type, ("linear", "exponential"), prefix + "shift_type")
+        _choice(self.shift_order, ("stage", "diffusers"), prefix + "shift_order")
         _check(0.0 < self.gamma <= 1.0 / 3.0, prefix + "gamma", "must be in (0, 1/3]")
         _check(self.interpolation_steps >= 1, prefix + "interpolation_steps", "must be >= 1")
 
@@ -684,6 +690,14 @@ class TrainConfig(Validated):
             f"tiny text encoder width {self.model.text_encoder.d_model} "
             f"!= transformer.text_dim {tr.text_dim}",
         )
+        if self.stage == 3:  # the generator is distilled and sampled on one noise schedule
+            _check(
+                self.validation.sampler.shift_type == self.flow.shift.type,
+                "validation.sampler.shift_type",
+                f"{self.validation.sampler.shift_type!r} differs from flow.shift.type "
+                f"{self.flow.shift.type!r}: stage 3 trains its few-step schedule on flow.shift.type; "
+                "set both to the same value",
+            )
         if not self.history.multi_term_patch:
             _check(
                 not self.model.lora.enabled or self.model.lora.memory_patch != "lora",

@@ -42,7 +42,14 @@ def build_section_sampler(cfg: SamplerConfig, patch_size=(1, 2, 2)) -> SectionSa
             time_shift_type=cfg.shift_type,
         )
     guidance = Guidance(scale=cfg.guidance_scale, cfg_zero_star=cfg.cfg_zero_star)
-    return SectionSampler(scheduler, cfg.steps, guidance, patch_size, amplify_first=cfg.amplify_first)
+    return SectionSampler(
+        scheduler,
+        cfg.steps,
+        guidance,
+        patch_size,
+        amplify_first=cfg.amplify_first,
+        shift_after_upsample=cfg.shift_order == "stage",
+    )
 
 
 def sections_for(num_frames: int, window: int) -> int:

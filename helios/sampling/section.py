@@ -53,6 +53,33 @@ def block_noise(
     return noise.to(device) if device is not None else noise
 
 
+def set_stage_timesteps(
+    scheduler,
+    steps: list[int],
+    stage: int,
+    latent_shape: tuple[int, ...],
+    patch: tuple[int, int, int] = (1, 2, 2),
+    amplify_first: bool = False,
+    device: torch.device | None = None,
+) -> None:
+    """The one timestep / dynamic-shift rule of training and sampling (§5.1): set ``scheduler``'s
+    timesteps for pyramid stage ``stage`` of a section whose latents at that stage have ``latent_shape``
+    (..., T, h, w); mu comes from that token count (diffusers' ``calculate_shift``, Wan's constants).
+    Used by the section sampler, the stage-3 rollout and the ODE-init phase. ``amplify_first``: the
+    distilled schedule's doubled steps on a video's first section."""
+    from diffusers import HeliosDMDScheduler
+
+    t, h, w = latent_shape[-3:]
+    mu = calculate_shift(t * h * w // (patch[0] * patch[1] * patch[2]))
+    if len(steps) == 1 and not isinstance(scheduler, HeliosDMDScheduler):  # Stage-1 UniPC
+        sigmas = np.linspace(0.999, 0.0, steps[0] + 1)[:-1]
+        scheduler.set_timesteps(steps[0], device=device, sigmas=sigmas, mu=mu)
+    else:
+        scheduler.set_timesteps(
+            steps[stage], stage, device=device, mu=mu, is_amplify_first_chunk=amplify_first
+        )
+
+
 def renoise_coefficients(start_sigma: float, gamma: float) -> tuple[float, float]:
     """(alpha, beta) of ``x = alpha * Up(x) + beta * block_noise`` at a stage hand-off."""
     ori = 1.0 - start_sigma
@@ -110,7 +137,10 @@ class SectionSampler:
     """Run the K-stage schedule of ``scheduler`` on one section.
 
     ``steps``: steps per stage (length K = ``scheduler.config.stages``). ``amplify_first``: the
-    distilled models' doubled step count on the first section.
+    distilled models' doubled step count on the first section. ``shift_after_upsample``: each stage's
+    dynamic shift from its own token count, as training and the reference pipeline (which trained the
+    released checkpoints) do; ``False``: from the previous stage's, as diffusers' ``HeliosPyramidPipeline``
+    does (its port moved the call before the upsample), for parity with it.
     """
 
     def __init__(
@@ -120,6 +150,7 @@ class SectionSampler:
         guidance: Guidance,
         patch_size=(1, 2, 2),
         amplify_first: bool = False,
+        shift_after_upsample: bool = True,
     ) -> None:
         stages = scheduler.config.stages
         if len(steps) != stages:
@@ -127,6 +158,7 @@ class SectionSampler:
         self.scheduler, self.steps, self.guidance = scheduler, list(steps), guidance
         self.patch = patch_size
         self.amplify_first = amplify_first
+        self.shift_after_upsample = shift_after_upsample
         from diffusers import HeliosDMDScheduler
 
         self.is_dmd = isinstance(scheduler, HeliosDMDScheduler)
@@ -147,20 +179,8 @@ class SectionSampler:
         return x
 
     def _set_timesteps(self, stage: int, x: torch.Tensor, device, first_section: bool) -> None:
-        p = self.patch
-        seq = x.shape[-1] * x.shape[-2] * x.shape[-3] // (p[0] * p[1] * p[2])
-        mu = calculate_shift(seq)
-        if self.num_stages == 1 and not self.is_dmd:
-            sigmas = np.linspace(0.999, 0.0, self.steps[0] + 1)[:-1]
-            self.scheduler.set_timesteps(self.steps[0], device=device, sigmas=sigmas, mu=mu)
-        else:
-            self.scheduler.set_timesteps(
-                self.steps[stage],
-                stage,
-                device=device,
-                mu=mu,
-                is_amplify_first_chunk=self.amplify_first and first_section,
-            )
+        amplify = self.amplify_first and first_section
+        set_stage_timesteps(self.scheduler, self.steps, stage, x.shape, self.patch, amplify, device)
 
     @torch.no_grad()
     def __call__(
@@ -178,7 +198,8 @@ class SectionSampler:
         device = x.device
         starts = [x] if self.is_dmd else None
         for stage in range(self.num_stages):
-            self._set_timesteps(stage, x, device, first_section)
+            if stage == 0 or not self.shift_after_upsample:
+                self._set_timesteps(stage, x, device, first_section)
             if stage > 0:
                 gamma = self.scheduler.config.gamma
                 x = upsample_renoise(
@@ -186,6 +207,8 @@ class SectionSampler:
                 )
                 if starts is not None:
                     starts.append(x)
+                if self.shift_after_upsample:
+                    self._set_timesteps(stage, x, device, first_section)
             timesteps = self.scheduler.timesteps
             stage_start = x
             for i, t in enumerate(timesteps):

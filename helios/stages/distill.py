@@ -44,7 +44,7 @@ from helios.flow import NUM_TRAIN_TIMESTEPS, shift_factor, shift_sigmas, token_c
 from helios.model import apply_lora, build_transformer
 from helios.model.gan import GanHeads
 from helios.pyramid import halve
-from helios.sampling.section import calculate_shift, upsample_renoise
+from helios.sampling.section import set_stage_timesteps, upsample_renoise
 from helios.stages.flow import FlowStage
 
 
@@ -126,6 +126,7 @@ class DistillStage(FlowStage):
         self.renoise = RenoiseSchedule(d.renoise_a0, d.renoise_b0, d.renoise_anneal_steps)
         self.ema_schedule = EmaSchedule(d.ema_decay, d.ema_start)
         self.ema: ShardedEma | None = None
+        self.ema_updates = 0  # averaging updates since the EMA's first copy (the warm-up's n)
         self._ema_full: dict[str, torch.Tensor] | None = None  # gathered for validation only
         self._raw: dict[str, torch.Tensor] | None = None  # ZeRO-3 training weights during validation
         self.rank, self.world_size = 0, 1
@@ -364,10 +365,19 @@ class DistillStage(FlowStage):
             )
         return self._scheduler
 
-    def _stage_schedule(self, k: int, shape) -> tuple[torch.Tensor, torch.Tensor]:
+    def _stage_schedule(self, k: int, shape, first_section: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage k's DMD timesteps and sigmas, by the sampler's own rule (shift from this stage's token
+        count; doubled steps on a video's first section when validation samples that way)."""
         sched = self._scheduler_for()
-        sched.set_timesteps(self.d.steps[k], k, mu=calculate_shift(token_count(*shape[2:])))
-        return sched.timesteps.float().clone(), sched.sigmas.float().clone()
+        amplify = first_section and self.cfg.validation.sampler.amplify_first
+        set_stage_timesteps(sched, list(self.d.steps), k, shape, amplify_first=amplify)
+        # the model sees integer timesteps, as in the sampler (and diffusers' pipelines)
+        return sched.timesteps.to(torch.int64).float(), sched.sigmas.float().clone()
+
+    @staticmethod
+    def _first_section(history: torch.Tensor) -> bool:
+        """Every sample's history is empty (T2V): the section is a video's first."""
+        return not bool(history.abs().amax() > 0)
 
     @staticmethod
     def _call(model, x, t, cond) -> torch.Tensor:
@@ -377,7 +387,7 @@ class DistillStage(FlowStage):
         device = batch["history"].device
         k = int(torch.randint(len(self.d.steps), (1,), generator=gen))
         start, end = batch[f"stage{k}_start"], batch[f"stage{k}_end"]
-        timesteps, sigmas = self._stage_schedule(k, start.shape)
+        timesteps, sigmas = self._stage_schedule(k, start.shape, self._first_section(batch["history"]))
         j = int(torch.randint(len(timesteps), (1,), generator=gen))
         sigma = float(sigmas[j])
         x = sigma * start + (1 - sigma) * end
@@ -390,6 +400,14 @@ class DistillStage(FlowStage):
         loss = self.d.ode_weight * F.mse_loss(x0, end.float())
         return loss, {"loss_ode": float(loss.detach()), "ode_stage": float(k)}
 
+    def exit_steps(self, shared: torch.Generator, first_section: bool) -> list[int]:
+        """One exit step per pyramid stage, drawn from the rank-shared generator (every rank makes the
+        same forward passes)."""
+        counts = [
+            len(self._stage_schedule(k, (1, 1, 1, 2, 2), first_section)[0]) for k in range(len(self.d.steps))
+        ]
+        return [int(torch.randint(n, (1,), generator=shared)) for n in counts]
+
     def rollout(
         self,
         generator: nn.Module,
@@ -397,16 +415,18 @@ class DistillStage(FlowStage):
         shape,
         gen: torch.Generator,
         grad: bool,
-        shared: torch.Generator | None = None,
+        exits: list[int] | None = None,
+        first_section: bool = False,
     ) -> torch.Tensor:
-        """Staged Backward Simulation (Eq. 10): x0 at full resolution, gradients only through the exit
-        step: a random step of the last stage drawn from ``shared`` (the same on every rank), or the last
-        step without ``shared``."""
+        """Staged Backward Simulation (Eq. 10), as the reference code that trained the released models:
+        each pyramid stage k runs its DMD steps up to its exit step ``exits[k]`` (all steps when
+        ``exits`` is None), ``x0^k = x_t - sigma v`` at the exit initialises stage k+1 (nearest 2x +
+        renoise). Only exit steps run with gradient and the hand-offs keep the graph, so the DMD/GAN
+        gradient reaches stage k whenever stage k+1 exits at its first step ("through K stages"); the
+        steps before an exit are simulated without gradient. Returns the full-resolution x0."""
         b, c, t, h, w = shape
         device = cond["encoder_hidden_states"].device
         k_max = len(self.d.steps)
-        last = self.d.steps[-1]
-        exit_j = int(torch.randint(last, (1,), generator=shared)) if shared is not None else last - 1
         x = torch.randn(b, c, t, h, w, generator=gen).to(device)
         for _ in range(k_max - 1):
             x = halve(x) * 2
@@ -414,18 +434,18 @@ class DistillStage(FlowStage):
         x0 = x
         for k in range(k_max):
             if k > 0:
-                x = upsample_renoise(x0.detach(), sched.ori_start_sigmas[k], self.cfg.pyramid.gamma, gen)
+                x = upsample_renoise(x0, sched.ori_start_sigmas[k], self.cfg.pyramid.gamma, gen)
             start = x
-            timesteps, sigmas = self._stage_schedule(k, x.shape)
-            for j in range(len(timesteps)):
-                exiting = k == k_max - 1 and j == exit_j
+            timesteps, sigmas = self._stage_schedule(k, x.shape, first_section)
+            last = len(timesteps) - 1 if exits is None else exits[k]
+            for j in range(last + 1):
+                exiting = j == last
                 with torch.set_grad_enabled(grad and exiting):
                     v = self._call(generator, x, timesteps[j].expand(b).to(device), cond)
                 x0 = x - float(sigmas[j]) * v
-                if exiting:
-                    return x0
-                nxt = float(sigmas[j + 1])
-                x = nxt * start + (1 - nxt) * x0.detach()
+                if not exiting:
+                    nxt = float(sigmas[j + 1])
+                    x = (nxt * start + (1 - nxt) * x0).detach()
         return x0
 
     def _self_forcing_cond(self, generator: nn.Module, cond: dict, shape, gen: torch.Generator) -> dict:
@@ -441,7 +461,9 @@ class DistillStage(FlowStage):
 
         for k in range(-(-self.layout.num_history // self.layout.window)):
             with torch.no_grad():
-                section = self.rollout(generator, inputs(), shape, gen, grad=False).float()
+                section = self.rollout(
+                    generator, inputs(), shape, gen, grad=False, first_section=k == 0
+                ).float()
             anchor = section[:, :, :1] if k == 0 else anchor
             history = torch.cat([history, section], dim=2)[:, :, -self.layout.num_history :]
         return inputs()
@@ -493,7 +515,11 @@ class DistillStage(FlowStage):
         self._activate("generator", prefetch="critic")
         if self.d.history_source == "self_forcing":
             cond = self._self_forcing_cond(m.generator, cond, target.shape, gen)
-        x0 = self.rollout(m.generator, cond, target.shape, gen, grad=update_g, shared=shared)
+        first = stats["task_t2v"] == 1.0 and self.d.history_source != "self_forcing"  # empty history
+        exits = self.exit_steps(shared, first)
+        x0 = self.rollout(
+            m.generator, cond, target.shape, gen, grad=update_g, exits=exits, first_section=first
+        )
         nan = float("nan")
         metrics = dict.fromkeys(self.extra_metric_names(), nan)
         metrics["update_g"] = float(update_g)
@@ -502,14 +528,15 @@ class DistillStage(FlowStage):
         # critic: flow matching of the fake score on the generator's samples (+ GAN D with approx. R1)
         self._activate("critic", prefetch="real" if update_g else "generator")
         x0d = x0.detach()
-        t = torch.rand(b, generator=gen).to(device)
+        shift = shift_factor(token_count(*target.shape[2:]), self.cfg.flow.shift)
+        # uniform t, dynamically shifted for the token count and kept off the ends (reference: [20, 980])
+        t = shift_sigmas(torch.rand(b, generator=gen), shift).clamp(0.02, 0.98).to(device)
         eps = torch.randn(x0d.shape, generator=gen).to(device)
         x_t = (1 - t.view(-1, 1, 1, 1, 1)) * x0d + t.view(-1, 1, 1, 1, 1) * eps
         loss_flow = F.mse_loss(self._call(m.fake, x_t, t * NUM_TRAIN_TIMESTEPS, cond), eps - x0d)
         critic = loss_flow
         metrics["loss_flow"] = float(loss_flow.detach())
 
-        shift = shift_factor(token_count(*target.shape[2:]), self.cfg.flow.shift)
         tau = shift_sigmas(self.renoise.sample(b, step, gen), shift).clamp(0.02, 0.98).to(device)
         tau5 = tau.view(-1, 1, 1, 1, 1)
         ch, cw = self._crop_hw(target)
@@ -606,14 +633,15 @@ class DistillStage(FlowStage):
         return {f"generator.{n}": p for n, p in model.generator.named_parameters() if p.requires_grad}
 
     def after_optimizer_step(self, model: DistillModule, step: int, stepped: list[str]) -> None:
-        decay = self.ema_schedule(step)
-        if "generator" not in stepped or decay is None:
+        if "generator" not in stepped or not self.ema_schedule.active(step):
             return
         params = self._ema_params(model)
         if self.ema is None:  # starts as a copy of the generator at ema_start
             self.ema = ShardedEma(params, self.rank, self.world_size)
+            self.ema_updates = 0
         else:
-            self.ema.update(params, decay)
+            self.ema_updates += 1
+            self.ema.update(params, self.ema_schedule(self.ema_updates))
 
     def before_validation(self) -> None:
         """Collective: the full EMA for the validation sampler. A ZeRO-3-partitioned generator cannot be
@@ -658,7 +686,7 @@ class DistillStage(FlowStage):
         self.ema.load(full)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"teacher": self.d.teacher, "ode_pairs": self.d.ode_pairs}
+        return {"teacher": self.d.teacher, "ode_pairs": self.d.ode_pairs, "ema_updates": self.ema_updates}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        return None
+        self.ema_updates = int(state.get("ema_updates", 0))
