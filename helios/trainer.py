@@ -45,10 +45,14 @@ def resolve_grad_accum(cfg: TrainConfig, world_size: int) -> int:
         return t.grad_accum
     per_step = t.batch_size * world_size
     if t.global_batch_size % per_step:
+        fits = [b for b in range(t.batch_size, 0, -1) if t.global_batch_size % (b * world_size) == 0]
+        lower = t.global_batch_size // per_step * per_step
+        options = [f"trainer.batch_size={fits[0]}"] if fits else []
+        options += [f"trainer.global_batch_size={g}" for g in (lower, lower + per_step) if g > 0]
         raise ConfigError(
             "trainer.global_batch_size",
             f"{t.global_batch_size} is not a multiple of batch_size x world_size = "
-            f"{t.batch_size} x {world_size}",
+            f"{t.batch_size} x {world_size}; nearest working settings: " + " or ".join(options),
         )
     return t.global_batch_size // per_step
 

@@ -45,7 +45,7 @@ SIZES = {
     "1-post": [*COMMON, "trainer.global_batch_size=8", "validation.sampler.steps=[3]", "parallel=zero2"],
     "2-init": [*COMMON, "trainer.global_batch_size=8", "validation.sampler.steps=[2,2,2]", "parallel=zero3"],
     "2-init-released": [*COMMON, "trainer.global_batch_size=8", "validation.enabled=false", "parallel=zero2"],
-    "2-post": [*COMMON, "trainer.global_batch_size=8", "validation.sampler.steps=[2,2,2]", "parallel=ddp"],
+    "2-post": [*COMMON, "trainer.global_batch_size=12", "validation.sampler.steps=[2,2,2]", "parallel=ddp"],
     "ode-pairs": ["sampler.steps=[2,2,2]"],
     "3-ode": [*COMMON, "trainer.global_batch_size=4", "parallel=zero3"],
     "3-post": [

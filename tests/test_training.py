@@ -1,5 +1,6 @@
 """End-to-end training on CPU: the CLI run directory, overfitting, exact resume, 2-process DDP."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -332,3 +333,36 @@ def test_lora_all_linear_is_the_reference_set():
     lora = apply_lora(model, compose([]).model.lora)
     adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in lora.named_parameters() if ".lora_A." in n}
     assert adapted == blocks | outside
+
+
+def test_global_batch_that_does_not_divide_names_working_settings():
+    """Table 1's stage-2-post global batch 192 starts on the paper's 64 GPUs (3 clips per GPU, the
+    reference's 1 clip x 3 stages) and on 8; a batch that cannot be met names the nearest settings."""
+    from helios.config.schema import ConfigError
+    from helios.trainer import resolve_grad_accum
+
+    post = compose(["stage=2", "stage2=post", "model.transformer.path=/m", "data=/d"])
+    assert resolve_grad_accum(post, 64) == 1 and resolve_grad_accum(post, 8) == 8
+    bad = compose(["trainer.batch_size=4", "trainer.global_batch_size=100"])
+    with pytest.raises(ConfigError, match=r"trainer.batch_size=2 or trainer.global_batch_size=96 or .*=104"):
+        resolve_grad_accum(bad, 2)
+
+
+def test_stage2_memory_patches_follow_the_reference():
+    """Frozen in stage-2 init, LoRA in stage-2 post (the reference configs that trained Helios-Mid)."""
+    from helios.model.lora import MEMORY_PATCHES, apply_lora
+    from helios.model.transformer import build_transformer
+
+    for phase, want in (("init", "frozen"), ("post", "lora")):
+        cfg = compose(["stage=2", f"stage2={phase}", "model.transformer.path=/m", "data=/d"])
+        assert cfg.model.lora.memory_patch == want
+    tiny = compose([]).model
+    for mode, trained in (("frozen", set()), ("lora", {"lora"}), ("full", {"full"})):
+        lora = dataclasses.replace(tiny.lora, memory_patch=mode)
+        model = apply_lora(build_transformer(tiny.transformer), lora)
+        kinds = {
+            "lora" if "lora_" in n else "full"
+            for n, p in model.named_parameters()
+            if p.requires_grad and n.split(".")[0] in MEMORY_PATCHES
+        }
+        assert kinds == trained, mode
