@@ -17,6 +17,7 @@ import torch
 
 from helios.config.cli import command
 from helios.config.schema import GenerateConfig
+from helios.model.encoders import video_frames_for
 
 log = logging.getLogger("helios.generate")
 
@@ -33,6 +34,26 @@ def _read_timed_prompts(path: str, fps: int, frames_per_section: int) -> list[tu
     if not rows or rows[0][0] != 0:
         raise ValueError(f"{path}: the first prompt must start at time 0")
     return rows
+
+
+def read_interactive_prompts(path: str, sections_per_prompt: int) -> list[tuple[str, list[tuple[int, str]]]]:
+    """The reference code's interactive prompt CSV (``id,prompt_index,prompt``, optional
+    ``refined_prompt``): one video per id, its prompts in ``prompt_index`` order, prompt j from section
+    j x ``sections_per_prompt`` on."""
+    groups: dict[str, list[tuple[int, str]]] = {}
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"id", "prompt_index", "prompt"} <= set(reader.fieldnames):
+            raise ValueError(f"{path}: needs the columns id,prompt_index,prompt (has {reader.fieldnames})")
+        for row in reader:
+            text = (row.get("refined_prompt") or "").strip() or row["prompt"]
+            groups.setdefault(row["id"], []).append((int(row["prompt_index"]), text))
+    if not groups:
+        raise ValueError(f"{path}: no prompts")
+    return [
+        (vid, [(j * sections_per_prompt, text) for j, (_, text) in enumerate(sorted(rows))])
+        for vid, rows in groups.items()
+    ]
 
 
 def _load_pixels(path: str, height: int, width: int, frames: int | None) -> torch.Tensor:
@@ -67,24 +88,34 @@ def run(cfg: GenerateConfig) -> list[Path]:
     width = cfg.width or (model.size[1] if model.size else 640)
     sampler = cfg.sampler
     frames_per_section = 4 * model.layout.window
+    base = Path(cfg.output)
     if cfg.timed_prompts:
-        jobs = [_read_timed_prompts(cfg.timed_prompts, cfg.fps, frames_per_section)]
+        jobs = [(base, _read_timed_prompts(cfg.timed_prompts, cfg.fps, frames_per_section))]
+    elif cfg.interactive_prompts:
+        jobs = [
+            (base.with_name(f"{base.stem}_{vid}{base.suffix}"), prompts)
+            for vid, prompts in read_interactive_prompts(cfg.interactive_prompts, cfg.sections_per_prompt)
+        ]
     elif cfg.prompts_file:
         lines = [
             x.strip() for x in Path(cfg.prompts_file).read_text(encoding="utf-8").splitlines() if x.strip()
         ]
-        jobs = [[(0, p)] for p in lines]
+        jobs = [(base.with_name(f"{base.stem}_{i:03d}{base.suffix}"), [(0, p)]) for i, p in enumerate(lines)]
     else:
-        jobs = [[(0, cfg.prompt)]]
+        jobs = [(base, [(0, cfg.prompt)])]
+    if len(jobs) == 1:
+        jobs = [(base, jobs[0][1])]
     image = _load_pixels(cfg.image, height, width, None) if cfg.image else None
     video = None
     if cfg.video:
         cond_frames = 4 * (model.layout.num_history - 1) + 1
         video = _load_pixels(cfg.video, height, width, cond_frames)
     outputs = []
-    base = Path(cfg.output)
-    for i, prompts in enumerate(jobs):
-        out = base if len(jobs) == 1 else base.with_name(f"{base.stem}_{i:03d}{base.suffix}")
+    for out, prompts in jobs:
+        num_frames = cfg.num_frames
+        if cfg.interactive_prompts:  # as the reference: long enough for each prompt's sections
+            sections = prompts[-1][0] + cfg.sections_per_prompt
+            num_frames = max(num_frames, video_frames_for(sections * model.layout.window))
         generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
         result = generate_video(
             model.transformer,
@@ -94,7 +125,7 @@ def run(cfg: GenerateConfig) -> list[Path]:
             model.layout,
             sampler,
             prompts,
-            cfg.num_frames,
+            num_frames,
             height,
             width,
             generator,

@@ -135,3 +135,34 @@ def test_generate_from_a_diffusers_model_directory(tmp_path):
     stats = json.loads(out.with_suffix(".json").read_text())
     assert stats["frames"] == 9 and stats["sections"] == 1  # the published 16/2/1 + 9 layout: one section
     assert torch.isfinite(torch.tensor(stats["drift"]["sections"][0]["saturation"]))
+
+
+def test_reference_interactive_prompt_csv(run_dir, tmp_path):
+    """The reference code's interactive CSV (id,prompt_index,prompt[,refined_prompt]): one video per id,
+    prompts in prompt_index order, each for sections_per_prompt sections, the video long enough for all."""
+    from helios.generate import read_interactive_prompts
+
+    csv_path = tmp_path / "interactive.csv"
+    csv_path.write_text(
+        "id,prompt_index,prompt,refined_prompt\n"
+        '6,1,"a red circle moving left",\n'
+        '6,0,"a red circle moving right","a bright red circle moving right"\n'
+        '8,0,"a green square",\n'
+    )
+    assert read_interactive_prompts(str(csv_path), 2) == [
+        ("6", [(0, "a bright red circle moving right"), (2, "a red circle moving left")]),
+        ("8", [(0, "a green square")]),
+    ]
+    out = tmp_path / "story.mp4"
+    proc = _generate(
+        f"checkpoint={run_dir}",
+        f"interactive_prompts={csv_path}",
+        "sections_per_prompt=2",
+        "num_frames=9",
+        f"output={out}",
+        "sampler.steps=[2]",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    six = json.loads((tmp_path / "story_6.json").read_text())
+    assert six["sections"] == 4 and [p[1] for p in six["prompts"]][1] == "a red circle moving left"
+    assert json.loads((tmp_path / "story_8.json").read_text())["sections"] == 2

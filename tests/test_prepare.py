@@ -208,3 +208,39 @@ def test_cli_two_ranks_then_train_with_defaults(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [m["step"] for m in read_metrics(run)][-1] == 3
+
+
+def test_reference_json_index_with_cut_and_crop(encoders, tmp_path):
+    """The reference code's data index (its example/toy_data/toy_filter.json): a JSON list of {path, cap,
+    cut, crop, fps}; prepare encodes exactly the cut frames inside the crop."""
+    from helios.data.video import decode_clip
+
+    # frame t is dark gray t*12 on the left 16 columns and bright on the right: cut and crop are visible
+    video = torch.full((3, 30, 32, 64), 0.8)
+    for t in range(30):
+        video[:, t, :, :16] = -1.0 + t * 12 / 127.5
+    (tmp_path / "videos").mkdir()
+    write_mp4(tmp_path / "videos" / "a.mp4", video, fps=24)
+    index = [
+        {
+            "path": "videos/a.mp4",
+            "cap": ["a gray square"],
+            "cut": [10, 30],
+            "crop": [0, 16, 0, 32],
+            "fps": 24.0,
+        },
+        {"path": "videos/a.mp4", "cap": ["too short"], "cut": [25, 30], "crop": [0, 64, 0, 32], "fps": 24.0},
+        {"path": "videos/missing.mp4", "cap": ["gone"], "cut": [0, 20], "crop": [0, 64, 0, 32]},
+    ]
+    (tmp_path / "toy_filter.json").write_text(json.dumps(index))
+    clip, _ = decode_clip(str(tmp_path / "videos" / "a.mp4"), 13, 32, 32, None, (10, 30), (0, 16, 0, 32))
+    first = (clip[:, 0].mean() + 1) * 127.5
+    assert abs(float(first) - 10 * 12) < 4  # frame 10, inside the dark crop (no bright right half)
+    assert float(clip.std(dim=(0, 2, 3)).max()) < 0.05  # each frame uniform: only the crop was kept
+    report = _run(tmp_path / "toy_filter.json", tmp_path / "out", encoders, samples_per_shard=8)
+    assert report["written"] == 1 and report["skipped"] == 2
+    reasons = " ".join(s["reason"] for s in report["skipped_inputs"])
+    assert "too short" in reasons and "missing file" in reasons
+    index_ = ShardIndex(sorted((tmp_path / "out").glob("*.tar")))
+    meta = index_.read(0)["meta"]
+    assert meta["caption"] == "a gray square" and meta["cut"] == [10, 30] and meta["crop"] == [0, 16, 0, 32]

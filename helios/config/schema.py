@@ -755,6 +755,10 @@ class GenerateConfig(Validated):
     prompt: str | None = None
     prompts_file: str | None = None  # one prompt per line: one video each (output_<i>.mp4)
     timed_prompts: str | None = None  # CSV "time,prompt" (seconds): interactive prompt switches
+    # the reference code's interactive CSV "id,prompt_index,prompt[,refined_prompt]": one video per id,
+    # its prompts in prompt_index order, each for sections_per_prompt sections (its interpolate_time)
+    interactive_prompts: str | None = None
+    sections_per_prompt: int = 7
     image: str | None = None
     video: str | None = None
     num_frames: int = 33
@@ -767,8 +771,15 @@ class GenerateConfig(Validated):
     sampler: SamplerConfig = field(default_factory=SamplerConfig)  # group: sampler=unipc|pyramid|dmd
 
     def _validate(self, prefix: str) -> None:
-        given = [x for x in (self.prompt, self.prompts_file, self.timed_prompts) if x]
-        _check(len(given) == 1, "prompt", "give exactly one of prompt=, prompts_file=, timed_prompts=")
+        given = [
+            x for x in (self.prompt, self.prompts_file, self.timed_prompts, self.interactive_prompts) if x
+        ]
+        _check(
+            len(given) == 1,
+            "prompt",
+            "give exactly one of prompt=, prompts_file=, timed_prompts=, interactive_prompts=",
+        )
+        _check(self.sections_per_prompt >= 1, "sections_per_prompt", "must be >= 1")
         _check(self.num_frames >= 1, "num_frames", "must be >= 1")
         _check(not (self.image and self.video), "image", "give image= (I2V) or video= (V2V), not both")
         _choice(self.device, ("auto", "cpu", "cuda"), "device")

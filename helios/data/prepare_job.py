@@ -64,7 +64,13 @@ def _decode(item: InputItem, spec: ClipSpec) -> tuple[torch.Tensor | None, float
         return None, 0.0, item.error
     try:
         clip, fps = decode_clip(
-            item.open_video(), video_frames_for(spec.latent_frames), spec.height, spec.width, spec.fps
+            item.open_video(),
+            video_frames_for(spec.latent_frames),
+            spec.height,
+            spec.width,
+            spec.fps,
+            item.cut,
+            item.crop,
         )
         return clip, fps, None
     except VideoDecodeError as err:

@@ -41,10 +41,17 @@ def resize_center_crop(frames: torch.Tensor, height: int, width: int) -> torch.T
 
 
 def decode_clip(
-    source: str | io.BytesIO, num_frames: int, height: int, width: int, fps: float | None = None
+    source: str | io.BytesIO,
+    num_frames: int,
+    height: int,
+    width: int,
+    fps: float | None = None,
+    cut: tuple[int, int] | None = None,
+    crop: tuple[int, int, int, int] | None = None,
 ) -> tuple[torch.Tensor, float]:
     """The first ``num_frames`` frames of a file path or in-memory video at ``fps`` (source fps when
-    None) as [3, T, H, W] in [-1, 1], and the frame rate actually sampled."""
+    None) as [3, T, H, W] in [-1, 1], and the frame rate actually sampled. ``cut`` = (start, end) source
+    frames and ``crop`` = (x0, x1, y0, y1) pixels restrict it first (the reference code's data index)."""
     import decord
 
     try:
@@ -57,11 +64,21 @@ def decode_clip(
     if n == 0:
         raise VideoDecodeError("no frames")
     source_fps = float(reader.get_avg_fps() or fps or 1.0)
-    idx = frame_indices(n, source_fps, fps or source_fps, num_frames)
+    start, end = cut if cut is not None else (0, n)
+    if not 0 <= start < end:
+        raise VideoDecodeError(f"bad cut {list(cut)}")
+    idx = frame_indices(min(end, n), source_fps, fps or source_fps, num_frames, start=start)
     try:
         frames = torch.from_numpy(reader.get_batch(idx).asnumpy())
     except Exception as err:
         raise VideoDecodeError(f"decode failed: {err}".splitlines()[0]) from None
     if frames.shape[0] != num_frames or frames.numel() == 0:
         raise VideoDecodeError(f"decoded {frames.shape[0]} of {num_frames} frames")
+    if crop is not None:
+        x0, x1, y0, y1 = crop
+        if not (0 <= x0 < x1 <= frames.shape[2] and 0 <= y0 < y1 <= frames.shape[1]):
+            raise VideoDecodeError(
+                f"crop {list(crop)} is outside the {frames.shape[2]}x{frames.shape[1]} frame"
+            )
+        frames = frames[:, y0:y1, x0:x1]
     return resize_center_crop(frames, height, width), float(fps or source_fps)
