@@ -92,6 +92,14 @@ def gan_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
     return F.softplus(-logits_fake).mean()
 
 
+def critic_gan_term(loss_d: torch.Tensor, r1: torch.Tensor, w_d: float, r1_lambda: float, weighting: str):
+    """The discriminator's share of the fake score's loss (Eq. 16 with Eq. 13): the reference adds the R1
+    term outside the w_d weight (``reference``), the paper's equations put it inside (``paper``)."""
+    if weighting == "paper":
+        return w_d * (loss_d + r1_lambda * r1)
+    return w_d * loss_d + r1_lambda * r1
+
+
 def approx_r1(discriminator, x_real: torch.Tensor, sigma: float, generator: torch.Generator) -> torch.Tensor:
     """Approximate R1 (Eq. 12, APT): ||D(x) - D(x + sigma eps)||^2, a finite-difference stand-in for
     sigma^2 ||grad_x D||^2 that needs no double backward."""

@@ -116,14 +116,14 @@ def test_ema_schedule_and_update():
 def test_gan_heads_get_gradients_only_in_the_critic_phase():
     cfg = compose([])
     fake = build_transformer(cfg.model.transformer)
-    heads = GanHeads([5, 15, 39], num_blocks=len(fake.blocks), in_dim=48, dim=16)
-    assert heads.layers == [1]  # clamped to the tiny model's two blocks
+    heads = GanHeads([5, 15, 39], num_blocks=len(fake.blocks), in_dim=48, dim=16, out_channels=16)
+    assert heads.layers == [1] and heads.count == 2  # clamped to the tiny model's two blocks, + output
     text = torch.randn(2, 8, 32)
 
     def logits(x):
         with heads.capture(fake) as store:
-            fake(hidden_states=x, timestep=torch.tensor([400.0, 400.0]), encoder_hidden_states=text)
-        return heads.logits(store, (x.shape[2], x.shape[3] // 2, x.shape[4] // 2))
+            out = fake(hidden_states=x, timestep=torch.tensor([400.0, 400.0]), encoder_hidden_states=text)[0]
+        return heads.logits(store, (x.shape[2], x.shape[3] // 2, x.shape[4] // 2), out)
 
     real, generated = torch.randn(2, 16, 3, 8, 8), torch.randn(2, 16, 3, 8, 8, requires_grad=True)
     gan_d_loss(logits(real), logits(generated.detach())).backward()  # critic phase
@@ -195,3 +195,30 @@ def test_ema_warmup_counts_generator_updates_not_iterations(monkeypatch):
         stage.after_optimizer_step(model, step, stepped)
     assert decays == pytest.approx([2 / 11, 3 / 12, 4 / 13])
     assert stage.state_dict()["ema_updates"] == 3
+
+
+def test_gan_heads_are_the_references_and_losses_average_per_head():
+    """Reference heads: six 3D convs + GroupNorm + SiLU, pooled, linear, on the hooked blocks and the
+    model output; at the real crop (9 latent frames, 12x20 tokens / 24x40 latents) no padding is needed;
+    logits are [B, heads] and the losses average over heads (not over logits first)."""
+    from helios.distill import critic_gan_term
+
+    heads = GanHeads([5, 15, 25, 35], num_blocks=40, in_dim=64, dim=32, out_channels=16)
+    assert heads.count == 5
+    convs = [m for m in heads.heads["5"].modules() if isinstance(m, torch.nn.Conv3d)]
+    assert [tuple(c.kernel_size) for c in convs] == [
+        (3, 3, 3),
+        (4, 4, 4),
+        (4, 4, 4),
+        (3, 3, 3),
+        (3, 3, 3),
+        (1, 3, 3),
+    ]
+    store = {i: torch.randn(2, 9 * 12 * 20 + 7, 64) for i in heads.layers}  # history tokens first
+    logits = heads.logits(store, (9, 12, 20), torch.randn(2, 16, 9, 24, 40))
+    assert logits.shape == (2, 5)
+    per_head = [torch.nn.functional.softplus(-logits[:, k]).mean() for k in range(5)]
+    torch.testing.assert_close(gan_g_loss(logits), torch.stack(per_head).mean())
+    d, r1 = torch.tensor(2.0), torch.tensor(0.5)
+    assert float(critic_gan_term(d, r1, 1e-2, 100.0, "reference")) == pytest.approx(0.02 + 50.0)
+    assert float(critic_gan_term(d, r1, 1e-2, 100.0, "paper")) == pytest.approx(0.01 * (2.0 + 50.0))

@@ -83,7 +83,9 @@ def test_real_recipe_needs_its_teacher():
     )
     d = cfg.distill
     assert (d.ttur, d.real_cfg, d.fake_lr, d.ema_start, d.gan.start_step) == (5, 3.0, 4e-7, 750, 1000)
-    assert d.gan.layers == [5, 15, 25, 35, 39] and (d.gan.w_g, d.gan.w_d, d.gan.r1_lambda) == (
+    # Table 2's heads as the reference code placed them: blocks 5/15/25/35 and the output
+    assert d.gan.layers == [5, 15, 25, 35] and d.gan.output_head and d.gan.r1_weighting == "reference"
+    assert (d.gan.w_g, d.gan.w_d, d.gan.r1_lambda) == (
         5e-2,
         1e-2,
         100.0,

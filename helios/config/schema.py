@@ -337,20 +337,30 @@ class PyramidConfig(Validated):
 
 @dataclass
 class GanConfig(Validated):
-    """Adversarial Post-Training (§3.4.2, Table 2): heads on the fake score's layers."""
+    """Adversarial Post-Training (§3.4.2, Table 2): heads on the fake score's layers. Defaults are the
+    reference code's (which trained Helios-Distilled): heads on blocks 5/15/25/35 plus one on the model's
+    output, R1 added outside w_d; the paper's reading of Table 2 / Eq. 13+16 is
+    ``layers=[5,15,25,35,39] output_head=false r1_weighting=paper``."""
 
     enabled: bool = True
     start_step: int = 1000
-    layers: list[int] = field(default_factory=lambda: [5, 15, 25, 35, 39])
+    layers: list[int] = field(default_factory=lambda: [5, 15, 25, 35])
+    output_head: bool = True
     dim: int = 768
     w_g: float = 5e-2
     w_d: float = 1e-2
     r1_lambda: float = 100.0
     r1_sigma: float = 0.1
+    # reference: critic += w_d * L_D + r1_lambda * R1; paper (Eq. 13 inside Eq. 16): w_d * (L_D + lambda R1)
+    r1_weighting: str = "reference"
     crop: float = 0.5
 
     def _validate(self, prefix: str) -> None:
         _check(self.start_step >= 0, prefix + "start_step", "must be >= 0")
+        _choice(self.r1_weighting, ("reference", "paper"), prefix + "r1_weighting")
+        _check(
+            bool(self.layers) or self.output_head, prefix + "layers", "no head: give layers or output_head"
+        )
         _check(0.0 < self.crop <= 1.0, prefix + "crop", "must be in (0, 1]")
 
 

@@ -33,6 +33,7 @@ from helios.distill import (
     RenoiseSchedule,
     approx_r1,
     cfg_x0,
+    critic_gan_term,
     dmd_gradient,
     dmd_loss,
     frozen,
@@ -279,6 +280,7 @@ class DistillStage(FlowStage):
                 shape.num_layers,
                 shape.num_attention_heads * shape.attention_head_dim,
                 self.d.gan.dim,
+                out_channels=shape.out_channels if self.d.gan.output_head else None,
             )
             if self.d.gan.enabled
             else None
@@ -498,8 +500,8 @@ class DistillStage(FlowStage):
 
     def _disc(self, m: DistillModule, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         with m.heads.capture(m.fake) as store:
-            self._call(m.fake, x, t, cond)
-        return m.heads.logits(store, (x.shape[2], x.shape[3] // 2, x.shape[4] // 2))
+            output = self._call(m.fake, x, t, cond)
+        return m.heads.logits(store, (x.shape[2], x.shape[3] // 2, x.shape[4] // 2), output)
 
     def _post_step(self, m: DistillModule, batch, gen: torch.Generator, shared: torch.Generator):
         cond, target, stats = self.condition(batch, gen)
@@ -549,8 +551,9 @@ class DistillStage(FlowStage):
             real_c, fake_c = self._crop(real_tau, top, left), self._crop(fake_tau, top, left)
             l_real, l_fake = self._disc(m, real_c, t_tau, cond), self._disc(m, fake_c, t_tau, cond)
             r1 = approx_r1(lambda x: self._disc(m, x, t_tau, cond), real_c, self.d.gan.r1_sigma, gen)
-            loss_d = gan_d_loss(l_real, l_fake) + self.d.gan.r1_lambda * r1
-            critic = critic + self.d.gan.w_d * loss_d
+            g = self.d.gan
+            loss_d = gan_d_loss(l_real, l_fake)
+            critic = critic + critic_gan_term(loss_d, r1, g.w_d, g.r1_lambda, g.r1_weighting)
             metrics.update(
                 {
                     "loss_gan_d": float(loss_d.detach()),
