@@ -44,6 +44,7 @@ def run(cfg: PrepareConfig) -> dict:
                 rank=dist.rank,
                 world_size=dist.world_size,
                 device=dist.device,
+                negative_prompt=cfg.negative_prompt,
             )
         barrier()
         report = write_report(cfg.output) if dist.is_main else {}

@@ -348,3 +348,30 @@ def test_staged_backward_simulation_sends_gradient_through_every_stage():
         ((8, 8), True),
         ((16, 16), True),
     ]
+
+
+def test_real_score_unconditional_branch_is_the_prepared_negative_prompt(tmp_path):
+    """Reference: CFG of the real score against its negative prompt, which helios.prepare encodes next to
+    the empty prompt; distill.uncond=empty is the paper's plain CFG."""
+    from helios.config.schema import REFERENCE_NEGATIVE_PROMPT
+    from helios.data.prepare_job import NEGATIVE_PROMPT_FILE, load_empty_prompt
+    from helios.data.synthetic import ensure_synthetic_shards
+    from helios.model.encoders import build_text_encoder, encode_prompts
+    from helios.stages import DistillStage
+
+    cfg = compose(["stage=3", "distill.teacher=/t"])
+    shards = ensure_synthetic_shards(cfg.data, cfg.model, 9, True)
+    tok, text = build_text_encoder(cfg.model.text_encoder)
+    n = cfg.model.text_encoder.max_sequence_length
+    negative = encode_prompts(tok, text, [REFERENCE_NEGATIVE_PROMPT], n)
+    empty = encode_prompts(tok, text, [""], n)
+    for uncond, want in (("negative", negative), ("empty", empty)):
+        stage = DistillStage(compose(["stage=3", "distill.teacher=/t", f"distill.uncond={uncond}"]))
+        stage.setup(shards, None)
+        torch.testing.assert_close(stage.uncond, want)
+    assert not torch.equal(negative, empty)
+    # a shard set without the file names the fix
+    (tmp_path / "empty_prompt_embeds.npy").write_bytes((shards / "empty_prompt_embeds.npy").read_bytes())
+    assert load_empty_prompt(tmp_path, NEGATIVE_PROMPT_FILE) is None
+    with pytest.raises(FileNotFoundError, match=r"rerun helios.prepare .* or use distill.uncond=empty"):
+        DistillStage(cfg).setup(tmp_path, None)

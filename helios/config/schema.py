@@ -14,6 +14,15 @@ from typing import Any
 
 from omegaconf import MISSING
 
+# The negative prompt of the reference code's training (its DataConfig.negative_prompt, Wan's): the real
+# score's unconditional branch in stage 3, encoded by helios.prepare next to the empty prompt.
+REFERENCE_NEGATIVE_PROMPT = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
+    "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, "
+    "poorly drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still "
+    "picture, messy background, three legs, many people in the background, walking backwards"
+)
+
 
 class ConfigError(ValueError):
     """A configuration value is missing, of the wrong type, or out of range."""
@@ -397,6 +406,9 @@ class DistillConfig(Validated):
     # "w Bidirectional Teacher" (the real score sees a bidirectional_frames-long segment, no history inputs)
     history_source: str = "teacher"
     real_score: str = "history"
+    # the real score's unconditional branch: "negative" = the negative prompt helios.prepare encoded (the
+    # reference); "empty" = the empty prompt (the paper's plain CFG)
+    uncond: str = "negative"
     bidirectional_frames: int = 21
     tiny_teacher_steps: int = 60
     gan: GanConfig = field(default_factory=GanConfig)
@@ -405,6 +417,7 @@ class DistillConfig(Validated):
         _choice(self.phase, ("ode", "post"), prefix + "phase")
         _choice(self.history_source, ("teacher", "self_forcing"), prefix + "history_source")
         _choice(self.real_score, ("history", "bidirectional"), prefix + "real_score")
+        _choice(self.uncond, ("negative", "empty"), prefix + "uncond")
         _check(self.ttur >= 1, prefix + "ttur", "must be >= 1")
         _check(
             len(self.steps) >= 1 and all(s >= 1 for s in self.steps), prefix + "steps", "positive per stage"
@@ -746,6 +759,7 @@ class PrepareConfig(Validated):
     samples_per_shard: int = 16
     batch_size: int = 4
     device: str = "auto"
+    negative_prompt: str = REFERENCE_NEGATIVE_PROMPT  # encoded once into negative_prompt_embeds.npy
 
     def _validate(self, prefix: str) -> None:
         _check(self.samples_per_shard >= 1, "samples_per_shard", "must be >= 1")

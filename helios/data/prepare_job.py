@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from helios.config.schema import REFERENCE_NEGATIVE_PROMPT
 from helios.data.inputs import InputItem, Unit, discover_units
 from helios.data.shards import encode_sample, npy_bytes, trim_embeds, write_shard
 from helios.data.video import VideoDecodeError, decode_clip
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 PROGRESS_DIR = ".progress"
 EMPTY_PROMPT_FILE = "empty_prompt_embeds.npy"
+NEGATIVE_PROMPT_FILE = "negative_prompt_embeds.npy"
 
 
 @dataclass
@@ -138,8 +140,10 @@ def prepare(
     rank: int = 0,
     world_size: int = 1,
     device: torch.device | None = None,
+    negative_prompt: str = REFERENCE_NEGATIVE_PROMPT,
 ) -> dict:
-    """Run this rank's share of the units; return this rank's summary."""
+    """Run this rank's share of the units; return this rank's summary. Rank 0 also writes the embeddings
+    of the empty prompt and of ``negative_prompt`` (CFG's unconditional branches) once."""
     device = device or torch.device("cpu")
     out = Path(out_dir)
     progress_dir = out / PROGRESS_DIR
@@ -148,10 +152,11 @@ def prepare(
     mine = [u for k, u in enumerate(units) if k % world_size == rank]
     todo = [u for u in mine if not (progress_dir / f"{u.name}.json").exists()]
     prompts = PromptCache(tokenizer, text_encoder, max_sequence_length, device)
-    if rank == 0 and not (out / EMPTY_PROMPT_FILE).exists():  # unconditional embedding for CFG
-        tmp = out / (EMPTY_PROMPT_FILE + ".tmp")
-        tmp.write_bytes(npy_bytes(prompts.encode([""])[0].numpy()))
-        os.replace(tmp, out / EMPTY_PROMPT_FILE)
+    for name, text in ((EMPTY_PROMPT_FILE, ""), (NEGATIVE_PROMPT_FILE, negative_prompt)):
+        if rank == 0 and not (out / name).exists():  # unconditional embeddings for CFG
+            tmp = out / (name + ".tmp")
+            tmp.write_bytes(npy_bytes(prompts.encode([text])[0].numpy()))
+            os.replace(tmp, out / name)
     log.info(
         "rank %d: %d of %d units to do (%d already done)", rank, len(todo), len(mine), len(mine) - len(todo)
     )
@@ -196,6 +201,7 @@ def write_report(out_dir: str | Path) -> dict:
     return report
 
 
-def load_empty_prompt(out_dir: str | Path) -> torch.Tensor | None:
-    path = Path(out_dir) / EMPTY_PROMPT_FILE
+def load_empty_prompt(out_dir: str | Path, name: str = EMPTY_PROMPT_FILE) -> torch.Tensor | None:
+    """A prompt embedding written by :func:`prepare` (the empty prompt by default), or None."""
+    path = Path(out_dir) / name
     return torch.from_numpy(np.load(path)) if path.exists() else None

@@ -113,7 +113,7 @@ def synthetic_fingerprint(data: DataConfig, model: ModelConfig, latent_frames: i
             "vae": asdict(model.vae),
             "text": asdict(model.text_encoder),
             "latent_frames": latent_frames,
-            "version": 2,
+            "version": 3,  # 3: negative_prompt_embeds.npy
         },
         sort_keys=True,
     )

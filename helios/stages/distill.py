@@ -134,14 +134,14 @@ class DistillStage(FlowStage):
         self.model: DistillModule | None = None
         self.pool = None  # helios.offload.OffloadPool when distill.offload
         self.current_step = 0
-        self.empty: torch.Tensor | None = None
+        self.uncond: torch.Tensor | None = None  # the real score's unconditional prompt (distill.uncond)
         self._scheduler = None
 
     # ------------------------------------------------------------------ setup and roles
     def setup(self, data_path: Path, dist) -> None:
         """Resolve the teacher (a tiny one is trained on the fly for the tiny job), the ODE pairs and the
         empty prompt (unconditional branch of the real score's CFG)."""
-        from helios.data.prepare_job import load_empty_prompt
+        from helios.data.prepare_job import EMPTY_PROMPT_FILE, NEGATIVE_PROMPT_FILE, load_empty_prompt
 
         if self.d.ema_sharded and dist is not None:
             self.rank, self.world_size = dist.rank, dist.world_size
@@ -158,12 +158,17 @@ class DistillStage(FlowStage):
                     "distill.ode_pairs", "phase=ode needs ODE pairs: python -m helios.ode_pairs ..."
                 )
             self.d.ode_pairs = str(self._tiny_ode_pairs(data_path, dist))
-        empty = load_empty_prompt(data_path)
-        if empty is None:
-            raise FileNotFoundError(f"{data_path} has no empty_prompt_embeds.npy (written by helios.prepare)")
+        name = NEGATIVE_PROMPT_FILE if self.d.uncond == "negative" else EMPTY_PROMPT_FILE
+        uncond = load_empty_prompt(data_path, name)
+        if uncond is None:
+            raise FileNotFoundError(
+                f"{data_path} has no {name}: rerun helios.prepare with the same arguments (it adds the file "
+                "without re-encoding the clips)"
+                + (" or use distill.uncond=empty" if self.d.uncond == "negative" else "")
+            )
         n = self.cfg.model.text_encoder.max_sequence_length
-        self.empty = torch.zeros(1, n, empty.shape[-1])
-        self.empty[0, : min(n, len(empty))] = empty[:n]
+        self.uncond = torch.zeros(1, n, uncond.shape[-1])
+        self.uncond[0, : min(n, len(uncond))] = uncond[:n]
 
     def _cache(self, name: str) -> Path:
         key = zlib.crc32(f"{self.cfg.seed}:{self.d.tiny_teacher_steps}:{self.cfg.history.sizes}".encode())
@@ -570,7 +575,7 @@ class DistillStage(FlowStage):
             x_tau = (1 - tau5) * x0 + tau5 * torch.randn(x0.shape, generator=gen).to(device)
             with torch.no_grad():
                 xt = x_tau.detach()
-                uncond = {**cond, "encoder_hidden_states": self.empty.to(device, dtype).expand(b, -1, -1)}
+                uncond = {**cond, "encoder_hidden_states": self.uncond.to(device, dtype).expand(b, -1, -1)}
                 context = self._bidirectional_context(batch, xt, tau5, gen)
                 real_x0 = cfg_x0(
                     xt,
