@@ -17,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from helios.config import CONFIG_DIR, ConfigError, load_config, normalize_overrides
+from helios.config.cli import USER_ERRORS
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base=None)
@@ -40,7 +41,7 @@ def _hydra_main(raw: DictConfig) -> None:
     )
     try:
         trainer.run()
-    except (ConfigError, FileNotFoundError, ValueError) as err:  # user errors: one line, no traceback
+    except USER_ERRORS as err:  # user errors (config, missing or unwritable files): one line, no traceback
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     finally:

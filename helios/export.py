@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -53,9 +55,16 @@ def export(cfg: ExportConfig) -> Path:
     from helios.model.encoders import build_text_encoder, build_vae
     from helios.model.lora import merged_state_dict
 
+    final = Path(cfg.output)
+    if final.exists() and (not final.is_dir() or any(final.iterdir())) and not cfg.overwrite:
+        raise ValueError(
+            f"output={final} is not empty: export into a new folder, or overwrite=true to replace it "
+            "(an export is never mixed with other files)"
+        )
     model, train_cfg, found = load_checkpoint_model(Path(cfg.checkpoint), cfg.weights)
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = final.with_name(f"{final.name}.tmp-{os.getpid()}")  # written whole, checked, then renamed
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
     info = {
         "checkpoint": str(found),
         "stage": train_cfg.stage,
@@ -116,8 +125,33 @@ def export(cfg: ExportConfig) -> Path:
             }
         )
     (out / "helios_export.json").write_text(json.dumps(info, indent=2))
-    log.info("exported %s to %s (%s)", found, out, info["format"])
-    return out
+    try:
+        check_export(out)
+    except Exception:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    if final.is_dir():
+        shutil.rmtree(final)
+    elif final.exists():
+        final.unlink()
+    os.replace(out, final)
+    log.info("exported %s to %s (%s)", found, final, info["format"])
+    return final
+
+
+def check_export(out: Path) -> None:
+    """Read back what an export wrote: every JSON parses and every safetensors file has tensors."""
+    from safetensors import safe_open
+
+    for path in out.rglob("*.json"):
+        json.loads(path.read_text())
+    weights = list(out.rglob("*.safetensors"))
+    if not weights:
+        raise OSError(f"export to {out} wrote no weights")
+    for path in weights:
+        with safe_open(str(path), framework="pt") as f:
+            if not list(f.keys()):
+                raise OSError(f"export wrote an empty {path}")
 
 
 _main = command("export", ExportConfig, export)

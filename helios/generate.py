@@ -8,7 +8,6 @@ JSON of per-section drift statistics next to it.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 from pathlib import Path
@@ -70,10 +69,8 @@ def _load_pixels(path: str, height: int, width: int, frames: int | None) -> torc
 
 
 def run(cfg: GenerateConfig) -> list[Path]:
-    from diffusers.utils import export_to_video
-
     from helios.model.inference import load_for_inference
-    from helios.sampling.pipeline import generate_video
+    from helios.sampling.pipeline import generate_video, save_video
 
     device = torch.device(
         "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
@@ -134,12 +131,9 @@ def run(cfg: GenerateConfig) -> list[Path]:
             video,
             cfg.seed,
         )
-        out.parent.mkdir(parents=True, exist_ok=True)
-        frames = ((result.frames[0].permute(1, 2, 3, 0).float().cpu() + 1) / 2).clamp(0, 1).numpy()
-        export_to_video(list(frames), str(out), fps=cfg.fps)
         stats = {**result.stats, "prompts": prompts, "seed": cfg.seed, "height": height, "width": width}
-        out.with_suffix(".json").write_text(json.dumps(stats, indent=2))
-        log.info("wrote %s (%d frames) and %s", out, frames.shape[0], out.with_suffix(".json"))
+        save_video(result.frames[0], out, cfg.fps, stats)
+        log.info("wrote %s (%d frames) and %s", out, result.frames.shape[2], out.with_suffix(".json"))
         outputs.append(out)
     return outputs
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import random
@@ -519,10 +518,8 @@ class Trainer:
 
         The VAE and text encoder live on the CPU between validations, so training holds only the DiT.
         """
-        from diffusers.utils import export_to_video
-
         from helios.model.encoders import build_text_encoder, build_vae
-        from helios.sampling.pipeline import generate_video
+        from helios.sampling.pipeline import generate_video, save_video
 
         v = self.cfg.validation
         if not hasattr(self, "_val_encoders"):
@@ -564,12 +561,7 @@ class Trainer:
                     )
                 out = self.run_dir / "samples" / f"step_{self.step}_{i}.mp4"
                 if self.dist.is_main:
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    frames = ((result.frames[0].permute(1, 2, 3, 0).float().cpu() + 1) / 2).clamp(0, 1)
-                    export_to_video(list(frames.numpy()), str(out), fps=v.fps)
-                    out.with_suffix(".json").write_text(
-                        json.dumps({**result.stats, "prompt": prompt}, indent=2)
-                    )
+                    save_video(result.frames[0], out, v.fps, {**result.stats, "prompt": prompt})
                 for key, value in result.stats["drift"]["max_abs_delta"].items():
                     metrics[f"val/{i}/drift_{key}"] = value
                 metrics[f"val/{i}/seam_ratio"] = result.stats["seams"]["ratio"]

@@ -102,6 +102,16 @@ def test_wrong_type_and_unknown_key_fail_in_hydra_naming_the_key():
     assert "max_stepz" in str(err.value.__cause__ or err.value)
 
 
+@pytest.mark.parametrize(
+    ("override", "key"), [("+trainer.max_stepz=3", "trainer.max_stepz"), ("+foo=1", "foo")]
+)
+def test_added_unknown_key_fails_naming_it(override, key):
+    """``+key=value`` (what Hydra's own error suggests) adds a key Hydra accepts; start-up refuses it."""
+    with pytest.raises(ConfigError, match="unknown key") as err:
+        compose([override])
+    assert err.value.key == key
+
+
 def test_unknown_stage_is_refused():
     from hydra.errors import MissingConfigException
 

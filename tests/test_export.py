@@ -140,3 +140,27 @@ def test_export_cli_errors(tmp_path, trained):
         timeout=300,
     )
     assert proc.returncode == 2 and "no EMA" in proc.stderr
+
+
+def test_export_refuses_a_non_empty_folder_and_replaces_it_whole(trained, tmp_path, monkeypatch):
+    import helios.export as export_module
+
+    out = tmp_path / "exp"
+    out.mkdir()
+    (out / "notes.txt").write_text("someone else's file")
+    with pytest.raises(ValueError, match=r"not empty.*overwrite=true"):
+        export(ExportConfig(checkpoint=str(trained), output=str(out), lora_only=True))
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # untouched
+
+    def broken(path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export_module, "check_export", broken)  # a failed write leaves the old folder
+    with pytest.raises(OSError, match="disk full"):
+        export(ExportConfig(checkpoint=str(trained), output=str(out), lora_only=True, overwrite=True))
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert not list(tmp_path.glob("exp.tmp-*"))
+    monkeypatch.undo()
+    export(ExportConfig(checkpoint=str(trained), output=str(out), lora_only=True, overwrite=True))
+    names = {p.name for p in out.iterdir()}
+    assert "notes.txt" not in names and "pytorch_lora_weights.safetensors" in names  # replaced, not mixed

@@ -166,3 +166,14 @@ def test_reference_interactive_prompt_csv(run_dir, tmp_path):
     six = json.loads((tmp_path / "story_6.json").read_text())
     assert six["sections"] == 4 and [p[1] for p in six["prompts"]][1] == "a red circle moving left"
     assert json.loads((tmp_path / "story_8.json").read_text())["sections"] == 2
+
+
+def test_a_video_that_cannot_be_written_is_an_error(run_dir, tmp_path):
+    """ffmpeg failing to write the mp4 (here: the path is a folder) stops the command with the file named,
+    instead of reporting success."""
+    out = tmp_path / "x.mp4"
+    out.mkdir()
+    proc = _generate(f"checkpoint={run_dir}", 'prompt="a red circle"', "num_frames=9", f"output={out}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"writing {out} failed" in proc.stderr and "wrote" not in proc.stderr.splitlines()[-1]
+    assert not (tmp_path / "x.json").exists()

@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 from helios.config.load import CONFIG_DIR, load_config
 from helios.config.schema import ConfigError
 
-USER_ERRORS = (ConfigError, FileNotFoundError, ValueError)
+USER_ERRORS = (ConfigError, OSError, ValueError)  # OSError: missing files, unwritable outputs
 
 
 def command(config_name: str, schema: type, run: Callable) -> Callable[[], None]:

@@ -80,11 +80,37 @@ def _format_omegaconf_error(err: OmegaConfBaseException) -> ConfigError:
     return ConfigError(str(key), msg)
 
 
+def unknown_key(node, schema_type: type, prefix: str = "") -> str | None:
+    """The first key of ``node`` (a plain container) that the dataclass ``schema_type`` does not have,
+    by its full path. Hydra lets ``+key=value`` add a key to a typed config, and OmegaConf's to_object
+    would drop it silently."""
+    import dataclasses
+    import typing
+
+    if not isinstance(node, dict) or not dataclasses.is_dataclass(schema_type):
+        return None
+    hints = typing.get_type_hints(schema_type)
+    for key, value in node.items():
+        if key not in hints:
+            return prefix + str(key)
+        found = (
+            unknown_key(value, hints[key], f"{prefix}{key}.")
+            if dataclasses.is_dataclass(hints[key])
+            else None
+        )
+        if found:
+            return found
+    return None
+
+
 def load_config(cfg: DictConfig | dict, schema_type: type = TrainConfig):
     """Type-check ``cfg`` against the schema and validate ranges; raise :class:`ConfigError`."""
     if isinstance(cfg, dict):
         cfg = OmegaConf.create(cfg)
     cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"]) if "hydra" in cfg else cfg
+    extra = unknown_key(OmegaConf.to_container(cfg, resolve=False), schema_type)
+    if extra is not None:
+        raise ConfigError(extra, "unknown key: the schema has no such field (check its spelling)")
     schema = OmegaConf.structured(schema_type)
     try:
         merged = OmegaConf.merge(schema, cfg)

@@ -818,6 +818,7 @@ class ExportConfig(Validated):
     output: str = MISSING
     lora_only: bool = False
     weights: str = "raw"
+    overwrite: bool = False  # replace a non-empty output folder (never mixed with what was there)
 
     def _validate(self, prefix: str) -> None:
         _choice(self.weights, ("raw", "ema"), "weights")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -160,3 +161,32 @@ def generate_video(
     }
     # I2V / V2V: the conditioning frames open the output video
     return VideoResult(frames[:, :, : cond_frames + num_frames], result.latents, stats)
+
+
+def save_video(frames: torch.Tensor, path: str | Path, fps: int, stats: dict) -> None:
+    """Frames [3, T, H, W] in [-1, 1] to ``path`` (mp4) with ``stats`` as JSON next to it; both files are
+    read back after writing, so an encoder or disk failure raises (naming the file) instead of leaving a
+    missing or broken video behind a success message."""
+    import json
+    import os
+
+    from diffusers.utils import export_to_video
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    video = ((frames.permute(1, 2, 3, 0).float().cpu() + 1) / 2).clamp(0, 1).numpy()
+    try:
+        export_to_video(list(video), str(path), fps=fps)
+        import decord
+
+        written = len(decord.VideoReader(str(path), ctx=decord.cpu(0)))
+    except Exception as err:  # ffmpeg / decord report failures in their own ways
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise OSError(f"writing {path} failed: {reason}") from None
+    if written != video.shape[0]:
+        raise OSError(f"writing {path} failed: it holds {written} of {video.shape[0]} frames")
+    report = path.with_suffix(".json")
+    tmp = report.with_name(report.name + ".tmp")
+    tmp.write_text(json.dumps(stats, indent=2))
+    json.loads(tmp.read_text())
+    os.replace(tmp, report)
