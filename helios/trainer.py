@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import random
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +56,43 @@ def resolve_grad_accum(cfg: TrainConfig, world_size: int) -> int:
             f"{t.batch_size} x {world_size}; nearest working settings: " + " or ".join(options),
         )
     return t.global_batch_size // per_step
+
+
+# Settings a resumed run may change (applied from the resumed step on); any other change is refused.
+CHANGEABLE_ON_RESUME = (
+    "optim.lr",
+    "optim.grad_clip",
+    "distill.fake_lr",
+    "trainer.max_steps",
+    "trainer.checkpoint_every",
+    "trainer.log_every",
+    "trainer.keep_last",
+    "trainer.progress",
+    "trainer.num_workers",
+    "logging.",
+    "validation.",
+    "resume",
+    "data.cache_dir",
+)
+# Set by the run itself at start-up (pinned weight sources, the tiny recipe's cached teacher and pairs).
+PINNED_ON_START = (
+    "init_from",
+    "distill.teacher",
+    "distill.generator_init",
+    "distill.ode_pairs",
+    "model.transformer.path",
+    "model.vae.path",
+    "model.text_encoder.path",
+)
+
+
+def _flatten(node, prefix: str = "") -> dict:
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: node}
 
 
 def shared_generator(seed: int, step: int, micro: int) -> torch.Generator:
@@ -176,6 +215,7 @@ class Trainer:
             else [{"name": "model", "params": self.params, "lr": o.lr}]
         )
         self.group_names = [g["name"] for g in groups]
+        self.stage_groups = [{"name": g["name"], "lr": g["lr"]} for g in groups]
         self.opt_steps = dict.fromkeys(self.group_names, 0)
         from diffusers.optimization import get_scheduler
 
@@ -317,6 +357,8 @@ class Trainer:
             self._load_weights(tensors)
             self.optimizer.load_state_dict(objects["optimizer"])
             self.lr_scheduler.load_state_dict(objects["lr_scheduler"])
+        self._check_resume_config(objects["config"], path, int(objects["step"]))
+        self._apply_learning_rates()
         self.stage.load_state_dict(objects["stage"])
         if hasattr(self.stage, "load_extra_tensors"):
             self.stage.load_extra_tensors(tensors)
@@ -403,16 +445,66 @@ class Trainer:
             # a stage with several roles returns one loss per role (their graphs are disjoint)
             losses = loss if isinstance(loss, dict) else {self.group_names[0]: loss}
             total = sum(losses.values())
-            if not torch.isfinite(total):
-                raise FloatingPointError(
-                    f"loss is {total.item()} at step {self.step + 1}; lower optim.lr or check the data "
-                    f"(resume=latest restarts from the last checkpoint)"
-                )
+            for role, value in losses.items():
+                if not torch.isfinite(value):
+                    self._diverged(f"the {role} loss is {value.item()}")
             if self.engines is not None:
                 self.engines.backward(losses)  # per role: backward + step (applied at the boundary)
             else:
                 (total / self.grad_accum).backward()
         return float(total.detach()), stats
+
+    def _check_resume_config(self, saved_yaml: str, path: Path, step: int) -> None:
+        """The resume contract: settings in :data:`CHANGEABLE_ON_RESUME` may differ from the checkpoint's
+        and are applied (learning rates included, see :meth:`_apply_learning_rates`); any other change
+        is refused naming the key. Changes are appended to ``config_history.jsonl``."""
+        from omegaconf import OmegaConf
+
+        saved = _flatten(OmegaConf.to_container(OmegaConf.create(saved_yaml)))
+        current = _flatten(OmegaConf.to_container(OmegaConf.structured(self.cfg)))
+        changed = {k: (saved.get(k), current.get(k)) for k in sorted(set(saved) | set(current))}
+        changed = {k: v for k, v in changed.items() if v[0] != v[1] and not k.startswith(PINNED_ON_START)}
+        for key, (old, new) in changed.items():
+            if not key.startswith(CHANGEABLE_ON_RESUME):
+                raise ConfigError(
+                    key,
+                    f"is {new!r} but the checkpoint {path} was trained with {old!r}, and it cannot change on "
+                    f"resume; start a new run from it with init_from={path} (or keep {old!r})",
+                )
+        if changed and self.dist.is_main:
+            log.info("resumed with changed settings: %s", changed)
+            with (self.run_dir / "config_history.jsonl").open("a") as f:
+                f.write(json.dumps({"step": step, "from": str(path), "changes": changed}) + "\n")
+
+    def _apply_learning_rates(self) -> None:
+        """After loading optimizer and scheduler state: the configured learning rates (they may change on
+        resume, e.g. to continue after a divergence with a lower optim.lr), at the schedule's position."""
+        lrs = {g["name"]: g["lr"] for g in self.stage_groups}
+        pairs = (
+            [(self.optimizer, self.lr_scheduler, list(lrs.values()))]
+            if self.engines is None
+            else [(e.optimizer, e.lr_scheduler, [lrs[n]]) for n, e in self.engines.engines.items()]
+        )
+        for optimizer, scheduler, base in pairs:
+            for group, lr in zip(optimizer.param_groups, base):
+                group["initial_lr"] = lr
+            scheduler.base_lrs = list(base)
+            with warnings.catch_warnings():  # get_lr() outside step() warns; here it is what we want
+                warnings.simplefilter("ignore")
+                current = scheduler.get_lr()
+            for group, lr in zip(optimizer.param_groups, current):
+                group["lr"] = lr
+            scheduler._last_lr = list(current)
+
+    def _diverged(self, what: str) -> None:
+        """Stop before a non-finite loss or gradient reaches the optimizer or a checkpoint, naming the
+        step, the role and the newest checkpoint, which holds weights from before the divergence."""
+        done = checkpoint.list_complete(self.run_dir)
+        last = f"the last checkpoint, {done[-1][1]}," if done else "no checkpoint yet; the run"
+        raise FloatingPointError(
+            f"{what} at step {self.step + 1}: nothing was updated or saved; {last} is unaffected. "
+            "Lower optim.lr (a resumed run applies the new value) or check the data, then resume=latest"
+        )
 
     def train_step(self) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -462,6 +554,9 @@ class Trainer:
             with_grad = [p for p in group["params"] if p.grad is not None]
             if with_grad:  # a role without gradients (TTUR) is not stepped: AdamW skips it
                 role_norms[name] = float(torch.nn.utils.clip_grad_norm_(with_grad, clip))
+                if not math.isfinite(role_norms[name]):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self._diverged(f"the {name} gradient norm is {role_norms[name]}")
                 stepped.append(name)
         lr = self.lr_scheduler.get_last_lr()[0]
         self.optimizer.step()

@@ -366,3 +366,71 @@ def test_stage2_memory_patches_follow_the_reference():
             if p.requires_grad and n.split(".")[0] in MEMORY_PATCHES
         }
         assert kinds == trained, mode
+
+
+def test_resume_applies_a_changed_learning_rate_and_refuses_other_changes(tmp_path):
+    """The resume contract: optim.lr (and the other CHANGEABLE_ON_RESUME settings) may change and are
+    applied from the resumed step on, recorded in config_history.jsonl; any other change stops, naming it."""
+    from helios.config.schema import ConfigError
+
+    common = ["trainer.checkpoint_every=2", "optim.lr=2e-3"]
+    _train([*common, "trainer.max_steps=2"], tmp_path)
+    resumed = _train(["trainer.checkpoint_every=2", "optim.lr=1e-5", "trainer.max_steps=4"], tmp_path)
+    assert [m["lr"] for m in resumed if m["step"] > 2] == [1e-5, 1e-5]
+    history = [json.loads(line) for line in (tmp_path / "config_history.jsonl").read_text().splitlines()]
+    assert history[-1]["step"] == 2 and history[-1]["changes"]["optim.lr"] == [2e-3, 1e-5]
+    assert "lr: 1.0e-05" in (tmp_path / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match="cannot change on resume") as err:
+        _train(
+            ["trainer.checkpoint_every=2", "optim.lr=1e-5", "trainer.max_steps=6", "flow.logit_std=2.0"],
+            tmp_path,
+        )
+    assert err.value.key == "flow.logit_std"
+
+
+def test_divergence_stops_before_any_update_names_role_and_checkpoint_and_resume_continues(
+    tmp_path, monkeypatch
+):
+    """A non-finite loss at step 3 stops the run before the optimizer and before a checkpoint, naming the
+    step, the role and the last checkpoint (step 2), which a resume continues from."""
+    from helios.stages import FlowStage
+
+    original = FlowStage.compute_loss
+
+    def poisoned(self, model, batch, generator, shared=None):
+        loss, stats = original(self, model, batch, generator, shared)
+        return (loss * float("nan") if self.current_step == 2 else loss), stats
+
+    monkeypatch.setattr(FlowStage, "compute_loss", poisoned)
+    with pytest.raises(FloatingPointError) as err:
+        _train(["trainer.max_steps=4", "trainer.checkpoint_every=1"], tmp_path)
+    message = str(err.value)
+    assert "the model loss is nan at step 3" in message and "step_2" in message and "resume=latest" in message
+    from helios.checkpoint import list_complete
+
+    assert [p.name for _, p in list_complete(tmp_path)] == [
+        "step_1",
+        "step_2",
+    ]
+    monkeypatch.undo()
+    resumed = _train(["trainer.max_steps=4", "trainer.checkpoint_every=1"], tmp_path)
+    assert [m["step"] for m in resumed][-2:] == [3, 4]
+
+
+def test_gradient_clipping_bounds_the_gradient_the_optimizer_sees(tmp_path, monkeypatch):
+    """With a clip far below the gradient norm, the reported (pre-clip) norm exceeds it and the gradient
+    that reaches AdamW has exactly the clip's norm."""
+    seen = []
+    original = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        seen.append(
+            float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+        )
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    metrics = _train(["trainer.max_steps=2", "trainer.checkpoint_every=0", "optim.grad_clip=1e-4"], tmp_path)
+    assert all(m["grad_norm"] > 1e-3 for m in metrics)
+    assert seen == pytest.approx([1e-4, 1e-4], rel=1e-3)
