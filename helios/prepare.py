@@ -48,6 +48,11 @@ def run(cfg: PrepareConfig) -> dict:
             )
         barrier()
         report = write_report(cfg.output) if dist.is_main else {}
+        if dist.is_main and report["written"] == 0:
+            raise ValueError(
+                f"no clip was written: all {report['skipped']} inputs were skipped "
+                f"(each reason is in {cfg.output}/report.json)"
+            )
         if dist.is_main:
             log.info(
                 "%d clips written in %d shards, %d inputs skipped (see %s/report.json)",

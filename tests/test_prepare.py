@@ -244,3 +244,32 @@ def test_reference_json_index_with_cut_and_crop(encoders, tmp_path):
     index_ = ShardIndex(sorted((tmp_path / "out").glob("*.tar")))
     meta = index_.read(0)["meta"]
     assert meta["caption"] == "a gray square" and meta["cut"] == [10, 30] and meta["crop"] == [0, 16, 0, 32]
+
+
+def test_rerun_with_other_settings_is_refused(messy_input, encoders, tmp_path):
+    """A folder holds one setting: continuing it with another clip size would mix latent shapes."""
+    out = tmp_path / "o"
+    first = _run(messy_input, out, encoders, samples_per_shard=4)
+    vae, tok, text = encoders
+    other = ClipSpec(latent_frames=4, height=48, width=48, fps=None)
+    with pytest.raises(ValueError, match=r"other settings \(clip"):
+        prepare(messy_input, out, other, vae, tok, text, max_sequence_length=16)
+    assert _run(messy_input, out, encoders, samples_per_shard=4) == first  # the same settings continue
+
+
+def test_cli_fails_when_every_input_was_bad(tmp_path):
+    videos = tmp_path / "bad"
+    videos.mkdir()
+    (videos / "a.mp4").write_bytes(b"not a video")
+    (videos / "captions.jsonl").write_text(
+        '{"video": "a.mp4", "caption": "x"}\n{"video": "b.mp4", "caption": "y"}\n'
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "helios.prepare", f"input={videos}", f"output={tmp_path / 'out'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "no clip was written: all 2 inputs were skipped" in proc.stderr

@@ -9,6 +9,7 @@ dies on one bad video. ``report.json`` lists every skipped input.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -151,6 +152,7 @@ def prepare(
     units = discover_units(input_path, samples_per_shard)
     mine = [u for k, u in enumerate(units) if k % world_size == rank]
     todo = [u for u in mine if not (progress_dir / f"{u.name}.json").exists()]
+    check_settings(out, prepare_settings(spec, vae, text_encoder, max_sequence_length, negative_prompt), rank)
     prompts = PromptCache(tokenizer, text_encoder, max_sequence_length, device)
     for name, text in ((EMPTY_PROMPT_FILE, ""), (NEGATIVE_PROMPT_FILE, negative_prompt)):
         if rank == 0 and not (out / name).exists():  # unconditional embeddings for CFG
@@ -181,6 +183,44 @@ def prepare(
             eta,
         )
     return {"units": len(mine), "done_now": len(todo), "prompt_cache_hits": prompts.hits}
+
+
+SETTINGS_FILE = "prepare.json"
+
+
+def prepare_settings(
+    spec: ClipSpec, vae, text_encoder, max_sequence_length: int, negative_prompt: str
+) -> dict:
+    """What the shards of a folder depend on: clip extraction, the VAE's latent space, the text encoder."""
+    return {
+        "clip": dataclasses.asdict(spec),
+        "vae": {k: vae.config.get(k) for k in ("z_dim", "base_dim", "latents_mean", "latents_std")},
+        "text_encoder": {
+            k: getattr(text_encoder.config, k, None) for k in ("d_model", "vocab_size", "num_layers")
+        },
+        "max_sequence_length": max_sequence_length,
+        "negative_prompt": negative_prompt,
+    }
+
+
+def check_settings(out: Path, settings: dict, rank: int) -> None:
+    """A folder holds shards of one setting: a rerun with other settings is refused (it would mix latent
+    shapes or spaces), the first run records them in ``prepare.json``."""
+    path = out / SETTINGS_FILE
+    if path.exists():
+        old = json.loads(path.read_text())
+        new = json.loads(json.dumps(settings))  # the same JSON types as the recorded ones
+        diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        if diff:
+            raise ValueError(
+                f"output={out} holds shards written with other settings ({', '.join(diff)}: "
+                f"{[old.get(k) for k in diff]} there, {[new.get(k) for k in diff]} now); write into a new "
+                "folder, or rerun with the same settings to continue"
+            )
+    elif rank == 0:
+        tmp = path.with_name(SETTINGS_FILE + ".tmp")
+        tmp.write_text(json.dumps(settings, indent=2))
+        os.replace(tmp, path)
 
 
 def write_report(out_dir: str | Path) -> dict:
