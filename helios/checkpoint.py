@@ -8,7 +8,9 @@ crash mid-save never leaves a checkpoint that resume would pick.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -21,8 +23,47 @@ from safetensors.torch import load_file, save_file
 
 from helios.distributed import DistInfo, barrier, broadcast_object
 
+log = logging.getLogger(__name__)
 MARKER = "COMPLETE"
 _STEP_RE = re.compile(r"^step_(\d+)$")
+
+
+MANIFEST = "manifest.json"
+
+
+class CorruptCheckpoint(ValueError):
+    """A checkpoint file is missing, truncated or changed since it was written."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(8 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """Size and SHA-256 of every file of a checkpoint (DeepSpeed's partitions included)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (MANIFEST, MARKER))
+    entries = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    (folder / MANIFEST).write_text(json.dumps(entries, indent=1))
+
+
+def verify(folder: Path) -> None:
+    """Raise :class:`CorruptCheckpoint` naming the first file that does not match the manifest (a
+    checkpoint written before manifests existed passes)."""
+    manifest = folder / MANIFEST
+    if not manifest.exists():
+        return
+    for name, entry in json.loads(manifest.read_text()).items():
+        path = folder / name
+        if not path.is_file():
+            raise CorruptCheckpoint(f"{path} is missing")
+        if path.stat().st_size != entry["bytes"]:
+            raise CorruptCheckpoint(f"{path} has {path.stat().st_size} bytes, {entry['bytes']} were written")
+        if _sha256(path) != entry["sha256"]:
+            raise CorruptCheckpoint(f"{path} changed since it was written (checksum mismatch)")
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -47,14 +88,21 @@ def resolve_resume(resume: str, run_dir: Path, key: str = "resume") -> Path | No
     if resume == "none":
         return None
     if resume == "latest":
-        done = list_complete(run_dir)
-        return done[-1][1] if done else None
+        return newest_verified(list_complete(run_dir), key)
     path = Path(resume).expanduser()
     if (path / MARKER).exists():
+        try:
+            verify(path)
+        except CorruptCheckpoint as err:
+            older = [c for c in list_complete(path.parent.parent) if c[0] < _step_of(path)]
+            hint = newest_verified(older, key, quiet=True)
+            raise CorruptCheckpoint(
+                f"{key}={resume}: {err}" + (f"; {hint} verifies: {key}={hint}" if hint else "")
+            ) from None
         return path
     done = list_complete(path)
     if done:
-        return done[-1][1]
+        return newest_verified(done, key)
     raise FileNotFoundError(
         f"{key}={resume}: no complete checkpoint there "
         f"(a folder checkpoints/step_<N>/ with a {MARKER} file)"
@@ -75,6 +123,25 @@ def pin_source(source: str | None, key: str) -> str | None:
     if (path / MARKER).exists() or list_complete(path):
         return str(resolve_resume(str(path), path, key))
     return str(path)
+
+
+def _step_of(path: Path) -> int:
+    m = _STEP_RE.match(path.name)
+    return int(m.group(1)) if m else -1
+
+
+def newest_verified(done: list[tuple[int, Path]], key: str = "resume", quiet: bool = False) -> Path | None:
+    """The newest complete checkpoint whose files match their manifest; each one skipped is reported."""
+    for _, path in reversed(done):
+        try:
+            verify(path)
+            return path
+        except CorruptCheckpoint as err:
+            if not quiet:
+                log.warning("%s: skipping %s: %s; trying the one before", key, path.name, err)
+    if done and not quiet:
+        raise CorruptCheckpoint(f"{key}: none of the {len(done)} checkpoints verifies (last: {done[-1][1]})")
+    return None
 
 
 def save(
@@ -109,6 +176,7 @@ def save(
         write_extra(tmp)
     barrier()
     if dist_info.is_main:
+        write_manifest(tmp)  # before the marker: a COMPLETE checkpoint can always be verified
         (tmp / MARKER).write_text("ok\n")
         if final.exists():
             shutil.rmtree(final)
@@ -136,11 +204,26 @@ def load(path: Path, dist_info: DistInfo) -> tuple[dict[str, dict[str, torch.Ten
             "Exact resume needs the same world size"
         )
     tensors = load_tensors(path)
-    objects = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-    rank_state = torch.load(path / f"rank_{dist_info.rank:05d}.pt", map_location="cpu", weights_only=False)
+    objects = _torch_load(path / "state.pt")
+    rank_state = _torch_load(path / f"rank_{dist_info.rank:05d}.pt")
     return tensors, objects, rank_state
+
+
+def _torch_load(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a truncated or missing pickle surfaces in several forms
+        raise CorruptCheckpoint(f"{path} cannot be read: {str(err).splitlines()[0]}") from None
 
 
 def load_tensors(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     """The weight files of a checkpoint by stem (``trainable``, and ``base`` for a random base)."""
-    return {p.stem: load_file(str(p)) for p in Path(path).glob("*.safetensors")}
+    out = {}
+    for p in Path(path).glob("*.safetensors"):
+        try:
+            out[p.stem] = load_file(str(p))
+        except Exception as err:  # safetensors raises its own error types for a damaged file
+            raise CorruptCheckpoint(f"{p} cannot be read: {err}") from None
+    if "trainable" not in out:
+        raise CorruptCheckpoint(f"{path}/trainable.safetensors is missing")
+    return out

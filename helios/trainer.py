@@ -19,7 +19,7 @@ from helios import checkpoint
 from helios.config.load import to_yaml
 from helios.config.schema import ConfigError, TrainConfig
 from helios.data.dataset import BucketBatchSampler, LatentClipDataset, make_loader
-from helios.distributed import DistInfo, all_mean, barrier, setup, teardown
+from helios.distributed import DistInfo, all_mean, barrier, broadcast_object, setup, teardown
 from helios.history import HistoryLayout
 from helios.metrics import MetricsLogger
 from helios.model import count_parameters, load_trainable_state_dict, trainable_state_dict
@@ -496,6 +496,21 @@ class Trainer:
                 group["lr"] = lr
             scheduler._last_lr = list(current)
 
+    def _resolve_resume(self) -> Path | None:
+        """The checkpoint to resume from, chosen (and its files verified) by the main rank for all."""
+        outcome = None
+        if self.dist.is_main:
+            try:
+                outcome = ("ok", checkpoint.resolve_resume(self.cfg.resume, self.run_dir))
+            except (FileNotFoundError, checkpoint.CorruptCheckpoint) as err:
+                outcome = (type(err).__name__, str(err))
+        kind, value = broadcast_object(outcome)
+        if kind == "FileNotFoundError":
+            raise FileNotFoundError(value)
+        if kind == "CorruptCheckpoint":
+            raise checkpoint.CorruptCheckpoint(value)
+        return value
+
     def _diverged(self, what: str) -> None:
         """Stop before a non-finite loss or gradient reaches the optimizer or a checkpoint, naming the
         step, the role and the newest checkpoint, which holds weights from before the divergence."""
@@ -571,7 +586,7 @@ class Trainer:
 
     def run(self) -> Path:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        resume = checkpoint.resolve_resume(self.cfg.resume, self.run_dir)
+        resume = self._resolve_resume()
         self._build_data()
         self._build_model(checkpoint.saved_sources(resume) if resume is not None else None)
         if resume is not None:

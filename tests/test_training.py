@@ -434,3 +434,26 @@ def test_gradient_clipping_bounds_the_gradient_the_optimizer_sees(tmp_path, monk
     metrics = _train(["trainer.max_steps=2", "trainer.checkpoint_every=0", "optim.grad_clip=1e-4"], tmp_path)
     assert all(m["grad_norm"] > 1e-3 for m in metrics)
     assert seen == pytest.approx([1e-4, 1e-4], rel=1e-3)
+
+
+def test_corrupt_checkpoint_is_named_and_resume_falls_back_to_one_that_verifies(tmp_path, caplog):
+    """Every checkpoint has a manifest (size + SHA-256 per file). A truncated newest checkpoint: resume=latest
+    says so and continues from the one before (repeating its steps exactly); resume=<it> names the file
+    and the checkpoint that verifies."""
+    from helios import checkpoint as ckpt
+
+    common = ["trainer.checkpoint_every=2", "trainer.keep_last=3"]
+    full = {m["step"]: m["loss"] for m in _train([*common, "trainer.max_steps=4"], tmp_path / "full")}
+    run = tmp_path / "run"
+    _train([*common, "trainer.max_steps=4"], run)
+    newest = run / "checkpoints" / "step_4"
+    assert json.loads((newest / "manifest.json").read_text())["trainable.safetensors"]["bytes"] > 0
+    weights = newest / "trainable.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ckpt.CorruptCheckpoint, match=r"trainable.safetensors has 100 bytes.*step_2 verifies"):
+        _train([*common, "trainer.max_steps=6", f"resume={newest}"], tmp_path / "other")
+    with caplog.at_level("WARNING"):
+        resumed = _train([*common, "trainer.max_steps=4"], run)
+    assert "skipping step_4" in caplog.text
+    again = {m["step"]: m["loss"] for m in resumed}
+    assert again[3] == pytest.approx(full[3], rel=1e-6) and again[4] == pytest.approx(full[4], rel=1e-6)
