@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from helios import checkpoint
 from helios.config.load import to_yaml
 from helios.config.schema import ConfigError, TrainConfig
-from helios.data.dataset import BucketBatchSampler, LatentClipDataset, make_loader
+from helios.data.dataset import BucketBatchSampler, ClipBatch, LatentClipDataset, make_loader
 from helios.distributed import DistInfo, all_mean, barrier, broadcast_object, setup, teardown
 from helios.history import HistoryLayout
 from helios.metrics import MetricsLogger
@@ -122,6 +122,7 @@ class Trainer:
         self.dtype = resolve_precision(cfg, self.dist.device)
         self.stage = STAGES[cfg.stage](cfg)
         self.step = 0
+        self.data_skipped = 0
 
     # ------------------------------------------------------------------ setup
     def _build_data(self) -> None:
@@ -146,7 +147,11 @@ class Trainer:
             self.dataset = self.stage.make_dataset(path)
         else:
             self.dataset = LatentClipDataset(
-                path, layout.clip_frames, cfg.model.text_encoder.max_sequence_length, seed=cfg.seed
+                path,
+                layout.clip_frames,
+                cfg.model.text_encoder.max_sequence_length,
+                seed=cfg.seed,
+                on_error=cfg.data.on_error,
             )
         self.sampler = BucketBatchSampler(
             self.dataset,
@@ -430,6 +435,7 @@ class Trainer:
 
     def _micro_step(self, micro: int, last: bool) -> tuple[float, dict[str, float]]:
         batch = self.next_batch().to(self.dist.device)
+        self.data_skipped += batch.skipped if isinstance(batch, ClipBatch) else 0
         # DDP: no gradient all-reduce before the last micro-batch; ZeRO engines accumulate by themselves
         plain = last or not self.dist.enabled or self.engines is not None
         sync = contextlib.nullcontext() if plain else self.wrapped.no_sync()
@@ -554,7 +560,9 @@ class Trainer:
         keys = self.metric_keys(records)
         metrics = {k: _nanmean([r.get(k, math.nan) for r in records]) for k in keys}
         metrics["grad_norm"] = grad_norm
-        metrics = all_mean(metrics, self.dist.device, keys=[*keys, "grad_norm"])
+        metrics["data_skipped"] = float(self.data_skipped)  # corrupt samples replaced so far (on_error=skip)
+        metrics = all_mean(metrics, self.dist.device, keys=[*keys, "grad_norm", "data_skipped"])
+        metrics["data_skipped"] *= self.dist.world_size  # the total over ranks
         metrics.update({"lr": lr, "samples_per_s": clips / elapsed, "step_time_s": elapsed})
         if len(self.group_names) > 1:
             metrics.update({f"grad_norm_{n}": role_norms.get(n, 0.0) for n in self.group_names})

@@ -83,3 +83,58 @@ def test_loader_position_restores_the_exact_next_batch():
     item = dataset[(0, 0)]
     assert torch.equal(item["first_latent"], sample[:, :1])
     assert torch.equal(item["latents"], sample[:, int(item["offset"]) : int(item["offset"]) + 10])
+
+
+def test_a_corrupt_sample_is_named_or_skipped_and_counted(tmp_path):
+    """Each shard index holds a CRC32 per member: bit rot inside one sample's latents is reported with its
+    shard and key (data.on_error=raise, the default), or that sample is replaced by another of its shape
+    and counted (data.on_error=skip), in the dataset and in a training run."""
+    import json
+    import shutil
+
+    from helios.data.shards import CorruptSample, ShardIndex, index_path
+    from helios.metrics import read_metrics
+    from helios.trainer import Trainer
+
+    cfg = compose([])
+    source = ensure_synthetic_shards(cfg.data, cfg.model, 9, True)
+    shards = tmp_path / "shards"
+    shutil.copytree(source, shards)
+    (shard,) = sorted(shards.glob("*.tar"))
+    entry = json.loads(index_path(shard).read_text())[1]
+    offset, size, _ = entry["members"]["latents.npy"]
+    data = bytearray(shard.read_bytes())
+    data[offset + size - 8 : offset + size] = b"\xff" * 8  # the last float of the latents, not the header
+    shard.write_bytes(bytes(data))
+    index = ShardIndex([shard])
+    with pytest.raises(
+        CorruptSample, match=f"{shard.name}: sample {entry['key']}.latents.npy fails its checksum"
+    ):
+        index.read(1)
+    strict = LatentClipDataset(shards, 9, 32)
+    with pytest.raises(CorruptSample, match=r"data\.on_error=skip"):
+        strict[(1, 0)]
+    lenient = LatentClipDataset(shards, 9, 32, on_error="skip")
+    sample = lenient[(1, 0)]
+    assert sample["skipped"] == 1 and torch.isfinite(sample["latents"]).all()
+    assert lenient[(0, 0)]["skipped"] == 0
+    run_cfg = compose(
+        [
+            f"data={shards}",
+            "trainer.max_steps=3",
+            "validation.enabled=false",
+            "trainer.progress=false",
+            "trainer.log_every=1",
+            "data.on_error=skip",
+            "history.sizes=[4,2,1]",
+            "history.window=2",
+            "trainer.batch_size=8",
+            "data.shuffle=false",
+        ]
+    )
+    trainer = Trainer(run_cfg, tmp_path / "run")
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+    assert read_metrics(tmp_path / "run")[-1]["data_skipped"] >= 1

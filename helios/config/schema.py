@@ -515,9 +515,13 @@ class DataConfig(Validated):
     cache_dir: str = ""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     shuffle: bool = True
+    # a sample whose bytes fail their checksum: "raise" (naming shard and key) or "skip" (another sample
+    # of its shape takes its place; counted as data_skipped in metrics.jsonl)
+    on_error: str = "raise"
 
     def _validate(self, prefix: str) -> None:
         _choice(self.kind, ("synthetic", "latents"), prefix + "kind")
+        _choice(self.on_error, ("raise", "skip"), prefix + "on_error")
         if self.kind == "latents":
             _check(bool(self.path), prefix + "path", "data=latents needs data.path=<shard directory>")
 

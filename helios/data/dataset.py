@@ -3,6 +3,7 @@ data position that is part of the checkpoint (exact resume, no repeated or skipp
 
 from __future__ import annotations
 
+import logging
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -10,7 +11,9 @@ from pathlib import Path
 
 import torch
 
-from helios.data.shards import ShardIndex
+from helios.data.shards import CorruptSample, ShardIndex
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -22,14 +25,14 @@ class ClipBatch:
     first_latent: torch.Tensor
     prompt_embeds: torch.Tensor
     offset: torch.Tensor
+    skipped: int = 0  # corrupt samples replaced in this batch (data.on_error=skip)
 
     def to(self, device: torch.device) -> ClipBatch:
-        return ClipBatch(
-            *(
-                t.to(device, non_blocking=True)
-                for t in (self.latents, self.first_latent, self.prompt_embeds, self.offset)
-            )
+        moved = (
+            t.to(device, non_blocking=True)
+            for t in (self.latents, self.first_latent, self.prompt_embeds, self.offset)
         )
+        return ClipBatch(*moved, skipped=self.skipped)
 
 
 def _seed(*parts: int) -> int:
@@ -41,8 +44,16 @@ class LatentClipDataset(torch.utils.data.Dataset):
     deterministic draw from seed, epoch and index, so a resumed run reads the same windows), the
     sample's first latent (the video's first frame: the anchor) and its padded prompt embedding."""
 
-    def __init__(self, path: str | Path, clip_frames: int, max_sequence_length: int, seed: int = 0) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        clip_frames: int,
+        max_sequence_length: int,
+        seed: int = 0,
+        on_error: str = "raise",
+    ) -> None:
         self.index = ShardIndex.open(path)
+        self.on_error = on_error
         self.clip_frames = clip_frames
         self.max_sequence_length = max_sequence_length
         self.seed = seed
@@ -67,16 +78,36 @@ class LatentClipDataset(torch.utils.data.Dataset):
 
     @staticmethod
     def collate(samples: list[dict[str, torch.Tensor]]) -> ClipBatch:
-        return ClipBatch(
-            *(
-                torch.stack([s[k] for s in samples])
-                for k in ("latents", "first_latent", "prompt_embeds", "offset")
-            )
+        stacked = (
+            torch.stack([s[k] for s in samples])
+            for k in ("latents", "first_latent", "prompt_embeds", "offset")
         )
+        return ClipBatch(*stacked, skipped=sum(s.get("skipped", 0) for s in samples))
+
+    def _read(self, index: int) -> tuple[dict, int]:
+        """Sample ``index``; with ``on_error=skip`` a corrupt one is replaced by the next readable sample
+        of its shape bucket (deterministic, so a resumed run reads the same), counted."""
+        try:
+            return self.index.read(index), 0
+        except CorruptSample as err:
+            if self.on_error != "skip":
+                raise CorruptSample(
+                    f"{err} (data.on_error=skip skips such samples and counts them)"
+                ) from None
+            log.warning("skipping a corrupt sample: %s", err)
+        shape = self.index.latent_shape(index)[2:]
+        bucket = self.buckets[shape]
+        start = bucket.index(index)
+        for k in range(1, len(bucket)):
+            try:
+                return self.index.read(bucket[(start + k) % len(bucket)]), 1
+            except CorruptSample as err:
+                log.warning("skipping a corrupt sample: %s", err)
+        raise CorruptSample(f"every sample of shape {shape} is corrupt")
 
     def __getitem__(self, item: tuple[int, int]) -> dict[str, torch.Tensor]:
         index, epoch = item
-        sample = self.index.read(index)
+        sample, skipped = self._read(index)
         latents = sample["latents"]
         spare = latents.shape[1] - self.clip_frames
         gen = torch.Generator().manual_seed(_seed(self.seed, epoch, index))
@@ -89,6 +120,7 @@ class LatentClipDataset(torch.utils.data.Dataset):
             "first_latent": latents[:, :1],
             "prompt_embeds": padded,
             "offset": torch.tensor(start),
+            "skipped": skipped,
         }
 
 

@@ -16,6 +16,7 @@ import io
 import json
 import os
 import tarfile
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -76,7 +77,7 @@ def index_path(shard: Path) -> Path:
 
 
 def scan_tar(path: str | Path, required: tuple[str, ...] = MEMBERS) -> list[dict]:
-    """Per sample: key, member offsets/sizes and the latent shape (read from its json)."""
+    """Per sample: key, member offsets / sizes / CRC32 and the latent shape (read from its json)."""
     samples: dict[str, dict] = {}
     with tarfile.open(path, "r:") as tar:
         for member in tar.getmembers():
@@ -84,9 +85,10 @@ def scan_tar(path: str | Path, required: tuple[str, ...] = MEMBERS) -> list[dict
                 continue
             key, ext = member.name.split(".", 1)
             entry = samples.setdefault(key, {"key": key, "members": {}})
-            entry["members"][ext] = [member.offset_data, member.size]
+            data = tar.extractfile(member).read()
+            entry["members"][ext] = [member.offset_data, member.size, zlib.crc32(data)]
             if ext == "json":
-                meta = json.loads(tar.extractfile(member).read().decode("utf-8"))
+                meta = json.loads(data.decode("utf-8"))
                 entry["latent_shape"] = meta.get("latent_shape")
     return [s for s in samples.values() if all(m in s["members"] for m in required)]
 
@@ -98,6 +100,10 @@ def list_shards(path: str | Path) -> list[Path]:
             f"no .tar shards in {path}; write them with `python -m helios.prepare input=... output={path}`"
         )
     return shards
+
+
+class CorruptSample(ValueError):
+    """A sample's bytes are short or fail their checksum (the shard changed since it was indexed)."""
 
 
 class ShardIndex:
@@ -134,19 +140,36 @@ class ShardIndex:
         return f
 
     def read_member(self, i: int, ext: str) -> bytes:
+        """One member's bytes, checked against the index (size, and CRC32 where the index has it)."""
         shard, item = self.entries[i]
-        offset, size = item["members"][ext]
-        f = self._file(shard)
-        f.seek(offset)
-        return f.read(size)
+        offset, size, *crc = item["members"][ext]
+        try:
+            f = self._file(shard)
+            f.seek(offset)
+            data = f.read(size)
+        except OSError as err:
+            raise CorruptSample(f"{shard}: sample {item['key']}: {err}") from None
+        if len(data) != size:
+            raise CorruptSample(
+                f"{shard}: sample {item['key']}.{ext} is truncated ({len(data)} of {size} bytes)"
+            )
+        if crc and zlib.crc32(data) != crc[0]:
+            raise CorruptSample(f"{shard}: sample {item['key']}.{ext} fails its checksum (the file changed)")
+        return data
 
     def read(self, i: int) -> dict:
-        return {
-            "key": self.entries[i][1]["key"],
-            "latents": torch.from_numpy(npy_load(self.read_member(i, "latents.npy"))),
-            "prompt_embeds": torch.from_numpy(npy_load(self.read_member(i, "prompt_embeds.npy"))),
-            "meta": json.loads(self.read_member(i, "json").decode("utf-8")),
-        }
+        key = self.entries[i][1]["key"]
+        try:
+            return {
+                "key": key,
+                "latents": torch.from_numpy(npy_load(self.read_member(i, "latents.npy"))),
+                "prompt_embeds": torch.from_numpy(npy_load(self.read_member(i, "prompt_embeds.npy"))),
+                "meta": json.loads(self.read_member(i, "json").decode("utf-8")),
+            }
+        except CorruptSample:
+            raise
+        except Exception as err:  # an index without checksums: undecodable bytes
+            raise CorruptSample(f"{self.entries[i][0]}: sample {key}: {err}") from None
 
     def __getstate__(self):  # DataLoader workers open their own files
         state = self.__dict__.copy()

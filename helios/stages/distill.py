@@ -234,6 +234,7 @@ class DistillStage(FlowStage):
             self.layout.clip_frames,
             self.cfg.model.text_encoder.max_sequence_length,
             seed=self.cfg.seed,
+            on_error=self.cfg.data.on_error,
         )
 
     def _role(self, state: dict | None, lora: LoraConfig | None) -> nn.Module:
