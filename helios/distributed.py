@@ -94,9 +94,8 @@ def setup(parallel: ParallelConfig, trainer: TrainerConfig) -> DistInfo:
         # which child processes inherit (a WORLD_SIZE there would hide srun's own)
         os.environ.setdefault("LOCAL_RANK", "0")
         single = {"init_method": f"tcp://127.0.0.1:{free_port()}", "rank": 0, "world_size": 1}
-        dist.init_process_group(
-            backend=backend, timeout=datetime.timedelta(minutes=30), **(single if world == 1 else {})
-        )
+        timeout = datetime.timedelta(minutes=parallel.timeout_minutes)
+        dist.init_process_group(backend=backend, timeout=timeout, **(single if world == 1 else {}))
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=device)
 
 

@@ -58,6 +58,8 @@ def resolve_grad_accum(cfg: TrainConfig, world_size: int) -> int:
     return t.global_batch_size // per_step
 
 
+STOP_FILE = "STOP"  # in the run dir: save at the next step boundary and exit (launch/helios.sbatch)
+
 # Settings a resumed run may change (applied from the resumed step on); any other change is refused.
 CHANGEABLE_ON_RESUME = (
     "optim.lr",
@@ -69,6 +71,7 @@ CHANGEABLE_ON_RESUME = (
     "trainer.keep_last",
     "trainer.progress",
     "trainer.num_workers",
+    "trainer.max_loss",
     "logging.",
     "validation.",
     "resume",
@@ -451,9 +454,13 @@ class Trainer:
             # a stage with several roles returns one loss per role (their graphs are disjoint)
             losses = loss if isinstance(loss, dict) else {self.group_names[0]: loss}
             total = sum(losses.values())
+            limit = self.cfg.trainer.max_loss
             for role, value in losses.items():
-                if not torch.isfinite(value):
-                    self._diverged(f"the {role} loss is {value.item()}")
+                if not torch.isfinite(value) or (limit and value.item() > limit):
+                    self._diverged(
+                        f"the {role} loss is {value.item():.4g}"
+                        + (f" (> trainer.max_loss={limit:g})" if limit and torch.isfinite(value) else "")
+                    )
             if self.engines is not None:
                 self.engines.backward(losses)  # per role: backward + step (applied at the boundary)
             else:
@@ -627,9 +634,23 @@ class Trainer:
                 logger.log(self.step, metrics)
                 if self.tracker is not None:
                     self.tracker.log(self.step, metrics)
-            if (every and self.step % every == 0) or self.step == last:
+            saved = (every and self.step % every == 0) or self.step == last
+            if saved:
                 self.save_checkpoint()
+            if self.step < last and self._stop_requested():
+                if not saved:
+                    self.save_checkpoint()
+                if self.dist.is_main:
+                    (self.run_dir / STOP_FILE).unlink(missing_ok=True)
+                    print(f"stop requested: checkpoint at step {self.step} saved; exiting", flush=True)
+                break
         return self.run_dir
+
+    def _stop_requested(self) -> bool:
+        """A ``STOP`` file in the run dir (written by launch/helios.sbatch on pre-emption or before the
+        time limit) asks for a checkpoint at this step boundary and a clean exit; the main rank looks and
+        tells the others, so every rank stops at the same step."""
+        return bool(broadcast_object((self.run_dir / STOP_FILE).exists() if self.dist.is_main else None))
 
     def validate(self) -> dict[str, float]:
         """Videos for the validation prompts (main rank) under ``samples/``; drift metrics returned.

@@ -76,7 +76,7 @@ def test_sbatch_template_requeues_on_preemption_and_resumes(slurm, tmp_path):
                 str(ROOT),
                 "launch/helios.sbatch",
                 "trainer.max_steps=600",
-                "trainer.checkpoint_every=20",
+                "trainer.checkpoint_every=1000",  # no periodic checkpoint: only the pre-emption's
                 "trainer.log_every=20",
                 *TINY,
             ],
@@ -90,9 +90,10 @@ def test_sbatch_template_requeues_on_preemption_and_resumes(slurm, tmp_path):
         .split(";")[0]
     )
     deadline = time.time() + 240
-    while not list((run / "checkpoints").glob("step_*")) and time.time() < deadline:
+    while not (run / "metrics.jsonl").exists() and time.time() < deadline:
         assert _job_state(job) in ("PENDING", "RUNNING", "CONFIGURING"), log.read_text()
         time.sleep(0.3)
+    before = _steps(run)[-1]
     # Slurm's pre-emption / time-limit warning: SIGUSR1 to the batch script (the template's --signal)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
     while "restart 1" not in log.read_text() and _job_state(job) != "PENDING":
@@ -105,12 +106,14 @@ def test_sbatch_template_requeues_on_preemption_and_resumes(slurm, tmp_path):
         time.sleep(1)
     text = log.read_text()
     assert _job_state(job) in ("COMPLETED", "GONE"), text
-    assert "requeueing job" in text and "(restart 1)" in text, text
-    assert "resumed from" in text, text  # the requeued job picked its last checkpoint up
-    assert "ddp over 2 rank(s)" in text
+    assert "checkpoint written" in text and "requeueing job" in text and "(restart 1)" in text, text
+    # the requeued job resumed from the checkpoint the pre-emption asked for, mid-interval: no step lost
+    resumed = int(text.split("resumed from")[1].split("step_")[1].split()[0])
+    assert before <= resumed < 600 and "ddp over 2 rank(s)" in text
+    assert not (run / "STOP").exists()
     steps = _steps(run)
     assert steps[-1] == 600 and (run / "checkpoints/step_600/COMPLETE").exists()
-    assert 20 in steps  # logged before the pre-emption, kept in the same metrics.jsonl
+    assert before in steps  # logged before the pre-emption, kept in the same metrics.jsonl
 
 
 def test_srun_starts_ranks_without_torchrun(slurm, tmp_path, python):
@@ -200,3 +203,31 @@ def test_shared_run_dir_names_the_launch():
     assert srun[-1].endswith("/slurm-42")
     given = [*argv, "hydra.run.dir=/runs/x"]
     assert shared_run_dir(given, {"TORCHELASTIC_RUN_ID": "abc"}) == given
+
+
+def test_a_hung_collective_fails_within_the_configured_timeout(tmp_path, python):
+    """parallel.timeout_minutes bounds how long a rank waits for the others: rank 1 never joins a
+    collective rank 0 enters, and the job fails within the timeout instead of blocking for 30 minutes."""
+    script = tmp_path / "hang.py"
+    script.write_text(
+        "import os, sys, time, torch, torch.distributed as dist\n"
+        "from helios.config import compose\n"
+        "from helios.distributed import setup\n"
+        "cfg = compose(['parallel.timeout_minutes=0.1'])\n"
+        "info = setup(cfg.parallel, cfg.trainer)\n"
+        "if info.rank == 0:\n"
+        "    dist.all_reduce(torch.ones(1))\n"
+        "else:\n"
+        "    time.sleep(60)\n"
+    )
+    started = time.monotonic()
+    out = subprocess.run(
+        [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert out.returncode != 0
+    assert time.monotonic() - started < 55  # failed at the 6 s timeout, before rank 1 would wake up

@@ -457,3 +457,20 @@ def test_corrupt_checkpoint_is_named_and_resume_falls_back_to_one_that_verifies(
     assert "skipping step_4" in caplog.text
     again = {m["step"]: m["loss"] for m in resumed}
     assert again[3] == pytest.approx(full[3], rel=1e-6) and again[4] == pytest.approx(full[4], rel=1e-6)
+
+
+def test_an_exploding_finite_loss_stops_like_a_nan(tmp_path, monkeypatch):
+    from helios.stages import FlowStage
+
+    original = FlowStage.compute_loss
+
+    def exploding(self, model, batch, generator, shared=None):
+        loss, stats = original(self, model, batch, generator, shared)
+        return loss * 1e9, stats
+
+    monkeypatch.setattr(FlowStage, "compute_loss", exploding)
+    with pytest.raises(
+        FloatingPointError, match=r"the model loss is .* \(> trainer.max_loss=1e\+06\) at step 1"
+    ):
+        _train(["trainer.max_steps=2", "trainer.checkpoint_every=1"], tmp_path)
+    assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").glob("step_*"))

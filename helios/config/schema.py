@@ -472,6 +472,8 @@ class TrainerConfig(Validated):
     device: str = "auto"
     num_workers: int = 0
     progress: bool = True
+    # a finite loss above this counts as divergence too (stops like a NaN, before the update); 0: off
+    max_loss: float = 1.0e6
 
     def _validate(self, prefix: str) -> None:
         _check(self.max_steps >= 0, prefix + "max_steps", "must be >= 0")
@@ -562,11 +564,14 @@ class ParallelConfig(Validated):
     zero_offload_params: bool = False  # ZeRO-3 roles keep their parameters in host memory
     zero_bucket_size: int = 50_000_000
     zero3_persistence_threshold: int = 100_000
+    # a collective that waits longer (a hung or dead rank) fails the job instead of blocking it
+    timeout_minutes: float = 30.0
 
     def role_backend(self, role: str) -> str:
         return getattr(self.roles, role, "") or self.backend
 
     def _validate(self, prefix: str) -> None:
+        _check(self.timeout_minutes > 0, prefix + "timeout_minutes", "must be > 0")
         _choice(self.backend, ("ddp", "zero2", "zero3"), prefix + "backend")
         _choice(self.dist_backend, ("auto", "gloo", "nccl"), prefix + "dist_backend")
         if self.backend == "ddp":
