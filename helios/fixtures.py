@@ -25,20 +25,12 @@ from pathlib import Path
 import torch
 
 from helios.config.schema import FixturesConfig
+from helios.model.encoders import seeded
 
 log = logging.getLogger("helios.fixtures")
 
 WAN = "Wan2.1-T2V-14B-Diffusers"
 BASE, MID, DISTILLED = "Helios-Base", "Helios-Mid", "Helios-Distilled"
-
-
-def _seeded(seed: int, fn):
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        return fn()
-    finally:
-        torch.random.set_rng_state(state)
 
 
 def wan_transformer_kwargs(cfg: FixturesConfig) -> dict:
@@ -73,7 +65,7 @@ def write_wan(cfg: FixturesConfig, out: Path) -> Path:
     from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
     tokenizer, text_encoder, vae = _encoders(cfg)
-    transformer = _seeded(cfg.seed, lambda: WanTransformer3DModel(**wan_transformer_kwargs(cfg)))
+    transformer = seeded(cfg.seed, lambda: WanTransformer3DModel(**wan_transformer_kwargs(cfg)))
     scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
     )

@@ -38,7 +38,8 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK)
 
 
-def _seeded(seed: int, fn):
+def seeded(seed: int, fn):
+    """``fn()`` under a fixed torch seed, the global random state restored after."""
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
@@ -63,7 +64,7 @@ def build_text_encoder(cfg: TextEncoderConfig) -> tuple[PreTrainedTokenizerFast,
             num_layers=cfg.num_layers,
             num_heads=2,
         )
-        encoder = _seeded(cfg.init_seed, lambda: UMT5EncoderModel(config))
+        encoder = seeded(cfg.init_seed, lambda: UMT5EncoderModel(config))
     encoder.requires_grad_(False).eval()
     return tokenizer, encoder
 
@@ -91,7 +92,7 @@ def build_vae(cfg: VaeConfig) -> AutoencoderKLWan:
     if cfg.source == "pretrained":
         vae = AutoencoderKLWan.from_pretrained(cfg.path, subfolder=cfg.subfolder)
     else:
-        vae = _seeded(cfg.init_seed, lambda: AutoencoderKLWan(base_dim=cfg.base_dim, **TINY_VAE_KWARGS))
+        vae = seeded(cfg.init_seed, lambda: AutoencoderKLWan(base_dim=cfg.base_dim, **TINY_VAE_KWARGS))
         _calibrate(vae, cfg.init_seed)
     vae.requires_grad_(False).eval()
     return vae

@@ -6,6 +6,7 @@ import torch
 from diffusers import HeliosTransformer3DModel
 
 from helios.config.schema import KernelsConfig, TransformerConfig
+from helios.model.encoders import seeded
 
 GUIDANCE_KEYS = ("guidance_cross_attn", "zero_history_timestep", "is_amplify_history", "history_scale_mode")
 
@@ -59,12 +60,7 @@ def build_transformer(
     """
     guidance = {k: getattr(cfg, k) for k in GUIDANCE_KEYS}
     if cfg.source == "random":
-        state = torch.random.get_rng_state()
-        torch.manual_seed(cfg.init_seed)
-        try:
-            model = HeliosTransformer3DModel(**transformer_kwargs(cfg))
-        finally:
-            torch.random.set_rng_state(state)
+        model = seeded(cfg.init_seed, lambda: HeliosTransformer3DModel(**transformer_kwargs(cfg)))
     elif cfg.source == "helios":
         # diffusers keeps some modules in fp32 (``_keep_in_fp32_modules``) and refuses
         # low_cpu_mem_usage=False for such a model: load with its defaults
