@@ -138,3 +138,19 @@ def test_a_corrupt_sample_is_named_or_skipped_and_counted(tmp_path):
     finally:
         trainer.close()
     assert read_metrics(tmp_path / "run")[-1]["data_skipped"] >= 1
+
+
+def test_a_truncated_shard_without_index_is_named(tmp_path):
+    import shutil
+
+    from helios.data.shards import CorruptSample, ShardIndex, index_path
+
+    cfg = compose([])
+    source = ensure_synthetic_shards(cfg.data, cfg.model, 9, True)
+    (shard,) = sorted(source.glob("*.tar"))
+    broken = tmp_path / shard.name
+    shutil.copy(shard, broken)
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 3])
+    assert not index_path(broken).exists()
+    with pytest.raises(CorruptSample, match=f"{broken.name}: cannot index it"):
+        ShardIndex([broken])

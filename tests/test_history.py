@@ -158,3 +158,36 @@ def test_sampling_indices_grow_only_with_absolute_rope(relative):
         assert seen == [first] * 5
     else:  # sections start at latent frames 0, 3, 6, 9, 12: offset max(0, position - 7)
         assert seen == [first, first, first, [10, 11, 12], [13, 14, 15]]
+
+
+@pytest.mark.parametrize(
+    "switch",
+    [
+        "model.transformer.guidance_cross_attn=false",
+        "model.transformer.zero_history_timestep=false",
+        "model.transformer.is_amplify_history=true",
+        "model.transformer.history_causal_mask=true",
+    ],
+)
+def test_each_guidance_attention_switch_changes_what_the_model_computes(switch):
+    """Table 5's Guidance Attention rows act on the model (same weights, same history inputs)."""
+    from helios.config import compose
+    from helios.model.transformer import build_transformer
+
+    layout = HistoryLayout(4, 2, 1, 3)
+    gen = torch.Generator().manual_seed(0)
+    inputs = dict(
+        hidden_states=torch.randn(1, 16, 3, 8, 8, generator=gen),
+        timestep=torch.tensor([500.0]),
+        encoder_hidden_states=torch.randn(1, 8, 32, generator=gen),
+        **layout.model_inputs(
+            torch.randn(1, 16, 7, 8, 8, generator=gen), torch.randn(1, 16, 1, 8, 8, generator=gen)
+        ),
+    )
+    outputs = []
+    for overrides in ([], [switch]):
+        model = build_transformer(compose(overrides).model.transformer).eval()
+        with torch.no_grad():  # a non-trivial head, the same for both
+            model.proj_out.weight.normal_(std=0.5, generator=torch.Generator().manual_seed(1))
+            outputs.append(model(**inputs, return_dict=False)[0])
+    assert (outputs[0] - outputs[1]).abs().max() > 1e-4

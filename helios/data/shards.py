@@ -115,7 +115,13 @@ class ShardIndex:
         self.entries: list[tuple[Path, dict]] = []
         for shard in shards:
             idx = index_path(shard)
-            items = json.loads(idx.read_text()) if idx.exists() else scan_tar(shard, required)
+            try:
+                items = json.loads(idx.read_text()) if idx.exists() else scan_tar(shard, required)
+            except (OSError, tarfile.TarError, ValueError) as err:  # truncated tar, damaged index
+                raise CorruptSample(
+                    f"{shard}: cannot index it ({type(err).__name__}: {err}); rerun helios.prepare on its "
+                    "input, or move the shard out of the folder"
+                ) from None
             self.entries.extend((shard, item) for item in items)
         self._files: OrderedDict[Path, io.BufferedReader] = OrderedDict()
         self._max_open = max_open
