@@ -76,6 +76,8 @@ CHANGEABLE_ON_RESUME = (
     "validation.",
     "resume",
     "data.cache_dir",
+    "data.on_error",
+    "parallel.timeout_minutes",
 )
 # Set by the run itself at start-up (pinned weight sources, the tiny recipe's cached teacher and pairs).
 PINNED_ON_START = (
@@ -248,6 +250,7 @@ class Trainer:
                     self.model,
                     device_ids=[self.dist.local_rank] if self.dist.device.type == "cuda" else None,
                     find_unused_parameters=cfg.parallel.find_unused_parameters,
+                    gradient_as_bucket_view=True,  # no second copy of the gradients in the buckets
                 )
             else:
                 self.wrapped = self.model
