@@ -375,3 +375,44 @@ def test_real_score_unconditional_branch_is_the_prepared_negative_prompt(tmp_pat
     assert load_empty_prompt(tmp_path, NEGATIVE_PROMPT_FILE) is None
     with pytest.raises(FileNotFoundError, match=r"rerun helios.prepare .* or use distill.uncond=empty"):
         DistillStage(cfg).setup(tmp_path, None)
+
+
+def test_validation_samples_the_ema_in_place_and_puts_the_training_weights_back(tmp_path):
+    """Validation writes the EMA into the generator (no copy of the generator and its base) and restores
+    the training weights: its drift statistics equal the EMA model's sampled the same way, and the
+    checkpoint saved right after it equals a run without validation."""
+    from helios.model.encoders import build_text_encoder, build_vae
+    from helios.model.inference import load_checkpoint_model
+    from helios.sampling.pipeline import generate_video
+
+    common = ["stage=3", "trainer.max_steps=6", "trainer.checkpoint_every=6", "distill.ema_start=1"]
+    validated = _train([*common, "validation.enabled=true", "validation.every=0"], tmp_path / "val")
+    _train(common, tmp_path / "plain")
+    ckpt = "checkpoints/step_6/trainable.safetensors"
+    a, b = load_file(str(tmp_path / "val" / ckpt)), load_file(str(tmp_path / "plain" / ckpt))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ema_model, cfg, _ = load_checkpoint_model(tmp_path / "val", "ema")
+    v = cfg.validation
+    tok, text = build_text_encoder(cfg.model.text_encoder)
+    from helios.history import HistoryLayout
+
+    h, w = 8, 8
+    result = generate_video(
+        ema_model,
+        build_vae(cfg.model.vae),
+        tok,
+        text,
+        HistoryLayout.from_config(cfg.history),
+        v.sampler,
+        [(0, v.prompts[0])],
+        v.num_frames,
+        h * 8,
+        w * 8,
+        torch.Generator().manual_seed(v.seed),
+        cfg.model.text_encoder.max_sequence_length,
+        adaptive_seed=v.seed,
+    )
+    last = validated[-1]
+    assert last["val/0/seam_ratio"] == pytest.approx(result.stats["seams"]["ratio"], rel=1e-4)
+    for key, value in result.stats["drift"]["max_abs_delta"].items():
+        assert last[f"val/0/drift_{key}"] == pytest.approx(value, rel=1e-4, abs=1e-6)

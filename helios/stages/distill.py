@@ -15,6 +15,7 @@ teacher ODE pairs across the pyramid stages (Staged ODE Init); ``phase=post`` tr
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -128,8 +129,7 @@ class DistillStage(FlowStage):
         self.ema_schedule = EmaSchedule(d.ema_decay, d.ema_start)
         self.ema: ShardedEma | None = None
         self.ema_updates = 0  # averaging updates since the EMA's first copy (the warm-up's n)
-        self._ema_full: dict[str, torch.Tensor] | None = None  # gathered for validation only
-        self._raw: dict[str, torch.Tensor] | None = None  # ZeRO-3 training weights during validation
+        self._raw: dict[str, torch.Tensor] | None = None  # the training weights while validation runs
         self.rank, self.world_size = 0, 1
         self.model: DistillModule | None = None
         self.pool = None  # helios.offload.OffloadPool when distill.offload
@@ -339,12 +339,11 @@ class DistillStage(FlowStage):
         return {"generator": model.generator, "critic": critic, "real": model.real}
 
     def sampling_model(self, model: DistillModule, ema: dict | None = None) -> nn.Module:
-        """The generator, with the EMA weights when there are any (a copy; training weights untouched).
-
-        During training the EMA is the one ``before_validation`` gathered on every rank."""
-        ema = ema if ema is not None else self._ema_full
+        """The generator; with ``ema`` (export, generate) a copy holding the EMA weights. During training
+        validation ``before_validation`` has written the EMA into the generator itself (no copy of a 14B
+        base), so the generator is returned as it is."""
         if not ema or self._partitioned(model.generator):
-            return model.generator  # ZeRO-3: before_validation wrote the EMA into it
+            return model.generator
         generator = copy.deepcopy(model.generator)
         params = dict(generator.named_parameters())
         with torch.no_grad():
@@ -653,29 +652,32 @@ class DistillStage(FlowStage):
             self.ema.update(params, self.ema_schedule(self.ema_updates))
 
     def before_validation(self) -> None:
-        """Collective: the full EMA for the validation sampler. A ZeRO-3-partitioned generator cannot be
-        copied, so the EMA is written into it (every rank) and the training weights come back afterwards."""
+        """Collective: the gathered EMA is written into the generator in place on every rank (its
+        trainable weights only; the training values are kept on the host and put back afterwards), so
+        validation never copies the generator and its 14B base."""
         self._activate("generator")
-        self._ema_full = self.ema.gather() if self.ema is not None else None
-        self._raw = None
-        if self._ema_full and self._partitioned(self.model.generator):
-            self._raw = self._swap_generator(self._ema_full)
+        ema = self.ema.gather() if self.ema is not None else None
+        self._raw = self._swap_generator(ema) if ema else None
 
     def after_validation(self) -> None:
         if self._raw is not None:
             self._swap_generator(self._raw)
-        self._ema_full = self._raw = None
+        self._raw = None
 
     @staticmethod
     def _partitioned(module: nn.Module) -> bool:
         return any(hasattr(p, "ds_tensor") for p in module.parameters())
 
     def _swap_generator(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Write ``weights`` into the ZeRO-3 generator (collective); returns the weights it replaced."""
-        import deepspeed
-
+        """Write ``weights`` into the generator's trainable parameters (a ZeRO-3 generator: gathered,
+        collective); returns the values it replaced, on the host."""
         params = {n: p for n, p in self._ema_params(self.model).items() if n in weights}
-        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
+        gathered = contextlib.nullcontext()
+        if self._partitioned(self.model.generator):
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0)
+        with gathered:
             old = {n: p.detach().cpu().clone() for n, p in params.items()}
             with torch.no_grad():
                 for n, p in params.items():
