@@ -225,7 +225,7 @@ class Trainer:
             else [{"name": "model", "params": self.params, "lr": o.lr}]
         )
         self.group_names = [g["name"] for g in groups]
-        self.stage_groups = [{"name": g["name"], "lr": g["lr"]} for g in groups]
+        self.group_lrs = [g["lr"] for g in groups]  # the configured learning rates (applied on resume)
         self.opt_steps = dict.fromkeys(self.group_names, 0)
         from diffusers.optimization import get_scheduler
 
@@ -495,7 +495,7 @@ class Trainer:
     def _apply_learning_rates(self) -> None:
         """After loading optimizer and scheduler state: the configured learning rates (they may change on
         resume, e.g. to continue after a divergence with a lower optim.lr), at the schedule's position."""
-        lrs = {g["name"]: g["lr"] for g in self.stage_groups}
+        lrs = dict(zip(self.group_names, self.group_lrs))
         pairs = (
             [(self.optimizer, self.lr_scheduler, list(lrs.values()))]
             if self.engines is None

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -84,9 +86,6 @@ def unknown_key(node, schema_type: type, prefix: str = "") -> str | None:
     """The first key of ``node`` (a plain container) that the dataclass ``schema_type`` does not have,
     by its full path. Hydra lets ``+key=value`` add a key to a typed config, and OmegaConf's to_object
     would drop it silently."""
-    import dataclasses
-    import typing
-
     if not isinstance(node, dict) or not dataclasses.is_dataclass(schema_type):
         return None
     hints = typing.get_type_hints(schema_type)
