@@ -80,9 +80,9 @@ def _real_size_shards(tmp: Path, n: int) -> Path:
     samples = [
         encode_sample(
             f"s{i:05d}",
-            torch.randn(16, 28, 48, 80, generator=gen),
+            torch.randn(16, 27, 48, 80, generator=gen),  # 3 sections of 9 latents
             torch.randn(120, 4096, generator=gen),
-            {"caption": "bench"},
+            {"caption": "bench", "latent_format": "sections", "section_latents": 9},
         )
         for i in range(n)
     ]
@@ -92,10 +92,10 @@ def _real_size_shards(tmp: Path, n: int) -> Path:
     return out
 
 
-def bench_read(path: Path, clip_frames: int, max_seq: int, repeats: int) -> dict:
+def bench_read(path: Path, num_history: int, window: int, max_seq: int, repeats: int) -> dict:
     from helios.data.dataset import LatentClipDataset
 
-    dataset = LatentClipDataset(path, clip_frames, max_seq)
+    dataset = LatentClipDataset(path, num_history, window, max_seq)
     items = [(i, 0) for i in dataset.eligible] * repeats
     dataset[items[0]]
     t0 = time.perf_counter()
@@ -138,13 +138,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         from helios.config import compose
-        from helios.data.synthetic import ensure_synthetic_shards
+        from helios.data.synthetic import synthetic_shards
 
         decode = bench_decode(tmp)
-        real = bench_read(_real_size_shards(tmp, 24), 28, 512, repeats=2)
+        real = bench_read(_real_size_shards(tmp, 24), 19, 9, 512, repeats=2)
         cfg = compose([])
-        tiny_path = ensure_synthetic_shards(cfg.data, cfg.model, 12, is_main=True)
-        tiny = bench_read(tiny_path, 10, 32, repeats=20)
+        tiny_path = synthetic_shards(cfg, is_main=True)
+        tiny = bench_read(tiny_path, 7, 3, 32, repeats=20)
         tiny_rate = tiny_step_rate(tmp)
     need_14b = CLIPS_PER_GPU_14B / STEP_14B_S
     result = {

@@ -40,6 +40,7 @@ def main() -> None:
     from helios.history import HistoryLayout
     from helios.model.encoders import build_text_encoder, build_vae
     from helios.model.transformer import build_transformer
+    from helios.sampling.decode import section_frames
     from helios.sampling.pipeline import generate_video
 
     cfg = compose(args.overrides)
@@ -50,7 +51,8 @@ def main() -> None:
     text.to(device)
     layout = HistoryLayout.from_config(cfg.history)
     h = w = cfg.data.synthetic.height
-    num_frames = 4 * (args.sections * layout.window - 1) + 1
+    first, later = section_frames(layout.window, cfg.data.latent_format)
+    num_frames = first + (args.sections - 1) * later
     sampler = SamplerConfig(kind="unipc", steps=[args.steps], guidance_scale=5.0)
     t0 = time.perf_counter()
     result = generate_video(
@@ -66,6 +68,7 @@ def main() -> None:
         w,
         torch.Generator().manual_seed(0),
         cfg.model.text_encoder.max_sequence_length,
+        latent_format=cfg.data.latent_format,
     )
     total = time.perf_counter() - t0
     per = result.stats["timing_s"]["per_section_dit"]

@@ -70,6 +70,7 @@ def export(cfg: ExportConfig) -> Path:
         "stage": train_cfg.stage,
         "phase": train_cfg.phase,
         "weights": cfg.weights,
+        "latent_format": train_cfg.data.latent_format,  # how helios.generate decodes it
     }
     if cfg.lora_only:
         from peft.utils import get_peft_model_state_dict

@@ -17,6 +17,7 @@ import torch
 from helios.config.cli import command
 from helios.config.schema import GenerateConfig
 from helios.model.encoders import video_frames_for
+from helios.sampling.decode import DECODE_MODES, section_frames
 
 log = logging.getLogger("helios.generate")
 
@@ -81,10 +82,11 @@ def run(cfg: GenerateConfig) -> list[Path]:
         else torch.float32
     )
     model = load_for_inference(cfg.checkpoint, device, dtype)
+    check_decode(cfg.decode, model.latent_format, cfg.checkpoint)
     height = cfg.height or (model.size[0] if model.size else 384)
     width = cfg.width or (model.size[1] if model.size else 640)
     sampler = cfg.sampler
-    frames_per_section = 4 * model.layout.window
+    first_frames, frames_per_section = section_frames(model.layout.window, model.latent_format)
     base = Path(cfg.output)
     if cfg.timed_prompts:
         jobs = [(base, _read_timed_prompts(cfg.timed_prompts, cfg.fps, frames_per_section))]
@@ -105,14 +107,17 @@ def run(cfg: GenerateConfig) -> list[Path]:
     image = _load_pixels(cfg.image, height, width, None) if cfg.image else None
     video = None
     if cfg.video:
-        cond_frames = 4 * (model.layout.num_history - 1) + 1
+        if model.latent_format == "sections":  # whole sections covering the history buffer
+            cond_frames = -(-model.layout.num_history // model.layout.window) * first_frames
+        else:
+            cond_frames = video_frames_for(model.layout.num_history)
         video = _load_pixels(cfg.video, height, width, cond_frames)
     outputs = []
     for out, prompts in jobs:
         num_frames = cfg.num_frames
         if cfg.interactive_prompts:  # as the reference: long enough for each prompt's sections
             sections = prompts[-1][0] + cfg.sections_per_prompt
-            num_frames = max(num_frames, video_frames_for(sections * model.layout.window))
+            num_frames = max(num_frames, first_frames + (sections - 1) * frames_per_section)
         generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
         result = generate_video(
             model.transformer,
@@ -130,12 +135,29 @@ def run(cfg: GenerateConfig) -> list[Path]:
             image,
             video,
             cfg.seed,
+            latent_format=model.latent_format,
         )
         stats = {**result.stats, "prompts": prompts, "seed": cfg.seed, "height": height, "width": width}
         save_video(result.frames[0], out, cfg.fps, stats)
         log.info("wrote %s (%d frames) and %s", out, result.frames.shape[2], out.with_suffix(".json"))
         outputs.append(out)
     return outputs
+
+
+def check_decode(decode: str, latent_format: str, checkpoint: str) -> None:
+    """``decode=sections|stream`` must be what the model's latent format requires."""
+    needed = DECODE_MODES[latent_format]
+    if decode not in ("auto", needed):
+        what = {
+            "sections": "the section latent format (each section encoded on its own, its first latent a "
+            "single frame: streaming would decode that latent as 4 frames)",
+            "clip": "whole-clip latents (decoding each section on its own would restart the VAE's causal "
+            "cache at every section: seams)",
+        }[latent_format]
+        raise ValueError(
+            f"decode={decode}: {checkpoint} was trained on {what}; it decodes with decode={needed} "
+            "(or decode=auto)"
+        )
 
 
 _main = command("generate", GenerateConfig, run)

@@ -149,17 +149,28 @@ def apply_tasks(
     tasks: torch.Tensor,
     layout: HistoryLayout,
     generator: torch.Generator,
+    history_frames: torch.Tensor | None = None,
+    section_format: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Representation Control: zero history frames per task (§3.1.1).
 
-    Returns (history, anchor, valid) where ``valid`` [B, H] marks the non-zero history frames
-    (Frame-Aware Corrupt touches only those). The anchor is the video's first latent for V2V, the
-    first valid frame for partial V2V (the video started there), the image for I2V and zero for T2V.
+    ``history_frames`` [B]: how many of the newest history frames are real video (the rest is zero
+    padding before the video start, section format); None = all. Returns (history, anchor, valid)
+    where ``valid`` [B, H] marks the real, kept history frames (Frame-Aware Corrupt touches only those).
+
+    The anchor is zero for T2V. Otherwise, in the section format it is the video's first latent
+    (``first_latent``: a single-frame latent, zero for the first section), as in the reference code and
+    as the sampler feeds it (the image for I2V, the input's first frame for V2V). In the clip format
+    it is the video's first latent for V2V, the first kept frame for partial V2V (the video started
+    there) and the image for I2V (the sampler feeds the image latent in both slots).
     """
     b, _, h_frames = history.shape[:3]
     history = history.clone()
     anchor = first_latent.clone()
     valid = torch.ones(b, h_frames, dtype=torch.bool)
+    if history_frames is not None:
+        for i, real in enumerate(history_frames.tolist()):
+            valid[i, : h_frames - int(real)] = False
     lengths = layout.partial_lengths()
     for i, task in enumerate(tasks.tolist()):
         if task == Task.T2V:
@@ -167,10 +178,12 @@ def apply_tasks(
             anchor[i].zero_()
         elif task == Task.I2V:
             valid[i, :-1] = False
-            anchor[i] = history[i, :, -1:]
+            if not section_format:
+                anchor[i] = history[i, :, -1:]
         elif task == Task.V2V_PARTIAL:
-            n_valid = lengths[int(torch.randint(len(lengths), (1,), generator=generator))]
-            valid[i, : h_frames - n_valid] = False
-            anchor[i] = history[i, :, h_frames - n_valid : h_frames - n_valid + 1]
+            n_keep = lengths[int(torch.randint(len(lengths), (1,), generator=generator))]
+            valid[i, : h_frames - n_keep] = False
+            if not section_format:
+                anchor[i] = history[i, :, h_frames - n_keep : h_frames - n_keep + 1]
     history = history * valid.view(b, 1, h_frames, 1, 1).to(history.device, history.dtype)
     return history, anchor, valid

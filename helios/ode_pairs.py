@@ -37,6 +37,7 @@ def _encode(key: str, arrays: dict[str, torch.Tensor], meta: dict) -> dict:
 @torch.no_grad()
 def pairs_for_shard(shard: Path, out: Path, cfg: OdePairsConfig, model, empty: torch.Tensor) -> dict:
     from helios.config.schema import TaskConfig
+    from helios.data.dataset import section_window
     from helios.data.shards import ShardIndex, trim_embeds, write_shard
     from helios.history import apply_tasks, draw_tasks
     from helios.sampling.pipeline import build_section_sampler
@@ -51,14 +52,30 @@ def pairs_for_shard(shard: Path, out: Path, cfg: OdePairsConfig, model, empty: t
     for i in range(len(index)):
         item = index.read(i)
         latents = item["latents"]
-        if latents.shape[1] < layout.clip_frames:
+        fmt, _ = index.latent_format(i)
+        if fmt != model.latent_format:
+            raise ValueError(
+                f"shards={cfg.shards} hold {fmt}-format latents, the teacher {cfg.teacher} was trained on "
+                f"the {model.latent_format} format: prepare the shards with clip.format={model.latent_format}"
+            )
+        gen = torch.Generator().manual_seed(zlib.crc32(f"{cfg.seed}:{shard.name}:{item['key']}".encode()))
+        if fmt == "sections":  # a section drawn as in training, its history zero-padded
+            sections = latents.shape[1] // layout.window
+            if sections < 1:
+                skipped += 1
+                continue
+            section = int(torch.randint(sections, (1,), generator=gen))
+            clip, first, _, real = section_window(latents, section, layout.num_history, layout.window)
+        elif latents.shape[1] < layout.clip_frames:
             skipped += 1
             continue
-        gen = torch.Generator().manual_seed(zlib.crc32(f"{cfg.seed}:{shard.name}:{item['key']}".encode()))
-        clip = latents[None, :, : layout.clip_frames]
-        history, _ = layout.split_clip(clip)
+        else:
+            clip, first, real = latents[:, : layout.clip_frames], latents[:, :1], layout.num_history
+        history, _ = layout.split_clip(clip[None])
         tasks = draw_tasks(1, tasks_cfg, gen)
-        history, anchor, _ = apply_tasks(history, latents[None, :, :1], tasks, layout, gen)
+        history, anchor, valid = apply_tasks(
+            history, first[None], tasks, layout, gen, torch.tensor([real]), section_format=fmt == "sections"
+        )
         inputs = {k: v.to(device) for k, v in layout.model_inputs(history, anchor).items()}
         inputs = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in inputs.items()}
         emb = torch.zeros(1, cfg.max_sequence_length, item["prompt_embeds"].shape[-1])
@@ -72,7 +89,16 @@ def pairs_for_shard(shard: Path, out: Path, cfg: OdePairsConfig, model, empty: t
         h, w = latents.shape[-2:]
         noise = sampler.initial_noise((1, latents.shape[0], layout.window, h, w), gen, device)
         record: list = []
-        sampler(model_fn, noise, emb.to(device, dtype), empty.to(device, dtype), gen, record=record)
+        first_section = not bool(valid.any())  # empty history: the first section's amplified schedule
+        sampler(
+            model_fn,
+            noise,
+            emb.to(device, dtype),
+            empty.to(device, dtype),
+            gen,
+            record=record,
+            first_section=first_section,
+        )
         arrays = {
             "noise": noise[0],
             "history": history[0],
@@ -85,6 +111,7 @@ def pairs_for_shard(shard: Path, out: Path, cfg: OdePairsConfig, model, empty: t
         meta = {
             "source": f"{shard.name}:{item['key']}",
             "task": int(tasks[0]),
+            "history_frames": int(valid.sum()),
             "stages": len(record),
             "steps": list(cfg.sampler.steps),
             "guidance_scale": cfg.sampler.guidance_scale,

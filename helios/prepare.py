@@ -29,7 +29,7 @@ def run(cfg: PrepareConfig) -> dict:
         vae = build_vae(cfg.model.vae).to(dist.device)
         tokenizer, text_encoder = build_text_encoder(cfg.model.text_encoder)
         text_encoder.to(dist.device)
-        spec = ClipSpec(cfg.clip.latent_frames, cfg.clip.height, cfg.clip.width, cfg.clip.fps)
+        spec = ClipSpec.from_config(cfg.clip)
         with torch.inference_mode():
             prepare(
                 cfg.input,

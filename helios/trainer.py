@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from helios import checkpoint
 from helios.config.load import to_yaml
 from helios.config.schema import ConfigError, TrainConfig
-from helios.data.dataset import BucketBatchSampler, ClipBatch, LatentClipDataset, make_loader
+from helios.data.dataset import BucketBatchSampler, ClipBatch, make_loader, training_dataset
 from helios.distributed import DistInfo, all_mean, barrier, broadcast_object, setup, teardown
 from helios.history import HistoryLayout
 from helios.metrics import MetricsLogger
@@ -132,12 +132,10 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def _build_data(self) -> None:
         cfg = self.cfg
-        layout = HistoryLayout.from_config(cfg.history)
         if cfg.data.kind == "synthetic":
-            from helios.data.synthetic import ensure_synthetic_shards
+            from helios.data.synthetic import synthetic_shards
 
-            # A couple of spare latent frames so clip windows start at different offsets.
-            path = ensure_synthetic_shards(cfg.data, cfg.model, layout.clip_frames + 2, self.dist.is_main)
+            path = synthetic_shards(cfg, self.dist.is_main)
             barrier()
         else:
             path = Path(cfg.data.path)
@@ -151,13 +149,7 @@ class Trainer:
         if hasattr(self.stage, "make_dataset"):
             self.dataset = self.stage.make_dataset(path)
         else:
-            self.dataset = LatentClipDataset(
-                path,
-                layout.clip_frames,
-                cfg.model.text_encoder.max_sequence_length,
-                seed=cfg.seed,
-                on_error=cfg.data.on_error,
-            )
+            self.dataset = training_dataset(path, cfg)
         self.sampler = BucketBatchSampler(
             self.dataset,
             cfg.trainer.batch_size,
@@ -199,12 +191,30 @@ class Trainer:
                 pinned = saved[key]
             setattr(node, attr, pinned)
 
+    def _check_source_formats(self) -> None:
+        """Weights trained on one latent format are not trained on on another (the data semantics would
+        change silently: a single-frame latent at every section start, or none)."""
+        from helios.model.inference import trained_latent_format
+
+        want = self.cfg.data.latent_format
+        for key, source in self.sources().items():
+            if key in ("model.vae.path", "model.text_encoder.path"):
+                continue
+            found = trained_latent_format(source)
+            if found not in (None, want):
+                raise ConfigError(
+                    "data.latent_format",
+                    f"{key}={source} was trained on the {found} latent format, this run trains on {want}: "
+                    f"set data.latent_format={found} (with shards prepared with clip.format={found})",
+                )
+
     def sources(self) -> dict[str, str | None]:
         return {key: getattr(node, attr) for key, (node, attr) in self._source_nodes().items()}
 
     def _build_model(self, saved_sources: dict[str, str | None] | None = None) -> None:
         cfg = self.cfg
         self._pin_sources(saved_sources)
+        self._check_source_formats()
         base_state = self._merged_init_weights(cfg.init_from) if cfg.init_from else None
         seed_everything(cfg.seed)  # the same initial weights (LoRA A draws) on every rank and every run
         self.model = self.stage.build_model(base_state)
@@ -403,7 +413,8 @@ class Trainer:
             f"  model {self.cfg.model.name}: {total / 1e6:.2f}M params, {trainable / 1e6:.3f}M trainable "
             f"(LoRA r={self.cfg.model.lora.rank}, enabled={self.cfg.model.lora.enabled})\n"
             f"  data: {len(self.dataset)} clips of {layout.clip_frames} latent frames "
-            f"(history {list(self.cfg.history.sizes)} + window {layout.window})\n"
+            f"(history {list(self.cfg.history.sizes)} + window {layout.window}, "
+            f"{self.cfg.data.latent_format} format)\n"
             f"  batch: {t.batch_size} x {self.dist.world_size} ranks x {self.grad_accum} accum = "
             f"{clips} clips/step | device {self.dist.device} "
             f"| {str(self.dtype).replace('torch.', '')} | {t.max_steps} steps\n"
@@ -700,6 +711,7 @@ class Trainer:
                         generator,
                         max_len,
                         adaptive_seed=v.seed + i,
+                        latent_format=self.cfg.data.latent_format,
                     )
                 out = self.run_dir / "samples" / f"step_{self.step}_{i}.mp4"
                 if self.dist.is_main:

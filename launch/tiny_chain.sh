@@ -7,8 +7,8 @@ OUT=${1:-runs/tiny_chain}
 STEPS=${STEPS:-40}
 PY=${PYTHON:-python}
 mkdir -p "$OUT"
-SHARDS=$($PY -c "from helios.config import compose; from helios.data.synthetic import ensure_synthetic_shards; \
-c = compose([]); print(ensure_synthetic_shards(c.data, c.model, 12, True))")
+SHARDS=$($PY -c "from helios.config import compose; from helios.data.synthetic import synthetic_shards; \
+print(synthetic_shards(compose([]), True))")
 
 $PY train_helios.py stage=1 hydra.run.dir="$OUT/s1" trainer.max_steps="$STEPS" validation.enabled=false
 $PY train_helios.py stage=2 hydra.run.dir="$OUT/s2" init_from="$OUT/s1" trainer.max_steps="$STEPS" \

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from helios.config import compose
-from helios.data.dataset import BucketBatchSampler, LatentClipDataset, make_loader
-from helios.data.synthetic import ensure_synthetic_shards
+from helios.data.dataset import BucketBatchSampler, LatentClipDataset, make_loader, section_window
+from helios.data.synthetic import ensure_synthetic_shards, synthetic_clip
 
 
 def _fake(n: int, shapes=((8, 8),)) -> SimpleNamespace:
@@ -63,10 +63,14 @@ def test_too_small_dataset_is_a_clear_error():
         BucketBatchSampler(_fake(3), 4, 0, 1)
 
 
+def _tiny_shards(latent_format: str = "sections"):
+    cfg = compose([f"data.latent_format={latent_format}"])
+    return ensure_synthetic_shards(cfg.data, cfg.model, synthetic_clip(cfg.data, 7, 3), is_main=True)
+
+
 def test_loader_position_restores_the_exact_next_batch():
-    cfg = compose([])
-    path = ensure_synthetic_shards(cfg.data, cfg.model, 12, is_main=True)
-    dataset = LatentClipDataset(path, 10, 32, seed=0)
+    path = _tiny_shards()
+    dataset = LatentClipDataset(path, 7, 3, 32, seed=0)
     assert dataset.latent_hw() == (8, 8)
     sampler = BucketBatchSampler(dataset, 2, 0, 1, seed=0)
     loader = make_loader(dataset, sampler, num_workers=0)
@@ -77,12 +81,82 @@ def test_loader_position_restores_the_exact_next_batch():
     nxt, _ = next(make_loader(dataset, resumed, num_workers=1))  # with a worker process too
     ref = consumed[3][0]
     assert torch.equal(nxt.latents, ref.latents) and torch.equal(nxt.offset, ref.offset)
+    assert torch.equal(nxt.history_frames, ref.history_frames)
     assert nxt.latents.shape[2] == 10 and nxt.prompt_embeds.shape == (2, 32, 32)
-    # the anchor is the video's first latent even when the window starts later
+
+
+def _reference_window(vae_latent: torch.Tensor, choice_idx: int, history_sizes: list[int]):
+    """The reference code's ``prepare_stage1_latent`` (dataloader_history_latents_dist.py), transcribed:
+    ``vae_latent`` [S, C, n, h, w] -> (x0 anchor, history, target)."""
+    x0 = vae_latent[0, :, :1].clone()
+    window = vae_latent.shape[2]
+    history_window = sum(history_sizes)
+    flat = vae_latent.permute(1, 0, 2, 3, 4).reshape(vae_latent.shape[1], -1, *vae_latent.shape[3:])
+    padding = torch.zeros(flat.shape[0], history_window, *flat.shape[2:])
+    cont = torch.cat([padding, flat], dim=1)
+    if choice_idx == 0:
+        x0 = torch.zeros_like(x0)
+    start = choice_idx * window
+    return (
+        x0,
+        cont[:, start : start + history_window],
+        cont[:, start + history_window : start + history_window + window],
+    )
+
+
+def test_section_windows_are_the_references():
+    """Section format: the window of section s is the reference loader's (history = the 19 latents before
+    the section, zero-padded before the video start; anchor = the video's first latent, zero for
+    section 0), for every section of a real-layout video; real history frames = min(19, 9 s)."""
+    gen = torch.Generator().manual_seed(0)
+    sections = torch.randn(5, 4, 9, 2, 3, generator=gen)  # [S, C, n, h, w] as the reference stores it
+    ours_latents = sections.permute(1, 0, 2, 3, 4).reshape(4, 45, 2, 3)  # our shards: sections in time
+    for s in range(5):
+        x0, history, target = _reference_window(sections, s, [16, 2, 1])
+        clip, first, offset, real = section_window(ours_latents, s, 19, 9)
+        assert torch.equal(clip[:, :19], history) and torch.equal(clip[:, 19:], target)
+        assert torch.equal(first, x0) and real == min(19, 9 * s) and offset == max(0, 9 * s - 19)
+        assert torch.equal(target, sections[s])  # the target is one whole, independently encoded section
+
+
+def test_section_format_draws_every_section_and_pads_the_history():
+    """Every section is drawn (section 0, the video start, too: its history is all padding and its anchor
+    zero), and the history frames marked real are exactly the non-padding ones."""
+    path = _tiny_shards()
+    dataset = LatentClipDataset(path, 7, 3, 32, seed=0)
+    video = dataset.index.read(0)["latents"]  # 4 sections of 3 latents
+    seen = set()
+    for epoch in range(40):
+        item = dataset[(0, epoch)]
+        real = int(item["history_frames"])
+        section = real // 3 if real < 7 else None  # real = min(7, 3 s)
+        history = item["latents"][:, :7]
+        assert history[:, : 7 - real].abs().sum() == 0
+        assert real == 0 or history[:, 7 - real :].abs().amin() > 0
+        if real == 0:
+            assert item["first_latent"].abs().sum() == 0
+            assert torch.equal(item["latents"][:, 7:], video[:, :3])
+        else:
+            assert torch.equal(item["first_latent"], video[:, :1])
+        seen.add(section if section is not None else ("full", int(item["offset"])))
+    assert {0, 1, 2} <= seen and ("full", 2) in seen  # sections 0-2, and section 3 (offset 9 - 7)
+
+
+def test_clip_format_windows_start_anywhere_and_anchor_the_video_start():
+    path = _tiny_shards("clip")
+    dataset = LatentClipDataset(path, 7, 3, 32, latent_format="clip", seed=0)
     sample = dataset.index.read(0)["latents"]
     item = dataset[(0, 0)]
     assert torch.equal(item["first_latent"], sample[:, :1])
     assert torch.equal(item["latents"], sample[:, int(item["offset"]) : int(item["offset"]) + 10])
+    assert int(item["history_frames"]) == 7
+
+
+def test_a_format_mismatch_is_refused_at_start():
+    with pytest.raises(ValueError, match=r"holds clip-format latents .* data\.latent_format=clip"):
+        LatentClipDataset(_tiny_shards("clip"), 7, 3, 32, latent_format="sections")
+    with pytest.raises(ValueError, match=r"sections of 3 latent frames, but history\.window=2"):
+        LatentClipDataset(_tiny_shards(), 7, 2, 32)
 
 
 def test_a_corrupt_sample_is_named_or_skipped_and_counted(tmp_path):
@@ -96,8 +170,7 @@ def test_a_corrupt_sample_is_named_or_skipped_and_counted(tmp_path):
     from helios.metrics import read_metrics
     from helios.trainer import Trainer
 
-    cfg = compose([])
-    source = ensure_synthetic_shards(cfg.data, cfg.model, 9, True)
+    source = _tiny_shards()
     shards = tmp_path / "shards"
     shutil.copytree(source, shards)
     (shard,) = sorted(shards.glob("*.tar"))
@@ -111,10 +184,10 @@ def test_a_corrupt_sample_is_named_or_skipped_and_counted(tmp_path):
         CorruptSample, match=f"{shard.name}: sample {entry['key']}.latents.npy fails its checksum"
     ):
         index.read(1)
-    strict = LatentClipDataset(shards, 9, 32)
+    strict = LatentClipDataset(shards, 7, 3, 32)
     with pytest.raises(CorruptSample, match=r"data\.on_error=skip"):
         strict[(1, 0)]
-    lenient = LatentClipDataset(shards, 9, 32, on_error="skip")
+    lenient = LatentClipDataset(shards, 7, 3, 32, on_error="skip")
     sample = lenient[(1, 0)]
     assert sample["skipped"] == 1 and torch.isfinite(sample["latents"]).all()
     assert lenient[(0, 0)]["skipped"] == 0
@@ -126,8 +199,6 @@ def test_a_corrupt_sample_is_named_or_skipped_and_counted(tmp_path):
             "trainer.progress=false",
             "trainer.log_every=1",
             "data.on_error=skip",
-            "history.sizes=[4,2,1]",
-            "history.window=2",
             "trainer.batch_size=8",
             "data.shuffle=false",
         ]
@@ -145,8 +216,7 @@ def test_a_truncated_shard_without_index_is_named(tmp_path):
 
     from helios.data.shards import CorruptSample, ShardIndex, index_path
 
-    cfg = compose([])
-    source = ensure_synthetic_shards(cfg.data, cfg.model, 9, True)
+    source = _tiny_shards()
     (shard,) = sorted(source.glob("*.tar"))
     broken = tmp_path / shard.name
     shutil.copy(shard, broken)

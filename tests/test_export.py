@@ -66,7 +66,8 @@ def test_merged_pipeline_export_round_trips(trained, tmp_path):
         generator=torch.Generator().manual_seed(0),
     ).frames
     assert video.shape[1:] == (9, 64, 64, 3) and torch.isfinite(torch.tensor(video)).all()
-    assert json.loads((out / "helios_export.json").read_text())["pipeline"] == "HeliosPipeline"
+    info = json.loads((out / "helios_export.json").read_text())
+    assert info["pipeline"] == "HeliosPipeline" and info["latent_format"] == "sections"
 
 
 def test_lora_only_export_round_trips_every_trained_tensor(trained, tmp_path):

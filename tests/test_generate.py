@@ -56,8 +56,10 @@ def test_generate_t2v_and_timed_prompts_and_i2v(run_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(decord.VideoReader(str(out))) == 40
     stats = json.loads(out.with_suffix(".json").read_text())
-    assert stats["sections"] == 4 and len(stats["drift"]["sections"]) == 4
-    assert len(stats["timing_s"]["per_section_dit"]) == 4
+    # the tiny run trained on the section format: sections decode to 9 frames each, ceil(40 / 9) = 5
+    assert stats["latent_format"] == "sections"
+    assert stats["sections"] == 5 and len(stats["drift"]["sections"]) == 5
+    assert len(stats["timing_s"]["per_section_dit"]) == 5
 
     timed = tmp_path / "timed.csv"
     timed.write_text("time,prompt\n0,a red circle\n1.5,a white square\n")
@@ -92,9 +94,12 @@ def test_generate_t2v_and_timed_prompts_and_i2v(run_dir, tmp_path):
     assert len(decord.VideoReader(str(out3))) == 13  # the image, then 12 generated frames
 
 
-def test_generate_errors_and_help(tmp_path):
+def test_generate_errors_and_help(run_dir, tmp_path):
     proc = _generate(f"checkpoint={tmp_path}", "prompt=x")
     assert proc.returncode == 2 and "no complete checkpoint" in proc.stderr
+    proc = _generate(f"checkpoint={run_dir}", "prompt=x", "decode=stream", f"output={tmp_path / 'x.mp4'}")
+    assert proc.returncode == 2 and "decode=stream" in proc.stderr and "section latent format" in proc.stderr
+    assert not (tmp_path / "x.mp4").exists()
     proc = _generate(f"checkpoint={tmp_path}")
     assert proc.returncode == 2 and "prompt" in proc.stderr
     help_text = _generate("--help").stdout
@@ -134,6 +139,10 @@ def test_generate_from_a_diffusers_model_directory(tmp_path):
     assert run(gen) == [out] and out.exists()
     stats = json.loads(out.with_suffix(".json").read_text())
     assert stats["frames"] == 9 and stats["sections"] == 1  # the published 16/2/1 + 9 layout: one section
+    assert stats["latent_format"] == "sections"  # a published directory: the released checkpoints' format
+    (tmp_path / "model" / "helios_export.json").write_text('{"latent_format": "clip"}')
+    assert run(gen) == [out]  # an export records the format its run trained on
+    assert json.loads(out.with_suffix(".json").read_text())["latent_format"] == "clip"
     assert torch.isfinite(torch.tensor(stats["drift"]["sections"][0]["saturation"]))
 
 
@@ -177,3 +186,30 @@ def test_a_video_that_cannot_be_written_is_an_error(run_dir, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"writing {out} failed" in proc.stderr and "wrote" not in proc.stderr.splitlines()[-1]
     assert not (tmp_path / "x.json").exists()
+
+
+def test_weights_trained_on_another_latent_format_are_refused_at_start(run_dir, tmp_path):
+    """A published Helios directory is the section format, an export records its run's format, a run
+    its data.latent_format, a Wan directory none; training on another format than the weights' stops
+    at start-up naming data.latent_format (the data's meaning would change silently)."""
+    from helios.checkpoint import pin_source
+    from helios.config.schema import ConfigError
+    from helios.model.inference import trained_latent_format
+
+    helios_dir, wan_dir = tmp_path / "helios", tmp_path / "wan"
+    for root, kind in ((helios_dir, "HeliosTransformer3DModel"), (wan_dir, "WanTransformer3DModel")):
+        (root / "transformer").mkdir(parents=True)
+        (root / "transformer" / "config.json").write_text(json.dumps({"_class_name": kind}))
+    assert trained_latent_format(str(helios_dir)) == "sections"
+    assert trained_latent_format(str(helios_dir / "transformer")) == "sections"
+    assert trained_latent_format(str(wan_dir)) is None
+    assert trained_latent_format(pin_source(str(run_dir), "init_from")) == "sections"
+    (helios_dir / "helios_export.json").write_text(json.dumps({"stage": 1}))  # an export from before
+    assert trained_latent_format(str(helios_dir)) == "clip"
+    cfg = compose([f"init_from={helios_dir}", "trainer.max_steps=1", "validation.enabled=false"])
+    trainer = Trainer(cfg, tmp_path / "run")
+    try:
+        with pytest.raises(ConfigError, match=r"data\.latent_format.*trained on the clip latent format"):
+            trainer.run()
+    finally:
+        trainer.close()

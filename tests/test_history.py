@@ -76,6 +76,26 @@ def test_tasks_formats():
     assert torch.equal(out[3], history[3]) and torch.equal(anchor[3], first[3]) and valid[3].all()
 
 
+def test_tasks_in_the_section_format_keep_the_video_anchor_and_the_padding_out():
+    """Section format (the reference's): the anchor stays the video's first latent for I2V and partial
+    V2V (zero for T2V), and zero padding before the video start is never marked valid (so Frame-Aware
+    Corrupt never touches it)."""
+    layout = HistoryLayout(4, 2, 1, 3)
+    history = torch.randn(4, 2, 7, 4, 4) + 5
+    history[3, :, :4] = 0  # section 1 of a video: 3 real frames after 4 of padding
+    first = torch.randn(4, 2, 1, 4, 4)
+    tasks = torch.tensor([Task.T2V, Task.I2V, Task.V2V_PARTIAL, Task.V2V])
+    real = torch.tensor([7, 7, 7, 3])
+    out, anchor, valid = apply_tasks(
+        history, first, tasks, layout, torch.Generator(), real, section_format=True
+    )
+    assert anchor[0].abs().sum() == 0 and not valid[0].any()
+    assert torch.equal(anchor[1], first[1]) and valid[1].tolist() == [False] * 6 + [True]
+    assert torch.equal(anchor[2], first[2]) and int(valid[2].sum()) in (3, 6)
+    assert torch.equal(anchor[3], first[3]) and valid[3].tolist() == [False] * 4 + [True] * 3
+    assert torch.equal(out[3], history[3])
+
+
 def test_partial_lengths_real_layout():
     assert REAL.partial_lengths() == [9, 18]
 
@@ -102,6 +122,7 @@ def _condition(overrides: list[str]):
         torch.randn(2, 16, 1, 8, 8, generator=gen),
         torch.randn(2, 32, 32, generator=gen),
         torch.tensor([2, 5]),
+        torch.tensor([7, 7]),
     )
     return stage.condition(batch, torch.Generator().manual_seed(1))
 

@@ -9,7 +9,7 @@ from diffusers import HeliosScheduler
 from helios.config import compose
 from helios.config.schema import OdePairsConfig, SamplerConfig
 from helios.data.shards import ShardIndex, scan_tar
-from helios.data.synthetic import ensure_synthetic_shards
+from helios.data.synthetic import synthetic_shards
 from helios.ode_pairs import ODE_MEMBERS, run
 from helios.sampling import Guidance, SectionSampler
 
@@ -32,7 +32,7 @@ def test_sampler_records_every_stage_boundary():
 def test_ode_pairs_from_a_stage2_run_are_complete_and_resumable(tmp_path):
     _train(["stage=2", "trainer.max_steps=2", "trainer.checkpoint_every=2"], tmp_path / "teacher")
     base = compose([])
-    shards = ensure_synthetic_shards(base.data, base.model, 12, is_main=True)
+    shards = synthetic_shards(base, is_main=True)
     cfg = OdePairsConfig(
         teacher=str(tmp_path / "teacher"),
         shards=str(shards),

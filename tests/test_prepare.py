@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,8 @@ from helios.metrics import read_metrics
 from helios.model.encoders import build_text_encoder, build_vae
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEC = ClipSpec(latent_frames=4, height=32, width=32, fps=None)  # 13 frames
+# 2 sections of 5 frames, each encoded on its own into 2 latent frames (posterior samples, seeded)
+SPEC = ClipSpec(latent_frames=4, height=32, width=32, fps=None, format="sections", section_latents=2)
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +93,37 @@ def test_bad_inputs_are_skipped_counted_and_listed(messy_input, encoders, tmp_pa
     assert sample["latents"].shape == (16, 4, 4, 4)
     assert sample["meta"]["caption"] and sample["meta"]["latent_shape"] == [16, 4, 4, 4]
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_each_section_is_encoded_on_its_own(messy_input, encoders, tmp_path):
+    """clip.format=sections: the shard holds the sections' latents encoded one by one, each from its own
+    5 frames (its first latent a single-frame latent), exactly as the reference's data tool; the format is
+    recorded with every sample. clip.format=clip encodes the 10 frames in one pass: other latents."""
+    from helios.data.video import decode_clip
+    from helios.model.encoders import encode_video
+
+    vae, tok, text = encoders
+    spec = replace(SPEC, posterior="mode")
+    prepare(messy_input, tmp_path / "s", spec, vae, tok, text, max_sequence_length=16)
+    prepare(
+        messy_input,
+        tmp_path / "c",
+        replace(spec, format="clip", latent_frames=3),
+        vae,
+        tok,
+        text,
+        max_sequence_length=16,
+    )
+    sections, whole = ShardIndex.open(tmp_path / "s"), ShardIndex.open(tmp_path / "c")
+    sample = sections.read(0)
+    assert sample["meta"]["latent_format"] == "sections" and sample["meta"]["section_latents"] == 2
+    assert sections.latent_format(0) == ("sections", 2) and whole.latent_format(0) == ("clip", None)
+    clip, _ = decode_clip(str(messy_input / sample["meta"]["source"]), 10, 32, 32)
+    one_by_one = torch.cat([encode_video(vae, clip[None, :, k : k + 5])[0] for k in (0, 5)], dim=1)
+    torch.testing.assert_close(sample["latents"], one_by_one, atol=1e-5, rtol=1e-5)
+    at_once = encode_video(vae, clip[None, :, :9])[0]  # a whole clip: only latent 0 is single-frame
+    assert (whole.read(0)["latents"] - at_once).abs().max() < 1e-5
+    assert (one_by_one[:, 2] - at_once[:, 2]).abs().max() > 1e-3  # section 1's first latent differs
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -247,13 +280,14 @@ def test_reference_json_index_with_cut_and_crop(encoders, tmp_path):
 
 
 def test_rerun_with_other_settings_is_refused(messy_input, encoders, tmp_path):
-    """A folder holds one setting: continuing it with another clip size would mix latent shapes."""
+    """A folder holds one setting: continuing it with another clip size or latent format would mix
+    latent shapes or formats."""
     out = tmp_path / "o"
     first = _run(messy_input, out, encoders, samples_per_shard=4)
     vae, tok, text = encoders
-    other = ClipSpec(latent_frames=4, height=48, width=48, fps=None)
-    with pytest.raises(ValueError, match=r"other settings \(clip"):
-        prepare(messy_input, out, other, vae, tok, text, max_sequence_length=16)
+    for other in (replace(SPEC, height=48, width=48), replace(SPEC, format="clip")):
+        with pytest.raises(ValueError, match=r"other settings \(clip"):
+            prepare(messy_input, out, other, vae, tok, text, max_sequence_length=16)
     assert _run(messy_input, out, encoders, samples_per_shard=4) == first  # the same settings continue
 
 

@@ -226,7 +226,66 @@ def test_prompt_interpolation_eq20():
         PromptSchedule([(1, e1)])
 
 
-def test_generate_video_t2v_i2v_v2v_and_adaptive(tiny):
+def test_i2v_matches_helios_pipeline_in_the_section_format(tiny):
+    """I2V as diffusers' HeliosPipeline (and so as the released checkpoints were meant to be sampled):
+    the anchor is the image's single-frame latent, the newest history slot the last latent of the image
+    held still for one section; our encoding equals the pipeline's (same generator), and sampling from
+    those slots gives its latents."""
+    from helios.model.encoders import latent_stats
+    from helios.sampling.pipeline import encode_conditioning
+
+    transformer, vae, tok, text, cond, neg = tiny
+    image = torch.rand(1, 3, 1, 64, 64, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    ours = encode_conditioning(
+        vae, image, None, 3, "sections", torch.device("cpu"), torch.Generator().manual_seed(1)
+    )
+    pipe = HeliosPipeline(
+        tokenizer=tok,
+        text_encoder=text,
+        vae=vae,
+        scheduler=HeliosScheduler(stages=1, stage_range=[0, 1], use_dynamic_shifting=True),
+        transformer=transformer,
+    )
+    mean, std = latent_stats(vae)
+    anchor, still = pipe.prepare_image_latents(
+        image[:, :, 0], mean, 1 / std, 3, torch.float32, torch.device("cpu"), torch.Generator().manual_seed(1)
+    )
+    torch.testing.assert_close(ours.anchor, anchor, rtol=1e-6, atol=1e-5)  # (z - m) / s vs (z - m) * (1 / s)
+    torch.testing.assert_close(ours.history, still, rtol=1e-6, atol=1e-5)
+    assert (anchor - still).abs().max() > 1e-3  # two different latents of one image
+    ref = pipe(
+        prompt_embeds=cond,
+        negative_prompt_embeds=neg,
+        num_inference_steps=3,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(0),
+        image_latents=anchor,
+        fake_image_latents=still,
+        add_noise_to_image_latents=False,
+        **KW,
+    ).frames
+    sampler = SectionSampler(
+        HeliosScheduler(stages=1, stage_range=[0, 1], use_dynamic_shifting=True), [3], Guidance(5.0)
+    )
+    generated = sample_video(
+        transformer,
+        LAYOUT,
+        sampler,
+        PromptSchedule([(0, cond)]),
+        neg,
+        3,
+        (8, 8),
+        torch.Generator().manual_seed(0),
+        anchor=ours.anchor,
+        history=ours.history,
+    ).latents[:, :, 1:]  # after the history slot's latent
+    torch.testing.assert_close(generated, ref[:, :, -generated.shape[2] :], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("latent_format", ["sections", "clip"])
+def test_generate_video_t2v_i2v_v2v_and_adaptive(tiny, latent_format):
+    """Frame counts per format: sections decode to 9 frames each (4 sections for 30 frames), streaming
+    to 9 + 12k; V2V conditions on whole sections (sections) or the whole clip (clip)."""
     transformer, vae, tok, text, *_ = tiny
     cfg = SamplerConfig(kind="unipc", steps=[2], guidance_scale=3.0)
 
@@ -245,22 +304,41 @@ def test_generate_video_t2v_i2v_v2v_and_adaptive(tiny):
             torch.Generator().manual_seed(0),
             32,
             **kw,
+            latent_format=latent_format,
         )
 
+    sections = {"sections": 4, "clip": 3}[latent_format]
     t2v = run()
-    assert t2v.frames.shape == (1, 3, 30, 64, 64) and t2v.stats["sections"] == sections_for(30, 3) == 3
-    assert len(t2v.stats["drift"]["sections"]) == 3 and "ratio" in t2v.stats["seams"]
+    assert t2v.frames.shape == (1, 3, 30, 64, 64) and t2v.stats["sections"] == sections
+    assert sections_for(30, 3, latent_format) == sections
+    assert len(t2v.stats["drift"]["sections"]) == sections and "ratio" in t2v.stats["seams"]
     i2v = run(image=torch.rand(1, 3, 1, 64, 64) * 2 - 1)
-    assert i2v.frames.shape[2] == 31 and i2v.latents.shape[2] == 1 + 9
+    assert i2v.frames.shape[2] == 31 and i2v.latents.shape[2] == 1 + 3 * sections
     v2v = run(video=torch.rand(1, 3, 13, 64, 64) * 2 - 1)
-    assert v2v.frames.shape[2] == 13 + 30 and v2v.latents.shape[2] == 4 + 9
+    cond_frames, cond_latents = {"sections": (9, 3), "clip": (13, 4)}[latent_format]
+    assert v2v.frames.shape[2] == cond_frames + 30 and v2v.latents.shape[2] == cond_latents + 3 * sections
     cfg.adaptive.enabled, cfg.adaptive.delta_mu, cfg.adaptive.delta_sigma = True, 0.0, 0.0
     adaptive = run()
-    assert adaptive.stats["adaptive_drift_sections"] == [1, 2]  # zero thresholds: every later section
+    # zero thresholds: every later section
+    assert adaptive.stats["adaptive_drift_sections"] == list(range(1, sections))
     assert torch.equal(adaptive.latents[:, :, :6], t2v.latents[:, :, :6])  # nothing corrupted before a drift
     assert not torch.equal(
         adaptive.latents[:, :, 6:], t2v.latents[:, :, 6:]
     )  # corrupted history changed them
+
+
+def test_section_decoder_decodes_as_the_format_requires(tiny):
+    """sections: each section on its own (diffusers' pipelines); clip: the streaming decode."""
+    from helios.sampling.decode import SectionDecoder
+
+    vae = tiny[1]
+    sections = [torch.randn(1, 16, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    per_section, stream = SectionDecoder(vae, "sections"), SectionDecoder(vae, "clip")
+    a = torch.cat([per_section.push(x) for x in sections], dim=2)
+    b = torch.cat([stream.push(x) for x in sections], dim=2)
+    assert a.shape[2] == 18 and b.shape[2] == 21
+    torch.testing.assert_close(a, decode_sections_independently(vae, sections), rtol=0, atol=0)
+    torch.testing.assert_close(b, StreamingDecoder(vae).push(torch.cat(sections, dim=2)), rtol=0, atol=1e-5)
 
 
 def test_build_section_sampler_kinds():

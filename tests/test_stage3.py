@@ -355,12 +355,12 @@ def test_real_score_unconditional_branch_is_the_prepared_negative_prompt(tmp_pat
     the empty prompt; distill.uncond=empty is the paper's plain CFG."""
     from helios.config.schema import REFERENCE_NEGATIVE_PROMPT
     from helios.data.prepare_job import NEGATIVE_PROMPT_FILE, load_empty_prompt
-    from helios.data.synthetic import ensure_synthetic_shards
+    from helios.data.synthetic import synthetic_shards
     from helios.model.encoders import build_text_encoder, encode_prompts
     from helios.stages import DistillStage
 
     cfg = compose(["stage=3", "distill.teacher=/t"])
-    shards = ensure_synthetic_shards(cfg.data, cfg.model, 9, True)
+    shards = synthetic_shards(cfg, True)
     tok, text = build_text_encoder(cfg.model.text_encoder)
     n = cfg.model.text_encoder.max_sequence_length
     negative = encode_prompts(tok, text, [REFERENCE_NEGATIVE_PROMPT], n)
@@ -411,6 +411,7 @@ def test_validation_samples_the_ema_in_place_and_puts_the_training_weights_back(
         torch.Generator().manual_seed(v.seed),
         cfg.model.text_encoder.max_sequence_length,
         adaptive_seed=v.seed,
+        latent_format=cfg.data.latent_format,
     )
     last = validated[-1]
     assert last["val/0/seam_ratio"] == pytest.approx(result.stats["seams"]["ratio"], rel=1e-4)

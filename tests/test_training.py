@@ -56,9 +56,9 @@ def test_cli_tiny_run_writes_the_run_directory(tmp_path):
     import decord
 
     reader = decord.VideoReader(str(video))
-    assert len(reader) == 21 and reader[0].shape == (64, 64, 3)
+    assert len(reader) == 18 and reader[0].shape == (64, 64, 3)
     stats = json.loads(video.with_suffix(".json").read_text())
-    assert len(stats["drift"]["sections"]) == 2 and "ratio" in stats["seams"]  # 21 frames = 2 sections of 3
+    assert len(stats["drift"]["sections"]) == 2 and "ratio" in stats["seams"]  # 2 sections of 9 frames
     assert "val/0/seam_ratio" in metrics[-1] and "val/0/drift_saturation" in metrics[-1]
 
 

@@ -506,6 +506,9 @@ class SyntheticConfig(Validated):
         _check(self.height % 16 == 0 and self.width % 16 == 0, prefix + "height/width", "multiples of 16")
 
 
+LATENT_FORMATS = ("sections", "clip")  # see DataConfig.latent_format and ClipConfig
+
+
 @dataclass
 class DataConfig(Validated):
     """``synthetic``: generate + encode the tiny set into ``cache_dir``; ``latents``: read shards
@@ -520,9 +523,15 @@ class DataConfig(Validated):
     # a sample whose bytes fail their checksum: "raise" (naming shard and key) or "skip" (another sample
     # of its shape takes its place; counted as data_skipped in metrics.jsonl)
     on_error: str = "raise"
+    # the latent format the model trains on (and samples / exports with): "sections" (the released
+    # checkpoints': section-aligned windows of independently encoded sections, section 0 a target,
+    # history zero-padded before the video start, per-section decoding) or "clip" (whole-clip latents,
+    # the window at a random start, streaming decode). Shards must have been prepared in this format.
+    latent_format: str = "sections"
 
     def _validate(self, prefix: str) -> None:
         _choice(self.kind, ("synthetic", "latents"), prefix + "kind")
+        _choice(self.latent_format, LATENT_FORMATS, prefix + "latent_format")
         _choice(self.on_error, ("raise", "skip"), prefix + "on_error")
         if self.kind == "latents":
             _check(bool(self.path), prefix + "path", "data=latents needs data.path=<shard directory>")
@@ -653,7 +662,7 @@ class ValidationConfig(Validated):
     every: int = 0
     prompts: list[str] = field(default_factory=lambda: ["a red circle moving right on a blue background"])
     seed: int = 0
-    num_frames: int = 21
+    num_frames: int = 18
     fps: int = 8
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
 
@@ -743,18 +752,40 @@ class TrainConfig(Validated):
 
 @dataclass
 class ClipConfig(Validated):
-    """Clip extraction for ``helios.prepare``: latent frames per clip (pixel frames = 4(n-1)+1),
-    resolution after resize + centre crop, frame rate (``null`` = the source's)."""
+    """Clip extraction for ``helios.prepare``: latent frames per clip, resolution after resize + centre
+    crop, frame rate (``null`` = the source's), and the latent format:
+
+    - ``sections`` (default, the released checkpoints' format): the clip is cut into sections of
+      ``4(n-1)+1`` frames (``n = section_latents``, 33 frames for the real window 9), each encoded on
+      its own, so each section's first latent is a single-frame latent; ``latent_frames`` must be a
+      multiple of ``section_latents``;
+    - ``clip``: the whole clip of ``4(latent_frames-1)+1`` frames in one pass (streaming decode).
+
+    ``posterior``: ``sample`` (seeded per shard; the reference's data tool) or ``mode``."""
 
     latent_frames: int = 12
     height: int = 64
     width: int = 64
     fps: float | None = None
+    format: str = "sections"
+    section_latents: int = 3
+    posterior: str = "sample"
 
     def _validate(self, prefix: str) -> None:
         _check(self.latent_frames >= 1, prefix + "latent_frames", "must be >= 1")
         _check(self.height % 16 == 0 and self.width % 16 == 0, prefix + "height/width", "multiples of 16")
         _check(self.fps is None or self.fps > 0, prefix + "fps", "must be > 0 or null")
+        _choice(self.format, LATENT_FORMATS, prefix + "format")
+        _choice(self.posterior, ("sample", "mode"), prefix + "posterior")
+        _check(self.section_latents >= 1, prefix + "section_latents", "must be >= 1")
+        if self.format == "sections":
+            _check(
+                self.latent_frames % self.section_latents == 0,
+                prefix + "latent_frames",
+                f"clip.format=sections cuts clips into sections of {self.section_latents} latent frames "
+                f"(clip.section_latents); {self.latent_frames} is not a multiple (nearest: "
+                f"{max(1, round(self.latent_frames / self.section_latents)) * self.section_latents})",
+            )
 
 
 @dataclass
@@ -802,6 +833,10 @@ class GenerateConfig(Validated):
     device: str = "auto"
     dtype: str = "auto"
     sampler: SamplerConfig = field(default_factory=SamplerConfig)  # group: sampler=unipc|pyramid|dmd
+    # how sections are decoded: "auto" = as the model's latent format requires (each section on its own
+    # for the section format, streaming for whole-clip latents); "sections" / "stream" insist on one
+    # and are refused for a model trained on the other format
+    decode: str = "auto"
 
     def _validate(self, prefix: str) -> None:
         given = [
@@ -817,6 +852,7 @@ class GenerateConfig(Validated):
         _check(not (self.image and self.video), "image", "give image= (I2V) or video= (V2V), not both")
         _choice(self.device, ("auto", "cpu", "cuda"), "device")
         _choice(self.dtype, ("auto", "fp32", "bf16"), "dtype")
+        _choice(self.decode, ("auto", "sections", "stream"), "decode")
 
 
 @dataclass
@@ -870,7 +906,7 @@ class FixturesConfig(Validated):
     text_dim: int = 32
     ffn_dim: int = 96
     videos: int = 6
-    video_frames: int = 109  # clip=real: 28 latent frames
+    video_frames: int = 109  # clip=real: 3 sections of 33 frames (27 latents); clip.format=clip: 28
     height: int = 64
     width: int = 64
     seed: int = 0

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from helios.config.schema import TrainConfig
 from helios.data.shards import CorruptSample, ShardIndex
 
 log = logging.getLogger(__name__)
@@ -18,20 +19,23 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ClipBatch:
-    """One micro-batch: clip latents [B, C, L, h, w], the video's first latent [B, C, 1, h, w],
-    prompt embeddings [B, S, D] and each clip's start in its video (latent frames) [B]."""
+    """One micro-batch: clip latents [B, C, H + W, h, w] (history, then the noisy window's clean
+    latents), the video's first latent [B, C, 1, h, w] (zero when the window is the video's first
+    section), prompt embeddings [B, S, D], the window's RoPE offset [B] (latent frames; used with
+    absolute indices only) and how many of the newest history frames are real video [B] (the rest is
+    zero padding before the video start)."""
 
     latents: torch.Tensor
     first_latent: torch.Tensor
     prompt_embeds: torch.Tensor
     offset: torch.Tensor
+    history_frames: torch.Tensor
     skipped: int = 0  # corrupt samples replaced in this batch (data.on_error=skip)
 
+    FIELDS = ("latents", "first_latent", "prompt_embeds", "offset", "history_frames")
+
     def to(self, device: torch.device) -> ClipBatch:
-        moved = (
-            t.to(device, non_blocking=True)
-            for t in (self.latents, self.first_latent, self.prompt_embeds, self.offset)
-        )
+        moved = (getattr(self, k).to(device, non_blocking=True) for k in self.FIELDS)
         return ClipBatch(*moved, skipped=self.skipped)
 
 
@@ -39,35 +43,80 @@ def _seed(*parts: int) -> int:
     return zlib.crc32(",".join(map(str, parts)).encode())
 
 
+def section_window(
+    latents: torch.Tensor, section: int, num_history: int, window: int
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """The reference's section-aligned training window of a video in the section format ([C, S*n, h, w],
+    ``n = window``): the clean latents of ``section`` preceded by the ``num_history`` latents before
+    it, zero-padded before the video start. Returns (clip [C, H + n, h, w], first latent [C, 1, h, w],
+    zero for section 0 as in the reference, RoPE offset, real history frames)."""
+    c, _, h, w = latents.shape
+    padded = torch.cat([latents.new_zeros(c, num_history, h, w), latents], dim=1)
+    start = section * window
+    clip = padded[:, start : start + num_history + window]
+    first = latents[:, :1] if section > 0 else torch.zeros_like(latents[:, :1])
+    return clip, first, max(0, start - num_history), min(num_history, start)
+
+
 class LatentClipDataset(torch.utils.data.Dataset):
-    """Item ``(i, epoch)`` is a window of ``clip_frames`` latent frames of sample ``i`` (its start is a
-    deterministic draw from seed, epoch and index, so a resumed run reads the same windows), the
-    sample's first latent (the video's first frame: the anchor) and its padded prompt embedding."""
+    """Item ``(i, epoch)`` is one training window of sample ``i``, drawn deterministically from seed,
+    epoch and index (a resumed run reads the same windows):
+
+    - ``latent_format="sections"`` (the released checkpoints'): a section drawn uniformly from the
+      video's sections (section 0, the video start, included), with its history zero-padded
+      (:func:`section_window`);
+    - ``"clip"``: ``num_history + window`` latent frames at a random start of a whole-clip latent.
+
+    Shards must hold the format asked for (recorded per sample by ``helios.prepare``)."""
 
     def __init__(
         self,
         path: str | Path,
-        clip_frames: int,
+        num_history: int,
+        window: int,
         max_sequence_length: int,
+        *,
+        latent_format: str = "sections",
         seed: int = 0,
         on_error: str = "raise",
     ) -> None:
         self.index = ShardIndex.open(path)
         self.on_error = on_error
-        self.clip_frames = clip_frames
+        self.num_history, self.window, self.latent_format = num_history, window, latent_format
+        self.clip_frames = num_history + window
         self.max_sequence_length = max_sequence_length
         self.seed = seed
-        self.eligible = [i for i in range(len(self.index)) if self.index.latent_shape(i)[1] >= clip_frames]
+        self._check_format(path)
+        need = window if latent_format == "sections" else self.clip_frames
+        self.eligible = [i for i in range(len(self.index)) if self.index.latent_shape(i)[1] >= need]
         self.skipped_too_short = len(self.index) - len(self.eligible)
         if not self.eligible:
             raise ValueError(
-                f"no sample in {path} has the {clip_frames} latent frames a training clip needs "
+                f"no sample in {path} has the {need} latent frames a training clip needs "
                 f"({self.skipped_too_short} too short); prepare longer clips or reduce history.sizes / window"
             )
         self.buckets: dict[tuple[int, int], list[int]] = {}
         for i in self.eligible:
             _, _, h, w = self.index.latent_shape(i)
             self.buckets.setdefault((h, w), []).append(i)
+
+    def _check_format(self, path: str | Path) -> None:
+        """Every sample was encoded in this run's format (sections of one window each)."""
+        formats = {self.index.latent_format(i) for i in range(len(self.index))}
+        for fmt, section_latents in sorted(formats, key=str):
+            if fmt != self.latent_format:
+                raise ValueError(
+                    f"data.path={path} holds {fmt}-format latents (helios.prepare clip.format={fmt}) but "
+                    f"data.latent_format={self.latent_format}: train with data.latent_format={fmt}, or "
+                    f"prepare the videos again with clip.format={self.latent_format}"
+                )
+            if fmt == "sections" and section_latents != self.window:
+                raise ValueError(
+                    f"data.path={path} holds sections of {section_latents} latent frames, but "
+                    f"history.window={self.window}: section-aligned training needs one section per window "
+                    f"(prepare with clip.section_latents={self.window}, or train with "
+                    f"history.window={section_latents})"
+                )
 
     def __len__(self) -> int:
         return len(self.eligible)
@@ -78,10 +127,7 @@ class LatentClipDataset(torch.utils.data.Dataset):
 
     @staticmethod
     def collate(samples: list[dict[str, torch.Tensor]]) -> ClipBatch:
-        stacked = (
-            torch.stack([s[k] for s in samples])
-            for k in ("latents", "first_latent", "prompt_embeds", "offset")
-        )
+        stacked = (torch.stack([s[k] for s in samples]) for k in ClipBatch.FIELDS)
         return ClipBatch(*stacked, skipped=sum(s.get("skipped", 0) for s in samples))
 
     def _read(self, index: int) -> tuple[dict, int]:
@@ -109,19 +155,43 @@ class LatentClipDataset(torch.utils.data.Dataset):
         index, epoch = item
         sample, skipped = self._read(index)
         latents = sample["latents"]
-        spare = latents.shape[1] - self.clip_frames
         gen = torch.Generator().manual_seed(_seed(self.seed, epoch, index))
-        start = int(torch.randint(spare + 1, (1,), generator=gen)) if spare > 0 else 0
+        if self.latent_format == "sections":
+            sections = latents.shape[1] // self.window
+            section = int(torch.randint(sections, (1,), generator=gen))
+            clip, first, offset, real = section_window(latents, section, self.num_history, self.window)
+        else:
+            spare = latents.shape[1] - self.clip_frames
+            offset = int(torch.randint(spare + 1, (1,), generator=gen)) if spare > 0 else 0
+            clip, first, real = (
+                latents[:, offset : offset + self.clip_frames],
+                latents[:, :1],
+                self.num_history,
+            )
         embeds = sample["prompt_embeds"][: self.max_sequence_length]
         padded = torch.zeros(self.max_sequence_length, embeds.shape[-1])
         padded[: embeds.shape[0]] = embeds
         return {
-            "latents": latents[:, start : start + self.clip_frames],
-            "first_latent": latents[:, :1],
+            "latents": clip,
+            "first_latent": first,
             "prompt_embeds": padded,
-            "offset": torch.tensor(start),
+            "offset": torch.tensor(offset),
+            "history_frames": torch.tensor(real),
             "skipped": skipped,
         }
+
+
+def training_dataset(path: str | Path, cfg: TrainConfig) -> LatentClipDataset:
+    """The training windows of a run: its history layout, latent format, seed and error policy."""
+    return LatentClipDataset(
+        path,
+        sum(cfg.history.sizes),
+        cfg.history.window,
+        cfg.model.text_encoder.max_sequence_length,
+        latent_format=cfg.data.latent_format,
+        seed=cfg.seed,
+        on_error=cfg.data.on_error,
+    )
 
 
 class BucketBatchSampler:

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,10 +36,49 @@ NEGATIVE_PROMPT_FILE = "negative_prompt_embeds.npy"
 
 @dataclass
 class ClipSpec:
+    """What a clip becomes (see :class:`~helios.config.schema.ClipConfig`)."""
+
     latent_frames: int
     height: int
     width: int
     fps: float | None
+    format: str = "sections"
+    section_latents: int = 3
+    posterior: str = "sample"
+
+    def __post_init__(self) -> None:
+        if self.format == "sections" and (
+            self.latent_frames % self.section_latents or not self.latent_frames
+        ):
+            raise ValueError(
+                f"latent_frames={self.latent_frames} is not a whole number of sections of "
+                f"{self.section_latents} latent frames"
+            )
+
+    @classmethod
+    def from_config(cls, cfg) -> ClipSpec:
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+
+    @property
+    def video_frames(self) -> int:
+        """Pixel frames a clip takes: whole sections of ``4(n-1)+1`` frames, or ``4(L-1)+1``."""
+        if self.format == "sections":
+            return self.latent_frames // self.section_latents * video_frames_for(self.section_latents)
+        return video_frames_for(self.latent_frames)
+
+    def latent_meta(self) -> dict:
+        """Recorded with every sample: how its latents were made."""
+        if self.format == "sections":
+            return {"latent_format": "sections", "section_latents": self.section_latents}
+        return {"latent_format": "clip"}
+
+    def encode(self, vae, video: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        from helios.model.encoders import encode_sections, encode_video
+
+        generator = generator if self.posterior == "sample" else None
+        if self.format == "sections":
+            return encode_sections(vae, video, self.section_latents, generator)
+        return encode_video(vae, video, generator)
 
 
 class PromptCache:
@@ -68,7 +108,7 @@ def _decode(item: InputItem, spec: ClipSpec) -> tuple[torch.Tensor | None, float
     try:
         clip, fps = decode_clip(
             item.open_video(),
-            video_frames_for(spec.latent_frames),
+            spec.video_frames,
             spec.height,
             spec.width,
             spec.fps,
@@ -92,15 +132,15 @@ def encode_unit(
     batch_size: int,
     device: torch.device,
 ) -> dict:
-    """Encode one unit into ``out_dir/<unit>.tar``; returns its progress record."""
-    from helios.model.encoders import encode_video
-
+    """Encode one unit into ``out_dir/<unit>.tar``; returns its progress record. Posterior samples
+    are drawn from a generator seeded by the unit's name, so a rerun writes the same bytes."""
     samples, skipped, pending = [], [], []
+    generator = torch.Generator().manual_seed(zlib.crc32(unit.name.encode()))
 
     def flush() -> None:
         if not pending:
             return
-        latents = encode_video(vae, torch.stack([clip for _, clip, _ in pending]).to(device))
+        latents = spec.encode(vae, torch.stack([clip for _, clip, _ in pending]).to(device), generator)
         embeds = prompts.encode([item.caption for item, _, _ in pending])
         for (item, _, fps), lat, emb in zip(pending, latents, embeds):
             meta = {
@@ -109,6 +149,7 @@ def encode_unit(
                 "fps": fps,
                 "source": item.name,
                 "size": [spec.height, spec.width],
+                **spec.latent_meta(),
             }
             samples.append(encode_sample(f"{unit.name}-{len(samples):05d}", lat.cpu(), emb, meta))
         pending.clear()

@@ -90,6 +90,8 @@ def scan_tar(path: str | Path, required: tuple[str, ...] = MEMBERS) -> list[dict
             if ext == "json":
                 meta = json.loads(data.decode("utf-8"))
                 entry["latent_shape"] = meta.get("latent_shape")
+                entry["latent_format"] = meta.get("latent_format", "clip")  # before sections: whole clips
+                entry["section_latents"] = meta.get("section_latents")
     return [s for s in samples.values() if all(m in s["members"] for m in required)]
 
 
@@ -135,6 +137,11 @@ class ShardIndex:
 
     def latent_shape(self, i: int) -> tuple[int, ...]:
         return tuple(self.entries[i][1]["latent_shape"])
+
+    def latent_format(self, i: int) -> tuple[str, int | None]:
+        """How sample ``i`` was encoded: ("sections", latents per section) or ("clip", None)."""
+        item = self.entries[i][1]
+        return item.get("latent_format", "clip"), item.get("section_latents")
 
     def _file(self, shard: Path):
         f = self._files.pop(shard, None)

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from helios.config.schema import DataConfig, ModelConfig
+from helios.config.schema import DataConfig, ModelConfig, TrainConfig
+from helios.data.prepare_job import ClipSpec, prepare, write_report
 
 COLORS = {
     "red": (220, 40, 40),
@@ -106,27 +107,44 @@ def make_synthetic_videos(
     return captions
 
 
-def synthetic_fingerprint(data: DataConfig, model: ModelConfig, latent_frames: int) -> str:
+def synthetic_clip(data: DataConfig, num_history: int, window: int) -> ClipSpec:
+    """The clips the synthetic set is encoded into, in ``data.latent_format``: sections of one window
+    each, enough that one section has a full history; or whole clips two latents longer than a
+    training window, so windows start at different offsets."""
+    syn = data.synthetic
+    # posterior mode: the tiny VAE is random, its posterior spread (~1) would bury the latents' (~0.1)
+    if data.latent_format == "sections":
+        sections = -(-num_history // window) + 1
+        return ClipSpec(sections * window, syn.height, syn.width, None, "sections", window, "mode")
+    return ClipSpec(num_history + window + 2, syn.height, syn.width, None, "clip", posterior="mode")
+
+
+def synthetic_shards(cfg: TrainConfig, is_main: bool) -> Path:
+    """The synthetic shards a run of ``cfg`` trains on (its history layout and latent format)."""
+    spec = synthetic_clip(cfg.data, sum(cfg.history.sizes), cfg.history.window)
+    return ensure_synthetic_shards(cfg.data, cfg.model, spec, is_main)
+
+
+def synthetic_fingerprint(data: DataConfig, model: ModelConfig, spec: ClipSpec) -> str:
     key = json.dumps(
         {
             "synthetic": asdict(data.synthetic),
             "vae": asdict(model.vae),
             "text": asdict(model.text_encoder),
-            "latent_frames": latent_frames,
-            "version": 3,  # 3: negative_prompt_embeds.npy
+            "clip": asdict(spec),
+            "version": 4,  # 4: the section latent format, posterior samples
         },
         sort_keys=True,
     )
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def ensure_synthetic_shards(data: DataConfig, model: ModelConfig, latent_frames: int, is_main: bool) -> Path:
+def ensure_synthetic_shards(data: DataConfig, model: ModelConfig, spec: ClipSpec, is_main: bool) -> Path:
     """Build once (cached by fingerprint) the moving-shapes mp4 set and its latent shards through the
     same path as ``helios.prepare``. Only the main process builds; the caller synchronises ranks."""
-    from helios.data.prepare_job import ClipSpec, prepare, video_frames_for, write_report
     from helios.model.encoders import build_text_encoder, build_vae
 
-    final = Path(data.cache_dir) / synthetic_fingerprint(data, model, latent_frames)
+    final = Path(data.cache_dir) / synthetic_fingerprint(data, model, spec)
     if (final / "shards" / "report.json").exists() or not is_main:
         return final / "shards"
     # Build in a private directory and rename: concurrent jobs sharing the cache never see a partial set.
@@ -136,7 +154,7 @@ def ensure_synthetic_shards(data: DataConfig, model: ModelConfig, latent_frames:
     make_synthetic_videos(
         root / "videos",
         syn.num_videos,
-        video_frames_for(latent_frames),
+        spec.video_frames,
         syn.height,
         syn.width,
         syn.fps,
@@ -146,7 +164,7 @@ def ensure_synthetic_shards(data: DataConfig, model: ModelConfig, latent_frames:
     prepare(
         root / "videos",
         root / "shards",
-        ClipSpec(latent_frames, syn.height, syn.width, None),
+        spec,
         build_vae(model.vae),
         tokenizer,
         text_encoder,

@@ -4,6 +4,7 @@ from helios.model.encoders import (
     build_text_encoder,
     build_vae,
     encode_prompts,
+    encode_sections,
     encode_video,
 )
 from helios.model.lora import apply_lora, load_trainable_state_dict, trainable_state_dict
@@ -16,6 +17,7 @@ __all__ = [
     "build_vae",
     "count_parameters",
     "encode_prompts",
+    "encode_sections",
     "encode_video",
     "load_trainable_state_dict",
     "trainable_state_dict",

@@ -120,9 +120,32 @@ def latent_stats(vae: AutoencoderKLWan) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def encode_video(vae: AutoencoderKLWan, video: torch.Tensor) -> torch.Tensor:
-    """Pixels [B, 3, T, H, W] in [-1, 1] -> normalised latents ``(z - mean) / std`` (posterior mode)."""
+def encode_video(
+    vae: AutoencoderKLWan, video: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Pixels [B, 3, T, H, W] in [-1, 1] -> normalised latents ``(z - mean) / std``: a posterior sample
+    drawn from ``generator`` (as the reference's data tool and diffusers' pipelines do), or the
+    posterior mode without one."""
     param = next(vae.parameters())
-    z = vae.encode(video.to(param.device, param.dtype)).latent_dist.mode().float()
+    dist = vae.encode(video.to(param.device, param.dtype)).latent_dist
+    z = (dist.sample(generator=generator) if generator is not None else dist.mode()).float()
     mean, std = latent_stats(vae)
     return (z - mean.to(z.device)) / std.to(z.device)
+
+
+@torch.no_grad()
+def encode_sections(
+    vae: AutoencoderKLWan, video: torch.Tensor, section_latents: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """The section latent format of the released checkpoints: each ``4(n-1)+1``-frame section of
+    ``video`` [B, 3, S*(4(n-1)+1), H, W] encoded on its own (its first latent a single-frame latent),
+    the sections' latents concatenated in time: [B, C, S*n, h, w]."""
+    frames = video_frames_for(section_latents)
+    b, c, t, h, w = video.shape
+    if t % frames:
+        raise ValueError(f"{t} frames are not whole sections of {frames} frames")
+    s = t // frames
+    chunks = video.view(b, c, s, frames, h, w).transpose(1, 2).reshape(b * s, c, frames, h, w)
+    z = encode_video(vae, chunks, generator)  # the batch axis keeps the sections independent
+    _, zc, zt, zh, zw = z.shape
+    return z.view(b, s, zc, zt, zh, zw).transpose(1, 2).reshape(b, zc, s * zt, zh, zw)

@@ -23,6 +23,8 @@ class LoadedModel:
     max_sequence_length: int
     size: tuple[int, int] | None  # (height, width) the model was trained at, when known
     train_config: TrainConfig | None = None
+    # the latent format it was trained on: "sections" (decode each section on its own) or "clip"
+    latent_format: str = "sections"
 
 
 def load_train_config(checkpoint_dir: Path) -> TrainConfig:
@@ -89,6 +91,7 @@ def load_for_inference(
         cfg.model.text_encoder.max_sequence_length,
         size,
         cfg,
+        cfg.data.latent_format,
     )
 
 
@@ -115,7 +118,35 @@ def _load_diffusers(path: Path, device: torch.device, dtype: torch.dtype) -> Loa
         layout,
         512,
         None,
+        latent_format=exported_latent_format(path),
     )
+
+
+def exported_latent_format(path: Path) -> str:
+    """The latent format a diffusers Helios directory was trained on: what ``helios.export`` recorded
+    in ``helios_export.json``; "clip" for this project's exports from before the section format (they
+    record none); "sections" for the published checkpoints (no such file)."""
+    info = path / "helios_export.json"
+    if not info.exists():
+        return "sections"
+    return json.loads(info.read_text()).get("latent_format", "clip")
+
+
+def trained_latent_format(source: str | None) -> str | None:
+    """The latent format the weights at ``source`` were trained on, where that is known: a Helios
+    diffusers directory (see :func:`exported_latent_format`) or a training run / checkpoint (its
+    ``data.latent_format``); None for anything else (a Wan-2.1 directory, a hub id)."""
+    if not source:
+        return None
+    path = Path(source).expanduser()
+    for config, root in ((path / "transformer" / "config.json", path), (path / "config.json", path.parent)):
+        if config.exists():
+            if json.loads(config.read_text()).get("_class_name") != "HeliosTransformer3DModel":
+                return None
+            return exported_latent_format(root)
+    if (path / "state.pt").exists():
+        return load_train_config(path).data.latent_format
+    return None
 
 
 def merged_weights(source: str | Path, key: str = "init_from") -> dict[str, torch.Tensor]:

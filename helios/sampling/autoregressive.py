@@ -20,7 +20,7 @@ from helios.sampling.section import SectionSampler
 
 @dataclass
 class SampleResult:
-    latents: torch.Tensor  # [B, C, T, h, w]: conditioning video (V2V) / image (I2V) + generated frames
+    latents: torch.Tensor  # [B, C, T, h, w]: the conditioning history latents (I2V / V2V) + generated frames
     drift_sections: list[int] = field(default_factory=list)
     section_times: list[float] = field(default_factory=list)
 
@@ -35,18 +35,18 @@ def sample_video(
     num_sections: int,
     latent_hw: tuple[int, int],
     generator: torch.Generator | None = None,
-    image_latents: torch.Tensor | None = None,
-    video_latents: torch.Tensor | None = None,
     adaptive: AdaptiveAntiDrift | None = None,
     on_section: Callable[[int, torch.Tensor], None] | None = None,
     device: torch.device | None = None,
+    anchor: torch.Tensor | None = None,
+    history: torch.Tensor | None = None,
 ) -> SampleResult:
     """Generate ``num_sections`` sections of ``layout.window`` latent frames.
 
     T2V: history starts empty, the anchor becomes the first generated latent frame.
-    I2V (``image_latents`` [B, C, 1, h, w]): the image is the anchor and the newest history frame.
-    V2V (``video_latents`` [B, C, T, h, w]): its frames fill the history; its first frame is the anchor.
-    ``on_section(k, latents)`` sees each new section (e.g. to stream-decode it).
+    I2V / V2V (see :func:`helios.sampling.pipeline.encode_conditioning`): ``history`` [B, C, T, h, w]
+    fills the end of the history buffer, ``anchor`` [B, C, 1, h, w] is the first-frame anchor.
+    ``on_section(k, latents)`` sees each new section (e.g. to decode it).
     """
     import time
 
@@ -55,18 +55,15 @@ def sample_video(
     b = (prompts(0)).shape[0]
     c = transformer.config.in_channels
     h, w = latent_hw
-    history = torch.zeros(b, c, layout.num_history, h, w, device=device, dtype=torch.float32)
-    anchor = None
+    buffer = torch.zeros(b, c, layout.num_history, h, w, device=device, dtype=torch.float32)
     generated: list[torch.Tensor] = []
-    if image_latents is not None:
-        anchor = image_latents.to(device, torch.float32)
-        history = torch.cat([history[:, :, 1:], anchor], dim=2)
-        generated.append(anchor)
-    if video_latents is not None:
-        video = video_latents.to(device, torch.float32)
-        history = torch.cat([history, video], dim=2)[:, :, -layout.num_history :]
-        anchor = video[:, :, :1] if anchor is None else anchor
-        generated.append(video)
+    if anchor is not None:
+        anchor = anchor.to(device, torch.float32)
+    if history is not None:
+        given = history.to(device, torch.float32)
+        buffer = torch.cat([buffer, given], dim=2)[:, :, -layout.num_history :]
+        generated.append(given)
+    history = buffer
 
     drift_frames = torch.zeros(layout.num_history, dtype=torch.bool)
     result = SampleResult(latents=torch.empty(0))

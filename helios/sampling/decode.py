@@ -1,9 +1,13 @@
-"""Seamless decoding of a growing latent video with the causal Wan VAE.
+"""Decoding a growing latent video with the causal Wan VAE, in the latent format the model was
+trained on (:class:`SectionDecoder`).
 
-Decoding each section on its own restarts the VAE's causal cache, so the first frames of every
-section are decoded as if the video began there: visible seams (the reference code's issue #115).
-:class:`StreamingDecoder` keeps the decoder's causal cache across sections, which gives exactly the
-frames of decoding the whole latent sequence at once (tested), at the cost of one section at a time.
+- ``sections`` (the released checkpoints, diffusers' pipelines): every section was encoded on its own,
+  so its first latent is a single-frame latent; each section is decoded on its own
+  (``4(n-1)+1`` frames per section). Carrying the cache across such sections would decode each
+  single-frame latent as four frames.
+- ``clip`` (whole-clip latents): :class:`StreamingDecoder` keeps the decoder's causal cache across
+  sections, which gives exactly the frames of decoding the whole latent sequence at once (tested):
+  no seams at section boundaries (the reference code's issue #115), ``4n`` frames per later section.
 """
 
 from __future__ import annotations
@@ -49,12 +53,41 @@ class StreamingDecoder:
 
 
 def decode_sections_independently(vae, sections: list[torch.Tensor]) -> torch.Tensor:
-    """What decoding each section on its own gives (the seam-prone baseline), for comparison."""
-    outs = []
-    for section in sections:
-        dec = StreamingDecoder(vae)
-        outs.append(dec.push(section))
-    return torch.cat(outs, dim=2)
+    """Each section decoded on its own (the section format; diffusers' pipelines do the same)."""
+    return torch.cat([StreamingDecoder(vae).push(section) for section in sections], dim=2)
+
+
+DECODE_MODES = {"sections": "sections", "clip": "stream"}  # latent format -> how it is decoded
+
+
+class SectionDecoder:
+    """``push(section latents)`` -> pixels, decoded as the model's ``latent_format`` requires: each
+    section on its own (``sections``) or with the causal cache carried over (``clip``)."""
+
+    def __init__(self, vae, latent_format: str) -> None:
+        if latent_format not in DECODE_MODES:
+            raise ValueError(f"unknown latent format {latent_format!r}; one of {sorted(DECODE_MODES)}")
+        self.vae, self.latent_format = vae, latent_format
+        self.stream = StreamingDecoder(vae) if latent_format == "clip" else None
+
+    def push(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.stream is not None:
+            return self.stream.push(latents)
+        return StreamingDecoder(self.vae).push(latents)
+
+    def push_conditioning(self, latents: torch.Tensor, section_latents: int) -> torch.Tensor:
+        """The conditioning latents (I2V image, V2V video) as pixels: in the section format, a single
+        latent (the image) alone and a video section by section."""
+        if self.stream is not None or latents.shape[2] == 1:
+            return self.push(latents)
+        return decode_sections_independently(self.vae, list(latents.split(section_latents, dim=2)))
+
+
+def section_frames(window: int, latent_format: str) -> tuple[int, int]:
+    """Pixel frames of (the first, every later) section: ``4(n-1)+1`` each for the section format;
+    with the streaming decode of whole-clip latents ``4(n-1)+1`` and then ``4n``."""
+    first = 4 * (window - 1) + 1
+    return first, (first if latent_format == "sections" else 4 * window)
 
 
 def seam_statistic(video: torch.Tensor, section_frames: int, first_section_frames: int | None = None) -> dict:

@@ -12,9 +12,9 @@ import torch
 
 from helios.config.schema import CorruptConfig, SamplerConfig
 from helios.history import HistoryLayout
-from helios.model.encoders import VAE_TEMPORAL, encode_prompts, encode_video, latent_frames_for
+from helios.model.encoders import encode_prompts, encode_sections, encode_video, latent_frames_for
 from helios.sampling.autoregressive import sample_video
-from helios.sampling.decode import StreamingDecoder, seam_statistic
+from helios.sampling.decode import SectionDecoder, seam_statistic, section_frames
 from helios.sampling.drift import AdaptiveAntiDrift, AdaptiveConfig, drift_report, section_stats
 from helios.sampling.prompts import PromptSchedule
 from helios.sampling.section import Guidance, SectionSampler
@@ -53,8 +53,11 @@ def build_section_sampler(cfg: SamplerConfig, patch_size=(1, 2, 2)) -> SectionSa
     )
 
 
-def sections_for(num_frames: int, window: int) -> int:
-    """Sections whose latents decode to at least ``num_frames`` frames (causal VAE: 4(T-1)+1)."""
+def sections_for(num_frames: int, window: int, latent_format: str = "clip") -> int:
+    """Sections whose decoded frames cover ``num_frames``: ``4(n-1)+1`` frames each in the section
+    format; with the streaming decode the causal VAE gives ``4(T-1)+1`` frames for T latents."""
+    if latent_format == "sections":
+        return max(1, math.ceil(num_frames / section_frames(window, latent_format)[0]))
     return max(1, math.ceil(latent_frames_for(num_frames) / window))
 
 
@@ -63,6 +66,58 @@ class VideoResult:
     frames: torch.Tensor  # [B, 3, T, H, W] in [-1, 1]
     latents: torch.Tensor
     stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class Conditioning:
+    """I2V / V2V inputs as latents, in the model's latent format (what :func:`sample_video` feeds)."""
+
+    anchor: torch.Tensor | None = None  # the first-frame anchor [B, C, 1, h, w]
+    history: torch.Tensor | None = None  # latents at the end of the history buffer [B, C, T, h, w]
+
+
+@torch.no_grad()
+def encode_conditioning(
+    vae,
+    image: torch.Tensor | None,
+    video: torch.Tensor | None,
+    window: int,
+    latent_format: str,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+) -> Conditioning:
+    """``image`` [B, 3, 1, H, W] / ``video`` [B, 3, T, H, W] pixels -> :class:`Conditioning`.
+
+    Section format (as diffusers' Helios pipelines, and as training saw it): the anchor is a
+    single-frame latent of the image / the video's first frame; the I2V history slot is the last latent
+    of the image repeated over one section (a regular latent); a video is encoded in whole sections
+    aligned to its end. Clip format: the image latent fills both slots; the video is encoded at once.
+    """
+    if image is None and video is None:
+        return Conditioning()
+    if latent_format != "sections":
+        if image is not None:
+            latent = encode_video(vae, image.to(device))
+            return Conditioning(latent, latent)
+        latents = encode_video(vae, video.to(device))
+        return Conditioning(latents[:, :, :1], latents)
+    frames = section_frames(window, latent_format)[0]
+    if image is not None:
+        still = image.to(device).repeat(1, 1, frames, 1, 1)
+        return Conditioning(
+            encode_video(vae, image.to(device), generator),
+            encode_video(vae, still, generator)[:, :, -1:],
+        )
+    whole = video.shape[2] // frames * frames
+    if whole == 0:
+        raise ValueError(
+            f"video= has {video.shape[2]} frames; this model's sections take {frames} frames each"
+        )
+    video = video.to(device)
+    return Conditioning(
+        encode_video(vae, video[:, :, :1], generator),
+        encode_sections(vae, video[:, :, video.shape[2] - whole :], window, generator),
+    )
 
 
 @torch.no_grad()
@@ -82,10 +137,12 @@ def generate_video(
     image: torch.Tensor | None = None,
     video: torch.Tensor | None = None,
     adaptive_seed: int = 0,
+    *,
+    latent_format: str,
 ) -> VideoResult:
     """``prompts``: [(first_section, text), ...]; ``image`` [B, 3, 1, H, W] / ``video`` [B, 3, T, H, W]
-    pixels in [-1, 1] for I2V / V2V. Frames are decoded section by section with the VAE's causal
-    cache carried over (no seams)."""
+    pixels in [-1, 1] for I2V / V2V. ``latent_format``: what the model was trained on; it decides how
+    the conditioning is encoded and how sections are decoded (:class:`SectionDecoder`)."""
     device = next(transformer.parameters()).device
     t_text = time.perf_counter()
     texts = sorted({p for _, p in prompts} | {sampler_cfg.negative_prompt})
@@ -94,8 +151,7 @@ def generate_video(
     negative = embeds[sampler_cfg.negative_prompt][None] if sampler_cfg.guidance_scale > 1.0 else None
     t_text = time.perf_counter() - t_text
 
-    image_latents = encode_video(vae, image.to(device)) if image is not None else None
-    video_latents = encode_video(vae, video.to(device)) if video is not None else None
+    cond = encode_conditioning(vae, image, video, layout.window, latent_format, device)
     adaptive = None
     if sampler_cfg.adaptive.enabled:
         a = sampler_cfg.adaptive
@@ -112,10 +168,11 @@ def generate_video(
             ),
             seed=adaptive_seed,
         )
-    decoder = StreamingDecoder(vae)
+    decoder = SectionDecoder(vae, latent_format)
     pieces, per_section, vae_time = [], [], [0.0]
-    if video_latents is not None or image_latents is not None:
-        pieces.append(decoder.push(video_latents if video_latents is not None else image_latents))
+    if cond.history is not None:
+        shown = cond.anchor if image is not None else cond.history  # I2V: the image itself
+        pieces.append(decoder.push_conditioning(shown, layout.window))
 
     def on_section(k: int, latents: torch.Tensor) -> None:
         t0 = time.perf_counter()
@@ -125,7 +182,7 @@ def generate_video(
         per_section.append(section_stats(frames))
 
     sampler = build_section_sampler(sampler_cfg, tuple(transformer.config.patch_size))
-    num_sections = sections_for(num_frames, layout.window)
+    num_sections = sections_for(num_frames, layout.window, latent_format)
     result = sample_video(
         transformer,
         layout,
@@ -135,20 +192,20 @@ def generate_video(
         num_sections,
         (height // 8, width // 8),
         generator,
-        image_latents,
-        video_latents,
-        adaptive,
-        on_section,
-        device,
+        adaptive=adaptive,
+        on_section=on_section,
+        device=device,
+        anchor=cond.anchor,
+        history=cond.history,
     )
     frames = torch.cat(pieces, dim=2)
     cond_frames = pieces[0].shape[2] if len(pieces) > num_sections else 0
     generated = frames[:, :, cond_frames : cond_frames + num_frames]
-    first = VAE_TEMPORAL * (layout.window - 1) + 1 if cond_frames == 0 else VAE_TEMPORAL * layout.window
+    first, rest = section_frames(layout.window, latent_format)
     dit_time = sum(result.section_times)  # decode runs after each section's timer stops
     stats = {
         "drift": drift_report(per_section),
-        "seams": seam_statistic(generated, VAE_TEMPORAL * layout.window, first),
+        "seams": seam_statistic(generated, rest, first if cond_frames == 0 else rest),
         "adaptive_drift_sections": result.drift_sections,
         "timing_s": {
             "text": t_text,
@@ -158,6 +215,7 @@ def generate_video(
         },
         "frames": int(generated.shape[2]),
         "sections": num_sections,
+        "latent_format": latent_format,
     }
     # I2V / V2V: the conditioning frames open the output video
     return VideoResult(frames[:, :, : cond_frames + num_frames], result.latents, stats)

@@ -227,15 +227,9 @@ class DistillStage(FlowStage):
             return OdePairDataset(
                 self.d.ode_pairs, len(self.d.steps), self.cfg.model.text_encoder.max_sequence_length
             )
-        from helios.data.dataset import LatentClipDataset
+        from helios.data.dataset import training_dataset
 
-        return LatentClipDataset(
-            data_path,
-            self.layout.clip_frames,
-            self.cfg.model.text_encoder.max_sequence_length,
-            seed=self.cfg.seed,
-            on_error=self.cfg.data.on_error,
-        )
+        return training_dataset(data_path, self.cfg)
 
     def _role(self, state: dict | None, lora: LoraConfig | None) -> nn.Module:
         m = self.cfg.model
@@ -522,7 +516,7 @@ class DistillStage(FlowStage):
         self._activate("generator", prefetch="critic")
         if self.d.history_source == "self_forcing":
             cond = self._self_forcing_cond(m.generator, cond, target.shape, gen)
-        first = stats["task_t2v"] == 1.0 and self.d.history_source != "self_forcing"  # empty history
+        first = stats["history_empty"] == 1.0 and self.d.history_source != "self_forcing"
         exits = self.exit_steps(shared, first)
         x0 = self.rollout(
             m.generator, cond, target.shape, gen, grad=update_g, exits=exits, first_section=first

@@ -56,7 +56,15 @@ class FlowStage:
         history, target = self.layout.split_clip(batch.latents.cpu())
         b = target.shape[0]
         tasks = draw_tasks(b, cfg.history.tasks, generator)
-        history, anchor, valid = apply_tasks(history, batch.first_latent.cpu(), tasks, self.layout, generator)
+        history, anchor, valid = apply_tasks(
+            history,
+            batch.first_latent.cpu(),
+            tasks,
+            self.layout,
+            generator,
+            batch.history_frames.cpu(),
+            section_format=cfg.data.latent_format == "sections",
+        )
         history, branches = frame_aware_corrupt(history, valid, cfg.history.corrupt, generator)
         offset = None if self.layout.relative_rope else batch.offset.cpu()  # absolute: the window's start
         inputs = {
@@ -67,6 +75,7 @@ class FlowStage:
         stats = {
             **{f"task_{t.name.lower()}": float((tasks == t).float().mean()) for t in Task},
             "corrupt_frac": float(((branches != Branch.CLEAN) & valid).sum()) / n_valid,
+            "history_empty": float((~valid.any(dim=1)).float().mean()),  # T2V or a video's first section
         }
         return inputs, target, stats
 
@@ -115,6 +124,7 @@ class FlowStage:
         return [
             "loss",
             "corrupt_frac",
+            "history_empty",
             "noisy_tokens",
             "sigma_mean",
             "shift",
