@@ -113,6 +113,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def on_every_rank(flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` holds on every rank (one all-reduce): for decisions that set how many forward
+    passes a step makes, which must agree across ranks (ZeRO-3 gathers weights in every forward)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item() > 0)
+
+
 def all_mean(
     values: dict[str, float], device: torch.device, keys: list[str] | None = None
 ) -> dict[str, float]:

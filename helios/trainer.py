@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -746,4 +747,9 @@ class Trainer:
     def close(self) -> None:
         if self.tracker is not None:
             self.tracker.finish()
+        # Free what holds the process group (DDP's reducer, ZeRO engines) while it is still registered:
+        # freed later, the reducer's dealloc would destroy the gloo group holding the GIL while gloo's
+        # worker thread waits for the GIL to free its last work -- a deadlock at exit seen under Slurm.
+        self.wrapped = self.model = self.engines = None
+        gc.collect()
         teardown()

@@ -56,6 +56,7 @@ def test_installed_package_runs_every_command_from_any_directory(installed, tmp_
         "helios.export",
         "helios.ode_pairs",
         "helios.fixtures",
+        "helios.memory",
     ):
         assert "python -m" in _run(installed, [python, "-m", module, "--help"], tmp_path).stdout, module
     assert "usage" in _run(installed, ["helios", "bench", "sampler", "--help"], tmp_path).stdout

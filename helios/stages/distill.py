@@ -41,6 +41,7 @@ from helios.distill import (
     gan_d_loss,
     gan_g_loss,
 )
+from helios.distributed import on_every_rank
 from helios.ema import ShardedEma
 from helios.flow import NUM_TRAIN_TIMESTEPS, shift_factor, shift_sigmas, token_count
 from helios.model import apply_lora, build_transformer
@@ -251,6 +252,22 @@ class DistillStage(FlowStage):
             base_state = merged_weights(source)
         return DistillModule(self._role(base_state, self.cfg.model.lora))
 
+    def role_loras(self) -> dict[str, LoraConfig | None]:
+        """The transformers this phase builds and their adapters (None: frozen): the generator (the
+        run's LoRA); in the post phase also the fake score (critic LoRA) and the frozen real score."""
+        roles: dict[str, LoraConfig | None] = {"generator": self.cfg.model.lora}
+        if self.d.phase != "ode":
+            roles["fake"] = LoraConfig(
+                enabled=True,
+                rank=self.d.fake_lora_rank,
+                alpha=self.d.fake_lora_alpha,
+                targets=self.cfg.model.lora.targets,
+                memory_patch="frozen",
+                extra_trainable=[],
+            )
+            roles["real"] = None
+        return roles
+
     def build_model(self, base_state: dict | None = None) -> DistillModule:
         from helios.model.inference import merged_weights
 
@@ -258,21 +275,13 @@ class DistillStage(FlowStage):
         generator_state = base_state or (
             merged_weights(self.d.generator_init) if self.d.generator_init else teacher
         )
-        generator = self._role(generator_state, self.cfg.model.lora)
+        loras = self.role_loras()
+        generator = self._role(generator_state, loras["generator"])
         if self.d.phase == "ode":
             self.model = DistillModule(generator)
             return self.model
-        lora = self.cfg.model.lora
-        fake_lora = LoraConfig(
-            enabled=True,
-            rank=self.d.fake_lora_rank,
-            alpha=self.d.fake_lora_alpha,
-            targets=lora.targets,
-            memory_patch="frozen",
-            extra_trainable=[],
-        )
-        fake = self._role(teacher, fake_lora)
-        real = self._role(teacher, None)
+        fake = self._role(teacher, loras["fake"])
+        real = self._role(teacher, loras["real"])
         shape = fake.config  # the loaded model's own shape (a checkpoint's, not the config's defaults)
         heads = (
             GanHeads(
@@ -516,7 +525,11 @@ class DistillStage(FlowStage):
         self._activate("generator", prefetch="critic")
         if self.d.history_source == "self_forcing":
             cond = self._self_forcing_cond(m.generator, cond, target.shape, gen)
-        first = stats["history_empty"] == 1.0 and self.d.history_source != "self_forcing"
+        # every rank's history empty: the first section's amplified schedule (agreed across ranks: it
+        # sets the number of rollout forwards)
+        first = self.d.history_source != "self_forcing" and on_every_rank(
+            stats["history_empty"] == 1.0, device
+        )
         exits = self.exit_steps(shared, first)
         x0 = self.rollout(
             m.generator, cond, target.shape, gen, grad=update_g, exits=exits, first_section=first

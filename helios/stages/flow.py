@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from helios.config.schema import TrainConfig
+from helios.config.schema import LoraConfig, TrainConfig
 from helios.corrupt import Branch, frame_aware_corrupt
 from helios.data.dataset import ClipBatch
 from helios.flow import NUM_TRAIN_TIMESTEPS, flow_pair, sample_sigmas, shift_factor, shift_sigmas, token_count
@@ -49,6 +49,10 @@ class FlowStage:
             if unexpected:
                 raise ValueError(f"init_from weights unknown to this model: {unexpected[:5]}")
         return apply_lora(model, self.cfg.model.lora)
+
+    def role_loras(self) -> dict[str, LoraConfig | None]:
+        """The transformers this stage trains and their adapters: one model with the run's LoRA."""
+        return {"model": self.cfg.model.lora}
 
     def condition(self, batch: ClipBatch, generator: torch.Generator) -> tuple[dict, torch.Tensor, dict]:
         """History inputs of the model, the clean noisy-window latents, and statistics."""

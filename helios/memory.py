@@ -1,0 +1,384 @@
+"""``python -m helios.memory [training overrides] world_size=N``: what a training config holds per GPU
+and in each node's host memory, counted without weights or a GPU (paper §4.2: four 14B models on 80 GB).
+
+The transformers of the config are built under torch's fake tensors at their real shapes (the shape
+fields of ``model.transformer``, or the ``config.json`` of ``model.transformer.path`` when it exists),
+with the adapters each role gets (``Stage.role_loras``); every parameter is counted in the dtype the
+trainer gives it (frozen: the compute dtype, trainable: fp32). Activations are counted, not guessed:
+a fake forward of each role that trains, at the configured micro-batch and the real token counts, under
+bf16 autocast, records every tensor autograd saves, with gradient checkpointing as configured; the
+backward adds the largest block's own saved tensors (recomputed one block at a time). Placements follow
+the trainer: DDP replicates (gradients as bucket views, no second copy), ZeRO-2 partitions gradients and
+optimizer state, ZeRO-3 also the weights, the offload pool keeps frozen bases in pinned host memory and
+makes resident what stage 3's step activates (``OFFLOAD_SCHEDULE``). Not counted: the CUDA context,
+allocator fragmentation, communication buffers of NCCL, the GAN heads' activations, the VAE and text
+encoder (they live on the CPU between validations).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+GIB = 2**30
+SHAPE_KEYS = (
+    "num_attention_heads",
+    "attention_head_dim",
+    "in_channels",
+    "out_channels",
+    "text_dim",
+    "freq_dim",
+    "ffn_dim",
+    "num_layers",
+    "rope_dim",
+)
+# Stage 3 (post, distill.offload=true): (roles resident, role in flight) at each point of a step, as
+# helios/stages/distill.py activates them: placement / validation; the generator's rollout; the critic
+# (then the real score, or the generator when it does not step); real + critic for the DMD gradient;
+# both pending graphs before their backward. tests/test_memory.py checks it against real steps.
+OFFLOAD_SCHEDULE = (
+    ({"generator"}, None),
+    ({"generator"}, "critic"),
+    ({"critic"}, "real"),
+    ({"critic"}, "generator"),
+    ({"real", "critic"}, "generator"),
+    ({"generator", "critic"}, None),
+)
+USAGE = """usage: python -m helios.memory [training overrides ...] [world_size=N] [gpus_per_node=8]
+                                  [height=384] [width=640]
+
+The same overrides as train_helios.py (stage=, stage1=, model=, parallel=, distill.offload=, ...);
+world_size: ranks the run uses (default 8); height/width: the training resolution in pixels.
+Prints every memory category per GPU and per node's host memory; the last line is
+peak_gib_per_gpu=<x> host_gib_per_node=<y>."""
+
+
+@dataclass
+class Item:
+    """One category: bytes on each GPU and in each rank's host memory, held always, during the training
+    step only (activations), while a checkpoint is written only, or while the models are built."""
+
+    category: str
+    gpu: float = 0.0
+    host: float = 0.0
+    when: str = "always"  # always | step | checkpoint | build
+
+
+@dataclass
+class Role:
+    """A transformer of the step, built under fake tensors."""
+
+    name: str
+    module: nn.Module
+    frozen: list[int]  # bytes of each frozen tensor in the compute dtype
+    trainable: int  # trainable parameters (fp32)
+    largest_block: int  # bytes of the largest block's frozen weights (ZeRO-3 gathers one at a time)
+
+
+def _shape_overrides(cfg) -> dict:
+    """The transformer's shape: the pretrained directory's config.json when it is here, else the
+    config's own shape fields (the 14B defaults of the schema)."""
+    t = cfg.model.transformer
+    if t.path:
+        for config in (Path(t.path) / (t.subfolder or "") / "config.json", Path(t.path) / "config.json"):
+            if config.exists():
+                found = json.loads(config.read_text())
+                return {k: found[k] for k in SHAPE_KEYS if k in found}
+    return {}
+
+
+def build_roles(cfg, compute_dtype: torch.dtype) -> list[Role]:
+    """Every transformer the stage builds, with its adapters, under fake tensors (no memory, no files)."""
+    from helios.config.schema import KernelsConfig
+    from helios.model import apply_lora, build_transformer
+    from helios.stages import STAGES
+
+    shape = {k: (list(v) if isinstance(v, tuple) else v) for k, v in _shape_overrides(cfg).items()}
+    tcfg = replace(cfg.model.transformer, source="random", path=None, **shape)
+    roles = []
+    size = compute_dtype.itemsize
+    for name, lora in STAGES[cfg.stage](cfg).role_loras().items():
+        with torch.device("meta"):
+            model = build_transformer(tcfg, KernelsConfig(), "sdpa")  # kernels do not change the weights
+            model = apply_lora(model, lora) if lora is not None else model.requires_grad_(False)
+        frozen = [p.numel() * size for p in model.parameters() if not p.requires_grad]
+        blocks = [sum(p.numel() * size for p in b.parameters() if not p.requires_grad) for b in model.blocks]
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        roles.append(Role(name, model, frozen, trainable, max(blocks, default=0)))
+    return roles
+
+
+def gan_head_parameters(cfg, roles: list[Role]) -> int:
+    """Trainable parameters of stage 3's GAN heads (the critic's group)."""
+    from helios.model.gan import GanHeads
+
+    d = cfg.distill
+    fake = next((r for r in roles if r.name == "fake"), None)
+    if fake is None or not d.gan.enabled:
+        return 0
+    c = fake.module.config
+    with torch.device("meta"):
+        heads = GanHeads(
+            d.gan.layers,
+            c.num_layers,
+            c.num_attention_heads * c.attention_head_dim,
+            d.gan.dim,
+            out_channels=c.out_channels if d.gan.output_head else None,
+        )
+        return sum(p.numel() for p in heads.parameters())
+
+
+def _to_fake(module: nn.Module, mode, compute_dtype: torch.dtype) -> None:
+    """Meta parameters and buffers -> fake CPU tensors (frozen in the compute dtype, trainable fp32),
+    assigned in place: fake tensors cannot go through ``Module.to``."""
+    with mode:
+        for sub in module.modules():
+            for key, p in sub._parameters.items():
+                if p is not None:
+                    dtype = torch.float32 if p.requires_grad else compute_dtype
+                    fake = torch.empty(p.shape, dtype=dtype if p.is_floating_point() else p.dtype)
+                    sub._parameters[key] = nn.Parameter(fake, requires_grad=p.requires_grad)
+            for key, b in sub._buffers.items():
+                if b is not None:
+                    sub._buffers[key] = torch.empty(b.shape, dtype=b.dtype)
+
+
+def activation_bytes(
+    cfg, role: Role, batch: int, latent_hw: tuple[int, int], compute_dtype: torch.dtype
+) -> tuple[int, int]:
+    """(bytes autograd saves in one training forward of ``role`` with gradient checkpointing as
+    configured, the largest block's own saved bytes: the extra of recomputing it in the backward)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    from helios.history import HistoryLayout
+
+    layout = HistoryLayout.from_config(cfg.history)
+    model, c = role.module, role.module.config
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    _to_fake(model, mode, compute_dtype)
+    h, w = latent_hw
+    saved: list[int] = []
+    per_block: dict[int, int] = {}
+    current: list[int] = []
+
+    weights = {StorageWeakRef(p.untyped_storage()) for p in model.parameters()}
+    seen: set = set()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        """Each storage once (every block's checkpoint holds the same timestep projection; views share
+        their base), parameters not at all (counted as weights)."""
+        key = StorageWeakRef(t.untyped_storage())
+        if key in weights or key in seen:
+            return t
+        seen.add(key)
+        nbytes = t.untyped_storage().nbytes()
+        saved.append(nbytes)
+        if current:
+            per_block[current[-1]] = per_block.get(current[-1], 0) + nbytes
+        return t
+
+    def enter(i: int) -> None:
+        current.append(i)
+
+    def leave() -> None:
+        current.pop()
+
+    hooks = []
+    for i, block in enumerate(model.blocks):
+        hooks.append(block.register_forward_pre_hook(lambda m, a, i=i: enter(i)))
+        hooks.append(block.register_forward_hook(lambda m, a, o: leave()))
+    checkpointing = model.is_gradient_checkpointing
+
+    def forward(checkpoint: bool) -> int:
+        saved.clear()
+        seen.clear()
+        if checkpoint:
+            model.enable_gradient_checkpointing()
+        else:
+            model.disable_gradient_checkpointing()
+        with mode:
+            x = torch.zeros(batch, c.in_channels, layout.window, h, w)
+            history = torch.zeros(batch, c.in_channels, layout.num_history, h, w)
+            inputs = layout.model_inputs(history, torch.zeros(batch, c.in_channels, 1, h, w))
+            embeds = torch.zeros(batch, cfg.model.text_encoder.max_sequence_length, c.text_dim)
+            with (
+                torch.autocast("cpu", dtype=torch.bfloat16),
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+            ):
+                model(
+                    hidden_states=x.requires_grad_(),
+                    timestep=torch.zeros(batch),
+                    encoder_hidden_states=embeds,
+                    **inputs,
+                    return_dict=False,
+                )
+        return sum(saved)
+
+    try:
+        whole = forward(checkpoint=False)
+        block_peak = max(per_block.values(), default=0)
+        total = forward(checkpoint=True) if checkpointing else whole
+    finally:
+        for hook in hooks:
+            hook.remove()
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+    return total, block_peak if checkpointing else 0
+
+
+def pinned_bytes(sizes: list[int]) -> int:
+    """Host bytes of one pinned allocation per tensor: the caching host allocator rounds each request
+    up to a power of two."""
+    return sum(1 << max(0, (n - 1).bit_length()) for n in sizes)
+
+
+def estimate(cfg, world_size: int, latent_hw: tuple[int, int]) -> list[Item]:
+    """Every category per GPU and per rank's host memory for ``cfg`` on ``world_size`` ranks."""
+    from helios.trainer import resolve_precision
+
+    dtype = resolve_precision(cfg, torch.device("cuda"))
+    roles = build_roles(cfg, dtype)
+    by_name = {r.name: r for r in roles}
+    heads = gan_head_parameters(cfg, roles)
+    p = cfg.parallel
+    offload = cfg.stage == 3 and cfg.distill.offload
+    bucket = p.zero_bucket_size * 4  # fp32 gradient elements
+    items: list[Item] = []
+    group_of = {"model": "model", "generator": "generator", "fake": "critic", "real": "real"}
+    for role in roles:
+        kind = p.role_backend(group_of[role.name])
+        base, trainable = sum(role.frozen), role.trainable + (heads if role.name == "fake" else 0)
+        label = f"{role.name}"
+        if offload:
+            pass  # bases: counted below from the offload schedule
+        elif kind == "zero3":
+            resident = (
+                base / world_size + 2 * role.largest_block
+            )  # its partition + the gathered block in flight
+            on_host = p.zero_offload_params
+            items.append(
+                Item(
+                    f"{label}: frozen base (ZeRO-3 partition + gathered)",
+                    0 if on_host else resident,
+                    base / world_size if on_host else 0,
+                )
+            )
+        else:
+            items.append(Item(f"{label}: frozen base", base))
+        if not trainable:
+            continue
+        shard = world_size if kind in ("zero2", "zero3") else 1
+        weights = 4 * trainable / (world_size if kind == "zero3" else 1)
+        items.append(Item(f"{label}: trainable weights (fp32)", weights))
+        items.append(Item(f"{label}: gradients (fp32)", 4 * trainable / shard + (bucket if shard > 1 else 0)))
+        optimizer = 8 * trainable / shard
+        on_host = shard > 1 and p.zero_offload_optimizer
+        items.append(
+            Item(f"{label}: AdamW state (fp32)", 0 if on_host else optimizer, optimizer if on_host else 0)
+        )
+    if cfg.stage == 3 and cfg.distill.phase != "ode":
+        items.append(Item("EMA shard (fp32)", 4 * by_name["generator"].trainable / world_size))
+    if offload:
+        host = {r.name: pinned_bytes(r.frozen) for r in roles}
+        pool = {"generator": "generator", "fake": "critic", "real": "real"}
+        bases = {pool[r.name]: sum(r.frozen) for r in roles}
+        peak = max(
+            sum(bases[r] for r in resident) + (bases[ahead] if ahead and ahead not in resident else 0)
+            for resident, ahead in OFFLOAD_SCHEDULE
+        )
+        items.append(Item("frozen bases resident + in flight (offload peak)", peak))
+        items.append(Item("offloaded bases, pinned (one allocation per tensor)", 0, sum(host.values())))
+    b = cfg.trainer.batch_size
+    trained = [r for r in roles if r.trainable]
+    if cfg.stage == 3 and cfg.distill.phase != "ode":
+        trained = [by_name["generator"], by_name["fake"]]  # both graphs wait for their backward
+    saved, recompute = 0, 0
+    for role in trained:
+        total, block = activation_bytes(cfg, role, b, latent_hw, dtype)
+        saved += total
+        recompute = max(recompute, block)
+    items.append(Item(f"activations saved for backward (batch {b}, counted)", saved, when="step"))
+    items.append(Item("backward: one block recomputed (gradient checkpointing)", recompute, when="step"))
+    gathered = [  # save_checkpoint gathers every ZeRO-3 role's full weights at once
+        r for r in roles if not offload and p.role_backend(group_of[r.name]) == "zero3"
+    ]
+    if gathered:
+        full = sum(
+            sum(r.frozen) * (1 - 1 / world_size) + 4 * r.trainable * (1 - 1 / world_size) for r in gathered
+        )
+        names = ", ".join(r.name for r in gathered)
+        items.append(Item(f"checkpoint: ZeRO-3 weights gathered ({names})", full, when="checkpoint"))
+    items.append(build_host(cfg, roles, dtype))
+    return items
+
+
+def build_host(cfg, roles: list[Role], dtype: torch.dtype) -> Item:
+    """Host memory per rank while the models are built, as the code builds them: every role in fp32
+    before the trainer casts its frozen base to the compute dtype, plus the merged fp32 state dicts it
+    loads from (``init_from``; stage 3: the teacher, and ``distill.generator_init``)."""
+    params = max(sum(r.frozen) // dtype.itemsize + r.trainable for r in roles)
+    states = int(bool(cfg.init_from))
+    if cfg.stage == 3:
+        states += 1 + int(bool(cfg.distill.generator_init) and not cfg.init_from)
+    copies = len(roles) + states
+    return Item(f"host at build: {copies} fp32 model copies", 0, 4 * params * copies, when="build")
+
+
+def report(items: list[Item], gpus_per_node: int) -> tuple[str, float, float]:
+    """The table, the peak GiB per GPU (the training step or writing a checkpoint, whichever is larger)
+    and host GiB per node (steady state or model building, whichever is larger)."""
+
+    def total(field: str, *when: str) -> float:
+        return sum(getattr(i, field) for i in items if i.when in when)
+
+    step, ckpt = total("gpu", "always", "step"), total("gpu", "always", "checkpoint")
+    steady, build = total("host", "always", "step"), total("host", "build")
+    lines = [f"{'category':<70} {'GiB/GPU':>8} {'GiB host/rank':>14}"]
+    lines += [f"{i.category:<70} {i.gpu / GIB:>8.2f} {i.host / GIB:>14.2f}" for i in items]
+    lines.append(f"{'training step':<70} {step / GIB:>8.2f} {steady / GIB:>14.2f}")
+    if ckpt > total("gpu", "always"):
+        lines.append(f"{'writing a checkpoint':<70} {ckpt / GIB:>8.2f}")
+    lines.append(f"{'building the models':<70} {'':>8} {build / GIB:>14.2f}")
+    return "\n".join(lines), max(step, ckpt) / GIB, gpus_per_node * max(steady, build) / GIB
+
+
+def main(argv: list[str] | None = None) -> int:
+    from helios.config import compose
+    from helios.config.cli import USER_ERRORS
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        return 0
+    own = {"world_size": 8, "gpus_per_node": 8, "height": 384, "width": 640}
+    overrides = []
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key in own:
+            own[key] = int(value)
+        else:
+            overrides.append(arg)
+    try:
+        cfg = compose(overrides)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    items = estimate(cfg, own["world_size"], (own["height"] // 8, own["width"] // 8))
+    table, gpu, host = report(items, own["gpus_per_node"])
+    print(
+        f"helios.memory: stage {cfg.stage} ({cfg.phase}), parallel={cfg.parallel.backend}, "
+        f"world_size={own['world_size']}, {own['height']}x{own['width']}"
+    )
+    print(table)
+    print(f"peak_gib_per_gpu={gpu:.1f} host_gib_per_node={host:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

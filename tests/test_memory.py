@@ -1,0 +1,84 @@
+"""python -m helios.memory: counts equal the built models, activations against hand-counted tokens, the
+offload schedule against a real step, the command's last line."""
+
+import re
+
+import torch
+
+from helios import memory
+from helios.config import compose
+
+REAL_STAGE1 = ["stage=1", "stage1=init", "model=wan14b", "model.transformer.path=/nonexistent", "data=/d"]
+
+
+def test_parameter_counts_equal_the_models_the_stage_builds():
+    """The fake-built roles hold exactly the parameters (frozen / trainable) of the real tiny model."""
+    from helios.stages import FlowStage
+
+    cfg = compose([])
+    (role,) = memory.build_roles(cfg, torch.float32)
+    real = FlowStage(cfg).build_model()
+    assert role.trainable == sum(p.numel() for p in real.parameters() if p.requires_grad) > 0
+    assert sum(role.frozen) == 4 * sum(p.numel() for p in real.parameters() if not p.requires_grad)
+
+
+def test_checkpointed_activations_grow_by_one_block_input_per_layer():
+    """14B width, 384x640, history 16/2/1 + window 9: with gradient checkpointing each block keeps only its
+    input, [batch, tokens, 5120] in bf16, tokens = 8640 noisy + 2x960 short + 240 mid + 240 long = 11040
+    (hand-counted from the patch sizes); without checkpointing a block keeps far more."""
+    totals = {}
+    for layers in (1, 2):
+        cfg = compose([*REAL_STAGE1, f"model.transformer.num_layers={layers}"])
+        (role,) = memory.build_roles(cfg, torch.bfloat16)
+        totals[layers] = memory.activation_bytes(cfg, role, 2, (48, 80), torch.bfloat16)
+    assert totals[2][0] - totals[1][0] == 2 * 11040 * 5120 * 2
+    assert totals[2][1] > 10 * (totals[2][0] - totals[1][0])  # one block's own saved tensors
+
+
+def test_pinned_allocations_round_up_to_powers_of_two():
+    assert memory.pinned_bytes([3, 4, 5, 1000]) == 4 + 4 + 8 + 1024
+
+
+def test_offload_schedule_is_what_a_stage3_step_activates(tmp_path, monkeypatch):
+    """OFFLOAD_SCHEDULE (what the model counts as resident and in flight) is exactly the set of
+    activations of real stage-3 steps with the offload pool (with and without a generator update)."""
+    from helios.offload import OffloadPool
+
+    from .test_training import _train
+
+    calls = []
+    original = OffloadPool.activate
+
+    def spy(self, *names, prefetch=None):
+        calls.append((set(names), prefetch))
+        return original(self, *names, prefetch=prefetch)
+
+    monkeypatch.setattr(OffloadPool, "activate", spy)
+    _train(
+        [
+            "stage=3",
+            "distill.offload=true",
+            "trainer.max_steps=2",
+            "distill.ttur=2",  # step 0 updates the generator, step 1 only the critic
+            "distill.gan.start_step=0",
+            "trainer.checkpoint_every=0",
+        ],
+        tmp_path,
+    )
+    assert all(c in memory.OFFLOAD_SCHEDULE for c in calls)
+    assert all(s in calls for s in memory.OFFLOAD_SCHEDULE)
+
+
+def test_cli_prints_every_category_and_the_last_line(capsys):
+    assert memory.main(["world_size=2", "height=64", "width=64"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("model: AdamW state") for line in out)
+    assert re.fullmatch(r"peak_gib_per_gpu=\d+\.\d host_gib_per_node=\d+\.\d", out[-1])
+    assert memory.main(["--help"]) == 0 and "world_size" in capsys.readouterr().out
+
+
+def test_zero3_roles_count_the_checkpoint_gather():
+    cfg = compose(["stage=3", "parallel=zero3", "distill.teacher=/t"])
+    items = memory.estimate(cfg, 2, (8, 8))
+    gathered = [i for i in items if i.when == "checkpoint"]
+    assert len(gathered) == 1 and gathered[0].gpu > 0
