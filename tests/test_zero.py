@@ -117,7 +117,6 @@ def test_zero3_validation_samples_the_ema_and_restores_the_weights(tmp_path):
     _train([f"hydra.run.dir={tmp_path / 'zero3'}", "parallel=zero3", *common])
     ddp, zero3 = metrics(tmp_path / "ddp"), metrics(tmp_path / "zero3")
     val = {k: v for k, v in ddp[5].items() if k.startswith("val/")}
-    assert val and {k: zero3[5][k] for k in val} == pytest.approx(
-        val, rel=1e-4, abs=1e-7
-    )  # values ~1e-4: float noise
+    # drift statistics are differences of frame means in [0, 1]: float32 noise is absolute (~1e-7)
+    assert val and {k: zero3[5][k] for k in val} == pytest.approx(val, rel=1e-4, abs=1e-6)
     assert [m["loss"] for m in zero3] == pytest.approx([m["loss"] for m in ddp], rel=1e-5)
