@@ -1,18 +1,19 @@
 """``python -m helios.memory [training overrides] world_size=N``: what a training config holds per GPU
 and in each node's host memory, counted without weights or a GPU (paper §4.2: four 14B models on 80 GB).
 
-The transformers of the config are built under torch's fake tensors at their real shapes (the shape
-fields of ``model.transformer``, or the ``config.json`` of ``model.transformer.path`` when it exists),
-with the adapters each role gets (``Stage.role_loras``); every parameter is counted in the dtype the
+The transformers of the config are built on the meta device at their real shapes (the shape fields
+of ``model.transformer``, or the ``config.json`` of ``model.transformer.path`` when it exists), with
+the adapters each role gets (``Stage.role_loras``); every parameter is counted in the dtype the
 trainer gives it (frozen: the compute dtype, trainable: fp32). Activations are counted, not guessed:
-a fake forward of each role that trains, at the configured micro-batch and the real token counts, under
-bf16 autocast, records every tensor autograd saves, with gradient checkpointing as configured; the
-backward adds the largest block's own saved tensors (recomputed one block at a time). Placements follow
-the trainer: DDP replicates (gradients as bucket views, no second copy), ZeRO-2 partitions gradients and
-optimizer state, ZeRO-3 also the weights, the offload pool keeps frozen bases in pinned host memory and
-makes resident what stage 3's step activates (``OFFLOAD_SCHEDULE``). Not counted: the CUDA context,
-allocator fragmentation, communication buffers of NCCL, the GAN heads' activations, the VAE and text
-encoder (they live on the CPU between validations).
+a forward under fake tensors of each role that trains, at the configured micro-batch and the real
+token counts, under bf16 autocast, records every tensor autograd saves, with gradient checkpointing
+as configured; the backward adds the largest block's own saved tensors (recomputed one block at a
+time). Placements follow the trainer: DDP replicates (gradients as bucket views, no second copy),
+ZeRO-2 partitions gradients and optimizer state, ZeRO-3 also the weights, the offload pool keeps
+frozen bases in pinned host memory and makes resident what stage 3's step activates
+(``OFFLOAD_SCHEDULE``). Not counted: the CUDA context, allocator fragmentation, communication
+buffers of NCCL, the GAN heads' activations, the VAE and text encoder (they live on the CPU between
+validations).
 """
 
 from __future__ import annotations
@@ -238,6 +239,57 @@ def pinned_bytes(sizes: list[int]) -> int:
     return sum(1 << max(0, (n - 1).bit_length()) for n in sizes)
 
 
+GROUP_OF = {"model": "model", "generator": "generator", "fake": "critic", "real": "real"}  # role -> group
+
+
+def weight_items(role: Role, trainable: int, kind: str, p, world_size: int, offload: bool) -> list[Item]:
+    """One role's frozen base (unless in the offload pool), trainable weights, gradients and AdamW
+    state under its backend (``ddp`` replicates, ``zero2`` partitions gradients and optimizer state,
+    ``zero3`` the weights too)."""
+    label, base = role.name, sum(role.frozen)
+    items = []
+    if kind == "zero3" and not offload:  # its partition + the gathered block in flight
+        resident, on_host = base / world_size + 2 * role.largest_block, p.zero_offload_params
+        items.append(
+            Item(
+                f"{label}: frozen base (ZeRO-3 partition + gathered)",
+                0 if on_host else resident,
+                base / world_size if on_host else 0,
+            )
+        )
+    elif not offload:
+        items.append(Item(f"{label}: frozen base", base))
+    if not trainable:
+        return items
+    shard = world_size if kind in ("zero2", "zero3") else 1
+    bucket = p.zero_bucket_size * 4 if shard > 1 else 0  # fp32 gradient elements
+    optimizer, on_host = 8 * trainable / shard, shard > 1 and p.zero_offload_optimizer
+    return [
+        *items,
+        Item(f"{label}: trainable weights (fp32)", 4 * trainable / (world_size if kind == "zero3" else 1)),
+        Item(f"{label}: gradients (fp32)", 4 * trainable / shard + bucket),
+        Item(f"{label}: AdamW state (fp32)", 0 if on_host else optimizer, optimizer if on_host else 0),
+    ]
+
+
+def offload_items(roles: list[Role]) -> list[Item]:
+    """The offload pool: the bases resident and in flight at the step's peak (``OFFLOAD_SCHEDULE``) on
+    the GPU, every base pinned on the host."""
+    bases = {GROUP_OF[r.name]: sum(r.frozen) for r in roles}
+    peak = max(
+        sum(bases[r] for r in resident) + (bases[ahead] if ahead and ahead not in resident else 0)
+        for resident, ahead in OFFLOAD_SCHEDULE
+    )
+    return [
+        Item("frozen bases resident + in flight (offload peak)", peak),
+        Item(
+            "offloaded bases, pinned (one allocation per tensor)",
+            0,
+            sum(pinned_bytes(r.frozen) for r in roles),
+        ),
+    ]
+
+
 def estimate(cfg, world_size: int, latent_hw: tuple[int, int]) -> list[Item]:
     """Every category per GPU and per rank's host memory for ``cfg`` on ``world_size`` ranks."""
     from helios.trainer import resolve_precision
@@ -247,57 +299,19 @@ def estimate(cfg, world_size: int, latent_hw: tuple[int, int]) -> list[Item]:
     by_name = {r.name: r for r in roles}
     heads = gan_head_parameters(cfg, roles)
     p = cfg.parallel
+    post = cfg.stage == 3 and cfg.distill.phase != "ode"
     offload = cfg.stage == 3 and cfg.distill.offload
-    bucket = p.zero_bucket_size * 4  # fp32 gradient elements
     items: list[Item] = []
-    group_of = {"model": "model", "generator": "generator", "fake": "critic", "real": "real"}
     for role in roles:
-        kind = p.role_backend(group_of[role.name])
-        base, trainable = sum(role.frozen), role.trainable + (heads if role.name == "fake" else 0)
-        label = f"{role.name}"
-        if offload:
-            pass  # bases: counted below from the offload schedule
-        elif kind == "zero3":
-            resident = (
-                base / world_size + 2 * role.largest_block
-            )  # its partition + the gathered block in flight
-            on_host = p.zero_offload_params
-            items.append(
-                Item(
-                    f"{label}: frozen base (ZeRO-3 partition + gathered)",
-                    0 if on_host else resident,
-                    base / world_size if on_host else 0,
-                )
-            )
-        else:
-            items.append(Item(f"{label}: frozen base", base))
-        if not trainable:
-            continue
-        shard = world_size if kind in ("zero2", "zero3") else 1
-        weights = 4 * trainable / (world_size if kind == "zero3" else 1)
-        items.append(Item(f"{label}: trainable weights (fp32)", weights))
-        items.append(Item(f"{label}: gradients (fp32)", 4 * trainable / shard + (bucket if shard > 1 else 0)))
-        optimizer = 8 * trainable / shard
-        on_host = shard > 1 and p.zero_offload_optimizer
-        items.append(
-            Item(f"{label}: AdamW state (fp32)", 0 if on_host else optimizer, optimizer if on_host else 0)
-        )
-    if cfg.stage == 3 and cfg.distill.phase != "ode":
+        trainable = role.trainable + (heads if role.name == "fake" else 0)
+        items += weight_items(role, trainable, p.role_backend(GROUP_OF[role.name]), p, world_size, offload)
+    if post:
         items.append(Item("EMA shard (fp32)", 4 * by_name["generator"].trainable / world_size))
     if offload:
-        host = {r.name: pinned_bytes(r.frozen) for r in roles}
-        pool = {"generator": "generator", "fake": "critic", "real": "real"}
-        bases = {pool[r.name]: sum(r.frozen) for r in roles}
-        peak = max(
-            sum(bases[r] for r in resident) + (bases[ahead] if ahead and ahead not in resident else 0)
-            for resident, ahead in OFFLOAD_SCHEDULE
-        )
-        items.append(Item("frozen bases resident + in flight (offload peak)", peak))
-        items.append(Item("offloaded bases, pinned (one allocation per tensor)", 0, sum(host.values())))
+        items += offload_items(roles)
     b = cfg.trainer.batch_size
-    trained = [r for r in roles if r.trainable]
-    if cfg.stage == 3 and cfg.distill.phase != "ode":
-        trained = [by_name["generator"], by_name["fake"]]  # both graphs wait for their backward
+    # stage-3 post: the generator's and the critic's graphs both wait for their backward
+    trained = [by_name["generator"], by_name["fake"]] if post else [r for r in roles if r.trainable]
     saved, recompute = 0, 0
     for role in trained:
         total, block = activation_bytes(cfg, role, b, latent_hw, dtype)
@@ -306,12 +320,10 @@ def estimate(cfg, world_size: int, latent_hw: tuple[int, int]) -> list[Item]:
     items.append(Item(f"activations saved for backward (batch {b}, counted)", saved, when="step"))
     items.append(Item("backward: one block recomputed (gradient checkpointing)", recompute, when="step"))
     gathered = [  # save_checkpoint gathers every ZeRO-3 role's full weights at once
-        r for r in roles if not offload and p.role_backend(group_of[r.name]) == "zero3"
+        r for r in roles if not offload and p.role_backend(GROUP_OF[r.name]) == "zero3"
     ]
     if gathered:
-        full = sum(
-            sum(r.frozen) * (1 - 1 / world_size) + 4 * r.trainable * (1 - 1 / world_size) for r in gathered
-        )
+        full = sum((sum(r.frozen) + 4 * r.trainable) * (1 - 1 / world_size) for r in gathered)
         names = ", ".join(r.name for r in gathered)
         items.append(Item(f"checkpoint: ZeRO-3 weights gathered ({names})", full, when="checkpoint"))
     items.append(build_host(cfg, roles, dtype))

@@ -37,7 +37,7 @@ def _encode(key: str, arrays: dict[str, torch.Tensor], meta: dict) -> dict:
 @torch.no_grad()
 def pairs_for_shard(shard: Path, out: Path, cfg: OdePairsConfig, model, empty: torch.Tensor) -> dict:
     from helios.config.schema import TaskConfig
-    from helios.data.dataset import section_window
+    from helios.data.dataset import random_section_window
     from helios.data.shards import ShardIndex, trim_embeds, write_shard
     from helios.history import apply_tasks, draw_tasks
     from helios.sampling.pipeline import build_section_sampler
@@ -59,16 +59,11 @@ def pairs_for_shard(shard: Path, out: Path, cfg: OdePairsConfig, model, empty: t
                 f"the {model.latent_format} format: prepare the shards with clip.format={model.latent_format}"
             )
         gen = torch.Generator().manual_seed(zlib.crc32(f"{cfg.seed}:{shard.name}:{item['key']}".encode()))
-        if fmt == "sections":  # a section drawn as in training, its history zero-padded
-            sections = latents.shape[1] // layout.window
-            if sections < 1:
-                skipped += 1
-                continue
-            section = int(torch.randint(sections, (1,), generator=gen))
-            clip, first, _, real = section_window(latents, section, layout.num_history, layout.window)
-        elif latents.shape[1] < layout.clip_frames:
+        if latents.shape[1] < (layout.window if fmt == "sections" else layout.clip_frames):
             skipped += 1
             continue
+        if fmt == "sections":  # a section drawn as in training, its history zero-padded
+            clip, first, _, real = random_section_window(latents, layout.num_history, layout.window, gen)
         else:
             clip, first, real = latents[:, : layout.clip_frames], latents[:, :1], layout.num_history
         history, _ = layout.split_clip(clip[None])

@@ -48,7 +48,7 @@ def tiny():
     return transformer, vae, tokenizer, text, cond, neg
 
 
-def _ours(transformer, scheduler, steps, guidance, cond, neg, amplify=False):
+def _ours(transformer, scheduler, steps, guidance, cond, neg, amplify=False, **conditioning):
     # diffusers' ordering: its pyramid pipeline shifts each stage before the upsample
     sampler = SectionSampler(scheduler, steps, guidance, amplify_first=amplify, shift_after_upsample=False)
     return sample_video(
@@ -60,6 +60,7 @@ def _ours(transformer, scheduler, steps, guidance, cond, neg, amplify=False):
         3,
         (8, 8),
         torch.Generator().manual_seed(0),
+        **conditioning,
     ).latents
 
 
@@ -264,21 +265,11 @@ def test_i2v_matches_helios_pipeline_in_the_section_format(tiny):
         add_noise_to_image_latents=False,
         **KW,
     ).frames
-    sampler = SectionSampler(
-        HeliosScheduler(stages=1, stage_range=[0, 1], use_dynamic_shifting=True), [3], Guidance(5.0)
+    scheduler = HeliosScheduler(stages=1, stage_range=[0, 1], use_dynamic_shifting=True)
+    latents = _ours(
+        transformer, scheduler, [3], Guidance(5.0), cond, neg, anchor=ours.anchor, history=ours.history
     )
-    generated = sample_video(
-        transformer,
-        LAYOUT,
-        sampler,
-        PromptSchedule([(0, cond)]),
-        neg,
-        3,
-        (8, 8),
-        torch.Generator().manual_seed(0),
-        anchor=ours.anchor,
-        history=ours.history,
-    ).latents[:, :, 1:]  # after the history slot's latent
+    generated = latents[:, :, 1:]  # after the history slot's latent
     torch.testing.assert_close(generated, ref[:, :, -generated.shape[2] :], rtol=0, atol=1e-5)
 
 

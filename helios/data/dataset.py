@@ -58,6 +58,14 @@ def section_window(
     return clip, first, max(0, start - num_history), min(num_history, start)
 
 
+def random_section_window(
+    latents: torch.Tensor, num_history: int, window: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """:func:`section_window` of a section drawn uniformly from the video's whole sections."""
+    section = int(torch.randint(latents.shape[1] // window, (1,), generator=generator))
+    return section_window(latents, section, num_history, window)
+
+
 class LatentClipDataset(torch.utils.data.Dataset):
     """Item ``(i, epoch)`` is one training window of sample ``i``, drawn deterministically from seed,
     epoch and index (a resumed run reads the same windows):
@@ -157,9 +165,7 @@ class LatentClipDataset(torch.utils.data.Dataset):
         latents = sample["latents"]
         gen = torch.Generator().manual_seed(_seed(self.seed, epoch, index))
         if self.latent_format == "sections":
-            sections = latents.shape[1] // self.window
-            section = int(torch.randint(sections, (1,), generator=gen))
-            clip, first, offset, real = section_window(latents, section, self.num_history, self.window)
+            clip, first, offset, real = random_section_window(latents, self.num_history, self.window, gen)
         else:
             spare = latents.shape[1] - self.clip_frames
             offset = int(torch.randint(spare + 1, (1,), generator=gen)) if spare > 0 else 0
