@@ -53,6 +53,20 @@ def slurm(tmp_path_factory):
         subprocess.run(["bash", str(ROOT / "launch/local_slurm.sh"), "stop", str(started)], check=False)
 
 
+def _slurm_diagnostics(job: str) -> str:
+    """The job's record and the daemons' last log lines, for a failure message."""
+    job_info = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    logs = ""
+    conf = Path("/etc/slurm/slurm.conf")
+    if conf.exists():
+        for line in conf.read_text().splitlines():
+            if line.startswith(("SlurmctldLogFile=", "SlurmdLogFile=")):
+                path = Path(line.split("=", 1)[1])
+                if path.exists():
+                    logs += f"\n--- {path}\n" + "\n".join(path.read_text().splitlines()[-15:])
+    return f"\n--- scontrol show job {job}\n{job_info}{logs}"
+
+
 def _job_state(job: str) -> str:
     out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
     return next((w.split("=", 1)[1] for w in out.split() if w.startswith("JobState=")), "GONE")
@@ -99,13 +113,14 @@ def test_sbatch_template_requeues_on_preemption_and_resumes(slurm, tmp_path):
     while "restart 1" not in log.read_text() and _job_state(job) != "PENDING":
         assert time.time() < deadline + 60, log.read_text()
         time.sleep(0.2)
-    # Slurm delays a requeued job's start (BeginTime); a test need not wait for it.
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
+    # Slurm delays a requeued job's start (BeginTime); a test need not wait that long, but a start in the
+    # second the old run's credential was revoked is refused by slurmd ("Job credential revoked": FAILED)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+3"], check=False)
     while _job_state(job) not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "GONE"):
         assert time.time() < deadline + 240, log.read_text()
         time.sleep(1)
     text = log.read_text()
-    assert _job_state(job) in ("COMPLETED", "GONE"), text
+    assert _job_state(job) in ("COMPLETED", "GONE"), text + _slurm_diagnostics(job)
     assert "checkpoint written" in text and "requeueing job" in text and "(restart 1)" in text, text
     # the requeued job resumed from the checkpoint the pre-emption asked for, mid-interval: no step lost
     resumed = int(text.split("resumed from")[1].split("step_")[1].split()[0])
