@@ -1,5 +1,6 @@
 """Stage-3 memory benchmark (paper §4.2): peak device memory and step time of Adversarial Hierarchical
-Distillation with (a) all roles resident, (b) the async offload pool, (c) offload + cached GAN gradients.
+Distillation with all roles resident (the real score a separate copy, or sharing the fake score's base:
+``distill.shared_teacher``), the async offload pool, and offload + cached GAN gradients.
 
     python bench/bench_stage3_memory.py          # GPU, mid-size DiT: bench/results/stage3_memory_<gpu>.json
     python bench/bench_stage3_memory.py --smoke  # tiny model on CPU: checks the script (no device numbers)
@@ -27,6 +28,7 @@ if (CHECKOUT / "helios").is_dir():  # run from a checkout without installing
 from helios.cli import bench_results  # noqa: E402
 
 MODES = {
+    "separate_real": ["distill.shared_teacher=false", "distill.offload=false", "distill.cache_gan_grad=false"],
     "resident": ["distill.offload=false", "distill.cache_gan_grad=false"],
     "offload": ["distill.offload=true", "distill.cache_gan_grad=false"],
     "offload_cached_gan": ["distill.offload=true", "distill.cache_gan_grad=true"],

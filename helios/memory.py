@@ -8,8 +8,9 @@ trainer gives it (frozen: the compute dtype, trainable: fp32). Activations are c
 a forward under fake tensors of each role that trains, at the configured micro-batch and the real
 token counts, under bf16 autocast, records every tensor autograd saves, with gradient checkpointing
 as configured; the backward adds the largest block's own saved tensors (recomputed one block at a
-time). Placements follow the trainer: DDP replicates (gradients as bucket views, no second copy),
-ZeRO-2 partitions gradients and optimizer state, ZeRO-3 also the weights, the offload pool keeps
+time). Placements follow the trainer: DDP replicates (gradients as bucket views, no second copy;
+the AdamW state sharded with ``parallel.shard_optimizer``), ZeRO-2 partitions gradients and optimizer
+state, ZeRO-3 also the weights, the offload pool keeps
 frozen bases in pinned host memory and makes resident what stage 3's step activates
 (``OFFLOAD_SCHEDULE``). Not counted: the CUDA context, allocator fragmentation, communication
 buffers of NCCL, the GAN heads' activations, the VAE and text encoder (they live on the CPU between
@@ -158,6 +159,7 @@ def activation_bytes(
     from torch.multiprocessing.reductions import StorageWeakRef
 
     from helios.history import HistoryLayout
+    from helios.model.lora import lora_inputs_uncast
 
     layout = HistoryLayout.from_config(cfg.history)
     model, c = role.module, role.module.config
@@ -210,6 +212,7 @@ def activation_bytes(
             embeds = torch.zeros(batch, cfg.model.text_encoder.max_sequence_length, c.text_dim)
             with (
                 torch.autocast("cpu", dtype=torch.bfloat16),
+                lora_inputs_uncast(model, autocast=True),  # as the trainer's step
                 torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
             ):
                 model(
@@ -244,7 +247,8 @@ GROUP_OF = {"model": "model", "generator": "generator", "fake": "critic", "real"
 
 def weight_items(role: Role, trainable: int, kind: str, p, world_size: int, offload: bool) -> list[Item]:
     """One role's frozen base (unless in the offload pool), trainable weights, gradients and AdamW
-    state under its backend (``ddp`` replicates, ``zero2`` partitions gradients and optimizer state,
+    state under its backend (``ddp`` replicates, but for the AdamW state with ``shard_optimizer``;
+    ``zero2`` partitions gradients and optimizer state,
     ``zero3`` the weights too)."""
     label, base = role.name, sum(role.frozen)
     items = []
@@ -263,7 +267,9 @@ def weight_items(role: Role, trainable: int, kind: str, p, world_size: int, offl
         return items
     shard = world_size if kind in ("zero2", "zero3") else 1
     bucket = p.zero_bucket_size * 4 if shard > 1 else 0  # fp32 gradient elements
-    optimizer, on_host = 8 * trainable / shard, shard > 1 and p.zero_offload_optimizer
+    zero1 = kind == "ddp" and p.shard_optimizer  # ZeroRedundancyOptimizer: AdamW state only
+    optimizer = 8 * trainable / (world_size if zero1 else shard)
+    on_host = shard > 1 and p.zero_offload_optimizer
     return [
         *items,
         Item(f"{label}: trainable weights (fp32)", 4 * trainable / (world_size if kind == "zero3" else 1)),
@@ -277,7 +283,7 @@ def offload_items(roles: list[Role]) -> list[Item]:
     the GPU, every base pinned on the host."""
     bases = {GROUP_OF[r.name]: sum(r.frozen) for r in roles}
     peak = max(
-        sum(bases[r] for r in resident) + (bases[ahead] if ahead and ahead not in resident else 0)
+        sum(bases.get(r, 0) for r in resident) + (bases.get(ahead, 0) if ahead not in resident else 0)
         for resident, ahead in OFFLOAD_SCHEDULE
     )
     return [

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
 from helios import checkpoint
@@ -24,6 +25,7 @@ from helios.distributed import DistInfo, all_mean, barrier, broadcast_object, se
 from helios.history import HistoryLayout
 from helios.metrics import MetricsLogger
 from helios.model import count_parameters, load_trainable_state_dict, trainable_state_dict
+from helios.model.lora import lora_inputs_uncast
 from helios.stages import STAGES
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,7 @@ CHANGEABLE_ON_RESUME = (
     "data.cache_dir",
     "data.on_error",
     "parallel.timeout_minutes",
+    "parallel.shard_optimizer",  # the checkpoint holds the whole optimizer state either way
 )
 # Set by the run itself at start-up (pinned weight sources, the tiny recipe's cached teacher and pairs).
 PINNED_ON_START = (
@@ -265,13 +268,14 @@ class Trainer:
                 )
             else:
                 self.wrapped = self.model
-            self.optimizer = torch.optim.AdamW(
-                [{"params": g["params"], "lr": g["lr"]} for g in groups],
-                lr=o.lr,
-                betas=tuple(o.betas),
-                eps=o.eps,
-                weight_decay=o.weight_decay,
-            )
+            adamw = {"lr": o.lr, "betas": tuple(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
+            param_groups = [{"params": g["params"], "lr": g["lr"]} for g in groups]
+            if self.dist.enabled and cfg.parallel.shard_optimizer:
+                self.optimizer = ZeroRedundancyOptimizer(
+                    param_groups, optimizer_class=torch.optim.AdamW, **adamw
+                )
+            else:
+                self.optimizer = torch.optim.AdamW(param_groups, **adamw)
             self.lr_scheduler = make_scheduler(self.optimizer)
         self.generator = torch.Generator().manual_seed(cfg.seed * 100_003 + self.dist.rank)
         seed_everything(cfg.seed * 100_003 + self.dist.rank)  # per-rank streams from here on
@@ -326,7 +330,7 @@ class Trainer:
             "config": to_yaml(self.cfg),
         }
         if self.engines is None:
-            objects["optimizer"] = self.optimizer.state_dict()
+            objects["optimizer"] = self._optimizer_state()
             objects["lr_scheduler"] = self.lr_scheduler.state_dict()
         path = checkpoint.save(
             self.run_dir,
@@ -342,6 +346,14 @@ class Trainer:
         if self.dist.is_main:
             log.info("saved checkpoint %s", path)
         return path
+
+    def _optimizer_state(self) -> dict | None:
+        """The whole optimizer state (on the main rank; collective for a sharded optimizer, whose shards
+        are gathered to the main rank's host memory): the same format with or without sharding."""
+        if isinstance(self.optimizer, ZeroRedundancyOptimizer):
+            self.optimizer.consolidate_state_dict(to=0)
+            return self.optimizer.state_dict() if self.dist.is_main else None
+        return self.optimizer.state_dict()
 
     def _load_weights(self, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
         if "base" in tensors:
@@ -457,13 +469,12 @@ class Trainer:
         # DDP: no gradient all-reduce before the last micro-batch; ZeRO engines accumulate by themselves
         plain = last or not self.dist.enabled or self.engines is not None
         sync = contextlib.nullcontext() if plain else self.wrapped.no_sync()
-        autocast = torch.autocast(
-            self.dist.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16
-        )
+        autocast_on = self.dtype == torch.bfloat16
+        autocast = torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=autocast_on)
         if self.engines is not None:
             self.engines.begin_micro_step()
         with sync:
-            with autocast:
+            with autocast, lora_inputs_uncast(self.model, autocast_on):
                 shared = shared_generator(self.cfg.seed, self.step, micro)
                 loss, stats = self.stage.compute_loss(self.wrapped, batch, self.generator, shared)
             # a stage with several roles returns one loss per role (their graphs are disjoint)

@@ -222,3 +222,40 @@ def test_gan_heads_are_the_references_and_losses_average_per_head():
     d, r1 = torch.tensor(2.0), torch.tensor(0.5)
     assert float(critic_gan_term(d, r1, 1e-2, 100.0, "reference")) == pytest.approx(0.02 + 50.0)
     assert float(critic_gan_term(d, r1, 1e-2, 100.0, "paper")) == pytest.approx(0.01 * (2.0 + 50.0))
+
+
+def test_shared_teacher_gives_the_losses_of_two_copies(tmp_path, monkeypatch):
+    """distill.shared_teacher (the reference: the real score is the fake score's base with the critic's LoRA
+    off) trains exactly as a separate frozen real score, with one 14B base fewer; running the real score
+    with the adapters left on changes the DMD loss once the critic has trained (the check can fail)."""
+    from helios.stages.distill import DistillModule, DistillStage
+
+    from .test_training import _train
+
+    run = [
+        "stage=3",
+        "trainer.max_steps=3",
+        "distill.ttur=1",
+        "distill.gan.start_step=0",
+        "distill.fake_lr=1e-2",  # the critic's LoRA moves visibly away from the teacher
+        "trainer.checkpoint_every=0",
+    ]
+    keys = ("loss", "loss_dmd", "loss_flow", "loss_gan_d", "loss_gan_g", "r1")
+    two = _train([*run, "distill.shared_teacher=false"], tmp_path / "two")
+    shared = _train([*run, "distill.shared_teacher=true"], tmp_path / "shared")
+    for a, b in zip(two, shared):
+        for k in keys:
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (a["step"], k)
+
+    stage = DistillStage(compose(["stage=3", "distill.teacher=/unused"]))
+    roles = stage.role_modules(DistillModule(torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)))
+    assert "real" not in stage.role_loras() and set(roles) == {"generator", "critic"}
+
+    @staticmethod
+    @__import__("contextlib").contextmanager
+    def adapters_left_on(m):
+        yield m.fake
+
+    monkeypatch.setattr(DistillStage, "real_score", adapters_left_on)
+    wrong = _train([*run, "distill.shared_teacher=true"], tmp_path / "wrong")
+    assert wrong[-1]["loss_dmd"] != pytest.approx(two[-1]["loss_dmd"], rel=1e-3)

@@ -54,7 +54,7 @@ SIZES = {
         "distill.gan.start_step=0",
         "distill.ema_start=0",
         "parallel=zero2",
-        "parallel.roles.real=zero3",
+        "parallel.roles.critic=zero3",  # the shared teacher base partitioned, the real score on it
     ],
     "export-base": [],
     "export-mid": [],

@@ -474,3 +474,47 @@ def test_an_exploding_finite_loss_stops_like_a_nan(tmp_path, monkeypatch):
     ):
         _train(["trainer.max_steps=2", "trainer.checkpoint_every=1"], tmp_path)
     assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").glob("step_*"))
+
+
+def test_lora_takes_bf16_inputs_under_autocast_without_a_second_saved_copy():
+    """Under bf16 autocast the LoRA layers use the bf16 activation as it is (peft's cast to the fp32 LoRA
+    weight and autocast's cast back store a second copy of each adapted layer's input): the same outputs
+    and gradients, fewer bytes saved for the backward."""
+    from helios.model.lora import apply_lora, lora_inputs_uncast
+    from helios.model.transformer import build_transformer
+
+    cfg = compose([])
+    model = apply_lora(build_transformer(cfg.model.transformer), cfg.model.lora)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # a LoRA that does something
+            torch.nn.init.normal_(p, std=0.1)
+        elif not p.requires_grad:
+            p.data = p.data.bfloat16()
+    c = model.config
+    x = torch.randn(1, c.in_channels, 3, 8, 8)
+    text = torch.randn(1, 8, c.text_dim)
+
+    def step(uncast: bool):
+        saved = {}
+
+        def pack(t):  # each storage once
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        model.zero_grad()
+        with (
+            torch.autocast("cpu", dtype=torch.bfloat16),
+            lora_inputs_uncast(model, uncast),
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        ):
+            out = model(hidden_states=x, timestep=torch.tensor([500]), encoder_hidden_states=text)[0]
+        out.float().square().mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out.detach(), grads, sum(saved.values())
+
+    out_cast, grads_cast, bytes_cast = step(False)
+    out, grads, saved = step(True)
+    assert torch.equal(out, out_cast)
+    assert grads.keys() == grads_cast.keys() and any("lora_A" in n for n in grads)
+    assert all(torch.equal(grads[n], grads_cast[n]) for n in grads)
+    assert saved < bytes_cast

@@ -47,7 +47,7 @@ def test_two_process_zero2_zero3_match_ddp_and_resume_exactly(tmp_path):
 def test_stage3_engines_per_role_step_once_per_iteration(tmp_path):
     """Critic every iteration, generator every ttur-th (11 iterations -> 11 / 3), same losses as DDP, with
     gradient accumulation (2 micro-batches: DeepSpeed applies each role's step at the boundary only);
-    the frozen real score is partitioned by its own ZeRO-3 engine."""
+    the frozen real score (a separate copy here) is partitioned by its own ZeRO-3 engine."""
     common = [
         "stage=3",
         "trainer.max_steps=11",
@@ -57,7 +57,8 @@ def test_stage3_engines_per_role_step_once_per_iteration(tmp_path):
         "trainer.batch_size=1",
     ]
     _train([f"hydra.run.dir={tmp_path / 'ddp'}", *common])
-    _train([f"hydra.run.dir={tmp_path / 'zero'}", *common, "parallel=zero2", "parallel.roles.real=zero3"])
+    zero = ["parallel=zero2", "distill.shared_teacher=false", "parallel.roles.real=zero3"]
+    _train([f"hydra.run.dir={tmp_path / 'zero'}", *common, *zero])
     last = metrics(tmp_path / "zero")[-1]
     assert (last["opt_steps_critic"], last["opt_steps_generator"]) == (11.0, 3.0)
     assert _losses(tmp_path / "zero") == pytest.approx(_losses(tmp_path / "ddp"), rel=1e-5)
@@ -67,6 +68,8 @@ def test_stage3_engines_per_role_step_once_per_iteration(tmp_path):
 def test_zero_settings_are_checked_at_start_up(tmp_path):
     with pytest.raises(ConfigError, match=r"parallel\.roles\.real.*zero2 or parallel=zero3"):
         compose(["parallel.roles.real=zero3"])
+    with pytest.raises(ConfigError, match=r"parallel\.roles\.real.*shared_teacher"):
+        compose(["stage=3", "parallel=zero2", "parallel.roles.real=zero3"])
     with pytest.raises(ConfigError, match=r"parallel\.zero_offload_params"):
         compose(["parallel=zero2", "parallel.zero_offload_params=true"])
     with pytest.raises(ConfigError, match=r"parallel\.backend"):

@@ -399,6 +399,10 @@ class DistillConfig(Validated):
     # §4.2 Cache Grad for GAN: the generator's GAN gradient is taken w.r.t. the discriminator's input
     # right away (its activations freed) and injected into the generator's backward; same gradients.
     cache_gan_grad: bool = True
+    # the real and fake scores share one frozen teacher base, the real score running it with the critic's
+    # adapters off (the reference code: three 14B bases -> two); false: the real score is a separate frozen
+    # copy (the paper's four 14B models; the same outputs, one more base in memory)
+    shared_teacher: bool = True
     # §4.2 async VRAM offload: frozen role weights in pinned host memory, only the active roles resident
     # (at most two of generator / critic / real), the next one prefetched on a side stream (parallel=ddp)
     offload: bool = False
@@ -568,6 +572,10 @@ class ParallelConfig(Validated):
     backend: str = "ddp"
     dist_backend: str = "auto"
     find_unused_parameters: bool = False
+    # parallel=ddp on several ranks: AdamW's state sharded across the ranks (ZeRO-1, torch's
+    # ZeroRedundancyOptimizer; the same updates, 1/world of the 8 bytes per trainable parameter each);
+    # checkpoints hold the whole state as with false. ZeRO backends shard it themselves.
+    shard_optimizer: bool = True
     roles: RoleParallelConfig = field(default_factory=RoleParallelConfig)
     zero_offload_optimizer: bool = False  # ZeRO-Offload: optimiser state and step on the CPU
     zero_offload_params: bool = False  # ZeRO-3 roles keep their parameters in host memory
@@ -731,6 +739,13 @@ class TrainConfig(Validated):
             f"tiny text encoder width {self.model.text_encoder.d_model} "
             f"!= transformer.text_dim {tr.text_dim}",
         )
+        if self.stage == 3 and self.distill.shared_teacher:
+            _check(
+                not self.parallel.roles.real,
+                "parallel.roles.real",
+                "distill.shared_teacher=true runs the real score on the critic's base (no real role of its "
+                "own); set parallel.roles.critic, or distill.shared_teacher=false for a separate real score",
+            )
         if self.stage == 3:  # the generator is distilled and sampled on one noise schedule
             _check(
                 self.validation.sampler.shift_type == self.flow.shift.type,

@@ -65,6 +65,16 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
     return model
 
 
+def lora_inputs_uncast(model: torch.nn.Module, autocast: bool):
+    """Under bf16 autocast, LoRA layers take the bf16 activation as it is: peft otherwise casts it to the
+    fp32 LoRA weight's dtype, and autocast casts it back, which stores a second copy of every adapted
+    layer's input for the backward (same values: bf16 -> fp32 -> bf16 is exact). Outside autocast (fp32
+    runs, sampling) peft's casting stays on."""
+    from peft.helpers import disable_input_dtype_casting
+
+    return disable_input_dtype_casting(model, active=autocast)
+
+
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every trainable tensor by its name in the (unwrapped) model: LoRA and full-trained weights."""
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}

@@ -1,8 +1,10 @@
 """Stage 3 (Helios-Distilled): Adversarial Hierarchical Distillation (paper §3.4, Eq. 10-16, Table 2).
 
 Roles: the few-step generator G (LoRA on Helios-Mid), the frozen real score (Helios-Base, CFG), the fake
-score (LoRA on Helios-Base) with GAN heads, and an EMA of G. ``distill.phase=ode`` regresses G onto
-teacher ODE pairs across the pyramid stages (Staged ODE Init); ``phase=post`` trains DMD + GAN:
+score (LoRA on Helios-Base) with GAN heads, and an EMA of G; by default (``distill.shared_teacher``, as the
+reference code) the real score is the fake score's base with the critic's LoRA off, so two 14B bases.
+``distill.phase=ode`` regresses G onto teacher ODE pairs across the pyramid stages (Staged ODE Init);
+``phase=post`` trains DMD + GAN:
 
 * Pure Teacher Forcing: the history is real data with Frame-Aware Corrupt, one section per step;
 * Staged Backward Simulation (Eq. 10): G rolls out through the K stages with its few DMD steps
@@ -265,7 +267,8 @@ class DistillStage(FlowStage):
                 memory_patch="frozen",
                 extra_trainable=[],
             )
-            roles["real"] = None
+            if not self.d.shared_teacher:  # else the real score is the fake score's base, adapters off
+                roles["real"] = None
         return roles
 
     def build_model(self, base_state: dict | None = None) -> DistillModule:
@@ -281,7 +284,7 @@ class DistillStage(FlowStage):
             self.model = DistillModule(generator)
             return self.model
         fake = self._role(teacher, loras["fake"])
-        real = self._role(teacher, loras["real"])
+        real = self._role(teacher, loras["real"]) if "real" in loras else None
         shape = fake.config  # the loaded model's own shape (a checkpoint's, not the config's defaults)
         heads = (
             GanHeads(
@@ -339,7 +342,8 @@ class DistillStage(FlowStage):
         if model.fake is None:
             return {"generator": model.generator}
         critic = nn.ModuleDict({"fake": model.fake, **({"heads": model.heads} if model.heads else {})})
-        return {"generator": model.generator, "critic": critic, "real": model.real}
+        roles = {"generator": model.generator, "critic": critic}
+        return roles if model.real is None else {**roles, "real": model.real}
 
     def sampling_model(self, model: DistillModule, ema: dict | None = None) -> nn.Module:
         """The generator; with ``ema`` (export, generate) a copy holding the EMA weights. During training
@@ -488,13 +492,28 @@ class DistillStage(FlowStage):
         ctx = history[:, :, history.shape[2] - m :].to(xt.device, xt.dtype)
         return (1 - tau5) * ctx + tau5 * torch.randn(ctx.shape, generator=gen).to(xt.device, xt.dtype)
 
-    def _real_velocity(self, real: nn.Module, xt, t_tau, cond: dict, context: torch.Tensor | None):
+    @staticmethod
+    @contextlib.contextmanager
+    def real_score(m: DistillModule):
+        """The real score (Helios-Base): its own frozen copy, or (``distill.shared_teacher``, as the
+        reference code) the fake score's base with the critic's LoRA switched off inside the block."""
+        if m.real is not None:
+            yield m.real
+            return
+        m.fake.disable_adapters()
+        try:
+            yield m.fake
+        finally:
+            m.fake.enable_adapters()
+
+    def _real_velocity(self, m: DistillModule, xt, t_tau, cond: dict, context: torch.Tensor | None):
         """The real score's velocity on x_tau: with the history inputs (Helios-Base), or, as a
         bidirectional teacher, on [context, x_tau] without history inputs (the x_tau part returned)."""
-        if context is None:
-            return self._call(real, xt, t_tau, cond)
-        segment = torch.cat([context, xt], dim=2)
-        v = self._call(real, segment, t_tau, {"encoder_hidden_states": cond["encoder_hidden_states"]})
+        with self.real_score(m) as real:
+            if context is None:
+                return self._call(real, xt, t_tau, cond)
+            segment = torch.cat([context, xt], dim=2)
+            v = self._call(real, segment, t_tau, {"encoder_hidden_states": cond["encoder_hidden_states"]})
         return v[:, :, context.shape[2] :]
 
     def _crop(self, x: torch.Tensor, top: int, left: int) -> torch.Tensor:
@@ -587,8 +606,8 @@ class DistillStage(FlowStage):
                 real_x0 = cfg_x0(
                     xt,
                     tau,
-                    self._real_velocity(m.real, xt, t_tau, cond, context),
-                    self._real_velocity(m.real, xt, t_tau, uncond, context),
+                    self._real_velocity(m, xt, t_tau, cond, context),
+                    self._real_velocity(m, xt, t_tau, uncond, context),
                     self.d.real_cfg,
                 )
                 fake_x0 = xt - tau5 * self._call(m.fake, xt, t_tau, cond)
