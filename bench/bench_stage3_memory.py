@@ -28,7 +28,11 @@ if (CHECKOUT / "helios").is_dir():  # run from a checkout without installing
 from helios.cli import bench_results  # noqa: E402
 
 MODES = {
-    "separate_real": ["distill.shared_teacher=false", "distill.offload=false", "distill.cache_gan_grad=false"],
+    "separate_real": [
+        "distill.shared_teacher=false",
+        "distill.offload=false",
+        "distill.cache_gan_grad=false",
+    ],
     "resident": ["distill.offload=false", "distill.cache_gan_grad=false"],
     "offload": ["distill.offload=true", "distill.cache_gan_grad=false"],
     "offload_cached_gan": ["distill.offload=true", "distill.cache_gan_grad=true"],

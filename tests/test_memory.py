@@ -3,6 +3,7 @@ offload schedule against a real step, the command's last line."""
 
 import re
 
+import pytest
 import torch
 
 from helios import memory
@@ -82,3 +83,19 @@ def test_zero3_roles_count_the_checkpoint_gather():
     items = memory.estimate(cfg, 2, (8, 8))
     gathered = [i for i in items if i.when == "checkpoint"]
     assert len(gathered) == 1 and gathered[0].gpu > 0
+
+
+LAYOUTS_THAT_FIT = [  # (the README memory table's overrides, the issue's limit in GiB per GPU)
+    (["stage=1", "stage1=init"], 56),
+    (["stage=2", "stage2=post", "init_from=/x"], 70),
+    (["stage=3", "stage3=post", "init_from=/x", "parallel=zero2", "parallel.roles.critic=zero3"], 80),
+]
+
+
+@pytest.mark.parametrize("overrides,limit", LAYOUTS_THAT_FIT)
+def test_fitting_14b_layouts_stay_under_their_limits(overrides, limit):
+    """The README's 14B layouts that fit by the model stay under their limits (the step and, under ZeRO-3,
+    writing a checkpoint): shapes are the real ones, so this arithmetic is exact and deterministic."""
+    cfg = compose([*overrides, "model=wan14b", "model.transformer.path=/x", "data=/d", "distill.teacher=/x"])
+    _, peak, _ = memory.report(memory.estimate(cfg, 8, (48, 80)), 8)
+    assert peak <= limit
