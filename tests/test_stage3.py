@@ -227,6 +227,7 @@ def test_bidirectional_teacher_scores_one_segment_without_history_inputs():
     """Table 5 "w Bidirectional Teacher": the real score sees [re-noised real context, x_tau] as one clip
     of ``bidirectional_frames`` latent frames, with no history inputs; the x_tau part is returned."""
     from helios.stages import DistillStage
+    from helios.stages.distill import DistillModule
 
     stage = DistillStage(
         compose(["stage=3", "distill.real_score=bidirectional", "distill.bidirectional_frames=8"])
@@ -245,7 +246,8 @@ def test_bidirectional_teacher_scores_one_segment_without_history_inputs():
     tau5 = torch.full((2, 1, 1, 1, 1), 0.5)
     context = stage._bidirectional_context(Batch, xt, tau5, torch.Generator().manual_seed(0))
     assert context.shape[2] == 8 - stage.layout.window  # 5 of the 7 history frames
-    v = stage._real_velocity(Real(), xt, torch.full((2,), 500.0), {"encoder_hidden_states": 0}, context)
+    m = DistillModule(torch.nn.Identity(), real=Real())  # a separate real score
+    v = stage._real_velocity(m, xt, torch.full((2,), 500.0), {"encoder_hidden_states": 0}, context)
     assert calls == [(8, ["encoder_hidden_states"])] and torch.equal(v, xt * 2)
     assert stage._bidirectional_context(Batch, xt, tau5, None) is not None
     stage.d.real_score = "history"
