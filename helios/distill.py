@@ -100,11 +100,19 @@ def critic_gan_term(loss_d: torch.Tensor, r1: torch.Tensor, w_d: float, r1_lambd
     return w_d * loss_d + r1_lambda * r1
 
 
-def approx_r1(discriminator, x_real: torch.Tensor, sigma: float, generator: torch.Generator) -> torch.Tensor:
+def approx_r1(
+    discriminator,
+    x_real: torch.Tensor,
+    sigma: float,
+    generator: torch.Generator,
+    d_real: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Approximate R1 (Eq. 12, APT): ||D(x) - D(x + sigma eps)||^2, a finite-difference stand-in for
-    sigma^2 ||grad_x D||^2 that needs no double backward."""
+    sigma^2 ||grad_x D||^2 that needs no double backward. ``d_real``: D(x) when the caller has it (the
+    GAN loss's real logits: the same value and graph, one discriminator forward fewer)."""
     eps = torch.randn(x_real.shape, generator=generator).to(x_real.device, x_real.dtype)
-    return (discriminator(x_real) - discriminator(x_real + sigma * eps)).pow(2).mean()
+    d_real = discriminator(x_real) if d_real is None else d_real
+    return (d_real - discriminator(x_real + sigma * eps)).pow(2).mean()
 
 
 @dataclass

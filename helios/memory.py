@@ -12,7 +12,7 @@ time). Placements follow the trainer: DDP replicates (gradients as bucket views,
 the AdamW state sharded with ``parallel.shard_optimizer``), ZeRO-2 partitions gradients and optimizer
 state, ZeRO-3 also the weights, the offload pool keeps
 frozen bases in pinned host memory and makes resident what stage 3's step activates
-(``OFFLOAD_SCHEDULE``). Not counted: the CUDA context, allocator fragmentation, communication
+(``offload_schedule``). Not counted: the CUDA context, allocator fragmentation, communication
 buffers of NCCL, the GAN heads' activations, the VAE and text encoder (they live on the CPU between
 validations).
 """
@@ -39,18 +39,29 @@ SHAPE_KEYS = (
     "num_layers",
     "rope_dim",
 )
-# Stage 3 (post, distill.offload=true): (roles resident, role in flight) at each point of a step, as
-# helios/stages/distill.py activates them: placement / validation; the generator's rollout; the critic
-# (then the real score, or the generator when it does not step); real + critic for the DMD gradient;
-# both pending graphs before their backward. tests/test_memory.py checks it against real steps.
-OFFLOAD_SCHEDULE = (
-    ({"generator"}, None),
-    ({"generator"}, "critic"),
-    ({"critic"}, "real"),
-    ({"critic"}, "generator"),
-    ({"real", "critic"}, "generator"),
-    ({"generator", "critic"}, None),
-)
+
+
+def offload_schedule(d) -> list[tuple[set[str], str | None]]:
+    """Stage 3 (post, ``distill.offload=true``): (roles activated, role in flight) at each point of a
+    step, as helios/stages/distill.py activates them: placement / validation; the generator's rollout;
+    the real score (+ the critic's base) for the DMD gradient while the generator's graph waits; the
+    generator's backward (with the critic when the GAN term's graph runs through it); the critic's
+    losses and backward. In flight only with ``distill.offload_prefetch``. tests/test_memory.py checks
+    it against real steps."""
+
+    def ahead(role: str) -> str | None:
+        return role if d.offload_prefetch else None
+
+    uncached_gan = d.gan.enabled and not d.cache_gan_grad
+    return [
+        ({"generator"}, None),
+        ({"generator"}, ahead("critic")),
+        ({"critic", "real"}, ahead("generator")),
+        ({"generator", "critic"} if uncached_gan else {"generator"}, ahead("critic")),
+        ({"critic"}, ahead("generator")),
+    ]
+
+
 USAGE = """usage: python -m helios.memory [training overrides ...] [world_size=N] [gpus_per_node=8]
                                   [height=384] [width=640]
 
@@ -151,10 +162,17 @@ def _to_fake(module: nn.Module, mode, compute_dtype: torch.dtype) -> None:
 
 
 def activation_bytes(
-    cfg, role: Role, batch: int, latent_hw: tuple[int, int], compute_dtype: torch.dtype
+    cfg,
+    role: Role,
+    batch: int,
+    latent_hw: tuple[int, int],
+    compute_dtype: torch.dtype,
+    noisy_hw: tuple[int, int] | None = None,
 ) -> tuple[int, int]:
     """(bytes autograd saves in one training forward of ``role`` with gradient checkpointing as
-    configured, the largest block's own saved bytes: the extra of recomputing it in the backward)."""
+    configured, the largest block's own saved bytes: the extra of recomputing it in the backward).
+    ``noisy_hw``: the noisy window's latent size when it is not ``latent_hw`` (a pyramid stage, a GAN
+    crop); the history keeps ``latent_hw``."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.multiprocessing.reductions import StorageWeakRef
 
@@ -206,7 +224,7 @@ def activation_bytes(
         else:
             model.disable_gradient_checkpointing()
         with mode:
-            x = torch.zeros(batch, c.in_channels, layout.window, h, w)
+            x = torch.zeros(batch, c.in_channels, layout.window, *(noisy_hw or (h, w)))
             history = torch.zeros(batch, c.in_channels, layout.num_history, h, w)
             inputs = layout.model_inputs(history, torch.zeros(batch, c.in_channels, 1, h, w))
             embeds = torch.zeros(batch, cfg.model.text_encoder.max_sequence_length, c.text_dim)
@@ -237,9 +255,11 @@ def activation_bytes(
 
 
 def pinned_bytes(sizes: list[int]) -> int:
-    """Host bytes of one pinned allocation per tensor: the caching host allocator rounds each request
-    up to a power of two."""
-    return sum(1 << max(0, (n - 1).bit_length()) for n in sizes)
+    """Host bytes of the offload pool's buffer for tensors of ``sizes`` bytes: one exact-size
+    allocation, each tensor 16-byte aligned (helios/offload.py)."""
+    from helios.offload import ALIGN
+
+    return sum(-(-n // ALIGN) * ALIGN for n in sizes)
 
 
 GROUP_OF = {"model": "model", "generator": "generator", "fake": "critic", "real": "real"}  # role -> group
@@ -278,22 +298,49 @@ def weight_items(role: Role, trainable: int, kind: str, p, world_size: int, offl
     ]
 
 
-def offload_items(roles: list[Role]) -> list[Item]:
-    """The offload pool: the bases resident and in flight at the step's peak (``OFFLOAD_SCHEDULE``) on
+def offload_items(cfg, roles: list[Role]) -> list[Item]:
+    """The offload pool: the bases resident and in flight at the step's peak (``offload_schedule``) on
     the GPU, every base pinned on the host."""
     bases = {GROUP_OF[r.name]: sum(r.frozen) for r in roles}
     peak = max(
         sum(bases.get(r, 0) for r in resident) + (bases.get(ahead, 0) if ahead not in resident else 0)
-        for resident, ahead in OFFLOAD_SCHEDULE
+        for resident, ahead in offload_schedule(cfg.distill)
     )
     return [
         Item("frozen bases resident + in flight (offload peak)", peak),
         Item(
-            "offloaded bases, pinned (one allocation per tensor)",
+            "offloaded bases, pinned (one exact-size buffer per role)",
             0,
             sum(pinned_bytes(r.frozen) for r in roles),
         ),
     ]
+
+
+def stage3_graphs(
+    cfg, latent_hw: tuple[int, int]
+) -> dict[str, list[list[tuple[tuple[int, int] | None, int]]]]:
+    """Stage-3 post's two graphs, each alive alone (the generator's backward runs before the critic's
+    forward), as parts backpropagated one after the other: per part, the noisy sizes of the forwards it
+    keeps for its backward, with their counts. The generator: the exit step of each pyramid stage
+    (Staged Backward Simulation, the stage sizes halved from the full one), + the discriminator on the
+    crop when the GAN gradient is not cached; the critic: its flow-matching forward, then three
+    discriminator forwards on the crop with the GAN (real, fake and the approximate R1's perturbed real;
+    its D(real) is the GAN loss's) - a second part under DDP with ``distill.critic_backward=parts``, the
+    same graph otherwise (a ZeRO engine takes one backward per micro-batch)."""
+    d = cfg.distill
+    h, w = latent_hw
+    stages = len(d.steps)
+    crop = (max(2, int(h * d.gan.crop) // 2 * 2), max(2, int(w * d.gan.crop) // 2 * 2))
+    generator = [((h >> (stages - 1 - k), w >> (stages - 1 - k)), 1) for k in range(stages)]
+    critic: list[list] = [[(None, 1)]]
+    if d.gan.enabled:
+        if d.critic_backward == "parts" and cfg.parallel.role_backend("critic") == "ddp":
+            critic.append([(crop, 3)])
+        else:
+            critic[0].append((crop, 3))
+        if not d.cache_gan_grad:
+            generator.append((crop, 1))
+    return {"generator": [generator], "fake": critic}
 
 
 def estimate(cfg, world_size: int, latent_hw: tuple[int, int]) -> list[Item]:
@@ -314,16 +361,24 @@ def estimate(cfg, world_size: int, latent_hw: tuple[int, int]) -> list[Item]:
     if post:
         items.append(Item("EMA shard (fp32)", 4 * by_name["generator"].trainable / world_size))
     if offload:
-        items += offload_items(roles)
+        items += offload_items(cfg, roles)
     b = cfg.trainer.batch_size
-    # stage-3 post: the generator's and the critic's graphs both wait for their backward
-    trained = [by_name["generator"], by_name["fake"]] if post else [r for r in roles if r.trainable]
-    saved, recompute = 0, 0
-    for role in trained:
-        total, block = activation_bytes(cfg, role, b, latent_hw, dtype)
-        saved += total
-        recompute = max(recompute, block)
-    items.append(Item(f"activations saved for backward (batch {b}, counted)", saved, when="step"))
+    graphs = stage3_graphs(cfg, latent_hw) if post else {r.name: [[(None, 1)]] for r in roles if r.trainable}
+    saved, recompute, counted = {}, 0, {}
+    for name, parts in graphs.items():  # one role's graph (one part of it) at a time
+        saved[name] = 0
+        for forwards in parts:
+            part = 0
+            for hw, count in forwards:
+                if (name, hw) not in counted:
+                    counted[name, hw] = activation_bytes(cfg, by_name[name], b, latent_hw, dtype, hw)
+                total, block = counted[name, hw]
+                part += count * total
+                recompute = max(recompute, block)
+            saved[name] = max(saved[name], part)
+    largest = max(saved, key=saved.get)
+    label = f"activations saved for backward (batch {b}, counted; the largest graph: {largest})"
+    items.append(Item(label, saved[largest], when="step"))
     items.append(Item("backward: one block recomputed (gradient checkpointing)", recompute, when="step"))
     gathered = [  # save_checkpoint gathers every ZeRO-3 role's full weights at once
         r for r in roles if not offload and p.role_backend(GROUP_OF[r.name]) == "zero3"

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+ALIGN = 16  # bytes: every view in a role's host buffer starts aligned for any dtype
+
 
 class OffloadPool:
     def __init__(self, roles: dict[str, nn.Module], device: torch.device) -> None:
@@ -27,6 +29,8 @@ class OffloadPool:
         self.pending: dict[str, tuple[list[torch.Tensor], torch.cuda.Event | None]] = {}
         self.resident: set[str] = set()
         self.moved_bytes = 0  # host -> device traffic, for the benchmark
+        self.buffers: dict[str, torch.Tensor] = {}  # one exact-size host allocation per role
+        self._registered: list[int] = []  # data pointers page-locked with cudaHostRegister
         seen: set[int] = set()
         for name, module in roles.items():
             if module is None:
@@ -34,14 +38,38 @@ class OffloadPool:
             params = [p for p in module.parameters() if not p.requires_grad and id(p) not in seen]
             seen.update(id(p) for p in params)
             self.params[name] = params
-            self.host[name] = [self._to_host(p.data) for p in params]
+            self.host[name] = self._to_host(name, params)
             for p, h in zip(params, self.host[name]):
                 p.data = h  # start offloaded: nothing of this role on the device yet
 
-    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
-        pinned = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=torch.cuda.is_available())
-        pinned.copy_(t)
-        return pinned
+    def _to_host(self, name: str, params: list[nn.Parameter]) -> list[torch.Tensor]:
+        """The role's frozen tensors copied into one host buffer of exactly their size (16-byte aligned
+        views), page-locked in place with ``cudaHostRegister`` on a CUDA machine: pinned tensors from
+        torch's caching host allocator are rounded up to a power of two each, up to twice the bytes."""
+        offsets, total = [], 0
+        for p in params:
+            offsets.append(total)
+            total += -(-p.numel() * p.element_size() // ALIGN) * ALIGN
+        flat = torch.empty(total, dtype=torch.uint8)
+        if self.cuda and total:
+            err = torch.cuda.cudart().cudaHostRegister(flat.data_ptr(), total, 1)  # portable, as torch.cuda
+            if int(err) != 0:
+                raise RuntimeError(f"cudaHostRegister of {total} bytes for role {name!r} failed: {err}")
+            self._registered.append(flat.data_ptr())
+        self.buffers[name] = flat
+        host = []
+        for p, start in zip(params, offsets):
+            n = p.numel() * p.element_size()
+            view = flat[start : start + n].view(p.dtype).view(p.shape)
+            view.copy_(p.data)
+            host.append(view)
+        return host
+
+    def close(self) -> None:
+        """Unpin the host buffers (their memory is freed with the pool)."""
+        for ptr in self._registered:
+            torch.cuda.cudart().cudaHostUnregister(ptr)
+        self._registered.clear()
 
     def role_bytes(self, name: str) -> int:
         return sum(h.numel() * h.element_size() for h in self.host[name])
@@ -83,3 +111,12 @@ class OffloadPool:
             self.resident.add(name)
         if prefetch is not None:
             self.prefetch(prefetch)
+
+    def restore(self) -> None:
+        """Every frozen weight back where the pool holds it (resident roles on the device, the others in
+        host memory): after something moved the modules themselves (DeepSpeed's initialize moves a
+        role's module to the device; copies it left behind are freed)."""
+        for name, params in self.params.items():
+            if name not in self.resident:
+                for p, h in zip(params, self.host[name]):
+                    p.data = h

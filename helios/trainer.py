@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
@@ -26,6 +27,7 @@ from helios.history import HistoryLayout
 from helios.metrics import MetricsLogger
 from helios.model import count_parameters, load_trainable_state_dict, trainable_state_dict
 from helios.model.lora import lora_inputs_uncast
+from helios.parallel import RoleCall, TrainerRoleSteps, wrap_ddp
 from helios.stages import STAGES
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,9 @@ CHANGEABLE_ON_RESUME = (
     "data.on_error",
     "parallel.timeout_minutes",
     "parallel.shard_optimizer",  # the checkpoint holds the whole optimizer state either way
+    "distill.offload",  # where the frozen bases live between uses: the same computation
+    "distill.offload_prefetch",
+    "parallel.grad_comm",
 )
 # Set by the run itself at start-up (pinned weight sources, the tiny recipe's cached teacher and pairs).
 PINNED_ON_START = (
@@ -112,6 +117,14 @@ def shared_generator(seed: int, step: int, micro: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1024 + micro)
 
 
+def resolve_num_workers(num_workers: int | None, device: torch.device) -> int:
+    """``trainer.num_workers``; unset: 4 loader processes on a GPU (the step must not wait for data),
+    none on the CPU (the workers would compete with the step for the same cores)."""
+    if num_workers is not None:
+        return num_workers
+    return 4 if device.type == "cuda" else 0
+
+
 def resolve_precision(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     if cfg.trainer.precision == "bf16" or (cfg.trainer.precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
@@ -132,6 +145,7 @@ class Trainer:
         self.stage = STAGES[cfg.stage](cfg)
         self.step = 0
         self.data_skipped = 0
+        self.role_ddp: dict[str, DistributedDataParallel] = {}  # stage 3 under DDP: one wrapper per role
 
     # ------------------------------------------------------------------ setup
     def _build_data(self) -> None:
@@ -166,7 +180,9 @@ class Trainer:
 
     def next_batch(self):
         if self._batches is None:
-            self._batches = make_loader(self.dataset, self.sampler, self.cfg.trainer.num_workers)
+            cuda = self.dist.device.type == "cuda"
+            workers = resolve_num_workers(self.cfg.trainer.num_workers, self.dist.device)
+            self._batches = make_loader(self.dataset, self.sampler, workers, pin_memory=cuda)
         batch, (epoch, position) = next(self._batches)
         self.sampler.epoch, self.sampler.position = epoch, position  # consumed, not prefetched
         return batch
@@ -252,22 +268,25 @@ class Trainer:
             )
 
         if cfg.parallel.backend != "ddp":
-            self._build_engines(groups, make_scheduler)
+            self._build_engines(groups, make_scheduler, placed)
         else:
             self.engines = None
+            self.wrapped = self.model
             if self.dist.enabled:
-                if placed:  # offloaded frozen weights stay where the stage put them (equal on all ranks)
-                    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                        self.model, [n for n, p in self.model.named_parameters() if not p.requires_grad]
-                    )
-                self.wrapped = DistributedDataParallel(
-                    self.model,
-                    device_ids=[self.dist.local_rank] if self.dist.device.type == "cuda" else None,
-                    find_unused_parameters=cfg.parallel.find_unused_parameters,
-                    gradient_as_bucket_view=True,  # no second copy of the gradients in the buckets
-                )
-            else:
-                self.wrapped = self.model
+                # offloaded frozen weights stay where the stage put them (equal on all ranks)
+                ddp = {
+                    "device": self.dist.device,
+                    "find_unused": cfg.parallel.find_unused_parameters,
+                    "frozen_elsewhere": placed,
+                    "grad_comm": cfg.parallel.grad_comm,
+                }
+                modules = self._role_modules()
+                if modules is None:
+                    self.wrapped = wrap_ddp(self.model, **ddp)
+                else:  # one wrapper per trainable role: its backward all-reduces its gradients
+                    self.role_ddp = {
+                        name: wrap_ddp(RoleCall(modules[name]), **ddp) for name in self.group_names
+                    }
             adamw = {"lr": o.lr, "betas": tuple(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
             param_groups = [{"params": g["params"], "lr": g["lr"]} for g in groups]
             if self.dist.enabled and cfg.parallel.shard_optimizer:
@@ -280,12 +299,15 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(cfg.seed * 100_003 + self.dist.rank)
         seed_everything(cfg.seed * 100_003 + self.dist.rank)  # per-rank streams from here on
 
-    def _build_engines(self, groups: list[dict], make_scheduler) -> None:
+    def _role_modules(self) -> dict[str, nn.Module] | None:
+        """The stage's roles (stage 3), or None: the whole model is the one role."""
+        return self.stage.role_modules(self.model) if hasattr(self.stage, "role_modules") else None
+
+    def _build_engines(self, groups: list[dict], make_scheduler, placed: bool) -> None:
         """``parallel=zero2|zero3``: one DeepSpeed engine per role (helios/zero.py)."""
         from helios.zero import RoleEngines
 
-        modules = self.stage.role_modules(self.model) if hasattr(self.stage, "role_modules") else None
-        modules = modules or {"model": self.model}
+        modules = self._role_modules() or {"model": self.model}
         for role in self.cfg.parallel.roles.chosen():
             if role not in modules:
                 raise ConfigError(
@@ -293,7 +315,10 @@ class Trainer:
                     f"stage {self.cfg.stage} ({self.cfg.phase}) has no role {role!r}; its roles: "
                     + ", ".join(modules),
                 )
-        self.engines = RoleEngines(self.cfg, modules, groups, self.grad_accum, make_scheduler)
+        resident = self.stage.make_resident if placed else None  # the offload pool (stage 3)
+        self.engines = RoleEngines(self.cfg, modules, groups, self.grad_accum, make_scheduler, resident)
+        if placed:
+            self.stage.make_resident()
         self.wrapped = self.model
         self.optimizer = self.lr_scheduler = None
 
@@ -466,32 +491,37 @@ class Trainer:
     def _micro_step(self, micro: int, last: bool) -> tuple[float, dict[str, float]]:
         batch = self.next_batch().to(self.dist.device)
         self.data_skipped += batch.skipped if isinstance(batch, ClipBatch) else 0
-        # DDP: no gradient all-reduce before the last micro-batch; ZeRO engines accumulate by themselves
-        plain = last or not self.dist.enabled or self.engines is not None
-        sync = contextlib.nullcontext() if plain else self.wrapped.no_sync()
+        # DDP: no gradient all-reduce before the last micro-batch (per-role wrappers: TrainerRoleSteps);
+        # ZeRO engines accumulate by themselves
+        whole = isinstance(self.wrapped, DistributedDataParallel)
+        sync = self.wrapped.no_sync() if whole and not last else contextlib.nullcontext()
         autocast_on = self.dtype == torch.bfloat16
         autocast = torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=autocast_on)
         if self.engines is not None:
             self.engines.begin_micro_step()
+        roles = TrainerRoleSteps(self.role_ddp, self.engines, self.grad_accum, last, self._check_loss)
         with sync:
             with autocast, lora_inputs_uncast(self.model, autocast_on):
                 shared = shared_generator(self.cfg.seed, self.step, micro)
-                loss, stats = self.stage.compute_loss(self.wrapped, batch, self.generator, shared)
-            # a stage with several roles returns one loss per role (their graphs are disjoint)
+                loss, stats = self.stage.compute_loss(
+                    self.wrapped, batch, self.generator, shared, roles=roles
+                )
+            # a stage with several roles returns one loss per role (their graphs are disjoint); the
+            # roles whose backward the stage ran already (stage 3) are not run again
             losses = loss if isinstance(loss, dict) else {self.group_names[0]: loss}
-            total = sum(losses.values())
-            limit = self.cfg.trainer.max_loss
             for role, value in losses.items():
-                if not torch.isfinite(value) or (limit and value.item() > limit):
-                    self._diverged(
-                        f"the {role} loss is {value.item():.4g}"
-                        + (f" (> trainer.max_loss={limit:g})" if limit and torch.isfinite(value) else "")
-                    )
-            if self.engines is not None:
-                self.engines.backward(losses)  # per role: backward + step (applied at the boundary)
-            else:
-                (total / self.grad_accum).backward()
-        return float(total.detach()), stats
+                if role not in roles.done:
+                    roles.backward(role, value)
+        return float(sum(losses.values()).detach()), stats
+
+    def _check_loss(self, role: str, value: torch.Tensor) -> None:
+        """A non-finite loss or one above ``trainer.max_loss`` stops before any backward or step."""
+        limit = self.cfg.trainer.max_loss
+        if not torch.isfinite(value) or (limit and value.item() > limit):
+            self._diverged(
+                f"the {role} loss is {value.item():.4g}"
+                + (f" (> trainer.max_loss={limit:g})" if limit and torch.isfinite(value) else "")
+            )
 
     def _check_resume_config(self, saved_yaml: str, path: Path, step: int) -> None:
         """The resume contract: settings in :data:`CHANGEABLE_ON_RESUME` may differ from the checkpoint's
@@ -762,5 +792,7 @@ class Trainer:
         # freed later, the reducer's dealloc would destroy the gloo group holding the GIL while gloo's
         # worker thread waits for the GIL to free its last work -- a deadlock at exit seen under Slurm.
         self.wrapped = self.model = self.engines = None
+        self.role_ddp = {}
+        self.stage.release()
         gc.collect()
         teardown()

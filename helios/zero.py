@@ -72,7 +72,10 @@ class RoleEngines:
         groups: list[dict],
         grad_accum: int,
         make_scheduler,
+        resident=None,
     ) -> None:
+        """``resident(role)``: called before a role's engine is built, to make that role's frozen base
+        resident (the offload pool: DeepSpeed moves the module to the device and broadcasts it)."""
         import deepspeed
 
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())  # the trainer's group
@@ -88,6 +91,8 @@ class RoleEngines:
             optimizer = torch.optim.AdamW(
                 group["params"], lr=group["lr"], betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
             )
+            if resident is not None:
+                resident(name)
             engine, *_ = deepspeed.initialize(
                 model=modules[name],
                 optimizer=optimizer,

@@ -86,6 +86,19 @@ def test_approximate_r1_matches_the_gradient_penalty():
     sigma = 1e-2
     approx = approx_r1(disc, x, sigma, torch.Generator().manual_seed(2)) / sigma**2
     assert approx.item() == pytest.approx(exact.item(), rel=0.05)
+    # D(x) passed in (the GAN loss's real logits) is the same penalty, with the same gradient
+    w_grad = {}
+    for given in (False, True):
+        wp = w.clone().requires_grad_(True)
+
+        def disc_w(x, wp=wp):
+            return torch.tanh(x @ wp)
+
+        d_real = disc_w(x) if given else None
+        r1 = approx_r1(disc_w, x, sigma, torch.Generator().manual_seed(2), d_real)
+        (w_grad[given],) = torch.autograd.grad(r1, wp)
+        assert r1.item() == pytest.approx(approx.item() * sigma**2, rel=1e-6)
+    torch.testing.assert_close(w_grad[True], w_grad[False])
 
 
 def test_gan_losses_are_non_saturating():

@@ -130,6 +130,40 @@ def test_processor_reimplementation_equals_diffusers():
     )
 
 
+def test_attention_gets_one_dtype_under_autocast_and_the_same_output(monkeypatch):
+    """Under CUDA's bf16 autocast the q/k norms return fp32 (rms_norm is on its fp32 list; emulated here,
+    CPU autocast keeps bf16) and v is bf16; flash kernels take one dtype, so the processor casts q/k to
+    v's (SDPA casts to bf16 under autocast itself: the same output)."""
+    import helios.model.attention as attention
+
+    class Fp32Out(torch.nn.Module):
+        def __init__(self, norm):
+            super().__init__()
+            self.norm = norm
+
+        def forward(self, x):
+            return self.norm(x).float()
+
+    cfg = compose([])
+    model = build_transformer(cfg.model.transformer).eval()
+    for block in model.blocks:
+        block.attn1.norm_q, block.attn1.norm_k = Fp32Out(block.attn1.norm_q), Fp32Out(block.attn1.norm_k)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(**_model_inputs(), return_dict=False)[0]
+        set_processors(model, rope="torch")
+        dtypes = []
+        original = attention.dispatch_attention_fn
+
+        def spy(q, k, v, **kw):
+            dtypes.append((q.dtype, k.dtype, v.dtype))
+            return original(q, k, v, **kw)
+
+        monkeypatch.setattr(attention, "dispatch_attention_fn", spy)
+        ours = model(**_model_inputs(), return_dict=False)[0]
+    assert dtypes and all(d == (torch.bfloat16,) * 3 for d in dtypes)
+    assert torch.equal(ours, ref)
+
+
 def test_patched_model_matches_unpatched_outputs_and_gradients():
     plain = build_transformer(compose([]).model.transformer)
     cfg = compose(["model.kernels.norm=triton", "model.kernels.rope=triton"])

@@ -36,12 +36,26 @@ def test_checkpointed_activations_grow_by_one_block_input_per_layer():
     assert totals[2][1] > 10 * (totals[2][0] - totals[1][0])  # one block's own saved tensors
 
 
-def test_pinned_allocations_round_up_to_powers_of_two():
-    assert memory.pinned_bytes([3, 4, 5, 1000]) == 4 + 4 + 8 + 1024
+def test_pinned_bytes_are_the_offload_pools_buffers():
+    """The model's pinned host bytes are what the offload pool allocates: one buffer per role of the
+    role's frozen bytes, each tensor 16-byte aligned (no power-of-two rounding per tensor)."""
+    from helios.offload import OffloadPool
+
+    roles = {"generator": torch.nn.Linear(5, 3), "critic": torch.nn.Linear(7, 2, bias=False)}
+    for role in roles.values():
+        role.requires_grad_(False)
+    pool = OffloadPool(roles, torch.device("cpu"))
+    for name, role in roles.items():
+        sizes = [p.numel() * p.element_size() for p in role.parameters()]
+        assert pool.buffers[name].numel() == memory.pinned_bytes(sizes)
+        assert all(h.untyped_storage().data_ptr() == pool.buffers[name].data_ptr() for h in pool.host[name])
+    assert memory.pinned_bytes([60, 12]) == 64 + 16  # 15x4 and 3x4 bytes
+    pool.close()
 
 
-def test_offload_schedule_is_what_a_stage3_step_activates(tmp_path, monkeypatch):
-    """OFFLOAD_SCHEDULE (what the model counts as resident and in flight) is exactly the set of
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_offload_schedule_is_what_a_stage3_step_activates(tmp_path, monkeypatch, prefetch):
+    """offload_schedule (what the model counts as resident and in flight) is exactly the set of
     activations of real stage-3 steps with the offload pool (with and without a generator update)."""
     from helios.offload import OffloadPool
 
@@ -55,19 +69,21 @@ def test_offload_schedule_is_what_a_stage3_step_activates(tmp_path, monkeypatch)
         return original(self, *names, prefetch=prefetch)
 
     monkeypatch.setattr(OffloadPool, "activate", spy)
-    _train(
-        [
-            "stage=3",
-            "distill.offload=true",
-            "trainer.max_steps=2",
-            "distill.ttur=2",  # step 0 updates the generator, step 1 only the critic
-            "distill.gan.start_step=0",
-            "trainer.checkpoint_every=0",
-        ],
-        tmp_path,
-    )
-    assert all(c in memory.OFFLOAD_SCHEDULE for c in calls)
-    assert all(s in calls for s in memory.OFFLOAD_SCHEDULE)
+    overrides = [
+        "stage=3",
+        "distill.offload=true",
+        f"distill.offload_prefetch={str(prefetch).lower()}",
+        "trainer.max_steps=2",
+        "distill.ttur=2",  # step 0 updates the generator, step 1 only the critic
+        "distill.gan.start_step=0",
+        "trainer.checkpoint_every=0",
+    ]
+    _train(overrides, tmp_path)
+    schedule = memory.offload_schedule(compose(overrides).distill)
+    assert all(c in schedule for c in calls), [c for c in calls if c not in schedule]
+    assert all(s in calls for s in schedule)
+    # one base at a time without prefetch: nothing in flight, never two bases resident
+    assert prefetch or all(ahead is None and not {"generator", "critic"} <= names for names, ahead in calls)
 
 
 def test_cli_prints_every_category_and_the_last_line(capsys):
@@ -89,6 +105,8 @@ LAYOUTS_THAT_FIT = [  # (the README memory table's overrides, the issue's limit 
     (["stage=1", "stage1=init"], 56),
     (["stage=2", "stage2=post", "init_from=/x"], 70),
     (["stage=3", "stage3=post", "init_from=/x", "parallel=zero2", "parallel.roles.critic=zero3"], 80),
+    (["stage=3", "stage3=post", "init_from=/x", "distill.offload=true"], 72),  # the paper's layout
+    (["stage=3", "stage3=post", "init_from=/x", "parallel=zero2", "distill.offload=true"], 80),
 ]
 
 

@@ -419,3 +419,68 @@ def test_validation_samples_the_ema_in_place_and_puts_the_training_weights_back(
     assert last["val/0/seam_ratio"] == pytest.approx(result.stats["seams"]["ratio"], rel=1e-4)
     for key, value in result.stats["drift"]["max_abs_delta"].items():
         assert last[f"val/0/drift_{key}"] == pytest.approx(value, rel=1e-4, abs=1e-6)
+
+
+def test_generator_backward_runs_before_the_critic_forward(tmp_path, monkeypatch):
+    """§4.2: the generator's and the critic's graphs are never alive together: on a generator iteration
+    the generator's gradients exist (its backward ran) when the critic's forward starts."""
+    from helios.stages.distill import DistillStage
+
+    seen = []
+    original = DistillStage._critic_flow_loss
+
+    def spy(self, m, *args):
+        seen.append(any(p.grad is not None for p in m.generator.parameters() if p.requires_grad))
+        return original(self, m, *args)
+
+    monkeypatch.setattr(DistillStage, "_critic_flow_loss", spy)
+    overrides = ["stage=3", "trainer.max_steps=2", "distill.ttur=2", "distill.gan.start_step=0"]
+    _train([*overrides, "trainer.checkpoint_every=0"], tmp_path)
+    assert seen == [True, False]  # step 0 updates the generator, step 1 only the critic
+
+
+def test_critic_backward_in_two_parts_gives_the_joint_gradients(tmp_path, monkeypatch):
+    """The critic's loss backpropagated in two parts (flow matching, then GAN D + R1, the first graph
+    freed before the second's forwards) gives the joint backward's gradients and losses."""
+    from helios.parallel import TrainerRoleSteps
+    from helios.stages.distill import DistillStage
+    from helios.trainer import Trainer
+
+    seen = []
+    original = DistillStage._critic_gan_loss
+
+    def spy(self, m, *args):
+        seen.append(any(p.grad is not None for p in m.fake.parameters() if p.requires_grad))
+        return original(self, m, *args)
+
+    monkeypatch.setattr(DistillStage, "_critic_gan_loss", spy)
+    cfg = compose(
+        ["stage=3", "distill.gan.start_step=0", "validation.enabled=false", "trainer.progress=false"]
+    )
+    trainer = Trainer(cfg, tmp_path)
+    trainer._build_data()
+    trainer._build_model()
+    trainer.stage.current_step = 1  # a critic-only iteration, GAN on
+    samples = [trainer.dataset[(i, 0)] for i in range(2)]
+    batch = next(iter(torch.utils.data.DataLoader(samples, batch_size=2, collate_fn=trainer.dataset.collate)))
+    grads, losses = {}, {}
+    for mode in ("parts", "joint"):
+        trainer.stage.d.critic_backward = mode
+        trainer.model.zero_grad(set_to_none=True)
+        roles = TrainerRoleSteps({}, None, 1, True, lambda role, loss: None)
+        out, _ = trainer.stage.compute_loss(
+            trainer.model, batch, torch.Generator().manual_seed(7), roles=roles
+        )
+        assert roles.done == {"critic"}
+        losses[mode] = float(out["critic"])
+        grads[mode] = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    trainer.close()
+    assert seen == [True, False]  # parts: the flow part's backward ran before the GAN part's forward
+    assert losses["parts"] == pytest.approx(losses["joint"], rel=1e-6)
+    assert grads["parts"].keys() == grads["joint"].keys() and any(
+        k.startswith("heads.") for k in grads["joint"]
+    )
+    for name, g in grads["joint"].items():
+        torch.testing.assert_close(
+            grads["parts"][name], g, rtol=1e-4, atol=1e-6 * float(g.abs().max()), msg=name
+        )

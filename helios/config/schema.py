@@ -399,13 +399,20 @@ class DistillConfig(Validated):
     # §4.2 Cache Grad for GAN: the generator's GAN gradient is taken w.r.t. the discriminator's input
     # right away (its activations freed) and injected into the generator's backward; same gradients.
     cache_gan_grad: bool = True
+    # the critic's loss backpropagated in two parts, flow matching then GAN D + R1, the first graph freed
+    # before the second's forwards (the same gradients; DDP and single process; a ZeRO engine takes one
+    # backward per micro-batch, so it stays joint there); joint: one backward of the sum
+    critic_backward: str = "parts"
     # the real and fake scores share one frozen teacher base, the real score running it with the critic's
     # adapters off (the reference code: three 14B bases -> two); false: the real score is a separate frozen
     # copy (the paper's four 14B models; the same outputs, one more base in memory)
     shared_teacher: bool = True
-    # §4.2 async VRAM offload: frozen role weights in pinned host memory, only the active roles resident
-    # (at most two of generator / critic / real), the next one prefetched on a side stream (parallel=ddp)
+    # §4.2 async VRAM offload (parallel=ddp): frozen role weights in pinned host memory, only the bases
+    # the current point of the step needs resident (one with the shared teacher and cached GAN gradients)
     offload: bool = False
+    # with offload: the next role's base copied on a side stream while the current one computes (the
+    # copy hidden, one more 14B base on the GPU: for GPUs with room for it, e.g. 141 GB)
+    offload_prefetch: bool = False
     # Table-5 ablations: "w Self-Forcing" (history = the generator's own rollout instead of real data) and
     # "w Bidirectional Teacher" (the real score sees a bidirectional_frames-long segment, no history inputs)
     history_source: str = "teacher"
@@ -420,6 +427,7 @@ class DistillConfig(Validated):
     def _validate(self, prefix: str) -> None:
         _choice(self.phase, ("ode", "post"), prefix + "phase")
         _choice(self.history_source, ("teacher", "self_forcing"), prefix + "history_source")
+        _choice(self.critic_backward, ("parts", "joint"), prefix + "critic_backward")
         _choice(self.real_score, ("history", "bidirectional"), prefix + "real_score")
         _choice(self.uncond, ("negative", "empty"), prefix + "uncond")
         _check(self.ttur >= 1, prefix + "ttur", "must be >= 1")
@@ -474,7 +482,8 @@ class TrainerConfig(Validated):
     keep_last: int = 3
     precision: str = "auto"
     device: str = "auto"
-    num_workers: int = 0
+    # data loader processes; null: 4 on a GPU (with page-locked batches), 0 on the CPU
+    num_workers: int | None = None
     progress: bool = True
     # a finite loss above this counts as divergence too (stops like a NaN, before the update); 0: off
     max_loss: float = 1.0e6
@@ -489,7 +498,7 @@ class TrainerConfig(Validated):
         _check(self.keep_last >= 1, prefix + "keep_last", "must be >= 1")
         _choice(self.precision, ("auto", "fp32", "bf16"), prefix + "precision")
         _choice(self.device, ("auto", "cpu", "cuda"), prefix + "device")
-        _check(self.num_workers >= 0, prefix + "num_workers", "must be >= 0")
+        _check(self.num_workers is None or self.num_workers >= 0, prefix + "num_workers", "must be >= 0")
 
 
 # --------------------------------------------------------------------------- data
@@ -576,6 +585,9 @@ class ParallelConfig(Validated):
     # ZeroRedundancyOptimizer; the same updates, 1/world of the 8 bytes per trainable parameter each);
     # checkpoints hold the whole state as with false. ZeRO backends shard it themselves.
     shard_optimizer: bool = True
+    # parallel=ddp: the dtype of the gradient all-reduce (bf16: half the bytes, via torch's bf16
+    # compression hook; the gradients the optimiser sees stay fp32)
+    grad_comm: str = "fp32"
     roles: RoleParallelConfig = field(default_factory=RoleParallelConfig)
     zero_offload_optimizer: bool = False  # ZeRO-Offload: optimiser state and step on the CPU
     zero_offload_params: bool = False  # ZeRO-3 roles keep their parameters in host memory
@@ -591,6 +603,12 @@ class ParallelConfig(Validated):
         _check(self.timeout_minutes > 0, prefix + "timeout_minutes", "must be > 0")
         _choice(self.backend, ("ddp", "zero2", "zero3"), prefix + "backend")
         _choice(self.dist_backend, ("auto", "gloo", "nccl"), prefix + "dist_backend")
+        _choice(self.grad_comm, ("fp32", "bf16"), prefix + "grad_comm")
+        _check(
+            self.grad_comm == "fp32" or self.backend == "ddp",
+            prefix + "grad_comm",
+            "the bf16 gradient all-reduce is DDP's (ZeRO engines reduce in the gradients' own dtype)",
+        )
         if self.backend == "ddp":
             for role in self.roles.chosen():
                 raise ConfigError(
@@ -727,10 +745,12 @@ class TrainConfig(Validated):
 
         _check(self.stage in STAGES, "stage", f"must be one of {sorted(STAGES)}, got {self.stage}")
         _check(bool(self.resume), "resume", "must be 'latest', 'none' or a checkpoint path")
+        zero3 = [r for r in ("generator", "critic", "real") if self.parallel.role_backend(r) == "zero3"]
         _check(
-            not self.distill.offload or self.parallel.backend == "ddp",
+            not self.distill.offload or not zero3,
             "distill.offload",
-            "the offload pool works with parallel=ddp; under ZeRO use parallel.zero_offload_params",
+            f"the offload pool moves the frozen bases itself, ZeRO-3 partitions them ({', '.join(zero3)}): "
+            "use parallel=ddp or parallel=zero2 with it, or parallel.zero_offload_params without it",
         )
         tr = self.model.transformer
         _check(

@@ -38,6 +38,10 @@ class ClipBatch:
         moved = (getattr(self, k).to(device, non_blocking=True) for k in self.FIELDS)
         return ClipBatch(*moved, skipped=self.skipped)
 
+    def pin_memory(self) -> ClipBatch:
+        """Page-locked copies (the DataLoader's ``pin_memory``): the copy to the GPU runs asynchronously."""
+        return ClipBatch(*(getattr(self, k).pin_memory() for k in self.FIELDS), skipped=self.skipped)
+
 
 def _seed(*parts: int) -> int:
     return zlib.crc32(",".join(map(str, parts)).encode())
@@ -295,8 +299,11 @@ class _WithPosition(torch.utils.data.Dataset):
         return self.dataset[(index, epoch)], (epoch_after, position_after)
 
 
-def make_loader(dataset: LatentClipDataset, sampler: BucketBatchSampler, num_workers: int) -> Iterator:
-    """Yields (ClipBatch, (epoch, position) after this batch), prefetching in ``num_workers`` processes.
+def make_loader(
+    dataset: LatentClipDataset, sampler: BucketBatchSampler, num_workers: int, pin_memory: bool = False
+) -> Iterator:
+    """Yields (ClipBatch, (epoch, position) after this batch), prefetching in ``num_workers`` processes
+    (``pin_memory``: batches page-locked for asynchronous copies to the GPU).
 
     The caller records the position of the batches it has *consumed*; workers may run ahead.
     """
@@ -304,6 +311,7 @@ def make_loader(dataset: LatentClipDataset, sampler: BucketBatchSampler, num_wor
         _WithPosition(dataset),
         batch_sampler=sampler,
         num_workers=num_workers,
+        pin_memory=pin_memory,
         collate_fn=_Collate(dataset.collate),
         persistent_workers=num_workers > 0,
         prefetch_factor=2 if num_workers > 0 else None,

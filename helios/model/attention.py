@@ -64,6 +64,9 @@ class HeliosProcessor(HeliosAttnProcessor):
             total = hidden_states.shape[1]
             attention_mask = torch.ones(total, total, dtype=torch.bool, device=hidden_states.device)
             attention_mask[:history, history:] = False
+        # q/k leave the norms in fp32 under autocast (rms_norm autocasts to fp32) and v in bf16: flash
+        # kernels need one dtype (SDPA would cast to bf16 under autocast itself: the same numbers)
+        query, key = query.to(value.dtype), key.to(value.dtype)
         out = dispatch_attention_fn(
             query,
             key,

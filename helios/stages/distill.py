@@ -48,6 +48,7 @@ from helios.ema import ShardedEma
 from helios.flow import NUM_TRAIN_TIMESTEPS, shift_factor, shift_sigmas, token_count
 from helios.model import apply_lora, build_transformer
 from helios.model.gan import GanHeads
+from helios.parallel import RoleSteps
 from helios.pyramid import halve
 from helios.sampling.section import set_stage_timesteps, upsample_renoise
 from helios.stages.flow import FlowStage
@@ -67,8 +68,9 @@ class TensorDict(dict):
 
 
 class DistillModule(nn.Module):
-    """The roles as one module; ``forward(fn, *args)`` runs ``fn(self, *args)`` so that DDP wraps the
-    whole multi-role step."""
+    """The roles as one module (checkpoints, ``parallel.roles``); ``forward(fn, *args)`` runs
+    ``fn(self, *args)``: one step over all roles (under DDP each role has its own wrapper,
+    helios/parallel.py)."""
 
     def __init__(
         self,
@@ -333,8 +335,25 @@ class DistillStage(FlowStage):
         self.pool.activate("generator")
         return True
 
-    def _activate(self, *roles: str, prefetch: str | None = None) -> None:
+    def release(self) -> None:
         if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
+    def make_resident(self, role: str | None = None) -> None:
+        """The offload pool: only ``role``'s frozen base on the device (None: a step's start, the
+        generator's), every other frozen weight back in host memory (ZeRO-2 engines are built one role
+        at a time with that role's base resident; DeepSpeed moves and broadcasts the module)."""
+        if self.pool is not None:
+            self.pool.restore()
+            self.pool.activate(role or "generator")
+
+    def _activate(self, *roles: str, then: str | None = None) -> None:
+        """Exactly ``roles``' frozen bases resident (``distill.offload``; a role without a base of its
+        own, the shared real score, is skipped); with ``distill.offload_prefetch`` the copy of
+        ``then``'s base starts meanwhile."""
+        if self.pool is not None:
+            prefetch = then if self.d.offload_prefetch else None
             self.pool.activate(*roles, prefetch=prefetch)
 
     def role_modules(self, model: DistillModule) -> dict[str, nn.Module]:
@@ -361,9 +380,19 @@ class DistillStage(FlowStage):
         return generator
 
     # ------------------------------------------------------------------ steps
-    def compute_loss(self, model, batch, generator: torch.Generator, shared: torch.Generator | None = None):
+    def compute_loss(
+        self,
+        model,
+        batch,
+        generator: torch.Generator,
+        shared: torch.Generator | None = None,
+        roles: RoleSteps | None = None,
+    ):
+        """One micro-batch's losses per role. ``roles`` (the trainer's) runs each role's forward through
+        its DDP wrapper and its backward as soon as its loss is complete; without it the backwards are
+        left to the caller (the graphs stay pending)."""
         step = self._ode_step if self.d.phase == "ode" else self._post_step
-        return model(step, batch, generator, shared or generator)
+        return model(step, batch, generator, shared or generator, roles or RoleSteps())
 
     def _scheduler_for(self):
         if self._scheduler is None:
@@ -397,7 +426,14 @@ class DistillStage(FlowStage):
     def _call(model, x, t, cond) -> torch.Tensor:
         return model(hidden_states=x, timestep=t, **cond, return_dict=False)[0].float()
 
-    def _ode_step(self, m: DistillModule, batch: TensorDict, gen: torch.Generator, shared: torch.Generator):
+    def _ode_step(
+        self,
+        m: DistillModule,
+        batch: TensorDict,
+        gen: torch.Generator,
+        shared: torch.Generator,
+        roles: RoleSteps,
+    ):
         device = batch["history"].device
         k = int(torch.randint(len(self.d.steps), (1,), generator=gen))
         start, end = batch[f"stage{k}_start"], batch[f"stage{k}_end"]
@@ -410,7 +446,7 @@ class DistillStage(FlowStage):
             **self.layout.model_inputs(batch["history"], batch["anchor"]),
         }
         t = timesteps[j].expand(x.shape[0]).to(device)
-        x0 = x - sigma * self._call(m.generator, x, t, cond)
+        x0 = x - sigma * roles.forward("generator", self._call, m.generator, x, t, cond)
         loss = self.d.ode_weight * F.mse_loss(x0, end.float())
         return loss, {"loss_ode": float(loss.detach()), "ode_stage": float(k)}
 
@@ -530,18 +566,23 @@ class DistillStage(FlowStage):
             output = self._call(m.fake, x, t, cond)
         return m.heads.logits(store, (x.shape[2], x.shape[3] // 2, x.shape[4] // 2), output)
 
-    def _post_step(self, m: DistillModule, batch, gen: torch.Generator, shared: torch.Generator):
+    def _post_step(
+        self, m: DistillModule, batch, gen: torch.Generator, shared: torch.Generator, roles: RoleSteps
+    ):
+        """One DMD + GAN iteration, one role's graph at a time (§4.2): the generator's rollout, its
+        DMD (+ GAN) loss and backward (TTUR steps only), then the critic's losses and backward. With
+        ``distill.offload`` one 14B base is resident at each point (the generator's graph waits for its
+        backward while the scores run on the critic's base)."""
         cond, target, stats = self.condition(batch, gen)
         device = batch.latents.device
         dtype = next(m.generator.parameters()).dtype
         cond = _cast(cond, torch.empty((), device=device, dtype=dtype))
         target = target.to(device)
-        b = target.shape[0]
         step = self.current_step
         update_g = self.ttur.update_generator(step)
         gan_on = m.heads is not None and step >= self.d.gan.start_step
         clock = time.perf_counter()
-        self._activate("generator", prefetch="critic")
+        self._activate("generator", then="critic")
         if self.d.history_source == "self_forcing":
             cond = self._self_forcing_cond(m.generator, cond, target.shape, gen)
         # every rank's history empty: the first section's amplified schedule (agreed across ranks: it
@@ -550,92 +591,136 @@ class DistillStage(FlowStage):
             stats["history_empty"] == 1.0, device
         )
         exits = self.exit_steps(shared, first)
-        x0 = self.rollout(
-            m.generator, cond, target.shape, gen, grad=update_g, exits=exits, first_section=first
+        x0 = roles.forward(
+            "generator", self.rollout, m.generator, cond, target.shape, gen, update_g, exits, first
         )
-        nan = float("nan")
-        metrics = dict.fromkeys(self.extra_metric_names(), nan)
+        metrics = dict.fromkeys(self.extra_metric_names(), float("nan"))
         metrics["update_g"] = float(update_g)
         metrics["time_rollout_s"], clock = time.perf_counter() - clock, time.perf_counter()
+        draws = self._draws(target, gen, step)
+        losses = {}
+        if update_g:  # generator: DMD (+ GAN G) through the exit step only
+            losses["generator"] = self._generator_loss(m, batch, x0, cond, draws, gan_on, gen, metrics)
+            self._activate(*self._generator_graph(gan_on), then="critic")
+            roles.backward("generator", losses["generator"])
+            metrics["time_generator_s"], clock = time.perf_counter() - clock, time.perf_counter()
+        # critic: flow matching of the fake score on the generator's samples (+ GAN D with approx. R1);
+        # in two parts where the role steps allow it (the flow graph freed before the GAN forwards)
+        self._activate("critic", then="generator")
+        split = gan_on and self.d.critic_backward == "parts" and roles.splittable("critic")
+        args = (m, x0.detach(), target, cond, draws, gen, metrics)
+        critic = roles.forward("critic", self._critic_flow_loss, *args, final=not split)
+        if gan_on and split:
+            roles.backward("critic", critic)
+            gan = roles.forward("critic", self._critic_gan_loss, *args)
+            roles.backward("critic", gan)
+            critic = critic.detach() + gan.detach()
+        elif gan_on:
+            critic = critic + roles.forward("critic", self._critic_gan_loss, *args)
+        if not split:
+            roles.backward("critic", critic)
+        losses["critic"] = critic
+        metrics["time_critic_s"] = time.perf_counter() - clock
+        needed = {"critic"} if "critic" in roles.pending else set()
+        if "generator" in roles.pending:
+            needed |= set(self._generator_graph(gan_on))
+        if needed:  # graphs left pending (no trainer's role steps): their weights for the backward
+            self._activate(*sorted(needed))
+        metrics["tau_mean"] = float(draws["tau"].mean())
+        return losses, {**stats, **metrics}
 
-        # critic: flow matching of the fake score on the generator's samples (+ GAN D with approx. R1)
-        self._activate("critic", prefetch="real" if update_g else "generator")
-        x0d = x0.detach()
+    def _draws(self, target: torch.Tensor, gen: torch.Generator, step: int) -> dict[str, Any]:
+        """The step's random draws shared by the critic's and the generator's losses: the critic's flow
+        time and noise (uniform t, dynamically shifted for the token count and kept off the ends as the
+        reference: [20, 980]), the re-noise time tau (Dynamic Re-noise) and the GAN crop's offsets."""
+        b, device = target.shape[0], target.device
         shift = shift_factor(token_count(*target.shape[2:]), self.cfg.flow.shift)
-        # uniform t, dynamically shifted for the token count and kept off the ends (reference: [20, 980])
         t = shift_sigmas(torch.rand(b, generator=gen), shift).clamp(0.02, 0.98).to(device)
-        eps = torch.randn(x0d.shape, generator=gen).to(device)
-        x_t = (1 - t.view(-1, 1, 1, 1, 1)) * x0d + t.view(-1, 1, 1, 1, 1) * eps
-        loss_flow = F.mse_loss(self._call(m.fake, x_t, t * NUM_TRAIN_TIMESTEPS, cond), eps - x0d)
-        critic = loss_flow
-        metrics["loss_flow"] = float(loss_flow.detach())
-
+        eps = torch.randn(target.shape, generator=gen).to(device)
         tau = shift_sigmas(self.renoise.sample(b, step, gen), shift).clamp(0.02, 0.98).to(device)
-        tau5 = tau.view(-1, 1, 1, 1, 1)
         ch, cw = self._crop_hw(target)
         top = 2 * int(torch.randint((target.shape[-2] - ch) // 2 + 1, (1,), generator=gen))
         left = 2 * int(torch.randint((target.shape[-1] - cw) // 2 + 1, (1,), generator=gen))
-        t_tau = tau * NUM_TRAIN_TIMESTEPS
-        if gan_on:
-            real_tau = (1 - tau5) * target + tau5 * torch.randn(target.shape, generator=gen).to(device)
-            fake_tau = (1 - tau5) * x0d + tau5 * torch.randn(x0d.shape, generator=gen).to(device)
-            real_c, fake_c = self._crop(real_tau, top, left), self._crop(fake_tau, top, left)
-            l_real, l_fake = self._disc(m, real_c, t_tau, cond), self._disc(m, fake_c, t_tau, cond)
-            r1 = approx_r1(lambda x: self._disc(m, x, t_tau, cond), real_c, self.d.gan.r1_sigma, gen)
-            g = self.d.gan
-            loss_d = gan_d_loss(l_real, l_fake)
-            critic = critic + critic_gan_term(loss_d, r1, g.w_d, g.r1_lambda, g.r1_weighting)
-            metrics.update(
-                {
-                    "loss_gan_d": float(loss_d.detach()),
-                    "r1": float(r1.detach()),
-                    "d_real": float(l_real.detach().mean()),
-                    "d_fake": float(l_fake.detach().mean()),
-                }
-            )
+        return {"t": t, "eps": eps, "tau": tau, "top": top, "left": left}
 
-        metrics["time_critic_s"], clock = time.perf_counter() - clock, time.perf_counter()
-        losses = {"critic": critic}
-        if update_g:  # generator: DMD (+ GAN G) through the exit step only
-            self._activate("real", "critic", prefetch="generator")
-            x_tau = (1 - tau5) * x0 + tau5 * torch.randn(x0.shape, generator=gen).to(device)
-            with torch.no_grad():
-                xt = x_tau.detach()
-                uncond = {**cond, "encoder_hidden_states": self.uncond.to(device, dtype).expand(b, -1, -1)}
-                context = self._bidirectional_context(batch, xt, tau5, gen)
-                real_x0 = cfg_x0(
-                    xt,
-                    tau,
-                    self._real_velocity(m, xt, t_tau, cond, context),
-                    self._real_velocity(m, xt, t_tau, uncond, context),
-                    self.d.real_cfg,
-                )
-                fake_x0 = xt - tau5 * self._call(m.fake, xt, t_tau, cond)
-            grad = dmd_gradient(x0.detach(), real_x0, fake_x0)
-            loss_dmd = dmd_loss(x0, grad)
-            total = loss_dmd
-            metrics.update(
-                {"loss_dmd": float(loss_dmd.detach()), "dmd_grad_norm": float(grad.norm() / math.sqrt(b))}
+    def _generator_graph(self, gan_on: bool) -> tuple[str, ...]:
+        """The roles whose weights the generator's backward reads: its own, and the critic's when the
+        GAN term's graph runs through the discriminator (``distill.cache_gan_grad=false``)."""
+        return ("generator", "critic") if gan_on and not self.d.cache_gan_grad else ("generator",)
+
+    def _generator_loss(
+        self, m: DistillModule, batch, x0: torch.Tensor, cond: dict, draws: dict, gan_on: bool, gen, metrics
+    ) -> torch.Tensor:
+        """DMD (Eq. 11-12: real score with CFG vs fake score at the re-noised x0) + the GAN G term."""
+        b, device, dtype = x0.shape[0], x0.device, cond["encoder_hidden_states"].dtype
+        tau = draws["tau"]
+        tau5, t_tau = tau.view(-1, 1, 1, 1, 1), tau * NUM_TRAIN_TIMESTEPS
+        self._activate("critic", "real", then="generator")  # the generator's graph waits meanwhile
+        x_tau = (1 - tau5) * x0 + tau5 * torch.randn(x0.shape, generator=gen).to(device)
+        with torch.no_grad():
+            xt = x_tau.detach()
+            uncond = {**cond, "encoder_hidden_states": self.uncond.to(device, dtype).expand(b, -1, -1)}
+            context = self._bidirectional_context(batch, xt, tau5, gen)
+            real_x0 = cfg_x0(
+                xt,
+                tau,
+                self._real_velocity(m, xt, t_tau, cond, context),
+                self._real_velocity(m, xt, t_tau, uncond, context),
+                self.d.real_cfg,
             )
-            if gan_on:
-                crop = self._crop(x_tau, top, left)
-                if self.d.cache_gan_grad:  # §4.2 Cache Grad: D's input gradient now, its activations freed
-                    x_in = crop.detach().requires_grad_(True)
-                    with frozen(m.fake, m.heads):
-                        loss_g = gan_g_loss(self._disc(m, x_in, t_tau, cond))
-                        (g_x,) = torch.autograd.grad(self.d.gan.w_g * loss_g, x_in)
-                    injected = (crop * g_x).sum()  # its gradient w.r.t. the generator's sample is g_x
-                    total = total + injected - injected.detach() + self.d.gan.w_g * loss_g.detach()
-                else:
-                    with frozen(m.fake, m.heads):
-                        loss_g = gan_g_loss(self._disc(m, crop, t_tau, cond))
-                    total = total + self.d.gan.w_g * loss_g
-                metrics["loss_gan_g"] = float(loss_g.detach())
-            losses["generator"] = total
-            self._activate("generator", "critic")  # both graphs wait for their backward
-            metrics["time_generator_s"] = time.perf_counter() - clock
-        metrics["tau_mean"] = float(tau.mean())
-        return losses, {**stats, **metrics}
+            fake_x0 = xt - tau5 * self._call(m.fake, xt, t_tau, cond)
+        grad = dmd_gradient(x0.detach(), real_x0, fake_x0)
+        loss_dmd = dmd_loss(x0, grad)
+        total = loss_dmd
+        metrics.update(
+            {"loss_dmd": float(loss_dmd.detach()), "dmd_grad_norm": float(grad.norm() / math.sqrt(b))}
+        )
+        if gan_on:
+            crop = self._crop(x_tau, draws["top"], draws["left"])
+            if self.d.cache_gan_grad:  # §4.2 Cache Grad: D's input gradient now, its activations freed
+                x_in = crop.detach().requires_grad_(True)
+                with frozen(m.fake, m.heads):
+                    loss_g = gan_g_loss(self._disc(m, x_in, t_tau, cond))
+                    (g_x,) = torch.autograd.grad(self.d.gan.w_g * loss_g, x_in)
+                injected = (crop * g_x).sum()  # its gradient w.r.t. the generator's sample is g_x
+                total = total + injected - injected.detach() + self.d.gan.w_g * loss_g.detach()
+            else:
+                with frozen(m.fake, m.heads):
+                    loss_g = gan_g_loss(self._disc(m, crop, t_tau, cond))
+                total = total + self.d.gan.w_g * loss_g
+            metrics["loss_gan_g"] = float(loss_g.detach())
+        return total
+
+    def _critic_flow_loss(self, m: DistillModule, x0d, target, cond: dict, draws: dict, gen, metrics):
+        """The fake score's flow matching on the generator's samples (Eq. 13)."""
+        t, eps = draws["t"], draws["eps"]
+        t5 = t.view(-1, 1, 1, 1, 1)
+        x_t = (1 - t5) * x0d + t5 * eps
+        loss_flow = F.mse_loss(self._call(m.fake, x_t, t * NUM_TRAIN_TIMESTEPS, cond), eps - x0d)
+        metrics["loss_flow"] = float(loss_flow.detach())
+        return loss_flow
+
+    def _critic_gan_loss(self, m: DistillModule, x0d, target, cond: dict, draws: dict, gen, metrics):
+        """The GAN D term with the approximate R1 (Eq. 14-16) on re-noised, cropped real and generated
+        samples."""
+        tau, top, left = draws["tau"], draws["top"], draws["left"]
+        tau5, t_tau, device = tau.view(-1, 1, 1, 1, 1), tau * NUM_TRAIN_TIMESTEPS, x0d.device
+        real_tau = (1 - tau5) * target + tau5 * torch.randn(target.shape, generator=gen).to(device)
+        fake_tau = (1 - tau5) * x0d + tau5 * torch.randn(x0d.shape, generator=gen).to(device)
+        real_c, fake_c = self._crop(real_tau, top, left), self._crop(fake_tau, top, left)
+        l_real, l_fake = self._disc(m, real_c, t_tau, cond), self._disc(m, fake_c, t_tau, cond)
+        r1 = approx_r1(lambda x: self._disc(m, x, t_tau, cond), real_c, self.d.gan.r1_sigma, gen, l_real)
+        g = self.d.gan
+        loss_d = gan_d_loss(l_real, l_fake)
+        metrics.update(
+            {
+                "loss_gan_d": float(loss_d.detach()),
+                "r1": float(r1.detach()),
+                "d_real": float(l_real.detach().mean()),
+                "d_fake": float(l_fake.detach().mean()),
+            }
+        )
+        return critic_gan_term(loss_d, r1, g.w_d, g.r1_lambda, g.r1_weighting)
 
     # ------------------------------------------------------------------ bookkeeping
     def metric_names(self) -> list[str]:

@@ -14,6 +14,7 @@ from helios.data.dataset import ClipBatch
 from helios.flow import NUM_TRAIN_TIMESTEPS, flow_pair, sample_sigmas, shift_factor, shift_sigmas, token_count
 from helios.history import HistoryLayout, Task, apply_tasks, draw_tasks
 from helios.model import apply_lora, build_transformer
+from helios.parallel import RoleSteps
 
 
 @dataclass
@@ -96,15 +97,20 @@ class FlowStage:
         group = NoisyGroup(torch.arange(b), x_t, sigmas * NUM_TRAIN_TIMESTEPS, velocity)
         return [group], {"sigma_mean": float(sigmas.mean()), "shift": shift}
 
+    def release(self) -> None:
+        """Free what the stage holds outside the model when the run ends (stage 3: the offload pool)."""
+
     def compute_loss(
         self,
         model: torch.nn.Module,
         batch: ClipBatch,
         generator: torch.Generator,
         shared: torch.Generator | None = None,
+        roles: RoleSteps | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss of one micro-batch. ``generator``: this rank's stream; ``shared``: the same on every rank
-        (draws that decide the number of forward passes)."""
+        (draws that decide the number of forward passes); ``roles``: unused (one role, whose backward
+        the trainer runs)."""
         device = batch.latents.device
         cond, target, stats = self.condition(batch, generator)
         groups, noisy_stats = self.noisy_groups(target, generator, shared or generator)
