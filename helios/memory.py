@@ -109,18 +109,23 @@ def build_roles(cfg, compute_dtype: torch.dtype) -> list[Role]:
     """Every transformer the stage builds, with its adapters, under fake tensors (no memory, no files)."""
     from helios.config.schema import KernelsConfig
     from helios.model import apply_lora, build_transformer
+    from helios.model.transformer import frozen_dtypes
     from helios.stages import STAGES
 
     shape = {k: (list(v) if isinstance(v, tuple) else v) for k, v in _shape_overrides(cfg).items()}
     tcfg = replace(cfg.model.transformer, source="random", path=None, **shape)
     roles = []
-    size = compute_dtype.itemsize
     for name, lora in STAGES[cfg.stage](cfg).role_loras().items():
         with torch.device("meta"):
             model = build_transformer(tcfg, KernelsConfig(), "sdpa")  # kernels do not change the weights
             model = apply_lora(model, lora) if lora is not None else model.requires_grad_(False)
-        frozen = [p.numel() * size for p in model.parameters() if not p.requires_grad]
-        blocks = [sum(p.numel() * size for p in b.parameters() if not p.requires_grad) for b in model.blocks]
+        params = dict(model.named_parameters())  # frozen bytes in training (diffusers' fp32 modules fp32)
+        nbytes = {
+            id(params[n]): params[n].numel() * d.itemsize
+            for n, d in frozen_dtypes(model, compute_dtype).items()
+        }
+        frozen = list(nbytes.values())
+        blocks = [sum(nbytes.get(id(p), 0) for p in b.parameters()) for b in model.blocks]
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         roles.append(Role(name, model, frozen, trainable, max(blocks, default=0)))
     return roles
@@ -147,13 +152,17 @@ def gan_head_parameters(cfg, roles: list[Role]) -> int:
 
 
 def _to_fake(module: nn.Module, mode, compute_dtype: torch.dtype) -> None:
-    """Meta parameters and buffers -> fake CPU tensors (frozen in the compute dtype, trainable fp32),
+    """Meta parameters and buffers -> fake CPU tensors (frozen in their training dtypes, trainable fp32),
     assigned in place: fake tensors cannot go through ``Module.to``."""
+    from helios.model.transformer import frozen_dtypes
+
+    frozen = frozen_dtypes(module, compute_dtype)
     with mode:
-        for sub in module.modules():
+        for prefix, sub in module.named_modules():
             for key, p in sub._parameters.items():
                 if p is not None:
-                    dtype = torch.float32 if p.requires_grad else compute_dtype
+                    name = f"{prefix}.{key}" if prefix else key
+                    dtype = torch.float32 if p.requires_grad else frozen.get(name, compute_dtype)
                     fake = torch.empty(p.shape, dtype=dtype if p.is_floating_point() else p.dtype)
                     sub._parameters[key] = nn.Parameter(fake, requires_grad=p.requires_grad)
             for key, b in sub._buffers.items():

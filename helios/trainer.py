@@ -27,6 +27,7 @@ from helios.history import HistoryLayout
 from helios.metrics import MetricsLogger
 from helios.model import count_parameters, load_trainable_state_dict, trainable_state_dict
 from helios.model.lora import lora_inputs_uncast
+from helios.model.transformer import cast_frozen
 from helios.parallel import RoleCall, TrainerRoleSteps, wrap_ddp
 from helios.stages import STAGES
 
@@ -162,12 +163,9 @@ class Trainer:
                     f"data.path={path} does not exist; write shards with `python -m helios.prepare input=... "
                     f"output={path}` or use data=synthetic"
                 )
-        if hasattr(self.stage, "setup"):
-            self.stage.setup(path, self.dist)  # e.g. stage 3: teacher, ODE pairs, the empty prompt
-        if hasattr(self.stage, "make_dataset"):
-            self.dataset = self.stage.make_dataset(path)
-        else:
-            self.dataset = training_dataset(path, cfg)
+        self.stage.setup(path, self.dist)  # e.g. stage 3: teacher, ODE pairs, the empty prompt
+        own = self.stage.make_dataset(path)
+        self.dataset = own if own is not None else training_dataset(path, cfg)
         self.sampler = BucketBatchSampler(
             self.dataset,
             cfg.trainer.batch_size,
@@ -238,22 +236,15 @@ class Trainer:
         base_state = self._merged_init_weights(cfg.init_from) if cfg.init_from else None
         seed_everything(cfg.seed)  # the same initial weights (LoRA A draws) on every rank and every run
         self.model = self.stage.build_model(base_state)
-        frozen_dtype = self.dtype
-        for p in self.model.parameters():  # frozen base in the compute dtype, trainable in fp32
-            if not p.requires_grad and p.dtype.is_floating_point:
-                p.data = p.data.to(frozen_dtype)
-        placed = hasattr(self.stage, "place") and self.stage.place(self.model, self.dist.device)
+        cast_frozen(self.model, self.dtype)  # frozen base in the compute dtype (diffusers' fp32 modules kept)
+        placed = self.stage.place(self.model, self.dist.device)
         if not placed:
             self.model.to(self.dist.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.params:
             raise ConfigError("model.lora", "nothing is trainable: enable LoRA or set memory_patch=full")
         o = cfg.optim
-        groups = (
-            self.stage.param_groups(self.model)
-            if hasattr(self.stage, "param_groups")
-            else [{"name": "model", "params": self.params, "lr": o.lr}]
-        )
+        groups = self.stage.param_groups(self.model)
         self.group_names = [g["name"] for g in groups]
         self.group_lrs = [g["lr"] for g in groups]  # the configured learning rates (applied on resume)
         self.opt_steps = dict.fromkeys(self.group_names, 0)
@@ -301,7 +292,7 @@ class Trainer:
 
     def _role_modules(self) -> dict[str, nn.Module] | None:
         """The stage's roles (stage 3), or None: the whole model is the one role."""
-        return self.stage.role_modules(self.model) if hasattr(self.stage, "role_modules") else None
+        return self.stage.role_modules(self.model)
 
     def _build_engines(self, groups: list[dict], make_scheduler, placed: bool) -> None:
         """``parallel=zero2|zero3``: one DeepSpeed engine per role (helios/zero.py)."""
@@ -346,8 +337,7 @@ class Trainer:
                     for n, p in self.model.state_dict().items()
                     if n not in tensors["trainable"]
                 }
-        if hasattr(self.stage, "extra_tensors"):
-            tensors.update(self.stage.extra_tensors())
+        tensors.update(self.stage.extra_tensors())
         objects = {
             "opt_steps": self.opt_steps,
             "step": self.step,
@@ -419,8 +409,7 @@ class Trainer:
         self._check_resume_config(objects["config"], path, int(objects["step"]))
         self._apply_learning_rates()
         self.stage.load_state_dict(objects["stage"])
-        if hasattr(self.stage, "load_extra_tensors"):
-            self.stage.load_extra_tensors(tensors)
+        self.stage.load_extra_tensors(tensors)
         self.opt_steps.update(objects.get("opt_steps", {}))
         self.step = int(objects["step"])
         self.generator.set_state(rank_state["generator"])
@@ -616,8 +605,7 @@ class Trainer:
         for name in stepped:
             self.opt_steps[name] += 1
         self.step += 1
-        if hasattr(self.stage, "after_optimizer_step"):
-            self.stage.after_optimizer_step(self.model, self.step, stepped)
+        self.stage.after_optimizer_step(self.model, self.step, stepped)
         elapsed = time.perf_counter() - t0
         clips = self.cfg.trainer.batch_size * self.grad_accum * self.dist.world_size
         keys = self.metric_keys(records)
@@ -652,8 +640,8 @@ class Trainer:
 
     def metric_keys(self, records: list[dict]) -> list[str]:
         """The stage's metric names: fixed per stage so every rank all-reduces the same list."""
-        declared = getattr(self.stage, "metric_names", None)
-        return sorted(declared() if declared else {k for r in records for k in r})
+        declared = self.stage.metric_names()
+        return sorted(declared if declared is not None else {k for r in records for k in r})
 
     def run(self) -> Path:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -678,13 +666,11 @@ class Trainer:
             metrics = self.train_step()
             validate = v.enabled and ((v.every and self.step % v.every == 0) or self.step == last)
             if validate:
-                if hasattr(self.stage, "before_validation"):
-                    self.stage.before_validation()  # collective (e.g. gathers a sharded EMA)
+                self.stage.before_validation()  # collective (e.g. gathers a sharded EMA)
                 # under ZeRO-3 every rank joins the sampler's forwards (weights are gathered per layer)
                 if self.dist.is_main or (self.engines is not None and self.engines.any_zero3):
                     metrics.update(self.validate())
-                if hasattr(self.stage, "after_validation"):
-                    self.stage.after_validation()
+                self.stage.after_validation()
                 barrier()
             if validate or self.step % self.cfg.trainer.log_every == 0 or self.step == last:
                 logger.log(self.step, metrics)
@@ -726,9 +712,7 @@ class Trainer:
         text_encoder.to(device)
         h, w = self.dataset.latent_hw()
         layout = HistoryLayout.from_config(self.cfg.history)
-        sampling = (
-            self.stage.sampling_model(self.model) if hasattr(self.stage, "sampling_model") else self.model
-        )
+        sampling = self.stage.sampling_model(self.model)
         was_training = self.model.training
         self.model.eval()
         metrics: dict[str, float] = {}

@@ -518,3 +518,27 @@ def test_lora_takes_bf16_inputs_under_autocast_without_a_second_saved_copy():
     assert grads.keys() == grads_cast.keys() and any("lora_A" in n for n in grads)
     assert all(torch.equal(grads[n], grads_cast[n]) for n in grads)
     assert saved < bytes_cast
+
+
+def test_frozen_base_in_bf16_keeps_diffusers_fp32_modules(tmp_path):
+    """With bf16 compute the frozen base is bf16 except the modules diffusers keeps in fp32 (time
+    embedder, modulation tables, affine norms), the trainable weights fp32; the memory model counts
+    the same bytes."""
+    from helios import memory
+    from helios.trainer import Trainer
+
+    cfg = compose(["trainer.precision=bf16", "validation.enabled=false", "trainer.progress=false"])
+    trainer = Trainer(cfg, tmp_path)
+    trainer._build_data()
+    trainer._build_model()
+    dtypes = {n: p.dtype for n, p in trainer.model.named_parameters() if not p.requires_grad}
+    kept = {n for n, d in dtypes.items() if d == torch.float32}
+    assert kept and any("time_embedder" in n for n in kept) and any("scale_shift_table" in n for n in kept)
+    assert all(d == torch.bfloat16 for n, d in dtypes.items() if n not in kept)
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters() if p.requires_grad)
+    frozen_bytes = sum(
+        p.numel() * p.element_size() for p in trainer.model.parameters() if not p.requires_grad
+    )
+    (role,) = memory.build_roles(cfg, torch.bfloat16)
+    assert sum(role.frozen) == frozen_bytes
+    trainer.close()

@@ -53,18 +53,15 @@ def load_checkpoint_model(
     base_state = None
     if cfg.init_from and cfg.model.transformer.source != "random":  # a random base is in the checkpoint
         base_state = merged_weights(cfg.init_from)  # the function this run started from (recursive)
-    build = stage.build_inference_model if hasattr(stage, "build_inference_model") else stage.build_model
-    model = build(base_state)
+    model = stage.build_inference_model(base_state)
     tensors = ckpt.load_tensors(found)
     if weights == "ema" and "ema" not in tensors:
         raise ValueError(f"weights=ema: {found} has no EMA weights (stage 3 keeps them); use weights=raw")
     if "base" in tensors:
         model.load_state_dict(tensors["base"], strict=False)
     load_trainable_state_dict(model, tensors["trainable"], strict=False)
-    if hasattr(
-        stage, "sampling_model"
-    ):  # stage 3: the generator role (the EMA when there is one / asked for)
-        model = stage.sampling_model(model, ema=tensors.get("ema") if weights != "raw" else {})
+    # stage 3: the generator role (the EMA when there is one / asked for)
+    model = stage.sampling_model(model, ema=tensors.get("ema") if weights != "raw" else {})
     return model.eval(), cfg, found
 
 

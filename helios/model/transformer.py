@@ -80,3 +80,28 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return total, trainable
+
+
+def frozen_dtypes(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The dtype of each frozen floating-point parameter of ``model`` in training: ``dtype`` (the compute
+    dtype), but fp32 for the modules diffusers keeps in fp32 (``_keep_in_fp32_modules`` of each
+    ``HeliosTransformer3DModel`` inside: the time embedder, modulation tables, affine norms)."""
+    keep = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, HeliosTransformer3DModel):
+            for name, _ in module.named_parameters():
+                parts = name.split(".")
+                if any(k in parts for k in module._keep_in_fp32_modules or ()):
+                    keep[f"{prefix}.{name}" if prefix else name] = torch.float32
+    return {
+        name: keep.get(name, dtype)
+        for name, p in model.named_parameters()
+        if not p.requires_grad and p.dtype.is_floating_point
+    }
+
+
+def cast_frozen(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Frozen base weights to their training dtypes (:func:`frozen_dtypes`); trainable ones stay fp32."""
+    params = dict(model.named_parameters())
+    for name, target in frozen_dtypes(model, dtype).items():
+        params[name].data = params[name].data.to(target)

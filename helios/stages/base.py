@@ -1,33 +1,118 @@
-"""What the trainer asks of a stage: build the trainable model, compute one micro-batch loss."""
+"""What the trainer asks of a stage: one base class with every hook the trainer and the inference
+loader call, each with a default, so no caller probes a stage for optional methods."""
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+import abc
+from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
-from helios.config.schema import TrainConfig
-from helios.data.dataset import ClipBatch
+from helios.config.schema import LoraConfig, TrainConfig
+from helios.parallel import RoleSteps
 
 
-class Stage(Protocol):
+class Stage(abc.ABC):
     """A training stage is a small object; the loop (optimiser, parallelism, logging, checkpoints)
     lives in :class:`helios.trainer.Trainer` and is shared by all stages."""
 
-    name: str
+    name: str = ""
 
-    def __init__(self, cfg: TrainConfig) -> None: ...
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.current_step = 0  # the optimizer step being computed (set by the trainer before each step)
 
-    def build_model(self) -> torch.nn.Module:
-        """The module whose trainable parameters the optimiser updates (before DDP wrapping)."""
-        ...
+    # ------------------------------------------------------------------ data
+    def setup(self, data_path: Path | None, dist) -> None:
+        """Resolve what the stage needs besides the clips (stage 3: teacher, ODE pairs, empty prompt)."""
+        return None
 
+    def make_dataset(self, data_path: Path | None) -> torch.utils.data.Dataset | None:
+        """The stage's own training data, or None for the clip dataset of ``data``."""
+        return None
+
+    # ------------------------------------------------------------------ model and roles
+    @abc.abstractmethod
+    def build_model(self, base_state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+        """The module whose trainable parameters the optimiser updates (before any wrapping)."""
+
+    def build_inference_model(self, base_state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+        """The module a checkpoint is loaded into for export and generation."""
+        return self.build_model(base_state)
+
+    @abc.abstractmethod
+    def role_loras(self) -> dict[str, LoraConfig | None]:
+        """Each transformer the stage builds and its adapters (None: frozen): the memory model's roles."""
+
+    def role_modules(self, model: nn.Module) -> dict[str, nn.Module] | None:
+        """The trainable roles as separate modules (one DDP wrapper / ZeRO engine each), or None when
+        the whole model is the one role ``model``."""
+        return None
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        """One optimiser group per role: name, learning rate, parameters."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        return [{"name": "model", "lr": self.cfg.optim.lr, "params": params}]
+
+    def place(self, model: nn.Module, device: torch.device) -> bool:
+        """Put the model on ``device`` itself (True; stage 3's offload pool), or leave it to the trainer."""
+        return False
+
+    def make_resident(self, role: str | None = None) -> None:
+        """Only ``role``'s frozen weights on the device (a stage that places its model itself)."""
+        return None
+
+    def sampling_model(self, model: nn.Module, ema: dict[str, torch.Tensor] | None = None) -> nn.Module:
+        """The module the section sampler runs (stage 3: the generator, with ``ema`` its EMA weights)."""
+        return model
+
+    # ------------------------------------------------------------------ step
+    @abc.abstractmethod
     def compute_loss(
-        self, model: torch.nn.Module, batch: ClipBatch, generator: torch.Generator
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Loss of one micro-batch and scalar metrics (already detached)."""
-        ...
+        self,
+        model: nn.Module,
+        batch,
+        generator: torch.Generator,
+        shared: torch.Generator | None = None,
+        roles: RoleSteps | None = None,
+    ) -> tuple[torch.Tensor | dict[str, torch.Tensor], dict[str, float]]:
+        """One micro-batch: the loss (one per role for several roles) and scalar metrics (detached).
+        ``generator``: this rank's stream; ``shared``: the same on every rank; ``roles``: how each
+        role's forward and backward run (stages with several roles)."""
 
-    def state_dict(self) -> dict[str, Any]: ...
+    def metric_names(self) -> list[str] | None:
+        """Every metric key the stage reports (the same on every rank), or None: the keys seen."""
+        return None
 
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def after_optimizer_step(self, model: nn.Module, step: int, stepped: list[str]) -> None:
+        """After the step's optimiser updates (``stepped``: the roles that were updated)."""
+        return None
+
+    # ------------------------------------------------------------------ validation
+    def before_validation(self) -> None:
+        """Collective, on every rank before validation (stage 3: the EMA swapped in)."""
+        return None
+
+    def after_validation(self) -> None:
+        """Collective, on every rank after validation (stage 3: the training weights back)."""
+        return None
+
+    # ------------------------------------------------------------------ checkpoints and teardown
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+    def extra_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Collective: tensor groups the checkpoint holds besides the weights (stage 3: the EMA)."""
+        return {}
+
+    def load_extra_tensors(self, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
+        return None
+
+    def release(self) -> None:
+        """Free what the stage holds outside the model when the run ends (stage 3: the offload pool)."""
+        return None

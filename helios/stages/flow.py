@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +14,7 @@ from helios.flow import NUM_TRAIN_TIMESTEPS, flow_pair, sample_sigmas, shift_fac
 from helios.history import HistoryLayout, Task, apply_tasks, draw_tasks
 from helios.model import apply_lora, build_transformer
 from helios.parallel import RoleSteps
+from helios.stages.base import Stage
 
 
 @dataclass
@@ -28,7 +28,7 @@ class NoisyGroup:
     name: str = "flow"
 
 
-class FlowStage:
+class FlowStage(Stage):
     """One section per sample: history (Representation Control + Frame-Aware Corrupt) conditions
     the noisy window; the loss is the MSE between predicted and true velocity ``noise - x0``.
 
@@ -37,7 +37,7 @@ class FlowStage:
     name = "flow"
 
     def __init__(self, cfg: TrainConfig) -> None:
-        self.cfg = cfg
+        super().__init__(cfg)
         self.layout = HistoryLayout.from_config(cfg.history)
 
     def build_model(self, base_state: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
@@ -97,9 +97,6 @@ class FlowStage:
         group = NoisyGroup(torch.arange(b), x_t, sigmas * NUM_TRAIN_TIMESTEPS, velocity)
         return [group], {"sigma_mean": float(sigmas.mean()), "shift": shift}
 
-    def release(self) -> None:
-        """Free what the stage holds outside the model when the run ends (stage 3: the offload pool)."""
-
     def compute_loss(
         self,
         model: torch.nn.Module,
@@ -144,9 +141,3 @@ class FlowStage:
 
     def extra_metric_names(self) -> list[str]:
         return []
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        return None
