@@ -401,15 +401,16 @@ def estimate(cfg, world_size: int, latent_hw: tuple[int, int]) -> list[Item]:
 
 
 def build_host(cfg, roles: list[Role], dtype: torch.dtype) -> Item:
-    """Host memory per rank while the models are built, as the code builds them: every role in fp32
-    before the trainer casts its frozen base to the compute dtype, plus the merged fp32 state dicts it
-    loads from (``init_from``; stage 3: the teacher, and ``distill.generator_init``)."""
-    params = max(sum(r.frozen) // dtype.itemsize + r.trainable for r in roles)
-    states = int(bool(cfg.init_from))
-    if cfg.stage == 3:
-        states += 1 + int(bool(cfg.distill.generator_init) and not cfg.init_from)
-    copies = len(roles) + states
-    return Item(f"host at build: {copies} fp32 model copies", 0, 4 * params * copies, when="build")
+    """Host memory per rank while the models are built, as the code builds them: each base is loaded
+    once in the compute dtype and held by its role itself (``Stage.build_model``: the state's tensors
+    assigned, no second copy; a merged ``init_from`` chain rebuilds one model at a time), so the peak
+    is every role's frozen base (a separate real score: its own copy) plus its fp32 trainable weights.
+    The offload pool then copies each base tensor by tensor into its host buffer (counted as steady
+    host memory)."""
+    held = sum(sum(r.frozen) + 4 * r.trainable for r in roles)
+    return Item(
+        f"host at build: {len(roles)} bases in {str(dtype).removeprefix('torch.')}", 0, held, when="build"
+    )
 
 
 def report(items: list[Item], gpus_per_node: int) -> tuple[str, float, float]:

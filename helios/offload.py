@@ -38,9 +38,7 @@ class OffloadPool:
             params = [p for p in module.parameters() if not p.requires_grad and id(p) not in seen]
             seen.update(id(p) for p in params)
             self.params[name] = params
-            self.host[name] = self._to_host(name, params)
-            for p, h in zip(params, self.host[name]):
-                p.data = h  # start offloaded: nothing of this role on the device yet
+            self.host[name] = self._to_host(name, params)  # starts offloaded: nothing on the device yet
 
     def _to_host(self, name: str, params: list[nn.Parameter]) -> list[torch.Tensor]:
         """The role's frozen tensors copied into one host buffer of exactly their size (16-byte aligned
@@ -62,6 +60,7 @@ class OffloadPool:
             n = p.numel() * p.element_size()
             view = flat[start : start + n].view(p.dtype).view(p.shape)
             view.copy_(p.data)
+            p.data = view  # the original is freed now (when nothing else holds it), not after the role
             host.append(view)
         return host
 

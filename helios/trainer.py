@@ -235,7 +235,9 @@ class Trainer:
         self._check_source_formats()
         base_state = self._merged_init_weights(cfg.init_from) if cfg.init_from else None
         seed_everything(cfg.seed)  # the same initial weights (LoRA A draws) on every rank and every run
-        self.model = self.stage.build_model(base_state)
+        # frozen bases loaded in the compute dtype and held once (the state's tensors are the model's)
+        self.model = self.stage.build_model(base_state, self.dtype)
+        del base_state
         cast_frozen(self.model, self.dtype)  # frozen base in the compute dtype (diffusers' fp32 modules kept)
         placed = self.stage.place(self.model, self.dist.device)
         if not placed:
@@ -386,7 +388,7 @@ class Trainer:
 
         if self.dist.is_main:
             log.info("initialising from %s (LoRA merged)", source)
-        return merged_weights(source)
+        return merged_weights(source, dtype=self.dtype)
 
     def load_checkpoint(self, path: Path) -> None:
         tensors, objects, rank_state = checkpoint.load(path, self.dist)

@@ -35,11 +35,12 @@ def load_train_config(checkpoint_dir: Path) -> TrainConfig:
 
 
 def load_checkpoint_model(
-    source: str | Path, weights: str = "raw", key: str = "checkpoint"
+    source: str | Path, weights: str = "raw", key: str = "checkpoint", dtype: torch.dtype = torch.float32
 ) -> tuple[torch.nn.Module, TrainConfig, Path]:
     """The model a training checkpoint (or run dir: its newest checkpoint) sampled with: its base
-    weights (for a run started with ``init_from``, the previous run's merged model, rebuilt the same way),
-    its trained tensors, and for stage 3 the generator role (with EMA weights on request)."""
+    weights (for a run started with ``init_from``, the previous run's merged model, rebuilt the same way)
+    in ``dtype``, its trained tensors (fp32), and for stage 3 the generator role (with EMA weights on
+    request)."""
     from helios import checkpoint as ckpt
     from helios.model.lora import load_trainable_state_dict
     from helios.stages import STAGES
@@ -52,8 +53,9 @@ def load_checkpoint_model(
     stage = STAGES[cfg.stage](cfg)
     base_state = None
     if cfg.init_from and cfg.model.transformer.source != "random":  # a random base is in the checkpoint
-        base_state = merged_weights(cfg.init_from)  # the function this run started from (recursive)
-    model = stage.build_inference_model(base_state)
+        base_state = merged_weights(cfg.init_from, dtype=dtype)  # the function it started from (recursive)
+    model = stage.build_inference_model(base_state, dtype)
+    del base_state  # held by the model itself
     tensors = ckpt.load_tensors(found)
     if weights == "ema" and "ema" not in tensors:
         raise ValueError(f"weights=ema: {found} has no EMA weights (stage 3 keeps them); use weights=raw")
@@ -146,9 +148,13 @@ def trained_latent_format(source: str | None) -> str | None:
     return None
 
 
-def merged_weights(source: str | Path, key: str = "init_from") -> dict[str, torch.Tensor]:
-    """Plain-model weights of a run dir / checkpoint (LoRA merged) or a diffusers Helios directory."""
+def merged_weights(
+    source: str | Path, key: str = "init_from", dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """Plain-model weights of a run dir / checkpoint (LoRA merged, in place: the tensors of the rebuilt
+    model itself) or a diffusers Helios / Wan directory, in ``dtype`` (diffusers' fp32 modules fp32)."""
     from helios.model.lora import merged_state_dict
+    from helios.model.weights import cast_state
 
     path = Path(source).expanduser()
     for sub in ("transformer", None):
@@ -158,11 +164,10 @@ def merged_weights(source: str | Path, key: str = "init_from") -> dict[str, torc
         if json.loads(config.read_text()).get("_class_name") == "WanTransformer3DModel":
             from helios.model.wan_init import load_wan_as_helios  # e.g. a bidirectional Wan-2.1 teacher
 
-            return load_wan_as_helios(str(path), subfolder=sub).state_dict()
+            return load_wan_as_helios(str(path), subfolder=sub, dtype=dtype).state_dict()
         from diffusers import HeliosTransformer3DModel
 
-        return HeliosTransformer3DModel.from_pretrained(path, subfolder=sub).state_dict()
-    model, _, _ = load_checkpoint_model(
-        path, weights="raw", key=key
-    )  # the weights the previous run ended with
-    return merged_state_dict(model)
+        return HeliosTransformer3DModel.from_pretrained(path, subfolder=sub, torch_dtype=dtype).state_dict()
+    # the weights the previous run ended with
+    model, _, _ = load_checkpoint_model(path, weights="raw", key=key, dtype=dtype)
+    return cast_state(merged_state_dict(model), dtype)  # the fully trained tensors (fp32 in training) too

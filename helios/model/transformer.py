@@ -7,6 +7,7 @@ from diffusers import HeliosTransformer3DModel
 
 from helios.config.schema import KernelsConfig, TransformerConfig
 from helios.model.encoders import seeded
+from helios.model.weights import helios_from_state
 
 GUIDANCE_KEYS = ("guidance_cross_attn", "zero_history_timestep", "is_amplify_history", "history_scale_mode")
 
@@ -50,25 +51,59 @@ def apply_kernels(
         set_attention_backend(model, attention)
 
 
+def transformer_config(cfg: TransformerConfig) -> dict:
+    """The architecture ``cfg`` builds: the pretrained directory's (``helios``: its config.json;
+    ``wan``: converted), else the config's shape fields (``random``), with the config's Guidance
+    Attention switches."""
+    guidance = {k: getattr(cfg, k) for k in GUIDANCE_KEYS}
+    if cfg.source == "random":
+        return transformer_kwargs(cfg)
+    if cfg.source == "wan":
+        from diffusers import WanTransformer3DModel
+
+        from helios.model.wan_init import helios_config_from_wan
+
+        wan = WanTransformer3DModel.load_config(cfg.path, subfolder=cfg.subfolder)
+        return helios_config_from_wan(dict(wan), **guidance)
+    config = HeliosTransformer3DModel.load_config(cfg.path, subfolder=cfg.subfolder)
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    config = {**config, **guidance}
+    config["rope_dim"] = tuple(config["rope_dim"])
+    return config
+
+
 def build_transformer(
-    cfg: TransformerConfig, kernels: KernelsConfig | None = None, attention: str = "sdpa"
+    cfg: TransformerConfig,
+    kernels: KernelsConfig | None = None,
+    attention: str = "sdpa",
+    dtype: torch.dtype | None = None,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> HeliosTransformer3DModel:
     """``random``: seeded init (``init_seed``) so every rank and every resume builds the same base;
     ``helios``: a diffusers Helios directory; ``wan``: a diffusers Wan-2.1 T2V directory, converted.
+    ``state`` (a merged previous phase, a teacher): the model of ``cfg``'s architecture holding those
+    tensors themselves instead (nothing else is loaded, no second copy). ``dtype``: the weights'
+    dtype (diffusers' fp32 modules kept fp32); None: as the source stores them, fp32 for ``random``.
 
     The Guidance Attention switches of the config override the checkpoint's own settings.
     """
     guidance = {k: getattr(cfg, k) for k in GUIDANCE_KEYS}
-    if cfg.source == "random":
+    if state is not None:
+        model = helios_from_state(transformer_config(cfg), state, dtype or torch.float32)
+    elif cfg.source == "random":
         model = seeded(cfg.init_seed, lambda: HeliosTransformer3DModel(**transformer_kwargs(cfg)))
     elif cfg.source == "helios":
         # diffusers keeps some modules in fp32 (``_keep_in_fp32_modules``) and refuses
         # low_cpu_mem_usage=False for such a model: load with its defaults
-        model = HeliosTransformer3DModel.from_pretrained(cfg.path, subfolder=cfg.subfolder, **guidance)
+        model = HeliosTransformer3DModel.from_pretrained(
+            cfg.path, subfolder=cfg.subfolder, torch_dtype=dtype, **guidance
+        )
     else:
         from helios.model.wan_init import load_wan_as_helios
 
-        model = load_wan_as_helios(cfg.path, cfg.subfolder, cfg.memory_patch_init, **guidance)
+        model = load_wan_as_helios(
+            cfg.path, cfg.subfolder, cfg.memory_patch_init, dtype or torch.float32, **guidance
+        )
     apply_kernels(model, cfg, kernels, attention)
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()

@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
+from helios.model.weights import helios_from_state
+
 WAN_TO_HELIOS_RENAMES = {"scale_shift_table": "norm_out.scale_shift_table"}
-HELIOS_ONLY_DEFAULTS = ("history_key_scale",)  # Guidance Attention amplification, init by the model
 
 
 def helios_config_from_wan(wan_config: dict[str, Any], **overrides: Any) -> dict[str, Any]:
@@ -80,37 +81,25 @@ def convert_wan_state_dict(wan_sd: dict[str, torch.Tensor], memory_patch_init: s
 
 
 def load_wan_as_helios(
-    path: str, subfolder: str | None = None, memory_patch_init: str = "average", **overrides
+    path: str,
+    subfolder: str | None = None,
+    memory_patch_init: str = "average",
+    dtype: torch.dtype = torch.float32,
+    **overrides,
 ):
     """Load a diffusers Wan-2.1 T2V transformer and return an equivalent ``HeliosTransformer3DModel``.
 
-    The Helios model is created on the meta device and the converted tensors are assigned, so the
-    14B weights are held once in host memory.
+    The Wan model is loaded in ``dtype`` (diffusers' fp32 modules kept), the Helios model is created on
+    the meta device and the converted tensors are assigned, so the 14B weights are held once in host
+    memory.
     """
-    from accelerate import init_empty_weights
-    from diffusers import HeliosTransformer3DModel, WanTransformer3DModel
+    from diffusers import WanTransformer3DModel
 
-    wan = WanTransformer3DModel.from_pretrained(path, subfolder=subfolder)
+    wan = WanTransformer3DModel.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype)
     config = helios_config_from_wan(dict(wan.config), **overrides)
     state = convert_wan_state_dict(wan.state_dict(), memory_patch_init)
     del wan
-    with init_empty_weights():
-        model = HeliosTransformer3DModel(**config)
-    expected = set(model.state_dict().keys())
-    unexpected = sorted(set(state) - expected)
-    if unexpected:
-        raise ValueError(f"Wan checkpoint has weights Helios does not know: {unexpected[:8]}")
-    missing = sorted(expected - set(state))
-    bad = [k for k in missing if not any(s in k for s in HELIOS_ONLY_DEFAULTS)]
-    if bad:
-        raise ValueError(f"Wan checkpoint lacks Helios weights: {bad[:8]}")
-    model.load_state_dict(state, strict=False, assign=True)
-    for name in missing:  # amplification logits: the model's own init (ones)
-        module_name, _, param_name = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        shape = getattr(module, param_name).shape
-        setattr(module, param_name, torch.nn.Parameter(torch.ones(shape)))
-    # Non-persistent RoPE buffers were created on meta: rebuild them on CPU.
-    rope = type(model.rope)(rope_dim=config["rope_dim"], theta=model.config.rope_theta)
-    model.rope = rope
-    return model
+    try:
+        return helios_from_state(config, state, dtype)
+    except ValueError as err:
+        raise ValueError(f"Wan checkpoint {path}: {err}") from None

@@ -35,12 +35,17 @@ class Stage(abc.ABC):
 
     # ------------------------------------------------------------------ model and roles
     @abc.abstractmethod
-    def build_model(self, base_state: dict[str, torch.Tensor] | None = None) -> nn.Module:
-        """The module whose trainable parameters the optimiser updates (before any wrapping)."""
+    def build_model(
+        self, base_state: dict[str, torch.Tensor] | None = None, dtype: torch.dtype = torch.float32
+    ) -> nn.Module:
+        """The module whose trainable parameters the optimiser updates (before any wrapping): frozen
+        bases in ``dtype`` (the compute dtype), held once (``base_state``'s tensors themselves)."""
 
-    def build_inference_model(self, base_state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    def build_inference_model(
+        self, base_state: dict[str, torch.Tensor] | None = None, dtype: torch.dtype = torch.float32
+    ) -> nn.Module:
         """The module a checkpoint is loaded into for export and generation."""
-        return self.build_model(base_state)
+        return self.build_model(base_state, dtype)
 
     @abc.abstractmethod
     def role_loras(self) -> dict[str, LoraConfig | None]:

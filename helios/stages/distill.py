@@ -236,16 +236,16 @@ class DistillStage(FlowStage):
 
         return training_dataset(data_path, self.cfg)
 
-    def _role(self, state: dict | None, lora: LoraConfig | None) -> nn.Module:
+    def _role(self, state: dict | None, lora: LoraConfig | None, dtype: torch.dtype) -> nn.Module:
         m = self.cfg.model
-        model = build_transformer(m.transformer, m.kernels, m.attention)
-        if state is not None:
-            model.load_state_dict(state, strict=False)
+        model = build_transformer(m.transformer, m.kernels, m.attention, dtype, state)
         if lora is None:
             return model.requires_grad_(False).eval()
         return apply_lora(model, lora)
 
-    def build_inference_model(self, base_state: dict | None = None) -> DistillModule:
+    def build_inference_model(
+        self, base_state: dict | None = None, dtype: torch.dtype = torch.float32
+    ) -> DistillModule:
         """Only the generator (export, generate). Its base, as in :meth:`build_model`: ``base_state`` (the
         ``init_from`` run's merged generator), else generator_init, else the teacher (a random base is
         restored from the checkpoint instead)."""
@@ -253,8 +253,8 @@ class DistillStage(FlowStage):
 
         source = self.d.generator_init or self.d.teacher
         if base_state is None and source and self.cfg.model.transformer.source != "random":
-            base_state = merged_weights(source)
-        return DistillModule(self._role(base_state, self.cfg.model.lora))
+            base_state = merged_weights(source, dtype=dtype)
+        return DistillModule(self._role(base_state, self.cfg.model.lora, dtype))
 
     def role_loras(self) -> dict[str, LoraConfig | None]:
         """The transformers this phase builds and their adapters (None: frozen): the generator (the
@@ -273,20 +273,39 @@ class DistillStage(FlowStage):
                 roles["real"] = None
         return roles
 
-    def build_model(self, base_state: dict | None = None) -> DistillModule:
+    def build_model(
+        self, base_state: dict | None = None, dtype: torch.dtype = torch.float32
+    ) -> DistillModule:
+        """The roles, each base loaded once in ``dtype`` and held by its role itself: the generator on
+        ``base_state`` (``init_from``), else ``distill.generator_init``, else the teacher; the fake score
+        on the teacher (and a separate real score on its own copy with ``shared_teacher=false``). The
+        teacher is read only when a role needs it."""
         from helios.model.inference import merged_weights
 
-        teacher = merged_weights(self.d.teacher)
-        generator_state = base_state or (
-            merged_weights(self.d.generator_init) if self.d.generator_init else teacher
-        )
+        teacher: dict | None = None
+
+        def teacher_state() -> dict:
+            nonlocal teacher
+            if teacher is None:
+                teacher = merged_weights(self.d.teacher, dtype=dtype)
+            return teacher
+
+        if base_state is not None:
+            generator_state = base_state
+        elif self.d.generator_init:
+            generator_state = merged_weights(self.d.generator_init, dtype=dtype)
+        else:
+            generator_state = teacher_state()  # frozen: the generator's and fake score's bases may share
         loras = self.role_loras()
-        generator = self._role(generator_state, loras["generator"])
+        generator = self._role(generator_state, loras["generator"], dtype)
+        del generator_state, base_state
         if self.d.phase == "ode":
             self.model = DistillModule(generator)
             return self.model
-        fake = self._role(teacher, loras["fake"])
-        real = self._role(teacher, loras["real"]) if "real" in loras else None
+        fake = self._role(teacher_state(), loras["fake"], dtype)
+        real = None
+        if "real" in loras:  # the paper's separate frozen copy
+            real = self._role({k: v.clone() for k, v in teacher_state().items()}, loras["real"], dtype)
         shape = fake.config  # the loaded model's own shape (a checkpoint's, not the config's defaults)
         heads = (
             GanHeads(

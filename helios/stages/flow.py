@@ -40,15 +40,16 @@ class FlowStage(Stage):
         super().__init__(cfg)
         self.layout = HistoryLayout.from_config(cfg.history)
 
-    def build_model(self, base_state: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
-        """The transformer (+ LoRA). ``base_state`` replaces the base weights before the adapters are
-        added (a merged previous-phase model, see ``init_from``)."""
+    def build_model(
+        self, base_state: dict[str, torch.Tensor] | None = None, dtype: torch.dtype = torch.float32
+    ) -> torch.nn.Module:
+        """The transformer (+ LoRA). ``base_state`` is the base (a merged previous-phase model, see
+        ``init_from``): its tensors become the model's, in ``dtype``, before the adapters are added."""
         m = self.cfg.model
-        model = build_transformer(m.transformer, m.kernels, m.attention)
-        if base_state is not None:
-            _, unexpected = model.load_state_dict(base_state, strict=False)
-            if unexpected:
-                raise ValueError(f"init_from weights unknown to this model: {unexpected[:5]}")
+        try:
+            model = build_transformer(m.transformer, m.kernels, m.attention, dtype, base_state)
+        except ValueError as err:
+            raise ValueError(f"init_from: {err}") from None
         return apply_lora(model, self.cfg.model.lora)
 
     def role_loras(self) -> dict[str, LoraConfig | None]:

@@ -1,0 +1,92 @@
+"""Model build in host memory (#19): bases loaded once in the compute dtype and held by the roles
+themselves (no fp32 copy, no second copy of a state dict); hand-offs keep their values."""
+
+from __future__ import annotations
+
+import torch
+
+from helios.config import compose
+from helios.model import build_transformer
+from helios.model.inference import merged_weights
+from helios.model.weights import keeps_fp32
+
+from .test_training import _train
+
+
+def _storages(module: torch.nn.Module) -> dict[str, int]:
+    return {n: p.untyped_storage().data_ptr() for n, p in module.named_parameters() if not p.requires_grad}
+
+
+def test_a_state_becomes_the_models_weights_in_the_compute_dtype():
+    cfg = compose([]).model.transformer
+    state = {
+        k: v.to(torch.bfloat16) if not keeps_fp32(k) else v
+        for k, v in build_transformer(cfg).state_dict().items()
+    }
+    model = build_transformer(cfg, dtype=torch.bfloat16, state=state)
+    params = dict(model.named_parameters())
+    assert params.keys() == state.keys()
+    assert all(params[k].data_ptr() == state[k].data_ptr() for k in state)  # the same tensors, no copy
+    assert {p.dtype for k, p in params.items() if not keeps_fp32(k)} == {torch.bfloat16}
+    assert {p.dtype for k, p in params.items() if keeps_fp32(k)} == {torch.float32}
+
+
+def test_init_from_hands_over_the_merged_model_in_bf16_by_value(tmp_path):
+    """stage 1 (fp32) -> stage 2 built in bf16: its base is the stage-1 merged model rounded once to bf16
+    (diffusers' fp32 modules exact), its LoRA fp32."""
+    from helios.trainer import Trainer
+
+    _train(["trainer.checkpoint_every=2", "trainer.max_steps=2", "optim.lr=1e-2"], tmp_path / "s1")
+    reference = merged_weights(tmp_path / "s1")  # fp32
+    cfg = compose(
+        [
+            "stage=2",
+            "trainer.precision=bf16",
+            "validation.enabled=false",
+            "trainer.progress=false",
+            f"init_from={tmp_path / 's1'}",
+        ]
+    )
+    trainer = Trainer(cfg, tmp_path / "s2")
+    trainer._build_data()
+    trainer._build_model()
+    base = {
+        n.replace(".base_layer.", "."): p for n, p in trainer.model.named_parameters() if not p.requires_grad
+    }
+    trained = {n for n, p in trainer.model.named_parameters() if p.requires_grad and "lora_" not in n}
+    assert base.keys() | trained == reference.keys() and base  # frozen base + the fully trained convs
+    for name in base:
+        value = reference[name]
+        want = value if keeps_fp32(name) else value.to(torch.bfloat16)
+        assert base[name].dtype == want.dtype and torch.equal(base[name].data, want), name
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters() if p.requires_grad)
+    trainer.close()
+
+
+def test_stage3_roles_hold_each_base_once(tmp_path):
+    """The generator starting from the teacher and the fake score share the teacher's tensors (frozen:
+    one copy in host memory); the paper's separate real score holds its own copy."""
+    from helios.trainer import Trainer
+
+    for shared in (True, False):
+        cfg = compose(
+            [
+                "stage=3",
+                f"distill.shared_teacher={str(shared).lower()}",
+                "trainer.precision=bf16",
+                "validation.enabled=false",
+                "trainer.progress=false",
+            ]
+        )
+        trainer = Trainer(cfg, tmp_path / str(shared))
+        trainer._build_data()
+        m = trainer.stage.build_model(None, torch.bfloat16)
+        generator, fake = _storages(m.generator), _storages(m.fake)
+        # one teacher base for both (the fake score also keeps frozen what the generator trains in full)
+        assert set(generator.values()) <= set(fake.values()) and len(generator) > 0.8 * len(fake)
+        if not shared:
+            assert not set(_storages(m.real).values()) & set(fake.values())  # its own copy
+        assert {
+            p.dtype for n, p in m.fake.named_parameters() if not p.requires_grad and not keeps_fp32(n)
+        } == {torch.bfloat16}
+        trainer.close()
