@@ -114,9 +114,21 @@ def run_mode(mode: str, smoke: bool, steps: int) -> dict:
         "step_time_s": statistics.median(times[1:] if len(times) > 1 else times),
         "peak_device_bytes": torch.cuda.max_memory_allocated() if cuda else None,
         "host_to_device_bytes_per_step": (pool.moved_bytes / steps) if pool is not None else 0,
+        # the memory model's peak for the same config and shapes (the GPU run checks it: within 10 %)
+        "predicted_peak_bytes": predicted_peak(cfg, trainer.dataset.latent_hw()),
     }
+    if out["peak_device_bytes"]:
+        out["measured_over_predicted"] = out["peak_device_bytes"] / out["predicted_peak_bytes"]
     trainer.close()
     return out
+
+
+def predicted_peak(cfg, latent_hw: tuple[int, int]) -> float:
+    """``python -m helios.memory``'s per-GPU peak (bytes) for this run's config on one rank."""
+    from helios import memory
+
+    _, peak_gib, _ = memory.report(memory.estimate(cfg, 1, latent_hw), 1)
+    return peak_gib * memory.GIB
 
 
 def project(result: dict, world: int) -> dict:

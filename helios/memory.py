@@ -396,6 +396,11 @@ def estimate(cfg, world_size: int, latent_hw: tuple[int, int]) -> list[Item]:
         full = sum((sum(r.frozen) + 4 * r.trainable) * (1 - 1 / world_size) for r in gathered)
         names = ", ".join(r.name for r in gathered)
         items.append(Item(f"checkpoint: ZeRO-3 weights gathered ({names})", full, when="checkpoint"))
+        # the trainer moves the built model to the GPU before DeepSpeed partitions its ZeRO-3 roles
+        whole = sum(sum(r.frozen) + 4 * r.trainable for r in roles) + 4 * heads
+        items.append(
+            Item("start-up: every role on the GPU before ZeRO-3 partitions it", whole, when="startup")
+        )
     items.append(build_host(cfg, roles, dtype))
     return items
 
@@ -414,21 +419,24 @@ def build_host(cfg, roles: list[Role], dtype: torch.dtype) -> Item:
 
 
 def report(items: list[Item], gpus_per_node: int) -> tuple[str, float, float]:
-    """The table, the peak GiB per GPU (the training step or writing a checkpoint, whichever is larger)
-    and host GiB per node (steady state or model building, whichever is larger)."""
+    """The table, the peak GiB per GPU (the training step, writing a checkpoint or starting up, whichever
+    is largest) and host GiB per node (steady state or model building, whichever is larger)."""
 
     def total(field: str, *when: str) -> float:
         return sum(getattr(i, field) for i in items if i.when in when)
 
     step, ckpt = total("gpu", "always", "step"), total("gpu", "always", "checkpoint")
+    startup = total("gpu", "startup")  # alone: nothing else is on the GPU yet
     steady, build = total("host", "always", "step"), total("host", "build")
     lines = [f"{'category':<70} {'GiB/GPU':>8} {'GiB host/rank':>14}"]
     lines += [f"{i.category:<70} {i.gpu / GIB:>8.2f} {i.host / GIB:>14.2f}" for i in items]
     lines.append(f"{'training step':<70} {step / GIB:>8.2f} {steady / GIB:>14.2f}")
     if ckpt > total("gpu", "always"):
         lines.append(f"{'writing a checkpoint':<70} {ckpt / GIB:>8.2f}")
+    if startup:
+        lines.append(f"{'starting up':<70} {startup / GIB:>8.2f}")
     lines.append(f"{'building the models':<70} {'':>8} {build / GIB:>14.2f}")
-    return "\n".join(lines), max(step, ckpt) / GIB, gpus_per_node * max(steady, build) / GIB
+    return "\n".join(lines), max(step, ckpt, startup) / GIB, gpus_per_node * max(steady, build) / GIB
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -131,5 +131,8 @@ def test_stage3_memory_benchmark_runs_in_smoke_mode(tmp_path):
     assert modes["resident"]["max_resident_roles"] == ["critic", "generator"]  # the shared teacher base
     assert len(modes["offload"]["max_resident_roles"]) == 2  # the uncached GAN term's graph reads both
     assert len(modes["offload_cached_gan"]["max_resident_roles"]) == 1  # one base at a time
+    assert all(r["predicted_peak_bytes"] > 0 for r in modes.values())  # the memory model, same config
+    # the memory model counts one base at a time for the cached-GAN offload mode, all for resident
+    assert modes["offload_cached_gan"]["predicted_peak_bytes"] < modes["resident"]["predicted_peak_bytes"]
     projected = {m: r["projected_14b"]["total_gib"] for m, r in modes.items()}
     assert projected["resident"] < projected["separate_real"]

@@ -294,8 +294,8 @@ class DistillStage(FlowStage):
             generator_state = base_state
         elif self.d.generator_init:
             generator_state = merged_weights(self.d.generator_init, dtype=dtype)
-        else:
-            generator_state = teacher_state()  # frozen: the generator's and fake score's bases may share
+        else:  # its own copy: two roles never share a tensor (checkpoints, the offload pool, ZeRO)
+            generator_state = {k: v.clone() for k, v in teacher_state().items()}
         loras = self.role_loras()
         generator = self._role(generator_state, loras["generator"], dtype)
         del generator_state, base_state
