@@ -421,19 +421,26 @@ def test_validation_samples_the_ema_in_place_and_puts_the_training_weights_back(
         assert last[f"val/0/drift_{key}"] == pytest.approx(value, rel=1e-4, abs=1e-6)
 
 
+def _grads_seen_when(monkeypatch, method: str, role: str) -> list[bool]:
+    """Records, each time the stage's ``method`` starts, whether ``role``'s trainable parameters already
+    have gradients (that role's backward ran before)."""
+    from helios.stages.distill import DistillStage
+
+    seen: list[bool] = []
+    original = getattr(DistillStage, method)
+
+    def spy(self, m, *args):
+        seen.append(any(p.grad is not None for p in getattr(m, role).parameters() if p.requires_grad))
+        return original(self, m, *args)
+
+    monkeypatch.setattr(DistillStage, method, spy)
+    return seen
+
+
 def test_generator_backward_runs_before_the_critic_forward(tmp_path, monkeypatch):
     """§4.2: the generator's and the critic's graphs are never alive together: on a generator iteration
     the generator's gradients exist (its backward ran) when the critic's forward starts."""
-    from helios.stages.distill import DistillStage
-
-    seen = []
-    original = DistillStage._critic_flow_loss
-
-    def spy(self, m, *args):
-        seen.append(any(p.grad is not None for p in m.generator.parameters() if p.requires_grad))
-        return original(self, m, *args)
-
-    monkeypatch.setattr(DistillStage, "_critic_flow_loss", spy)
+    seen = _grads_seen_when(monkeypatch, "_critic_flow_loss", "generator")
     overrides = ["stage=3", "trainer.max_steps=2", "distill.ttur=2", "distill.gan.start_step=0"]
     _train([*overrides, "trainer.checkpoint_every=0"], tmp_path)
     assert seen == [True, False]  # step 0 updates the generator, step 1 only the critic
@@ -443,17 +450,9 @@ def test_critic_backward_in_two_parts_gives_the_joint_gradients(tmp_path, monkey
     """The critic's loss backpropagated in two parts (flow matching, then GAN D + R1, the first graph
     freed before the second's forwards) gives the joint backward's gradients and losses."""
     from helios.parallel import TrainerRoleSteps
-    from helios.stages.distill import DistillStage
     from helios.trainer import Trainer
 
-    seen = []
-    original = DistillStage._critic_gan_loss
-
-    def spy(self, m, *args):
-        seen.append(any(p.grad is not None for p in m.fake.parameters() if p.requires_grad))
-        return original(self, m, *args)
-
-    monkeypatch.setattr(DistillStage, "_critic_gan_loss", spy)
+    seen = _grads_seen_when(monkeypatch, "_critic_gan_loss", "fake")
     cfg = compose(
         ["stage=3", "distill.gan.start_step=0", "validation.enabled=false", "trainer.progress=false"]
     )

@@ -7,7 +7,7 @@ from diffusers import HeliosTransformer3DModel
 
 from helios.config.schema import KernelsConfig, TransformerConfig
 from helios.model.encoders import seeded
-from helios.model.weights import helios_from_state
+from helios.model.weights import helios_from_state, keeps_fp32
 
 GUIDANCE_KEYS = ("guidance_cross_attn", "zero_history_timestep", "is_amplify_history", "history_scale_mode")
 
@@ -119,17 +119,10 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 
 def frozen_dtypes(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.dtype]:
     """The dtype of each frozen floating-point parameter of ``model`` in training: ``dtype`` (the compute
-    dtype), but fp32 for the modules diffusers keeps in fp32 (``_keep_in_fp32_modules`` of each
-    ``HeliosTransformer3DModel`` inside: the time embedder, modulation tables, affine norms)."""
-    keep = {}
-    for prefix, module in model.named_modules():
-        if isinstance(module, HeliosTransformer3DModel):
-            for name, _ in module.named_parameters():
-                parts = name.split(".")
-                if any(k in parts for k in module._keep_in_fp32_modules or ()):
-                    keep[f"{prefix}.{name}" if prefix else name] = torch.float32
+    dtype), but fp32 for the modules diffusers keeps in fp32 (:func:`helios.model.weights.keeps_fp32`:
+    the time embedder, modulation tables, affine norms)."""
     return {
-        name: keep.get(name, dtype)
+        name: torch.float32 if keeps_fp32(name) else dtype
         for name, p in model.named_parameters()
         if not p.requires_grad and p.dtype.is_floating_point
     }

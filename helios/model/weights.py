@@ -33,12 +33,8 @@ def helios_from_state(
     (``HELIOS_ONLY_DEFAULTS``: the model's own init, ones); unknown tensors are an error."""
     from accelerate import init_empty_weights
 
-    state_before = torch.random.get_rng_state()  # building draws nothing from the run's random stream
-    try:
-        with init_empty_weights():
-            model = HeliosTransformer3DModel(**config)
-    finally:
-        torch.random.set_rng_state(state_before)
+    with torch.random.fork_rng(devices=[]), init_empty_weights():  # draws nothing from the run's stream
+        model = HeliosTransformer3DModel(**config)
     expected = set(model.state_dict().keys())
     unexpected = sorted(set(state) - expected)
     if unexpected:
