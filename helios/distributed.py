@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import math
 import os
 from dataclasses import dataclass
 
@@ -96,6 +97,9 @@ def setup(parallel: ParallelConfig, trainer: TrainerConfig) -> DistInfo:
         single = {"init_method": f"tcp://127.0.0.1:{free_port()}", "rank": 0, "world_size": 1}
         timeout = datetime.timedelta(minutes=parallel.timeout_minutes)
         dist.init_process_group(backend=backend, timeout=timeout, **(single if world == 1 else {}))
+        if backend != "gloo":
+            global _HOST_GROUP
+            _HOST_GROUP = dist.new_group(backend="gloo", timeout=timeout)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=device)
 
 
@@ -108,36 +112,55 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# a gloo group beside the NCCL default group, for host-side agreements (None: the default group is gloo)
+_HOST_GROUP: dist.ProcessGroup | None = None
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
 
-def on_every_rank(flag: bool, device: torch.device) -> bool:
-    """True when ``flag`` holds on every rank (one all-reduce): for decisions that set how many forward
-    passes a step makes, which must agree across ranks (ZeRO-3 gathers weights in every forward)."""
+def on_every_rank(flag: bool) -> bool:
+    """True when the host-side ``flag`` holds on every rank: for decisions that set how many forward
+    passes a step makes, which must agree across ranks (ZeRO-3 gathers weights in every forward). One
+    all-reduce over gloo on the host: the device is not waited for."""
     if not dist.is_initialized():
         return flag
-    t = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    t = torch.tensor([float(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=_HOST_GROUP)
     return bool(t.item() > 0)
 
 
 def all_mean(
-    values: dict[str, float], device: torch.device, keys: list[str] | None = None
+    values: dict[str, float | torch.Tensor], device: torch.device, keys: list[str] | None = None
 ) -> dict[str, float]:
-    """Mean over ranks of scalar metrics, ignoring NaN (a metric a rank did not see this step).
+    """Mean over ranks of scalar metrics (floats or device scalars), ignoring non-finite values (a
+    metric a rank did not see this step): one all-reduce and one host copy.
 
-    ``keys`` must be the same list on every rank (one all-reduce); missing values count as absent.
+    ``keys`` must be the same list on every rank; missing values count as absent.
     """
     keys = sorted(values) if keys is None else keys
-    if not dist.is_initialized():
-        return {k: values.get(k, float("nan")) for k in keys}
-    v = torch.tensor([values.get(k, float("nan")) for k in keys], dtype=torch.float64)
+    if not keys:
+        return {}
+    v = torch.stack(
+        [torch.as_tensor(values.get(k, math.nan), dtype=torch.float64).to(device).reshape(()) for k in keys]
+    )
     seen = torch.isfinite(v)
-    t = torch.stack([torch.where(seen, v, torch.zeros_like(v)), seen.double()]).to(device)
-    dist.all_reduce(t)
-    return {k: (s / c if c > 0 else float("nan")) for k, s, c in zip(keys, t[0].tolist(), t[1].tolist())}
+    t = torch.stack([torch.where(seen, v, torch.zeros_like(v)), seen.double()])
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    sums, counts = t.tolist()
+    return {k: (s / c if c > 0 else math.nan) for k, s, c in zip(keys, sums, counts)}
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def broadcast_object(obj, src: int = 0):
@@ -149,5 +172,7 @@ def broadcast_object(obj, src: int = 0):
 
 
 def teardown() -> None:
+    global _HOST_GROUP
     if dist.is_initialized():
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # every group, the host group too
+    _HOST_GROUP = None

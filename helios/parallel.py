@@ -18,6 +18,8 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
+from helios.guard import StepGuard
+
 T = TypeVar("T")
 
 
@@ -104,8 +106,10 @@ bf16_all_reduce.__annotations__ = {
 
 class TrainerRoleSteps(RoleSteps):
     """The trainer's role steps of one micro-batch: forwards through the role's DDP wrapper (gradient
-    all-reduce only on the last micro-batch of an accumulation), backwards at once after ``check``
-    (divergence) by DDP/autograd (loss / accumulation) or by the role's ZeRO engine."""
+    all-reduce only on the last micro-batch of an accumulation), backwards at once by DDP/autograd
+    (loss / accumulation) or by the role's ZeRO engine. Each loss goes to the divergence ``guard``
+    (no host sync); a ZeRO engine updates inside its ``step()``, so at the accumulation boundary
+    ``verify(role)`` reads the guard first (helios/guard.py)."""
 
     def __init__(
         self,
@@ -113,11 +117,13 @@ class TrainerRoleSteps(RoleSteps):
         engines,
         grad_accum: int,
         sync: bool,
-        check: Callable[[str, torch.Tensor], None],
+        guard: StepGuard,
+        verify: Callable[[str], None],
     ) -> None:
         super().__init__()
         self.wrappers, self.engines = wrappers, engines
-        self.grad_accum, self.sync, self.check = grad_accum, sync, check
+        self.grad_accum, self.sync = grad_accum, sync
+        self.guard, self.verify = guard, verify
         self.done: set[str] = set()
 
     def forward(self, role: str, fn: Callable[..., T], *args: Any, final: bool = True) -> T:
@@ -132,9 +138,12 @@ class TrainerRoleSteps(RoleSteps):
         return self.engines is None  # a ZeRO engine takes one backward per micro-batch
 
     def backward(self, role: str, loss: torch.Tensor) -> None:
-        self.check(role, loss)
+        self.guard.observe(role, loss)
         if self.engines is not None:
-            self.engines.backward({role: loss})  # backward + step (applied at the boundary)
+            self.engines.backward(role, loss)
+            if self.sync:
+                self.verify(role)
+            self.engines.step(role)
         else:
             (loss / self.grad_accum).backward()
         self.done.add(role)

@@ -22,7 +22,16 @@ from helios import checkpoint
 from helios.config.load import to_yaml
 from helios.config.schema import ConfigError, TrainConfig
 from helios.data.dataset import BucketBatchSampler, ClipBatch, make_loader, training_dataset
-from helios.distributed import DistInfo, all_mean, barrier, broadcast_object, setup, teardown
+from helios.distributed import (
+    DistInfo,
+    all_gather_objects,
+    all_mean,
+    barrier,
+    broadcast_object,
+    setup,
+    teardown,
+)
+from helios.guard import Reading, StepGuard
 from helios.history import HistoryLayout
 from helios.metrics import MetricsLogger
 from helios.model import count_parameters, load_trainable_state_dict, trainable_state_dict
@@ -34,9 +43,22 @@ from helios.stages import STAGES
 log = logging.getLogger(__name__)
 
 
-def _nanmean(values: list[float]) -> float:
-    seen = [v for v in values if math.isfinite(v)]
-    return sum(seen) / len(seen) if seen else math.nan
+def micro_means(
+    records: list[dict[str, float | torch.Tensor]], keys: list[str], device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Per key, the mean over an accumulation's micro-batches of the finite values (NaN where there is
+    none), computed where the values are (no host sync: stage metrics stay tensors until logged)."""
+    means = {}
+    for key in keys:
+        v = torch.stack(
+            [
+                torch.as_tensor(r.get(key, math.nan), dtype=torch.float64).to(device).reshape(())
+                for r in records
+            ]
+        )
+        seen = torch.isfinite(v)
+        means[key] = torch.where(seen, v, torch.zeros_like(v)).sum() / seen.sum()  # 0 / 0: NaN
+    return means
 
 
 def seed_everything(seed: int) -> None:
@@ -147,6 +169,8 @@ class Trainer:
         self.step = 0
         self.data_skipped = 0
         self.role_ddp: dict[str, DistributedDataParallel] = {}  # stage 3 under DDP: one wrapper per role
+        self.guard = StepGuard(self.dist.device)  # divergence checks: one host sync per step
+        self.stop_requested = False  # a STOP file seen by the main rank at the last step (all ranks agree)
 
     # ------------------------------------------------------------------ setup
     def _build_data(self) -> None:
@@ -479,8 +503,8 @@ class Trainer:
             )
         return {"noisy": layout.window * short, "history": history}
 
-    def _micro_step(self, micro: int, last: bool) -> tuple[float, dict[str, float]]:
-        batch = self.next_batch().to(self.dist.device)
+    def _micro_step(self, micro: int, last: bool) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
+        batch = self.next_batch()  # on the host (pinned on a GPU); the stage copies what it needs
         self.data_skipped += batch.skipped if isinstance(batch, ClipBatch) else 0
         # DDP: no gradient all-reduce before the last micro-batch (per-role wrappers: TrainerRoleSteps);
         # ZeRO engines accumulate by themselves
@@ -490,7 +514,9 @@ class Trainer:
         autocast = torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=autocast_on)
         if self.engines is not None:
             self.engines.begin_micro_step()
-        roles = TrainerRoleSteps(self.role_ddp, self.engines, self.grad_accum, last, self._check_loss)
+        roles = TrainerRoleSteps(
+            self.role_ddp, self.engines, self.grad_accum, last, self.guard, self._verify_role
+        )
         with sync:
             with autocast, lora_inputs_uncast(self.model, autocast_on):
                 shared = shared_generator(self.cfg.seed, self.step, micro)
@@ -503,16 +529,22 @@ class Trainer:
             for role, value in losses.items():
                 if role not in roles.done:
                     roles.backward(role, value)
-        return float(sum(losses.values()).detach()), stats
+        return sum(v.detach() for v in losses.values()), stats
 
-    def _check_loss(self, role: str, value: torch.Tensor) -> None:
-        """A non-finite loss or one above ``trainer.max_loss`` stops before any backward or step."""
+    def _verify_role(self, role: str) -> None:
+        """Under ZeRO, at the accumulation boundary: ``role``'s losses read before its engine steps."""
+        self._check_losses(self.guard.read([role]))
+
+    def _check_losses(self, reading: Reading) -> None:
+        """A non-finite loss or one above ``trainer.max_loss`` stops the run before any update (the same
+        verdict on every rank: the reading is reduced over ranks)."""
         limit = self.cfg.trainer.max_loss
-        if not torch.isfinite(value) or (limit and value.item() > limit):
-            self._diverged(
-                f"the {role} loss is {value.item():.4g}"
-                + (f" (> trainer.max_loss={limit:g})" if limit and torch.isfinite(value) else "")
-            )
+        for role, kind in reading.nonfinite.items():
+            if kind is not None:
+                self._diverged(f"the {role} loss is {kind}")
+        for role, worst in reading.worst.items():
+            if limit and worst > limit:
+                self._diverged(f"the {role} loss is {worst:.4g} (> trainer.max_loss={limit:g})")
 
     def _check_resume_config(self, saved_yaml: str, path: Path, step: int) -> None:
         """The resume contract: settings in :data:`CHANGEABLE_ON_RESUME` may differ from the checkpoint's
@@ -581,7 +613,10 @@ class Trainer:
             "Lower optim.lr (a resumed run applies the new value) or check the data, then resume=latest"
         )
 
-    def train_step(self) -> dict[str, float]:
+    def train_step(self, metrics: bool = True) -> dict[str, float]:
+        """One optimiser step over ``grad_accum`` micro-batches. The host waits for the device once (the
+        divergence check before the update, helios/guard.py); ``metrics=False`` (a step that is not
+        logged) returns ``{}`` and never reads the stage's metrics, which stay on the device."""
         t0 = time.perf_counter()
         self.stage.current_step = self.step
         records = []
@@ -598,21 +633,32 @@ class Trainer:
                     "or fewer history/window frames"
                 ) from err
             records.append({"loss": loss, **stats})
+        # a STOP file (launch/helios.sbatch, on pre-emption): the main rank looks, the step's one read
+        # tells every rank, and all save at this step boundary and exit
+        stop = float(self.dist.is_main and (self.run_dir / STOP_FILE).exists())
         if self.engines is not None:
             lr = self.engines.lr()
             role_norms, stepped = self.engines.finish_step()
+            self.stop_requested = self.guard.read([], {"stop": stop}).extra["stop"] > 0
         else:
-            role_norms, stepped, lr = self._optimizer_step()
-        grad_norm = math.sqrt(sum(n**2 for n in role_norms.values())) if role_norms else 0.0
+            role_norms, stepped, lr = self._optimizer_step(stop)
         for name in stepped:
             self.opt_steps[name] += 1
         self.step += 1
         self.stage.after_optimizer_step(self.model, self.step, stepped)
-        elapsed = time.perf_counter() - t0
+        if not metrics:
+            return {}
+        return self._step_metrics(records, role_norms, lr, time.perf_counter() - t0)
+
+    def _step_metrics(
+        self, records: list[dict], role_norms: dict[str, float], lr: float, elapsed: float
+    ) -> dict[str, float]:
+        """The logged metrics of a step: the stage's, averaged over micro-batches and ranks (one
+        all-reduce), gradient norms, learning rate and throughput."""
         clips = self.cfg.trainer.batch_size * self.grad_accum * self.dist.world_size
         keys = self.metric_keys(records)
-        metrics = {k: _nanmean([r.get(k, math.nan) for r in records]) for k in keys}
-        metrics["grad_norm"] = grad_norm
+        metrics: dict[str, float | torch.Tensor] = dict(micro_means(records, keys, self.dist.device))
+        metrics["grad_norm"] = math.sqrt(sum(n**2 for n in role_norms.values())) if role_norms else 0.0
         metrics["data_skipped"] = float(self.data_skipped)  # corrupt samples replaced so far (on_error=skip)
         metrics = all_mean(metrics, self.dist.device, keys=[*keys, "grad_norm", "data_skipped"])
         metrics["data_skipped"] *= self.dist.world_size  # the total over ranks
@@ -622,23 +668,31 @@ class Trainer:
             metrics.update({f"opt_steps_{n}": float(self.opt_steps[n]) for n in self.group_names})
         return metrics
 
-    def _optimizer_step(self) -> tuple[dict[str, float], list[str], float]:
-        """DDP / single process: per-role clipping, then one AdamW step over the roles with gradients."""
+    def _optimizer_step(self, stop: float) -> tuple[dict[str, float], list[str], float]:
+        """DDP / single process: per-role clipping, then one read of the losses, the gradient norms and
+        the stop request (one host sync), then one AdamW step over the roles with gradients."""
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
-        role_norms, stepped = {}, []
+        norms = {}
         for name, group in zip(self.group_names, self.optimizer.param_groups):
             with_grad = [p for p in group["params"] if p.grad is not None]
             if with_grad:  # a role without gradients (TTUR) is not stepped: AdamW skips it
-                role_norms[name] = float(torch.nn.utils.clip_grad_norm_(with_grad, clip))
-                if not math.isfinite(role_norms[name]):
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self._diverged(f"the {name} gradient norm is {role_norms[name]}")
-                stepped.append(name)
+                norms[name] = torch.nn.utils.clip_grad_norm_(with_grad, clip)
+        reading = self.guard.read(self.group_names, {**norms, "stop": stop})
+        self.stop_requested = reading.extra["stop"] > 0
+        role_norms = {name: reading.extra[name] for name in norms}
+        try:
+            self._check_losses(reading)
+            for name, norm in role_norms.items():
+                if not math.isfinite(norm):
+                    self._diverged(f"the {name} gradient norm is {norm}")
+        except FloatingPointError:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise
         lr = self.lr_scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return role_norms, stepped, lr
+        return role_norms, list(norms), lr
 
     def metric_keys(self, records: list[dict]) -> list[str]:
         """The stage's metric names: fixed per stage so every rank all-reduces the same list."""
@@ -665,23 +719,23 @@ class Trainer:
         v = self.cfg.validation
         last = self.cfg.trainer.max_steps
         while self.step < last:
-            metrics = self.train_step()
-            validate = v.enabled and ((v.every and self.step % v.every == 0) or self.step == last)
+            upcoming = self.step + 1
+            validate = v.enabled and ((v.every and upcoming % v.every == 0) or upcoming == last)
+            logged = validate or upcoming % self.cfg.trainer.log_every == 0 or upcoming == last
+            metrics = self.train_step(metrics=logged)
             if validate:
                 self.stage.before_validation()  # collective (e.g. gathers a sharded EMA)
-                # under ZeRO-3 every rank joins the sampler's forwards (weights are gathered per layer)
-                if self.dist.is_main or (self.engines is not None and self.engines.any_zero3):
-                    metrics.update(self.validate())
+                metrics.update(self.validate())  # collective: the prompts are spread over the ranks
                 self.stage.after_validation()
                 barrier()
-            if validate or self.step % self.cfg.trainer.log_every == 0 or self.step == last:
+            if logged:
                 logger.log(self.step, metrics)
                 if self.tracker is not None:
                     self.tracker.log(self.step, metrics)
             saved = (every and self.step % every == 0) or self.step == last
             if saved:
                 self.save_checkpoint()
-            if self.step < last and self._stop_requested():
+            if self.step < last and self.stop_requested:
                 if not saved:
                     self.save_checkpoint()
                 if self.dist.is_main:
@@ -690,14 +744,18 @@ class Trainer:
                 break
         return self.run_dir
 
-    def _stop_requested(self) -> bool:
-        """A ``STOP`` file in the run dir (written by launch/helios.sbatch on pre-emption or before the
-        time limit) asks for a checkpoint at this step boundary and a clean exit; the main rank looks and
-        tells the others, so every rank stops at the same step."""
-        return bool(broadcast_object((self.run_dir / STOP_FILE).exists() if self.dist.is_main else None))
+    def validation_prompts(self) -> list[int]:
+        """The validation prompts this rank samples: the ranks share them round-robin (rank r: prompts
+        r, r + world, ...); under ZeRO-3 every rank joins every prompt's forwards (the weights are
+        gathered layer by layer, a collective) and the main rank writes the videos."""
+        n = len(self.cfg.validation.prompts)
+        if self.engines is not None and self.engines.any_zero3:
+            return list(range(n))
+        return list(range(self.dist.rank, n, self.dist.world_size))
 
     def validate(self) -> dict[str, float]:
-        """Videos for the validation prompts (main rank) under ``samples/``; drift metrics returned.
+        """Videos for the validation prompts under ``samples/`` (spread over the ranks, see
+        :meth:`validation_prompts`); collective: every rank returns every prompt's drift metrics.
 
         The VAE and text encoder live on the CPU between validations, so training holds only the DiT.
         """
@@ -718,11 +776,13 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         metrics: dict[str, float] = {}
-        videos, reports = [], []
+        sampled: list[tuple[int, Path, dict]] = []
+        writes = not (self.engines is not None and self.engines.any_zero3) or self.dist.is_main
         max_len = self.cfg.model.text_encoder.max_sequence_length
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
         try:
-            for i, prompt in enumerate(v.prompts):
+            for i in self.validation_prompts():
+                prompt = v.prompts[i]
                 generator = torch.Generator().manual_seed(v.seed + i)
                 with autocast:
                     result = generate_video(
@@ -742,13 +802,20 @@ class Trainer:
                         latent_format=self.cfg.data.latent_format,
                     )
                 out = self.run_dir / "samples" / f"step_{self.step}_{i}.mp4"
-                if self.dist.is_main:
-                    save_video(result.frames[0], out, v.fps, {**result.stats, "prompt": prompt})
+                if writes:
+                    report = {**result.stats, "prompt": prompt, "rank": self.dist.rank}
+                    save_video(result.frames[0], out, v.fps, report)
                 for key, value in result.stats["drift"]["max_abs_delta"].items():
                     metrics[f"val/{i}/drift_{key}"] = value
                 metrics[f"val/{i}/seam_ratio"] = result.stats["seams"]["ratio"]
-                videos.append(out)
-                reports.append(result.stats)
+                sampled.append((i, out, result.stats))
+            # every rank's prompts, on every rank (the main rank logs them)
+            for their_metrics, their_sampled in all_gather_objects((metrics, sampled)):
+                metrics.update(their_metrics)
+                sampled.extend(their_sampled)
+            by_prompt = {i: (out, report) for i, out, report in sampled}
+            videos = [by_prompt[i][0] for i in sorted(by_prompt)]
+            reports = [by_prompt[i][1] for i in sorted(by_prompt)]
             if self.tracker is not None:
                 self.tracker.log_validation(self.step, videos, reports, v.fps)
             if self.dist.is_main:

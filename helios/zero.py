@@ -127,16 +127,15 @@ class RoleEngines:
             if isinstance(engine.optimizer, ZeROOptimizer):
                 engine.optimizer.clear_backward_seen_flag()
 
-    def backward(self, losses: dict[str, torch.Tensor]) -> None:
-        """One backward + step per role with a loss (DeepSpeed applies the step at the accumulation
-        boundary and scales the loss by the accumulation itself)."""
-        unknown = set(losses) - set(self.engines)
-        if unknown:
-            raise KeyError(f"losses for roles without an engine: {sorted(unknown)}")
-        for name, loss in losses.items():
-            engine = self.engines[name]
-            engine.backward(loss)
-            engine.step()
+    def backward(self, role: str, loss: torch.Tensor) -> None:
+        """``role``'s backward (DeepSpeed scales the loss by the accumulation itself)."""
+        if role not in self.engines:
+            raise KeyError(f"a loss for role {role!r}, which has no engine")
+        self.engines[role].backward(loss)
+
+    def step(self, role: str) -> None:
+        """``role``'s engine step: applied at the accumulation boundary, counted before it."""
+        self.engines[role].step()
 
     def finish_step(self) -> tuple[dict[str, float], list[str]]:
         """Per-role gradient norms and the roles whose optimiser really stepped this iteration."""

@@ -449,6 +449,7 @@ def test_generator_backward_runs_before_the_critic_forward(tmp_path, monkeypatch
 def test_critic_backward_in_two_parts_gives_the_joint_gradients(tmp_path, monkeypatch):
     """The critic's loss backpropagated in two parts (flow matching, then GAN D + R1, the first graph
     freed before the second's forwards) gives the joint backward's gradients and losses."""
+    from helios.guard import StepGuard
     from helios.parallel import TrainerRoleSteps
     from helios.trainer import Trainer
 
@@ -466,7 +467,7 @@ def test_critic_backward_in_two_parts_gives_the_joint_gradients(tmp_path, monkey
     for mode in ("parts", "joint"):
         trainer.stage.d.critic_backward = mode
         trainer.model.zero_grad(set_to_none=True)
-        roles = TrainerRoleSteps({}, None, 1, True, lambda role, loss: None)
+        roles = TrainerRoleSteps({}, None, 1, True, StepGuard(torch.device("cpu")), lambda role: None)
         out, _ = trainer.stage.compute_loss(
             trainer.model, batch, torch.Generator().manual_seed(7), roles=roles
         )

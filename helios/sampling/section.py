@@ -50,7 +50,7 @@ def block_noise(
     along = math.sqrt(max(1.0 + gamma - n * gamma, 0.0))
     noise = math.sqrt(1.0 + gamma) * (z - mean) + along * mean
     noise = noise.view(b, c, t, h // ph, w // pw, ph, pw).permute(0, 1, 2, 3, 5, 4, 6).reshape(b, c, t, h, w)
-    return noise.to(device) if device is not None else noise
+    return noise.to(device, non_blocking=True) if device is not None else noise
 
 
 def set_stage_timesteps(

@@ -23,11 +23,14 @@ class Stage(abc.ABC):
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self.current_step = 0  # the optimizer step being computed (set by the trainer before each step)
+        self.device = torch.device("cpu")  # where the model computes (set by setup)
 
     # ------------------------------------------------------------------ data
     def setup(self, data_path: Path | None, dist) -> None:
-        """Resolve what the stage needs besides the clips (stage 3: teacher, ODE pairs, empty prompt)."""
-        return None
+        """Resolve what the stage needs besides the clips (stage 3: teacher, ODE pairs, empty prompt);
+        an override calls this one first."""
+        if dist is not None:
+            self.device = dist.device
 
     def make_dataset(self, data_path: Path | None) -> torch.utils.data.Dataset | None:
         """The stage's own training data, or None for the clip dataset of ``data``."""
@@ -82,8 +85,11 @@ class Stage(abc.ABC):
         generator: torch.Generator,
         shared: torch.Generator | None = None,
         roles: RoleSteps | None = None,
-    ) -> tuple[torch.Tensor | dict[str, torch.Tensor], dict[str, float]]:
-        """One micro-batch: the loss (one per role for several roles) and scalar metrics (detached).
+    ) -> tuple[torch.Tensor | dict[str, torch.Tensor], dict[str, float | torch.Tensor]]:
+        """One micro-batch (on the host, pinned: the stage conditions it there, with the run's CPU random
+        streams, and copies what the model needs to :attr:`device` without waiting for it): the loss
+        (one per role for several roles) and scalar metrics: floats, or
+        detached device scalars, which the trainer reads only on logged steps (no host sync per step).
         ``generator``: this rank's stream; ``shared``: the same on every rank; ``roles``: how each
         role's forward and backward run (stages with several roles)."""
 

@@ -55,16 +55,17 @@ from helios.stages.flow import FlowStage
 
 
 def _cast(inputs: dict[str, torch.Tensor], like: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Model inputs on ``like``'s device, floating-point ones in its dtype (indices keep theirs)."""
+    """Model inputs on ``like``'s device, floating-point ones in its dtype (indices keep theirs); a
+    copy from the host does not wait for the device."""
     return {
-        k: v.to(like.device, like.dtype) if v.is_floating_point() else v.to(like.device)
+        k: v.to(like.device, like.dtype if v.is_floating_point() else v.dtype, non_blocking=True)
         for k, v in inputs.items()
     }
 
 
 class TensorDict(dict):
     def to(self, device: torch.device) -> TensorDict:
-        return TensorDict({k: v.to(device) for k, v in self.items()})
+        return TensorDict({k: v.to(device, non_blocking=True) for k, v in self.items()})
 
 
 class DistillModule(nn.Module):
@@ -148,6 +149,7 @@ class DistillStage(FlowStage):
         empty prompt (unconditional branch of the real score's CFG)."""
         from helios.data.prepare_job import EMPTY_PROMPT_FILE, NEGATIVE_PROMPT_FILE, load_empty_prompt
 
+        super().setup(data_path, dist)
         if self.d.ema_sharded and dist is not None:
             self.rank, self.world_size = dist.rank, dist.world_size
         if self.d.teacher is None:
@@ -453,10 +455,13 @@ class DistillStage(FlowStage):
         shared: torch.Generator,
         roles: RoleSteps,
     ):
-        device = batch["history"].device
+        device = self.device
         k = int(torch.randint(len(self.d.steps), (1,), generator=gen))
+        # decided on the host (the batch arrives there), then copied without waiting for the device
+        first = self._first_section(batch["history"])
+        batch = batch.to(device)
         start, end = batch[f"stage{k}_start"], batch[f"stage{k}_end"]
-        timesteps, sigmas = self._stage_schedule(k, start.shape, self._first_section(batch["history"]))
+        timesteps, sigmas = self._stage_schedule(k, start.shape, first)
         j = int(torch.randint(len(timesteps), (1,), generator=gen))
         sigma = float(sigmas[j])
         x = sigma * start + (1 - sigma) * end
@@ -464,10 +469,10 @@ class DistillStage(FlowStage):
             "encoder_hidden_states": batch["prompt_embeds"],
             **self.layout.model_inputs(batch["history"], batch["anchor"]),
         }
-        t = timesteps[j].expand(x.shape[0]).to(device)
+        t = timesteps[j].expand(x.shape[0]).to(device, non_blocking=True)
         x0 = x - sigma * roles.forward("generator", self._call, m.generator, x, t, cond)
         loss = self.d.ode_weight * F.mse_loss(x0, end.float())
-        return loss, {"loss_ode": float(loss.detach()), "ode_stage": float(k)}
+        return loss, {"loss_ode": loss.detach(), "ode_stage": float(k)}
 
     def exit_steps(self, shared: torch.Generator, first_section: bool) -> list[int]:
         """One exit step per pyramid stage, drawn from the rank-shared generator (every rank makes the
@@ -496,7 +501,7 @@ class DistillStage(FlowStage):
         b, c, t, h, w = shape
         device = cond["encoder_hidden_states"].device
         k_max = len(self.d.steps)
-        x = torch.randn(b, c, t, h, w, generator=gen).to(device)
+        x = torch.randn(b, c, t, h, w, generator=gen).to(device, non_blocking=True)
         for _ in range(k_max - 1):
             x = halve(x) * 2
         sched = self._scheduler_for()
@@ -510,7 +515,7 @@ class DistillStage(FlowStage):
             for j in range(last + 1):
                 exiting = j == last
                 with torch.set_grad_enabled(grad and exiting):
-                    v = self._call(generator, x, timesteps[j].expand(b).to(device), cond)
+                    v = self._call(generator, x, timesteps[j].expand(b).to(device, non_blocking=True), cond)
                 x0 = x - float(sigmas[j]) * v
                 if not exiting:
                     nxt = float(sigmas[j + 1])
@@ -544,8 +549,10 @@ class DistillStage(FlowStage):
             return None
         history = self.layout.split_clip(batch.latents)[0]
         m = max(0, min(history.shape[2], self.d.bidirectional_frames - xt.shape[2]))
-        ctx = history[:, :, history.shape[2] - m :].to(xt.device, xt.dtype)
-        return (1 - tau5) * ctx + tau5 * torch.randn(ctx.shape, generator=gen).to(xt.device, xt.dtype)
+        ctx = history[:, :, history.shape[2] - m :].to(xt.device, xt.dtype, non_blocking=True)
+        return (1 - tau5) * ctx + tau5 * torch.randn(ctx.shape, generator=gen).to(
+            xt.device, xt.dtype, non_blocking=True
+        )
 
     @staticmethod
     @contextlib.contextmanager
@@ -592,11 +599,11 @@ class DistillStage(FlowStage):
         DMD (+ GAN) loss and backward (TTUR steps only), then the critic's losses and backward. With
         ``distill.offload`` one 14B base is resident at each point (the generator's graph waits for its
         backward while the scores run on the critic's base)."""
-        cond, target, stats = self.condition(batch, gen)
-        device = batch.latents.device
+        cond, target, stats = self.condition(batch, gen)  # on the host
+        device = self.device
         dtype = next(m.generator.parameters()).dtype
         cond = _cast(cond, torch.empty((), device=device, dtype=dtype))
-        target = target.to(device)
+        target = target.to(device, non_blocking=True)
         step = self.current_step
         update_g = self.ttur.update_generator(step)
         gan_on = m.heads is not None and step >= self.d.gan.start_step
@@ -606,9 +613,7 @@ class DistillStage(FlowStage):
             cond = self._self_forcing_cond(m.generator, cond, target.shape, gen)
         # every rank's history empty: the first section's amplified schedule (agreed across ranks: it
         # sets the number of rollout forwards)
-        first = self.d.history_source != "self_forcing" and on_every_rank(
-            stats["history_empty"] == 1.0, device
-        )
+        first = self.d.history_source != "self_forcing" and on_every_rank(stats["history_empty"] == 1.0)
         exits = self.exit_steps(shared, first)
         x0 = roles.forward(
             "generator", self.rollout, m.generator, cond, target.shape, gen, update_g, exits, first
@@ -645,7 +650,7 @@ class DistillStage(FlowStage):
             needed |= set(self._generator_graph(gan_on))
         if needed:  # graphs left pending (no trainer's role steps): their weights for the backward
             self._activate(*sorted(needed))
-        metrics["tau_mean"] = float(draws["tau"].mean())
+        metrics["tau_mean"] = draws["tau"].mean()
         return losses, {**stats, **metrics}
 
     def _draws(self, target: torch.Tensor, gen: torch.Generator, step: int) -> dict[str, Any]:
@@ -654,9 +659,13 @@ class DistillStage(FlowStage):
         reference: [20, 980]), the re-noise time tau (Dynamic Re-noise) and the GAN crop's offsets."""
         b, device = target.shape[0], target.device
         shift = shift_factor(token_count(*target.shape[2:]), self.cfg.flow.shift)
-        t = shift_sigmas(torch.rand(b, generator=gen), shift).clamp(0.02, 0.98).to(device)
-        eps = torch.randn(target.shape, generator=gen).to(device)
-        tau = shift_sigmas(self.renoise.sample(b, step, gen), shift).clamp(0.02, 0.98).to(device)
+        t = shift_sigmas(torch.rand(b, generator=gen), shift).clamp(0.02, 0.98).to(device, non_blocking=True)
+        eps = torch.randn(target.shape, generator=gen).to(device, non_blocking=True)
+        tau = (
+            shift_sigmas(self.renoise.sample(b, step, gen), shift)
+            .clamp(0.02, 0.98)
+            .to(device, non_blocking=True)
+        )
         ch, cw = self._crop_hw(target)
         top = 2 * int(torch.randint((target.shape[-2] - ch) // 2 + 1, (1,), generator=gen))
         left = 2 * int(torch.randint((target.shape[-1] - cw) // 2 + 1, (1,), generator=gen))
@@ -675,10 +684,13 @@ class DistillStage(FlowStage):
         tau = draws["tau"]
         tau5, t_tau = tau.view(-1, 1, 1, 1, 1), tau * NUM_TRAIN_TIMESTEPS
         self._activate("critic", "real", then="generator")  # the generator's graph waits meanwhile
-        x_tau = (1 - tau5) * x0 + tau5 * torch.randn(x0.shape, generator=gen).to(device)
+        x_tau = (1 - tau5) * x0 + tau5 * torch.randn(x0.shape, generator=gen).to(device, non_blocking=True)
         with torch.no_grad():
             xt = x_tau.detach()
-            uncond = {**cond, "encoder_hidden_states": self.uncond.to(device, dtype).expand(b, -1, -1)}
+            uncond = {
+                **cond,
+                "encoder_hidden_states": self.uncond.to(device, dtype, non_blocking=True).expand(b, -1, -1),
+            }
             context = self._bidirectional_context(batch, xt, tau5, gen)
             real_x0 = cfg_x0(
                 xt,
@@ -691,9 +703,7 @@ class DistillStage(FlowStage):
         grad = dmd_gradient(x0.detach(), real_x0, fake_x0)
         loss_dmd = dmd_loss(x0, grad)
         total = loss_dmd
-        metrics.update(
-            {"loss_dmd": float(loss_dmd.detach()), "dmd_grad_norm": float(grad.norm() / math.sqrt(b))}
-        )
+        metrics.update({"loss_dmd": loss_dmd.detach(), "dmd_grad_norm": grad.detach().norm() / math.sqrt(b)})
         if gan_on:
             crop = self._crop(x_tau, draws["top"], draws["left"])
             if self.d.cache_gan_grad:  # §4.2 Cache Grad: D's input gradient now, its activations freed
@@ -707,7 +717,7 @@ class DistillStage(FlowStage):
                 with frozen(m.fake, m.heads):
                     loss_g = gan_g_loss(self._disc(m, crop, t_tau, cond))
                 total = total + self.d.gan.w_g * loss_g
-            metrics["loss_gan_g"] = float(loss_g.detach())
+            metrics["loss_gan_g"] = loss_g.detach()
         return total
 
     def _critic_flow_loss(self, m: DistillModule, x0d, target, cond: dict, draws: dict, gen, metrics):
@@ -716,7 +726,7 @@ class DistillStage(FlowStage):
         t5 = t.view(-1, 1, 1, 1, 1)
         x_t = (1 - t5) * x0d + t5 * eps
         loss_flow = F.mse_loss(self._call(m.fake, x_t, t * NUM_TRAIN_TIMESTEPS, cond), eps - x0d)
-        metrics["loss_flow"] = float(loss_flow.detach())
+        metrics["loss_flow"] = loss_flow.detach()
         return loss_flow
 
     def _critic_gan_loss(self, m: DistillModule, x0d, target, cond: dict, draws: dict, gen, metrics):
@@ -724,8 +734,12 @@ class DistillStage(FlowStage):
         samples."""
         tau, top, left = draws["tau"], draws["top"], draws["left"]
         tau5, t_tau, device = tau.view(-1, 1, 1, 1, 1), tau * NUM_TRAIN_TIMESTEPS, x0d.device
-        real_tau = (1 - tau5) * target + tau5 * torch.randn(target.shape, generator=gen).to(device)
-        fake_tau = (1 - tau5) * x0d + tau5 * torch.randn(x0d.shape, generator=gen).to(device)
+        real_tau = (1 - tau5) * target + tau5 * torch.randn(target.shape, generator=gen).to(
+            device, non_blocking=True
+        )
+        fake_tau = (1 - tau5) * x0d + tau5 * torch.randn(x0d.shape, generator=gen).to(
+            device, non_blocking=True
+        )
         real_c, fake_c = self._crop(real_tau, top, left), self._crop(fake_tau, top, left)
         l_real, l_fake = self._disc(m, real_c, t_tau, cond), self._disc(m, fake_c, t_tau, cond)
         r1 = approx_r1(lambda x: self._disc(m, x, t_tau, cond), real_c, self.d.gan.r1_sigma, gen, l_real)
@@ -733,10 +747,10 @@ class DistillStage(FlowStage):
         loss_d = gan_d_loss(l_real, l_fake)
         metrics.update(
             {
-                "loss_gan_d": float(loss_d.detach()),
-                "r1": float(r1.detach()),
-                "d_real": float(l_real.detach().mean()),
-                "d_fake": float(l_fake.detach().mean()),
+                "loss_gan_d": loss_d.detach(),
+                "r1": r1.detach(),
+                "d_real": l_real.detach().mean(),
+                "d_fake": l_fake.detach().mean(),
             }
         )
         return critic_gan_term(loss_d, r1, g.w_d, g.r1_lambda, g.r1_weighting)

@@ -59,22 +59,22 @@ class FlowStage(Stage):
     def condition(self, batch: ClipBatch, generator: torch.Generator) -> tuple[dict, torch.Tensor, dict]:
         """History inputs of the model, the clean noisy-window latents, and statistics."""
         cfg = self.cfg
-        history, target = self.layout.split_clip(batch.latents.cpu())
+        history, target = self.layout.split_clip(batch.latents)
         b = target.shape[0]
         tasks = draw_tasks(b, cfg.history.tasks, generator)
         history, anchor, valid = apply_tasks(
             history,
-            batch.first_latent.cpu(),
+            batch.first_latent,
             tasks,
             self.layout,
             generator,
-            batch.history_frames.cpu(),
+            batch.history_frames,
             section_format=cfg.data.latent_format == "sections",
         )
         history, branches = frame_aware_corrupt(history, valid, cfg.history.corrupt, generator)
-        offset = None if self.layout.relative_rope else batch.offset.cpu()  # absolute: the window's start
+        offset = None if self.layout.relative_rope else batch.offset  # absolute: the window's start
         inputs = {
-            "encoder_hidden_states": batch.prompt_embeds.cpu(),
+            "encoder_hidden_states": batch.prompt_embeds,
             **self.layout.model_inputs(history, anchor, offset),
         }
         n_valid = max(1, int(valid.sum()))
@@ -105,25 +105,28 @@ class FlowStage(Stage):
         generator: torch.Generator,
         shared: torch.Generator | None = None,
         roles: RoleSteps | None = None,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
         """Loss of one micro-batch. ``generator``: this rank's stream; ``shared``: the same on every rank
         (draws that decide the number of forward passes); ``roles``: unused (one role, whose backward
         the trainer runs)."""
-        device = batch.latents.device
+        device = self.device
         cond, target, stats = self.condition(batch, generator)
         groups, noisy_stats = self.noisy_groups(target, generator, shared or generator)
         total = torch.zeros((), device=device)
         b = target.shape[0]
         stats["noisy_tokens"] = float(sum(len(g.index) * token_count(*g.x_t.shape[2:]) for g in groups))
         for g in groups:
-            inputs = {k: v[g.index].to(device) for k, v in cond.items()}
+            inputs = {k: v[g.index].to(device, non_blocking=True) for k, v in cond.items()}
             pred = model(
-                hidden_states=g.x_t.to(device), timestep=g.timestep.to(device), **inputs, return_dict=False
+                hidden_states=g.x_t.to(device, non_blocking=True),
+                timestep=g.timestep.to(device, non_blocking=True),
+                **inputs,
+                return_dict=False,
             )[0]
-            loss = F.mse_loss(pred.float(), g.target.to(device).float())
+            loss = F.mse_loss(pred.float(), g.target.to(device, non_blocking=True).float())
             total = total + loss * (len(g.index) / b)
             if g.name != "flow":
-                stats[f"loss_{g.name}"] = float(loss.detach())
+                stats[f"loss_{g.name}"] = loss.detach()  # a device scalar: read when logged
         return total, {**stats, **noisy_stats}
 
     def metric_names(self) -> list[str]:
