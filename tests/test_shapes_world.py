@@ -1,0 +1,46 @@
+"""The moving-shapes world's measures tell real clips from noise, a wrong colour, a frozen shape."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helios.data.shapes_world import count_blobs, mean_metrics, parse_caption, video_metrics
+from helios.data.synthetic import COLORS, render_clip
+
+
+def _clips(n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [render_clip(17, 64, 64, g) for _ in range(n)]
+
+
+def test_real_clips_match_their_captions():
+    m = mean_metrics([video_metrics(v, c) for v, c in _clips(6)])
+    assert m["palette_error"] < 1e-3 and m["shape_colour_match"] == 1.0 and m["objects"] == 1.0
+    assert 0.75 < m["background_match"] < 0.99  # the shape covers a few % to a quarter of the frame
+    assert 1.0 <= m["motion_along"] <= 3.0  # the renderer's speed, along the caption's direction
+
+
+def test_noise_a_wrong_colour_and_a_frozen_shape_score_as_such():
+    (video, caption), *_ = _clips(1, seed=1)
+    noise = video_metrics(torch.rand_like(video) * 2 - 1, caption)
+    assert noise["palette_error"] > 0.2 and noise["background_match"] < 0.2
+    scene = parse_caption(caption)
+    other = next(c for c in COLORS if c != scene.colour)
+    wrong = video_metrics(video, caption.replace(f"a {scene.colour} ", f"a {other} ", 1))
+    assert wrong["shape_colour_match"] == 0.0
+    frozen = video_metrics(video[:, :1].expand_as(video), caption)
+    assert frozen["motion_along"] == 0.0 and frozen["objects"] == 1.0
+
+
+def test_blobs_wrap_around_the_borders_and_small_ones_are_ignored():
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    mask[5:8, 0:2] = True
+    mask[5:8, 14:16] = True  # the same shape, split by the right border
+    mask[12, 12] = True  # one stray pixel
+    assert count_blobs(mask, min_area=4) == 1 and count_blobs(mask, min_area=1) == 2
+
+
+def test_other_text_is_refused():
+    with pytest.raises(ValueError, match="not a moving-shapes caption"):
+        parse_caption("a cat on a sofa")
