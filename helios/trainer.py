@@ -521,7 +521,7 @@ class Trainer:
             with autocast, lora_inputs_uncast(self.model, autocast_on):
                 shared = shared_generator(self.cfg.seed, self.step, micro)
                 loss, stats = self.stage.compute_loss(
-                    self.wrapped, batch, self.generator, shared, roles=roles
+                    self.wrapped, batch, self.generator, shared, roles=roles, step=self.step
                 )
             # a stage with several roles returns one loss per role (their graphs are disjoint); the
             # roles whose backward the stage ran already (stage 3) are not run again
@@ -618,7 +618,6 @@ class Trainer:
         divergence check before the update, helios/guard.py); ``metrics=False`` (a step that is not
         logged) returns ``{}`` and never reads the stage's metrics, which stay on the device."""
         t0 = time.perf_counter()
-        self.stage.current_step = self.step
         records = []
         for micro in range(self.grad_accum):
             try:

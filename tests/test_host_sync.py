@@ -51,7 +51,9 @@ def test_a_training_micro_step_never_reads_a_device_value(tmp_path, monkeypatch,
         trainer.model.to("meta")
         trainer.stage.device = torch.device("meta")
         batch = _host_batch(trainer)
-        losses, stats = trainer.stage.compute_loss(trainer.model, batch, torch.Generator().manual_seed(0))
+        losses, stats = trainer.stage.compute_loss(
+            trainer.model, batch, torch.Generator().manual_seed(0), step=0
+        )
         losses = losses if isinstance(losses, dict) else {"model": losses}
         assert all(v.device.type == "meta" for v in losses.values())
         on_device = {k for k, v in stats.items() if isinstance(v, torch.Tensor) and v.device.type == "meta"}

@@ -172,7 +172,6 @@ def test_cached_gan_gradient_equals_plain_autograd(tmp_path):
         trainer = Trainer(cfg, tmp_path / str(cached))
         trainer._build_data()
         trainer._build_model()
-        trainer.stage.current_step = 0  # a generator iteration, GAN on
         batch = next(
             iter(
                 torch.utils.data.DataLoader(
@@ -182,7 +181,12 @@ def test_cached_gan_gradient_equals_plain_autograd(tmp_path):
                 )
             )
         )
-        losses, stats = trainer.stage.compute_loss(trainer.model, batch, torch.Generator().manual_seed(7))
+        losses, stats = trainer.stage.compute_loss(
+            trainer.model,
+            batch,
+            torch.Generator().manual_seed(7),
+            step=0,  # a generator iteration, GAN on
+        )
         sum(losses.values()).backward()
         assert math.isfinite(stats["loss_gan_g"])
         grads[cached] = {
@@ -460,7 +464,6 @@ def test_critic_backward_in_two_parts_gives_the_joint_gradients(tmp_path, monkey
     trainer = Trainer(cfg, tmp_path)
     trainer._build_data()
     trainer._build_model()
-    trainer.stage.current_step = 1  # a critic-only iteration, GAN on
     samples = [trainer.dataset[(i, 0)] for i in range(2)]
     batch = next(iter(torch.utils.data.DataLoader(samples, batch_size=2, collate_fn=trainer.dataset.collate)))
     grads, losses = {}, {}
@@ -469,7 +472,11 @@ def test_critic_backward_in_two_parts_gives_the_joint_gradients(tmp_path, monkey
         trainer.model.zero_grad(set_to_none=True)
         roles = TrainerRoleSteps({}, None, 1, True, StepGuard(torch.device("cpu")), lambda role: None)
         out, _ = trainer.stage.compute_loss(
-            trainer.model, batch, torch.Generator().manual_seed(7), roles=roles
+            trainer.model,
+            batch,
+            torch.Generator().manual_seed(7),
+            roles=roles,
+            step=1,  # critic only, GAN on
         )
         assert roles.done == {"critic"}
         losses[mode] = float(out["critic"])

@@ -397,9 +397,9 @@ def test_divergence_stops_before_any_update_names_role_and_checkpoint_and_resume
 
     original = FlowStage.compute_loss
 
-    def poisoned(self, model, batch, generator, shared=None, roles=None):
-        loss, stats = original(self, model, batch, generator, shared, roles)
-        return (loss * float("nan") if self.current_step == 2 else loss), stats
+    def poisoned(self, model, batch, generator, shared=None, roles=None, *, step):
+        loss, stats = original(self, model, batch, generator, shared, roles, step=step)
+        return (loss * float("nan") if step == 2 else loss), stats
 
     monkeypatch.setattr(FlowStage, "compute_loss", poisoned)
     with pytest.raises(FloatingPointError) as err:
@@ -464,8 +464,8 @@ def test_an_exploding_finite_loss_stops_like_a_nan(tmp_path, monkeypatch):
 
     original = FlowStage.compute_loss
 
-    def exploding(self, model, batch, generator, shared=None, roles=None):
-        loss, stats = original(self, model, batch, generator, shared, roles)
+    def exploding(self, model, batch, generator, shared=None, roles=None, *, step):
+        loss, stats = original(self, model, batch, generator, shared, roles, step=step)
         return loss * 1e9, stats
 
     monkeypatch.setattr(FlowStage, "compute_loss", exploding)

@@ -22,7 +22,6 @@ class Stage(abc.ABC):
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
-        self.current_step = 0  # the optimizer step being computed (set by the trainer before each step)
         self.device = torch.device("cpu")  # where the model computes (set by setup)
 
     # ------------------------------------------------------------------ data
@@ -85,13 +84,16 @@ class Stage(abc.ABC):
         generator: torch.Generator,
         shared: torch.Generator | None = None,
         roles: RoleSteps | None = None,
+        *,
+        step: int,
     ) -> tuple[torch.Tensor | dict[str, torch.Tensor], dict[str, float | torch.Tensor]]:
         """One micro-batch (on the host, pinned: the stage conditions it there, with the run's CPU random
         streams, and copies what the model needs to :attr:`device` without waiting for it): the loss
         (one per role for several roles) and scalar metrics: floats, or
         detached device scalars, which the trainer reads only on logged steps (no host sync per step).
         ``generator``: this rank's stream; ``shared``: the same on every rank; ``roles``: how each
-        role's forward and backward run (stages with several roles)."""
+        role's forward and backward run (stages with several roles); ``step``: the optimizer step
+        being computed (0-based: the number of updates so far)."""
 
     def metric_names(self) -> list[str] | None:
         """Every metric key the stage reports (the same on every rank), or None: the keys seen."""

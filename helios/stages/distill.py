@@ -139,7 +139,6 @@ class DistillStage(FlowStage):
         self.rank, self.world_size = 0, 1
         self.model: DistillModule | None = None
         self.pool = None  # helios.offload.OffloadPool when distill.offload
-        self.current_step = 0
         self.uncond: torch.Tensor | None = None  # the real score's unconditional prompt (distill.uncond)
         self._scheduler = None
 
@@ -408,12 +407,15 @@ class DistillStage(FlowStage):
         generator: torch.Generator,
         shared: torch.Generator | None = None,
         roles: RoleSteps | None = None,
+        *,
+        step: int,
     ):
-        """One micro-batch's losses per role. ``roles`` (the trainer's) runs each role's forward through
-        its DDP wrapper and its backward as soon as its loss is complete; without it the backwards are
-        left to the caller (the graphs stay pending)."""
-        step = self._ode_step if self.d.phase == "ode" else self._post_step
-        return model(step, batch, generator, shared or generator, roles or RoleSteps())
+        """One micro-batch's losses per role at optimizer step ``step`` (TTUR, the GAN's start and the
+        re-noise annealing follow it). ``roles`` (the trainer's) runs each role's forward through its DDP
+        wrapper and its backward as soon as its loss is complete; without it the backwards are left to
+        the caller (the graphs stay pending)."""
+        phase = self._ode_step if self.d.phase == "ode" else self._post_step
+        return model(phase, batch, generator, shared or generator, roles or RoleSteps(), step)
 
     def _scheduler_for(self):
         if self._scheduler is None:
@@ -454,7 +456,9 @@ class DistillStage(FlowStage):
         gen: torch.Generator,
         shared: torch.Generator,
         roles: RoleSteps,
+        step: int,
     ):
+        """Staged ODE Init: one (stage, DMD step) point of an ODE pair, regressed onto the stage's end."""
         device = self.device
         k = int(torch.randint(len(self.d.steps), (1,), generator=gen))
         # decided on the host (the batch arrives there), then copied without waiting for the device
@@ -593,7 +597,13 @@ class DistillStage(FlowStage):
         return m.heads.logits(store, (x.shape[2], x.shape[3] // 2, x.shape[4] // 2), output)
 
     def _post_step(
-        self, m: DistillModule, batch, gen: torch.Generator, shared: torch.Generator, roles: RoleSteps
+        self,
+        m: DistillModule,
+        batch,
+        gen: torch.Generator,
+        shared: torch.Generator,
+        roles: RoleSteps,
+        step: int,
     ):
         """One DMD + GAN iteration, one role's graph at a time (§4.2): the generator's rollout, its
         DMD (+ GAN) loss and backward (TTUR steps only), then the critic's losses and backward. With
@@ -604,7 +614,6 @@ class DistillStage(FlowStage):
         dtype = next(m.generator.parameters()).dtype
         cond = _cast(cond, torch.empty((), device=device, dtype=dtype))
         target = target.to(device, non_blocking=True)
-        step = self.current_step
         update_g = self.ttur.update_generator(step)
         gan_on = m.heads is not None and step >= self.d.gan.start_step
         clock = time.perf_counter()

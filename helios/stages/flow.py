@@ -105,10 +105,12 @@ class FlowStage(Stage):
         generator: torch.Generator,
         shared: torch.Generator | None = None,
         roles: RoleSteps | None = None,
+        *,
+        step: int,
     ) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
         """Loss of one micro-batch. ``generator``: this rank's stream; ``shared``: the same on every rank
         (draws that decide the number of forward passes); ``roles``: unused (one role, whose backward
-        the trainer runs)."""
+        the trainer runs); ``step``: unused (no schedule over steps)."""
         device = self.device
         cond, target, stats = self.condition(batch, generator)
         groups, noisy_stats = self.noisy_groups(target, generator, shared or generator)
