@@ -719,6 +719,10 @@ class LoggingConfig(Validated):
 # --------------------------------------------------------------------------- root
 
 
+# the paper's stages (§5.1); helios/stages maps each to its class (the config layer knows only names)
+STAGE_NAMES = {1: "base", 2: "mid", 3: "distilled"}
+
+
 @dataclass
 class TrainConfig(Validated):
     stage: int = 1
@@ -741,9 +745,7 @@ class TrainConfig(Validated):
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def _validate(self, prefix: str) -> None:
-        from helios.stages import STAGES
-
-        _check(self.stage in STAGES, "stage", f"must be one of {sorted(STAGES)}, got {self.stage}")
+        _check(self.stage in STAGE_NAMES, "stage", f"must be one of {sorted(STAGE_NAMES)}, got {self.stage}")
         _check(bool(self.resume), "resume", "must be 'latest', 'none' or a checkpoint path")
         zero3 = [r for r in ("generator", "critic", "real") if self.parallel.role_backend(r) == "zero3"]
         _check(
