@@ -9,8 +9,7 @@ from helios.config import compose
 from helios.model import build_transformer
 from helios.model.inference import merged_weights
 from helios.model.weights import keeps_fp32
-
-from .test_training import _train
+from tests.helpers.runs import train_in_process as _train
 
 
 def _storages(module: torch.nn.Module) -> dict[str, int]:

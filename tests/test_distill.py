@@ -157,7 +157,7 @@ def test_sharded_ema_halves_per_rank_bytes_and_gathers_the_unsharded_ema(tmp_pat
     import json
     import subprocess
 
-    from tests.conftest import ROOT
+    from tests.helpers.runs import ROOT
 
     cmd = [
         python,
@@ -242,8 +242,7 @@ def test_shared_teacher_gives_the_losses_of_two_copies(tmp_path, monkeypatch):
     off) trains exactly as a separate frozen real score, with one 14B base fewer; running the real score
     with the adapters left on changes the DMD loss once the critic has trained (the check can fail)."""
     from helios.stages.distill import DistillModule, DistillStage
-
-    from .test_training import _train
+    from tests.helpers.runs import train_in_process as _train
 
     run = [
         "stage=3",

@@ -16,8 +16,7 @@ from helios.history import HistoryLayout
 from helios.model.inference import load_checkpoint_model
 from helios.model.transformer import build_transformer
 from helios.sampling.section import block_noise
-
-from .test_training import _train
+from tests.helpers.runs import train_in_process as _train
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -199,7 +199,7 @@ def test_missing_flash_attention_falls_back_to_sdpa(caplog):
 
 
 def test_tiny_training_with_kernels(tmp_path):
-    from .test_training import _train
+    from tests.helpers.runs import train_in_process as _train
 
     metrics = _train(
         [

@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 
 from helios.distributed import free_port
-from tests.conftest import ROOT
-from tests.helpers.runs import metrics, train_cli
+from tests.helpers.runs import ROOT, metrics, train_cli
 
 TINY = ["validation.enabled=false", "trainer.progress=false"]
 

@@ -58,8 +58,7 @@ def test_offload_schedule_is_what_a_stage3_step_activates(tmp_path, monkeypatch,
     """offload_schedule (what the model counts as resident and in flight) is exactly the set of
     activations of real stage-3 steps with the offload pool (with and without a generator update)."""
     from helios.offload import OffloadPool
-
-    from .test_training import _train
+    from tests.helpers.runs import train_in_process as _train
 
     calls = []
     original = OffloadPool.activate

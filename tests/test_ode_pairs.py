@@ -12,8 +12,7 @@ from helios.data.shards import ShardIndex, scan_tar
 from helios.data.synthetic import synthetic_shards
 from helios.ode_pairs import ODE_MEMBERS, run
 from helios.sampling import Guidance, SectionSampler
-
-from .test_training import _train
+from tests.helpers.runs import train_in_process as _train
 
 
 def test_sampler_records_every_stage_boundary():

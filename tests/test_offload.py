@@ -12,9 +12,8 @@ import torch
 from torch import nn
 
 from helios.offload import OffloadPool
-from tests.conftest import ROOT
+from tests.helpers.runs import ROOT, train_cli
 from tests.helpers.runs import losses as _losses
-from tests.helpers.runs import train_cli
 
 
 def _role(seed: int) -> nn.Module:

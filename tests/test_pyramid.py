@@ -10,8 +10,7 @@ from helios.history import HistoryLayout
 from helios.model.transformer import build_transformer
 from helios.pyramid import PyramidSchedule, double_nearest
 from helios.sampling.section import Guidance, SectionSampler, block_noise, renoise_coefficients
-
-from .test_training import _train
+from tests.helpers.runs import train_in_process as _train
 
 REAL = ["model.transformer.path=/m", "data.path=/d"]
 

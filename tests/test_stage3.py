@@ -13,8 +13,7 @@ from safetensors.torch import load_file
 
 from helios.config import compose
 from helios.sampling.pipeline import sections_for
-
-from .test_training import _train
+from tests.helpers.runs import train_in_process as _train
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,18 +16,9 @@ from helios.config import compose
 from helios.metrics import read_metrics
 from helios.model.transformer import build_transformer
 from helios.trainer import Trainer
+from tests.helpers.runs import train_in_process as _train
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _train(overrides, run_dir) -> list[dict]:
-    cfg = compose(["validation.enabled=false", "trainer.progress=false", "trainer.log_every=1", *overrides])
-    trainer = Trainer(cfg, run_dir)
-    try:
-        trainer.run()
-    finally:
-        trainer.close()
-    return read_metrics(run_dir)
 
 
 def test_cli_tiny_run_writes_the_run_directory(tmp_path):

@@ -35,6 +35,21 @@ def train_cli(
     return out
 
 
+def train_in_process(overrides: list[str], run_dir: Path) -> list[dict]:
+    """Run the trainer in this process with ``overrides`` (after quiet defaults); its metrics.jsonl."""
+    from helios.config import compose
+    from helios.metrics import read_metrics
+    from helios.trainer import Trainer
+
+    cfg = compose(["validation.enabled=false", "trainer.progress=false", "trainer.log_every=1", *overrides])
+    trainer = Trainer(cfg, run_dir)
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+    return read_metrics(run_dir)
+
+
 def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
 
