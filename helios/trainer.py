@@ -743,12 +743,17 @@ class Trainer:
                 break
         return self.run_dir
 
+    @property
+    def _zero3(self) -> bool:
+        """Some role is partitioned by ZeRO-3 (its forwards are collectives)."""
+        return self.engines is not None and self.engines.any_zero3
+
     def validation_prompts(self) -> list[int]:
         """The validation prompts this rank samples: the ranks share them round-robin (rank r: prompts
         r, r + world, ...); under ZeRO-3 every rank joins every prompt's forwards (the weights are
         gathered layer by layer, a collective) and the main rank writes the videos."""
         n = len(self.cfg.validation.prompts)
-        if self.engines is not None and self.engines.any_zero3:
+        if self._zero3:
             return list(range(n))
         return list(range(self.dist.rank, n, self.dist.world_size))
 
@@ -776,7 +781,7 @@ class Trainer:
         self.model.eval()
         metrics: dict[str, float] = {}
         sampled: list[tuple[int, Path, dict]] = []
-        writes = not (self.engines is not None and self.engines.any_zero3) or self.dist.is_main
+        writes = self.dist.is_main or not self._zero3
         max_len = self.cfg.model.text_encoder.max_sequence_length
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
         try:
@@ -809,10 +814,10 @@ class Trainer:
                 metrics[f"val/{i}/seam_ratio"] = result.stats["seams"]["ratio"]
                 sampled.append((i, out, result.stats))
             # every rank's prompts, on every rank (the main rank logs them)
-            for their_metrics, their_sampled in all_gather_objects((metrics, sampled)):
+            gathered = all_gather_objects((metrics, sampled))
+            for their_metrics, _ in gathered:
                 metrics.update(their_metrics)
-                sampled.extend(their_sampled)
-            by_prompt = {i: (out, report) for i, out, report in sampled}
+            by_prompt = {i: (out, report) for _, theirs in gathered for i, out, report in theirs}
             videos = [by_prompt[i][0] for i in sorted(by_prompt)]
             reports = [by_prompt[i][1] for i in sorted(by_prompt)]
             if self.tracker is not None:

@@ -16,6 +16,7 @@ from helios.config import compose
 from helios.metrics import read_metrics
 from helios.model.transformer import build_transformer
 from helios.trainer import Trainer
+from tests.helpers.runs import train_cli
 from tests.helpers.runs import train_in_process as _train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -538,27 +539,16 @@ def test_frozen_base_in_bf16_keeps_diffusers_fp32_modules(tmp_path):
 def test_two_ranks_share_the_validation_prompts(tmp_path):
     """Under DDP each rank samples its share of the validation prompts (round-robin) and writes its
     videos; every prompt's metrics reach metrics.jsonl."""
-    proc = subprocess.run(
+    train_cli(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            "--standalone",
-            "train_helios.py",
             f"hydra.run.dir={tmp_path}",
             "trainer.max_steps=1",
             "trainer.checkpoint_every=0",
-            "trainer.progress=false",
+            "validation.enabled=true",
             "validation.prompts=[a red circle moving right,a blue square moving left]",
         ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        nproc=2,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / "samples" / f"step_1_{i}.json").read_text())["rank"] for i in (0, 1)]
     assert ranks == [0, 1]
     last = read_metrics(tmp_path)[-1]

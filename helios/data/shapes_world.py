@@ -62,9 +62,8 @@ def count_blobs(mask: torch.Tensor, min_area: int) -> int:
     """Connected components (4-neighbourhood) of a [H, W] boolean mask with at least ``min_area`` pixels,
     the image treated as a torus (the renderer wraps shapes around the borders)."""
     h, w = mask.shape
-    seen = torch.zeros_like(mask)
     cells = mask.tolist()
-    visited = seen.tolist()
+    visited = [[False] * w for _ in range(h)]
     count = 0
     for y0 in range(h):
         for x0 in range(w):
