@@ -61,6 +61,24 @@ def test_tiny_post_resumes_exactly(tmp_path):
         assert resumed[m["step"]] == pytest.approx(m["loss"], rel=1e-5, abs=1e-6), m["step"]
 
 
+def test_tiny_job_scores_with_a_base_and_starts_the_generator_from_a_mid(tmp_path):
+    """As the reference recipe: the real / fake scores' base is a stage-1 model (Helios-Base: trained on
+    every noise level at full resolution), the generator starts from a stage-2 model (Helios-Mid) made
+    from it, which also samples the ODE pairs. (A stage-2 model as the real score is asked for noise
+    levels its full-resolution stage never saw; the toy experiment's DMD then moved away from the
+    teacher.)"""
+    from helios.model.inference import load_train_config
+
+    _train(["stage=3", "stage3=tiny_ode", "trainer.max_steps=1", "trainer.checkpoint_every=1"], tmp_path)
+    cfg = load_train_config(tmp_path / "checkpoints" / "step_1")
+    base = load_train_config(Path(cfg.distill.teacher))
+    mid = load_train_config(Path(cfg.distill.generator_init))
+    assert (base.stage, mid.stage) == (1, 2)
+    assert Path(mid.init_from).resolve() == Path(cfg.distill.teacher).resolve()
+    pairs = json.loads((Path(cfg.distill.ode_pairs) / "report.json").read_text())
+    assert Path(cfg.distill.generator_init).resolve().is_relative_to(Path(pairs["teacher"]).resolve())
+
+
 def test_tiny_ode_phase_regresses_onto_teacher_pairs(tmp_path):
     metrics = _train(
         ["stage=3", "stage3=tiny_ode", "trainer.max_steps=30", "trainer.checkpoint_every=0"], tmp_path

@@ -157,7 +157,9 @@ class DistillStage(FlowStage):
                     "distill.teacher",
                     "stage 3 needs the teacher (Helios-Base): a run dir, checkpoint or diffusers directory",
                 )
-            self.d.teacher = str(self._tiny_teacher(dist))
+            base, mid = self._tiny_teachers(dist)
+            self.d.teacher = str(base)
+            self.d.generator_init = self.d.generator_init or str(mid)
         if self.d.phase == "ode" and self.d.ode_pairs is None:
             if self.cfg.model.name != "tiny":
                 raise ConfigError(
@@ -176,16 +178,24 @@ class DistillStage(FlowStage):
         self.uncond = torch.zeros(1, n, uncond.shape[-1])
         self.uncond[0, : min(n, len(uncond))] = uncond[:n]
 
-    def _cache(self, name: str) -> Path:
-        key = zlib.crc32(f"{self.cfg.seed}:{self.d.tiny_teacher_steps}:{self.cfg.history.sizes}".encode())
+    def _cache(self, name: str, *inputs: str) -> Path:
+        recipe = f"{self.cfg.seed}:{self.d.tiny_teacher_steps}:{self.cfg.history.sizes}:{':'.join(inputs)}"
+        key = zlib.crc32(recipe.encode())
         return Path(self.cfg.data.cache_dir).parent / name / f"{key:08x}"
 
-    def _tiny_teacher(self, dist) -> Path:
+    def _tiny_teachers(self, dist) -> tuple[Path, Path]:
+        """The tiny job's stand-ins for Helios-Base (stage 1: the real and fake scores' base) and
+        Helios-Mid (stage 2 from it: the generator's start and the ODE pairs' teacher), as the reference
+        recipe uses them; ``tiny_teacher_steps`` steps each, trained once and cached."""
+        base = self._tiny_run("tiny_base", ["stage=1"], dist)
+        return base, self._tiny_run("tiny_mid", ["stage=2", f"init_from={base}"], dist)
+
+    def _tiny_run(self, name: str, overrides: list[str], dist) -> Path:
         from helios.checkpoint import list_complete
         from helios.config.load import compose
         from helios.trainer import Trainer
 
-        out = self._cache("tiny_teacher")
+        out = self._cache(name)
         if not list_complete(out):
             if dist.world_size > 1:
                 raise ConfigError(
@@ -193,31 +203,36 @@ class DistillStage(FlowStage):
                     "build the tiny teacher in one process first "
                     "(python train_helios.py stage=3) or set distill.teacher",
                 )
+            steps = self.d.tiny_teacher_steps
             teacher = Trainer(
                 compose(
                     [
-                        "stage=2",
-                        f"trainer.max_steps={self.d.tiny_teacher_steps}",
+                        *overrides,
+                        f"trainer.max_steps={steps}",
                         "validation.enabled=false",
                         "trainer.progress=false",
                         f"seed={self.cfg.seed}",
-                        f"trainer.checkpoint_every={self.d.tiny_teacher_steps}",
+                        f"trainer.checkpoint_every={steps}",
                     ]
                 ),
                 out,
             )
-            teacher.run()
+            try:
+                teacher.run()
+            finally:
+                teacher.close()
         return out
 
     def _tiny_ode_pairs(self, data_path: Path, dist) -> Path:
         from helios.config.schema import OdePairsConfig, SamplerConfig
         from helios.ode_pairs import run
 
-        out = self._cache("tiny_ode_pairs")
+        teacher = self.d.generator_init or self.d.teacher  # Helios-Mid samples the pairs
+        out = self._cache("tiny_ode_pairs", teacher)
         if not (out / "report.json").exists():
             run(
                 OdePairsConfig(
-                    teacher=self.d.teacher,
+                    teacher=teacher,
                     shards=str(data_path),
                     output=str(out),
                     sampler=SamplerConfig(
