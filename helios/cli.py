@@ -13,13 +13,14 @@ COMMANDS = {
     "generate": ("helios.generate", "sample a (long) video from a checkpoint or a diffusers model"),
     "export": ("helios.export", "checkpoint -> diffusers pipeline directory or LoRA weights"),
     "memory": ("helios.memory", "per-GPU / per-node memory of a training config, no GPU or weights needed"),
-    "bench": (None, "benchmarks: helios bench data | sampler | kernels | stage3-memory [args]"),
+    "bench": (None, "benchmarks: helios bench data | sampler | kernels | stage3-memory | toy [args]"),
 }
 BENCHES = {
     "data": "bench_data.py",
     "sampler": "bench_sampler.py",
     "kernels": "bench_kernels.py",
     "stage3-memory": "bench_stage3_memory.py",
+    "toy": "toy_experiment.py",
 }
 
 

@@ -1,0 +1,450 @@
+"""The toy-scale experiment: the whole recipe (stage 1 -> stage 2 -> ODE pairs -> stage 3) on the tiny
+model and the moving-shapes world, measured end to end (issue: toy-scale proof).
+
+Two questions, each asked over several training seeds:
+
+- **Distillation** (§4): are the stage-3 student's few-step samples closer to the teacher's many-step
+  samples than the undistilled generator's (the teacher's weights with the same few-step sampler)?
+  Same prompts, same sampling seeds. Measured in the latent space the models work in: the paired
+  relative error to the teacher's sample of the same noise, and a diagonal Fréchet distance between the
+  sets' per-sample channel statistics (mean and spread of each latent channel).
+- **Drift** (§3.2.3, §3.5, Table 5): a long stage-1 video (>= 10 sections) with and without Frame-Aware
+  Corrupt and the first-frame anchor: how far each section's channel statistics move from the first
+  section's.
+
+The shapes-world measures (:mod:`helios.data.shapes_world`) of the decoded videos are reported beside
+them; they describe the pictures only with a VAE that reconstructs the world (``model.vae.tiny_weights``),
+not the random one (which decodes everything to coloured noise).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from helios.checkpoint import list_complete
+from helios.config import compose
+from helios.config.schema import OdePairsConfig, SamplerConfig
+from helios.data.shapes_world import mean_metrics, video_metrics
+from helios.data.synthetic import render_clip, synthetic_shards
+from helios.model.inference import LoadedModel, load_for_inference
+from helios.sampling.decode import section_frames
+from helios.sampling.pipeline import generate_video
+from helios.trainer import Trainer
+
+
+@dataclass
+class ToyRecipe:
+    """Step counts and sample counts of the experiment; the defaults fit 20 minutes on 2 CPU cores."""
+
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    num_videos: int = 32  # the synthetic training set (the tiny default has 8)
+    stage1_steps: int = 600
+    stage2_steps: int = 600
+    teacher_cfg: float = 3.0  # the teacher's guidance: the ODE pairs', the reference's, the real score's
+    teacher_cfg_zero_star: bool = True  # as the ODE pairs command's default
+    ode_pair_steps: int = 8  # the teacher's steps per pyramid stage, for the ODE pairs and the reference
+    ode_steps: int = 150
+    post_steps: int = 150
+    student_steps: list[int] = field(default_factory=lambda: [2, 2, 2])
+    amplify_first: bool = True  # the distilled sampler's longer schedule for the first section
+    prompts: int = 8  # evaluation prompts: the first training captions (the text encoder knows no others)
+    sample_seeds: int = 2
+    distill_sections: int = 2
+    drift_sections: int = 10
+    drift_steps: int = 8  # stage 1's UniPC steps per section
+    drift_variants: dict[str, list[str]] = field(
+        default_factory=lambda: {
+            "corrupt+anchor": [],
+            "no corrupt": ["history.corrupt.enabled=false"],
+            "no anchor": ["history.anchor=false"],
+        }
+    )
+    # stage-3 DMD + GAN runs (the tiny stage-3 config plus these overrides): after the ODE init ...
+    students: dict[str, list[str]] = field(
+        default_factory=lambda: {"student": [], "student lr=1e-4": ["optim.lr=1e-4"]}
+    )
+    # ... and straight from Helios-Mid (no ODE init): what DMD + GAN alone do
+    dmd_only: dict[str, list[str]] = field(default_factory=lambda: {"dmd+gan only": []})
+    overrides: list[str] = field(default_factory=list)  # added to every training run (e.g. model.vae...)
+
+
+# ---------------------------------------------------------------------------------------------- training
+def train(run_dir: Path, overrides: list[str], steps: int, recipe: ToyRecipe, seed: int) -> Path:
+    """One training run of the recipe (reused when ``run_dir`` already holds its final checkpoint)."""
+    if not any(step == steps for step, _ in list_complete(run_dir)):
+        cfg = compose(
+            [
+                f"seed={seed}",
+                f"data.synthetic.num_videos={recipe.num_videos}",
+                "validation.enabled=false",
+                "trainer.progress=false",
+                "resume=none",
+                f"trainer.max_steps={steps}",
+                f"trainer.checkpoint_every={steps}",
+                f"trainer.log_every={max(1, steps // 50)}",
+                *recipe.overrides,
+                *overrides,
+            ]
+        )
+        trainer = Trainer(cfg, run_dir)
+        try:
+            trainer.run()
+        finally:
+            trainer.close()
+    return run_dir
+
+
+def teacher_sampler(recipe: ToyRecipe) -> SamplerConfig:
+    return SamplerConfig(
+        kind="pyramid",
+        steps=[recipe.ode_pair_steps] * 3,
+        guidance_scale=recipe.teacher_cfg,
+        cfg_zero_star=recipe.teacher_cfg_zero_star,
+    )
+
+
+def student_sampler(recipe: ToyRecipe) -> SamplerConfig:
+    return SamplerConfig(
+        kind="dmd",
+        steps=list(recipe.student_steps),
+        guidance_scale=1.0,
+        amplify_first=recipe.amplify_first,
+        shift_type="linear",
+    )
+
+
+def distill_chain(root: Path, recipe: ToyRecipe, seed: int) -> dict[str, Path]:
+    """The paper's recipe with the reference's roles: stage 1 (Helios-Base: the real and fake scores'
+    base) -> stage 2 (Helios-Mid: the ODE pairs' teacher and the generator's start) -> ODE pairs ->
+    stage 3 ODE init -> stage 3 DMD + GAN (each of ``recipe.students``); ``recipe.dmd_only`` start the
+    DMD + GAN phase from Helios-Mid."""
+    runs = {"base": train(root / "stage1", ["stage=1"], recipe.stage1_steps, recipe, seed)}
+    runs["mid"] = train(
+        root / "stage2", ["stage=2", f"init_from={runs['base']}"], recipe.stage2_steps, recipe, seed
+    )
+    stage3 = [
+        "stage=3",
+        f"distill.teacher={runs['base']}",
+        f"distill.real_cfg={recipe.teacher_cfg}",
+        f"distill.steps=[{','.join(map(str, recipe.student_steps))}]",
+    ]
+    from_mid = [f"distill.generator_init={runs['mid']}"]
+    if recipe.students:
+        pairs = ode_pairs(root / "ode_pairs", runs["mid"], recipe, seed)
+        ode = ["stage3=tiny_ode", f"distill.ode_pairs={pairs}", *stage3, *from_mid]
+        runs["ode_init"] = train(root / "stage3_ode", ode, recipe.ode_steps, recipe, seed)
+    variants = [(name, [f"init_from={runs.get('ode_init')}", *o]) for name, o in recipe.students.items()]
+    variants += [(name, [*from_mid, *o]) for name, o in recipe.dmd_only.items()]
+    for name, overrides in variants:
+        run_dir = root / ("stage3_" + "".join(c if c.isalnum() else "_" for c in name))
+        runs[name] = train(run_dir, [*stage3, *overrides], recipe.post_steps, recipe, seed)
+    return runs
+
+
+def ode_pairs(out: Path, teacher: Path, recipe: ToyRecipe, seed: int) -> Path:
+    """The teacher's ODE pairs on the recipe's synthetic set (Staged ODE Init, §4.1)."""
+    from helios.ode_pairs import run as make_ode_pairs
+
+    if not (out / "report.json").exists():
+        cfg = compose([f"seed={seed}", f"data.synthetic.num_videos={recipe.num_videos}", *recipe.overrides])
+        make_ode_pairs(
+            OdePairsConfig(
+                teacher=str(teacher),
+                shards=str(synthetic_shards(cfg, True)),
+                output=str(out),
+                sampler=teacher_sampler(recipe),
+                max_sequence_length=cfg.model.text_encoder.max_sequence_length,
+                seed=seed,
+                device="cpu",
+            )
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+@dataclass
+class Samples:
+    latents: torch.Tensor  # [N, C, T, h, w] in the model's latent space
+    frames: torch.Tensor  # [N, 3, F, H, W] decoded, in [-1, 1]
+    captions: list[str]
+
+
+def eval_prompts(n: int, synthetic_seed: int = 1234) -> list[str]:
+    """The first ``n`` captions of the synthetic training set (drawn as ``make_synthetic_videos`` does)."""
+    gen = torch.Generator().manual_seed(synthetic_seed)
+    return [render_clip(1, 16, 16, gen)[1] for _ in range(n)]
+
+
+def real_clips(n: int, num_frames: int, size: int, synthetic_seed: int = 1234) -> torch.Tensor:
+    """The first ``n`` training clips, ``num_frames`` long: [n, 3, T, H, W] in [-1, 1]."""
+    gen = torch.Generator().manual_seed(synthetic_seed)
+    return torch.stack([render_clip(num_frames, size, size, gen)[0] for _ in range(n)])
+
+
+def sample(
+    model: LoadedModel, sampler: SamplerConfig, prompts: list[str], seeds: int, sections: int
+) -> Samples:
+    """One video per (prompt, sampling seed), batch 1 each (the generator seed fixes the noise)."""
+    first, later = section_frames(model.layout.window, model.latent_format)
+    num_frames = first + (sections - 1) * later
+    height, width = model.size
+    latents, frames, captions = [], [], []
+    for prompt in prompts:
+        for s in range(seeds):
+            result = generate_video(
+                model.transformer,
+                model.vae,
+                model.tokenizer,
+                model.text_encoder,
+                model.layout,
+                sampler,
+                [(0, prompt)],
+                num_frames,
+                height,
+                width,
+                torch.Generator().manual_seed(1000 + s),
+                model.max_sequence_length,
+                latent_format=model.latent_format,
+            )
+            latents.append(result.latents.float())
+            frames.append(result.frames.float())
+            captions.append(prompt)
+    return Samples(torch.cat(latents), torch.cat(frames), captions)
+
+
+# ---------------------------------------------------------------------------------------------- measures
+def channel_features(latents: torch.Tensor) -> torch.Tensor:
+    """Per sample: each latent channel's mean and standard deviation over time and space. [N, 2C]."""
+    flat = latents.flatten(2)
+    return torch.cat([flat.mean(-1), flat.std(-1)], dim=1)
+
+
+def diagonal_frechet(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fréchet distance between diagonal Gaussians fitted to two sets of feature vectors [N, D]."""
+    return float(((a.mean(0) - b.mean(0)) ** 2 + (a.std(0) - b.std(0)) ** 2).sum())
+
+
+def paired_error(x: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean over samples of ||x - reference|| / ||reference|| (the same prompt and noise)."""
+    diff = (x - reference).flatten(1).norm(dim=1)
+    return float((diff / reference.flatten(1).norm(dim=1).clamp_min(1e-8)).mean())
+
+
+def section_drift(latents: torch.Tensor, window: int) -> list[float]:
+    """Per section: the RMS change of the channel statistics from the first section (0 for it), averaged
+    over samples (the drift of §3.5 / Figure 6, in latent space)."""
+    sections = latents.shape[2] // window
+    feats = [channel_features(latents[:, :, k * window : (k + 1) * window]) for k in range(sections)]
+    return [float((f - feats[0]).pow(2).mean(1).sqrt().mean()) for f in feats]
+
+
+def world_measures(samples: Samples) -> dict[str, float]:
+    """Mean shapes-world measures of decoded videos against their captions."""
+    return mean_metrics([video_metrics(v, c) for v, c in zip(samples.frames, samples.captions)])
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "values": values,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- reports
+def candidates(recipe: ToyRecipe) -> list[str]:
+    """The few-step generators compared with the teacher, in table order."""
+    return ["undistilled", *(["ode_init"] if recipe.students else []), *recipe.students, *recipe.dmd_only]
+
+
+def distill_report(runs: dict[str, Path], recipe: ToyRecipe) -> dict:
+    """Teacher (Helios-Mid, many steps) vs the few-step generators: the undistilled one (Helios-Mid's
+    weights), the ODE-init student and the DMD + GAN students; same prompts, same noise. Also the
+    Fréchet distance to Helios-Base's many-step samples (the distribution DMD's real score targets)."""
+    prompts = eval_prompts(recipe.prompts)
+    cpu = torch.device("cpu")
+    args = (prompts, recipe.sample_seeds, recipe.distill_sections)
+    mid = load_for_inference(runs["mid"], cpu)
+    few = student_sampler(recipe)
+    base_sampler = SamplerConfig(
+        kind="unipc", steps=[3 * recipe.ode_pair_steps], guidance_scale=recipe.teacher_cfg
+    )
+    samples = {
+        "teacher": sample(mid, teacher_sampler(recipe), *args),
+        "base": sample(load_for_inference(runs["base"], cpu), base_sampler, *args),
+    }
+    for name in candidates(recipe):
+        samples[name] = sample(
+            mid if name == "undistilled" else load_for_inference(runs[name], cpu), few, *args
+        )
+    ref = samples["teacher"]
+    ref_feats, base_feats = channel_features(ref.latents), channel_features(samples["base"].latents)
+    report = {}
+    for name in candidates(recipe):
+        s = samples[name]
+        report[name] = {
+            "paired_error": paired_error(s.latents, ref.latents),
+            "frechet": diagonal_frechet(channel_features(s.latents), ref_feats),
+            "frechet_base": diagonal_frechet(channel_features(s.latents), base_feats),
+            "world": world_measures(s),
+        }
+    report["teacher"] = {"world": world_measures(ref)}
+    clips = real_clips(recipe.prompts, ref.frames.shape[2], ref.frames.shape[-1])
+    report["real"] = {"world": world_measures(Samples(clips, clips, prompts))}
+    report["_samples"] = samples  # for the figure; dropped from the JSON
+    return report
+
+
+def drift_report(root: Path, recipe: ToyRecipe, seed: int, stage1: Path | None) -> dict[str, dict]:
+    """Stage 1 per variant: long videos' section drift and per-section shapes-world measures."""
+    prompts = eval_prompts(recipe.prompts)
+    sampler = SamplerConfig(kind="unipc", steps=[recipe.drift_steps], guidance_scale=5.0)
+    out = {}
+    for name, overrides in recipe.drift_variants.items():
+        if not overrides and stage1 is not None:
+            run = stage1  # the distillation chain's stage 1 is the default variant
+        else:
+            slug = name.replace(" ", "_").replace("+", "_")
+            run = train(root / f"drift_{slug}", ["stage=1", *overrides], recipe.stage1_steps, recipe, seed)
+        model = load_for_inference(run, torch.device("cpu"))
+        s = sample(model, sampler, prompts, recipe.sample_seeds, recipe.drift_sections)
+        window = model.layout.window
+        per_frames = s.frames.shape[2] // recipe.drift_sections
+        world = [
+            world_measures(
+                Samples(s.latents, s.frames[:, :, k * per_frames : (k + 1) * per_frames], s.captions)
+            )
+            for k in range(recipe.drift_sections)
+        ]
+        out[name] = {
+            "drift": section_drift(s.latents, window),
+            "world_first": world[0],
+            "world_last": world[-1],
+        }
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the command
+def run_experiment(out: Path, recipe: ToyRecipe, log=print) -> dict:
+    """Every seed's chain, the two reports, the seed spread; ``out/report.json``, ``out/table.md`` and
+    ``out/figure.png``."""
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    per_seed, figure_samples = [], None
+    for seed in recipe.seeds:
+        root = out / f"seed{seed}"
+        t0 = time.perf_counter()
+        runs = distill_chain(root, recipe, seed)
+        log(f"seed {seed}: recipe trained ({time.perf_counter() - t0:.0f} s)")
+        distill = distill_report(runs, recipe)
+        samples = distill.pop("_samples")
+        figure_samples = figure_samples or samples
+        drift = drift_report(root, recipe, seed, runs["base"])
+        per_seed.append({"seed": seed, "distill": distill, "drift": drift})
+        errors = ", ".join(f"{n} {distill[n]['frechet']:.3f}" for n in candidates(recipe))
+        log(f"seed {seed}: Fréchet to the teacher: {errors} ({time.perf_counter() - t0:.0f} s)")
+    report = {"recipe": asdict(recipe), "seeds": per_seed, "summary": summarize(per_seed)}
+    report["seconds"] = time.perf_counter() - start
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    (out / "table.md").write_text(format_tables(report) + "\n")
+    save_figure(figure_samples, candidates(recipe), out / "figure.png")
+    return report
+
+
+def summarize(per_seed: list[dict]) -> dict:
+    """Seed mean and spread of every headline number."""
+    summary: dict[str, dict] = {}
+    first = per_seed[0]
+    for name, row in first["distill"].items():
+        keys = [k for k in ("paired_error", "frechet", "frechet_base") if k in row]
+        keys += [f"world/{k}" for k in WORLD_KEYS]
+        for key in keys:
+            values = [_get(s["distill"][name], key) for s in per_seed]
+            summary[f"distill/{name}/{key}"] = spread(values)
+    for variant in first["drift"]:
+        drifts = [s["drift"][variant]["drift"] for s in per_seed]
+        for k in sorted({1, len(drifts[0]) // 2, len(drifts[0]) - 1}):
+            summary[f"drift/{variant}/section_{k + 1}"] = spread([d[k] for d in drifts])
+        summary[f"drift/{variant}/mean"] = spread([statistics.fmean(d[1:]) for d in drifts])
+        for key in WORLD_KEYS:
+            summary[f"drift/{variant}/world_last/{key}"] = spread(
+                [s["drift"][variant]["world_last"][key] for s in per_seed]
+            )
+    return summary
+
+
+WORLD_KEYS = ("palette_error", "shape_colour_match", "objects")
+
+
+def _get(row: dict, key: str) -> float:
+    return row["world"][key.split("/", 1)[1]] if key.startswith("world/") else row[key]
+
+
+def _cell(summary: dict, key: str) -> str:
+    v = summary.get(key)
+    return "" if v is None else f"{v['mean']:.3f} ± {v['std']:.3f}"
+
+
+def format_tables(report: dict) -> str:
+    """The headline numbers as Markdown tables (mean ± std over the seeds)."""
+    summary, n = report["summary"], len(report["seeds"])
+    dist = report["seeds"][0]["distill"]
+    lines = [
+        f"Distillation ({n} seeds; latent measures against the teacher's many-step samples, lower is "
+        "closer):",
+        "",
+        "| generator | paired error | Fréchet (teacher) | Fréchet (Base) | palette error | colour match "
+        "| objects |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in dist:
+        cells = [
+            _cell(summary, f"distill/{name}/{k}")
+            for k in ("paired_error", "frechet", "frechet_base", *(f"world/{w}" for w in WORLD_KEYS))
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    variants = list(report["seeds"][0]["drift"])
+    sections = sorted(k for k in summary if k.startswith(f"drift/{variants[0]}/section_"))
+    heads = [k.rsplit("/", 1)[1].replace("_", " ") for k in sections]
+    lines += [
+        "",
+        f"Drift of stage-1 long videos ({n} seeds; RMS change of the latent channel statistics from "
+        "section 1):",
+        "",
+        "| variant | "
+        + " | ".join(heads)
+        + " | mean | last section: palette error | colour match | objects |",
+        "|---|" + "---|" * (len(heads) + 4),
+    ]
+    for v in variants:
+        keys = [s.replace(variants[0], v, 1) for s in sections] + [f"drift/{v}/mean"]
+        keys += [f"drift/{v}/world_last/{w}" for w in WORLD_KEYS]
+        lines.append(f"| {v} | " + " | ".join(_cell(summary, k) for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def save_figure(samples: dict, names: list[str], path: Path, frames: int = 5) -> None:
+    """Rows: a real clip, the teacher, then ``names`` (first prompt, first sampling seed), labelled;
+    ``frames`` frames across the video."""
+    from PIL import Image, ImageDraw
+
+    teacher = samples["teacher"]
+    real = real_clips(1, teacher.frames.shape[2], teacher.frames.shape[-1])[0]
+    rows = [("real", real), ("teacher", teacher.frames[0]), *((n, samples[n].frames[0]) for n in names)]
+    picks = [round(i * (real.shape[1] - 1) / (frames - 1)) for i in range(frames)]
+    grid = torch.cat([torch.cat([row[:, t] for t in picks], dim=2) for _, row in rows], dim=1)
+    pixels = ((grid.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    scale, label_w, h = 2, 150, real.shape[-2]
+    image = Image.fromarray(pixels).resize((pixels.shape[1] * scale, pixels.shape[0] * scale), Image.NEAREST)
+    canvas = Image.new("RGB", (image.width + label_w, image.height), "white")
+    canvas.paste(image, (label_w, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, (name, _) in enumerate(rows):
+        draw.text((6, i * h * scale + h * scale // 2 - 6), name, fill="black")
+    canvas.save(path)
