@@ -410,7 +410,10 @@ def format_tables(report: dict) -> str:
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     variants = list(report["seeds"][0]["drift"])
-    sections = sorted(k for k in summary if k.startswith(f"drift/{variants[0]}/section_"))
+    sections = sorted(
+        (k for k in summary if k.startswith(f"drift/{variants[0]}/section_")),
+        key=lambda k: int(k.rsplit("_", 1)[1]),
+    )
     heads = [k.rsplit("/", 1)[1].replace("_", " ") for k in sections]
     lines += [
         "",
