@@ -9,9 +9,10 @@ import sys
 import pytest
 
 import helios.stages.distill as distill_stage
-from helios.toy_experiment import ToyRecipe, distill_chain, distill_report
+from helios.toy_experiment import ToyRecipe, distill_chain, distill_report, format_tables, summarize
 from tests.helpers.runs import ROOT
 
+WORLD = ("palette_error", "shape_colour_match", "objects")
 MARGIN = 0.9  # the student's Fréchet distance must be below 90 % of the undistilled generator's
 
 
@@ -57,8 +58,7 @@ def test_the_experiment_command_rehearses_end_to_end(tmp_path):
             str(ROOT / "bench" / "toy_experiment.py"),
             "--quick",
             "--seeds",
-            "0",
-            "1",
+            "3",
             "--out",
             str(out),
         ],
@@ -68,11 +68,33 @@ def test_the_experiment_command_rehearses_end_to_end(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
-    assert [s["seed"] for s in report["seeds"]] == [0, 1]
+    assert [s["seed"] for s in report["seeds"]] == [3]
     summary = report["summary"]
     for name in ("undistilled", "ode_init", "student", "dmd+gan only"):
-        assert len(summary[f"distill/{name}/frechet"]["values"]) == 2
+        assert summary[f"distill/{name}/frechet"]["values"] == [
+            report["seeds"][0]["distill"][name]["frechet"]
+        ]
     assert summary["distill/real/world/shape_colour_match"]["mean"] == 1.0  # real clips score as the world
     assert set(report["seeds"][0]["drift"]) == {"corrupt+anchor", "no corrupt", "no anchor"}
     assert "| student |" in (out / "table.md").read_text() and "| no anchor |" in run.stdout
     assert (out / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_number_is_summarised_over_the_seeds_with_its_spread():
+    def seed(i: float) -> dict:
+        row = {"paired_error": i, "frechet": 2 * i, "frechet_base": 3 * i, "world": dict.fromkeys(WORLD, i)}
+        world_last = dict.fromkeys(WORLD, i)
+        return {
+            "distill": {"student": row, "real": {"world": dict.fromkeys(WORLD, 1.0)}},
+            "drift": {"no corrupt": {"drift": [0.0, i, 2 * i], "world_last": world_last}},
+        }
+
+    summary = summarize([seed(1.0), seed(3.0)])
+    assert summary["distill/student/frechet"]["mean"] == 4.0
+    assert summary["distill/student/frechet"]["std"] == pytest.approx(2.0**1.5)  # sample std of 2 and 6
+    assert summary["drift/no corrupt/section_3"]["values"] == [2.0, 6.0]
+    assert summary["drift/no corrupt/mean"]["mean"] == pytest.approx(3.0)  # sections 2..3 of both seeds
+    assert "distill/real/frechet" not in summary and summary["distill/real/world/objects"]["std"] == 0.0
+    table = format_tables({"summary": summary, "seeds": [seed(1.0), seed(3.0)]})
+    assert "| student | 2.000 ± 1.414 | 4.000 ± 2.828 |" in table
+    assert table.index("section 2") < table.index("section 3")
