@@ -32,7 +32,7 @@ def main() -> None:
         "--overrides",
         nargs="*",
         default=[],
-        help="added to every training run, e.g. model.vae.tiny_weights=random",
+        help="added to every training run, e.g. data.synthetic.fps=16",
     )
     args = parser.parse_args()
 

@@ -13,8 +13,8 @@ Two questions, each asked over several training seeds:
   section's.
 
 The shapes-world measures (:mod:`helios.data.shapes_world`) of the decoded videos are reported beside
-them; they describe the pictures only with a VAE that reconstructs the world (``model.vae.tiny_weights``),
-not the random one (which decodes everything to coloured noise).
+them; they describe the pictures only with a VAE that reconstructs the world, not the tiny default's random
+one (which decodes everything to coloured noise).
 """
 
 from __future__ import annotations
