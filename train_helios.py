@@ -14,10 +14,13 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from helios.config import CONFIG_DIR, ConfigError, load_config, normalize_overrides
 from helios.config.cli import USER_ERRORS
+from helios.tiny_recipe import complete_tiny_distill
+from helios.trainer import Trainer
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base=None)
@@ -27,12 +30,13 @@ def _hydra_main(raw: DictConfig) -> None:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    from hydra.types import RunMode
-
-    from helios.trainer import Trainer
-
     hc = HydraConfig.get()
     sweep = hc.mode == RunMode.MULTIRUN
+    try:
+        cfg = complete_tiny_distill(cfg)  # the tiny stage-3 job's Base, Mid and ODE pairs
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     trainer = Trainer(
         cfg,
         hc.runtime.output_dir,

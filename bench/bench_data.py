@@ -34,7 +34,8 @@ CLIPS_PER_GPU_14B = 1
 
 
 def _video(path: Path, frames: int, height: int, width: int, seed: int) -> None:
-    from helios.data.synthetic import render_clip, write_mp4
+    from helios.data.synthetic import write_mp4
+    from helios.world.shapes import render_clip
 
     video, _ = render_clip(frames, height, width, torch.Generator().manual_seed(seed))
     write_mp4(path, video, 24)

@@ -22,14 +22,16 @@ from safetensors.torch import save_file
 
 from helios.config.cli import command
 from helios.config.schema import ExportConfig, TrainConfig
-from helios.model.inference import load_checkpoint_model
+from helios.loading import load_checkpoint_model
+from helios.model.encoders import build_text_encoder, build_vae
+from helios.model.lora import merged_state_dict
+from helios.sampling.pipeline import build_section_sampler
 
 log = logging.getLogger("helios.export")
 
 
 def scheduler_for(cfg: TrainConfig):
     """The scheduler matching the stage's sampler (validation settings of the run)."""
-    from helios.sampling.pipeline import build_section_sampler
 
     return build_section_sampler(cfg.validation.sampler).scheduler
 
@@ -51,9 +53,6 @@ def full_trained_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def export(cfg: ExportConfig) -> Path:
     from diffusers import HeliosPipeline, HeliosTransformer3DModel
-
-    from helios.model.encoders import build_text_encoder, build_vae
-    from helios.model.lora import merged_state_dict
 
     final = Path(cfg.output)
     if final.exists() and (not final.is_dir() or any(final.iterdir())) and not cfg.overwrite:

@@ -24,8 +24,10 @@ from pathlib import Path
 
 import torch
 
-from helios.config.schema import FixturesConfig
-from helios.model.encoders import seeded
+from helios.config.schema import FixturesConfig, TextEncoderConfig, VaeConfig
+from helios.data.synthetic import make_synthetic_videos
+from helios.model.encoders import build_text_encoder, build_vae, seeded
+from helios.model.wan_init import load_wan_as_helios
 
 log = logging.getLogger("helios.fixtures")
 
@@ -54,8 +56,6 @@ def wan_transformer_kwargs(cfg: FixturesConfig) -> dict:
 
 
 def _encoders(cfg: FixturesConfig):
-    from helios.config.schema import TextEncoderConfig, VaeConfig
-    from helios.model.encoders import build_text_encoder, build_vae
 
     tokenizer, text_encoder = build_text_encoder(TextEncoderConfig(source="tiny", d_model=cfg.text_dim))
     return tokenizer, text_encoder, build_vae(VaeConfig(source="tiny"))
@@ -79,7 +79,6 @@ def write_wan(cfg: FixturesConfig, out: Path) -> Path:
 def _helios_transformer(wan_dir: Path, seed: int, scale: float):
     """Helios weights as published: Wan-converted, then moved away from Wan by a seeded perturbation
     (each variant its own) and stored in bf16."""
-    from helios.model.wan_init import load_wan_as_helios
 
     model = load_wan_as_helios(str(wan_dir), subfolder="transformer")
     gen = torch.Generator().manual_seed(seed)
@@ -115,7 +114,6 @@ def write_helios(cfg: FixturesConfig, wan_dir: Path, out: Path, variant: str) ->
 
 def write_fixtures(cfg: FixturesConfig) -> dict[str, Path]:
     """All published-layout directories and a raw video folder under ``cfg.output``."""
-    from helios.data.synthetic import make_synthetic_videos
 
     root = Path(cfg.output)
     root.mkdir(parents=True, exist_ok=True)

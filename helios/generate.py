@@ -16,8 +16,11 @@ import torch
 
 from helios.config.cli import command
 from helios.config.schema import GenerateConfig
+from helios.data.video import decode_clip, resize_center_crop
+from helios.loading import load_for_inference
 from helios.model.encoders import video_frames_for
 from helios.sampling.decode import DECODE_MODES, section_frames
+from helios.sampling.pipeline import generate_video, save_video
 
 log = logging.getLogger("helios.generate")
 
@@ -57,7 +60,6 @@ def read_interactive_prompts(path: str, sections_per_prompt: int) -> list[tuple[
 
 
 def _load_pixels(path: str, height: int, width: int, frames: int | None) -> torch.Tensor:
-    from helios.data.video import decode_clip, resize_center_crop
 
     if frames is None:  # an image
         import numpy as np
@@ -70,8 +72,6 @@ def _load_pixels(path: str, height: int, width: int, frames: int | None) -> torc
 
 
 def run(cfg: GenerateConfig) -> list[Path]:
-    from helios.model.inference import load_for_inference
-    from helios.sampling.pipeline import generate_video, save_video
 
     device = torch.device(
         "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"

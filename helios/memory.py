@@ -27,6 +27,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from helios.config import compose
+from helios.config.cli import USER_ERRORS
+from helios.config.schema import KernelsConfig
+from helios.history import HistoryLayout
+from helios.model import apply_lora, build_transformer
+from helios.model.gan import GanHeads
+from helios.model.lora import lora_inputs_uncast
+from helios.model.transformer import frozen_dtypes
+from helios.offload import ALIGN
+from helios.stages import STAGES
+from helios.trainer import resolve_precision
+
 GIB = 2**30
 SHAPE_KEYS = (
     "num_attention_heads",
@@ -107,10 +119,6 @@ def _shape_overrides(cfg) -> dict:
 
 def build_roles(cfg, compute_dtype: torch.dtype) -> list[Role]:
     """Every transformer the stage builds, with its adapters, under fake tensors (no memory, no files)."""
-    from helios.config.schema import KernelsConfig
-    from helios.model import apply_lora, build_transformer
-    from helios.model.transformer import frozen_dtypes
-    from helios.stages import STAGES
 
     shape = {k: (list(v) if isinstance(v, tuple) else v) for k, v in _shape_overrides(cfg).items()}
     tcfg = replace(cfg.model.transformer, source="random", path=None, **shape)
@@ -133,7 +141,6 @@ def build_roles(cfg, compute_dtype: torch.dtype) -> list[Role]:
 
 def gan_head_parameters(cfg, roles: list[Role]) -> int:
     """Trainable parameters of stage 3's GAN heads (the critic's group)."""
-    from helios.model.gan import GanHeads
 
     d = cfg.distill
     fake = next((r for r in roles if r.name == "fake"), None)
@@ -154,7 +161,6 @@ def gan_head_parameters(cfg, roles: list[Role]) -> int:
 def _to_fake(module: nn.Module, mode, compute_dtype: torch.dtype) -> None:
     """Meta parameters and buffers -> fake CPU tensors (frozen in their training dtypes, trainable fp32),
     assigned in place: fake tensors cannot go through ``Module.to``."""
-    from helios.model.transformer import frozen_dtypes
 
     frozen = frozen_dtypes(module, compute_dtype)
     with mode:
@@ -184,9 +190,6 @@ def activation_bytes(
     crop); the history keeps ``latent_hw``."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.multiprocessing.reductions import StorageWeakRef
-
-    from helios.history import HistoryLayout
-    from helios.model.lora import lora_inputs_uncast
 
     layout = HistoryLayout.from_config(cfg.history)
     model, c = role.module, role.module.config
@@ -266,7 +269,6 @@ def activation_bytes(
 def pinned_bytes(sizes: list[int]) -> int:
     """Host bytes of the offload pool's buffer for tensors of ``sizes`` bytes: one exact-size
     allocation, each tensor 16-byte aligned (helios/offload.py)."""
-    from helios.offload import ALIGN
 
     return sum(-(-n // ALIGN) * ALIGN for n in sizes)
 
@@ -354,7 +356,6 @@ def stage3_graphs(
 
 def estimate(cfg, world_size: int, latent_hw: tuple[int, int]) -> list[Item]:
     """Every category per GPU and per rank's host memory for ``cfg`` on ``world_size`` ranks."""
-    from helios.trainer import resolve_precision
 
     dtype = resolve_precision(cfg, torch.device("cuda"))
     roles = build_roles(cfg, dtype)
@@ -440,8 +441,6 @@ def report(items: list[Item], gpus_per_node: int) -> tuple[str, float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from helios.config import compose
-    from helios.config.cli import USER_ERRORS
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):

@@ -20,27 +20,22 @@ from pathlib import Path
 import torch
 
 from helios.config.cli import command
-from helios.config.schema import OdePairsConfig
+from helios.config.schema import OdePairsConfig, ParallelConfig, TaskConfig, TrainerConfig
+from helios.data.dataset import random_section_window
+from helios.data.ode_pair_shards import ODE_MEMBERS, encode_pair
+from helios.data.prepare_job import load_empty_prompt
+from helios.data.shards import ShardIndex, list_shards, trim_embeds, write_shard
+from helios.distributed import barrier, setup, teardown
+from helios.history import apply_tasks, draw_tasks
+from helios.loading import load_for_inference
+from helios.model.encoders import encode_prompts
+from helios.sampling.pipeline import build_section_sampler
 
 log = logging.getLogger("helios.ode_pairs")
-ODE_MEMBERS = ("noise.npy", "prompt_embeds.npy", "json")
-
-
-def _encode(key: str, arrays: dict[str, torch.Tensor], meta: dict) -> dict:
-    from helios.data.shards import npy_bytes
-
-    sample = {"__key__": key, "json": json.dumps(meta, sort_keys=True).encode()}
-    sample.update({f"{k}.npy": npy_bytes(v.detach().float().cpu().numpy()) for k, v in arrays.items()})
-    return sample
 
 
 @torch.no_grad()
 def pairs_for_shard(shard: Path, out: Path, cfg: OdePairsConfig, model, empty: torch.Tensor) -> dict:
-    from helios.config.schema import TaskConfig
-    from helios.data.dataset import random_section_window
-    from helios.data.shards import ShardIndex, trim_embeds, write_shard
-    from helios.history import apply_tasks, draw_tasks
-    from helios.sampling.pipeline import build_section_sampler
 
     layout = model.layout
     index = ShardIndex([shard])
@@ -112,19 +107,13 @@ def pairs_for_shard(shard: Path, out: Path, cfg: OdePairsConfig, model, empty: t
             "guidance_scale": cfg.sampler.guidance_scale,
             "caption": item["meta"].get("caption"),
         }
-        samples.append(_encode(f"{shard.stem}-{i:05d}", arrays, meta))
+        samples.append(encode_pair(f"{shard.stem}-{i:05d}", arrays, meta))
     if samples:
         write_shard(out / f"ode-{shard.stem}.tar", samples, ODE_MEMBERS)
     return {"shard": shard.name, "written": len(samples), "skipped_too_short": skipped}
 
 
 def run(cfg: OdePairsConfig) -> dict:
-    from helios.config.schema import ParallelConfig, TrainerConfig
-    from helios.data.prepare_job import load_empty_prompt
-    from helios.data.shards import list_shards
-    from helios.distributed import barrier, setup, teardown
-    from helios.model.encoders import encode_prompts
-    from helios.model.inference import load_for_inference
 
     dist = setup(ParallelConfig(), TrainerConfig(device=cfg.device))
     try:

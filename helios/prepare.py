@@ -11,18 +11,16 @@ from __future__ import annotations
 import logging
 
 from helios.config.cli import command
-from helios.config.schema import PrepareConfig
+from helios.config.schema import ParallelConfig, PrepareConfig, TrainerConfig
+from helios.data.prepare_job import ClipSpec, prepare, write_report
+from helios.distributed import barrier, setup, teardown
+from helios.model.encoders import build_text_encoder, build_vae
 
 log = logging.getLogger("helios.prepare")
 
 
 def run(cfg: PrepareConfig) -> dict:
     import torch
-
-    from helios.config.schema import ParallelConfig, TrainerConfig
-    from helios.data.prepare_job import ClipSpec, prepare, write_report
-    from helios.distributed import barrier, setup, teardown
-    from helios.model.encoders import build_text_encoder, build_vae
 
     dist = setup(ParallelConfig(), TrainerConfig(device=cfg.device))
     try:

@@ -12,7 +12,7 @@ Two questions, each asked over several training seeds:
   Corrupt and the first-frame anchor: how far each section's channel statistics move from the first
   section's.
 
-The shapes-world measures (:mod:`helios.data.shapes_world`) of the decoded videos are reported beside
+The shapes-world measures (:mod:`helios.world.measures`) of the decoded videos are reported beside
 them; they describe the pictures only with a VAE that reconstructs the world, not the tiny default's random
 one (which decodes everything to coloured noise).
 """
@@ -27,15 +27,16 @@ from pathlib import Path
 
 import torch
 
-from helios.checkpoint import list_complete
 from helios.config import compose
 from helios.config.schema import OdePairsConfig, SamplerConfig
-from helios.data.shapes_world import mean_metrics, video_metrics
-from helios.data.synthetic import render_clip, synthetic_shards
-from helios.model.inference import LoadedModel, load_for_inference
+from helios.data.synthetic import synthetic_shards
+from helios.loading import LoadedModel, load_for_inference
+from helios.ode_pairs import run as make_ode_pairs
 from helios.sampling.decode import section_frames
 from helios.sampling.pipeline import generate_video
-from helios.trainer import Trainer
+from helios.tiny_recipe import train_run
+from helios.world.measures import mean_metrics, video_metrics
+from helios.world.shapes import render_clip
 
 
 @dataclass
@@ -77,27 +78,10 @@ class ToyRecipe:
 # ---------------------------------------------------------------------------------------------- training
 def train(run_dir: Path, overrides: list[str], steps: int, recipe: ToyRecipe, seed: int) -> Path:
     """One training run of the recipe (reused when ``run_dir`` already holds its final checkpoint)."""
-    if not any(step == steps for step, _ in list_complete(run_dir)):
-        cfg = compose(
-            [
-                f"seed={seed}",
-                f"data.synthetic.num_videos={recipe.num_videos}",
-                "validation.enabled=false",
-                "trainer.progress=false",
-                "resume=none",
-                f"trainer.max_steps={steps}",
-                f"trainer.checkpoint_every={steps}",
-                f"trainer.log_every={max(1, steps // 50)}",
-                *recipe.overrides,
-                *overrides,
-            ]
-        )
-        trainer = Trainer(cfg, run_dir)
-        try:
-            trainer.run()
-        finally:
-            trainer.close()
-    return run_dir
+    common = [f"seed={seed}", f"data.synthetic.num_videos={recipe.num_videos}"]
+    return train_run(
+        run_dir, [*common, f"trainer.log_every={max(1, steps // 50)}", *recipe.overrides, *overrides], steps
+    )
 
 
 def teacher_sampler(recipe: ToyRecipe) -> SamplerConfig:
@@ -149,7 +133,6 @@ def distill_chain(root: Path, recipe: ToyRecipe, seed: int) -> dict[str, Path]:
 
 def ode_pairs(out: Path, teacher: Path, recipe: ToyRecipe, seed: int) -> Path:
     """The teacher's ODE pairs on the recipe's synthetic set (Staged ODE Init, §4.1)."""
-    from helios.ode_pairs import run as make_ode_pairs
 
     if not (out / "report.json").exists():
         cfg = compose([f"seed={seed}", f"data.synthetic.num_videos={recipe.num_videos}", *recipe.overrides])

@@ -22,6 +22,7 @@ from helios import checkpoint
 from helios.config.load import to_yaml
 from helios.config.schema import ConfigError, TrainConfig
 from helios.data.dataset import BucketBatchSampler, ClipBatch, make_loader, training_dataset
+from helios.data.synthetic import synthetic_shards
 from helios.distributed import (
     DistInfo,
     all_gather_objects,
@@ -33,12 +34,17 @@ from helios.distributed import (
 )
 from helios.guard import Reading, StepGuard
 from helios.history import HistoryLayout
+from helios.loading import merged_weights, trained_latent_format
 from helios.metrics import MetricsLogger
 from helios.model import count_parameters, load_trainable_state_dict, trainable_state_dict
+from helios.model.encoders import build_text_encoder, build_vae
 from helios.model.lora import lora_inputs_uncast
 from helios.model.transformer import cast_frozen
 from helios.parallel import RoleCall, TrainerRoleSteps, wrap_ddp
+from helios.sampling.pipeline import generate_video, save_video
 from helios.stages import STAGES
+from helios.tracking import WandbTracker, run_name
+from helios.zero import RoleEngines
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +171,7 @@ class Trainer:
         self.dist: DistInfo = setup(cfg.parallel, cfg.trainer)
         self.grad_accum = resolve_grad_accum(cfg, self.dist.world_size)
         self.dtype = resolve_precision(cfg, self.dist.device)
-        self.stage = STAGES[cfg.stage](cfg)
+        self.stage = STAGES[cfg.stage](cfg, merged_weights)
         self.step = 0
         self.data_skipped = 0
         self.role_ddp: dict[str, DistributedDataParallel] = {}  # stage 3 under DDP: one wrapper per role
@@ -176,8 +182,6 @@ class Trainer:
     def _build_data(self) -> None:
         cfg = self.cfg
         if cfg.data.kind == "synthetic":
-            from helios.data.synthetic import synthetic_shards
-
             path = synthetic_shards(cfg, self.dist.is_main)
             barrier()
         else:
@@ -236,7 +240,6 @@ class Trainer:
     def _check_source_formats(self) -> None:
         """Weights trained on one latent format are not trained on on another (the data semantics would
         change silently: a single-frame latent at every section start, or none)."""
-        from helios.model.inference import trained_latent_format
 
         want = self.cfg.data.latent_format
         for key, source in self.sources().items():
@@ -322,7 +325,6 @@ class Trainer:
 
     def _build_engines(self, groups: list[dict], make_scheduler, placed: bool) -> None:
         """``parallel=zero2|zero3``: one DeepSpeed engine per role (helios/zero.py)."""
-        from helios.zero import RoleEngines
 
         modules = self._role_modules() or {"model": self.model}
         for role in self.cfg.parallel.roles.chosen():
@@ -408,8 +410,6 @@ class Trainer:
         """``init_from``: the previous run's model rebuilt from its own saved config with its LoRA merged
         (for a stage-3 run: its generator): the next phase or stage starts from exactly the function the
         previous one ended with, whatever its own LoRA settings."""
-        from helios.model.inference import merged_weights
-
         if self.dist.is_main:
             log.info("initialising from %s (LoRA merged)", source)
         return merged_weights(source, dtype=self.dtype)
@@ -763,8 +763,6 @@ class Trainer:
 
         The VAE and text encoder live on the CPU between validations, so training holds only the DiT.
         """
-        from helios.model.encoders import build_text_encoder, build_vae
-        from helios.sampling.pipeline import generate_video, save_video
 
         v = self.cfg.validation
         if not hasattr(self, "_val_encoders"):
@@ -831,7 +829,6 @@ class Trainer:
         return metrics
 
     def _start_tracker(self):
-        from helios.tracking import WandbTracker, run_name
 
         id_file = self.run_dir / "wandb_id.txt"
         if self.cfg.logging.run_id is None:

@@ -6,9 +6,10 @@ from __future__ import annotations
 import torch
 
 from helios.config import compose
+from helios.loading import merged_weights
 from helios.model import build_transformer
-from helios.model.inference import merged_weights
 from helios.model.weights import keeps_fp32
+from helios.tiny_recipe import complete_tiny_distill
 from tests.helpers.runs import train_in_process as _train
 
 
@@ -77,7 +78,7 @@ def test_stage3_roles_hold_their_own_bases_in_bf16(tmp_path):
                 "trainer.progress=false",
             ]
         )
-        trainer = Trainer(cfg, tmp_path / str(shared))
+        trainer = Trainer(complete_tiny_distill(cfg), tmp_path / str(shared))
         trainer._build_data()
         m = trainer.stage.build_model(None, torch.bfloat16)
         roles = [m.generator, m.fake] + ([] if shared else [m.real])

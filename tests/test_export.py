@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from helios.config.schema import ExportConfig
 from helios.export import export
 from helios.history import HistoryLayout
-from helios.model.inference import load_checkpoint_model
+from helios.loading import load_checkpoint_model
 from helios.model.transformer import build_transformer
 from helios.sampling.section import block_noise
 from tests.helpers.runs import train_in_process as _train

@@ -194,7 +194,7 @@ def test_weights_trained_on_another_latent_format_are_refused_at_start(run_dir, 
     at start-up naming data.latent_format (the data's meaning would change silently)."""
     from helios.checkpoint import pin_source
     from helios.config.schema import ConfigError
-    from helios.model.inference import trained_latent_format
+    from helios.loading import trained_latent_format
 
     helios_dir, wan_dir = tmp_path / "helios", tmp_path / "wan"
     for root, kind in ((helios_dir, "HeliosTransformer3DModel"), (wan_dir, "WanTransformer3DModel")):

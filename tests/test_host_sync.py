@@ -15,6 +15,7 @@ import torch
 
 from helios.config import compose
 from helios.guard import StepGuard
+from helios.tiny_recipe import complete_tiny_distill
 from helios.trainer import Trainer
 
 
@@ -44,7 +45,7 @@ def test_a_training_micro_step_never_reads_a_device_value(tmp_path, monkeypatch,
 
     monkeypatch.setattr(torch, "autocast", MetaAutocast)
     cfg = compose([*overrides, "validation.enabled=false", "trainer.progress=false"])
-    trainer = Trainer(cfg, tmp_path)
+    trainer = Trainer(complete_tiny_distill(cfg), tmp_path)
     try:
         trainer._build_data()
         trainer._build_model()

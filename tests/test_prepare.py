@@ -17,9 +17,10 @@ import torch
 from helios.config.schema import TextEncoderConfig, VaeConfig
 from helios.data.prepare_job import ClipSpec, prepare, write_report
 from helios.data.shards import ShardIndex
-from helios.data.synthetic import make_synthetic_videos, render_clip, write_mp4
+from helios.data.synthetic import make_synthetic_videos, write_mp4
 from helios.metrics import read_metrics
 from helios.model.encoders import build_text_encoder, build_vae
+from helios.world.shapes import render_clip
 
 ROOT = Path(__file__).resolve().parents[1]
 # 2 sections of 5 frames, each encoded on its own into 2 latent frames (posterior samples, seeded)

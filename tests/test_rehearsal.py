@@ -179,7 +179,7 @@ def test_published_directories_load_as_users_load_them(fixtures):
     )
 
     from helios.config.schema import TransformerConfig
-    from helios.model.inference import load_for_inference
+    from helios.loading import load_for_inference
     from helios.model.transformer import build_transformer
 
     expected = {
@@ -274,7 +274,7 @@ def _trainer_model(step: str, chain, probe: Path):
     [("s1-init", "1-post"), ("s1-post", "2-init"), ("s2-init", "2-post"), ("s3-ode", "3-post")],
 )
 def test_init_from_starts_from_the_function_the_previous_phase_ended_with(chain, previous, step, tmp_path):
-    from helios.model.inference import load_checkpoint_model
+    from helios.loading import load_checkpoint_model
     from helios.model.transformer import build_transformer
 
     ended, prev_cfg, _ = load_checkpoint_model(chain.runs / previous, "raw")
@@ -291,7 +291,7 @@ def test_stage3_reloaded_exported_and_generated_model_is_the_in_memory_ema(chain
 
     from helios.config.schema import ExportConfig
     from helios.export import export
-    from helios.model.inference import load_checkpoint_model, load_for_inference
+    from helios.loading import load_checkpoint_model, load_for_inference
     from helios.trainer import Trainer
 
     # the generator updated at both steps: the EMA (a copy after the first update, then averaged)
@@ -329,8 +329,8 @@ def test_stage3_reloaded_exported_and_generated_model_is_the_in_memory_ema(chain
 def test_exports_run_unchanged_in_diffusers_and_give_our_latents(chain, export_name, run_name, weights):
     from diffusers import DiffusionPipeline, HeliosDMDScheduler, HeliosPipeline, HeliosPyramidPipeline
 
+    from helios.loading import load_checkpoint_model
     from helios.model.encoders import encode_prompts
-    from helios.model.inference import load_checkpoint_model
     from helios.sampling import PromptSchedule, sample_video
     from helios.sampling.pipeline import build_section_sampler
     from tests.helpers.diffusers_compat import pyramid_pipeline_workarounds

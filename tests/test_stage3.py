@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from helios.config import compose
 from helios.sampling.pipeline import sections_for
+from helios.tiny_recipe import complete_tiny_distill
 from tests.helpers.runs import train_in_process as _train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +68,7 @@ def test_tiny_job_scores_with_a_base_and_starts_the_generator_from_a_mid(tmp_pat
     from it, which also samples the ODE pairs. (A stage-2 model as the real score is asked for noise
     levels its full-resolution stage never saw; the toy experiment's DMD then moved away from the
     teacher.)"""
-    from helios.model.inference import load_train_config
+    from helios.loading import load_train_config
 
     _train(["stage=3", "stage3=tiny_ode", "trainer.max_steps=1", "trainer.checkpoint_every=1"], tmp_path)
     cfg = load_train_config(tmp_path / "checkpoints" / "step_1")
@@ -186,7 +187,7 @@ def test_cached_gan_gradient_equals_plain_autograd(tmp_path):
                 "trainer.progress=false",
             ]
         )
-        trainer = Trainer(cfg, tmp_path / str(cached))
+        trainer = Trainer(complete_tiny_distill(cfg), tmp_path / str(cached))
         trainer._build_data()
         trainer._build_model()
         batch = next(
@@ -404,8 +405,8 @@ def test_validation_samples_the_ema_in_place_and_puts_the_training_weights_back(
     """Validation writes the EMA into the generator (no copy of the generator and its base) and restores
     the training weights: its drift statistics equal the EMA model's sampled the same way, and the
     checkpoint saved right after it equals a run without validation."""
+    from helios.loading import load_checkpoint_model
     from helios.model.encoders import build_text_encoder, build_vae
-    from helios.model.inference import load_checkpoint_model
     from helios.sampling.pipeline import generate_video
 
     common = ["stage=3", "trainer.max_steps=6", "trainer.checkpoint_every=6", "distill.ema_start=1"]
@@ -478,7 +479,7 @@ def test_critic_backward_in_two_parts_gives_the_joint_gradients(tmp_path, monkey
     cfg = compose(
         ["stage=3", "distill.gan.start_step=0", "validation.enabled=false", "trainer.progress=false"]
     )
-    trainer = Trainer(cfg, tmp_path)
+    trainer = Trainer(complete_tiny_distill(cfg), tmp_path)
     trainer._build_data()
     trainer._build_model()
     samples = [trainer.dataset[(i, 0)] for i in range(2)]

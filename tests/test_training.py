@@ -137,7 +137,7 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path):
 
 def test_init_from_starts_from_the_previous_function_with_a_fresh_optimizer(tmp_path):
     """Stage 1 (LoRA r=8) -> stage 2 with another LoRA rank: LoRA merged, the model's output unchanged."""
-    from helios.model.inference import load_for_inference
+    from helios.loading import load_for_inference
 
     _train(["trainer.checkpoint_every=3", "trainer.max_steps=3", "optim.lr=1e-2"], tmp_path / "s1")
     previous = load_for_inference(tmp_path / "s1", torch.device("cpu")).transformer

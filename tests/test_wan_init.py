@@ -98,7 +98,7 @@ def test_a_wan_directory_serves_as_teacher_weights(wan_dir):
     """``distill.teacher`` (and ``init_from``) may name a Wan-2.1 diffusers directory, e.g. the bidirectional
     teacher of Table 5: its weights arrive converted to Helios names, whether the path is the pipeline
     folder or its transformer subfolder."""
-    from helios.model.inference import merged_weights
+    from helios.loading import merged_weights
 
     expected = load_wan_as_helios(str(wan_dir)).state_dict()
     for path in (wan_dir, wan_dir.parent):

@@ -25,7 +25,7 @@ from helios.config.schema import REFERENCE_NEGATIVE_PROMPT
 from helios.data.inputs import InputItem, Unit, discover_units
 from helios.data.shards import encode_sample, npy_bytes, trim_embeds, write_shard
 from helios.data.video import VideoDecodeError, decode_clip
-from helios.model.encoders import video_frames_for
+from helios.model.encoders import encode_prompts, encode_sections, encode_video, video_frames_for
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,6 @@ class ClipSpec:
         return {"latent_format": "clip"}
 
     def encode(self, vae, video: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        from helios.model.encoders import encode_sections, encode_video
 
         generator = generator if self.posterior == "sample" else None
         if self.format == "sections":
@@ -91,7 +90,6 @@ class PromptCache:
         self.hits = 0
 
     def encode(self, captions: list[str]) -> list[torch.Tensor]:
-        from helios.model.encoders import encode_prompts
 
         todo = sorted({c for c in captions if c not in self.cache})
         self.hits += len(captions) - len(todo)

@@ -19,6 +19,9 @@ from diffusers.models.transformers.transformer_helios import (
     apply_rotary_emb_transposed,
 )
 
+from helios.kernels.norm import FlashLayerNorm, FlashRMSNorm
+from helios.kernels.rope import flash_rope
+
 log = logging.getLogger(__name__)
 
 ATTENTION_BACKENDS = {"sdpa": "native", "flash": "flash", "flash3": "_flash_3"}
@@ -31,8 +34,6 @@ class HeliosProcessor(HeliosAttnProcessor):
 
     def _rotate(self, x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
         if self.rope == "triton":
-            from helios.kernels.rope import flash_rope
-
             return flash_rope(x, freqs)
         return apply_rotary_emb_transposed(x, freqs)
 
@@ -95,7 +96,6 @@ def triton_usable() -> bool:
 def replace_norms(model: torch.nn.Module) -> int:
     """Swap every LayerNorm (incl. diffusers' FP32LayerNorm) and RMSNorm for the Flash Norm modules,
     keeping the same parameters (state-dict keys unchanged). Returns the number replaced."""
-    from helios.kernels.norm import FlashLayerNorm, FlashRMSNorm
 
     count = 0
     for parent in list(model.modules()):

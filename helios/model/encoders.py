@@ -12,6 +12,7 @@ from diffusers import AutoencoderKLWan, HeliosPipeline
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
 from helios.config.schema import TextEncoderConfig, VaeConfig
+from helios.world.shapes import render_clip
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
 VAE_TEMPORAL = 4  # Wan VAE: 4x temporal compression, the first frame on its own
@@ -101,8 +102,6 @@ def build_vae(cfg: VaeConfig) -> AutoencoderKLWan:
 @torch.no_grad()
 def _calibrate(vae: AutoencoderKLWan, seed: int) -> None:
     """Set ``latents_mean/std`` of a randomly initialised VAE from fixed moving-shapes clips."""
-    from helios.data.synthetic import render_clip
-
     gen = torch.Generator().manual_seed(seed)
     clips = torch.stack([render_clip(17, 64, 64, gen)[0] for _ in range(4)])  # [N, C, T, H, W] in [-1, 1]
     z = vae.encode(clips).latent_dist.mode()

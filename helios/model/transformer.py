@@ -6,7 +6,9 @@ import torch
 from diffusers import HeliosTransformer3DModel
 
 from helios.config.schema import KernelsConfig, TransformerConfig
+from helios.model.attention import replace_norms, set_attention_backend, set_processors, triton_usable
 from helios.model.encoders import seeded
+from helios.model.wan_init import helios_config_from_wan, load_wan_as_helios
 from helios.model.weights import helios_from_state, keeps_fp32
 
 GUIDANCE_KEYS = ("guidance_cross_attn", "zero_history_timestep", "is_amplify_history", "history_scale_mode")
@@ -35,7 +37,6 @@ def apply_kernels(
     attention: str = "sdpa",
 ) -> None:
     """Processor / module replacement: Flash RoPE, Flash Norm, the causal-mask ablation, backend."""
-    from helios.model.attention import replace_norms, set_attention_backend, set_processors, triton_usable
 
     kernels = kernels or KernelsConfig()
     if "triton" in (kernels.norm, kernels.rope) and not triton_usable():
@@ -60,8 +61,6 @@ def transformer_config(cfg: TransformerConfig) -> dict:
         return transformer_kwargs(cfg)
     if cfg.source == "wan":
         from diffusers import WanTransformer3DModel
-
-        from helios.model.wan_init import helios_config_from_wan
 
         wan = WanTransformer3DModel.load_config(cfg.path, subfolder=cfg.subfolder)
         return helios_config_from_wan(dict(wan), **guidance)
@@ -99,8 +98,6 @@ def build_transformer(
             cfg.path, subfolder=cfg.subfolder, torch_dtype=dtype, **guidance
         )
     else:
-        from helios.model.wan_init import load_wan_as_helios
-
         model = load_wan_as_helios(
             cfg.path, cfg.subfolder, cfg.memory_patch_init, dtype or torch.float32, **guidance
         )

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import torch
 
+from helios.model.encoders import latent_stats
+
 
 class StreamingDecoder:
     """``push(latents)`` normalised section latents [B, C, T, h, w] -> pixels [B, 3, T', H, W] in [-1, 1]."""
 
     def __init__(self, vae) -> None:
-        from helios.model.encoders import latent_stats
 
         self.vae = vae
         self.mean, self.std = latent_stats(vae)

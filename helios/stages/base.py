@@ -4,6 +4,7 @@ loader call, each with a default, so no caller probes a stage for optional metho
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,11 @@ from torch import nn
 from helios.config.schema import LoraConfig, TrainConfig
 from helios.parallel import RoleSteps
 
+# plain-model weights of a run dir, checkpoint or diffusers directory (helios.loading.merged_weights): a
+# stage that starts from another run's model (stage 3's teacher) is given the loader by its builder,
+# which sits above the stages (the loader itself builds stages)
+WeightsLoader = Callable[..., dict[str, torch.Tensor]]
+
 
 class Stage(abc.ABC):
     """A training stage is a small object; the loop (optimiser, parallelism, logging, checkpoints)
@@ -20,9 +26,16 @@ class Stage(abc.ABC):
 
     name: str = ""
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig, weights: WeightsLoader | None = None) -> None:
         self.cfg = cfg
         self.device = torch.device("cpu")  # where the model computes (set by setup)
+        self._weights = weights
+
+    def load_weights(self, source: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Plain-model weights of ``source`` (a run dir, checkpoint or diffusers directory) in ``dtype``."""
+        if self._weights is None:
+            raise RuntimeError(f"{type(self).__name__} was built without a weights loader; it needs {source}")
+        return self._weights(source, dtype=dtype)
 
     # ------------------------------------------------------------------ data
     def setup(self, data_path: Path | None, dist) -> None:

@@ -21,7 +21,6 @@ import contextlib
 import copy
 import math
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from helios.config.schema import ConfigError, LoraConfig, TrainConfig
+from helios.data.dataset import training_dataset
+from helios.data.ode_pair_shards import OdePairDataset, TensorDict
+from helios.data.prepare_job import EMPTY_PROMPT_FILE, NEGATIVE_PROMPT_FILE, load_empty_prompt
 from helios.distill import (
     TTUR,
     EmaSchedule,
@@ -46,11 +48,14 @@ from helios.distill import (
 from helios.distributed import on_every_rank
 from helios.ema import ShardedEma
 from helios.flow import NUM_TRAIN_TIMESTEPS, shift_factor, shift_sigmas, token_count
+from helios.history import Task
 from helios.model import apply_lora, build_transformer
 from helios.model.gan import GanHeads
+from helios.offload import OffloadPool
 from helios.parallel import RoleSteps
 from helios.pyramid import halve
 from helios.sampling.section import set_stage_timesteps, upsample_renoise
+from helios.stages.base import WeightsLoader
 from helios.stages.flow import FlowStage
 
 
@@ -61,11 +66,6 @@ def _cast(inputs: dict[str, torch.Tensor], like: torch.Tensor) -> dict[str, torc
         k: v.to(like.device, like.dtype if v.is_floating_point() else v.dtype, non_blocking=True)
         for k, v in inputs.items()
     }
-
-
-class TensorDict(dict):
-    def to(self, device: torch.device) -> TensorDict:
-        return TensorDict({k: v.to(device, non_blocking=True) for k, v in self.items()})
 
 
 class DistillModule(nn.Module):
@@ -87,47 +87,11 @@ class DistillModule(nn.Module):
         return fn(self, *args)
 
 
-class OdePairDataset(torch.utils.data.Dataset):
-    """ODE pairs written by ``helios.ode_pairs`` (same batching interface as the clip dataset)."""
-
-    def __init__(self, path: str | Path, stages: int, max_sequence_length: int) -> None:
-        from helios.data.shards import ShardIndex, list_shards
-        from helios.ode_pairs import ODE_MEMBERS
-
-        self.index = ShardIndex(list_shards(path), required=ODE_MEMBERS)
-        self.stages, self.max_len = stages, max_sequence_length
-        self.eligible = list(range(len(self.index)))
-        self.buckets = {(0, 0): self.eligible}
-
-    def __len__(self) -> int:
-        return len(self.eligible)
-
-    def latent_hw(self) -> tuple[int, int]:
-        return tuple(self[(0, 0)]["history"].shape[-2:])
-
-    def __getitem__(self, item):
-        from helios.data.shards import npy_load
-
-        i, _ = item
-        read = lambda name: torch.from_numpy(npy_load(self.index.read_member(i, name + ".npy")))  # noqa: E731
-        out = {"history": read("history"), "anchor": read("anchor")}
-        emb = read("prompt_embeds")[: self.max_len]
-        out["prompt_embeds"] = torch.zeros(self.max_len, emb.shape[-1])
-        out["prompt_embeds"][: emb.shape[0]] = emb
-        for k in range(self.stages):
-            out[f"stage{k}_start"], out[f"stage{k}_end"] = read(f"stage{k}_start"), read(f"stage{k}_end")
-        return out
-
-    @staticmethod
-    def collate(samples: list[dict]) -> TensorDict:
-        return TensorDict({k: torch.stack([s[k] for s in samples]) for k in samples[0]})
-
-
 class DistillStage(FlowStage):
     name = "distill"
 
-    def __init__(self, cfg: TrainConfig) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: TrainConfig, weights: WeightsLoader | None = None) -> None:
+        super().__init__(cfg, weights)
         d = cfg.distill
         self.d = d
         self.ttur = TTUR(d.ttur)
@@ -144,28 +108,22 @@ class DistillStage(FlowStage):
 
     # ------------------------------------------------------------------ setup and roles
     def setup(self, data_path: Path, dist) -> None:
-        """Resolve the teacher (a tiny one is trained on the fly for the tiny job), the ODE pairs and the
-        empty prompt (unconditional branch of the real score's CFG)."""
-        from helios.data.prepare_job import EMPTY_PROMPT_FILE, NEGATIVE_PROMPT_FILE, load_empty_prompt
+        """Check the teacher and the ODE pairs are named (the tiny default's: :mod:`helios.tiny_recipe`) and
+        read the empty prompt (unconditional branch of the real score's CFG)."""
 
         super().setup(data_path, dist)
         if self.d.ema_sharded and dist is not None:
             self.rank, self.world_size = dist.rank, dist.world_size
         if self.d.teacher is None:
-            if self.cfg.model.name != "tiny":
-                raise ConfigError(
-                    "distill.teacher",
-                    "stage 3 needs the teacher (Helios-Base): a run dir, checkpoint or diffusers directory",
-                )
-            base, mid = self._tiny_teachers(dist)
-            self.d.teacher = str(base)
-            self.d.generator_init = self.d.generator_init or str(mid)
+            raise ConfigError(
+                "distill.teacher",
+                "stage 3 needs the teacher (Helios-Base): a run dir, checkpoint or diffusers directory "
+                "(for the tiny model, train_helios.py makes a tiny one: helios.tiny_recipe)",
+            )
         if self.d.phase == "ode" and self.d.ode_pairs is None:
-            if self.cfg.model.name != "tiny":
-                raise ConfigError(
-                    "distill.ode_pairs", "phase=ode needs ODE pairs: python -m helios.ode_pairs ..."
-                )
-            self.d.ode_pairs = str(self._tiny_ode_pairs(data_path, dist))
+            raise ConfigError(
+                "distill.ode_pairs", "phase=ode needs ODE pairs: python -m helios.ode_pairs ..."
+            )
         name = NEGATIVE_PROMPT_FILE if self.d.uncond == "negative" else EMPTY_PROMPT_FILE
         uncond = load_empty_prompt(data_path, name)
         if uncond is None:
@@ -178,77 +136,11 @@ class DistillStage(FlowStage):
         self.uncond = torch.zeros(1, n, uncond.shape[-1])
         self.uncond[0, : min(n, len(uncond))] = uncond[:n]
 
-    def _cache(self, name: str, *inputs: str) -> Path:
-        recipe = f"{self.cfg.seed}:{self.d.tiny_teacher_steps}:{self.cfg.history.sizes}:{':'.join(inputs)}"
-        key = zlib.crc32(recipe.encode())
-        return Path(self.cfg.data.cache_dir).parent / name / f"{key:08x}"
-
-    def _tiny_teachers(self, dist) -> tuple[Path, Path]:
-        """The tiny job's stand-ins for Helios-Base (stage 1: the real and fake scores' base) and
-        Helios-Mid (stage 2 from it: the generator's start and the ODE pairs' teacher), as the reference
-        recipe uses them; ``tiny_teacher_steps`` steps each, trained once and cached."""
-        base = self._tiny_run("tiny_base", ["stage=1"], dist)
-        return base, self._tiny_run("tiny_mid", ["stage=2", f"init_from={base}"], dist)
-
-    def _tiny_run(self, name: str, overrides: list[str], dist) -> Path:
-        from helios.checkpoint import list_complete
-        from helios.config.load import compose
-        from helios.trainer import Trainer
-
-        out = self._cache(name)
-        if not list_complete(out):
-            if dist.world_size > 1:
-                raise ConfigError(
-                    "distill.teacher",
-                    "build the tiny teacher in one process first "
-                    "(python train_helios.py stage=3) or set distill.teacher",
-                )
-            steps = self.d.tiny_teacher_steps
-            teacher = Trainer(
-                compose(
-                    [
-                        *overrides,
-                        f"trainer.max_steps={steps}",
-                        "validation.enabled=false",
-                        "trainer.progress=false",
-                        f"seed={self.cfg.seed}",
-                        f"trainer.checkpoint_every={steps}",
-                    ]
-                ),
-                out,
-            )
-            try:
-                teacher.run()
-            finally:
-                teacher.close()
-        return out
-
-    def _tiny_ode_pairs(self, data_path: Path, dist) -> Path:
-        from helios.config.schema import OdePairsConfig, SamplerConfig
-        from helios.ode_pairs import run
-
-        teacher = self.d.generator_init or self.d.teacher  # Helios-Mid samples the pairs
-        out = self._cache("tiny_ode_pairs", teacher)
-        if not (out / "report.json").exists():
-            run(
-                OdePairsConfig(
-                    teacher=teacher,
-                    shards=str(data_path),
-                    output=str(out),
-                    sampler=SamplerConfig(
-                        kind="pyramid", steps=[3] * len(self.d.steps), guidance_scale=3.0, cfg_zero_star=True
-                    ),
-                    max_sequence_length=self.cfg.model.text_encoder.max_sequence_length,
-                )
-            )
-        return out
-
     def make_dataset(self, data_path: Path):
         if self.d.phase == "ode":
             return OdePairDataset(
                 self.d.ode_pairs, len(self.d.steps), self.cfg.model.text_encoder.max_sequence_length
             )
-        from helios.data.dataset import training_dataset
 
         return training_dataset(data_path, self.cfg)
 
@@ -265,11 +157,9 @@ class DistillStage(FlowStage):
         """Only the generator (export, generate). Its base, as in :meth:`build_model`: ``base_state`` (the
         ``init_from`` run's merged generator), else generator_init, else the teacher (a random base is
         restored from the checkpoint instead)."""
-        from helios.model.inference import merged_weights
-
         source = self.d.generator_init or self.d.teacher
         if base_state is None and source and self.cfg.model.transformer.source != "random":
-            base_state = merged_weights(source, dtype=dtype)
+            base_state = self.load_weights(source, dtype=dtype)
         return DistillModule(self._role(base_state, self.cfg.model.lora, dtype))
 
     def role_loras(self) -> dict[str, LoraConfig | None]:
@@ -296,20 +186,18 @@ class DistillStage(FlowStage):
         ``base_state`` (``init_from``), else ``distill.generator_init``, else the teacher; the fake score
         on the teacher (and a separate real score on its own copy with ``shared_teacher=false``). The
         teacher is read only when a role needs it."""
-        from helios.model.inference import merged_weights
-
         teacher: dict | None = None
 
         def teacher_state() -> dict:
             nonlocal teacher
             if teacher is None:
-                teacher = merged_weights(self.d.teacher, dtype=dtype)
+                teacher = self.load_weights(self.d.teacher, dtype=dtype)
             return teacher
 
         if base_state is not None:
             generator_state = base_state
         elif self.d.generator_init:
-            generator_state = merged_weights(self.d.generator_init, dtype=dtype)
+            generator_state = self.load_weights(self.d.generator_init, dtype=dtype)
         else:  # its own copy: two roles never share a tensor (checkpoints, the offload pool, ZeRO)
             generator_state = {k: v.clone() for k, v in teacher_state().items()}
         loras = self.role_loras()
@@ -356,7 +244,6 @@ class DistillStage(FlowStage):
         """``distill.offload``: frozen weights to the offload pool (host), the rest to ``device``."""
         if not self.d.offload:
             return False
-        from helios.offload import OffloadPool
 
         roles = self.role_modules(model)
         self.pool = OffloadPool(roles, device)
@@ -783,7 +670,6 @@ class DistillStage(FlowStage):
     def metric_names(self) -> list[str]:
         if self.d.phase == "ode":
             return ["loss", "loss_ode", "ode_stage"]
-        from helios.history import Task
 
         tasks = [f"task_{t.name.lower()}" for t in Task]
         return ["loss", "corrupt_frac", *tasks, *self.extra_metric_names()]

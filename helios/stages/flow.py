@@ -14,7 +14,7 @@ from helios.flow import NUM_TRAIN_TIMESTEPS, flow_pair, sample_sigmas, shift_fac
 from helios.history import HistoryLayout, Task, apply_tasks, draw_tasks
 from helios.model import apply_lora, build_transformer
 from helios.parallel import RoleSteps
-from helios.stages.base import Stage
+from helios.stages.base import Stage, WeightsLoader
 
 
 @dataclass
@@ -36,8 +36,8 @@ class FlowStage(Stage):
 
     name = "flow"
 
-    def __init__(self, cfg: TrainConfig) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: TrainConfig, weights: WeightsLoader | None = None) -> None:
+        super().__init__(cfg, weights)
         self.layout = HistoryLayout.from_config(cfg.history)
 
     def build_model(

@@ -7,6 +7,7 @@ import torch
 from helios.config.schema import TrainConfig
 from helios.flow import sample_sigmas, shift_factor, shift_sigmas, token_count
 from helios.pyramid import PyramidSchedule
+from helios.stages.base import WeightsLoader
 from helios.stages.flow import FlowStage, NoisyGroup
 
 
@@ -18,8 +19,8 @@ class PyramidStage(FlowStage):
 
     name = "pyramid"
 
-    def __init__(self, cfg: TrainConfig) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: TrainConfig, weights: WeightsLoader | None = None) -> None:
+        super().__init__(cfg, weights)
         self.schedule = PyramidSchedule(cfg.pyramid.stages, cfg.pyramid.gamma)
         ratios = torch.tensor(cfg.pyramid.stage_ratios, dtype=torch.float64)
         self.probs = ratios / ratios.sum()

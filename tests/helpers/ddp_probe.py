@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 
 from helios.config import compose
 from helios.model import trainable_state_dict
+from helios.tiny_recipe import complete_tiny_distill
 from helios.trainer import Trainer
 
 
@@ -23,7 +24,7 @@ def main() -> None:
             *sys.argv[2:],
         ]
     )
-    trainer = Trainer(cfg, out / "run")
+    trainer = Trainer(complete_tiny_distill(cfg), out / "run")
     trainer.run_dir.mkdir(parents=True, exist_ok=True)
     trainer._build_data()
     planned = iter(trainer.sampler)  # the batches training will consume, in order

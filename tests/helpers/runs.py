@@ -39,10 +39,11 @@ def train_in_process(overrides: list[str], run_dir: Path) -> list[dict]:
     """Run the trainer in this process with ``overrides`` (after quiet defaults); its metrics.jsonl."""
     from helios.config import compose
     from helios.metrics import read_metrics
+    from helios.tiny_recipe import complete_tiny_distill
     from helios.trainer import Trainer
 
     cfg = compose(["validation.enabled=false", "trainer.progress=false", "trainer.log_every=1", *overrides])
-    trainer = Trainer(cfg, run_dir)
+    trainer = Trainer(complete_tiny_distill(cfg), run_dir)
     try:
         trainer.run()
     finally:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helios.data.shapes_world import count_blobs, mean_metrics, parse_caption, video_metrics
-from helios.data.synthetic import COLORS, render_clip
+from helios.world.measures import count_blobs, mean_metrics, parse_caption, video_metrics
+from helios.world.shapes import COLORS, render_clip
 
 
 def _clips(n: int, seed: int = 0):

@@ -9,8 +9,15 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from helios import checkpoint as ckpt
+from helios.config.load import load_config
 from helios.config.schema import TrainConfig
 from helios.history import HistoryLayout
+from helios.model.encoders import build_text_encoder, build_vae
+from helios.model.lora import load_trainable_state_dict, merged_state_dict
+from helios.model.wan_init import load_wan_as_helios
+from helios.model.weights import cast_state
+from helios.stages import STAGES
 
 
 @dataclass
@@ -28,7 +35,6 @@ class LoadedModel:
 
 
 def load_train_config(checkpoint_dir: Path) -> TrainConfig:
-    from helios.config.load import load_config
 
     state = torch.load(checkpoint_dir / "state.pt", map_location="cpu", weights_only=False)
     return load_config(OmegaConf.create(state["config"]))
@@ -41,16 +47,13 @@ def load_checkpoint_model(
     weights (for a run started with ``init_from``, the previous run's merged model, rebuilt the same way)
     in ``dtype``, its trained tensors (fp32), and for stage 3 the generator role (with EMA weights on
     request)."""
-    from helios import checkpoint as ckpt
-    from helios.model.lora import load_trainable_state_dict
-    from helios.stages import STAGES
 
     path = Path(source).expanduser()
     found = ckpt.resolve_resume(str(path), path, key)
     if found is None:
         raise FileNotFoundError(f"{key}={source}: no complete checkpoint there")
     cfg = load_train_config(found)
-    stage = STAGES[cfg.stage](cfg)
+    stage = STAGES[cfg.stage](cfg, merged_weights)
     base_state = None
     if cfg.init_from and cfg.model.transformer.source != "random":  # a random base is in the checkpoint
         base_state = merged_weights(cfg.init_from, dtype=dtype)  # the function it started from (recursive)
@@ -74,7 +77,6 @@ def load_for_inference(
     if (path / "model_index.json").exists():
         return _load_diffusers(path, device, dtype)
     model, cfg, _ = load_checkpoint_model(path, weights="auto")  # stage 3: the EMA generator when saved
-    from helios.model.encoders import build_text_encoder, build_vae
 
     model.requires_grad_(False).eval().to(device)
     if dtype != torch.float32:
@@ -153,8 +155,6 @@ def merged_weights(
 ) -> dict[str, torch.Tensor]:
     """Plain-model weights of a run dir / checkpoint (LoRA merged, in place: the tensors of the rebuilt
     model itself) or a diffusers Helios / Wan directory, in ``dtype`` (diffusers' fp32 modules fp32)."""
-    from helios.model.lora import merged_state_dict
-    from helios.model.weights import cast_state
 
     path = Path(source).expanduser()
     for sub in ("transformer", None):
@@ -162,8 +162,6 @@ def merged_weights(
         if not config.exists():
             continue
         if json.loads(config.read_text()).get("_class_name") == "WanTransformer3DModel":
-            from helios.model.wan_init import load_wan_as_helios  # e.g. a bidirectional Wan-2.1 teacher
-
             return load_wan_as_helios(str(path), subfolder=sub, dtype=dtype).state_dict()
         from diffusers import HeliosTransformer3DModel
 

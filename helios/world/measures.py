@@ -1,4 +1,4 @@
-"""Ground-truth measures of the moving-shapes world (helios/data/synthetic.py): how well a video matches
+"""Ground-truth measures of the moving-shapes world (helios/world/shapes.py): how well a video matches
 its caption, computed the same way for generated and for real clips (the reference values).
 
 Every pixel is labelled with its nearest palette colour (the shape colours and backgrounds the renderer
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from helios.data.synthetic import BACKGROUNDS, COLORS, DIRECTIONS, SHAPES
+from helios.world.shapes import BACKGROUNDS, COLORS, DIRECTIONS, SHAPES
 
 PALETTE_NAMES = [*(f"fg:{c}" for c in COLORS), *(f"bg:{c}" for c in BACKGROUNDS)]
 PALETTE = torch.tensor([*COLORS.values(), *BACKGROUNDS.values()], dtype=torch.float32) / 255.0

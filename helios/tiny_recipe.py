@@ -1,0 +1,99 @@
+"""The tiny default's stage-3 inputs, made the way the reference recipe makes the real ones.
+
+Stage 3 needs Helios-Base (the real and fake scores' base, ``distill.teacher``), Helios-Mid (the
+generator's start, ``distill.generator_init``, and the ODE pairs' teacher) and, for the ODE-init phase,
+ODE pairs (§3.4.2). For the tiny model, ``python train_helios.py stage=3`` makes tiny stand-ins when
+those keys are unset: stage 1, then stage 2 from it (``distill.tiny_teacher_steps`` steps each), then
+ODE pairs from the Mid, each trained once and cached next to the synthetic shards. A real run names
+its checkpoints instead. This sits above the trainer: it runs whole training jobs.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from pathlib import Path
+
+from helios.checkpoint import list_complete
+from helios.config.load import compose
+from helios.config.schema import ConfigError, OdePairsConfig, SamplerConfig, TrainConfig
+from helios.data.synthetic import synthetic_shards
+from helios.ode_pairs import run as make_ode_pairs
+from helios.trainer import Trainer
+
+
+def train_run(run_dir: Path, overrides: list[str], steps: int) -> Path:
+    """A training job of ``steps`` steps into ``run_dir``, reused when its final checkpoint is there."""
+    if not any(step == steps for step, _ in list_complete(run_dir)):
+        cfg = compose(
+            [
+                "validation.enabled=false",
+                "trainer.progress=false",
+                "resume=none",
+                f"trainer.max_steps={steps}",
+                f"trainer.checkpoint_every={steps}",
+                *overrides,
+            ]
+        )
+        trainer = Trainer(cfg, run_dir)
+        try:
+            trainer.run()
+        finally:
+            trainer.close()
+    return run_dir
+
+
+def complete_tiny_distill(cfg: TrainConfig) -> TrainConfig:
+    """Fill ``distill.teacher``, ``distill.generator_init`` and (phase ``ode``) ``distill.ode_pairs`` of a
+    tiny stage-3 config with the cached stand-ins, making them first where needed; other configs pass."""
+    d = cfg.distill
+    if cfg.stage != 3 or cfg.model.name != "tiny":
+        return cfg
+    if d.teacher is None:
+        base = _stand_in(cfg, "tiny_base", ["stage=1"])
+        mid = _stand_in(cfg, "tiny_mid", ["stage=2", f"init_from={base}"])
+        d.teacher, d.generator_init = str(base), d.generator_init or str(mid)
+    if d.phase == "ode" and d.ode_pairs is None:
+        d.ode_pairs = str(_tiny_ode_pairs(cfg))
+    return cfg
+
+
+def _cache(cfg: TrainConfig, name: str, *inputs: str) -> Path:
+    recipe = f"{cfg.seed}:{cfg.distill.tiny_teacher_steps}:{cfg.history.sizes}:{':'.join(inputs)}"
+    return Path(cfg.data.cache_dir).parent / name / f"{zlib.crc32(recipe.encode()):08x}"
+
+
+def _one_process(what: str, key: str) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(
+            key, f"build the tiny {what} in one process first (python train_helios.py stage=3) or set {key}"
+        )
+
+
+def _stand_in(cfg: TrainConfig, name: str, overrides: list[str]) -> Path:
+    """Tiny Helios-Base (stage 1) or Helios-Mid (stage 2 from the Base)."""
+    out, steps = _cache(cfg, name), cfg.distill.tiny_teacher_steps
+    if not any(step == steps for step, _ in list_complete(out)):
+        _one_process("teacher", "distill.teacher")
+        train_run(out, [*overrides, f"seed={cfg.seed}"], steps)
+    return out
+
+
+def _tiny_ode_pairs(cfg: TrainConfig) -> Path:
+    """ODE pairs of the tiny Mid (the Pyramid UniPC sampler, 3 steps a stage, CFG 3 with CFG-Zero*)."""
+    teacher = cfg.distill.generator_init or cfg.distill.teacher
+    out = _cache(cfg, "tiny_ode_pairs", teacher)
+    if not (out / "report.json").exists():
+        _one_process("ODE pairs", "distill.ode_pairs")
+        make_ode_pairs(
+            OdePairsConfig(
+                teacher=teacher,
+                shards=str(synthetic_shards(cfg, True)),
+                output=str(out),
+                sampler=SamplerConfig(
+                    kind="pyramid", steps=[3] * len(cfg.distill.steps), guidance_scale=3.0, cfg_zero_star=True
+                ),
+                max_sequence_length=cfg.model.text_encoder.max_sequence_length,
+            )
+        )
+    return out

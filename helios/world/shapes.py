@@ -1,0 +1,58 @@
+"""The moving-shapes world: one coloured shape moving in a straight line over a plain background, with
+its caption. The tiny default's data (:mod:`helios.data.synthetic` writes its clips as mp4 files), the
+tiny VAE's training clips, and the reference of the world's measures (:mod:`helios.world.measures`)."""
+
+from __future__ import annotations
+
+import torch
+
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 200, 60),
+    "yellow": (230, 210, 40),
+    "white": (240, 240, 240),
+}
+BACKGROUNDS = {"blue": (30, 50, 140), "black": (10, 10, 10), "gray": (110, 110, 110)}
+SHAPES = ("circle", "square")
+DIRECTIONS = {"right": (1, 0), "left": (-1, 0), "down": (0, 1), "up": (0, -1)}
+
+
+def _pick(options, generator: torch.Generator):
+    keys = list(options)
+    return keys[int(torch.randint(len(keys), (1,), generator=generator))]
+
+
+def render_clip(
+    num_frames: int, height: int, width: int, generator: torch.Generator
+) -> tuple[torch.Tensor, str]:
+    """One clip as a float tensor [3, T, H, W] in [-1, 1] and its caption."""
+    shape, color, bg, direction = (
+        _pick(SHAPES, generator),
+        _pick(COLORS, generator),
+        _pick(BACKGROUNDS, generator),
+        _pick(DIRECTIONS, generator),
+    )
+    radius = max(3, int(min(height, width) * (0.12 + 0.1 * float(torch.rand(1, generator=generator)))))
+    speed = 1.0 + 2.0 * float(torch.rand(1, generator=generator))
+    dx, dy = DIRECTIONS[direction]
+    cx = width * (0.3 + 0.4 * float(torch.rand(1, generator=generator)))
+    cy = height * (0.3 + 0.4 * float(torch.rand(1, generator=generator)))
+    yy, xx = torch.meshgrid(
+        torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32), indexing="ij"
+    )
+    frames = torch.empty(num_frames, height, width, 3)
+    fg, bgc = (
+        torch.tensor(COLORS[color], dtype=torch.float32),
+        torch.tensor(BACKGROUNDS[bg], dtype=torch.float32),
+    )
+    for t in range(num_frames):
+        px = (cx + dx * speed * t) % width
+        py = (cy + dy * speed * t) % height
+        if shape == "circle":
+            mask = (xx - px) ** 2 + (yy - py) ** 2 <= radius**2
+        else:
+            mask = ((xx - px).abs() <= radius) & ((yy - py).abs() <= radius)
+        frames[t] = torch.where(mask[..., None], fg, bgc)
+    video = frames.permute(3, 0, 1, 2) / 127.5 - 1.0
+    caption = f"a {color} {shape} moving {direction} on a {bg} background"
+    return video, caption

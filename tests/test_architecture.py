@@ -1,0 +1,56 @@
+"""The package's layers (README "How it works"): no import runs upward, none hides inside a function."""
+
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _lint() -> subprocess.CompletedProcess:
+    lint = shutil.which("lint-imports")
+    assert lint, "import-linter is part of the dev install: pip install -e '.[dev]'"
+    return subprocess.run(
+        [lint, "--config", ".importlinter", "--no-cache"], cwd=ROOT, capture_output=True, text=True
+    )
+
+
+def _function_imports(path: Path) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            for inner in ast.walk(node):
+                if isinstance(inner, ast.ImportFrom):
+                    names = [inner.module or ""]
+                else:
+                    names = [a.name for a in inner.names] if isinstance(inner, ast.Import) else []
+                where = f"{path.relative_to(ROOT)}:{getattr(inner, 'lineno', 0)}"
+                found += [f"{where} {name}" for name in names if name.split(".")[0] == "helios"]
+    return found
+
+
+def test_no_import_runs_upward():
+    """The import-linter contract in .importlinter (grimp reads imports inside functions too)."""
+    proc = _lint()
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "1 kept, 0 broken" in proc.stdout
+
+
+def test_no_helios_import_hides_inside_a_function():
+    """A cycle dodged by an import inside a function is still a cycle: every helios import is at the top."""
+    found = [hit for path in sorted((ROOT / "helios").rglob("*.py")) for hit in _function_imports(path)]
+    assert not found, "\n".join(found)
+
+
+def test_both_checks_catch_an_upward_import_hidden_in_a_function():
+    probe = ROOT / "helios" / "world" / "_probe_upward.py"
+    probe.write_text("def f():\n    from helios.trainer import Trainer\n\n    return Trainer\n")
+    try:
+        assert _function_imports(probe) == ["helios/world/_probe_upward.py:2 helios.trainer"]
+        proc = _lint()
+        assert proc.returncode != 0 and "helios.world._probe_upward -> helios.trainer" in proc.stdout
+    finally:
+        probe.unlink()
