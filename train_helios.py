@@ -18,7 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from helios.config import CONFIG_DIR, ConfigError, load_config, normalize_overrides
-from helios.config.cli import USER_ERRORS
+from helios.config.entry import USER_ERRORS
 from helios.tiny_recipe import complete_tiny_distill
 from helios.trainer import Trainer
 

@@ -112,7 +112,7 @@ def bench_read(path: Path, num_history: int, window: int, max_seq: int, repeats:
 
 def tiny_step_rate(tmp: Path) -> float:
     from helios.config import compose
-    from helios.metrics import read_metrics
+    from helios.infra.metrics import read_metrics
     from helios.trainer import Trainer
 
     cfg = compose(

@@ -103,7 +103,7 @@ def bench_dit(
 ) -> dict:
 
     from helios.config import compose
-    from helios.history import HistoryLayout
+    from helios.core.history import HistoryLayout
 
     cfg = compose(cfg_overrides)
     h, w = latent_hw

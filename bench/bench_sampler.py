@@ -37,7 +37,7 @@ def main() -> None:
 
     from helios.config import compose
     from helios.config.schema import SamplerConfig
-    from helios.history import HistoryLayout
+    from helios.core.history import HistoryLayout
     from helios.model.encoders import build_text_encoder, build_vae
     from helios.model.transformer import build_transformer
     from helios.sampling.decode import section_frames

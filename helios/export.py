@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from helios.config.cli import command
+from helios.config.entry import command
 from helios.config.schema import ExportConfig, TrainConfig
 from helios.loading import load_checkpoint_model
 from helios.model.encoders import build_text_encoder, build_vae

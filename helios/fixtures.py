@@ -135,6 +135,6 @@ def _run(cfg: FixturesConfig) -> None:
 
 
 if __name__ == "__main__":
-    from helios.config.cli import command
+    from helios.config.entry import command
 
     command("fixtures", FixturesConfig, _run)()

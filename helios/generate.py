@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from helios.config.cli import command
+from helios.config.entry import command
 from helios.config.schema import GenerateConfig
 from helios.data.video import decode_clip, resize_center_crop
 from helios.loading import load_for_inference

@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from helios import checkpoint as ckpt
 from helios.config.load import load_config
 from helios.config.schema import TrainConfig
-from helios.history import HistoryLayout
+from helios.core.history import HistoryLayout
+from helios.infra import checkpoint as ckpt
 from helios.model.encoders import build_text_encoder, build_vae
 from helios.model.lora import load_trainable_state_dict, merged_state_dict
 from helios.model.wan_init import load_wan_as_helios

@@ -28,14 +28,14 @@ import torch
 from torch import nn
 
 from helios.config import compose
-from helios.config.cli import USER_ERRORS
+from helios.config.entry import USER_ERRORS
 from helios.config.schema import KernelsConfig
-from helios.history import HistoryLayout
+from helios.core.history import HistoryLayout
+from helios.infra.offload import ALIGN
 from helios.model import apply_lora, build_transformer
 from helios.model.gan import GanHeads
 from helios.model.lora import lora_inputs_uncast
 from helios.model.transformer import frozen_dtypes
-from helios.offload import ALIGN
 from helios.stages import STAGES
 from helios.trainer import resolve_precision
 
@@ -55,8 +55,8 @@ SHAPE_KEYS = (
 
 def offload_schedule(d) -> list[tuple[set[str], str | None]]:
     """Stage 3 (post, ``distill.offload=true``): (roles activated, role in flight) at each point of a
-    step, as helios/stages/distill.py activates them: placement / validation; the generator's rollout;
-    the real score (+ the critic's base) for the DMD gradient while the generator's graph waits; the
+    step, as helios/stages/stage3_distilled.py activates them: placement / validation; the generator's
+    rollout; the real score (+ the critic's base) for the DMD gradient while the generator's graph waits; the
     generator's backward (with the critic when the GAN term's graph runs through it); the critic's
     losses and backward. In flight only with ``distill.offload_prefetch``. tests/test_memory.py checks
     it against real steps."""
@@ -268,7 +268,7 @@ def activation_bytes(
 
 def pinned_bytes(sizes: list[int]) -> int:
     """Host bytes of the offload pool's buffer for tensors of ``sizes`` bytes: one exact-size
-    allocation, each tensor 16-byte aligned (helios/offload.py)."""
+    allocation, each tensor 16-byte aligned (helios/infra/offload.py)."""
 
     return sum(-(-n // ALIGN) * ALIGN for n in sizes)
 

@@ -19,14 +19,14 @@ from pathlib import Path
 
 import torch
 
-from helios.config.cli import command
+from helios.config.entry import command
 from helios.config.schema import OdePairsConfig, ParallelConfig, TaskConfig, TrainerConfig
+from helios.core.history import apply_tasks, draw_tasks
 from helios.data.dataset import random_section_window
 from helios.data.ode_pair_shards import ODE_MEMBERS, encode_pair
 from helios.data.prepare_job import load_empty_prompt
 from helios.data.shards import ShardIndex, list_shards, trim_embeds, write_shard
-from helios.distributed import barrier, setup, teardown
-from helios.history import apply_tasks, draw_tasks
+from helios.infra.distributed import barrier, setup, teardown
 from helios.loading import load_for_inference
 from helios.model.encoders import encode_prompts
 from helios.sampling.pipeline import build_section_sampler

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import logging
 
-from helios.config.cli import command
+from helios.config.entry import command
 from helios.config.schema import ParallelConfig, PrepareConfig, TrainerConfig
 from helios.data.prepare_job import ClipSpec, prepare, write_report
-from helios.distributed import barrier, setup, teardown
+from helios.infra.distributed import barrier, setup, teardown
 from helios.model.encoders import build_text_encoder, build_vae
 
 log = logging.getLogger("helios.prepare")

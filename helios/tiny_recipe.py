@@ -14,10 +14,10 @@ import os
 import zlib
 from pathlib import Path
 
-from helios.checkpoint import list_complete
 from helios.config.load import compose
 from helios.config.schema import ConfigError, OdePairsConfig, SamplerConfig, TrainConfig
 from helios.data.synthetic import synthetic_shards
+from helios.infra.checkpoint import list_complete
 from helios.ode_pairs import run as make_ode_pairs
 from helios.trainer import Trainer
 

@@ -18,12 +18,13 @@ from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
-from helios import checkpoint
 from helios.config.load import to_yaml
 from helios.config.schema import ConfigError, TrainConfig
+from helios.core.history import HistoryLayout
 from helios.data.dataset import BucketBatchSampler, ClipBatch, make_loader, training_dataset
 from helios.data.synthetic import synthetic_shards
-from helios.distributed import (
+from helios.infra import checkpoint
+from helios.infra.distributed import (
     DistInfo,
     all_gather_objects,
     all_mean,
@@ -32,19 +33,18 @@ from helios.distributed import (
     setup,
     teardown,
 )
-from helios.guard import Reading, StepGuard
-from helios.history import HistoryLayout
+from helios.infra.guard import Reading, StepGuard
+from helios.infra.metrics import MetricsLogger
+from helios.infra.parallel import RoleCall, TrainerRoleSteps, wrap_ddp
+from helios.infra.tracking import WandbTracker, run_name
+from helios.infra.zero import RoleEngines
 from helios.loading import merged_weights, trained_latent_format
-from helios.metrics import MetricsLogger
 from helios.model import count_parameters, load_trainable_state_dict, trainable_state_dict
 from helios.model.encoders import build_text_encoder, build_vae
 from helios.model.lora import lora_inputs_uncast
 from helios.model.transformer import cast_frozen
-from helios.parallel import RoleCall, TrainerRoleSteps, wrap_ddp
 from helios.sampling.pipeline import generate_video, save_video
 from helios.stages import STAGES
-from helios.tracking import WandbTracker, run_name
-from helios.zero import RoleEngines
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +177,9 @@ class Trainer:
         self.role_ddp: dict[str, DistributedDataParallel] = {}  # stage 3 under DDP: one wrapper per role
         self.guard = StepGuard(self.dist.device)  # divergence checks: one host sync per step
         self.stop_requested = False  # a STOP file seen by the main rank at the last step (all ranks agree)
+        self._val_encoders: tuple | None = (
+            None  # (VAE, tokenizer, text encoder), built at the first validation
+        )
 
     # ------------------------------------------------------------------ setup
     def _build_data(self) -> None:
@@ -324,7 +327,7 @@ class Trainer:
         return self.stage.role_modules(self.model)
 
     def _build_engines(self, groups: list[dict], make_scheduler, placed: bool) -> None:
-        """``parallel=zero2|zero3``: one DeepSpeed engine per role (helios/zero.py)."""
+        """``parallel=zero2|zero3``: one DeepSpeed engine per role (helios/infra/zero.py)."""
 
         modules = self._role_modules() or {"model": self.model}
         for role in self.cfg.parallel.roles.chosen():
@@ -615,7 +618,7 @@ class Trainer:
 
     def train_step(self, metrics: bool = True) -> dict[str, float]:
         """One optimiser step over ``grad_accum`` micro-batches. The host waits for the device once (the
-        divergence check before the update, helios/guard.py); ``metrics=False`` (a step that is not
+        divergence check before the update, helios/infra/guard.py); ``metrics=False`` (a step that is not
         logged) returns ``{}`` and never reads the stage's metrics, which stay on the device."""
         t0 = time.perf_counter()
         records = []
@@ -765,7 +768,7 @@ class Trainer:
         """
 
         v = self.cfg.validation
-        if not hasattr(self, "_val_encoders"):
+        if self._val_encoders is None:
             tokenizer, text_encoder = build_text_encoder(self.cfg.model.text_encoder)
             self._val_encoders = (build_vae(self.cfg.model.vae), tokenizer, text_encoder)
         vae, tokenizer, text_encoder = self._val_encoders

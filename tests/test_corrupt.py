@@ -3,7 +3,7 @@ import torch
 
 from helios.config import ConfigError
 from helios.config.schema import CorruptConfig
-from helios.corrupt import Branch, down_up, frame_aware_corrupt
+from helios.core.corrupt import Branch, down_up, frame_aware_corrupt
 
 PAPER_S3 = dict(
     p_exposure=0.4, p_noise=0.4, p_downsample=0.0, p_clean=0.2, exposure=[0.3, 1.7], noise=[0.0, 0.33]

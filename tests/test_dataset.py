@@ -167,7 +167,7 @@ def test_a_corrupt_sample_is_named_or_skipped_and_counted(tmp_path):
     import shutil
 
     from helios.data.shards import CorruptSample, ShardIndex, index_path
-    from helios.metrics import read_metrics
+    from helios.infra.metrics import read_metrics
     from helios.trainer import Trainer
 
     source = _tiny_shards()

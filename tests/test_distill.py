@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from helios.config import compose
-from helios.distill import (
+from helios.core.distillation import (
     TTUR,
     EmaSchedule,
     RenoiseSchedule,
@@ -179,7 +179,7 @@ def test_sharded_ema_halves_per_rank_bytes_and_gathers_the_unsharded_ema(tmp_pat
 
 
 def test_sharded_ema_single_process_is_the_plain_ema():
-    from helios.ema import ShardedEma
+    from helios.infra.ema import ShardedEma
 
     params = {"w": torch.randn(5, 3)}
     ref = {"w": params["w"].clone()}
@@ -196,7 +196,7 @@ def test_ema_warmup_counts_generator_updates_not_iterations(monkeypatch):
     EMA updates (reference), so the averages after the first copy use 2/11, 3/12, 4/13."""
     from types import SimpleNamespace
 
-    from helios.ema import ShardedEma
+    from helios.infra.ema import ShardedEma
     from helios.stages import DistillStage
 
     stage = DistillStage(compose(["stage=3", "distill.ema_start=0", "distill.ttur=5"]))
@@ -214,7 +214,7 @@ def test_gan_heads_are_the_references_and_losses_average_per_head():
     """Reference heads: six 3D convs + GroupNorm + SiLU, pooled, linear, on the hooked blocks and the
     model output; at the real crop (9 latent frames, 12x20 tokens / 24x40 latents) no padding is needed;
     logits are [B, heads] and the losses average over heads (not over logits first)."""
-    from helios.distill import critic_gan_term
+    from helios.core.distillation import critic_gan_term
 
     heads = GanHeads([5, 15, 25, 35], num_blocks=40, in_dim=64, dim=32, out_channels=16)
     assert heads.count == 5
@@ -241,7 +241,7 @@ def test_shared_teacher_gives_the_losses_of_two_copies(tmp_path, monkeypatch):
     """distill.shared_teacher (the reference: the real score is the fake score's base with the critic's LoRA
     off) trains exactly as a separate frozen real score, with one 14B base fewer; running the real score
     with the adapters left on changes the DMD loss once the critic has trained (the check can fail)."""
-    from helios.stages.distill import DistillModule, DistillStage
+    from helios.stages.stage3_distilled import DistillModule, DistillStage
     from tests.helpers.runs import train_in_process as _train
 
     run = [

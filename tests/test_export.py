@@ -11,8 +11,8 @@ from diffusers import HeliosPipeline, HeliosPyramidPipeline, HeliosTransformer3D
 from safetensors.torch import load_file
 
 from helios.config.schema import ExportConfig
+from helios.core.history import HistoryLayout
 from helios.export import export
-from helios.history import HistoryLayout
 from helios.loading import load_checkpoint_model
 from helios.model.transformer import build_transformer
 from helios.sampling.section import block_noise

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from helios.config.schema import FlowConfig, ShiftConfig
-from helios.flow import flow_pair, sample_sigmas, shift_factor, shift_sigmas, token_count
+from helios.core.flow_matching import flow_pair, sample_sigmas, shift_factor, shift_sigmas, token_count
 
 
 @pytest.mark.parametrize(

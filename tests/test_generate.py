@@ -192,8 +192,8 @@ def test_weights_trained_on_another_latent_format_are_refused_at_start(run_dir, 
     """A published Helios directory is the section format, an export records its run's format, a run
     its data.latent_format, a Wan directory none; training on another format than the weights' stops
     at start-up naming data.latent_format (the data's meaning would change silently)."""
-    from helios.checkpoint import pin_source
     from helios.config.schema import ConfigError
+    from helios.infra.checkpoint import pin_source
     from helios.loading import trained_latent_format
 
     helios_dir, wan_dir = tmp_path / "helios", tmp_path / "wan"

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from helios.config.schema import TaskConfig
-from helios.history import HistoryLayout, Task, apply_tasks, draw_tasks
+from helios.core.history import HistoryLayout, Task, apply_tasks, draw_tasks
 
 REAL = HistoryLayout(long=16, mid=2, short=1, window=9)
 

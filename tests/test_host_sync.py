@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from helios.config import compose
-from helios.guard import StepGuard
+from helios.infra.guard import StepGuard
 from helios.tiny_recipe import complete_tiny_distill
 from helios.trainer import Trainer
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from diffusers.models.transformers.transformer_helios import HeliosAttnProcessor, apply_rotary_emb_transposed
 
 from helios.config import compose
-from helios.history import HistoryLayout
+from helios.core.history import HistoryLayout
 from helios.kernels import flash_layer_norm, flash_rms_norm, flash_rope
 from helios.model.attention import HeliosProcessor, set_processors
 from helios.model.transformer import build_transformer

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from helios.distributed import free_port
+from helios.infra.distributed import free_port
 from tests.helpers.runs import ROOT, metrics, train_cli
 
 TINY = ["validation.enabled=false", "trainer.progress=false"]
@@ -226,7 +226,7 @@ def test_a_hung_collective_fails_within_the_configured_timeout(tmp_path, python)
     script.write_text(
         "import os, sys, time, torch, torch.distributed as dist\n"
         "from helios.config import compose\n"
-        "from helios.distributed import setup\n"
+        "from helios.infra.distributed import setup\n"
         "cfg = compose(['parallel.timeout_minutes=0.1'])\n"
         "info = setup(cfg.parallel, cfg.trainer)\n"
         "if info.rank == 0:\n"

@@ -39,7 +39,7 @@ def test_checkpointed_activations_grow_by_one_block_input_per_layer():
 def test_pinned_bytes_are_the_offload_pools_buffers():
     """The model's pinned host bytes are what the offload pool allocates: one buffer per role of the
     role's frozen bytes, each tensor 16-byte aligned (no power-of-two rounding per tensor)."""
-    from helios.offload import OffloadPool
+    from helios.infra.offload import OffloadPool
 
     roles = {"generator": torch.nn.Linear(5, 3), "critic": torch.nn.Linear(7, 2, bias=False)}
     for role in roles.values():
@@ -57,7 +57,7 @@ def test_pinned_bytes_are_the_offload_pools_buffers():
 def test_offload_schedule_is_what_a_stage3_step_activates(tmp_path, monkeypatch, prefetch):
     """offload_schedule (what the model counts as resident and in flight) is exactly the set of
     activations of real stage-3 steps with the offload pool (with and without a generator update)."""
-    from helios.offload import OffloadPool
+    from helios.infra.offload import OffloadPool
     from tests.helpers.runs import train_in_process as _train
 
     calls = []

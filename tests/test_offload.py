@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from helios.offload import OffloadPool
+from helios.infra.offload import OffloadPool
 from tests.helpers.runs import ROOT, train_cli
 from tests.helpers.runs import losses as _losses
 

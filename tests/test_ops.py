@@ -11,11 +11,11 @@ import torch
 from helios.cli import main as helios_main
 from helios.config import compose
 from helios.config.load import sweep_jobs, validate_sweep
-from helios.distributed import first_host, slurm_env
-from helios.history import HistoryLayout
-from helios.metrics import read_metrics
+from helios.core.history import HistoryLayout
+from helios.infra.distributed import first_host, slurm_env
+from helios.infra.metrics import read_metrics
+from helios.infra.tracking import run_name
 from helios.model.transformer import build_transformer
-from helios.tracking import run_name
 from helios.trainer import Trainer
 from tests.helpers.runs import train_cli
 

@@ -18,7 +18,7 @@ from helios.config.schema import TextEncoderConfig, VaeConfig
 from helios.data.prepare_job import ClipSpec, prepare, write_report
 from helios.data.shards import ShardIndex
 from helios.data.synthetic import make_synthetic_videos, write_mp4
-from helios.metrics import read_metrics
+from helios.infra.metrics import read_metrics
 from helios.model.encoders import build_text_encoder, build_vae
 from helios.world.shapes import render_clip
 

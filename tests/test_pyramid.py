@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from helios.config import compose
-from helios.history import HistoryLayout
+from helios.core.history import HistoryLayout
+from helios.core.pyramid import PyramidSchedule, double_nearest
 from helios.model.transformer import build_transformer
-from helios.pyramid import PyramidSchedule, double_nearest
 from helios.sampling.section import Guidance, SectionSampler, block_noise, renoise_coefficients
 from tests.helpers.runs import train_in_process as _train
 

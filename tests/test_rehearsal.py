@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from helios.config import compose
-from helios.history import HistoryLayout
+from helios.core.history import HistoryLayout
 
 pytestmark = [pytest.mark.slow, pytest.mark.rehearsal]
 
@@ -220,7 +220,7 @@ def test_published_directories_load_as_users_load_them(fixtures):
 
 
 def test_recipe_runs_two_processes_every_backend_with_accumulation(chain):
-    from helios.checkpoint import list_complete
+    from helios.infra.checkpoint import list_complete
 
     for step in SIZES:
         if "train_helios.py" not in dict(recipe())[step]:

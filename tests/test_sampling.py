@@ -6,7 +6,7 @@ from diffusers import HeliosDMDScheduler, HeliosPipeline, HeliosPyramidPipeline,
 
 from helios.config import compose
 from helios.config.schema import SamplerConfig
-from helios.history import HistoryLayout
+from helios.core.history import HistoryLayout
 from helios.model.encoders import build_text_encoder, build_vae, encode_prompts
 from helios.model.transformer import build_transformer
 from helios.sampling import (

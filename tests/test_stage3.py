@@ -249,7 +249,7 @@ def test_bidirectional_teacher_scores_one_segment_without_history_inputs():
     """Table 5 "w Bidirectional Teacher": the real score sees [re-noised real context, x_tau] as one clip
     of ``bidirectional_frames`` latent frames, with no history inputs; the x_tau part is returned."""
     from helios.stages import DistillStage
-    from helios.stages.distill import DistillModule
+    from helios.stages.stage3_distilled import DistillModule
 
     stage = DistillStage(
         compose(["stage=3", "distill.real_score=bidirectional", "distill.bidirectional_frames=8"])
@@ -418,7 +418,7 @@ def test_validation_samples_the_ema_in_place_and_puts_the_training_weights_back(
     ema_model, cfg, _ = load_checkpoint_model(tmp_path / "val", "ema")
     v = cfg.validation
     tok, text = build_text_encoder(cfg.model.text_encoder)
-    from helios.history import HistoryLayout
+    from helios.core.history import HistoryLayout
 
     h, w = 8, 8
     result = generate_video(
@@ -446,7 +446,7 @@ def test_validation_samples_the_ema_in_place_and_puts_the_training_weights_back(
 def _grads_seen_when(monkeypatch, method: str, role: str) -> list[bool]:
     """Records, each time the stage's ``method`` starts, whether ``role``'s trainable parameters already
     have gradients (that role's backward ran before)."""
-    from helios.stages.distill import DistillStage
+    from helios.stages.stage3_distilled import DistillStage
 
     seen: list[bool] = []
     original = getattr(DistillStage, method)
@@ -471,8 +471,8 @@ def test_generator_backward_runs_before_the_critic_forward(tmp_path, monkeypatch
 def test_critic_backward_in_two_parts_gives_the_joint_gradients(tmp_path, monkeypatch):
     """The critic's loss backpropagated in two parts (flow matching, then GAN D + R1, the first graph
     freed before the second's forwards) gives the joint backward's gradients and losses."""
-    from helios.guard import StepGuard
-    from helios.parallel import TrainerRoleSteps
+    from helios.infra.guard import StepGuard
+    from helios.infra.parallel import TrainerRoleSteps
     from helios.trainer import Trainer
 
     seen = _grads_seen_when(monkeypatch, "_critic_gan_loss", "fake")

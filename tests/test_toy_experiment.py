@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-import helios.stages.distill as distill_stage
+import helios.stages.stage3_distilled as distill_stage
 from helios.toy_experiment import ToyRecipe, distill_chain, distill_report, format_tables, summarize
 from tests.helpers.runs import ROOT
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helios.checkpoint import MARKER, list_complete, resolve_resume
 from helios.config import compose
-from helios.metrics import read_metrics
+from helios.infra.checkpoint import MARKER, list_complete, resolve_resume
+from helios.infra.metrics import read_metrics
 from helios.model.transformer import build_transformer
 from helios.trainer import Trainer
 from tests.helpers.runs import train_cli
@@ -263,8 +263,8 @@ def test_killed_two_process_run_resumes_exactly(tmp_path):
 def test_a_crash_while_writing_engine_state_leaves_no_checkpoint_to_resume(tmp_path):
     """DeepSpeed partitions are written inside the temporary folder before the marker: if that write
     fails, resume=latest still picks the previous complete checkpoint, and the next save cleans up."""
-    from helios import checkpoint
-    from helios.distributed import DistInfo
+    from helios.infra import checkpoint
+    from helios.infra.distributed import DistInfo
 
     info = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
     weights = {"trainable": {"w": torch.ones(2)}}
@@ -398,7 +398,7 @@ def test_divergence_stops_before_any_update_names_role_and_checkpoint_and_resume
         _train(["trainer.max_steps=4", "trainer.checkpoint_every=1"], tmp_path)
     message = str(err.value)
     assert "the model loss is nan at step 3" in message and "step_2" in message and "resume=latest" in message
-    from helios.checkpoint import list_complete
+    from helios.infra.checkpoint import list_complete
 
     assert [p.name for _, p in list_complete(tmp_path)] == [
         "step_1",
@@ -432,7 +432,7 @@ def test_corrupt_checkpoint_is_named_and_resume_falls_back_to_one_that_verifies(
     """Every checkpoint has a manifest (size + SHA-256 per file). A truncated newest checkpoint: resume=latest
     says so and continues from the one before (repeating its steps exactly); resume=<it> names the file
     and the checkpoint that verifies."""
-    from helios import checkpoint as ckpt
+    from helios.infra import checkpoint as ckpt
 
     common = ["trainer.checkpoint_every=2", "trainer.keep_last=3"]
     full = {m["step"]: m["loss"] for m in _train([*common, "trainer.max_steps=4"], tmp_path / "full")}

@@ -576,7 +576,7 @@ class RoleParallelConfig(Validated):
 @dataclass
 class ParallelConfig(Validated):
     """Data parallelism. ``ddp`` wraps the trainable model in DistributedDataParallel; ``zero2|zero3``
-    give each role a DeepSpeed ZeRO engine (helios/zero.py)."""
+    give each role a DeepSpeed ZeRO engine (helios/infra/zero.py)."""
 
     backend: str = "ddp"
     dist_backend: str = "auto"

@@ -1,7 +1,7 @@
 """The autoregressive long-video loop (paper §3.1, §3.7): one section after another, each conditioned
 on a fixed-size history buffer (long / mid / short + the first-frame anchor) with relative indices.
 
-The history tensors are built by the same :class:`~helios.history.HistoryLayout` the trainer uses,
+The history tensors are built by the same :class:`~helios.core.history.HistoryLayout` the trainer uses,
 so sampling conditions on exactly the format the model was trained on.
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from helios.history import HistoryLayout
+from helios.core.history import HistoryLayout
 from helios.sampling.drift import AdaptiveAntiDrift
 from helios.sampling.prompts import PromptSchedule
 from helios.sampling.section import SectionSampler

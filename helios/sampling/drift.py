@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from helios.config.schema import CorruptConfig
-from helios.corrupt import frame_aware_corrupt
+from helios.core.corrupt import frame_aware_corrupt
 
 
 def saturation(video: torch.Tensor) -> torch.Tensor:

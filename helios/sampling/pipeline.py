@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from helios.config.schema import CorruptConfig, SamplerConfig
-from helios.history import HistoryLayout
+from helios.core.history import HistoryLayout
 from helios.model.encoders import encode_prompts, encode_sections, encode_video, latent_frames_for
 from helios.sampling.autoregressive import sample_video
 from helios.sampling.decode import SectionDecoder, seam_statistic, section_frames

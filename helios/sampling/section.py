@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from diffusers.pipelines.helios.pipeline_helios import calculate_shift
 
-from helios.pyramid import double_nearest, halve
+from helios.core.pyramid import double_nearest, halve
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, timestep, embeds) -> v
 

@@ -7,8 +7,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from helios.distill import ema_update
-from helios.ema import ShardedEma
+from helios.core.distillation import ema_update
+from helios.infra.ema import ShardedEma
 
 
 def main() -> None:

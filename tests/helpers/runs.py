@@ -38,7 +38,7 @@ def train_cli(
 def train_in_process(overrides: list[str], run_dir: Path) -> list[dict]:
     """Run the trainer in this process with ``overrides`` (after quiet defaults); its metrics.jsonl."""
     from helios.config import compose
-    from helios.metrics import read_metrics
+    from helios.infra.metrics import read_metrics
     from helios.tiny_recipe import complete_tiny_distill
     from helios.trainer import Trainer
 

@@ -8,13 +8,20 @@ import torch
 import torch.nn.functional as F
 
 from helios.config.schema import LoraConfig, TrainConfig
-from helios.corrupt import Branch, frame_aware_corrupt
+from helios.core.corrupt import Branch, frame_aware_corrupt
+from helios.core.flow_matching import (
+    NUM_TRAIN_TIMESTEPS,
+    flow_pair,
+    sample_sigmas,
+    shift_factor,
+    shift_sigmas,
+    token_count,
+)
+from helios.core.history import HistoryLayout, Task, apply_tasks, draw_tasks
 from helios.data.dataset import ClipBatch
-from helios.flow import NUM_TRAIN_TIMESTEPS, flow_pair, sample_sigmas, shift_factor, shift_sigmas, token_count
-from helios.history import HistoryLayout, Task, apply_tasks, draw_tasks
+from helios.infra.parallel import RoleSteps
 from helios.model import apply_lora, build_transformer
-from helios.parallel import RoleSteps
-from helios.stages.base import Stage, WeightsLoader
+from helios.stages.stage import Stage, WeightsLoader
 
 
 @dataclass

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from helios.config.schema import LoraConfig, TrainConfig
-from helios.parallel import RoleSteps
+from helios.infra.parallel import RoleSteps
 
 # plain-model weights of a run dir, checkpoint or diffusers directory (helios.loading.merged_weights): a
 # stage that starts from another run's model (stage 3's teacher) is given the loader by its builder,

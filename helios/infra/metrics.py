@@ -21,6 +21,7 @@ class MetricsLogger:
         self.progress = progress and enabled
         self._t0 = time.monotonic()
         self._first_step = start_step
+        self.bar = None  # the tqdm bar, made at the first logged step on a terminal
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -39,7 +40,7 @@ class MetricsLogger:
 
     def _bar(self, step: int, metrics: dict[str, float]) -> None:
         """A tqdm bar (ETA, step/s, loss) on a terminal; plain lines otherwise."""
-        if not hasattr(self, "bar"):
+        if self.bar is None:
             from tqdm import tqdm
 
             self.bar = tqdm(total=self.max_steps, initial=self._first_step, unit="step", dynamic_ncols=True)

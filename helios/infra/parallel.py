@@ -4,7 +4,7 @@ Each trainable role gets its own DistributedDataParallel wrapper (``RoleCall``: 
 closure the stage passes), so a role's gradients are all-reduced by its own backward, which the stage
 runs as soon as that role's loss is complete (:class:`TrainerRoleSteps`); a role without a loss in an
 iteration (TTUR) has no backward and so no all-reduce of zero gradients. Under ZeRO the role's engine
-does the backward (helios/zero.py).
+does the backward (helios/infra/zero.py).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
-from helios.guard import StepGuard
+from helios.infra.guard import StepGuard
 
 T = TypeVar("T")
 
@@ -109,7 +109,7 @@ class TrainerRoleSteps(RoleSteps):
     all-reduce only on the last micro-batch of an accumulation), backwards at once by DDP/autograd
     (loss / accumulation) or by the role's ZeRO engine. Each loss goes to the divergence ``guard``
     (no host sync); a ZeRO engine updates inside its ``step()``, so at the accumulation boundary
-    ``verify(role)`` reads the guard first (helios/guard.py)."""
+    ``verify(role)`` reads the guard first (helios/infra/guard.py)."""
 
     def __init__(
         self,

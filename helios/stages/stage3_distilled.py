@@ -29,10 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from helios.config.schema import ConfigError, LoraConfig, TrainConfig
-from helios.data.dataset import training_dataset
-from helios.data.ode_pair_shards import OdePairDataset, TensorDict
-from helios.data.prepare_job import EMPTY_PROMPT_FILE, NEGATIVE_PROMPT_FILE, load_empty_prompt
-from helios.distill import (
+from helios.core.distillation import (
     TTUR,
     EmaSchedule,
     RenoiseSchedule,
@@ -45,18 +42,21 @@ from helios.distill import (
     gan_d_loss,
     gan_g_loss,
 )
-from helios.distributed import on_every_rank
-from helios.ema import ShardedEma
-from helios.flow import NUM_TRAIN_TIMESTEPS, shift_factor, shift_sigmas, token_count
-from helios.history import Task
+from helios.core.flow_matching import NUM_TRAIN_TIMESTEPS, shift_factor, shift_sigmas, token_count
+from helios.core.history import Task
+from helios.core.pyramid import halve
+from helios.data.dataset import training_dataset
+from helios.data.ode_pair_shards import OdePairDataset, TensorDict
+from helios.data.prepare_job import EMPTY_PROMPT_FILE, NEGATIVE_PROMPT_FILE, load_empty_prompt
+from helios.infra.distributed import on_every_rank
+from helios.infra.ema import ShardedEma
+from helios.infra.offload import OffloadPool
+from helios.infra.parallel import RoleSteps
 from helios.model import apply_lora, build_transformer
 from helios.model.gan import GanHeads
-from helios.offload import OffloadPool
-from helios.parallel import RoleSteps
-from helios.pyramid import halve
 from helios.sampling.section import set_stage_timesteps, upsample_renoise
-from helios.stages.base import WeightsLoader
-from helios.stages.flow import FlowStage
+from helios.stages.stage import WeightsLoader
+from helios.stages.stage1_base import FlowStage
 
 
 def _cast(inputs: dict[str, torch.Tensor], like: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -71,7 +71,7 @@ def _cast(inputs: dict[str, torch.Tensor], like: torch.Tensor) -> dict[str, torc
 class DistillModule(nn.Module):
     """The roles as one module (checkpoints, ``parallel.roles``); ``forward(fn, *args)`` runs
     ``fn(self, *args)``: one step over all roles (under DDP each role has its own wrapper,
-    helios/parallel.py)."""
+    helios/infra/parallel.py)."""
 
     def __init__(
         self,
@@ -102,7 +102,7 @@ class DistillStage(FlowStage):
         self._raw: dict[str, torch.Tensor] | None = None  # the training weights while validation runs
         self.rank, self.world_size = 0, 1
         self.model: DistillModule | None = None
-        self.pool = None  # helios.offload.OffloadPool when distill.offload
+        self.pool = None  # helios.infra.offload.OffloadPool when distill.offload
         self.uncond: torch.Tensor | None = None  # the real score's unconditional prompt (distill.uncond)
         self._scheduler = None
 

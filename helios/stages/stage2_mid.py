@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from helios.config.schema import TrainConfig
-from helios.flow import sample_sigmas, shift_factor, shift_sigmas, token_count
-from helios.pyramid import PyramidSchedule
-from helios.stages.base import WeightsLoader
-from helios.stages.flow import FlowStage, NoisyGroup
+from helios.core.flow_matching import sample_sigmas, shift_factor, shift_sigmas, token_count
+from helios.core.pyramid import PyramidSchedule
+from helios.stages.stage import WeightsLoader
+from helios.stages.stage1_base import FlowStage, NoisyGroup
 
 
 class PyramidStage(FlowStage):

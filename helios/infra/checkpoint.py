@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from helios.distributed import DistInfo, barrier, broadcast_object
+from helios.infra.distributed import DistInfo, barrier, broadcast_object
 
 log = logging.getLogger(__name__)
 MARKER = "COMPLETE"
