@@ -53,6 +53,7 @@ def run_mode(mode: str, smoke: bool, steps: int) -> dict:
     import torch
 
     from helios.config import compose
+    from helios.tiny_recipe import complete_tiny_distill
     from helios.trainer import Trainer
 
     overrides = [
@@ -67,7 +68,7 @@ def run_mode(mode: str, smoke: bool, steps: int) -> dict:
         "trainer.precision=bf16",  # frozen bases in bf16 as in a real run (CPU autocast for --smoke)
         *([] if smoke else [*MID, "trainer.device=cuda"]),
     ]
-    cfg = compose(overrides)
+    cfg = complete_tiny_distill(compose(overrides))  # the tiny model's Base and Mid stand-ins
     run_dir = Path(f"/tmp/helios-bench-stage3-{mode}-{time.time_ns()}")
     trainer = Trainer(cfg, run_dir)
     trainer._build_data()
