@@ -12,6 +12,7 @@ COMMANDS = {
     "ode-pairs": ("helios.ode_pairs", "teacher samples -> ODE-pair shards for stage 3's ODE init"),
     "generate": ("helios.generate", "sample a (long) video from a checkpoint or a diffusers model"),
     "export": ("helios.export", "checkpoint -> diffusers pipeline directory or LoRA weights"),
+    "tiny-vae": ("helios.tiny_vae", "train the tiny default's VAE on the moving-shapes world"),
     "memory": ("helios.memory", "per-GPU / per-node memory of a training config, no GPU or weights needed"),
     "bench": (None, "benchmarks: helios bench data | sampler | kernels | stage3-memory | toy [args]"),
 }

@@ -57,6 +57,7 @@ def test_installed_package_runs_every_command_from_any_directory(installed, tmp_
         "helios.ode_pairs",
         "helios.fixtures",
         "helios.memory",
+        "helios.tiny_vae",
     ):
         assert "python -m" in _run(installed, [python, "-m", module, "--help"], tmp_path).stdout, module
     assert "usage" in _run(installed, ["helios", "bench", "sampler", "--help"], tmp_path).stdout

@@ -19,6 +19,7 @@ from helios.config.schema import (
     GenerateConfig,
     OdePairsConfig,
     PrepareConfig,
+    TinyVaeConfig,
     TrainConfig,
 )
 
@@ -47,6 +48,7 @@ def register_schema() -> None:
     ConfigStore.instance().store(name="export_schema", node=ExportConfig)
     ConfigStore.instance().store(name="ode_pairs_schema", node=OdePairsConfig)
     ConfigStore.instance().store(name="fixtures_schema", node=FixturesConfig)
+    ConfigStore.instance().store(name="tiny_vae_schema", node=TinyVaeConfig)
 
 
 register_schema()

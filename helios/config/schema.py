@@ -145,18 +145,31 @@ class LoraConfig(Validated):
         _choice(self.memory_patch, ("full", "lora", "frozen"), prefix + "memory_patch")
 
 
+TINY_VAE_BASE_DIM = 8  # the shipped trained tiny VAE (helios/assets/tiny_vae)
+
+
 @dataclass
 class VaeConfig(Validated):
-    """`AutoencoderKLWan`: ``tiny`` builds a small seeded one; ``pretrained`` loads ``path``."""
+    """`AutoencoderKLWan`: ``tiny`` a small one (``tiny_weights=trained``: the shipped VAE trained on the
+    moving-shapes world, helios/tiny_vae.py; ``random``: seeded init); ``pretrained`` loads ``path``."""
 
     source: str = "pretrained"
     path: str | None = None
     subfolder: str | None = "vae"
+    tiny_weights: str = "trained"
     base_dim: int = 8
     init_seed: int = 0
 
     def _validate(self, prefix: str) -> None:
         _choice(self.source, ("tiny", "pretrained"), prefix + "source")
+        _choice(self.tiny_weights, ("trained", "random"), prefix + "tiny_weights")
+        if self.source == "tiny" and self.tiny_weights == "trained":
+            _check(
+                self.base_dim == TINY_VAE_BASE_DIM,
+                prefix + "base_dim",
+                f"the shipped trained tiny VAE has base_dim {TINY_VAE_BASE_DIM}; other widths need "
+                "model.vae.tiny_weights=random (or train one: python -m helios.tiny_vae)",
+            )
         if self.source == "pretrained":
             _check(bool(self.path), prefix + "path", "source='pretrained' needs a model directory")
 
@@ -842,6 +855,58 @@ class PrepareConfig(Validated):
         _check(self.samples_per_shard >= 1, "samples_per_shard", "must be >= 1")
         _check(self.batch_size >= 1, "batch_size", "must be >= 1")
         _choice(self.device, ("auto", "cpu", "cuda"), "device")
+
+
+@dataclass
+class TinyVaePhase(Validated):
+    """One phase of the tiny VAE's training: ``steps`` steps, lr on a cosine from ``lr`` to ``lr_end``;
+    every ``single_every``-th step takes ``batch_size`` single frames (1: all of them), the others
+    ``sections_batch_size`` 9-frame sections (the causal temporal layers)."""
+
+    steps: int = 1000
+    lr: float = 1e-3
+    lr_end: float = 1e-3
+    single_every: int = 1
+    sections_batch_size: int = 4
+
+    def _validate(self, prefix: str) -> None:
+        for key in ("steps", "single_every", "sections_batch_size"):
+            _check(getattr(self, key) >= 1, prefix + key, "must be >= 1")
+        _check(self.lr > 0 and self.lr_end > 0, prefix + "lr", "lr and lr_end must be > 0")
+
+
+def _tiny_vae_phases() -> list[TinyVaePhase]:
+    """The shipped VAE's lineage (helios/assets/tiny_vae/report.json): single frames until the shapes
+    appear, then more and more 9-frame sections at a falling lr."""
+    return [
+        TinyVaePhase(steps=1500, lr=1e-3, lr_end=1e-3, single_every=1),
+        TinyVaePhase(steps=8200, lr=1e-3, lr_end=2.5e-4, single_every=2, sections_batch_size=2),
+        TinyVaePhase(steps=1904, lr=3e-4, lr_end=5e-5, single_every=3, sections_batch_size=4),
+        TinyVaePhase(steps=3333, lr=2e-4, lr_end=2e-5, single_every=4, sections_batch_size=4),
+    ]
+
+
+@dataclass
+class TinyVaeConfig(Validated):
+    """``python -m helios.tiny_vae output=DIR``: train the tiny default's VAE on the moving-shapes world."""
+
+    output: str = MISSING
+    init: str | None = None  # continue from a VAE directory (diffusers layout) instead of a fresh init
+    phases: list[TinyVaePhase] = field(default_factory=_tiny_vae_phases)
+    batch_size: int = 16  # single frames per single-frame step
+    base_dim: int = TINY_VAE_BASE_DIM
+    kl_weight: float = 0.0  # the shipped lineage trained without it
+    seed: int = 0
+    held_out: int = 16
+    log_every: int = 250
+    threads: int = 2
+
+    def _validate(self, prefix: str) -> None:
+        _check(len(self.phases) >= 1, "phases", "needs at least one phase")
+        for i, phase in enumerate(self.phases):
+            phase.validate(f"phases.{i}.")
+        for key in ("batch_size", "base_dim", "held_out", "log_every", "threads"):
+            _check(getattr(self, key) >= 1, key, "must be >= 1")
 
 
 # --------------------------------------------------------------------------- generate

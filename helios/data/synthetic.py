@@ -18,7 +18,7 @@ import torch
 
 from helios.config.schema import DataConfig, ModelConfig, TrainConfig
 from helios.data.prepare_job import ClipSpec, prepare, write_report
-from helios.model.encoders import build_text_encoder, build_vae
+from helios.model.encoders import build_text_encoder, build_vae, trained_tiny_vae_digest
 from helios.world.shapes import render_clip
 
 
@@ -63,7 +63,8 @@ def synthetic_clip(data: DataConfig, num_history: int, window: int) -> ClipSpec:
     each, enough that one section has a full history; or whole clips two latents longer than a
     training window, so windows start at different offsets."""
     syn = data.synthetic
-    # posterior mode: the tiny VAE is random, its posterior spread (~1) would bury the latents' (~0.1)
+    # posterior mode: the trained tiny VAE was fitted on its mode (its posterior spread is untrained);
+    # the random one's spread (~1) would bury the latents' (~0.1)
     if data.latent_format == "sections":
         sections = -(-num_history // window) + 1
         return ClipSpec(sections * window, syn.height, syn.width, None, "sections", window, "mode")
@@ -77,10 +78,12 @@ def synthetic_shards(cfg: TrainConfig, is_main: bool) -> Path:
 
 
 def synthetic_fingerprint(data: DataConfig, model: ModelConfig, spec: ClipSpec) -> str:
+    trained = model.vae.source == "tiny" and model.vae.tiny_weights == "trained"
     key = json.dumps(
         {
             "synthetic": asdict(data.synthetic),
             "vae": asdict(model.vae),
+            "vae_weights": trained_tiny_vae_digest() if trained else None,
             "text": asdict(model.text_encoder),
             "clip": asdict(spec),
             "version": 4,  # 4: the section latent format, posterior samples

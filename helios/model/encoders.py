@@ -1,11 +1,16 @@
 """VAE (``AutoencoderKLWan``) and UMT5 text encoder: load pretrained or build the tiny ones.
 
-The tiny set needs no download: a byte tokenizer built in code, a small seeded UMT5 encoder and
-a small seeded Wan VAE whose ``latents_mean/std`` are calibrated once on fixed moving-shapes
-videos, so normalised latents have roughly unit scale like the real VAE's.
+The tiny set needs no download: a byte tokenizer built in code, a small seeded UMT5 encoder and a small
+Wan VAE: by default the one shipped in ``helios/assets/tiny_vae`` (trained on the moving-shapes world by
+``python -m helios.tiny_vae``), or a seeded random one whose ``latents_mean/std`` are calibrated on fixed
+moving-shapes videos, so normalised latents have roughly unit scale like the real VAE's.
 """
 
 from __future__ import annotations
+
+import hashlib
+from functools import cache
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLWan, HeliosPipeline
@@ -87,11 +92,21 @@ def encode_prompts(
 
 
 TINY_VAE_KWARGS = {"num_res_blocks": 1, "dim_mult": [1, 2, 4, 4], "temperal_downsample": [False, True, True]}
+TRAINED_TINY_VAE = Path(__file__).resolve().parents[1] / "assets" / "tiny_vae"  # diffusers layout
+
+
+@cache
+def trained_tiny_vae_digest() -> str:
+    """SHA-256 (16 hex digits) of the shipped tiny VAE's weights: part of the synthetic data's cache key."""
+    weights = TRAINED_TINY_VAE / "diffusion_pytorch_model.safetensors"
+    return hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
 
 
 def build_vae(cfg: VaeConfig) -> AutoencoderKLWan:
     if cfg.source == "pretrained":
         vae = AutoencoderKLWan.from_pretrained(cfg.path, subfolder=cfg.subfolder)
+    elif cfg.tiny_weights == "trained":
+        vae = AutoencoderKLWan.from_pretrained(TRAINED_TINY_VAE)
     else:
         vae = seeded(cfg.init_seed, lambda: AutoencoderKLWan(base_dim=cfg.base_dim, **TINY_VAE_KWARGS))
         _calibrate(vae, cfg.init_seed)

@@ -1,0 +1,65 @@
+"""The tiny default's VAE: the shipped one reconstructs held-out moving-shapes clips (>= 30 dB PSNR),
+the random one stays selectable, and the command that made it writes a loadable diffusers directory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKLWan
+
+from helios.config import compose
+from helios.config.schema import ConfigError, VaeConfig
+from helios.model.encoders import TINY_VAE_KWARGS, build_vae
+from helios.tiny_vae import clips, decode_unclamped, held_out_psnr
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_shipped_tiny_vae_reconstructs_held_out_clips_at_30_db():
+    vae = build_vae(compose([]).model.vae)
+    psnr = held_out_psnr(vae)  # 16 clips of 9 frames (the tiny default's section), as report.json
+    print(f"held-out PSNR {psnr:.2f} dB")
+    assert psnr >= 30.0
+    assert held_out_psnr(build_vae(VaeConfig(source="tiny", tiny_weights="random")), 8) < 15.0
+
+
+def test_decoding_for_training_is_diffusers_decode_without_the_clamp():
+    vae = AutoencoderKLWan(base_dim=8, **TINY_VAE_KWARGS)
+    z = vae.encode(clips(1, torch.Generator().manual_seed(0))).latent_dist.mode() * 50  # overshoots
+    plain, raw = vae.decode(z).sample, decode_unclamped(vae, z)
+    assert raw.abs().max() > 1 and torch.equal(plain, raw.clamp(-1, 1))
+
+
+def test_a_trained_vae_needs_the_shipped_width():
+    with pytest.raises(ConfigError, match=r"base_dim.*tiny_weights=random"):
+        compose(["model.vae.base_dim=16"])
+    assert compose(["model.vae.base_dim=16", "model.vae.tiny_weights=random"]).model.vae.base_dim == 16
+
+
+def test_the_command_writes_a_loadable_diffusers_directory(tmp_path):
+    out = tmp_path / "vae"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "helios.tiny_vae",
+            f"output={out}",
+            "phases=[{steps:1},{steps:2,single_every:2,sections_batch_size:1}]",
+            "held_out=4",
+            "threads=1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert [p["steps"] for p in report["phases"]] == [1, 2] and report["held_out_psnr_db"] > 0
+    vae = AutoencoderKLWan.from_pretrained(out)
+    assert len(vae.config.latents_mean) == vae.config.z_dim
