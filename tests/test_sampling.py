@@ -270,7 +270,8 @@ def test_i2v_matches_helios_pipeline_in_the_section_format(tiny):
         transformer, scheduler, [3], Guidance(5.0), cond, neg, anchor=ours.anchor, history=ours.history
     )
     generated = latents[:, :, 1:]  # after the history slot's latent
-    torch.testing.assert_close(generated, ref[:, :, -generated.shape[2] :], rtol=0, atol=1e-5)
+    # float32 rounding of differently ordered ops on latents up to ~6 in magnitude
+    torch.testing.assert_close(generated, ref[:, :, -generated.shape[2] :], rtol=1e-6, atol=1e-5)
 
 
 @pytest.mark.parametrize("latent_format", ["sections", "clip"])
