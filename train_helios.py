@@ -19,8 +19,6 @@ from omegaconf import DictConfig
 
 from helios.config import CONFIG_DIR, ConfigError, load_config, normalize_overrides
 from helios.config.entry import USER_ERRORS
-from helios.tiny_recipe import complete_tiny_distill
-from helios.trainer import Trainer
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base=None)
@@ -30,6 +28,11 @@ def _hydra_main(raw: DictConfig) -> None:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    # imported after the config is valid: the trainer pulls in diffusers (~6 s), which --help, a bad
+    # config and a sweep's validation never need (this script is outside the helios package's layers)
+    from helios.tiny_recipe import complete_tiny_distill
+    from helios.trainer import Trainer
+
     hc = HydraConfig.get()
     sweep = hc.mode == RunMode.MULTIRUN
     try:
