@@ -22,9 +22,14 @@ from helios.ode_pairs import run as make_ode_pairs
 from helios.trainer import Trainer
 
 
+def finished(run_dir: Path, steps: int) -> bool:
+    """``run_dir`` holds the complete checkpoint of step ``steps``."""
+    return any(step == steps for step, _ in list_complete(run_dir))
+
+
 def train_run(run_dir: Path, overrides: list[str], steps: int) -> Path:
     """A training job of ``steps`` steps into ``run_dir``, reused when its final checkpoint is there."""
-    if not any(step == steps for step, _ in list_complete(run_dir)):
+    if not finished(run_dir, steps):
         cfg = compose(
             [
                 "validation.enabled=false",
@@ -73,7 +78,7 @@ def _one_process(what: str, key: str) -> None:
 def _stand_in(cfg: TrainConfig, name: str, overrides: list[str]) -> Path:
     """Tiny Helios-Base (stage 1) or Helios-Mid (stage 2 from the Base)."""
     out, steps = _cache(cfg, name), cfg.distill.tiny_teacher_steps
-    if not any(step == steps for step, _ in list_complete(out)):
+    if not finished(out, steps):
         _one_process("teacher", "distill.teacher")
         train_run(out, [*overrides, f"seed={cfg.seed}"], steps)
     return out
