@@ -14,11 +14,11 @@ import os
 import zlib
 from pathlib import Path
 
+from helios.commands.ode_pairs import run as make_ode_pairs
 from helios.config.load import compose
 from helios.config.schema import ConfigError, OdePairsConfig, SamplerConfig, TrainConfig
 from helios.data.synthetic import synthetic_shards
 from helios.infra.checkpoint import list_complete
-from helios.ode_pairs import run as make_ode_pairs
 from helios.trainer import Trainer
 
 

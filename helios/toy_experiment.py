@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
+from helios.commands.ode_pairs import run as make_ode_pairs
 from helios.config import compose
 from helios.config.schema import OdePairsConfig, SamplerConfig
 from helios.data.synthetic import synthetic_shards
 from helios.loading import LoadedModel, load_for_inference
-from helios.ode_pairs import run as make_ode_pairs
 from helios.sampling.decode import section_frames
 from helios.sampling.pipeline import generate_video
 from helios.tiny_recipe import train_run

@@ -54,3 +54,44 @@ def test_both_checks_catch_an_upward_import_hidden_in_a_function():
         assert proc.returncode != 0 and "helios.world._probe_upward -> helios.trainer" in proc.stdout
     finally:
         probe.unlink()
+
+
+ENTRIES = ("prepare", "generate", "export", "ode_pairs", "memory", "fixtures", "tiny_vae")
+
+
+def _implementation_targets(path: Path) -> list[str]:
+    """The ``"module:function"`` strings an entry hands to ``command``/``implementation``."""
+    tree = ast.parse(path.read_text())
+    return [
+        arg.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and getattr(node.func, "id", "") in ("command", "implementation")
+        for arg in node.args
+        if isinstance(arg, ast.Constant) and isinstance(arg.value, str) and ":" in arg.value
+    ]
+
+
+def test_command_entries_start_without_torch_and_name_a_commands_implementation():
+    """``python -m helios.<command> --help`` and a bad config answer before torch/diffusers load: the entry
+    imports only helios.config, and its implementation, in helios.commands, is loaded by name afterwards."""
+    code = "import sys\n" + "".join(f"import helios.{name}\n" for name in ENTRIES)
+    code += "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    proc = subprocess.run(["python", "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+    from helios.config.entry import implementation
+
+    for name in ENTRIES:
+        targets = _implementation_targets(ROOT / "helios" / f"{name}.py")
+        assert [t.split(":")[0] for t in targets] == [f"helios.commands.{name}"], (name, targets)
+        assert callable(implementation(targets[0]))
+
+
+def test_only_the_command_entries_load_modules_by_name():
+    """``implementation`` is the one by-name import in the package, used only by the top-layer entries, so
+    it cannot carry an upward import past the contract."""
+    users = sorted(
+        str(path.relative_to(ROOT))
+        for path in (ROOT / "helios").rglob("*.py")
+        if _implementation_targets(path) or "importlib" in path.read_text()
+    )
+    assert users == ["helios/config/entry.py"] + [f"helios/{name}.py" for name in sorted(ENTRIES)]

@@ -10,9 +10,9 @@ import torch
 from diffusers import HeliosPipeline, HeliosPyramidPipeline, HeliosTransformer3DModel
 from safetensors.torch import load_file
 
+from helios.commands.export import export
 from helios.config.schema import ExportConfig
 from helios.core.history import HistoryLayout
-from helios.export import export
 from helios.loading import load_checkpoint_model
 from helios.model.transformer import build_transformer
 from helios.sampling.section import block_noise
@@ -143,7 +143,7 @@ def test_export_cli_errors(tmp_path, trained):
 
 
 def test_export_refuses_a_non_empty_folder_and_replaces_it_whole(trained, tmp_path, monkeypatch):
-    import helios.export as export_module
+    import helios.commands.export as export_module
 
     out = tmp_path / "exp"
     out.mkdir()

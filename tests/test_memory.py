@@ -6,7 +6,8 @@ import re
 import pytest
 import torch
 
-from helios import memory
+from helios import memory as memory_command
+from helios.commands import memory
 from helios.config import compose
 
 REAL_STAGE1 = ["stage=1", "stage1=init", "model=wan14b", "model.transformer.path=/nonexistent", "data=/d"]
@@ -86,11 +87,11 @@ def test_offload_schedule_is_what_a_stage3_step_activates(tmp_path, monkeypatch,
 
 
 def test_cli_prints_every_category_and_the_last_line(capsys):
-    assert memory.main(["world_size=2", "height=64", "width=64"]) == 0
+    assert memory_command.main(["world_size=2", "height=64", "width=64"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert any(line.startswith("model: AdamW state") for line in out)
     assert re.fullmatch(r"peak_gib_per_gpu=\d+\.\d host_gib_per_node=\d+\.\d", out[-1])
-    assert memory.main(["--help"]) == 0 and "world_size" in capsys.readouterr().out
+    assert memory_command.main(["--help"]) == 0 and "world_size" in capsys.readouterr().out
 
 
 def test_zero3_roles_count_the_checkpoint_gather():

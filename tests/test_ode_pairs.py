@@ -6,12 +6,12 @@ import json
 import torch
 from diffusers import HeliosScheduler
 
+from helios.commands.ode_pairs import run
 from helios.config import compose
 from helios.config.schema import OdePairsConfig, SamplerConfig
 from helios.data.ode_pair_shards import ODE_MEMBERS
 from helios.data.shards import ShardIndex, scan_tar
 from helios.data.synthetic import synthetic_shards
-from helios.ode_pairs import run
 from helios.sampling import Guidance, SectionSampler
 from tests.helpers.runs import train_in_process as _train
 

@@ -289,8 +289,8 @@ def test_init_from_starts_from_the_function_the_previous_phase_ended_with(chain,
 def test_stage3_reloaded_exported_and_generated_model_is_the_in_memory_ema(chain, tmp_path):
     from diffusers import HeliosTransformer3DModel
 
+    from helios.commands.export import export
     from helios.config.schema import ExportConfig
-    from helios.export import export
     from helios.loading import load_checkpoint_model, load_for_inference
     from helios.trainer import Trainer
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 from diffusers import AutoencoderKLWan
 
+from helios.commands.tiny_vae import clips, decode_unclamped, held_out_psnr
 from helios.config import compose
 from helios.config.schema import ConfigError, VaeConfig
 from helios.model.encoders import TINY_VAE_KWARGS, build_vae
-from helios.tiny_vae import clips, decode_unclamped, held_out_psnr
 
 ROOT = Path(__file__).resolve().parents[1]
 

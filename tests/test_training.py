@@ -516,7 +516,7 @@ def test_frozen_base_in_bf16_keeps_diffusers_fp32_modules(tmp_path):
     """With bf16 compute the frozen base is bf16 except the modules diffusers keeps in fp32 (time
     embedder, modulation tables, affine norms), the trainable weights fp32; the memory model counts
     the same bytes."""
-    from helios import memory
+    from helios.commands import memory
     from helios.trainer import Trainer
 
     cfg = compose(["trainer.precision=bf16", "validation.enabled=false", "trainer.progress=false"])

@@ -1,0 +1,159 @@
+"""``python -m helios.generate checkpoint=PATH prompt="..." num_frames=N output=FILE.mp4``.
+
+Long videos from a training checkpoint or a diffusers-format Helios model: T2V, I2V (``image=``),
+V2V (``video=``), a file of prompts, or timed prompts for interactive generation. Writes the mp4 and a
+JSON of per-section drift statistics next to it.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from helios.config.schema import GenerateConfig
+from helios.data.video import decode_clip, resize_center_crop
+from helios.loading import load_for_inference
+from helios.model.encoders import video_frames_for
+from helios.sampling.decode import DECODE_MODES, section_frames
+from helios.sampling.pipeline import generate_video, save_video
+
+log = logging.getLogger("helios.generate")
+
+
+def _read_timed_prompts(path: str, fps: int, frames_per_section: int) -> list[tuple[int, str]]:
+    rows = []
+    with open(path, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            if "time" not in row or "prompt" not in row:
+                raise ValueError(f"{path}: needs the columns time,prompt")
+            section = math.floor(float(row["time"]) * fps / frames_per_section)
+            rows.append((section, row["prompt"]))
+    rows.sort()
+    if not rows or rows[0][0] != 0:
+        raise ValueError(f"{path}: the first prompt must start at time 0")
+    return rows
+
+
+def read_interactive_prompts(path: str, sections_per_prompt: int) -> list[tuple[str, list[tuple[int, str]]]]:
+    """The reference code's interactive prompt CSV (``id,prompt_index,prompt``, optional
+    ``refined_prompt``): one video per id, its prompts in ``prompt_index`` order, prompt j from section
+    j x ``sections_per_prompt`` on."""
+    groups: dict[str, list[tuple[int, str]]] = {}
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"id", "prompt_index", "prompt"} <= set(reader.fieldnames):
+            raise ValueError(f"{path}: needs the columns id,prompt_index,prompt (has {reader.fieldnames})")
+        for row in reader:
+            text = (row.get("refined_prompt") or "").strip() or row["prompt"]
+            groups.setdefault(row["id"], []).append((int(row["prompt_index"]), text))
+    if not groups:
+        raise ValueError(f"{path}: no prompts")
+    return [
+        (vid, [(j * sections_per_prompt, text) for j, (_, text) in enumerate(sorted(rows))])
+        for vid, rows in groups.items()
+    ]
+
+
+def _load_pixels(path: str, height: int, width: int, frames: int | None) -> torch.Tensor:
+
+    if frames is None:  # an image
+        import numpy as np
+        from PIL import Image
+
+        img = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))).unsqueeze(0)
+        return resize_center_crop(img, height, width).unsqueeze(0)
+    clip, _ = decode_clip(path, frames, height, width)
+    return clip.unsqueeze(0)
+
+
+def run(cfg: GenerateConfig) -> list[Path]:
+
+    device = torch.device(
+        "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    )
+    dtype = (
+        torch.bfloat16
+        if cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+        else torch.float32
+    )
+    model = load_for_inference(cfg.checkpoint, device, dtype)
+    check_decode(cfg.decode, model.latent_format, cfg.checkpoint)
+    height = cfg.height or (model.size[0] if model.size else 384)
+    width = cfg.width or (model.size[1] if model.size else 640)
+    sampler = cfg.sampler
+    first_frames, frames_per_section = section_frames(model.layout.window, model.latent_format)
+    base = Path(cfg.output)
+    if cfg.timed_prompts:
+        jobs = [(base, _read_timed_prompts(cfg.timed_prompts, cfg.fps, frames_per_section))]
+    elif cfg.interactive_prompts:
+        jobs = [
+            (base.with_name(f"{base.stem}_{vid}{base.suffix}"), prompts)
+            for vid, prompts in read_interactive_prompts(cfg.interactive_prompts, cfg.sections_per_prompt)
+        ]
+    elif cfg.prompts_file:
+        lines = [
+            x.strip() for x in Path(cfg.prompts_file).read_text(encoding="utf-8").splitlines() if x.strip()
+        ]
+        jobs = [(base.with_name(f"{base.stem}_{i:03d}{base.suffix}"), [(0, p)]) for i, p in enumerate(lines)]
+    else:
+        jobs = [(base, [(0, cfg.prompt)])]
+    if len(jobs) == 1:
+        jobs = [(base, jobs[0][1])]
+    image = _load_pixels(cfg.image, height, width, None) if cfg.image else None
+    video = None
+    if cfg.video:
+        if model.latent_format == "sections":  # whole sections covering the history buffer
+            cond_frames = -(-model.layout.num_history // model.layout.window) * first_frames
+        else:
+            cond_frames = video_frames_for(model.layout.num_history)
+        video = _load_pixels(cfg.video, height, width, cond_frames)
+    outputs = []
+    for out, prompts in jobs:
+        num_frames = cfg.num_frames
+        if cfg.interactive_prompts:  # as the reference: long enough for each prompt's sections
+            sections = prompts[-1][0] + cfg.sections_per_prompt
+            num_frames = max(num_frames, first_frames + (sections - 1) * frames_per_section)
+        generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        result = generate_video(
+            model.transformer,
+            model.vae,
+            model.tokenizer,
+            model.text_encoder,
+            model.layout,
+            sampler,
+            prompts,
+            num_frames,
+            height,
+            width,
+            generator,
+            model.max_sequence_length,
+            image,
+            video,
+            cfg.seed,
+            latent_format=model.latent_format,
+        )
+        stats = {**result.stats, "prompts": prompts, "seed": cfg.seed, "height": height, "width": width}
+        save_video(result.frames[0], out, cfg.fps, stats)
+        log.info("wrote %s (%d frames) and %s", out, result.frames.shape[2], out.with_suffix(".json"))
+        outputs.append(out)
+    return outputs
+
+
+def check_decode(decode: str, latent_format: str, checkpoint: str) -> None:
+    """``decode=sections|stream`` must be what the model's latent format requires."""
+    needed = DECODE_MODES[latent_format]
+    if decode not in ("auto", needed):
+        what = {
+            "sections": "the section latent format (each section encoded on its own, its first latent a "
+            "single frame: streaming would decode that latent as 4 frames)",
+            "clip": "whole-clip latents (decoding each section on its own would restart the VAE's causal "
+            "cache at every section: seams)",
+        }[latent_format]
+        raise ValueError(
+            f"decode={decode}: {checkpoint} was trained on {what}; it decodes with decode={needed} "
+            "(or decode=auto)"
+        )
