@@ -45,6 +45,7 @@ from helios.model.lora import lora_inputs_uncast
 from helios.model.transformer import cast_frozen
 from helios.sampling.pipeline import generate_video, save_video
 from helios.stages import STAGES
+from helios.world.measures import caption_metrics
 
 log = logging.getLogger(__name__)
 
@@ -807,12 +808,14 @@ class Trainer:
                         latent_format=self.cfg.data.latent_format,
                     )
                 out = self.run_dir / "samples" / f"step_{self.step}_{i}.mp4"
+                world = caption_metrics(result.frames[0].float().cpu(), prompt)  # moving-shapes prompts only
                 if writes:
-                    report = {**result.stats, "prompt": prompt, "rank": self.dist.rank}
+                    report = {**result.stats, "prompt": prompt, "rank": self.dist.rank, "world": world}
                     save_video(result.frames[0], out, v.fps, report)
                 for key, value in result.stats["drift"]["max_abs_delta"].items():
                     metrics[f"val/{i}/drift_{key}"] = value
                 metrics[f"val/{i}/seam_ratio"] = result.stats["seams"]["ratio"]
+                metrics.update({f"val/{i}/world_{key}": value for key, value in world.items()})
                 sampled.append((i, out, result.stats))
             # every rank's prompts, on every rank (the main rank logs them)
             gathered = all_gather_objects((metrics, sampled))

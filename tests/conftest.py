@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 # Triton kernels run on the CPU through the interpreter; it must be chosen before they are defined.
 if "TRITON_INTERPRET" not in os.environ:
@@ -22,7 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def helios_cache(tmp_path_factory) -> Path:
     cache = tmp_path_factory.mktemp("helios-cache")
     os.environ["HELIOS_CACHE"] = str(cache)
+    # one compute thread per test process (subprocesses inherit it): two xdist workers fill two cores
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     return cache
 
 

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from helios.config import compose
 from helios.sampling.pipeline import sections_for
 from helios.tiny_recipe import complete_tiny_distill
+from helios.world.measures import caption_metrics
 from tests.helpers.runs import train_in_process as _train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -441,6 +442,10 @@ def test_validation_samples_the_ema_in_place_and_puts_the_training_weights_back(
     assert last["val/0/seam_ratio"] == pytest.approx(result.stats["seams"]["ratio"], rel=1e-4)
     for key, value in result.stats["drift"]["max_abs_delta"].items():
         assert last[f"val/0/drift_{key}"] == pytest.approx(value, rel=1e-4, abs=1e-6)
+    world = caption_metrics(result.frames[0], v.prompts[0])
+    assert world
+    for key, value in world.items():
+        assert last[f"val/0/world_{key}"] == pytest.approx(value, rel=1e-4, abs=1e-6)
 
 
 def _grads_seen_when(monkeypatch, method: str, role: str) -> list[bool]:

@@ -52,6 +52,10 @@ def test_cli_tiny_run_writes_the_run_directory(tmp_path):
     stats = json.loads(video.with_suffix(".json").read_text())
     assert len(stats["drift"]["sections"]) == 2 and "ratio" in stats["seams"]  # 2 sections of 9 frames
     assert "val/0/seam_ratio" in metrics[-1] and "val/0/drift_saturation" in metrics[-1]
+    # the tiny default's prompt is a moving-shapes caption: the world's measures are logged with the video
+    world = {f"val/0/world_{k}": v for k, v in stats["world"].items()}
+    assert {"val/0/world_background_match", "val/0/world_shape_colour_match"} <= world.keys()
+    assert all(metrics[-1][k] == v for k, v in world.items())
 
 
 def test_loss_decreases_when_overfitting_two_clips(tmp_path):

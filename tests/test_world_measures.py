@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helios.world.measures import count_blobs, mean_metrics, parse_caption, video_metrics
-from helios.world.shapes import COLORS, render_clip
+from helios.world.measures import caption_metrics, count_blobs, mean_metrics, parse_caption, video_metrics
+from helios.world.shapes import BACKGROUNDS, COLORS, render_clip
 
 
 def _clips(n: int, seed: int = 0):
@@ -44,3 +44,13 @@ def test_blobs_wrap_around_the_borders_and_small_ones_are_ignored():
 def test_other_text_is_refused():
     with pytest.raises(ValueError, match="not a moving-shapes caption"):
         parse_caption("a cat on a sofa")
+
+
+def test_validation_measures_only_moving_shapes_captions_and_leaves_out_undefined_ones():
+    (video, caption), *_ = _clips(1, seed=2)
+    assert caption_metrics(video, caption) == video_metrics(video, caption)
+    assert caption_metrics(video, "a cat on a sofa") == {}  # a real run's prompt: nothing to measure
+    rgb = torch.tensor(BACKGROUNDS[parse_caption(caption).background], dtype=torch.float32) / 127.5 - 1
+    blank = rgb.view(3, 1, 1, 1).expand_as(video)  # background only: no motion seen, left out (not NaN)
+    measured = caption_metrics(blank, caption)
+    assert "motion_along" not in measured and measured["objects"] == 0.0

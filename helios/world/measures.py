@@ -120,6 +120,16 @@ def video_metrics(video: torch.Tensor, caption: str, min_area: int = 4) -> dict[
     }
 
 
+def caption_metrics(video: torch.Tensor, caption: str) -> dict[str, float]:
+    """:func:`video_metrics` when ``caption`` describes a moving-shapes scene (the tiny default's validation
+    prompts), else ``{}`` (a real run's prompts); undefined measures (no motion seen) left out."""
+    try:
+        parse_caption(caption)
+    except ValueError:
+        return {}
+    return {k: v for k, v in video_metrics(video, caption).items() if math.isfinite(v)}
+
+
 def mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
     """Per-key mean over videos (NaNs left out)."""
     keys = rows[0].keys() if rows else []
