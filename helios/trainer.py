@@ -26,7 +26,6 @@ from helios.data.synthetic import synthetic_shards
 from helios.infra import checkpoint
 from helios.infra.distributed import (
     DistInfo,
-    all_gather_objects,
     all_mean,
     barrier,
     broadcast_object,
@@ -34,131 +33,24 @@ from helios.infra.distributed import (
     teardown,
 )
 from helios.infra.guard import Reading, StepGuard
-from helios.infra.metrics import MetricsLogger
+from helios.infra.metrics import MetricsLogger, micro_means
 from helios.infra.parallel import RoleCall, TrainerRoleSteps, wrap_ddp
+from helios.infra.resolve import resolve_grad_accum, resolve_num_workers, resolve_precision
+from helios.infra.resume import config_changes
+from helios.infra.rng import seed_everything, shared_generator
 from helios.infra.tracking import WandbTracker, run_name
 from helios.infra.zero import RoleEngines
 from helios.loading import merged_weights, trained_latent_format
 from helios.model import count_parameters, load_trainable_state_dict, trainable_state_dict
-from helios.model.encoders import build_text_encoder, build_vae
 from helios.model.lora import lora_inputs_uncast
 from helios.model.transformer import cast_frozen
-from helios.sampling.pipeline import generate_video, save_video
 from helios.stages import STAGES
-from helios.world.measures import caption_metrics
+from helios.validation import Validation
 
 log = logging.getLogger(__name__)
 
 
-def micro_means(
-    records: list[dict[str, float | torch.Tensor]], keys: list[str], device: torch.device
-) -> dict[str, torch.Tensor]:
-    """Per key, the mean over an accumulation's micro-batches of the finite values (NaN where there is
-    none), computed where the values are (no host sync: stage metrics stay tensors until logged)."""
-    means = {}
-    for key in keys:
-        v = torch.stack(
-            [
-                torch.as_tensor(r.get(key, math.nan), dtype=torch.float64).to(device).reshape(())
-                for r in records
-            ]
-        )
-        seen = torch.isfinite(v)
-        means[key] = torch.where(seen, v, torch.zeros_like(v)).sum() / seen.sum()  # 0 / 0: NaN
-    return means
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def resolve_grad_accum(cfg: TrainConfig, world_size: int) -> int:
-    """``trainer.global_batch_size`` (when set) = batch_size x world_size x grad_accum."""
-    t = cfg.trainer
-    if t.global_batch_size == 0:
-        return t.grad_accum
-    per_step = t.batch_size * world_size
-    if t.global_batch_size % per_step:
-        fits = [b for b in range(t.batch_size, 0, -1) if t.global_batch_size % (b * world_size) == 0]
-        lower = t.global_batch_size // per_step * per_step
-        options = [f"trainer.batch_size={fits[0]}"] if fits else []
-        options += [f"trainer.global_batch_size={g}" for g in (lower, lower + per_step) if g > 0]
-        raise ConfigError(
-            "trainer.global_batch_size",
-            f"{t.global_batch_size} is not a multiple of batch_size x world_size = "
-            f"{t.batch_size} x {world_size}; nearest working settings: " + " or ".join(options),
-        )
-    return t.global_batch_size // per_step
-
-
 STOP_FILE = "STOP"  # in the run dir: save at the next step boundary and exit (launch/helios.sbatch)
-
-# Settings a resumed run may change (applied from the resumed step on); any other change is refused.
-CHANGEABLE_ON_RESUME = (
-    "optim.lr",
-    "optim.grad_clip",
-    "distill.fake_lr",
-    "trainer.max_steps",
-    "trainer.checkpoint_every",
-    "trainer.log_every",
-    "trainer.keep_last",
-    "trainer.progress",
-    "trainer.num_workers",
-    "trainer.max_loss",
-    "logging.",
-    "validation.",
-    "resume",
-    "data.cache_dir",
-    "data.on_error",
-    "parallel.timeout_minutes",
-    "parallel.shard_optimizer",  # the checkpoint holds the whole optimizer state either way
-    "distill.offload",  # where the frozen bases live between uses: the same computation
-    "distill.offload_prefetch",
-    "parallel.grad_comm",
-)
-# Set by the run itself at start-up (pinned weight sources, the tiny recipe's cached teacher and pairs).
-PINNED_ON_START = (
-    "init_from",
-    "distill.teacher",
-    "distill.generator_init",
-    "distill.ode_pairs",
-    "model.transformer.path",
-    "model.vae.path",
-    "model.text_encoder.path",
-)
-
-
-def _flatten(node, prefix: str = "") -> dict:
-    if isinstance(node, dict):
-        out = {}
-        for key, value in node.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: node}
-
-
-def shared_generator(seed: int, step: int, micro: int) -> torch.Generator:
-    """The same random stream on every rank for one micro-batch: for draws that decide how many forward
-    passes a step makes (the pyramid stage of each sample, stage 3's exit step), which must agree across
-    ranks under ZeRO-3 (every forward gathers parameters collectively). A function of (seed, step, micro),
-    so a resumed run draws what the uninterrupted run drew."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1024 + micro)
-
-
-def resolve_num_workers(num_workers: int | None, device: torch.device) -> int:
-    """``trainer.num_workers``; unset: 4 loader processes on a GPU (the step must not wait for data),
-    none on the CPU (the workers would compete with the step for the same cores)."""
-    if num_workers is not None:
-        return num_workers
-    return 4 if device.type == "cuda" else 0
-
-
-def resolve_precision(cfg: TrainConfig, device: torch.device) -> torch.dtype:
-    if cfg.trainer.precision == "bf16" or (cfg.trainer.precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return torch.float32
 
 
 class Trainer:
@@ -178,9 +70,7 @@ class Trainer:
         self.role_ddp: dict[str, DistributedDataParallel] = {}  # stage 3 under DDP: one wrapper per role
         self.guard = StepGuard(self.dist.device)  # divergence checks: one host sync per step
         self.stop_requested = False  # a STOP file seen by the main rank at the last step (all ranks agree)
-        self._val_encoders: tuple | None = (
-            None  # (VAE, tokenizer, text encoder), built at the first validation
-        )
+        self.validation = Validation(cfg, self.dist, self.run_dir)
 
     # ------------------------------------------------------------------ setup
     def _build_data(self) -> None:
@@ -551,22 +441,9 @@ class Trainer:
                 self._diverged(f"the {role} loss is {worst:.4g} (> trainer.max_loss={limit:g})")
 
     def _check_resume_config(self, saved_yaml: str, path: Path, step: int) -> None:
-        """The resume contract: settings in :data:`CHANGEABLE_ON_RESUME` may differ from the checkpoint's
-        and are applied (learning rates included, see :meth:`_apply_learning_rates`); any other change
-        is refused naming the key. Changes are appended to ``config_history.jsonl``."""
-        from omegaconf import OmegaConf
-
-        saved = _flatten(OmegaConf.to_container(OmegaConf.create(saved_yaml)))
-        current = _flatten(OmegaConf.to_container(OmegaConf.structured(self.cfg)))
-        changed = {k: (saved.get(k), current.get(k)) for k in sorted(set(saved) | set(current))}
-        changed = {k: v for k, v in changed.items() if v[0] != v[1] and not k.startswith(PINNED_ON_START)}
-        for key, (old, new) in changed.items():
-            if not key.startswith(CHANGEABLE_ON_RESUME):
-                raise ConfigError(
-                    key,
-                    f"is {new!r} but the checkpoint {path} was trained with {old!r}, and it cannot change on "
-                    f"resume; start a new run from it with init_from={path} (or keep {old!r})",
-                )
+        """The resume contract (:func:`helios.infra.resume.config_changes`); the accepted changes are
+        applied (learning rates: :meth:`_apply_learning_rates`) and appended to ``config_history.jsonl``."""
+        changed = config_changes(saved_yaml, self.cfg, path)
         if changed and self.dist.is_main:
             log.info("resumed with changed settings: %s", changed)
             with (self.run_dir / "config_history.jsonl").open("a") as f:
@@ -752,87 +629,18 @@ class Trainer:
         """Some role is partitioned by ZeRO-3 (its forwards are collectives)."""
         return self.engines is not None and self.engines.any_zero3
 
-    def validation_prompts(self) -> list[int]:
-        """The validation prompts this rank samples: the ranks share them round-robin (rank r: prompts
-        r, r + world, ...); under ZeRO-3 every rank joins every prompt's forwards (the weights are
-        gathered layer by layer, a collective) and the main rank writes the videos."""
-        n = len(self.cfg.validation.prompts)
-        if self._zero3:
-            return list(range(n))
-        return list(range(self.dist.rank, n, self.dist.world_size))
-
     def validate(self) -> dict[str, float]:
-        """Videos for the validation prompts under ``samples/`` (spread over the ranks, see
-        :meth:`validation_prompts`); collective: every rank returns every prompt's drift metrics.
-
-        The VAE and text encoder live on the CPU between validations, so training holds only the DiT.
-        """
-
-        v = self.cfg.validation
-        if self._val_encoders is None:
-            tokenizer, text_encoder = build_text_encoder(self.cfg.model.text_encoder)
-            self._val_encoders = (build_vae(self.cfg.model.vae), tokenizer, text_encoder)
-        vae, tokenizer, text_encoder = self._val_encoders
-        device = self.dist.device
-        vae.to(device)
-        text_encoder.to(device)
-        h, w = self.dataset.latent_hw()
-        layout = HistoryLayout.from_config(self.cfg.history)
-        sampling = self.stage.sampling_model(self.model)
-        was_training = self.model.training
-        self.model.eval()
-        metrics: dict[str, float] = {}
-        sampled: list[tuple[int, Path, dict]] = []
-        writes = self.dist.is_main or not self._zero3
-        max_len = self.cfg.model.text_encoder.max_sequence_length
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
-        try:
-            for i in self.validation_prompts():
-                prompt = v.prompts[i]
-                generator = torch.Generator().manual_seed(v.seed + i)
-                with autocast:
-                    result = generate_video(
-                        sampling,
-                        vae,
-                        tokenizer,
-                        text_encoder,
-                        layout,
-                        v.sampler,
-                        [(0, prompt)],
-                        v.num_frames,
-                        h * 8,
-                        w * 8,
-                        generator,
-                        max_len,
-                        adaptive_seed=v.seed + i,
-                        latent_format=self.cfg.data.latent_format,
-                    )
-                out = self.run_dir / "samples" / f"step_{self.step}_{i}.mp4"
-                world = caption_metrics(result.frames[0].float().cpu(), prompt)  # moving-shapes prompts only
-                if writes:
-                    report = {**result.stats, "prompt": prompt, "rank": self.dist.rank, "world": world}
-                    save_video(result.frames[0], out, v.fps, report)
-                for key, value in result.stats["drift"]["max_abs_delta"].items():
-                    metrics[f"val/{i}/drift_{key}"] = value
-                metrics[f"val/{i}/seam_ratio"] = result.stats["seams"]["ratio"]
-                metrics.update({f"val/{i}/world_{key}": value for key, value in world.items()})
-                sampled.append((i, out, result.stats))
-            # every rank's prompts, on every rank (the main rank logs them)
-            gathered = all_gather_objects((metrics, sampled))
-            for their_metrics, _ in gathered:
-                metrics.update(their_metrics)
-            by_prompt = {i: (out, report) for _, theirs in gathered for i, out, report in theirs}
-            videos = [by_prompt[i][0] for i in sorted(by_prompt)]
-            reports = [by_prompt[i][1] for i in sorted(by_prompt)]
-            if self.tracker is not None:
-                self.tracker.log_validation(self.step, videos, reports, v.fps)
-            if self.dist.is_main:
-                print(f"validation videos: {self.run_dir / 'samples'}", flush=True)
-        finally:
-            self.model.train(was_training)
-            vae.to("cpu")
-            text_encoder.to("cpu")
-        return metrics
+        """Videos and measures for the validation prompts (:class:`helios.validation.Validation`);
+        collective: every rank returns every prompt's metrics."""
+        return self.validation(
+            self.step,
+            self.model,
+            self.stage.sampling_model(self.model),
+            self.dataset.latent_hw(),
+            self.dtype,
+            self._zero3,
+            self.tracker,
+        )
 
     def _start_tracker(self):
 

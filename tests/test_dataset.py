@@ -228,7 +228,7 @@ def test_a_truncated_shard_without_index_is_named(tmp_path):
 
 def test_loader_workers_default_to_the_device():
     """``trainer.num_workers`` unset: loader processes on a GPU, none on the CPU; a set value wins."""
-    from helios.trainer import resolve_num_workers
+    from helios.infra.resolve import resolve_num_workers
 
     assert resolve_num_workers(None, torch.device("cpu")) == 0
     assert resolve_num_workers(None, torch.device("cuda", 0)) == 4

@@ -335,7 +335,7 @@ def test_global_batch_that_does_not_divide_names_working_settings():
     """Table 1's stage-2-post global batch 192 starts on the paper's 64 GPUs (3 clips per GPU, the
     reference's 1 clip x 3 stages) and on 8; a batch that cannot be met names the nearest settings."""
     from helios.config.schema import ConfigError
-    from helios.trainer import resolve_grad_accum
+    from helios.infra.resolve import resolve_grad_accum
 
     post = compose(["stage=2", "stage2=post", "model.transformer.path=/m", "data=/d"])
     assert resolve_grad_accum(post, 64) == 1 and resolve_grad_accum(post, 8) == 8
@@ -365,7 +365,7 @@ def test_stage2_memory_patches_follow_the_reference():
 
 
 def test_resume_applies_a_changed_learning_rate_and_refuses_other_changes(tmp_path):
-    """The resume contract: optim.lr (and the other CHANGEABLE_ON_RESUME settings) may change and are
+    """The resume contract (helios.infra.resume): optim.lr and the other changeable settings may change, are
     applied from the resumed step on, recorded in config_history.jsonl; any other change stops, naming it."""
     from helios.config.schema import ConfigError
 

@@ -29,12 +29,12 @@ from torch import nn
 from helios.config.schema import KernelsConfig
 from helios.core.history import HistoryLayout
 from helios.infra.offload import ALIGN
+from helios.infra.resolve import resolve_precision
 from helios.model import apply_lora, build_transformer
 from helios.model.gan import GanHeads
 from helios.model.lora import lora_inputs_uncast
 from helios.model.transformer import frozen_dtypes
 from helios.stages import STAGES
-from helios.trainer import resolve_precision
 
 GIB = 2**30
 SHAPE_KEYS = (

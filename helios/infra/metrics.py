@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 
 class MetricsLogger:
     """Appends ``{"step": N, "loss": ..., ...}`` lines on the main process; prints progress."""
@@ -66,3 +68,21 @@ class MetricsLogger:
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def micro_means(
+    records: list[dict[str, float | torch.Tensor]], keys: list[str], device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Per key, the mean over an accumulation's micro-batches of the finite values (NaN where there is
+    none), computed where the values are (no host sync: stage metrics stay tensors until logged)."""
+    means = {}
+    for key in keys:
+        v = torch.stack(
+            [
+                torch.as_tensor(r.get(key, math.nan), dtype=torch.float64).to(device).reshape(())
+                for r in records
+            ]
+        )
+        seen = torch.isfinite(v)
+        means[key] = torch.where(seen, v, torch.zeros_like(v)).sum() / seen.sum()  # 0 / 0: NaN
+    return means

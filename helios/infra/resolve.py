@@ -1,0 +1,41 @@
+"""What a training config means on this process: gradient accumulation for the global batch, loader
+workers, the compute dtype."""
+
+from __future__ import annotations
+
+import torch
+
+from helios.config.schema import ConfigError, TrainConfig
+
+
+def resolve_grad_accum(cfg: TrainConfig, world_size: int) -> int:
+    """``trainer.global_batch_size`` (when set) = batch_size x world_size x grad_accum."""
+    t = cfg.trainer
+    if t.global_batch_size == 0:
+        return t.grad_accum
+    per_step = t.batch_size * world_size
+    if t.global_batch_size % per_step:
+        fits = [b for b in range(t.batch_size, 0, -1) if t.global_batch_size % (b * world_size) == 0]
+        lower = t.global_batch_size // per_step * per_step
+        options = [f"trainer.batch_size={fits[0]}"] if fits else []
+        options += [f"trainer.global_batch_size={g}" for g in (lower, lower + per_step) if g > 0]
+        raise ConfigError(
+            "trainer.global_batch_size",
+            f"{t.global_batch_size} is not a multiple of batch_size x world_size = "
+            f"{t.batch_size} x {world_size}; nearest working settings: " + " or ".join(options),
+        )
+    return t.global_batch_size // per_step
+
+
+def resolve_num_workers(num_workers: int | None, device: torch.device) -> int:
+    """``trainer.num_workers``; unset: 4 loader processes on a GPU (the step must not wait for data),
+    none on the CPU (the workers would compete with the step for the same cores)."""
+    if num_workers is not None:
+        return num_workers
+    return 4 if device.type == "cuda" else 0
+
+
+def resolve_precision(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    if cfg.trainer.precision == "bf16" or (cfg.trainer.precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return torch.float32

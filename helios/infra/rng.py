@@ -1,0 +1,22 @@
+"""Random streams of a training run: the global seed, and the streams every rank shares."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def shared_generator(seed: int, step: int, micro: int) -> torch.Generator:
+    """The same random stream on every rank for one micro-batch: for draws that decide how many forward
+    passes a step makes (the pyramid stage of each sample, stage 3's exit step), which must agree across
+    ranks under ZeRO-3 (every forward gathers parameters collectively). A function of (seed, step, micro),
+    so a resumed run draws what the uninterrupted run drew."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1024 + micro)
