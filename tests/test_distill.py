@@ -129,7 +129,8 @@ def test_ema_schedule_and_update():
 def test_gan_heads_get_gradients_only_in_the_critic_phase():
     cfg = compose([])
     fake = build_transformer(cfg.model.transformer)
-    heads = GanHeads([5, 15, 39], num_blocks=len(fake.blocks), in_dim=48, dim=16, out_channels=16)
+    width = fake.config.num_attention_heads * fake.config.attention_head_dim
+    heads = GanHeads([5, 15, 39], num_blocks=len(fake.blocks), in_dim=width, dim=16, out_channels=16)
     assert heads.layers == [1] and heads.count == 2  # clamped to the tiny model's two blocks, + output
     text = torch.randn(2, 8, 32)
 
@@ -241,7 +242,9 @@ def test_shared_teacher_gives_the_losses_of_two_copies(tmp_path, monkeypatch):
     """distill.shared_teacher (the reference: the real score is the fake score's base with the critic's LoRA
     off) trains exactly as a separate frozen real score, with one 14B base fewer; running the real score
     with the adapters left on changes the DMD loss once the critic has trained (the check can fail)."""
-    from helios.stages.stage3_distilled import DistillModule, DistillStage
+    import helios.stages.distilled.post as post
+    from helios.stages import DistillStage
+    from helios.stages.distilled.roles import DistillModule
     from tests.helpers.runs import train_in_process as _train
 
     run = [
@@ -263,11 +266,10 @@ def test_shared_teacher_gives_the_losses_of_two_copies(tmp_path, monkeypatch):
     roles = stage.role_modules(DistillModule(torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)))
     assert "real" not in stage.role_loras() and set(roles) == {"generator", "critic"}
 
-    @staticmethod
     @__import__("contextlib").contextmanager
     def adapters_left_on(m):
         yield m.fake
 
-    monkeypatch.setattr(DistillStage, "real_score", adapters_left_on)
+    monkeypatch.setattr(post, "real_score", adapters_left_on)
     wrong = _train([*run, "distill.shared_teacher=true"], tmp_path / "wrong")
     assert wrong[-1]["loss_dmd"] != pytest.approx(two[-1]["loss_dmd"], rel=1e-3)

@@ -234,9 +234,9 @@ def test_self_forcing_history_is_the_generators_own_rollout():
         seen.append(cond["latents_history_short"].clone())
         return torch.full(shape, float(len(seen)))
 
-    stage.rollout = fake_rollout
+    stage.phase.rollout = fake_rollout
     shape = (1, 16, layout.window, 4, 4)
-    cond = stage._self_forcing_cond(None, {"encoder_hidden_states": torch.zeros(1, 8, 32)}, shape, None)
+    cond = stage.phase.self_forcing_cond(None, {"encoder_hidden_states": torch.zeros(1, 8, 32)}, shape, None)
     assert len(seen) == 3
     assert seen[0].abs().sum() == 0  # the first section starts from an empty history (T2V)
     assert seen[1][0, 0, :, 0, 0].tolist() == [1.0, 1.0]  # anchor = first generated frame, 1x = newest
@@ -250,7 +250,7 @@ def test_bidirectional_teacher_scores_one_segment_without_history_inputs():
     """Table 5 "w Bidirectional Teacher": the real score sees [re-noised real context, x_tau] as one clip
     of ``bidirectional_frames`` latent frames, with no history inputs; the x_tau part is returned."""
     from helios.stages import DistillStage
-    from helios.stages.stage3_distilled import DistillModule
+    from helios.stages.distilled.roles import DistillModule
 
     stage = DistillStage(
         compose(["stage=3", "distill.real_score=bidirectional", "distill.bidirectional_frames=8"])
@@ -267,14 +267,14 @@ def test_bidirectional_teacher_scores_one_segment_without_history_inputs():
 
     xt = torch.randn(2, 16, stage.layout.window, 4, 4)
     tau5 = torch.full((2, 1, 1, 1, 1), 0.5)
-    context = stage._bidirectional_context(Batch, xt, tau5, torch.Generator().manual_seed(0))
+    context = stage.phase.bidirectional_context(Batch, xt, tau5, torch.Generator().manual_seed(0))
     assert context.shape[2] == 8 - stage.layout.window  # 5 of the 7 history frames
     m = DistillModule(torch.nn.Identity(), real=Real())  # a separate real score
-    v = stage._real_velocity(m, xt, torch.full((2,), 500.0), {"encoder_hidden_states": 0}, context)
+    v = stage.phase.real_velocity(m, xt, torch.full((2,), 500.0), {"encoder_hidden_states": 0}, context)
     assert calls == [(8, ["encoder_hidden_states"])] and torch.equal(v, xt * 2)
-    assert stage._bidirectional_context(Batch, xt, tau5, None) is not None
+    assert stage.phase.bidirectional_context(Batch, xt, tau5, None) is not None
     stage.d.real_score = "history"
-    assert stage._bidirectional_context(Batch, xt, tau5, None) is None
+    assert stage.phase.bidirectional_context(Batch, xt, tau5, None) is None
 
 
 @pytest.mark.parametrize(
@@ -393,7 +393,7 @@ def test_real_score_unconditional_branch_is_the_prepared_negative_prompt(tmp_pat
     for uncond, want in (("negative", negative), ("empty", empty)):
         stage = DistillStage(compose(["stage=3", "distill.teacher=/t", f"distill.uncond={uncond}"]))
         stage.setup(shards, None)
-        torch.testing.assert_close(stage.uncond, want)
+        torch.testing.assert_close(stage.phase.uncond, want)
     assert not torch.equal(negative, empty)
     # a shard set without the file names the fix
     (tmp_path / "empty_prompt_embeds.npy").write_bytes((shards / "empty_prompt_embeds.npy").read_bytes())
@@ -449,25 +449,25 @@ def test_validation_samples_the_ema_in_place_and_puts_the_training_weights_back(
 
 
 def _grads_seen_when(monkeypatch, method: str, role: str) -> list[bool]:
-    """Records, each time the stage's ``method`` starts, whether ``role``'s trainable parameters already
+    """Records, each time the post phase's ``method`` starts, whether ``role``'s trainable parameters already
     have gradients (that role's backward ran before)."""
-    from helios.stages.stage3_distilled import DistillStage
+    from helios.stages.distilled.post import PostPhase
 
     seen: list[bool] = []
-    original = getattr(DistillStage, method)
+    original = getattr(PostPhase, method)
 
     def spy(self, m, *args):
         seen.append(any(p.grad is not None for p in getattr(m, role).parameters() if p.requires_grad))
         return original(self, m, *args)
 
-    monkeypatch.setattr(DistillStage, method, spy)
+    monkeypatch.setattr(PostPhase, method, spy)
     return seen
 
 
 def test_generator_backward_runs_before_the_critic_forward(tmp_path, monkeypatch):
     """§4.2: the generator's and the critic's graphs are never alive together: on a generator iteration
     the generator's gradients exist (its backward ran) when the critic's forward starts."""
-    seen = _grads_seen_when(monkeypatch, "_critic_flow_loss", "generator")
+    seen = _grads_seen_when(monkeypatch, "critic_flow_loss", "generator")
     overrides = ["stage=3", "trainer.max_steps=2", "distill.ttur=2", "distill.gan.start_step=0"]
     _train([*overrides, "trainer.checkpoint_every=0"], tmp_path)
     assert seen == [True, False]  # step 0 updates the generator, step 1 only the critic
@@ -480,7 +480,7 @@ def test_critic_backward_in_two_parts_gives_the_joint_gradients(tmp_path, monkey
     from helios.infra.parallel import TrainerRoleSteps
     from helios.trainer import Trainer
 
-    seen = _grads_seen_when(monkeypatch, "_critic_gan_loss", "fake")
+    seen = _grads_seen_when(monkeypatch, "critic_gan_loss", "fake")
     cfg = compose(
         ["stage=3", "distill.gan.start_step=0", "validation.enabled=false", "trainer.progress=false"]
     )

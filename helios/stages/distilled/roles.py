@@ -1,0 +1,201 @@
+"""Stage 3's roles, declared and built in one place (paper §3.4, §4.2): the few-step generator G (LoRA on
+Helios-Mid), the fake score (LoRA on Helios-Base) with the GAN heads, and the frozen real score
+(Helios-Base); by default (``distill.shared_teacher``, as the reference code) the real score is the fake
+score's base with the critic's LoRA off, so two 14B bases. With ``distill.offload`` the frozen bases live
+in a host pool and one (or two) is resident at a time."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from helios.config.schema import DistillConfig, LoraConfig, TrainConfig
+from helios.infra.offload import OffloadPool
+from helios.model import apply_lora, build_transformer
+from helios.model.gan import GanHeads
+
+StateLoader = Callable[[str, torch.dtype], dict[str, torch.Tensor]]
+
+
+class DistillModule(nn.Module):
+    """The roles as one module (checkpoints, ``parallel.roles``); ``forward(fn, *args)`` runs
+    ``fn(self, *args)``: one step over all roles (under DDP each role has its own wrapper,
+    helios/infra/parallel.py)."""
+
+    def __init__(
+        self,
+        generator: nn.Module,
+        fake: nn.Module | None = None,
+        real: nn.Module | None = None,
+        heads: GanHeads | None = None,
+    ) -> None:
+        super().__init__()
+        self.generator, self.fake, self.real, self.heads = generator, fake, real, heads
+
+    def forward(self, fn, *args):
+        return fn(self, *args)
+
+
+@contextlib.contextmanager
+def real_score(m: DistillModule) -> Iterator[nn.Module]:
+    """The real score (Helios-Base): its own frozen copy, or (``distill.shared_teacher``, as the reference
+    code) the fake score's base with the critic's LoRA switched off inside the block."""
+    if m.real is not None:
+        yield m.real
+        return
+    m.fake.disable_adapters()
+    try:
+        yield m.fake
+    finally:
+        m.fake.enable_adapters()
+
+
+class DistillRoles:
+    """Builds the roles of a phase (``distill.phase``: ode = the generator only; post = all), groups their
+    parameters for the optimiser, and places them (the offload pool)."""
+
+    def __init__(self, cfg: TrainConfig, load: StateLoader) -> None:
+        self.cfg = cfg
+        self.d: DistillConfig = cfg.distill
+        self._load = load
+        self.pool: OffloadPool | None = None
+
+    def loras(self) -> dict[str, LoraConfig | None]:
+        """The transformers this phase builds and their adapters (None: frozen): the generator (the run's
+        LoRA); in the post phase also the fake score (critic LoRA) and the frozen real score."""
+        roles: dict[str, LoraConfig | None] = {"generator": self.cfg.model.lora}
+        if self.d.phase != "ode":
+            roles["fake"] = LoraConfig(
+                enabled=True,
+                rank=self.d.fake_lora_rank,
+                alpha=self.d.fake_lora_alpha,
+                targets=self.cfg.model.lora.targets,
+                memory_patch="frozen",
+                extra_trainable=[],
+            )
+            if not self.d.shared_teacher:  # else the real score is the fake score's base, adapters off
+                roles["real"] = None
+        return roles
+
+    def _transformer(self, state: dict | None, lora: LoraConfig | None, dtype: torch.dtype) -> nn.Module:
+        m = self.cfg.model
+        model = build_transformer(m.transformer, m.kernels, m.attention, dtype, state)
+        if lora is None:
+            return model.requires_grad_(False).eval()
+        return apply_lora(model, lora)
+
+    def build_generator(self, base_state: dict | None, dtype: torch.dtype) -> DistillModule:
+        """Only the generator (export, generate). Its base, as in :meth:`build`: ``base_state`` (the
+        ``init_from`` run's merged generator), else generator_init, else the teacher (a random base is
+        restored from the checkpoint instead)."""
+        source = self.d.generator_init or self.d.teacher
+        if base_state is None and source and self.cfg.model.transformer.source != "random":
+            base_state = self._load(source, dtype)
+        return DistillModule(self._transformer(base_state, self.cfg.model.lora, dtype))
+
+    def build(self, base_state: dict | None, dtype: torch.dtype) -> DistillModule:
+        """The roles, each base loaded once in ``dtype`` and held by its role itself: the generator on
+        ``base_state`` (``init_from``), else ``distill.generator_init``, else the teacher; the fake score on
+        the teacher (and a separate real score on its own copy with ``shared_teacher=false``). The teacher
+        is read only when a role needs it."""
+        teacher: dict | None = None
+
+        def teacher_state() -> dict:
+            nonlocal teacher
+            if teacher is None:
+                teacher = self._load(self.d.teacher, dtype)
+            return teacher
+
+        if base_state is not None:
+            generator_state = base_state
+        elif self.d.generator_init:
+            generator_state = self._load(self.d.generator_init, dtype)
+        else:  # its own copy: two roles never share a tensor (checkpoints, the offload pool, ZeRO)
+            generator_state = {k: v.clone() for k, v in teacher_state().items()}
+        loras = self.loras()
+        generator = self._transformer(generator_state, loras["generator"], dtype)
+        del generator_state, base_state
+        if self.d.phase == "ode":
+            return DistillModule(generator)
+        fake = self._transformer(teacher_state(), loras["fake"], dtype)
+        real = None
+        if "real" in loras:  # the paper's separate frozen copy
+            real = self._transformer({k: v.clone() for k, v in teacher_state().items()}, loras["real"], dtype)
+        shape = fake.config  # the loaded model's own shape (a checkpoint's, not the config's defaults)
+        heads = (
+            GanHeads(
+                self.d.gan.layers,
+                shape.num_layers,
+                shape.num_attention_heads * shape.attention_head_dim,
+                self.d.gan.dim,
+                out_channels=shape.out_channels if self.d.gan.output_head else None,
+            )
+            if self.d.gan.enabled
+            else None
+        )
+        return DistillModule(generator, fake, real, heads)
+
+    def param_groups(self, model: DistillModule) -> list[dict]:
+        """TTUR's two optimiser groups: the generator at ``optim.lr``, the critic (fake score's LoRA + the
+        GAN heads) at ``distill.fake_lr``."""
+        groups = [
+            {
+                "name": "generator",
+                "lr": self.cfg.optim.lr,
+                "params": [p for p in model.generator.parameters() if p.requires_grad],
+            }
+        ]
+        if model.fake is not None:
+            critic = [p for p in model.fake.parameters() if p.requires_grad]
+            if model.heads is not None:
+                critic += list(model.heads.parameters())
+            groups.append({"name": "critic", "lr": self.d.fake_lr, "params": critic})
+        return groups
+
+    @staticmethod
+    def engines(model: DistillModule) -> dict[str, nn.Module]:
+        """The roles as engines see them (``parallel=zero2|zero3``): the critic is fake score + heads."""
+        if model.fake is None:
+            return {"generator": model.generator}
+        critic = nn.ModuleDict({"fake": model.fake, **({"heads": model.heads} if model.heads else {})})
+        roles = {"generator": model.generator, "critic": critic}
+        return roles if model.real is None else {**roles, "real": model.real}
+
+    # ------------------------------------------------------------------ placement (distill.offload)
+    def place(self, model: DistillModule, device: torch.device) -> bool:
+        """``distill.offload``: frozen weights to the offload pool (host), the rest to ``device``."""
+        if not self.d.offload:
+            return False
+        self.pool = OffloadPool(self.engines(model), device)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(device)
+        for module in model.modules():
+            for key, buf in module._buffers.items():
+                if buf is not None:
+                    module._buffers[key] = buf.to(device)
+        self.pool.activate("generator")
+        return True
+
+    def release(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
+    def make_resident(self, role: str | None = None) -> None:
+        """Only ``role``'s frozen base on the device (None: a step's start, the generator's), every other
+        frozen weight back in host memory (ZeRO-2 engines are built one role at a time with that role's
+        base resident; DeepSpeed moves and broadcasts the module)."""
+        if self.pool is not None:
+            self.pool.restore()
+            self.pool.activate(role or "generator")
+
+    def activate(self, *roles: str, then: str | None = None) -> None:
+        """Exactly ``roles``' frozen bases resident (a role without a base of its own, the shared real
+        score, is skipped); with ``distill.offload_prefetch`` the copy of ``then``'s base starts meanwhile."""
+        if self.pool is not None:
+            prefetch = then if self.d.offload_prefetch else None
+            self.pool.activate(*roles, prefetch=prefetch)
