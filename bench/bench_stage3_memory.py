@@ -82,7 +82,7 @@ def run_mode(mode: str, smoke: bool, steps: int) -> dict:
         n: sum(p.numel() * p.element_size() for p in ps) / max(1, sum(p.numel() for p in ps))
         for n, ps in frozen.items()
     }
-    pool = trainer.stage.pool
+    pool = trainer.stage.roles.pool
     max_resident: set[str] = set()
     if pool is not None:  # track the largest resident set across the step's phases
         activate = pool.activate
@@ -98,7 +98,7 @@ def run_mode(mode: str, smoke: bool, steps: int) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     times = []
-    trainer.wrapped.train()
+    trainer.backend.wrapped.train()
     for _ in range(steps):
         t0 = time.perf_counter()
         trainer.train_step()

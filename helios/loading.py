@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from helios.config.load import load_config
-from helios.config.schema import TrainConfig
+from helios.config.schema import ConfigError, TrainConfig
 from helios.core.history import HistoryLayout
 from helios.infra import checkpoint as ckpt
 from helios.model.encoders import build_text_encoder, build_vae
@@ -18,6 +19,8 @@ from helios.model.lora import load_trainable_state_dict, merged_state_dict
 from helios.model.wan_init import load_wan_as_helios
 from helios.model.weights import cast_state
 from helios.stages import STAGES
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -169,3 +172,50 @@ def merged_weights(
     # the weights the previous run ended with
     model, _, _ = load_checkpoint_model(path, weights="raw", key=key, dtype=dtype)
     return cast_state(merged_state_dict(model), dtype)  # the fully trained tensors (fp32 in training) too
+
+
+# ---------------------------------------------------------------------- a training run's weight sources
+def _source_nodes(cfg: TrainConfig) -> dict[str, tuple[object, str]]:
+    """The config fields that name weights to load, as (node, attribute) by their key."""
+    nodes: dict[str, tuple[object, str]] = {"init_from": (cfg, "init_from")}
+    nodes.update({f"distill.{k}": (cfg.distill, k) for k in ("teacher", "generator_init")})
+    for key in ("transformer", "vae", "text_encoder"):
+        node = getattr(cfg.model, key)
+        if node.source in ("helios", "wan", "pretrained"):
+            nodes[f"model.{key}.path"] = (node, "path")
+    return nodes
+
+
+def weight_sources(cfg: TrainConfig) -> dict[str, str | None]:
+    """Every weight source the run names, by its config key."""
+    return {key: getattr(node, attr) for key, (node, attr) in _source_nodes(cfg).items()}
+
+
+def pin_sources(cfg: TrainConfig, saved: dict[str, str | None] | None, warn: bool) -> None:
+    """Weight sources as absolute paths, run dirs as their exact checkpoint: ``config.yaml`` and every
+    checkpoint then name what the run started from, so export / generate / a later ``init_from`` rebuild the
+    same weights from any working directory. A resumed run keeps the sources it started with (``saved``),
+    even when a source run has trained on since (logged where ``warn``)."""
+    for key, (node, attr) in _source_nodes(cfg).items():
+        pinned = ckpt.pin_source(getattr(node, attr), key)
+        if saved and key in saved and saved[key] != pinned:
+            if warn and pinned is not None:
+                log.warning("%s: resuming with the source this run started from, %s", key, saved[key])
+            pinned = saved[key]
+        setattr(node, attr, pinned)
+
+
+def check_source_formats(cfg: TrainConfig) -> None:
+    """Weights trained on one latent format are not trained on on another (the data semantics would change
+    silently: a single-frame latent at every section start, or none)."""
+    want = cfg.data.latent_format
+    for key, source in weight_sources(cfg).items():
+        if key in ("model.vae.path", "model.text_encoder.path"):
+            continue
+        found = trained_latent_format(source)
+        if found not in (None, want):
+            raise ConfigError(
+                "data.latent_format",
+                f"{key}={source} was trained on the {found} latent format, this run trains on {want}: "
+                f"set data.latent_format={found} (with shards prepared with clip.format={found})",
+            )

@@ -64,6 +64,24 @@ class HistoryLayout:
         """Latent frames a training clip needs: history buffer + noisy window."""
         return self.num_history + self.window
 
+    def tokens(self, h: int, w: int) -> dict[str, int]:
+        """Noisy and history tokens of one clip at latent size h x w (§3.3.1: patch 1x2x2; mid 2x4x4 and long
+        4x8x8 convs on replicate-padded inputs)."""
+
+        def up(a: int, b: int) -> int:
+            return -(-a // b)
+
+        short = (h // 2) * (w // 2)
+        if not self.multi_term:
+            history = (self.num_history + 1) * short
+        else:
+            history = (
+                (self.short + 1) * short
+                + up(self.mid, 2) * up(h, 4) * up(w, 4)
+                + up(self.long, 4) * up(h, 8) * up(w, 8)
+            )
+        return {"noisy": self.window * short, "history": history}
+
     def indices(self, batch_size: int, offset: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Frame indices for RoPE. ``offset`` (per sample, latent frames) switches to absolute
         indices (the ablation of Relative RoPE): every non-anchor index is shifted by it."""

@@ -191,6 +191,17 @@ class LatentClipDataset(torch.utils.data.Dataset):
         }
 
 
+def prepared_shards(path: str | Path) -> Path:
+    """``data.path``: a directory of latent shards written by ``helios.prepare``."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"data.path={path} does not exist; write shards with `python -m helios.prepare input=... "
+            f"output={path}` or use data=synthetic"
+        )
+    return path
+
+
 def training_dataset(path: str | Path, cfg: TrainConfig) -> LatentClipDataset:
     """The training windows of a run: its history layout, latent format, seed and error policy."""
     return LatentClipDataset(

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from helios.infra.checkpoint import list_complete
 
 NAN, INF = 2.0, 1.0  # codes of a non-finite loss (the larger wins the MAX)
 
@@ -77,3 +80,30 @@ class StepGuard:
             nonfinite={r: codes.get(c) for r, c in zip(roles, values[n : 2 * n])},
             extra=dict(zip(extra, values[2 * n :])),
         )
+
+
+def diverged(run_dir: Path, step: int, what: str) -> FloatingPointError:
+    """The error that stops a run before a non-finite loss or gradient reaches the optimizer or a
+    checkpoint, naming the step, the role and the newest checkpoint (weights from before the divergence)."""
+    done = list_complete(run_dir)
+    last = f"the last checkpoint, {done[-1][1]}," if done else "no checkpoint yet; the run"
+    return FloatingPointError(
+        f"{what} at step {step}: nothing was updated or saved; {last} is unaffected. "
+        "Lower optim.lr (a resumed run applies the new value) or check the data, then resume=latest"
+    )
+
+
+def check_reading(
+    reading: Reading, role_norms: dict[str, float], max_loss: float, run_dir: Path, step: int
+) -> None:
+    """A non-finite loss, one above ``trainer.max_loss`` (0: no limit) or a non-finite gradient norm stops
+    the run before any update (the same verdict on every rank: the reading is reduced over ranks)."""
+    for role, kind in reading.nonfinite.items():
+        if kind is not None:
+            raise diverged(run_dir, step, f"the {role} loss is {kind}")
+    for role, worst in reading.worst.items():
+        if max_loss and worst > max_loss:
+            raise diverged(run_dir, step, f"the {role} loss is {worst:.4g} (> trainer.max_loss={max_loss:g})")
+    for role, norm in role_norms.items():
+        if not math.isfinite(norm):
+            raise diverged(run_dir, step, f"the {role} gradient norm is {norm}")

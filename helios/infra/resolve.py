@@ -39,3 +39,14 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     if cfg.trainer.precision == "bf16" or (cfg.trainer.precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return torch.float32
+
+
+def out_of_memory(cfg: TrainConfig, step: int, ranks_x_accum: int) -> RuntimeError:
+    """What to change when a step runs out of device memory: the same global batch by accumulation,
+    gradient checkpointing, or a shorter clip."""
+    b = cfg.trainer.batch_size
+    return RuntimeError(
+        f"out of device memory at step {step} with trainer.batch_size={b}. Try trainer.batch_size=1 "
+        f"trainer.global_batch_size={b * ranks_x_accum} (the same global batch by accumulation), "
+        "model.transformer.gradient_checkpointing=true, or fewer history/window frames"
+    )

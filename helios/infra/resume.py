@@ -3,11 +3,17 @@ any other change is refused naming the key."""
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from helios.config.schema import ConfigError, TrainConfig
+from helios.infra import checkpoint
+from helios.infra.distributed import DistInfo, broadcast_object
+
+log = logging.getLogger(__name__)
 
 # Settings a resumed run may change (applied from the resumed step on); any other change is refused.
 CHANGEABLE_ON_RESUME = (
@@ -68,3 +74,31 @@ def config_changes(saved_yaml: str, cfg: TrainConfig, path: Path) -> dict[str, t
                 f"resume; start a new run from it with init_from={path} (or keep {old!r})",
             )
     return changed
+
+
+def record_changes(
+    saved_yaml: str, cfg: TrainConfig, path: Path, step: int, run_dir: Path, is_main: bool
+) -> None:
+    """The resume contract (:func:`config_changes`); the accepted changes are logged and appended to the run's
+    ``config_history.jsonl``."""
+    changed = config_changes(saved_yaml, cfg, path)
+    if changed and is_main:
+        log.info("resumed with changed settings: %s", changed)
+        with (run_dir / "config_history.jsonl").open("a") as f:
+            f.write(json.dumps({"step": step, "from": str(path), "changes": changed}) + "\n")
+
+
+def resolve_resume(cfg: TrainConfig, run_dir: Path, dist: DistInfo) -> Path | None:
+    """The checkpoint to resume from (``resume``), chosen (and its files verified) by the main rank."""
+    outcome = None
+    if dist.is_main:
+        try:
+            outcome = ("ok", checkpoint.resolve_resume(cfg.resume, run_dir))
+        except (FileNotFoundError, checkpoint.CorruptCheckpoint) as err:
+            outcome = (type(err).__name__, str(err))
+    kind, value = broadcast_object(outcome)
+    if kind == "FileNotFoundError":
+        raise FileNotFoundError(value)
+    if kind == "CorruptCheckpoint":
+        raise checkpoint.CorruptCheckpoint(value)
+    return value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -62,3 +63,13 @@ class WandbTracker:
 
     def finish(self) -> None:
         self.run.finish()
+
+
+def start_tracker(cfg: TrainConfig, run_dir: Path, name: str | None, group: str | None) -> WandbTracker:
+    """The run's wandb tracker; its id is kept in ``wandb_id.txt``, so a resumed run continues its curves."""
+    id_file = run_dir / "wandb_id.txt"
+    if cfg.logging.run_id is None:
+        if not id_file.exists():
+            id_file.write_text(uuid.uuid4().hex[:12])
+        cfg.logging.run_id = id_file.read_text().strip()
+    return WandbTracker(cfg, run_dir, run_name(cfg, name or ""), group)
