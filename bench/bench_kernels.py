@@ -189,7 +189,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if args.smoke:
         rows, dim, heads, head_dim = 64, 96, 2, 16
-        dit = ([], 4, (8, 8))
+        dit = (["model.lora.enabled=true"], 4, (8, 8))  # the LoRA step the 14B case measures
         memory_cases = []
     else:
         rows, dim, heads, head_dim = 8640 + 2400, 5120, 40, 128

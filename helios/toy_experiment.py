@@ -72,6 +72,26 @@ class ToyRecipe:
     )
     # ... and straight from Helios-Mid (no ODE init): what DMD + GAN alone do
     dmd_only: dict[str, list[str]] = field(default_factory=lambda: {"dmd+gan only": []})
+    # The experiment's own tiny DiT and stage-1 law (the tiny default of 2026-11-22, on which BENCHMARKS.md's
+    # table was measured): 2 heads x 24, a LoRA on the random base, logit-normal unshifted t, constant lr. On
+    # the 128-wide default (full fine-tuning, uniform shifted t) the Mid's few-step samples are already
+    # close to the Base's (Frechet 0.48 vs 3.5), leaving distillation no gap to show at this scale.
+    model: list[str] = field(
+        default_factory=lambda: [
+            "model.transformer.num_attention_heads=2",
+            "model.transformer.attention_head_dim=24",
+            "model.transformer.ffn_dim=96",
+            "model.transformer.rope_dim=[8,8,8]",
+        ]
+    )
+    stage1: list[str] = field(
+        default_factory=lambda: [
+            "model.lora.enabled=true",
+            "flow.timestep_sampling=logit_normal",
+            "flow.shift.enabled=false",
+            "optim.schedule=constant",
+        ]
+    )
     overrides: list[str] = field(default_factory=list)  # added to every training run (e.g. model.vae...)
 
 
@@ -80,7 +100,9 @@ def train(run_dir: Path, overrides: list[str], steps: int, recipe: ToyRecipe, se
     """One training run of the recipe (reused when ``run_dir`` already holds its final checkpoint)."""
     common = [f"seed={seed}", f"data.synthetic.num_videos={recipe.num_videos}"]
     return train_run(
-        run_dir, [*common, f"trainer.log_every={max(1, steps // 50)}", *recipe.overrides, *overrides], steps
+        run_dir,
+        [*common, f"trainer.log_every={max(1, steps // 50)}", *recipe.model, *recipe.overrides, *overrides],
+        steps,
     )
 
 
@@ -108,7 +130,7 @@ def distill_chain(root: Path, recipe: ToyRecipe, seed: int) -> dict[str, Path]:
     base) -> stage 2 (Helios-Mid: the ODE pairs' teacher and the generator's start) -> ODE pairs ->
     stage 3 ODE init -> stage 3 DMD + GAN (each of ``recipe.students``); ``recipe.dmd_only`` start the
     DMD + GAN phase from Helios-Mid."""
-    runs = {"base": train(root / "stage1", ["stage=1"], recipe.stage1_steps, recipe, seed)}
+    runs = {"base": train(root / "stage1", ["stage=1", *recipe.stage1], recipe.stage1_steps, recipe, seed)}
     runs["mid"] = train(
         root / "stage2", ["stage=2", f"init_from={runs['base']}"], recipe.stage2_steps, recipe, seed
     )
@@ -135,7 +157,8 @@ def ode_pairs(out: Path, teacher: Path, recipe: ToyRecipe, seed: int) -> Path:
     """The teacher's ODE pairs on the recipe's synthetic set (Staged ODE Init, §4.1)."""
 
     if not (out / "report.json").exists():
-        cfg = compose([f"seed={seed}", f"data.synthetic.num_videos={recipe.num_videos}", *recipe.overrides])
+        common = [f"seed={seed}", f"data.synthetic.num_videos={recipe.num_videos}"]
+        cfg = compose([*common, *recipe.model, *recipe.overrides])
         make_ode_pairs(
             OdePairsConfig(
                 teacher=str(teacher),
@@ -294,7 +317,8 @@ def drift_report(root: Path, recipe: ToyRecipe, seed: int, stage1: Path | None) 
             run = stage1  # the distillation chain's stage 1 is the default variant
         else:
             slug = name.replace(" ", "_").replace("+", "_")
-            run = train(root / f"drift_{slug}", ["stage=1", *overrides], recipe.stage1_steps, recipe, seed)
+            stage1_run = ["stage=1", *recipe.stage1, *overrides]
+            run = train(root / f"drift_{slug}", stage1_run, recipe.stage1_steps, recipe, seed)
         model = load_for_inference(run, torch.device("cpu"))
         s = sample(model, sampler, prompts, recipe.sample_seeds, recipe.drift_sections)
         window = model.layout.window

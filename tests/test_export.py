@@ -37,7 +37,8 @@ def _inputs(layout: HistoryLayout) -> dict:
 def trained(tmp_path_factory):
     run = tmp_path_factory.mktemp("export-run")
     # alpha != rank so that the LoRA scale must survive the export
-    _train(["trainer.max_steps=3", "trainer.checkpoint_every=3", "optim.lr=1e-2", "model.lora.alpha=16"], run)
+    lora = ["model.lora.enabled=true", "model.lora.alpha=16"]
+    _train(["trainer.max_steps=3", "trainer.checkpoint_every=3", "optim.lr=1e-2", *lora], run)
     return run
 
 

@@ -270,8 +270,9 @@ def test_i2v_matches_helios_pipeline_in_the_section_format(tiny):
         transformer, scheduler, [3], Guidance(5.0), cond, neg, anchor=ours.anchor, history=ours.history
     )
     generated = latents[:, :, 1:]  # after the history slot's latent
-    # float32 rounding of differently ordered ops on latents up to ~6 in magnitude
-    torch.testing.assert_close(generated, ref[:, :, -generated.shape[2] :], rtol=1e-6, atol=1e-5)
+    # float32 rounding of differently ordered ops on latents up to ~6 in magnitude (1.6e-5 at most on
+    # the 128-wide tiny DiT, in 7 of 9216 values)
+    torch.testing.assert_close(generated, ref[:, :, -generated.shape[2] :], rtol=1e-6, atol=5e-5)
 
 
 @pytest.mark.parametrize("latent_format", ["sections", "clip"])

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-import helios.stages.stage3_distilled as distill_stage
+import helios.stages.distilled.post as distill_post
 from helios.toy_experiment import ToyRecipe, distill_chain, distill_report, format_tables, summarize
 from tests.helpers.runs import ROOT
 
@@ -44,8 +44,8 @@ def test_dmd_moves_the_few_step_generator_toward_the_teachers_distribution(root)
 
 
 def test_a_flipped_dmd_gradient_fails_the_check(root, monkeypatch):
-    right = distill_stage.dmd_gradient
-    monkeypatch.setattr(distill_stage, "dmd_gradient", lambda *a: -right(*a))
+    right = distill_post.dmd_gradient
+    monkeypatch.setattr(distill_post, "dmd_gradient", lambda *a: -right(*a))
     d = _dmd_check(root, "flipped")
     assert not d["student"] < MARGIN * d["undistilled"], d
 

@@ -80,7 +80,8 @@ def test_loss_decreases_when_overfitting_two_clips(tmp_path):
 
 
 def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
-    common = ["trainer.checkpoint_every=3", "trainer.max_steps=6", "seed=5"]
+    # max_steps=3 stands in for an interruption: a constant lr (a cosine schedule follows max_steps)
+    common = ["trainer.checkpoint_every=3", "trainer.max_steps=6", "seed=5", "optim.schedule=constant"]
     full = _train(common, tmp_path / "full")
     _train([*common, "trainer.max_steps=3"], tmp_path / "split")
     assert [s for s, _ in list_complete(tmp_path / "split")] == [3]
@@ -116,6 +117,7 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path):
             "--standalone",
             "tests/helpers/ddp_probe.py",
             str(tmp_path),
+            "model.lora.enabled=true",  # the 14B recipe's LoRA, under DDP
         ],
         cwd=ROOT,
         capture_output=True,
@@ -128,9 +130,11 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path):
     assert w0.keys() == w1.keys() and len(w0) > 0
     for key in w0:
         assert torch.equal(w0[key], w1[key]), key
-    init = compose([])
-    assert init.trainer.batch_size  # the weights moved away from their initial LoRA-B zeros
-    assert any(v.abs().sum() > 0 for k, v in w0.items() if "lora_B" in k)
+    init = load_file(str(tmp_path / "init.safetensors"))
+    assert init.keys() == w0.keys()
+    # the LoRA-B factors moved away from their initial zeros
+    assert all(not init[k].any() for k in init if "lora_B" in k)
+    assert any(w0[k].any() for k in w0 if "lora_B" in k)
     s0 = json.loads((tmp_path / "rank0.json").read_text())
     s1 = json.loads((tmp_path / "rank1.json").read_text())
     # each step the two ranks read disjoint clips of the same epoch (8 clips, 2 per rank per step)
@@ -158,7 +162,7 @@ def test_init_from_starts_from_the_previous_function_with_a_fresh_optimizer(tmp_
     trainer = Trainer(cfg, tmp_path / "s2")
     trainer._build_data()
     trainer._build_model()
-    assert trainer.step == 0 and not trainer.optimizer.state
+    assert trainer.step == 0 and not trainer.backend.optimizer.state
     gen = torch.Generator().manual_seed(0)
     inputs = dict(
         hidden_states=torch.randn(1, 16, 3, 8, 8, generator=gen),
@@ -311,7 +315,7 @@ def test_lora_all_linear_is_the_reference_set():
     from helios.model.lora import linear_targets
     from helios.model.transformer import build_transformer
 
-    model = build_transformer(compose([]).model.transformer)
+    model = build_transformer(compose(["model.lora.enabled=true"]).model.transformer)
     outside = {
         "condition_embedder.time_embedder.linear_1",
         "condition_embedder.time_embedder.linear_2",
@@ -326,7 +330,7 @@ def test_lora_all_linear_is_the_reference_set():
     assert set(linear_targets(model)) == blocks | outside
     from helios.model.lora import apply_lora
 
-    lora = apply_lora(model, compose([]).model.lora)
+    lora = apply_lora(model, compose(["model.lora.enabled=true"]).model.lora)
     adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in lora.named_parameters() if ".lora_A." in n}
     assert adapted == blocks | outside
 
@@ -352,7 +356,7 @@ def test_stage2_memory_patches_follow_the_reference():
     for phase, want in (("init", "frozen"), ("post", "lora")):
         cfg = compose(["stage=2", f"stage2={phase}", "model.transformer.path=/m", "data=/d"])
         assert cfg.model.lora.memory_patch == want
-    tiny = compose([]).model
+    tiny = compose(["model.lora.enabled=true"]).model
     for mode, trained in (("frozen", set()), ("lora", {"lora"}), ("full", {"full"})):
         lora = dataclasses.replace(tiny.lora, memory_patch=mode)
         model = apply_lora(build_transformer(tiny.transformer), lora)
@@ -369,16 +373,16 @@ def test_resume_applies_a_changed_learning_rate_and_refuses_other_changes(tmp_pa
     applied from the resumed step on, recorded in config_history.jsonl; any other change stops, naming it."""
     from helios.config.schema import ConfigError
 
-    common = ["trainer.checkpoint_every=2", "optim.lr=2e-3"]
-    _train([*common, "trainer.max_steps=2"], tmp_path)
-    resumed = _train(["trainer.checkpoint_every=2", "optim.lr=1e-5", "trainer.max_steps=4"], tmp_path)
+    common = ["trainer.checkpoint_every=2", "optim.schedule=constant"]
+    _train([*common, "optim.lr=2e-3", "trainer.max_steps=2"], tmp_path)
+    resumed = _train([*common, "optim.lr=1e-5", "trainer.max_steps=4"], tmp_path)
     assert [m["lr"] for m in resumed if m["step"] > 2] == [1e-5, 1e-5]
     history = [json.loads(line) for line in (tmp_path / "config_history.jsonl").read_text().splitlines()]
     assert history[-1]["step"] == 2 and history[-1]["changes"]["optim.lr"] == [2e-3, 1e-5]
     assert "lr: 1.0e-05" in (tmp_path / "config.yaml").read_text()
     with pytest.raises(ConfigError, match="cannot change on resume") as err:
         _train(
-            ["trainer.checkpoint_every=2", "optim.lr=1e-5", "trainer.max_steps=6", "flow.logit_std=2.0"],
+            [*common, "optim.lr=1e-5", "trainer.max_steps=6", "flow.logit_std=2.0"],
             tmp_path,
         )
     assert err.value.key == "flow.logit_std"
@@ -479,7 +483,7 @@ def test_lora_takes_bf16_inputs_under_autocast_without_a_second_saved_copy():
     from helios.model.lora import apply_lora, lora_inputs_uncast
     from helios.model.transformer import build_transformer
 
-    cfg = compose([])
+    cfg = compose(["model.lora.enabled=true"])
     model = apply_lora(build_transformer(cfg.model.transformer), cfg.model.lora)
     for name, p in model.named_parameters():
         if "lora_B" in name:  # a LoRA that does something
@@ -523,7 +527,8 @@ def test_frozen_base_in_bf16_keeps_diffusers_fp32_modules(tmp_path):
     from helios.commands import memory
     from helios.trainer import Trainer
 
-    cfg = compose(["trainer.precision=bf16", "validation.enabled=false", "trainer.progress=false"])
+    overrides = ["trainer.precision=bf16", "model.lora.enabled=true", "validation.enabled=false"]
+    cfg = compose([*overrides, "trainer.progress=false"])
     trainer = Trainer(cfg, tmp_path)
     trainer._build_data()
     trainer._build_model()

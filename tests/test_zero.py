@@ -63,9 +63,10 @@ def test_stage3_engines_per_role_step_once_per_iteration(tmp_path):
     last = metrics(tmp_path / "zero")[-1]
     assert (last["opt_steps_critic"], last["opt_steps_generator"]) == (11.0, 3.0)
     zero_losses, ddp_losses = _losses(tmp_path / "zero"), _losses(tmp_path / "ddp")
-    # float rounding grows through Adam steps: the DDP run alone with 1 vs 2 threads differs by 2e-4 at
-    # step 8 on some tiny teachers (<= 5e-6 up to step 5), so the early steps are held tighter
-    assert zero_losses[:5] == pytest.approx(ddp_losses[:5], rel=1e-5)
+    # float rounding grows through Adam steps (beta1 = 0: the first updates are ~sign(g), so a gradient
+    # element near 0 whose rounding differs flips its update): 3e-4 by step 5 on the 128-wide tiny DiT;
+    # a dropped micro-batch or a doubled step differs by far more, so the early steps are held tighter
+    assert zero_losses[:5] == pytest.approx(ddp_losses[:5], rel=1e-3)
     assert zero_losses == pytest.approx(ddp_losses, rel=2e-3)
     assert (tmp_path / "zero" / "checkpoints" / "step_11" / "ema.safetensors").exists()
 

@@ -30,6 +30,8 @@ def main() -> None:
     planned = iter(trainer.sampler)  # the batches training will consume, in order
     seen = [[b[0][1], [i for i, *_ in b]] for b in (next(planned) for _ in range(cfg.trainer.max_steps))]
     trainer._build_model()
+    if trainer.dist.rank == 0:  # the weights before any step, to show that training moved them
+        save_file(trainable_state_dict(trainer.model), str(out / "init.safetensors"))
     losses = [trainer.train_step()["loss"] for _ in range(cfg.trainer.max_steps)]
     rank = trainer.dist.rank
     save_file(trainable_state_dict(trainer.model), str(out / f"rank{rank}.safetensors"))
