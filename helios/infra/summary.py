@@ -31,10 +31,10 @@ def run_summary(
     tokens = layout.tokens(*latent_hw)
     frozen_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     state_bytes = trainable * 4 * 4  # trainable fp32 weights + fp32 grads + two AdamW moments
+    tuning = f"LoRA r={cfg.model.lora.rank}" if cfg.model.lora.enabled else "full fine-tune"
     return (
         f"Helios stage {cfg.stage} ({cfg.phase}) | run dir {run_dir}\n"
-        f"  model {cfg.model.name}: {total / 1e6:.2f}M params, {trainable / 1e6:.3f}M trainable "
-        f"(LoRA r={cfg.model.lora.rank}, enabled={cfg.model.lora.enabled})\n"
+        f"  model {cfg.model.name}: {total / 1e6:.2f}M params, {trainable / 1e6:.3f}M trainable ({tuning})\n"
         f"  data: {clips} clips of {layout.clip_frames} latent frames "
         f"(history {list(cfg.history.sizes)} + window {layout.window}, {cfg.data.latent_format} format)\n"
         f"  batch: {t.batch_size} x {world_size} ranks x {grad_accum} accum = {per_step} clips/step "
