@@ -25,6 +25,44 @@ def test_every_stage_phase_composes(stage, phase):
     assert cfg.stage == stage and cfg.phase == phase
 
 
+def _leaves(node, prefix=""):
+    for key, value in node.items():
+        if key == "defaults":
+            continue
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+PHASE_FILES = sorted(str(p.relative_to(CONFIG_DIR)) for p in CONFIG_DIR.glob("stage[123]/*.yaml"))
+
+
+@pytest.mark.parametrize("path", PHASE_FILES)
+def test_phase_files_hold_only_deltas(path):
+    """A phase file sets what differs from the schema defaults (Table 1/2 deltas), or what resets a value
+    its parent phase (``defaults: [- init]``) changed; the stage/phase labels are kept for reading."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    from helios.config.schema import TrainConfig
+
+    schema = OmegaConf.to_container(OmegaConf.structured(TrainConfig))
+    data = yaml.safe_load((CONFIG_DIR / path).read_text())
+    parent = {}
+    for entry in data.get("defaults", []):
+        if isinstance(entry, str) and not entry.startswith(("/", "override")):
+            parent = dict(_leaves(yaml.safe_load((CONFIG_DIR / path).with_name(f"{entry}.yaml").read_text())))
+    restated = []
+    for key, value in _leaves(data):
+        default = schema
+        for part in key.split("."):
+            default = default[part]
+        if value == default and key not in ("phase", "stage") and parent.get(key, default) == default:
+            restated.append(key)
+    assert not restated, f"{path} restates schema defaults: {restated}"
+
+
 def test_table1_stage2_values():
     init = compose(["stage=2", "stage2=init", *REAL])
     assert init.model.name == "helios14b" and (init.model.lora.rank, init.model.lora.alpha) == (256, 256)
