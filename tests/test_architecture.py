@@ -95,3 +95,31 @@ def test_only_the_command_entries_load_modules_by_name():
         if _implementation_targets(path) or "importlib" in path.read_text()
     )
     assert users == ["helios/config/entry.py"] + [f"helios/{name}.py" for name in sorted(ENTRIES)]
+
+
+def _test_module_imports(path: Path) -> list[str]:
+    """Imports of other test modules (``tests.<...>`` outside ``tests.helpers``) in one file."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            names = [node.module or ""]
+        else:
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        found += [
+            f"{path.name}:{node.lineno} {name}"
+            for name in names
+            if name.split(".")[0] == "tests" and not name.startswith("tests.helpers")
+        ]
+    return found
+
+
+def test_tests_mirror_the_package_and_import_no_other_test_module(tmp_path):
+    layers = {p.name for p in (ROOT / "helios").iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    tests = ROOT / "tests"
+    for folder in (p for p in tests.iterdir() if p.is_dir() and p.name not in ("helpers", "__pycache__")):
+        assert folder.name in layers | {"trainer"}, f"tests/{folder.name} mirrors no helios package"
+    found = [hit for path in sorted(tests.rglob("test_*.py")) for hit in _test_module_imports(path)]
+    assert not found, f"test modules import other test modules: {found}"
+    probe = tmp_path / "test_probe.py"  # the check sees a test-to-test import, and only that
+    probe.write_text("from tests.core.test_flow import x\nfrom tests.helpers.runs import ROOT\n")
+    assert _test_module_imports(probe) == ["test_probe.py:1 tests.core.test_flow"]

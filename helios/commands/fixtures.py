@@ -13,7 +13,7 @@ Only the sizes are tiny (2 layers, 2 heads x 24, UMT5 width 32, an 8-channel Wan
 transformers carry the published configs' switches (Guidance Attention, multi-term memory patches) and
 are stored in bf16 like the released weights. Each Helios directory holds different weights, so a test
 can tell which one a phase actually loaded. Every command of the README's recipe runs against them with
-``model.transformer.path=DIR/...`` plus size overrides (see ``tests/test_rehearsal.py``).
+``model.transformer.path=DIR/...`` plus size overrides (see ``tests/trainer/test_rehearsal.py``).
 """
 
 from __future__ import annotations

@@ -55,8 +55,8 @@ def offload_schedule(d) -> list[tuple[set[str], str | None]]:
     step, as helios/stages/distilled/post.py activates them: placement / validation; the generator's
     rollout; the real score (+ the critic's base) for the DMD gradient while the generator's graph waits; the
     generator's backward (with the critic when the GAN term's graph runs through it); the critic's
-    losses and backward. In flight only with ``distill.offload_prefetch``. tests/test_memory.py checks
-    it against real steps."""
+    losses and backward. In flight only with ``distill.offload_prefetch``.
+    tests/commands/test_memory.py checks it against real steps."""
 
     def ahead(role: str) -> str | None:
         return role if d.offload_prefetch else None

@@ -19,7 +19,7 @@ from helios.trainer import Trainer
 from tests.helpers.runs import train_cli
 from tests.helpers.runs import train_in_process as _train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_cli_tiny_run_writes_the_run_directory(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 from helios.config import compose
 from helios.trainer import Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

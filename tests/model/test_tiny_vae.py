@@ -17,7 +17,7 @@ from helios.config import compose
 from helios.config.schema import ConfigError, VaeConfig
 from helios.model.encoders import TINY_VAE_KWARGS, build_vae
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_shipped_tiny_vae_reconstructs_held_out_clips_at_30_db():

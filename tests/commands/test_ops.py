@@ -19,7 +19,7 @@ from helios.model.transformer import build_transformer
 from helios.trainer import Trainer
 from tests.helpers.runs import train_cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_wandb_offline_logs_every_scalar_the_config_and_videos(tmp_path, monkeypatch):

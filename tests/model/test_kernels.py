@@ -222,7 +222,7 @@ def test_gpu_benchmark_suite_runs_in_smoke_mode(tmp_path):
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     out = tmp_path / "smoke.json"
     proc = subprocess.run(
         [sys.executable, "bench/bench_kernels.py", "--smoke", "--out", str(out)],

@@ -30,7 +30,7 @@ from helios.core.history import HistoryLayout
 
 pytestmark = [pytest.mark.slow, pytest.mark.rehearsal]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMMON = [
     "trainer.max_steps=2",
     "trainer.checkpoint_every=2",

@@ -18,7 +18,7 @@ from helios.model.transformer import build_transformer
 from helios.sampling.section import block_noise
 from tests.helpers.runs import train_in_process as _train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _inputs(layout: HistoryLayout) -> dict:

@@ -17,7 +17,7 @@ from helios.tiny_recipe import complete_tiny_distill
 from helios.world.measures import caption_metrics
 from tests.helpers.runs import train_in_process as _train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_tiny_post_counts_optimizer_steps_per_role_and_keeps_an_ema(tmp_path):

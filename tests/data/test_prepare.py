@@ -22,7 +22,7 @@ from helios.infra.metrics import read_metrics
 from helios.model.encoders import build_text_encoder, build_vae
 from helios.world.shapes import render_clip
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # 2 sections of 5 frames, each encoded on its own into 2 latent frames (posterior samples, seeded)
 SPEC = ClipSpec(latent_frames=4, height=32, width=32, fps=None, format="sections", section_latents=2)
 
