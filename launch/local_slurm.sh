@@ -24,8 +24,16 @@ chown munge:munge /run/munge /var/log/munge /var/lib/munge 2>/dev/null || true
 [ -f /etc/munge/munge.key ] || { mkdir -p /etc/munge; dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 2>/dev/null; }
 chown munge:munge /etc/munge/munge.key 2>/dev/null || true
 chmod 400 /etc/munge/munge.key
-if [ ! -S /run/munge/munge.socket.2 ]; then
+munge_up() { munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
+if ! munge_up; then
+  # A socket file with no munged behind it (a restored or restarted machine keeps /run) refuses every
+  # connection and munged will not replace it by itself: remove what the dead daemon left, then start one.
+  old=$(cat /run/munge/munged.pid 2>/dev/null || true)
+  [ -n "$old" ] && kill -0 "$old" 2>/dev/null && kill "$old" 2>/dev/null && sleep 1
+  rm -f /run/munge/munge.socket.2 /run/munge/munge.socket.2.lock /run/munge/munged.pid
   su -s /bin/sh munge -c "munged --pid-file=/run/munge/munged.pid" 2>/dev/null || munged --force
+  for _ in $(seq 20); do munge_up && break; sleep 0.5; done
+  munge_up || { echo "munged did not start: munge -n | unmunge fails" >&2; exit 1; }
   cp /run/munge/munged.pid "$state"/munged.pid 2>/dev/null || true
 fi
 
@@ -56,8 +64,9 @@ CONF
 stop
 slurmctld -c
 slurmd
-for _ in $(seq 60); do
-  if sinfo -h -o %T 2>/dev/null | grep -q -E "idle|mixed|alloc"; then
+deadline=$(( $(date +%s) + 60 ))  # bounded: a controller that cannot authenticate makes each sinfo wait
+while [ "$(date +%s)" -lt "$deadline" ]; do
+  if timeout 5 sinfo -h -o %T 2>/dev/null | grep -q -E "idle|mixed|alloc"; then
     echo "local Slurm up: $(sinfo -h -o '%P %D %T %C')"
     exit 0
   fi
