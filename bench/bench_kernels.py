@@ -28,14 +28,9 @@ if (CHECKOUT / "helios").is_dir():  # run from a checkout without installing
 
 from helios.cli import bench_results  # noqa: E402
 
-REPEATS = {"warmup": 3, "iters": 10}  # --smoke: one of each (the interpreter is slow; times mean nothing)
 
-
-def timed(fn, device, warmup=None, iters=None) -> float:
+def timed(fn, device, warmup=3, iters=10) -> float:
     import torch
-
-    warmup = REPEATS["warmup"] if warmup is None else warmup
-    iters = REPEATS["iters"] if iters is None else iters
 
     for _ in range(warmup):
         fn()
@@ -58,7 +53,10 @@ def copy_bandwidth(device, numel: int) -> float:
     return 2 * x.numel() * x.element_size() / t / 1e9
 
 
-def bench_kernels(device, rows: int, dim: int, heads: int, head_dim: int, compile_ok: bool) -> dict:
+def bench_kernels(
+    device, rows: int, dim: int, heads: int, head_dim: int, compile_ok: bool, repeats: tuple[int, int]
+) -> dict:
+    """``repeats``: (warmup, timed) calls of each case; (1, 1) in the smoke mode, whose times mean nothing."""
     import torch
     import torch.nn.functional as F
     from diffusers.models.transformers.transformer_helios import apply_rotary_emb_transposed
@@ -89,17 +87,17 @@ def bench_kernels(device, rows: int, dim: int, heads: int, head_dim: int, compil
         impls = {"eager": eager, "triton": ours}
         if compile_ok:
             impls["compile"] = torch.compile(eager)
-        out[name] = {impl: _kernel_case(fn, inp, device) for impl, fn in impls.items()}
+        out[name] = {impl: _kernel_case(fn, inp, device, repeats) for impl, fn in impls.items()}
     return out
 
 
-def _kernel_case(fn, inp, device) -> dict:
+def _kernel_case(fn, inp, device, repeats: tuple[int, int]) -> dict:
     import torch
 
     bytes_fwd = 2 * inp.numel() * inp.element_size()  # read + write
     grad = torch.randn_like(inp)
-    f = timed(lambda: fn(inp), device)
-    fb = timed(lambda: torch.autograd.grad(fn(inp), inp, grad), device)
+    f = timed(lambda: fn(inp), device, *repeats)
+    fb = timed(lambda: torch.autograd.grad(fn(inp), inp, grad), device, *repeats)
     return {"fwd_ms": f * 1e3, "fwd_bwd_ms": fb * 1e3, "fwd_GBps": bytes_fwd / f / 1e9}
 
 
@@ -187,7 +185,6 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
-        REPEATS.update(warmup=1, iters=1)
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
@@ -218,7 +215,9 @@ def main() -> None:
     import triton
 
     result["triton"] = triton.__version__
-    result["kernels"] = bench_kernels(device, rows, dim, heads, head_dim, compile_ok=device.type == "cuda")
+    result["kernels"] = bench_kernels(
+        device, rows, dim, heads, head_dim, device.type == "cuda", (1, 1) if args.smoke else (3, 10)
+    )
     result["dit"] = bench_dit(device, dit[0], dit[1], 1 if args.smoke else args.steps)
     for long_frames in memory_cases:
         for multi in (True, False):

@@ -28,8 +28,9 @@ munge_up() { munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
 if ! munge_up; then
   # A socket file with no munged behind it (a restored or restarted machine keeps /run) refuses every
   # connection and munged will not replace it by itself: remove what the dead daemon left, then start one.
+  # the pid file may name a process that is gone, or, after a restart, another program: only a munged is stopped
   old=$(cat /run/munge/munged.pid 2>/dev/null || true)
-  [ -n "$old" ] && kill -0 "$old" 2>/dev/null && kill "$old" 2>/dev/null && sleep 1
+  [ -n "$old" ] && [ "$(cat /proc/"$old"/comm 2>/dev/null)" = munged ] && kill "$old" && sleep 1
   rm -f /run/munge/munge.socket.2 /run/munge/munge.socket.2.lock /run/munge/munged.pid
   su -s /bin/sh munge -c "munged --pid-file=/run/munge/munged.pid" 2>/dev/null || munged --force
   for _ in $(seq 20); do munge_up && break; sleep 0.5; done
