@@ -139,6 +139,7 @@ def distill_chain(root: Path, recipe: ToyRecipe, seed: int) -> dict[str, Path]:
         f"distill.teacher={runs['base']}",
         f"distill.real_cfg={recipe.teacher_cfg}",
         f"distill.steps=[{','.join(map(str, recipe.student_steps))}]",
+        "distill.fake_lr=1e-3",  # the critic's lr BENCHMARKS.md's table was measured with
     ]
     from_mid = [f"distill.generator_init={runs['mid']}"]
     if recipe.students:

@@ -51,6 +51,16 @@ def test_noise_level_statistics():
     assert abs(per_frame_std.mean().item() - 0.2) < 0.01
 
 
+def test_noise_branch_shrinks_the_frame_before_adding_noise():
+    """The noise branch is (1 - s) x + s eps (§3.2.3): on a history of ones with s = 0.3 every frame's mean is
+    0.7 and its spread 0.3 (the x0 = 0 test above cannot see the (1 - s) factor)."""
+    cfg = CorruptConfig(p_exposure=0.0, p_noise=1.0, p_downsample=0.0, p_clean=0.0, noise=[0.3, 0.3])
+    history = torch.ones(1, 4, 50, 8, 8)
+    out, _ = frame_aware_corrupt(history, torch.ones(1, 50, dtype=torch.bool), cfg, torch.Generator())
+    assert out.mean().item() == pytest.approx(0.7, abs=0.01)
+    assert out.std().item() == pytest.approx(0.3, abs=0.01)
+
+
 def test_exposure_scales_around_channel_mean():
     cfg = CorruptConfig(p_exposure=1.0, p_noise=0.0, p_downsample=0.0, p_clean=0.0, exposure=[1.5, 1.5])
     history = torch.randn(1, 3, 2, 8, 8) + 2

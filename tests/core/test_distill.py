@@ -113,6 +113,8 @@ def test_ttur_counts_optimizer_steps_per_role():
         critic += ttur.update_critic(iteration)
         generator += ttur.update_generator(iteration)
     assert (critic, generator) == (20, 4)
+    # the reference's ``global_step % 5 == 0``: the generator steps at the first iteration of each block
+    assert [ttur.update_generator(i) for i in range(11)] == [i % 5 == 0 for i in range(11)]
 
 
 def test_ema_schedule_and_update():

@@ -98,6 +98,19 @@ def test_tasks_in_the_section_format_keep_the_video_anchor_and_the_padding_out()
 
 def test_partial_lengths_real_layout():
     assert REAL.partial_lengths() == [9, 18]
+    # k * window < H: a history that is a whole number of windows is a full V2V at its last multiple
+    assert HistoryLayout(2, 1, 1, 2).partial_lengths() == [2]
+    assert HistoryLayout(4, 2, 1, 3).partial_lengths() == [3, 6]
+
+
+def test_token_counts_real_layout():
+    """One section at 384x640 (48x80 latents): 9 x 24 x 40 noisy tokens; history 2 x 24 x 40 (anchor + 1x)
+    + 12 x 20 (mid 2 frames, 2x4x4) + 4 x 6 x 10 (long 16 frames, 4x8x8) = 2,400 (5/8 HW), or 20 x 960
+    without multi-term patchification."""
+    assert REAL.tokens(48, 80) == {"noisy": 8640, "history": 2400}
+    assert HistoryLayout(16, 2, 1, 9, multi_term=False).tokens(48, 80) == {"noisy": 8640, "history": 19200}
+    # padded: 3 mid frames are 2 temporal patches; 44x76 latents round up to 11x19 (mid), 6x10 (long)
+    assert HistoryLayout(16, 3, 1, 9).tokens(44, 76)["history"] == 2 * 22 * 38 + 2 * 11 * 19 + 4 * 6 * 10
 
 
 def test_task_frequencies():

@@ -133,6 +133,8 @@ def test_stage2_tiny_run_decreases_and_resumes(tmp_path):
     full = _train(common, tmp_path / "full")
     assert all(math.isfinite(m["loss"]) for m in full)
     assert {"loss_stage0", "loss_stage1", "loss_stage2", "noisy_tokens"} <= set(full[-1])
+    # the rank-shared stream follows the step: the samples' pyramid stages change from step to step
+    assert len({tuple(m[f"frac_stage{k}"] for k in range(3)) for m in full}) > 1
     _train([*common, "trainer.max_steps=3"], tmp_path / "split")
     resumed = {m["step"]: m["loss"] for m in _train(common, tmp_path / "split")}
     for m in full[3:]:
@@ -163,3 +165,59 @@ def test_latent_size_must_fit_the_pyramid(tmp_path):
         _train(
             ["stage=2", "pyramid.stages=4", "pyramid.stage_ratios=[1,1,1,1]", "trainer.max_steps=1"], tmp_path
         )
+
+
+def _scheduler_pairs(k: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigma, timestep) pairs diffusers' HeliosScheduler feeds the model in pyramid stage ``k`` (dynamic
+    shifting by an identity shift: mu = 1, linear), the oracle of the training path's timestep."""
+    from diffusers import HeliosScheduler
+
+    scheduler = HeliosScheduler(use_dynamic_shifting=True, time_shift_type="linear")
+    scheduler.set_timesteps(n, stage_index=k, mu=1.0)
+    return scheduler.sigmas[:-1].float(), scheduler.timesteps.float()
+
+
+def test_stage2_noisy_input_timestep_and_target_are_the_samplers_path(monkeypatch):
+    """Each stage-2 sample sits on the path the Pyramid UniPC sampler integrates: x_t = sigma start_k +
+    (1 - sigma) end_k (sigma = 1 at the stage's start), target = start_k - end_k (the sampler's
+    x0 = x_t - sigma v lands on end_k), and the timestep is the one diffusers' scheduler pairs with that
+    sigma in stage k (t_max at the start, t_min at the end)."""
+    from helios.stages import stage2_mid
+    from helios.stages.stage2_mid import PyramidStage
+
+    stage = PyramidStage(compose(["stage=2"]))  # tiny: uniform sigma, no shift
+    n = 4
+    pairs = {k: _scheduler_pairs(k, n) for k in range(3)}
+    grid = pairs[0][0]  # sigmas 0.999 .. 0, the same in every stage
+    assert all(torch.equal(pairs[k][0], grid) for k in range(3))
+    monkeypatch.setattr(stage2_mid, "sample_sigmas", lambda m, cfg, gen: grid.repeat(m // n + 1)[:m])
+    endpoints = {}
+    real_endpoints = stage.schedule.endpoints
+
+    def spy(x0, noise, k):
+        endpoints[k] = real_endpoints(x0, noise, k)
+        return endpoints[k]
+
+    monkeypatch.setattr(stage.schedule, "endpoints", spy)
+    target = torch.randn(24, 4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    groups, _ = stage.noisy_groups(target, torch.Generator().manual_seed(5), torch.Generator().manual_seed(6))
+    assert sorted(g.name for g in groups) == ["stage0", "stage1", "stage2"]
+    for g in groups:
+        k = int(g.name.removeprefix("stage"))
+        start, end = endpoints[k]
+        sigma = grid.repeat(len(g.index) // n + 1)[: len(g.index)]
+        s = sigma.view(-1, 1, 1, 1, 1)
+        torch.testing.assert_close(g.x_t, s * start + (1 - s) * end)
+        torch.testing.assert_close(g.target, start - end)
+        torch.testing.assert_close(g.x_t - s * g.target, end)  # the sampler's x0 step lands on end_k
+        expected_t = pairs[k][1].repeat(len(g.index) // n + 1)[: len(g.index)]
+        torch.testing.assert_close(g.timestep.float(), expected_t, rtol=0, atol=1e-3)
+        assert g.timestep[0] > g.timestep[n - 1]  # sigma 0.999 (start) is the stage's high timestep
+
+
+def test_pyramid_timestep_is_the_schedulers_in_every_stage():
+    """PyramidSchedule.timestep maps sigma to the timestep diffusers' scheduler uses for it per stage."""
+    schedule = PyramidSchedule()
+    for k in range(3):
+        sigma, timestep = _scheduler_pairs(k, 7)
+        torch.testing.assert_close(schedule.timestep(k, sigma).float(), timestep, rtol=0, atol=1e-3)

@@ -514,3 +514,113 @@ def test_critic_backward_in_two_parts_gives_the_joint_gradients(tmp_path, monkey
         torch.testing.assert_close(
             grads["parts"][name], g, rtol=1e-4, atol=1e-6 * float(g.abs().max()), msg=name
         )
+
+
+def test_renoise_tau_is_shifted_for_the_token_count():
+    """Dynamic Re-noise (Table 2): tau ~ Beta, then linearly shifted by the section's token count (1.92 at
+    one 384x640 section, 9 x 24 x 40 tokens: mu = 0.5 + (8640 - 256) * 0.65 / 3840) and clamped."""
+    from types import SimpleNamespace
+
+    from helios.stages import DistillStage
+
+    stage = DistillStage(compose(["stage=3"]))  # linear shift, the reference's stage-3 law
+    drawn = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9, 0.999])
+    stage.phase.renoise = SimpleNamespace(sample=lambda n, step, gen: drawn[:n].clone())
+    target = torch.zeros(6, 16, 9, 48, 80)
+    draws = stage.phase.draws(target, torch.Generator().manual_seed(0), step=0)
+    s = 0.5 + (8640 - 256) * 0.65 / 3840
+    assert s == pytest.approx(1.919, abs=1e-3)
+    expected = (s * drawn / (1 + (s - 1) * drawn)).clamp(0.02, 0.98)
+    torch.testing.assert_close(draws["tau"], expected)
+
+
+class _Score(torch.nn.Module):
+    """A stand-in score, v = a x + c mean(prompt), recording its inputs (the prompt matters for CFG)."""
+
+    def __init__(self, a: float, c: float) -> None:
+        super().__init__()
+        self.a, self.c, self.inputs = a, c, []
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict=False, **_):
+        self.inputs.append(hidden_states.detach().clone())
+        prompt = encoder_hidden_states.mean(dim=(1, 2)).view(-1, 1, 1, 1, 1)
+        return (self.a * hidden_states + self.c * prompt,)
+
+
+def test_generator_dmd_gradient_is_the_hand_computed_one():
+    """Eq. 11-12 on stand-in scores: x_tau = (1 - tau) x0 + tau eps; real x0 with CFG from the conditional
+    and unconditional prompts, fake x0 = x_tau - tau v_fake; the generator's sample receives
+    (fake_x0 - real_x0) / mean|x0 - real_x0| (over its numel). Equal scores give no gradient."""
+    from helios.stages import DistillStage
+    from helios.stages.distilled.roles import DistillModule
+
+    scale = 2.5
+    stage = DistillStage(compose(["stage=3", f"distill.real_cfg={scale}"]))
+    b, shape = 3, (3, 4, 2, 6, 6)
+    stage.phase.uncond = torch.zeros(1, 5, 8)
+    cond = {"encoder_hidden_states": torch.ones(b, 5, 8)}
+    tau = torch.tensor([0.2, 0.5, 0.9])
+    t5 = tau.view(-1, 1, 1, 1, 1)
+
+    def run(real, fake):
+        x0 = torch.randn(shape, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        m = DistillModule(torch.nn.Identity(), fake=fake, real=real)
+        metrics = {}
+        loss = stage.phase.generator_loss(
+            m, None, x0, cond, {"tau": tau}, False, torch.Generator().manual_seed(2), metrics
+        )
+        loss.backward()
+        return x0, real.inputs[0], metrics
+
+    real, fake = _Score(0.7, 0.4), _Score(-0.3, 0.1)
+    x0, xt, metrics = run(real, fake)
+    assert all(torch.equal(x, xt) for x in real.inputs + fake.inputs)  # every score sees one x_tau
+    eps = (xt - (1 - t5) * x0.detach()) / t5
+    assert eps.mean().abs() < 0.15 and eps.std().item() == pytest.approx(1.0, abs=0.15)
+    v_cond, v_uncond = 0.7 * xt + 0.4, 0.7 * xt
+    real_x0 = xt - t5 * (v_uncond + scale * (v_cond - v_uncond))
+    fake_x0 = xt - t5 * (-0.3 * xt + 0.1)
+    norm = (x0.detach() - real_x0).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
+    grad = (fake_x0 - real_x0) / norm
+    torch.testing.assert_close(x0.grad, grad / x0.numel())
+    assert float(metrics["dmd_grad_norm"]) == pytest.approx(float(grad.norm() / math.sqrt(b)), rel=1e-5)
+    same = _Score(0.7, 0.4)
+    stage.d.real_cfg = 1.0  # cond only: the real score is the fake score
+    x0, _, _ = run(same, same)
+    assert x0.grad.abs().max() < 1e-7
+
+
+def test_critic_flow_loss_vanishes_for_the_exact_velocity_of_the_generators_sample():
+    """Eq. 13: the fake score learns the flow of the generator's samples, x_t = (1 - t) x0 + t eps with
+    target eps - x0; a score that returns the exact velocity of that path given x0 has zero loss."""
+    from helios.stages import DistillStage
+    from helios.stages.distilled.roles import DistillModule
+
+    stage = DistillStage(compose(["stage=3"]))
+    x0d = torch.randn(2, 4, 2, 6, 6, generator=torch.Generator().manual_seed(0))
+
+    class Exact(torch.nn.Module):
+        def forward(self, hidden_states, timestep, return_dict=False, **_):
+            return ((hidden_states - x0d) / (timestep / 1000).view(-1, 1, 1, 1, 1),)
+
+    draws = {"t": torch.tensor([0.3, 0.8]), "eps": torch.randn(x0d.shape, generator=torch.Generator())}
+    metrics = {}
+    m = DistillModule(torch.nn.Identity(), fake=Exact())
+    loss = stage.phase.critic_flow_loss(m, x0d, None, {}, draws, None, metrics)
+    assert float(loss) < 1e-10 and metrics["loss_flow"] == loss
+
+
+def test_critic_optimizer_group_takes_the_fake_score_learning_rate():
+    """TTUR's second learning rate (Table 2: generator 2e-6, fake score 4e-7), and the tiny config keeps
+    the two apart so that a run can tell them apart."""
+    from types import SimpleNamespace
+
+    from helios.stages.distilled.roles import DistillRoles
+
+    real = ["stage3=post", "distill.teacher=/t", "model.transformer.path=/m", "data.path=/d"]
+    for overrides in (["stage=3", *real], ["stage=3"]):
+        cfg = compose(overrides)
+        assert cfg.distill.fake_lr != cfg.optim.lr
+        m = SimpleNamespace(generator=torch.nn.Linear(2, 2), fake=torch.nn.Linear(2, 2), heads=None)
+        groups = {g["name"]: g["lr"] for g in DistillRoles(cfg, None).param_groups(m)}
+        assert groups == {"generator": cfg.optim.lr, "critic": cfg.distill.fake_lr}
