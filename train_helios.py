@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 
 import hydra
@@ -17,29 +19,24 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from helios.config import CONFIG_DIR, ConfigError, load_config, normalize_overrides
+from helios.config import CONFIG_DIR, load_config, normalize_overrides
 from helios.config.entry import USER_ERRORS
+from helios.config.sweep import record_failure
+
+# exit status of a failed run: 2 = the user can fix it (config, files, a full disk; a requeue would fail
+# again), 3 = the training diverged (deterministic: a requeue would diverge again)
+DIVERGED = 3
 
 
-@hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base=None)
-def _hydra_main(raw: DictConfig) -> None:
-    try:
-        cfg = load_config(raw)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+def _train(raw: DictConfig, sweep: bool) -> None:
+    cfg = load_config(raw)
     # imported after the config is valid: the trainer pulls in diffusers (~6 s), which --help, a bad
     # config and a sweep's validation never need (this script is outside the helios package's layers)
     from helios.tiny_recipe import complete_tiny_distill
     from helios.trainer import Trainer
 
     hc = HydraConfig.get()
-    sweep = hc.mode == RunMode.MULTIRUN
-    try:
-        cfg = complete_tiny_distill(cfg)  # the tiny stage-3 job's Base, Mid and ODE pairs
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    cfg = complete_tiny_distill(cfg)  # the tiny stage-3 job's Base, Mid and ODE pairs
     trainer = Trainer(
         cfg,
         hc.runtime.output_dir,
@@ -48,26 +45,28 @@ def _hydra_main(raw: DictConfig) -> None:
     )
     try:
         trainer.run()
-    except USER_ERRORS as err:  # user errors (config, missing or unwritable files): one line, no traceback
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
     finally:
         trainer.close()
 
 
-def _check_sweep(argv: list[str]) -> None:
-    """A multirun is validated whole before any job starts: every invalid combination is listed."""
-    from helios.config.load import validate_sweep
-
-    overrides = [a for a in argv if "=" in a and not a.startswith("-")]  # not Hydra's flags or their values
-    bad = validate_sweep(overrides)
-    if bad:
-        lines = [f"  {' '.join(job)}\n    -> {reason}" for job, reason in bad]
-        print(
-            f"error: {len(bad)} sweep combination(s) are invalid; nothing was launched:\n" + "\n".join(lines),
-            file=sys.stderr,
-        )
-        sys.exit(2)
+@hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base=None)
+def _hydra_main(raw: DictConfig) -> None:
+    """One run; a user error (config, missing or unwritable files) or a divergence is one line and a
+    non-zero exit. In a sweep, a failed member is recorded and the next one runs (helios.config.sweep)."""
+    hc = HydraConfig.get()
+    sweep = hc.mode == RunMode.MULTIRUN
+    try:
+        _train(raw, sweep)
+    except (*USER_ERRORS, FloatingPointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        if not sweep:
+            sys.exit(DIVERGED if isinstance(err, FloatingPointError) else 2)
+        record_failure(Path(hc.runtime.output_dir), list(hc.overrides.task), err)
+    except Exception as err:
+        if not sweep:
+            raise
+        traceback.print_exc()
+        record_failure(Path(hc.runtime.output_dir), list(hc.overrides.task), err)
 
 
 def launch_id(env: dict[str, str]) -> str | None:
@@ -90,13 +89,31 @@ def shared_run_dir(argv: list[str], env: dict[str, str]) -> list[str]:
     return [*argv, f"hydra.run.dir=outputs/stage${{stage}}-${{phase}}/{run_id}"]
 
 
+def unwritable_output(argv: list[str]) -> str | None:
+    """Why the run (or sweep) dir cannot be written, checked before Hydra opens its log file there (which
+    would fail with a traceback): None when a file can be created in it or in its nearest existing parent."""
+    key = "hydra.sweep.dir=" if "-m" in argv or "--multirun" in argv else "hydra.run.dir="
+    given = [a[len(key) :] for a in argv if a.startswith(key)]
+    path = Path(given[-1]).expanduser() if given else Path.cwd()
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            return None
+    except OSError as err:
+        return f"{key[:-1]}={path}: cannot write there ({err.strerror or err}): choose another folder"
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     argv = normalize_overrides(sys.argv[1:])
-    if "-m" in argv or "--multirun" in argv:
-        _check_sweep(argv)
-    else:
+    if "-m" not in argv and "--multirun" not in argv:
         argv = shared_run_dir(argv, dict(os.environ))
+    problem = None if any(a in ("-h", "--help") for a in argv) else unwritable_output(argv)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     sys.argv = [sys.argv[0], *argv]
     _hydra_main()
 

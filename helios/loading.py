@@ -38,9 +38,8 @@ class LoadedModel:
 
 
 def load_train_config(checkpoint_dir: Path) -> TrainConfig:
-
-    state = torch.load(checkpoint_dir / "state.pt", map_location="cpu", weights_only=False)
-    return load_config(OmegaConf.create(state["config"]))
+    """The config a checkpoint was trained with (read without its weights or optimizer state)."""
+    return load_config(OmegaConf.create(ckpt.saved_config(checkpoint_dir)))
 
 
 def load_checkpoint_model(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from helios.config import compose
+from helios.config import ConfigError, compose
 from helios.config.entry import USER_ERRORS, implementation
 
 USAGE = """usage: python -m helios.memory [training overrides ...] [world_size=N] [gpus_per_node=8]
@@ -21,6 +21,16 @@ Prints every memory category per GPU and per node's host memory; the last line i
 peak_gib_per_gpu=<x> host_gib_per_node=<y>."""
 
 
+def _positive(key: str, value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ConfigError(key, f"is {value!r}, not a whole number") from None
+    if number < 1:
+        raise ConfigError(key, f"is {number}, must be >= 1")
+    return number
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
@@ -28,13 +38,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     own = {"world_size": 8, "gpus_per_node": 8, "height": 384, "width": 640}
     overrides = []
-    for arg in argv:
-        key, _, value = arg.partition("=")
-        if key in own:
-            own[key] = int(value)
-        else:
-            overrides.append(arg)
     try:
+        for arg in argv:
+            key, _, value = arg.partition("=")
+            if key in own:
+                own[key] = _positive(key, value)
+            else:
+                overrides.append(arg)
         cfg = compose(overrides)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)

@@ -20,12 +20,13 @@ from helios.data.synthetic import synthetic_shards
 from helios.infra import checkpoint
 from helios.infra.backend import ParallelBackend, build_backend, model_tensors
 from helios.infra.callbacks import StepCallback, every
-from helios.infra.distributed import DistInfo, all_mean, barrier, setup, teardown
-from helios.infra.guard import StepGuard, check_reading
+from helios.infra.distributed import DistInfo, all_mean, barrier, broadcast_object, setup, teardown
+from helios.infra.guard import StepGuard, check_reading, diverged, weight_stats
 from helios.infra.metrics import MetricsLogger, micro_means
 from helios.infra.resolve import out_of_memory, resolve_grad_accum, resolve_num_workers, resolve_precision
 from helios.infra.resume import record_changes, resolve_resume
 from helios.infra.rng import rank_state, restore_rank_state, seed_everything, shared_generator
+from helios.infra.run_lock import RunDirBusy, RunLock
 from helios.infra.summary import run_summary
 from helios.infra.tracking import start_tracker
 from helios.loading import check_source_formats, merged_weights, pin_sources, weight_sources
@@ -57,6 +58,8 @@ class Trainer:
         self.guard = StepGuard(self.dist.device)  # divergence checks: one host sync per step
         self.stop_requested = False  # a STOP file seen by the main rank at the last step (all ranks agree)
         self.validation = Validation(cfg, self.dist, self.run_dir)
+        self.lock = RunLock(self.run_dir)  # held by the main rank while the run lives
+        self.initial_weights_rms: float | None = None  # the trainable weights' size before training
 
     # ------------------------------------------------------------------ setup
     def _build_data(self) -> None:
@@ -111,12 +114,18 @@ class Trainer:
         )
         self.generator = torch.Generator().manual_seed(cfg.seed * 100_003 + self.dist.rank)
         seed_everything(cfg.seed * 100_003 + self.dist.rank)  # per-rank streams from here on
+        with self.backend.gathered():
+            self.initial_weights_rms = weight_stats(model_tensors(self.model, False)["trainable"])["rms"]
 
     # ------------------------------------------------------------------ checkpoint
     def save_checkpoint(self) -> Path:
         with self.backend.gathered():  # ZeRO-3: full weights on every rank for the duration (collective)
             tensors = model_tensors(self.model, random_base=self.cfg.model.transformer.source == "random")
         tensors.update(self.stage.extra_tensors())
+        stats = weight_stats(tensors["trainable"])
+        if not stats["finite"]:  # the update of this step overflowed: never checkpoint such weights
+            raise diverged(self.run_dir, self.step, "the trainable weights are not finite after the update")
+        meta = {"weights_rms": stats["rms"], "initial_weights_rms": self.initial_weights_rms}
         objects = {
             "opt_steps": self.opt_steps,
             "step": self.step,
@@ -127,7 +136,17 @@ class Trainer:
         ranks = {**rank_state(self.generator), "sampler": self.sampler.state_dict()}
         extra, keep = self.backend.write_extra(), self.cfg.trainer.keep_last
         path = checkpoint.save(
-            self.run_dir, self.step, self.dist, tensors, objects, ranks, keep, extra, weight_sources(self.cfg)
+            self.run_dir,
+            self.step,
+            self.dist,
+            tensors,
+            objects,
+            ranks,
+            keep,
+            extra,
+            weight_sources(self.cfg),
+            meta=meta,
+            config=objects["config"],
         )
         if self.dist.is_main:
             log.info("saved checkpoint %s", path)
@@ -136,10 +155,9 @@ class Trainer:
     def load_checkpoint(self, path: Path) -> None:
         tensors, objects, ranks = checkpoint.load(path, self.dist)
         self.backend.load(path, tensors, objects, self.model)
-        record_changes(
-            objects["config"], self.cfg, path, int(objects["step"]), self.run_dir, self.dist.is_main
-        )
         self.backend.set_learning_rates(self.group_lrs)
+        meta = checkpoint.read_meta(path)
+        self.initial_weights_rms = meta.get("initial_weights_rms", self.initial_weights_rms)
         self.stage.load_state_dict(objects["stage"])
         self.stage.load_extra_tensors(tensors)
         self.opt_steps.update(objects.get("opt_steps", {}))
@@ -234,9 +252,29 @@ class Trainer:
             callbacks.append(StepCallback(every(t.log_every), self.tracker.log, on_logged=True))
         return callbacks
 
+    def _hold_run_dir(self) -> None:
+        """The main rank takes the run dir's lock (a second live run is refused, naming the holder)."""
+        refusal = None
+        if self.dist.is_main:
+            try:
+                self.lock.acquire()
+            except RunDirBusy as err:
+                refusal = str(err)
+        refusal = broadcast_object(refusal)
+        if refusal:
+            raise RunDirBusy(refusal)
+
     def run(self) -> Path:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._hold_run_dir()
         resume = resolve_resume(self.cfg, self.run_dir, self.dist)
+        if resume is not None:  # the resume contract, before data or models are built
+            saved = checkpoint.saved_config(resume)
+            step = checkpoint.read_meta(resume)["step"]
+            record_changes(saved, self.cfg, resume, step, self.run_dir, self.dist.is_main)
+        if self.dist.is_main:
+            checkpoint.start_branch(self.run_dir, resume)  # newer checkpoints move aside, kept
+        barrier()
         self._build_data()
         self._build_model(checkpoint.saved_sources(resume) if resume is not None else None)
         if resume is not None:
@@ -293,4 +331,5 @@ class Trainer:
         self.backend = self.model = None
         self.stage.release()
         gc.collect()
+        self.lock.release()
         teardown()

@@ -24,18 +24,44 @@ from helios.sampling.pipeline import generate_video, save_video
 log = logging.getLogger("helios.generate")
 
 
-def _read_timed_prompts(path: str, fps: int, frames_per_section: int) -> list[tuple[int, str]]:
-    rows = []
+def _csv_rows(path: str, columns: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
+    """(line number, row) of a prompts CSV with every one of ``columns`` filled in; a missing column, an
+    empty value or an empty file is a one-line error naming the file and the line."""
     with open(path, newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            if "time" not in row or "prompt" not in row:
-                raise ValueError(f"{path}: needs the columns time,prompt")
-            section = math.floor(float(row["time"]) * fps / frames_per_section)
-            rows.append((section, row["prompt"]))
-    rows.sort()
-    if not rows or rows[0][0] != 0:
-        raise ValueError(f"{path}: the first prompt must start at time 0")
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not set(columns) <= set(reader.fieldnames):
+            raise ValueError(f"{path}: needs the columns {','.join(columns)} (has {reader.fieldnames})")
+        rows = []
+        for line, row in enumerate(reader, start=2):
+            empty = [c for c in columns if not (row.get(c) or "").strip()]
+            if empty:
+                raise ValueError(f"{path}:{line}: no {' or '.join(empty)}")
+            rows.append((line, row))
+    if not rows:
+        raise ValueError(f"{path}: no prompts")
     return rows
+
+
+def _number(path: str, line: int, column: str, value: str, kind: type) -> float | int:
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"{path}:{line}: {column} {value!r} is not a {kind.__name__}") from None
+
+
+def read_timed_prompts(path: str) -> list[tuple[float, str]]:
+    """``time,prompt`` rows (seconds), sorted; the first prompt starts at time 0."""
+    rows = sorted(
+        (_number(path, line, "time", row["time"], float), row["prompt"])
+        for line, row in _csv_rows(path, ("time", "prompt"))
+    )
+    if rows[0][0] > 0:
+        raise ValueError(f"{path}: the first prompt must start at time 0 (the earliest is {rows[0][0]:g} s)")
+    return rows
+
+
+def timed_sections(rows: list[tuple[float, str]], fps: int, frames_per_section: int) -> list[tuple[int, str]]:
+    return [(math.floor(t * fps / frames_per_section), prompt) for t, prompt in rows]
 
 
 def read_interactive_prompts(path: str, sections_per_prompt: int) -> list[tuple[str, list[tuple[int, str]]]]:
@@ -43,19 +69,22 @@ def read_interactive_prompts(path: str, sections_per_prompt: int) -> list[tuple[
     ``refined_prompt``): one video per id, its prompts in ``prompt_index`` order, prompt j from section
     j x ``sections_per_prompt`` on."""
     groups: dict[str, list[tuple[int, str]]] = {}
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"id", "prompt_index", "prompt"} <= set(reader.fieldnames):
-            raise ValueError(f"{path}: needs the columns id,prompt_index,prompt (has {reader.fieldnames})")
-        for row in reader:
-            text = (row.get("refined_prompt") or "").strip() or row["prompt"]
-            groups.setdefault(row["id"], []).append((int(row["prompt_index"]), text))
-    if not groups:
-        raise ValueError(f"{path}: no prompts")
+    for line, row in _csv_rows(path, ("id", "prompt_index", "prompt")):
+        text = (row.get("refined_prompt") or "").strip() or row["prompt"]
+        index = _number(path, line, "prompt_index", row["prompt_index"], int)
+        groups.setdefault(row["id"], []).append((index, text))
     return [
         (vid, [(j * sections_per_prompt, text) for j, (_, text) in enumerate(sorted(rows))])
         for vid, rows in groups.items()
     ]
+
+
+def read_prompts_file(path: str) -> list[str]:
+    """One prompt per non-empty line."""
+    lines = [x.strip() for x in Path(path).read_text(encoding="utf-8").splitlines() if x.strip()]
+    if not lines:
+        raise ValueError(f"prompts_file={path}: no prompts (one per line)")
+    return lines
 
 
 def _load_pixels(path: str, height: int, width: int, frames: int | None) -> torch.Tensor:
@@ -80,27 +109,27 @@ def run(cfg: GenerateConfig) -> list[Path]:
         if cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
         else torch.float32
     )
+    # the prompts are read (and a bad file refused) before the model loads
+    timed = read_timed_prompts(cfg.timed_prompts) if cfg.timed_prompts else None
+    base = Path(cfg.output)
+    if cfg.interactive_prompts:
+        jobs = [
+            (base.with_name(f"{base.stem}_{vid}{base.suffix}"), prompts)
+            for vid, prompts in read_interactive_prompts(cfg.interactive_prompts, cfg.sections_per_prompt)
+        ]
+    elif cfg.prompts_file:
+        lines = read_prompts_file(cfg.prompts_file)
+        jobs = [(base.with_name(f"{base.stem}_{i:03d}{base.suffix}"), [(0, p)]) for i, p in enumerate(lines)]
+    else:
+        jobs = [(base, [(0, cfg.prompt)])]
     model = load_for_inference(cfg.checkpoint, device, dtype)
     check_decode(cfg.decode, model.latent_format, cfg.checkpoint)
     height = cfg.height or (model.size[0] if model.size else 384)
     width = cfg.width or (model.size[1] if model.size else 640)
     sampler = cfg.sampler
     first_frames, frames_per_section = section_frames(model.layout.window, model.latent_format)
-    base = Path(cfg.output)
-    if cfg.timed_prompts:
-        jobs = [(base, _read_timed_prompts(cfg.timed_prompts, cfg.fps, frames_per_section))]
-    elif cfg.interactive_prompts:
-        jobs = [
-            (base.with_name(f"{base.stem}_{vid}{base.suffix}"), prompts)
-            for vid, prompts in read_interactive_prompts(cfg.interactive_prompts, cfg.sections_per_prompt)
-        ]
-    elif cfg.prompts_file:
-        lines = [
-            x.strip() for x in Path(cfg.prompts_file).read_text(encoding="utf-8").splitlines() if x.strip()
-        ]
-        jobs = [(base.with_name(f"{base.stem}_{i:03d}{base.suffix}"), [(0, p)]) for i, p in enumerate(lines)]
-    else:
-        jobs = [(base, [(0, cfg.prompt)])]
+    if timed is not None:
+        jobs = [(base, timed_sections(timed, cfg.fps, frames_per_section))]
     if len(jobs) == 1:
         jobs = [(base, jobs[0][1])]
     image = _load_pixels(cfg.image, height, width, None) if cfg.image else None

@@ -161,17 +161,3 @@ def sweep_jobs(overrides: Sequence[str]) -> list[list[str]]:
     parsed = OverridesParser.create().parse_overrides(list(overrides))
     batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
     return [list(job) for batch in batches for job in batch]
-
-
-def validate_sweep(overrides: Sequence[str]) -> list[tuple[list[str], str]]:
-    """Compose and validate every job of a sweep; return (job overrides, error) for the invalid ones."""
-    from hydra.errors import HydraException
-
-    keep = [o for o in overrides if not o.startswith(("hydra.", "hydra/"))]
-    bad = []
-    for job in sweep_jobs(keep):
-        try:
-            compose(job)
-        except (ConfigError, HydraException) as err:
-            bad.append((job, str(err).splitlines()[0]))
-    return bad

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from helios.data.shards import ShardIndex, list_shards, npy_bytes, npy_load
+from helios.data.shards import ShardIndex, list_shards, npy_bytes
 
 ODE_MEMBERS = ("noise.npy", "prompt_embeds.npy", "json")  # members every pair has
 
@@ -44,7 +44,7 @@ class OdePairDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         i, _ = item
-        read = lambda name: torch.from_numpy(npy_load(self.index.read_member(i, name + ".npy")))  # noqa: E731
+        read = lambda name: self.index.read_array(i, name + ".npy")  # noqa: E731
         out = {"history": read("history"), "anchor": read("anchor")}
         emb = read("prompt_embeds")[: self.max_len]
         out["prompt_embeds"] = torch.zeros(self.max_len, emb.shape[-1])

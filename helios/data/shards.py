@@ -105,7 +105,8 @@ def list_shards(path: str | Path) -> list[Path]:
 
 
 class CorruptSample(ValueError):
-    """A sample's bytes are short or fail their checksum (the shard changed since it was indexed)."""
+    """A sample's bytes are short, fail their checksum (the shard changed since it was indexed) or hold
+    non-finite values."""
 
 
 class ShardIndex:
@@ -170,19 +171,33 @@ class ShardIndex:
             raise CorruptSample(f"{shard}: sample {item['key']}.{ext} fails its checksum (the file changed)")
         return data
 
-    def read(self, i: int) -> dict:
-        key = self.entries[i][1]["key"]
+    def read_array(self, i: int, member: str) -> torch.Tensor:
+        """A ``.npy`` member as a tensor. Non-finite values (NaN or inf: e.g. an encoder that overflowed,
+        whose bytes still match their checksum) make the sample corrupt, named by shard, key and member."""
+        shard, item = self.entries[i]
         try:
-            return {
-                "key": key,
-                "latents": torch.from_numpy(npy_load(self.read_member(i, "latents.npy"))),
-                "prompt_embeds": torch.from_numpy(npy_load(self.read_member(i, "prompt_embeds.npy"))),
-                "meta": json.loads(self.read_member(i, "json").decode("utf-8")),
-            }
+            array = torch.from_numpy(npy_load(self.read_member(i, member)))
         except CorruptSample:
             raise
         except Exception as err:  # an index without checksums: undecodable bytes
-            raise CorruptSample(f"{self.entries[i][0]}: sample {key}: {err}") from None
+            raise CorruptSample(f"{shard}: sample {item['key']}.{member}: {err}") from None
+        if array.is_floating_point() and not bool(torch.isfinite(array).all()):
+            bad = int((~torch.isfinite(array)).sum())
+            raise CorruptSample(
+                f"{shard}: sample {item['key']}.{member} holds {bad} non-finite values (NaN or inf)"
+            )
+        return array
+
+    def read(self, i: int) -> dict:
+        key = self.entries[i][1]["key"]
+        latents, embeds = self.read_array(i, "latents.npy"), self.read_array(i, "prompt_embeds.npy")
+        try:
+            meta = json.loads(self.read_member(i, "json").decode("utf-8"))
+        except CorruptSample:
+            raise
+        except Exception as err:  # an index without checksums: undecodable bytes
+            raise CorruptSample(f"{self.entries[i][0]}: sample {key}.json: {err}") from None
+        return {"key": key, "latents": latents, "prompt_embeds": embeds, "meta": meta}
 
     def __getstate__(self):  # DataLoader workers open their own files
         state = self.__dict__.copy()

@@ -1,4 +1,5 @@
-"""Decode a video file into a clip tensor: fps resampling, resize + centre crop (decord)."""
+"""Decode a video file into a clip tensor: fps resampling, resize + centre crop (decord; ffmpeg where
+decord fails on a valid stream)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,28 @@ def resize_center_crop(frames: torch.Tensor, height: int, width: int) -> torch.T
     return (x / 127.5 - 1.0).clamp(-1, 1).permute(1, 0, 2, 3).contiguous()
 
 
+def ffmpeg_frames(source: str | io.BytesIO, idx: list[int], first_error: BaseException) -> torch.Tensor:
+    """Frames ``idx`` as [T, H, W, 3] uint8, decoded by an ffmpeg process (imageio-ffmpeg)."""
+    import tempfile
+
+    import imageio
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(source)
+        if isinstance(source, io.BytesIO):
+            path = f"{tmp}/clip.mp4"
+            with open(path, "wb") as f:
+                f.write(source.getvalue())
+        try:
+            with imageio.get_reader(path, "ffmpeg") as reader:
+                frames = np.stack([reader.get_data(i)[..., :3] for i in idx])
+        except Exception as err:
+            reason = f"{first_error}".splitlines()[0] if first_error else ""
+            raise VideoDecodeError(f"decode failed: {reason}; ffmpeg: {err}".splitlines()[0]) from None
+    return torch.from_numpy(frames)
+
+
 def decode_clip(
     source: str | io.BytesIO,
     num_frames: int,
@@ -70,8 +93,12 @@ def decode_clip(
     idx = frame_indices(min(end, n), source_fps, fps or source_fps, num_frames, start=start)
     try:
         frames = torch.from_numpy(reader.get_batch(idx).asnumpy())
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            raise VideoDecodeError(f"decord returned frames of shape {tuple(frames.shape)}")
     except Exception as err:
-        raise VideoDecodeError(f"decode failed: {err}".splitlines()[0]) from None
+        # decord mis-decodes some valid streams (e.g. frames narrower than its 32-pixel alignment); ffmpeg
+        # itself (imageio-ffmpeg) reads them, frame by frame
+        frames = ffmpeg_frames(source, idx, err)
     if frames.shape[0] != num_frames or frames.numel() == 0:
         raise VideoDecodeError(f"decoded {frames.shape[0]} of {num_frames} frames")
     if crop is not None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from helios.infra.checkpoint import list_complete
+from helios.infra.checkpoint import CorruptCheckpoint, list_complete, read_meta
 
 NAN, INF = 2.0, 1.0  # codes of a non-finite loss (the larger wins the MAX)
 
@@ -82,14 +82,66 @@ class StepGuard:
         )
 
 
+def weight_stats(tensors: dict[str, torch.Tensor]) -> dict[str, float | bool]:
+    """Root mean square of a set of weights (over every element) and whether all are finite: recorded with
+    each checkpoint, so a divergence can tell which checkpoints hold weights that already blew up."""
+    total, count, finite = 0.0, 0, True
+    for t in tensors.values():
+        x = t.detach().double()
+        finite = finite and bool(torch.isfinite(x).all())
+        total += float(x.square().sum()) if finite else 0.0
+        count += x.numel()
+    return {"rms": math.sqrt(total / count) if count and finite else math.inf, "finite": finite}
+
+
+# a checkpoint whose trainable weights grew this many times beyond their size at the run's start is taken
+# for one the divergence already reached (training moves weights by small factors; a blown-up update by 1e3+)
+BLOWN_UP = 10.0
+
+
+def _growth(path: Path) -> float | None:
+    """How many times larger a checkpoint's weights are than at the run's start (None: not recorded)."""
+    try:
+        meta = read_meta(path)
+    except CorruptCheckpoint:
+        return None
+    rms, start = meta.get("weights_rms"), meta.get("initial_weights_rms")
+    if rms is None or not start:
+        return None
+    return rms / start if math.isfinite(rms) else math.inf
+
+
 def diverged(run_dir: Path, step: int, what: str) -> FloatingPointError:
     """The error that stops a run before a non-finite loss or gradient reaches the optimizer or a
-    checkpoint, naming the step, the role and the newest checkpoint (weights from before the divergence)."""
-    done = list_complete(run_dir)
-    last = f"the last checkpoint, {done[-1][1]}," if done else "no checkpoint yet; the run"
+    checkpoint, naming the step, the role and the checkpoint to continue from: the newest one whose
+    weights have not already blown up (its weights' size against the run's start, recorded at each save)."""
+    done = [path for _, path in list_complete(run_dir)]
+    head = f"{what} at step {step}: nothing was updated or saved; "
+    fix = "Lower optim.lr (a resumed run applies the new value) or check the data"
+    if not done:
+        return FloatingPointError(head + f"no checkpoint yet. {fix}, then rerun")
+    growth = {path: _growth(path) for path in done}
+    healthy = [path for path in done if growth[path] is None or growth[path] <= BLOWN_UP]
+
+    def size(path: Path) -> str:
+        g = growth[path]
+        return "no weight statistics recorded" if g is None else f"weights {g:.3g}x their size at the start"
+
+    newest = done[-1]
+    if healthy and healthy[-1] == newest:
+        return FloatingPointError(
+            head + f"the last checkpoint, {newest}, is unaffected ({size(newest)}). {fix}, then resume=latest"
+        )
+    affected = f"the last checkpoint, {newest}, is already affected ({size(newest)})"
+    if healthy:
+        good = healthy[-1]
+        return FloatingPointError(
+            head + f"{affected}; the newest that is not is {good} ({size(good)}). {fix}, then resume={good} "
+            "(the newer checkpoints move aside to checkpoints/abandoned/, kept)"
+        )
     return FloatingPointError(
-        f"{what} at step {step}: nothing was updated or saved; {last} is unaffected. "
-        "Lower optim.lr (a resumed run applies the new value) or check the data, then resume=latest"
+        head + f"{affected}, and so is every earlier one. {fix}, then start again with resume=none "
+        "(the checkpoints move aside to checkpoints/abandoned/, kept)"
     )
 
 

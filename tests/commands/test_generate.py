@@ -106,6 +106,30 @@ def test_generate_errors_and_help(run_dir, tmp_path):
     assert "checkpoint=PATH" in help_text and "timed_prompts" in help_text
 
 
+@pytest.mark.parametrize(
+    ("kind", "text", "reason"),
+    [
+        ("timed_prompts", "time,prompt\n0,a red circle\n4\n", r"prompts.csv:3: no prompt"),
+        ("timed_prompts", "time,prompt\nsoon,a red circle\n", r"prompts.csv:2: time 'soon' is not a float"),
+        ("timed_prompts", "prompt\na red circle\n", r"needs the columns time,prompt \(has \['prompt'\]\)"),
+        ("timed_prompts", "time,prompt\n", r"prompts.csv: no prompts"),
+        ("interactive_prompts", "id,prompt_index,prompt\nv,,a cat\n", r"prompts.csv:2: no prompt_index"),
+        ("prompts_file", "\n  \n", r"no prompts \(one per line\)"),
+    ],
+)
+def test_a_bad_prompts_file_is_one_line_before_the_model_loads(tmp_path, kind, text, reason):
+    """A missing column or value, a non-number, or an empty file: one line naming the file (and the line),
+    exit 2, before any model is loaded (the checkpoint here does not even exist)."""
+    import re
+
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text(text)
+    out = tmp_path / "x.mp4"
+    proc = _generate(f"checkpoint={tmp_path / 'nowhere'}", f"{kind}={prompts}", f"output={out}")
+    assert proc.returncode == 2 and re.search(reason, proc.stderr), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
 def test_generate_from_a_diffusers_model_directory(tmp_path):
     """A diffusers-format Helios pipeline directory (model_index.json) loads and generates."""
     import torch

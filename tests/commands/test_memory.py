@@ -123,3 +123,14 @@ def test_fitting_14b_layouts_stay_under_their_limits(overrides, limit):
     _, peak, host = memory.report(memory.estimate(cfg, 8, (48, 80)), 8)
     assert peak <= limit
     assert host <= 512  # GiB per 8-GPU node, also while the models are built
+
+
+@pytest.mark.parametrize(
+    ("arg", "reason"), [("world_size=0", "must be >= 1"), ("world_size=-8", "must be >= 1"),
+                        ("world_size=abc", "not a whole number"), ("height=12x", "not a whole number")],
+)  # fmt: skip
+def test_cli_refuses_bad_sizes_in_one_line(capsys, arg, reason):
+    assert memory_command.main([arg]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: config error at '{arg.split('=')[0]}'") and reason in err
+    assert len(err.splitlines()) == 1

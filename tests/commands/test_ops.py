@@ -1,6 +1,7 @@
 """Operations: wandb, sweeps, Slurm env, the helios command, ablation switches, error messages."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import torch
 
 from helios.cli import main as helios_main
 from helios.config import compose
-from helios.config.load import sweep_jobs, validate_sweep
+from helios.config.load import sweep_jobs
 from helios.core.history import HistoryLayout
 from helios.infra.distributed import first_host, slurm_env
 from helios.infra.metrics import read_metrics
@@ -54,13 +55,52 @@ def test_run_names_carry_sweep_values():
     assert run_name(cfg, "history.corrupt.p_noise=0.4") == "stage1-tiny-history.corrupt.p_noise=0.4"
 
 
-def test_sweep_expansion_and_validation():
+def test_sweep_expansion():
     jobs = sweep_jobs(["history.corrupt.p_noise=0.2,0.4", "seed=1,2"])
     assert len(jobs) == 4 and ["history.corrupt.p_noise=0.2", "seed=1"] in jobs
-    bad = validate_sweep(["history.corrupt.p_noise=0.8,0.7"])
-    assert [job for job, _ in bad] == [["history.corrupt.p_noise=0.7"]]
-    assert "sum to 1" in bad[0][1]
-    assert validate_sweep(["history.corrupt.p_noise=0.2,0.7", "history.corrupt.p_clean=null"]) == []
+
+
+def _multirun(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "train_helios.py", "-m", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+def test_a_sweep_file_is_validated_like_the_command_line(tmp_path):
+    """Members defined in a sweep file (an experiment under --config-dir with hydra.sweeper.params) are
+    composed and validated before any starts, as command-line sweeps are."""
+    experiments = tmp_path / "conf" / "experiment"
+    experiments.mkdir(parents=True)
+    (experiments / "corrupt_sweep.yaml").write_text(
+        "# @package _global_\nhydra:\n  sweeper:\n    params:\n      history.corrupt.p_noise: 0.8,0.5\n"
+    )
+    proc = _multirun(
+        f"--config-dir={tmp_path / 'conf'}", "+experiment=corrupt_sweep", f"hydra.sweep.dir={tmp_path}/sw"
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "1 sweep combination(s) are invalid; nothing was launched" in proc.stderr
+    assert "history.corrupt.p_noise=0.5" in proc.stderr and "sum to 1" in proc.stderr
+    assert not (tmp_path / "sw").exists()
+
+
+@pytest.mark.slow
+def test_a_failing_member_does_not_stop_the_sweep_which_ends_with_a_summary(tmp_path):
+    """One member's user error (a resume path that does not exist) is printed, the next member trains, and
+    the sweep ends listing the failed member and why, with exit status 1."""
+    proc = _multirun(
+        f"resume={tmp_path}/missing,latest", "trainer.max_steps=1", "validation.enabled=false",
+        f"hydra.sweep.dir={tmp_path}/sw",
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert read_metrics(tmp_path / "sw" / "1")[-1]["step"] == 1  # the second member ran
+    summary = proc.stderr[proc.stderr.index("error: 1 sweep member(s) failed:") :]
+    assert f"resume={tmp_path}/missing" in summary and "FileNotFoundError: resume=" in summary
+    assert "Traceback" not in proc.stderr
 
 
 def test_invalid_sweep_launches_nothing(tmp_path):

@@ -211,6 +211,50 @@ def test_a_corrupt_sample_is_named_or_skipped_and_counted(tmp_path):
     assert read_metrics(tmp_path / "run")[-1]["data_skipped"] >= 1
 
 
+def test_non_finite_data_with_a_valid_checksum_is_named_where_it_is_read_or_skipped(tmp_path):
+    """A NaN written by a broken encoder passes every checksum: it is caught where the sample is read, named
+    by shard, key and member (not reported as a divergence of the model), and skipped and counted under
+    data.on_error=skip."""
+    import json
+    import shutil
+    import zlib
+
+    from helios.data.shards import CorruptSample, index_path
+    from helios.infra.metrics import read_metrics
+    from helios.trainer import Trainer
+
+    shards = tmp_path / "shards"
+    shutil.copytree(_tiny_shards(), shards)
+    (shard,) = sorted(shards.glob("*.tar"))
+    entries = json.loads(index_path(shard).read_text())
+    entry = entries[1]
+    offset, size, _ = entry["members"]["latents.npy"]
+    data = bytearray(shard.read_bytes())
+    data[offset + size - 4 : offset + size] = b"\x00\x00\xc0\x7f"  # float32 NaN, the last latent value
+    shard.write_bytes(bytes(data))
+    entry["members"]["latents.npy"][2] = zlib.crc32(bytes(data[offset : offset + size]))  # a valid checksum
+    index_path(shard).write_text(json.dumps(entries))
+    with pytest.raises(
+        CorruptSample, match=rf"{shard.name}: sample {entry['key']}.latents.npy holds 1 non-finite values"
+    ):
+        LatentClipDataset(shards, 7, 3, 32)[(1, 0)]
+    common = [f"data={shards}", "trainer.max_steps=2", "validation.enabled=false", "trainer.progress=false"]
+    common += ["trainer.log_every=1", "trainer.batch_size=8", "data.shuffle=false"]
+    with pytest.raises(CorruptSample, match=rf"sample {entry['key']}.latents.npy holds 1 non-finite"):
+        trainer = Trainer(compose(common), tmp_path / "strict")
+        try:
+            trainer.run()
+        finally:
+            trainer.close()
+    trainer = Trainer(compose([*common, "data.on_error=skip"]), tmp_path / "lenient")
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+    metrics = read_metrics(tmp_path / "lenient")
+    assert metrics[-1]["data_skipped"] >= 1 and all(m["loss"] < 10 for m in metrics)
+
+
 def test_a_truncated_shard_without_index_is_named(tmp_path):
     import shutil
 

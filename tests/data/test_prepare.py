@@ -308,3 +308,24 @@ def test_cli_fails_when_every_input_was_bad(tmp_path):
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "no clip was written: all 2 inputs were skipped" in proc.stderr
+
+
+def test_a_valid_16x16_clip_is_decoded(tmp_path):
+    """decord mis-decodes frames narrower than its alignment (a 16x16 stream comes back with 6 channels);
+    such a clip is decoded by ffmpeg instead, frame for frame the same pixels ffmpeg gives."""
+    import imageio
+    import numpy as np
+
+    from helios.data.video import decode_clip
+
+    frames = np.random.default_rng(0).integers(0, 256, (20, 16, 16, 3), dtype=np.uint8)
+    path = tmp_path / "small.mp4"
+    imageio.mimwrite(path, frames, fps=8, macro_block_size=1)
+    clip, fps = decode_clip(path, 12, 16, 16)
+    with imageio.get_reader(path, "ffmpeg") as reader:
+        expected = np.stack([reader.get_data(i) for i in range(12)])
+    assert clip.shape == (3, 12, 16, 16) and fps == 8
+    torch.testing.assert_close(clip, torch.from_numpy(expected).permute(3, 0, 1, 2).float() / 127.5 - 1)
+    with open(path, "rb") as f:  # an in-memory video (a webdataset member) the same way
+        again, _ = decode_clip(io.BytesIO(f.read()), 12, 16, 16)
+    torch.testing.assert_close(again, clip)

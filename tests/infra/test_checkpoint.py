@@ -36,3 +36,120 @@ def test_a_truncated_or_missing_file_fails_verification(tmp_path):
     (folder / "zero" / "part.pt").unlink()
     with pytest.raises(checkpoint.CorruptCheckpoint, match="missing"):
         checkpoint.verify(folder)
+
+
+def _info():
+    import torch
+
+    from helios.infra.distributed import DistInfo
+
+    return DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+
+
+def _save(run: Path, step: int, keep_last: int = 3, **kwargs) -> Path:
+    import torch
+
+    weights = {"trainable": {"w": torch.full((4,), float(step))}}
+    return checkpoint.save(run, step, _info(), weights, {"step": step}, {}, keep_last=keep_last, **kwargs)
+
+
+def _tree(run: Path) -> list[str]:
+    return sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+
+
+def test_a_damaged_manifest_is_named_and_resume_falls_back(tmp_path, caplog):
+    _save(tmp_path, 1)
+    newest = _save(tmp_path, 2)
+    (newest / "manifest.json").write_text('{"trainable.safetensors": {"bytes": 1')  # cut short
+    with pytest.raises(checkpoint.CorruptCheckpoint, match=r"step_2/manifest.json cannot be read"):
+        checkpoint.verify(newest)
+    with caplog.at_level("WARNING"):
+        assert checkpoint.resolve_resume("latest", tmp_path).name == "step_1"
+    assert "skipping step_2" in caplog.text and "manifest.json" in caplog.text
+
+
+def test_a_failed_save_leaves_the_disk_as_it_was_and_deletes_nothing(tmp_path):
+    """A write that fails (here: the engines' partitions) removes its temporary folder, raises one clear
+    error, and rotation never ran: with keep_last=1 the older checkpoint is still there."""
+    _save(tmp_path, 1, keep_last=1)
+    before = _tree(tmp_path)
+
+    def crash(tmp: Path) -> None:
+        (tmp / "zero").mkdir()
+        (tmp / "zero" / "part.pt").write_bytes(b"\0" * 100)
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(checkpoint.CheckpointWriteError, match=r"step_2 was not saved: .*step_1, is intact"):
+        _save(tmp_path, 2, keep_last=1, write_extra=crash)
+    assert _tree(tmp_path) == before
+
+
+def test_a_save_the_free_space_cannot_hold_is_refused_before_writing(tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    _save(tmp_path, 1)
+    before = _tree(tmp_path)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 8, 8))
+    full = r"the disk is full \(0.0 MiB free .*needs about"
+    with pytest.raises(checkpoint.CheckpointWriteError, match=full):
+        _save(tmp_path, 2)
+    assert _tree(tmp_path) == before
+
+
+def test_stale_temporaries_are_removed_before_a_save_not_only_after_one(tmp_path):
+    _save(tmp_path, 1)
+    stale = tmp_path / "checkpoints" / "step_2.tmp-99999"
+    stale.mkdir()
+    (stale / "state.pt").write_bytes(b"\0" * 1000)
+
+    def crash(tmp: Path) -> None:
+        assert not stale.exists()  # gone before this save wrote anything
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(checkpoint.CheckpointWriteError):
+        _save(tmp_path, 2, write_extra=crash)
+    assert not list((tmp_path / "checkpoints").glob("*.tmp-*"))
+
+
+def test_rotation_keeps_the_newest_and_never_touches_abandoned_branches(tmp_path):
+    for step in (1, 2, 3):
+        _save(tmp_path, step, keep_last=2)
+    assert [s for s, _ in checkpoint.list_complete(tmp_path)] == [2, 3]
+    moved = checkpoint.start_branch(tmp_path, tmp_path / "checkpoints" / "step_2")
+    assert [p.name for p in moved] == ["step_3"] and moved[0].parent.name.endswith("-from_step_2")
+    assert (moved[0] / checkpoint.MARKER).exists()
+    for step in (3, 4, 5):
+        _save(tmp_path, step, keep_last=1)
+    assert [s for s, _ in checkpoint.list_complete(tmp_path)] == [5]
+    assert moved[0].exists()  # the abandoned branch is kept
+    assert checkpoint.resolve_resume("latest", tmp_path).name == "step_5"
+
+
+def test_a_fresh_start_or_a_foreign_checkpoint_moves_the_run_dirs_checkpoints_aside(tmp_path):
+    other = tmp_path / "other"
+    _save(other, 7)
+    run = tmp_path / "run"
+    _save(run, 1)
+    _save(run, 2)
+    moved = checkpoint.start_branch(run, other / "checkpoints" / "step_7")
+    assert sorted(p.name for p in moved) == ["step_1", "step_2"]
+    assert moved[0].parent.name.endswith("-from_other")
+    assert checkpoint.list_complete(run) == []
+    _save(run, 1)
+    moved = checkpoint.start_branch(run, None)  # resume=none
+    assert [p.name for p in moved] == ["step_1"] and moved[0].parent.name.endswith("-fresh")
+    assert checkpoint.start_branch(run, None) == []
+
+
+def test_saving_a_step_that_exists_keeps_the_old_one_aside(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    first = _save(tmp_path, 1)
+    old = first.read_bytes() if first.is_file() else (first / "trainable.safetensors").read_bytes()
+    weights = {"trainable": {"w": torch.zeros(4)}}
+    checkpoint.save(tmp_path, 1, _info(), weights, {"step": 1}, {}, keep_last=3)
+    assert torch.equal(load_file(str(first / "trainable.safetensors"))["w"], torch.zeros(4))
+    (kept,) = (tmp_path / "checkpoints" / checkpoint.ABANDONED).glob("*-replaced/step_1")
+    assert (kept / "trainable.safetensors").read_bytes() == old

@@ -562,3 +562,129 @@ def test_two_ranks_share_the_validation_prompts(tmp_path):
     assert ranks == [0, 1]
     last = read_metrics(tmp_path)[-1]
     assert last["step"] == 1 and {"val/0/seam_ratio", "val/1/seam_ratio"} <= last.keys()
+
+
+# ---------------------------------------------------------------- nothing lost: checkpoints, branches, disks
+def _flip_a_byte(path: Path) -> None:
+    """Bit rot that keeps the size: only the checksum can tell."""
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_keep_last_one_never_deletes_the_only_good_checkpoint(tmp_path):
+    """The newest checkpoint is corrupt (one byte, same size) and keep_last=1: the run falls back to step_2,
+    the corrupt step_4 moves aside (kept), step_3 is saved and only then is step_2 rotated away; the next
+    resume continues from step_3."""
+    _train(["trainer.checkpoint_every=2", "trainer.keep_last=2", "trainer.max_steps=4"], tmp_path)
+    _flip_a_byte(tmp_path / "checkpoints" / "step_4" / "trainable.safetensors")
+    _train(["trainer.checkpoint_every=1", "trainer.keep_last=1", "trainer.max_steps=3"], tmp_path)
+    assert [s for s, _ in list_complete(tmp_path)] == [3]
+    (aside,) = (tmp_path / "checkpoints" / "abandoned").glob("*-from_step_2/step_4")
+    assert (aside / MARKER).exists()
+    again = _train(["trainer.checkpoint_every=1", "trainer.keep_last=1", "trainer.max_steps=4"], tmp_path)
+    assert [m["step"] for m in again][-2:] == [3, 4]  # steps 1-3 logged before, step 4 by this run
+    assert [s for s, _ in list_complete(tmp_path)] == [4]
+
+
+def test_resuming_an_older_checkpoint_starts_a_branch_that_latest_follows(tmp_path):
+    """resume=<older checkpoint> (what the divergence message advises) moves the newer checkpoints aside as
+    an abandoned branch (kept byte for byte); rotation keeps the new branch and resume=latest continues it."""
+    common = ["trainer.checkpoint_every=1", "trainer.keep_last=2", "optim.schedule=constant"]
+    _train([*common, "trainer.max_steps=4"], tmp_path)
+    root = tmp_path / "checkpoints"
+    abandoned = (root / "step_4" / "trainable.safetensors").read_bytes()
+    _train([*common, "trainer.max_steps=5", f"resume={root / 'step_3'}", "optim.lr=1e-5"], tmp_path)
+    (aside,) = (root / "abandoned").glob("*-from_step_3/step_4")
+    assert (aside / "trainable.safetensors").read_bytes() == abandoned
+    assert [s for s, _ in list_complete(tmp_path)] == [4, 5]
+    assert (root / "step_4" / "trainable.safetensors").read_bytes() != abandoned  # the new branch's
+    _train([*common, "trainer.max_steps=6", "optim.lr=1e-5"], tmp_path)
+    history = [json.loads(line) for line in (tmp_path / "config_history.jsonl").read_text().splitlines()]
+    assert history[-1]["from"] == str(root / "step_5")
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_a_rerun_continues(tmp_path):
+    """A write cut short by the file system (a file-size limit: the checkpoint's files exceed it) fails with
+    one line naming the cause and the intact checkpoint, exit 2, the disk as it was before the save; the
+    same command without the limit then continues from that checkpoint."""
+    import resource
+
+    common = ["trainer.checkpoint_every=2", f"hydra.run.dir={tmp_path}"]
+    train_cli([*common, "trainer.max_steps=2"])
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    limit = 3 << 20  # below state.pt (AdamW moments of the 1.15M-parameter tiny DiT), above everything else
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = subprocess.run(
+        [sys.executable, "train_helios.py", "validation.enabled=false", "trainer.progress=false", *common,
+         "trainer.max_steps=4"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, preexec_fn=cap,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: checkpoint step_4 was not saved: the write was cut short"), last
+    assert "file-size limit" in last and f"{tmp_path}/checkpoints/step_2, is intact" in last
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+    train_cli([*common, "trainer.max_steps=4"])
+    assert [s for s, _ in list_complete(tmp_path)] == [2, 4]
+
+
+def test_divergence_advice_names_the_newest_checkpoint_whose_weights_did_not_blow_up(tmp_path):
+    """A learning rate of 1e10 blows the weights up at the first update (finite, so step_3 is saved) and the
+    loss turns NaN a step later: the message says step_3 is already affected and names step_2, which a
+    resume with a sane learning rate continues from."""
+    common = ["trainer.checkpoint_every=1", "optim.schedule=constant"]
+    _train([*common, "trainer.max_steps=2"], tmp_path)
+    with pytest.raises(FloatingPointError) as err:
+        _train([*common, "trainer.max_steps=8", "optim.lr=1e10"], tmp_path)
+    message = str(err.value)
+    good = tmp_path / "checkpoints" / "step_2"
+    assert "is already affected" in message and f"resume={good}" in message, message
+    resumed = _train([*common, "trainer.max_steps=4", f"resume={good}"], tmp_path)
+    assert [m["step"] for m in resumed][-2:] == [3, 4]
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in resumed)
+
+
+def test_a_config_change_that_resume_refuses_stops_before_anything_is_built(tmp_path, monkeypatch):
+    """A changed LoRA rank is named as a config error at start-up, not as a weight shape mismatch."""
+    from helios.config.schema import ConfigError
+
+    _train(["trainer.max_steps=1", "trainer.checkpoint_every=1", "model.lora.enabled=true"], tmp_path)
+    monkeypatch.setattr(Trainer, "_build_data", lambda self: pytest.fail("data built before the check"))
+    with pytest.raises(ConfigError, match="cannot change on resume") as err:
+        _train(["trainer.max_steps=2", "model.lora.enabled=true", "model.lora.rank=4"], tmp_path)
+    assert err.value.key == "model.lora.rank"
+
+
+def test_a_second_run_in_a_live_run_dir_is_refused_naming_the_holder(tmp_path):
+    from helios.infra.run_lock import RunDirBusy, RunLock
+
+    holder = RunLock(tmp_path)
+    holder.acquire()  # a live run: this very process
+    try:
+        with pytest.raises(
+            RunDirBusy, match=rf"run dir {tmp_path} is in use by another live run .*pid {os.getpid()}"
+        ):
+            _train(["trainer.max_steps=1"], tmp_path)
+        assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
+    finally:
+        holder.release()
+    _train(["trainer.max_steps=1"], tmp_path)  # released: the run dir is free again
+
+
+def test_a_run_dir_that_cannot_be_written_is_one_line(tmp_path):
+    """Hydra would fail with a traceback opening its log file there: the entry says so first, exit 2."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    proc = subprocess.run(
+        [sys.executable, "train_helios.py", f"hydra.run.dir={blocker}/run"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    expected = f"error: hydra.run.dir={blocker}/run: cannot write there (Not a directory): choose another"
+    assert proc.stderr.strip() == expected + " folder"
