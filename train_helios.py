@@ -23,12 +23,23 @@ from helios.config import CONFIG_DIR, load_config, normalize_overrides
 from helios.config.entry import USER_ERRORS
 from helios.config.sweep import record_failure
 
-# exit status of a failed run: 2 = the user can fix it (config, files, a full disk; a requeue would fail
-# again), 3 = the training diverged (deterministic: a requeue would diverge again)
+# exit status of a run that did not finish: 2 = the user can fix it (config, files, a full disk; a requeue
+# would fail again), 3 = the training diverged (deterministic: a requeue would diverge again), 128 + N = a
+# stop signal N ended it after its checkpoint. torchrun reports any failed worker as 1, so the status is also
+# written to the run dir (EXIT_STATUS, main rank), where launch/helios.sbatch reads it.
 DIVERGED = 3
+EXIT_STATUS = "EXIT_STATUS"
 
 
-def _train(raw: DictConfig, sweep: bool) -> None:
+def _exit(output_dir: str, status: int) -> None:
+    if os.environ.get("RANK", "0") == "0":
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(output_dir) / EXIT_STATUS).write_text(f"{status}\n")
+    sys.exit(status)
+
+
+def _train(raw: DictConfig, sweep: bool) -> int | None:
+    """The run; its exit status when a stop signal ended it (after its checkpoint), else None."""
     cfg = load_config(raw)
     # imported after the config is valid: the trainer pulls in diffusers (~6 s), which --help, a bad
     # config and a sweep's validation never need (this script is outside the helios package's layers)
@@ -47,6 +58,7 @@ def _train(raw: DictConfig, sweep: bool) -> None:
         trainer.run()
     finally:
         trainer.close()
+    return trainer.stop_signals.exit_status
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base=None)
@@ -56,17 +68,20 @@ def _hydra_main(raw: DictConfig) -> None:
     hc = HydraConfig.get()
     sweep = hc.mode == RunMode.MULTIRUN
     try:
-        _train(raw, sweep)
+        stopped = _train(raw, sweep)
     except (*USER_ERRORS, FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr)
         if not sweep:
-            sys.exit(DIVERGED if isinstance(err, FloatingPointError) else 2)
+            _exit(hc.runtime.output_dir, DIVERGED if isinstance(err, FloatingPointError) else 2)
         record_failure(Path(hc.runtime.output_dir), list(hc.overrides.task), err)
     except Exception as err:
         if not sweep:
             raise
         traceback.print_exc()
         record_failure(Path(hc.runtime.output_dir), list(hc.overrides.task), err)
+    else:
+        if stopped is not None:  # SIGTERM / SIGINT: the checkpoint is saved; a sweep stops here too
+            _exit(hc.runtime.output_dir, stopped)
 
 
 def launch_id(env: dict[str, str]) -> str | None:

@@ -10,8 +10,11 @@ its checkpoints instead. This sits above the trainer: it runs whole training job
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 from helios.commands.ode_pairs import run as make_ode_pairs
@@ -20,6 +23,8 @@ from helios.config.schema import ConfigError, OdePairsConfig, SamplerConfig, Tra
 from helios.data.synthetic import synthetic_shards
 from helios.infra.checkpoint import list_complete
 from helios.trainer import Trainer
+
+WAIT_S = 1800.0  # how long the other ranks wait for the main rank's tiny stand-ins
 
 
 def finished(run_dir: Path, steps: int) -> bool:
@@ -68,19 +73,48 @@ def _cache(cfg: TrainConfig, name: str, *inputs: str) -> Path:
     return Path(cfg.data.cache_dir).parent / name / f"{zlib.crc32(recipe.encode()):08x}"
 
 
-def _one_process(what: str, key: str) -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError(
-            key, f"build the tiny {what} in one process first (python train_helios.py stage=3) or set {key}"
-        )
+@contextlib.contextmanager
+def _alone():
+    """Inside the block this process is a world of its own (a nested job of one process in a launch of
+    several: no rendezvous with the others)."""
+    keys = ("WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update({"WORLD_SIZE": "1", "RANK": "0", "LOCAL_WORLD_SIZE": "1"})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _made_once(out: Path, ready: Callable[[], bool], make: Callable[[], None], what: str) -> None:
+    """``make`` the tiny ``what`` once per launch: the main rank (``RANK`` 0) makes it alone while the other
+    ranks wait for it to appear in ``out`` (the cache must be shared by every node)."""
+    if ready():
+        return
+    if int(os.environ.get("RANK", "0")) == 0:
+        with _alone():
+            make()
+        return
+    deadline = time.time() + WAIT_S
+    while not ready():
+        if time.time() > deadline:
+            raise ConfigError(
+                "data.cache_dir",
+                f"the main rank did not make the tiny {what} in {out} within {WAIT_S:.0f} s; is the cache "
+                "shared by every node (HELIOS_CACHE)?",
+            )
+        time.sleep(2)
 
 
 def _stand_in(cfg: TrainConfig, name: str, overrides: list[str]) -> Path:
     """Tiny Helios-Base (stage 1) or Helios-Mid (stage 2 from the Base)."""
     out, steps = _cache(cfg, name), cfg.distill.tiny_teacher_steps
-    if not finished(out, steps):
-        _one_process("teacher", "distill.teacher")
-        train_run(out, [*overrides, f"seed={cfg.seed}"], steps)
+    make = lambda: train_run(out, [*overrides, f"seed={cfg.seed}"], steps)  # noqa: E731
+    _made_once(out, lambda: finished(out, steps), make, name)
     return out
 
 
@@ -88,17 +122,14 @@ def _tiny_ode_pairs(cfg: TrainConfig) -> Path:
     """ODE pairs of the tiny Mid (the Pyramid UniPC sampler, 3 steps a stage, CFG 3 with CFG-Zero*)."""
     teacher = cfg.distill.generator_init or cfg.distill.teacher
     out = _cache(cfg, "tiny_ode_pairs", teacher)
-    if not (out / "report.json").exists():
-        _one_process("ODE pairs", "distill.ode_pairs")
-        make_ode_pairs(
-            OdePairsConfig(
-                teacher=teacher,
-                shards=str(synthetic_shards(cfg, True)),
-                output=str(out),
-                sampler=SamplerConfig(
-                    kind="pyramid", steps=[3] * len(cfg.distill.steps), guidance_scale=3.0, cfg_zero_star=True
-                ),
-                max_sequence_length=cfg.model.text_encoder.max_sequence_length,
-            )
-        )
+    pairs = OdePairsConfig(
+        teacher=teacher,
+        shards=str(synthetic_shards(cfg, True)),
+        output=str(out),
+        sampler=SamplerConfig(
+            kind="pyramid", steps=[3] * len(cfg.distill.steps), guidance_scale=3.0, cfg_zero_star=True
+        ),
+        max_sequence_length=cfg.model.text_encoder.max_sequence_length,
+    )
+    _made_once(out, lambda: (out / "report.json").exists(), lambda: make_ode_pairs(pairs), "ODE pairs")
     return out

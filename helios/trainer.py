@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
-from helios.config.load import to_yaml
+from helios.config.load import load_config, to_yaml
 from helios.config.schema import ConfigError, TrainConfig
 from helios.data.dataset import BucketBatchSampler, ClipBatch, make_loader, prepared_shards, training_dataset
 from helios.data.synthetic import synthetic_shards
@@ -27,6 +28,7 @@ from helios.infra.resolve import out_of_memory, resolve_grad_accum, resolve_num_
 from helios.infra.resume import record_changes, resolve_resume
 from helios.infra.rng import rank_state, restore_rank_state, seed_everything, shared_generator
 from helios.infra.run_lock import RunDirBusy, RunLock
+from helios.infra.signals import StopSignals
 from helios.infra.summary import run_summary
 from helios.infra.tracking import start_tracker
 from helios.loading import check_source_formats, merged_weights, pin_sources, weight_sources
@@ -59,7 +61,9 @@ class Trainer:
         self.stop_requested = False  # a STOP file seen by the main rank at the last step (all ranks agree)
         self.validation = Validation(cfg, self.dist, self.run_dir)
         self.lock = RunLock(self.run_dir)  # held by the main rank while the run lives
+        self.stop_signals = StopSignals()  # SIGTERM / SIGINT: checkpoint at the next step boundary, exit
         self.initial_weights_rms: float | None = None  # the trainable weights' size before training
+        self.resumed_world: int | None = None  # the world size that wrote the checkpoint resumed from
 
     # ------------------------------------------------------------------ setup
     def _build_data(self) -> None:
@@ -81,8 +85,7 @@ class Trainer:
             workers = resolve_num_workers(self.cfg.trainer.num_workers, self.dist.device)
             cuda = self.dist.device.type == "cuda"
             self._batches = make_loader(self.dataset, self.sampler, workers, pin_memory=cuda)
-        batch, (epoch, position) = next(self._batches)
-        self.sampler.epoch, self.sampler.position = epoch, position  # consumed, not prefetched
+        batch, self.sampler.position = next(self._batches)  # consumed, not prefetched
         return batch
 
     def _build_model(self, saved_sources: dict[str, str | None] | None = None) -> None:
@@ -110,7 +113,15 @@ class Trainer:
         roles = self.stage.role_modules(self.model)
         resident = self.stage.make_resident if placed else None
         self.backend = build_backend(
-            cfg, self.dist, self.grad_accum, self.guard, self.model, roles, groups, resident
+            cfg,
+            self.dist,
+            self.grad_accum,
+            self.guard,
+            self.model,
+            roles,
+            groups,
+            resident,
+            universal=self.resumed_world not in (None, self.dist.world_size),
         )
         self.generator = torch.Generator().manual_seed(cfg.seed * 100_003 + self.dist.rank)
         seed_everything(cfg.seed * 100_003 + self.dist.rank)  # per-rank streams from here on
@@ -125,7 +136,11 @@ class Trainer:
         stats = weight_stats(tensors["trainable"])
         if not stats["finite"]:  # the update of this step overflowed: never checkpoint such weights
             raise diverged(self.run_dir, self.step, "the trainable weights are not finite after the update")
-        meta = {"weights_rms": stats["rms"], "initial_weights_rms": self.initial_weights_rms}
+        meta = {
+            "weights_rms": stats["rms"],
+            "initial_weights_rms": self.initial_weights_rms,
+            "global_batch": self.global_batch(),
+        }
         objects = {
             "opt_steps": self.opt_steps,
             "step": self.step,
@@ -154,7 +169,7 @@ class Trainer:
 
     def load_checkpoint(self, path: Path) -> None:
         tensors, objects, ranks = checkpoint.load(path, self.dist)
-        self.backend.load(path, tensors, objects, self.model)
+        self.backend.load(path, tensors, objects, self.model, checkpoint.checkpoint_dir(self.run_dir))
         self.backend.set_learning_rates(self.group_lrs)
         meta = checkpoint.read_meta(path)
         self.initial_weights_rms = meta.get("initial_weights_rms", self.initial_weights_rms)
@@ -162,8 +177,13 @@ class Trainer:
         self.stage.load_extra_tensors(tensors)
         self.opt_steps.update(objects.get("opt_steps", {}))
         self.step = int(objects["step"])
-        restore_rank_state(ranks, self.generator)
-        self.sampler.load_state_dict(ranks["sampler"])
+        if ranks is not None:  # the world size that wrote it: every rank continues its own streams
+            restore_rank_state(ranks, self.generator)
+        else:  # another world size: each rank's streams start again from (seed, step, rank)
+            derived = (self.cfg.seed * 1_000_003 + self.step) * 100_003 + self.dist.rank
+            self.generator.manual_seed(derived)
+            seed_everything(derived)
+        self.sampler.load_state_dict(checkpoint.data_position(path))
         if self.dist.is_main:
             log.info("resumed from %s at step %d", path, self.step)
 
@@ -204,9 +224,11 @@ class Trainer:
             except torch.OutOfMemoryError as err:
                 raise out_of_memory(self.cfg, self.step + 1, self.dist.world_size * self.grad_accum) from err
             records.append({"loss": loss, **stats})
-        # a STOP file (launch/helios.sbatch, on pre-emption): the main rank looks, the step's one read
-        # tells every rank, and all save at this step boundary and exit
-        stop = float(self.dist.is_main and (self.run_dir / STOP_FILE).exists())
+        # a stop signal on any rank (SIGTERM from scancel or a pre-emption, SIGINT) or a STOP file
+        # (launch/helios.sbatch, ahead of a time limit; the main rank looks): the step's one read tells
+        # every rank, and all save at this step boundary and exit
+        stop_file = self.dist.is_main and (self.run_dir / STOP_FILE).exists()
+        stop = float(self.stop_signals.received or stop_file)
         role_norms, stepped, lr, self.stop_requested = self.backend.step(stop, self._check)
         for name in stepped:
             self.opt_steps[name] += 1
@@ -252,6 +274,40 @@ class Trainer:
             callbacks.append(StepCallback(every(t.log_every), self.tracker.log, on_logged=True))
         return callbacks
 
+    def global_batch(self) -> int:
+        """Clips per optimizer step over all ranks."""
+        return self.cfg.trainer.batch_size * self.grad_accum * self.dist.world_size
+
+    def _adapt_to_world(self, saved_yaml: str, meta: dict) -> None:
+        """A checkpoint written on another world size resumes with the same global batch: the gradient
+        accumulation is recomputed (refused, naming the settings, where no whole number meets it); the data
+        position carries over in global batches, the random streams are derived again per rank."""
+        self.resumed_world = old = int(meta["world_size"])
+        new = self.dist.world_size
+        if old == new:
+            return
+        saved = load_config(OmegaConf.create(saved_yaml))
+        target = meta.get("global_batch") or saved.trainer.batch_size * old * resolve_grad_accum(saved, old)
+        per_step = self.cfg.trainer.batch_size * new
+        if target % per_step:
+            fits = [b for b in range(self.cfg.trainer.batch_size, 0, -1) if target % (b * new) == 0]
+            raise ConfigError(
+                "trainer.batch_size",
+                f"the checkpoint was trained with a global batch of {target} on {old} ranks; {new} ranks x "
+                f"batch_size {self.cfg.trainer.batch_size} cannot meet it with a whole gradient accumulation"
+                + (f" (trainer.batch_size={fits[0]} can)" if fits else "")
+                + "; or start a new run from it with init_from",
+            )
+        previous = target // (saved.trainer.batch_size * old)
+        self.grad_accum = target // per_step
+        if self.dist.is_main:
+            print(
+                f"resuming on {new} ranks (the checkpoint: {old}): gradient accumulation {previous} -> "
+                f"{self.grad_accum} (global batch {target} kept); data position kept in global batches, "
+                "each rank's random streams derived again from (seed, step, rank)",
+                flush=True,
+            )
+
     def _hold_run_dir(self) -> None:
         """The main rank takes the run dir's lock (a second live run is refused, naming the holder)."""
         refusal = None
@@ -264,14 +320,17 @@ class Trainer:
         if refusal:
             raise RunDirBusy(refusal)
 
-    def run(self) -> Path:
+    def prepare(self) -> Path | None:
+        """Everything before the first step: the run dir's lock, the checkpoint to resume (its config and
+        world size checked before anything is built), data, model, backend, the resumed state. Returns the
+        checkpoint resumed from."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._hold_run_dir()
         resume = resolve_resume(self.cfg, self.run_dir, self.dist)
-        if resume is not None:  # the resume contract, before data or models are built
-            saved = checkpoint.saved_config(resume)
-            step = checkpoint.read_meta(resume)["step"]
-            record_changes(saved, self.cfg, resume, step, self.run_dir, self.dist.is_main)
+        if resume is not None:  # the resume contract and the world size, before data or models are built
+            saved, meta = checkpoint.saved_config(resume), checkpoint.read_meta(resume)
+            record_changes(saved, self.cfg, resume, meta["step"], self.run_dir, self.dist.is_main)
+            self._adapt_to_world(saved, meta)
         if self.dist.is_main:
             checkpoint.start_branch(self.run_dir, resume)  # newer checkpoints move aside, kept
         barrier()
@@ -279,6 +338,10 @@ class Trainer:
         self._build_model(checkpoint.saved_sources(resume) if resume is not None else None)
         if resume is not None:
             self.load_checkpoint(resume)
+        return resume
+
+    def run(self) -> Path:
+        self.prepare()
         if self.dist.is_main:
             (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
             d, hw = self.dist, self.dataset.latent_hw()
@@ -289,22 +352,25 @@ class Trainer:
         callbacks = self._callbacks()
         self.backend.wrapped.train()
         every_ckpt, last = self.cfg.trainer.checkpoint_every, self.cfg.trainer.max_steps
-        while self.step < last:
-            due = [c.due(self.step + 1, last) for c in callbacks]
-            metrics = self.train_step(metrics=any(due))
-            for callback, wanted in zip(callbacks, due):
-                if wanted or (callback.on_logged and any(due)):
-                    callback.run(self.step, metrics)
-            saved = (every_ckpt and self.step % every_ckpt == 0) or self.step == last
-            if saved:
-                self.save_checkpoint()
-            if self.step < last and self.stop_requested:
-                if not saved:
+        with self.stop_signals:
+            while self.step < last:
+                due = [c.due(self.step + 1, last) for c in callbacks]
+                metrics = self.train_step(metrics=any(due))
+                for callback, wanted in zip(callbacks, due):
+                    if wanted or (callback.on_logged and any(due)):
+                        callback.run(self.step, metrics)
+                saved = (every_ckpt and self.step % every_ckpt == 0) or self.step == last
+                if saved:
                     self.save_checkpoint()
-                if self.dist.is_main:
-                    (self.run_dir / STOP_FILE).unlink(missing_ok=True)
-                    print(f"stop requested: checkpoint at step {self.step} saved; exiting", flush=True)
-                break
+                if self.step < last and self.stop_requested:
+                    if not saved:
+                        self.save_checkpoint()
+                    if self.dist.is_main:
+                        why = self.stop_signals.name or f"a {STOP_FILE} file"
+                        print(f"stop ({why}): checkpoint at step {self.step} saved; exiting", flush=True)
+                    break
+        if self.dist.is_main:  # a stop asked for at the last step must not stop the next launch
+            (self.run_dir / STOP_FILE).unlink(missing_ok=True)
         return self.run_dir
 
     def _validate_into(self, step: int, metrics: dict[str, float]) -> None:

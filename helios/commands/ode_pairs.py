@@ -4,8 +4,11 @@ The teacher (a stage-2 run / checkpoint, or a diffusers Helios-Mid directory) sa
 real clip with the Pyramid UniPC sampler, conditioned on that clip's history (Representation Control
 formats drawn as in training, no corruption); each sample stores the conditioning (history, anchor,
 prompt embedding), the initial noise and the start and end state of every pyramid stage.
-One output shard per input shard; ranks take shards r, r+W, ...; a shard is done when
-``.progress/<shard>.json`` exists, so a rerun continues; ``report.json`` sums up.
+One output shard per input shard; the ranks claim input shards one at a time
+(:class:`~helios.data.work_queue.WorkQueue`: a slow or dead rank delays nobody); a shard is done when
+``.progress/<shard>.json`` exists, so a rerun continues; ``pairs=N`` samples only the first shards that make
+N pairs (the ODE-init phase's steps x global batch); ``report.json`` sums up (written by the rank that
+finishes the last shard).
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from helios.data.dataset import random_section_window
 from helios.data.ode_pair_shards import ODE_MEMBERS, encode_pair
 from helios.data.prepare_job import load_empty_prompt
 from helios.data.shards import ShardIndex, list_shards, trim_embeds, write_shard
-from helios.infra.distributed import barrier, setup, teardown
+from helios.data.work_queue import WorkQueue
+from helios.infra.distributed import setup, teardown
 from helios.loading import load_for_inference
 from helios.model.encoders import encode_prompts
 from helios.sampling.pipeline import build_section_sampler
@@ -112,6 +116,22 @@ def pairs_for_shard(shard: Path, out: Path, cfg: OdePairsConfig, model, empty: t
     return {"shard": shard.name, "written": len(samples), "skipped_too_short": skipped}
 
 
+def shards_for(shards: list[Path], pairs: int | None) -> list[Path]:
+    """The input shards a job samples: all of them, or the first ones whose clips make ``pairs`` pairs (what
+    the ODE-init phase consumes: its steps x global batch)."""
+    if pairs is None:
+        return shards
+    chosen, total = [], 0
+    for shard in shards:
+        if total >= pairs:
+            break
+        chosen.append(shard)
+        total += len(ShardIndex([shard]))
+    if total < pairs:
+        log.warning("the shards hold %d clips, fewer than pairs=%d: one pair per clip", total, pairs)
+    return chosen
+
+
 def run(cfg: OdePairsConfig) -> dict:
 
     dist = setup(ParallelConfig(), TrainerConfig(device=cfg.device))
@@ -123,38 +143,36 @@ def run(cfg: OdePairsConfig) -> dict:
         padded = torch.zeros(1, cfg.max_sequence_length, empty.shape[-1])
         padded[0, : min(len(empty), cfg.max_sequence_length)] = empty[: cfg.max_sequence_length]
         out = Path(cfg.output)
-        progress = out / ".progress"
-        progress.mkdir(parents=True, exist_ok=True)
-        shards = list_shards(cfg.shards)
-        mine = [s for k, s in enumerate(shards) if k % dist.world_size == dist.rank]
-        todo = [s for s in mine if not (progress / f"{s.stem}.json").exists()]
-        t0 = time.monotonic()
-        for n, shard in enumerate(todo, start=1):
-            record = pairs_for_shard(shard, out, cfg, model, padded)
-            tmp = progress / f"{shard.stem}.json.tmp"
-            tmp.write_text(json.dumps(record))
-            os.replace(tmp, progress / f"{shard.stem}.json")
+        shards = shards_for(list_shards(cfg.shards), cfg.pairs)
+        queue = WorkQueue(out / ".progress", [s.stem for s in shards], dist.rank, dist.world_size)
+        by_name = {s.stem: s for s in shards}
+        t0, n, written = time.monotonic(), 0, 0
+        for name in queue.claims():
+            record = pairs_for_shard(by_name[name], out, cfg, model, padded)
+            queue.finish(name, record)
+            n, written = n + 1, written + record["written"]
             log.info(
-                "rank %d: %s -> %d pairs (%d/%d shards, %.1fs)",
+                "rank %d: %s -> %d pairs (%d shards so far, %d left, %.2f pairs/s)",
                 dist.rank,
-                shard.name,
+                name,
                 record["written"],
                 n,
-                len(todo),
-                time.monotonic() - t0,
+                len(queue.remaining()),
+                written / max(time.monotonic() - t0, 1e-9),
             )
-        barrier()
-        report = {}
-        if dist.is_main:
-            records = [json.loads(p.read_text()) for p in sorted(progress.glob("*.json"))]
-            report = {
-                "shards": len(records),
-                "pairs": sum(r["written"] for r in records),
-                "skipped_too_short": sum(r["skipped_too_short"] for r in records),
-                "teacher": str(cfg.teacher),
-                "sampler": {"steps": list(cfg.sampler.steps), "guidance_scale": cfg.sampler.guidance_scale},
-            }
-            (out / "report.json").write_text(json.dumps(report, indent=2))
+        if queue.remaining():  # other ranks still sample their last shards; the last one writes the report
+            return {}
+        records = queue.records()
+        report = {
+            "shards": len(records),
+            "pairs": sum(r["written"] for r in records),
+            "skipped_too_short": sum(r["skipped_too_short"] for r in records),
+            "teacher": str(cfg.teacher),
+            "sampler": {"steps": list(cfg.sampler.steps), "guidance_scale": cfg.sampler.guidance_scale},
+        }
+        tmp = out / f"report.json.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(report, indent=2))
+        os.replace(tmp, out / "report.json")
         return report
     finally:
         teardown()

@@ -12,7 +12,7 @@ import logging
 
 from helios.config.schema import ParallelConfig, PrepareConfig, TrainerConfig
 from helios.data.prepare_job import ClipSpec, prepare, write_report
-from helios.infra.distributed import barrier, setup, teardown
+from helios.infra.distributed import setup, teardown
 from helios.model.encoders import build_text_encoder, build_vae
 
 log = logging.getLogger("helios.prepare")
@@ -27,8 +27,11 @@ def run(cfg: PrepareConfig) -> dict:
         tokenizer, text_encoder = build_text_encoder(cfg.model.text_encoder)
         text_encoder.to(dist.device)
         spec = ClipSpec.from_config(cfg.clip)
+        workers = cfg.decode_workers
+        if workers is None:  # the GPU must not wait for the decoder; on a CPU they share the cores
+            workers = 4 if dist.device.type == "cuda" else 0
         with torch.inference_mode():
-            prepare(
+            summary = prepare(
                 cfg.input,
                 cfg.output,
                 spec,
@@ -42,22 +45,25 @@ def run(cfg: PrepareConfig) -> dict:
                 world_size=dist.world_size,
                 device=dist.device,
                 negative_prompt=cfg.negative_prompt,
+                workers=workers,
             )
-        barrier()
-        report = write_report(cfg.output) if dist.is_main else {}
-        if dist.is_main and report["written"] == 0:
+        log.info("rank %d: %d units, %.2f clips/s", dist.rank, summary["done_now"], summary["clips_per_s"])
+        if summary["left"]:  # other ranks still work on their last units; the last one writes the report
+            log.info("rank %d: %d units still being encoded by other ranks", dist.rank, summary["left"])
+            return {}
+        report = write_report(cfg.output)
+        if report["written"] == 0:
             raise ValueError(
                 f"no clip was written: all {report['skipped']} inputs were skipped "
                 f"(each reason is in {cfg.output}/report.json)"
             )
-        if dist.is_main:
-            log.info(
-                "%d clips written in %d shards, %d inputs skipped (see %s/report.json)",
-                report["written"],
-                len(report["shards"]),
-                report["skipped"],
-                cfg.output,
-            )
+        log.info(
+            "%d clips written in %d shards, %d inputs skipped (see %s/report.json)",
+            report["written"],
+            len(report["shards"]),
+            report["skipped"],
+            cfg.output,
+        )
         return report
     finally:
         teardown()

@@ -216,12 +216,15 @@ def training_dataset(path: str | Path, cfg: TrainConfig) -> LatentClipDataset:
 
 
 class BucketBatchSampler:
-    """Batches of one shape bucket, disjoint across ranks, in an order fixed by (seed, epoch).
+    """Batches of one shape bucket, disjoint across ranks, in an order that does not depend on the world size.
 
-    Epoch ``e``: permute the eligible samples with ``seed + e``, fill per-bucket batches in that
-    order (a partial batch left at the end is dropped), deal the batches round-robin to the ranks
-    after truncating to a multiple of the world size, so every rank has the same number of batches
-    per epoch. The position (epoch, batches consumed) is saved with the checkpoint.
+    Epoch ``e``: permute the eligible samples with ``seed + e`` and fill per-bucket batches in that order
+    (a partial batch left at the end of a bucket is dropped; every epoch has the same number of batches).
+    The epochs, one after the other, form one global stream of batches; with W ranks, rank r takes the
+    stream's batches r, r + W, r + 2W, ... So after a step every rank has taken the same number of batches,
+    and the global position (batches of the stream consumed by all ranks) is what the checkpoint keeps: a run
+    resumed on another world size with the same global batch continues at exactly that position, no batch
+    repeated or skipped.
     """
 
     def __init__(
@@ -235,15 +238,16 @@ class BucketBatchSampler:
     ) -> None:
         self.dataset, self.batch_size = dataset, batch_size
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
-        self.epoch, self.position = 0, 0
+        self.position = 0  # batches this rank has consumed (the same on every rank at a step boundary)
         self._cache: tuple[int, list[list[int]]] | None = None
         if not self.epoch_batches(0):
             raise ValueError(
-                f"{len(dataset.eligible)} clips make fewer than one batch of {batch_size} per rank on "
-                f"{world_size} ranks in any shape bucket; lower trainer.batch_size or add data"
+                f"{len(dataset.eligible)} clips make no batch of {batch_size} in any shape bucket; lower "
+                "trainer.batch_size or add data"
             )
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """Every batch of epoch ``epoch``, in stream order (all ranks')."""
         if self._cache and self._cache[0] == epoch:
             return self._cache[1]
         order = list(self.dataset.eligible)
@@ -259,33 +263,48 @@ class BucketBatchSampler:
             if len(bucket) == self.batch_size:
                 batches.append(bucket)
                 filling[shape_of[i]] = []
-        batches = batches[: len(batches) // self.world_size * self.world_size]
-        mine = batches[self.rank :: self.world_size]
-        self._cache = (epoch, mine)
-        return mine
+        self._cache = (epoch, batches)
+        return batches
 
-    def __iter__(self) -> Iterator[list[tuple[int, int, int, int]]]:
-        """Infinite: each batch is a list of (index, epoch, epoch_after, position_after)."""
-        epoch, position = self.epoch, self.position
+    def stream_batch(self, index: int) -> tuple[int, list[int]]:
+        """(epoch, batch) at position ``index`` of the global stream."""
+        per_epoch = len(self.epoch_batches(0))
+        epoch, within = divmod(index, per_epoch)
+        return epoch, self.epoch_batches(epoch)[within]
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of this rank's next batch."""
+        return (self.position * self.world_size + self.rank) // len(self.epoch_batches(0))
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        """Infinite: each batch is a list of (index, epoch, position after this batch)."""
+        position = self.position
         while True:
-            batches = self.epoch_batches(epoch)
-            while position < len(batches):
-                batch = batches[position]
-                position += 1
-                after = (epoch + 1, 0) if position == len(batches) else (epoch, position)
-                yield [(i, epoch, *after) for i in batch]
-            epoch, position = epoch + 1, 0
+            epoch, batch = self.stream_batch(position * self.world_size + self.rank)
+            position += 1
+            yield [(i, epoch, position) for i in batch]
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "world_size": self.world_size}
+        return {
+            "consumed": self.position * self.world_size,
+            "world_size": self.world_size,
+            "epoch": self.epoch,
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        if state["world_size"] != self.world_size:
+        """The position of a checkpoint, on any world size that divides the global batches consumed (a
+        resume that keeps the global batch always does)."""
+        consumed = state.get("consumed")
+        if consumed is None:  # written before the global stream: (epoch, position) of one world size
+            per_epoch = len(self.epoch_batches(0)) // state["world_size"] * state["world_size"]
+            consumed = state["epoch"] * per_epoch + state["position"] * state["world_size"]
+        if consumed % self.world_size:
             raise ValueError(
-                f"data position was saved on {state['world_size']} ranks, this run has {self.world_size}; "
-                "resume with the same world size"
+                f"the checkpoint's data position ({consumed} batches of all ranks) does not divide into "
+                f"{self.world_size} ranks; resume on a world size that keeps the global batch"
             )
-        self.epoch, self.position = state["epoch"], state["position"]
+        self.position = consumed // self.world_size
 
 
 class _Collate:
@@ -305,15 +324,15 @@ class _WithPosition(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, item: tuple[int, int, int, int]):
-        index, epoch, epoch_after, position_after = item
-        return self.dataset[(index, epoch)], (epoch_after, position_after)
+    def __getitem__(self, item: tuple[int, int, int]):
+        index, epoch, position_after = item
+        return self.dataset[(index, epoch)], position_after
 
 
 def make_loader(
     dataset: LatentClipDataset, sampler: BucketBatchSampler, num_workers: int, pin_memory: bool = False
 ) -> Iterator:
-    """Yields (ClipBatch, (epoch, position) after this batch), prefetching in ``num_workers`` processes
+    """Yields (ClipBatch, the sampler's position after this batch), prefetching in ``num_workers`` processes
     (``pin_memory``: batches page-locked for asynchronous copies to the GPU).
 
     The caller records the position of the batches it has *consumed*; workers may run ahead.

@@ -1,10 +1,12 @@
 """Raw videos -> latent shards: decode (decord), VAE-encode, UMT5-encode, write (paper §4.2).
 
-Work is split into units (one output shard each, :mod:`helios.data.inputs`); rank ``r`` of ``W``
-takes units ``r, r+W, ...``. A unit is done when ``.progress/<unit>.json`` exists (written after its
-shard is renamed into place), so a rerun skips finished units and redoes an interrupted one from
-scratch, writing byte-identical files. Unusable inputs are skipped with a reason; the job never
-dies on one bad video. ``report.json`` lists every skipped input.
+Work is split into units (one output shard each, :mod:`helios.data.inputs`) that the ranks claim one at a
+time (:class:`~helios.data.work_queue.WorkQueue`: a slow or dead rank delays nobody). A unit is done when
+``.progress/<unit>.json`` exists (written after its shard is renamed into place), so a rerun skips finished
+units and redoes an interrupted one from scratch, writing byte-identical files. Videos are decoded in loader
+worker processes while the VAE encodes the previous batch. Unusable inputs are skipped with a reason; the
+job never dies on one bad video. ``report.json`` (written by the rank that finishes the last unit) lists
+every skipped input.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from helios.config.schema import REFERENCE_NEGATIVE_PROMPT
 from helios.data.inputs import InputItem, Unit, discover_units
 from helios.data.shards import encode_sample, npy_bytes, trim_embeds, write_shard
 from helios.data.video import VideoDecodeError, decode_clip
+from helios.data.work_queue import WorkQueue
 from helios.model.encoders import encode_prompts, encode_sections, encode_video, video_frames_for
 
 log = logging.getLogger(__name__)
@@ -120,6 +123,33 @@ def _decode(item: InputItem, spec: ClipSpec) -> tuple[torch.Tensor | None, float
         return None, 0.0, f"decode failed: {type(err).__name__}: {err}".splitlines()[0]
 
 
+class _Decoding(torch.utils.data.Dataset):
+    """A unit's inputs, decoded in loader worker processes (which inherit the items by fork)."""
+
+    def __init__(self, items: list[InputItem], spec: ClipSpec) -> None:
+        self.items, self.spec = items, spec
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return (i, *_decode(self.items[i], self.spec))
+
+
+def decoded(items: list[InputItem], spec: ClipSpec, workers: int):
+    """(item, clip, fps, error) for every input in order, decoded by ``workers`` processes (0: here)."""
+    if workers == 0:
+        for item in items:
+            yield (item, *_decode(item, spec))
+        return
+    workers = min(workers, max(1, len(items)))
+    loader = torch.utils.data.DataLoader(
+        _Decoding(items, spec), batch_size=None, num_workers=workers, prefetch_factor=4
+    )
+    for i, clip, fps, error in loader:
+        yield items[i], clip, fps, error
+
+
 @torch.no_grad()
 def encode_unit(
     unit: Unit,
@@ -129,6 +159,7 @@ def encode_unit(
     prompts: PromptCache,
     batch_size: int,
     device: torch.device,
+    workers: int = 0,
 ) -> dict:
     """Encode one unit into ``out_dir/<unit>.tar``; returns its progress record. Posterior samples
     are drawn from a generator seeded by the unit's name, so a rerun writes the same bytes."""
@@ -152,8 +183,7 @@ def encode_unit(
             samples.append(encode_sample(f"{unit.name}-{len(samples):05d}", lat.cpu(), emb, meta))
         pending.clear()
 
-    for item in unit.items():
-        clip, fps, error = _decode(item, spec)
+    for item, clip, fps, error in decoded(list(unit.items()), spec, workers):
         if error:
             skipped.append({"input": item.name, "reason": error})
             continue
@@ -181,16 +211,17 @@ def prepare(
     world_size: int = 1,
     device: torch.device | None = None,
     negative_prompt: str = REFERENCE_NEGATIVE_PROMPT,
+    workers: int = 0,
 ) -> dict:
-    """Run this rank's share of the units; return this rank's summary. Rank 0 also writes the embeddings
-    of the empty prompt and of ``negative_prompt`` (CFG's unconditional branches) once."""
+    """Claim and encode units until none is left; return this rank's summary. Rank 0 also writes the
+    embeddings of the empty prompt and of ``negative_prompt`` (CFG's unconditional branches) once.
+    ``workers``: decoding processes."""
     device = device or torch.device("cpu")
     out = Path(out_dir)
     progress_dir = out / PROGRESS_DIR
     progress_dir.mkdir(parents=True, exist_ok=True)
-    units = discover_units(input_path, samples_per_shard)
-    mine = [u for k, u in enumerate(units) if k % world_size == rank]
-    todo = [u for u in mine if not (progress_dir / f"{u.name}.json").exists()]
+    units = {u.name: u for u in discover_units(input_path, samples_per_shard)}
+    queue = WorkQueue(progress_dir, list(units), rank, world_size)
     check_settings(out, prepare_settings(spec, vae, text_encoder, max_sequence_length, negative_prompt), rank)
     prompts = PromptCache(tokenizer, text_encoder, max_sequence_length, device)
     for name, text in ((EMPTY_PROMPT_FILE, ""), (NEGATIVE_PROMPT_FILE, negative_prompt)):
@@ -198,30 +229,32 @@ def prepare(
             tmp = out / (name + ".tmp")
             tmp.write_bytes(npy_bytes(prompts.encode([text])[0].numpy()))
             os.replace(tmp, out / name)
-    log.info(
-        "rank %d: %d of %d units to do (%d already done)", rank, len(todo), len(mine), len(mine) - len(todo)
-    )
-    t0, clips = time.monotonic(), 0
-    for n, unit in enumerate(todo, start=1):
-        record = encode_unit(unit, out, spec, vae, prompts, batch_size, device)
-        tmp = progress_dir / f"{unit.name}.json.tmp"
-        tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
-        os.replace(tmp, progress_dir / f"{unit.name}.json")
+    left = len(queue.remaining())
+    log.info("rank %d: %d of %d units left to do, claimed one at a time", rank, left, len(units))
+    t0, clips, n = time.monotonic(), 0, 0
+    for name in queue.claims():
+        record = encode_unit(units[name], out, spec, vae, prompts, batch_size, device, workers)
+        queue.finish(name, record)
+        n += 1
         clips += record["written"] + len(record["skipped"])
-        rate = clips / max(time.monotonic() - t0, 1e-9)
-        eta = (len(todo) - n) * (time.monotonic() - t0) / n
         log.info(
-            "rank %d: %s done (%d/%d) %d written %d skipped | %.2f clips/s, ETA %.0fs",
+            "rank %d: %s done (%d so far, %d left) %d written %d skipped | %.2f clips/s",
             rank,
-            unit.name,
+            name,
             n,
-            len(todo),
+            len(queue.remaining()),
             record["written"],
             len(record["skipped"]),
-            rate,
-            eta,
+            clips / max(time.monotonic() - t0, 1e-9),
         )
-    return {"units": len(mine), "done_now": len(todo), "prompt_cache_hits": prompts.hits}
+    elapsed = time.monotonic() - t0
+    return {
+        "units": len(units),
+        "done_now": n,
+        "left": len(queue.remaining()),
+        "clips_per_s": clips / elapsed if n else 0.0,
+        "prompt_cache_hits": prompts.hits,
+    }
 
 
 SETTINGS_FILE = "prepare.json"
@@ -274,7 +307,7 @@ def write_report(out_dir: str | Path) -> dict:
         "skipped": len(skipped),
         "skipped_inputs": skipped,
     }
-    tmp = out / "report.json.tmp"
+    tmp = out / f"report.json.tmp-{os.getpid()}"  # ranks finishing together may both write it
     tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False))
     os.replace(tmp, out / "report.json")
     return report

@@ -9,6 +9,8 @@ from __future__ import annotations
 import abc
 import contextlib
 import math
+import os
+import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -20,10 +22,10 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
 from helios.config.schema import ConfigError, TrainConfig
-from helios.infra.distributed import DistInfo
+from helios.infra.distributed import DistInfo, barrier, broadcast_object
 from helios.infra.guard import Reading, StepGuard
 from helios.infra.parallel import RoleCall, TrainerRoleSteps, wrap_ddp
-from helios.infra.zero import RoleEngines
+from helios.infra.zero import RoleEngines, to_universal
 from helios.model import load_trainable_state_dict, trainable_state_dict
 
 # (losses and gradient norms read at a step's end, the roles' gradient norms) -> raises on divergence
@@ -68,8 +70,9 @@ class ParallelBackend(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def load(self, path: Path, tensors: dict, objects: dict, model: nn.Module) -> None:
-        """Weights and optimiser state of the checkpoint ``path``, written by the same backend."""
+    def load(self, path: Path, tensors: dict, objects: dict, model: nn.Module, scratch: Path) -> None:
+        """Weights and optimiser state of the checkpoint ``path``, written by the same backend on any world
+        size (``scratch``: this run's folder for temporary files)."""
 
     @abc.abstractmethod
     def schedules(self) -> list[tuple[torch.optim.Optimizer, Any, list[str]]]:
@@ -180,7 +183,8 @@ class DdpBackend(ParallelBackend):
             state = self.optimizer.state_dict()
         return {"optimizer": state, "lr_scheduler": self.lr_scheduler.state_dict()}
 
-    def load(self, path: Path, tensors: dict, objects: dict, model: nn.Module) -> None:
+    def load(self, path: Path, tensors: dict, objects: dict, model: nn.Module, scratch: Path) -> None:
+        """The whole optimizer state (the same on any world size; ZeRO-1 shards it again as it loads)."""
         if "optimizer" not in objects:
             raise ValueError(
                 f"resume={path}: written with parallel=zero*, this run uses parallel=ddp; resume with "
@@ -200,8 +204,11 @@ class ZeroBackend(ParallelBackend):
 
     name = "zero"
 
-    def __init__(self, cfg, dist, grad_accum, guard, model, roles, groups, make_scheduler, resident) -> None:
+    def __init__(
+        self, cfg, dist, grad_accum, guard, model, roles, groups, make_scheduler, resident, universal=False
+    ) -> None:
         super().__init__(cfg, dist, grad_accum, guard)
+        self.universal = universal  # a resume on another world size: the engines load a universal checkpoint
         modules = roles or {"model": model}
         for role in cfg.parallel.roles.chosen():
             if role not in modules:
@@ -209,7 +216,7 @@ class ZeroBackend(ParallelBackend):
                     f"parallel.roles.{role}",
                     f"stage {cfg.stage} ({cfg.phase}) has no role {role!r}; its roles: " + ", ".join(modules),
                 )
-        self.engines = RoleEngines(cfg, modules, groups, grad_accum, make_scheduler, resident)
+        self.engines = RoleEngines(cfg, modules, groups, grad_accum, make_scheduler, resident, universal)
         if resident is not None:
             resident(None)
         self.wrapped = model
@@ -244,13 +251,28 @@ class ZeroBackend(ParallelBackend):
     def write_extra(self) -> Callable[[Path], None] | None:
         return lambda tmp: self.engines.save(tmp / "zero")
 
-    def load(self, path: Path, tensors: dict, objects: dict, model: nn.Module) -> None:
+    def load(self, path: Path, tensors: dict, objects: dict, model: nn.Module, scratch: Path) -> None:
         if not (path / "zero").is_dir():
             raise ValueError(
                 f"resume={path}: written with parallel=ddp, this run uses "
                 f"parallel={self.cfg.parallel.backend}; resume with the same backend or init_from={path}"
             )
-        self.engines.load(path / "zero")  # weights, partitioned optimiser state, LR scheduler
+        if not self.universal:
+            self.engines.load(path / "zero")  # weights, partitioned optimiser state, LR scheduler
+            return
+        # written on another world size: DeepSpeed's universal form of it, converted once (main rank) into a
+        # temporary folder that the next save's clean-up also removes if this process dies
+        out = scratch / f"{path.name}.tmp-universal-{broadcast_object(os.getpid())}"
+        try:
+            if self.dist.is_main:
+                shutil.rmtree(out, ignore_errors=True)
+                to_universal(path / "zero", out)
+            barrier()
+            self.engines.load(out)
+            barrier()
+        finally:
+            if self.dist.is_main:
+                shutil.rmtree(out, ignore_errors=True)
 
     def schedules(self) -> list[tuple[torch.optim.Optimizer, Any, list[str]]]:
         return [(e.optimizer, e.lr_scheduler, [n]) for n, e in self.engines.engines.items()]
@@ -265,9 +287,11 @@ def build_backend(
     roles: dict[str, nn.Module] | None,
     groups: list[dict],
     resident: Callable[[str | None], None] | None,
+    universal: bool = False,
 ) -> ParallelBackend:
     """The backend of ``parallel.backend`` over the stage's ``roles`` (None: the model is the one role),
-    with the optimiser's param ``groups``; ``resident(role)``: the offload pool's placement (stage 3)."""
+    with the optimiser's param ``groups``; ``resident(role)``: the offload pool's placement (stage 3);
+    ``universal``: it resumes a checkpoint written on another world size."""
     from diffusers.optimization import get_scheduler
 
     def make_scheduler(optimizer):
@@ -282,4 +306,6 @@ def build_backend(
         return DdpBackend(
             cfg, dist, grad_accum, guard, model, roles, groups, make_scheduler, resident is not None
         )
-    return ZeroBackend(cfg, dist, grad_accum, guard, model, roles, groups, make_scheduler, resident)
+    return ZeroBackend(
+        cfg, dist, grad_accum, guard, model, roles, groups, make_scheduler, resident, universal=universal
+    )

@@ -373,19 +373,20 @@ def saved_config(path: Path) -> str:
     return _torch_load(path / "state.pt")["config"]
 
 
-def load(path: Path, dist_info: DistInfo) -> tuple[dict[str, dict[str, torch.Tensor]], dict, dict]:
-    """(tensors by file stem, rank-0 objects, this rank's state)."""
+def load(path: Path, dist_info: DistInfo) -> tuple[dict[str, dict[str, torch.Tensor]], dict, dict | None]:
+    """(tensors by file stem, rank-0 objects, this rank's state), on any world size: a rank's state (its
+    random streams) exists only where the world size is the one that wrote the checkpoint, else None."""
     meta = read_meta(path)
-    if meta["world_size"] != dist_info.world_size:
-        raise ValueError(
-            f"checkpoint {path} was written by {meta['world_size']} ranks; "
-            f"this run has {dist_info.world_size}. "
-            "Exact resume needs the same world size"
-        )
     tensors = load_tensors(path)
     objects = _torch_load(path / "state.pt")
-    rank_state = _torch_load(path / f"rank_{dist_info.rank:05d}.pt")
+    same_world = meta["world_size"] == dist_info.world_size
+    rank_state = _torch_load(path / f"rank_{dist_info.rank:05d}.pt") if same_world else None
     return tensors, objects, rank_state
+
+
+def data_position(path: Path) -> dict:
+    """The data position of a checkpoint (the same on every rank: main rank's file)."""
+    return _torch_load(path / "rank_00000.pt")["sampler"]
 
 
 def _torch_load(path: Path):

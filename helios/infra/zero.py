@@ -29,8 +29,11 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed.c10d_logger")
 
 
-def deepspeed_config(zero_stage: int, cfg: TrainConfig, grad_accum: int, clip: float, train: bool) -> dict:
-    """The DeepSpeed config of one role's engine."""
+def deepspeed_config(
+    zero_stage: int, cfg: TrainConfig, grad_accum: int, clip: float, train: bool, universal: bool = False
+) -> dict:
+    """The DeepSpeed config of one role's engine (``universal``: it will load a universal checkpoint, the
+    world-size independent form of a ZeRO checkpoint)."""
     p = cfg.parallel
     zero: dict = {
         "stage": zero_stage,
@@ -59,6 +62,7 @@ def deepspeed_config(zero_stage: int, cfg: TrainConfig, grad_accum: int, clip: f
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": universal},
     }
 
 
@@ -73,9 +77,11 @@ class RoleEngines:
         grad_accum: int,
         make_scheduler,
         resident=None,
+        universal: bool = False,
     ) -> None:
         """``resident(role)``: called before a role's engine is built, to make that role's frozen base
-        resident (the offload pool: DeepSpeed moves the module to the device and broadcasts it)."""
+        resident (the offload pool: DeepSpeed moves the module to the device and broadcasts it).
+        ``universal``: the engines will load a universal checkpoint (a resume on another world size)."""
         import deepspeed
 
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())  # the trainer's group
@@ -97,7 +103,7 @@ class RoleEngines:
                 model=modules[name],
                 optimizer=optimizer,
                 lr_scheduler=make_scheduler,
-                config=deepspeed_config(stage, cfg, grad_accum, o.grad_clip, train=True),
+                config=deepspeed_config(stage, cfg, grad_accum, o.grad_clip, train=True, universal=universal),
                 dist_init_required=False,
             )
             self.engines[name] = engine
@@ -165,13 +171,24 @@ class RoleEngines:
             yield
 
     def save(self, directory: Path) -> None:
-        """Collective: each engine's partitioned optimiser state, LR scheduler and trainable weights."""
+        """Collective: each engine's partitioned optimiser state, LR scheduler and trainable weights, marked
+        as convertible to a universal checkpoint (a resume on another world size converts it)."""
+        from deepspeed.checkpoint.constants import (
+            UNIVERSAL_CHECKPOINT_INFO,
+            UNIVERSAL_CHECKPOINT_VERSION_KEY,
+            UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        )
+
         for name, engine in self.engines.items():
+            info = {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
+            setattr(engine.module, UNIVERSAL_CHECKPOINT_INFO, info)
             engine.save_checkpoint(
                 str(directory), tag=name, save_latest=False, exclude_frozen_parameters=True
             )
 
     def load(self, directory: Path) -> None:
+        """Each engine's state from ``directory`` (a checkpoint's ``zero/`` written on this world size, or
+        its universal form: :func:`to_universal`, for engines built with ``universal``)."""
         for name, engine in self.engines.items():
             path, _ = engine.load_checkpoint(
                 str(directory), tag=name, load_module_strict=False, load_optimizer_states=True
@@ -179,3 +196,24 @@ class RoleEngines:
             if path is None:
                 raise FileNotFoundError(f"{directory}/{name}: no DeepSpeed state for role {name!r}")
         self._global = {n: e.global_steps for n, e in self.engines.items()}
+
+
+def to_universal(zero_dir: Path, out: Path) -> None:
+    """DeepSpeed's own conversion of every role's ZeRO checkpoint in ``zero_dir`` (partitioned for the world
+    size that wrote it) into a universal checkpoint in ``out`` (one file per parameter and optimizer
+    moment), which engines of any world size load (``checkpoint.load_universal``)."""
+    import argparse
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    for role in sorted(p for p in zero_dir.iterdir() if p.is_dir()):
+        args = argparse.Namespace(
+            input_folder=str(role),
+            output_folder=str(out / role.name),
+            num_extract_workers=1,
+            num_merge_workers=1,
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=True,  # checkpoints written before the save marked them
+        )
+        ds_to_universal(args)

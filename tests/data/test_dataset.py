@@ -19,15 +19,52 @@ def _epoch(sampler: BucketBatchSampler, epoch: int) -> list[list[int]]:
     return sampler.epoch_batches(epoch)
 
 
+def _taken(sampler: BucketBatchSampler, n: int) -> list[list[int]]:
+    it = iter(sampler)
+    return [[i for i, *_ in next(it)] for _ in range(n)]
+
+
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_ranks_are_disjoint_and_complete(world):
+    """The ranks deal the global stream of batches round-robin: disjoint, every batch of an epoch taken
+    once, the same number per rank."""
     data = _fake(48)
-    per_rank = [_epoch(BucketBatchSampler(data, 4, r, world, seed=1), 0) for r in range(world)]
+    rounds = 12 // world  # 12 batches of 4 per epoch
+    per_rank = [_taken(BucketBatchSampler(data, 4, r, world, seed=1), rounds) for r in range(world)]
     seen = [i for batches in per_rank for b in batches for i in b]
-    assert len(seen) == len(set(seen))  # disjoint
-    usable = 48 // 4 // world * world * 4
-    assert len(seen) == usable  # complete up to whole batches per rank
-    assert len({len(b) for b in per_rank}) == 1  # every rank has the same number of batches
+    assert len(seen) == len(set(seen)) == rounds * world * 4  # disjoint
+    if 12 % world == 0:
+        assert sorted(seen) == list(range(48))  # complete
+
+
+@pytest.mark.parametrize(("world", "later"), [(2, 1), (1, 2), (2, 4), (4, 2), (4, 1)])
+def test_the_data_position_carries_over_to_another_world_size(world, later):
+    """After k steps of a global batch of G batches on ``world`` ranks, a resume on ``later`` ranks (same
+    global batch, accumulation recomputed) takes exactly the batches the uninterrupted run takes next, over
+    an epoch boundary too: nothing repeated, nothing skipped."""
+    data = _fake(40)  # 10 batches of 4 per epoch
+    global_batches, steps = 4, 7  # 7 steps x 4 = 28 batches: into the third epoch
+    accum, later_accum = global_batches // world, global_batches // later
+    before = [BucketBatchSampler(data, 4, r, world, seed=2) for r in range(world)]
+    for sampler in before:
+        it = iter(sampler)
+        for _ in range(steps * accum):
+            *_, sampler.position = next(it)[-1]
+    state = before[0].state_dict()
+    assert state["consumed"] == steps * global_batches and state["epoch"] == 2
+    after = [BucketBatchSampler(data, 4, r, later, seed=2) for r in range(later)]
+    for sampler in after:
+        sampler.load_state_dict(state)
+    taken = {tuple(b) for r in range(later) for b in _taken(after[r], later_accum)}
+    reference = BucketBatchSampler(data, 4, 0, 1, seed=2)
+    expected = {tuple(reference.stream_batch(steps * global_batches + k)[1]) for k in range(global_batches)}
+    assert taken == expected
+
+
+def test_a_position_that_a_world_size_cannot_divide_is_refused():
+    sampler = BucketBatchSampler(_fake(40), 4, 0, 3, seed=0)
+    with pytest.raises(ValueError, match="does not divide into 3 ranks"):
+        sampler.load_state_dict({"consumed": 8, "world_size": 2, "epoch": 0})
 
 
 def test_epochs_reshuffle_and_are_reproducible():
@@ -45,17 +82,18 @@ def test_batches_never_mix_shapes():
 
 
 def test_iteration_positions_and_resume_from_them():
-    data = _fake(24)
-    sampler = BucketBatchSampler(data, 4, 0, 2, seed=0)  # 3 batches per epoch per rank
+    data = _fake(24)  # 6 batches per epoch: 3 per rank of 2
+    sampler = BucketBatchSampler(data, 4, 0, 2, seed=0)
     it = iter(sampler)
     batches = [next(it) for _ in range(7)]
-    positions = [(b[0][2], b[0][3]) for b in batches]
-    assert positions == [(0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 0), (2, 1)]
+    assert [(b[0][1], b[0][2]) for b in batches] == [(0, 1), (0, 2), (0, 3), (1, 4), (1, 5), (1, 6), (2, 7)]
+    assert batches[3] != batches[0]  # the next epoch reshuffles
     resumed = BucketBatchSampler(data, 4, 0, 2, seed=0)
-    resumed.load_state_dict({"epoch": 1, "position": 1, "world_size": 2})
+    resumed.load_state_dict({"consumed": 8, "world_size": 2, "epoch": 1})
     assert next(iter(resumed)) == batches[4]
-    with pytest.raises(ValueError, match="same world size"):
-        resumed.load_state_dict({"epoch": 0, "position": 0, "world_size": 4})
+    old_format = BucketBatchSampler(data, 4, 0, 2, seed=0)  # written before the global stream
+    old_format.load_state_dict({"epoch": 1, "position": 1, "world_size": 2})
+    assert next(iter(old_format)) == batches[4]
 
 
 def test_too_small_dataset_is_a_clear_error():
@@ -75,9 +113,9 @@ def test_loader_position_restores_the_exact_next_batch():
     sampler = BucketBatchSampler(dataset, 2, 0, 1, seed=0)
     loader = make_loader(dataset, sampler, num_workers=0)
     consumed = [next(loader) for _ in range(5)]
-    state = consumed[2][1]  # position after the third batch
     resumed = BucketBatchSampler(dataset, 2, 0, 1, seed=0)
-    resumed.load_state_dict({"epoch": state[0], "position": state[1], "world_size": 1})
+    resumed.position = consumed[2][1]  # the position after the third batch, as the trainer keeps it
+    resumed.load_state_dict(resumed.state_dict())
     nxt, _ = next(make_loader(dataset, resumed, num_workers=1))  # with a worker process too
     ref = consumed[3][0]
     assert torch.equal(nxt.latents, ref.latents) and torch.equal(nxt.offset, ref.offset)

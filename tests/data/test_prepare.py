@@ -151,6 +151,34 @@ def test_interrupted_prepare_resumes_to_byte_identical_shards(messy_input, encod
     )
 
 
+def test_decoding_in_worker_processes_and_a_dead_ranks_unit_write_the_same_shards(
+    messy_input, encoders, tmp_path
+):
+    """Videos decoded by 2 loader processes give the shards decoding here gives, byte for byte; a unit
+    claimed by a rank that died (its claim's heartbeat an hour old) is taken over, not waited for; a unit a
+    live rank works on is left to it, and this rank returns without writing the report."""
+    import os
+    import time
+
+    from helios.data.prepare_job import PROGRESS_DIR, prepare
+
+    _run(messy_input, tmp_path / "here", encoders, samples_per_shard=4)
+    workers = tmp_path / "workers"
+    (workers / PROGRESS_DIR).mkdir(parents=True)
+    stale = workers / PROGRESS_DIR / "shard-000001.claim"
+    stale.write_text("{}")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    _run(messy_input, workers, encoders, samples_per_shard=4, workers=2)
+    assert _digest(workers) == _digest(tmp_path / "here")
+    live = tmp_path / "live"
+    (live / PROGRESS_DIR).mkdir(parents=True)
+    (live / PROGRESS_DIR / "shard-000000.claim").write_text("{}")  # fresh: a live rank's
+    vae, tok, text = encoders
+    summary = prepare(messy_input, live, SPEC, vae, tok, text, max_sequence_length=16, samples_per_shard=4)
+    assert summary["left"] == 1 and not (live / "shard-000000.tar").exists()
+
+
 def test_csv_and_tar_inputs(tmp_path, encoders):
     videos = tmp_path / "videos"
     make_synthetic_videos(videos, 3, 13, 32, 32, 8, seed=3)

@@ -61,12 +61,15 @@ class PrepareConfig(Validated):
     clip: ClipConfig = field(default_factory=ClipConfig)
     samples_per_shard: int = 16
     batch_size: int = 4
+    # processes decoding videos while the encoders run; null: 4 on a GPU, 0 (in-process) on the CPU
+    decode_workers: int | None = None
     device: str = "auto"
     negative_prompt: str = REFERENCE_NEGATIVE_PROMPT  # encoded once into negative_prompt_embeds.npy
 
     def _validate(self, prefix: str) -> None:
         check(self.samples_per_shard >= 1, "samples_per_shard", "must be >= 1")
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check(self.decode_workers is None or self.decode_workers >= 0, "decode_workers", "must be >= 0")
         choice(self.device, ("auto", "cpu", "cuda"), "device")
 
 
@@ -197,9 +200,13 @@ class OdePairsConfig(Validated):
     max_sequence_length: int = 512
     seed: int = 0
     device: str = "auto"
+    # pairs to write (null: one per clip); the ODE-init phase consumes its steps x global batch
+    # (Table 2: 3,759 x 128 = 481,152)
+    pairs: int | None = None
 
     def _validate(self, prefix: str) -> None:
         check(self.sampler.kind == "pyramid", "sampler.kind", "the teacher samples with the pyramid sampler")
+        check(self.pairs is None or self.pairs >= 1, "pairs", "must be >= 1")
         choice(self.device, ("auto", "cpu", "cuda"), "device")
         TaskConfig(**self.tasks).validate("tasks.")
 

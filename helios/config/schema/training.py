@@ -109,7 +109,7 @@ class ParallelConfig(Validated):
     zero_bucket_size: int = 50_000_000
     zero3_persistence_threshold: int = 100_000
     # a collective that waits longer (a hung or dead rank) fails the job instead of blocking it
-    timeout_minutes: float = 30.0
+    timeout_minutes: float = 10.0
 
     def role_backend(self, role: str) -> str:
         return getattr(self.roles, role, "") or self.backend
