@@ -51,8 +51,9 @@ def _train(raw: DictConfig, sweep: bool) -> int | None:
     trainer = Trainer(
         cfg,
         hc.runtime.output_dir,
-        run_name=hc.job.override_dirname if sweep else None,
+        sweep_member=hc.job.num if sweep else None,
         run_group=Path(hc.sweep.dir).name if sweep else None,
+        overrides=list(hc.overrides.task),
     )
     try:
         trainer.run()

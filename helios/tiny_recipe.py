@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 import zlib
 from collections.abc import Callable
@@ -96,8 +97,13 @@ def _made_once(out: Path, ready: Callable[[], bool], make: Callable[[], None], w
     if ready():
         return
     if int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"first tiny stage-3 run: making the tiny {what} (cached in {out})", file=sys.stderr, flush=True
+        )
+        started = time.monotonic()
         with _alone():
             make()
+        print(f"tiny {what} ready ({time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
         return
     deadline = time.time() + WAIT_S
     while not ready():
@@ -119,16 +125,19 @@ def _stand_in(cfg: TrainConfig, name: str, overrides: list[str]) -> Path:
 
 
 def _tiny_ode_pairs(cfg: TrainConfig) -> Path:
-    """ODE pairs of the tiny Mid (the Pyramid UniPC sampler, 3 steps a stage, CFG 3 with CFG-Zero*)."""
+    """ODE pairs of the tiny Mid, made as the reference makes the real ones (its own 5-section T2V videos,
+    CFG against the negative prompt, the linear shift), with 3 steps a stage and CFG 3."""
     teacher = cfg.distill.generator_init or cfg.distill.teacher
-    out = _cache(cfg, "tiny_ode_pairs", teacher)
+    out = _cache(cfg, "tiny_ode_pairs", teacher, "rollout")
+    sampler = SamplerConfig(kind="pyramid", steps=[3] * len(cfg.distill.steps), guidance_scale=3.0)
+    sampler.shift_type = "linear"
     pairs = OdePairsConfig(
         teacher=teacher,
         shards=str(synthetic_shards(cfg, True)),
         output=str(out),
-        sampler=SamplerConfig(
-            kind="pyramid", steps=[3] * len(cfg.distill.steps), guidance_scale=3.0, cfg_zero_star=True
-        ),
+        sampler=sampler,
+        dmd_steps=list(cfg.distill.steps),
+        amplify_first=cfg.validation.sampler.amplify_first,
         max_sequence_length=cfg.model.text_encoder.max_sequence_length,
     )
     _made_once(out, lambda: (out / "report.json").exists(), lambda: make_ode_pairs(pairs), "ODE pairs")

@@ -21,10 +21,25 @@ from helios.data.synthetic import synthetic_shards
 from helios.infra import checkpoint
 from helios.infra.backend import ParallelBackend, build_backend, model_tensors
 from helios.infra.callbacks import StepCallback, every
-from helios.infra.distributed import DistInfo, all_mean, barrier, broadcast_object, setup, teardown
+from helios.infra.distributed import (
+    DistInfo,
+    all_mean,
+    barrier,
+    broadcast_object,
+    host_max,
+    setup,
+    teardown,
+)
+from helios.infra.flops import FlopCounter, peak_tflops
 from helios.infra.guard import StepGuard, check_reading, diverged, weight_stats
-from helios.infra.metrics import MetricsLogger, micro_means
-from helios.infra.resolve import out_of_memory, resolve_grad_accum, resolve_num_workers, resolve_precision
+from helios.infra.metrics import MetricsLogger, memory_peaks, micro_means
+from helios.infra.resolve import (
+    check_installed,
+    out_of_memory,
+    resolve_grad_accum,
+    resolve_num_workers,
+    resolve_precision,
+)
 from helios.infra.resume import record_changes, resolve_resume
 from helios.infra.rng import rank_state, restore_rank_state, seed_everything, shared_generator
 from helios.infra.run_lock import RunDirBusy, RunLock
@@ -44,11 +59,19 @@ STOP_FILE = "STOP"  # in the run dir: save at the next step boundary and exit (l
 
 class Trainer:
     def __init__(
-        self, cfg: TrainConfig, run_dir: str | Path, run_name: str | None = None, run_group: str | None = None
+        self,
+        cfg: TrainConfig,
+        run_dir: str | Path,
+        sweep_member: int | None = None,
+        run_group: str | None = None,
+        overrides: list[str] | None = None,
     ) -> None:
+        """``sweep_member``, ``run_group``: the run's number and the sweep's name in a sweep; ``overrides``:
+        the command line's, for the tracker (helios/infra/tracking.py)."""
+        check_installed(cfg)  # the optional packages its settings need
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.run_name, self.run_group = run_name, run_group
+        self.sweep_member, self.run_group, self.overrides = sweep_member, run_group, overrides or []
         self.tracker = None
         self.dist: DistInfo = setup(cfg.parallel, cfg.trainer)
         self.grad_accum = resolve_grad_accum(cfg, self.dist.world_size)
@@ -64,6 +87,9 @@ class Trainer:
         self.stop_signals = StopSignals()  # SIGTERM / SIGINT: checkpoint at the next step boundary, exit
         self.initial_weights_rms: float | None = None  # the trainable weights' size before training
         self.resumed_world: int | None = None  # the world size that wrote the checkpoint resumed from
+        self.flops: FlopCounter | None = None  # the DiT forwards' model FLOPs since the last logged step
+        self.peak_tflops = peak_tflops(self.dist.device, cfg.trainer.peak_tflops)
+        self.window_steps, self.window_s = 0, 0.0  # the steps (and their seconds) since the last logged one
 
     # ------------------------------------------------------------------ setup
     def _build_data(self) -> None:
@@ -123,6 +149,7 @@ class Trainer:
             resident,
             universal=self.resumed_world not in (None, self.dist.world_size),
         )
+        self.flops = FlopCounter(self.model)
         self.generator = torch.Generator().manual_seed(cfg.seed * 100_003 + self.dist.rank)
         seed_everything(cfg.seed * 100_003 + self.dist.rank)  # per-rank streams from here on
         with self.backend.gathered():
@@ -207,6 +234,8 @@ class Trainer:
             for role, value in losses.items():
                 if role not in roles.done:
                     roles.backward(role, value)
+        if len(self.group_names) > 1:  # each role's loss (their sum means nothing); absent: NaN
+            stats = {**stats, **{f"loss/{role}": value.detach() for role, value in losses.items()}}
         return sum(v.detach() for v in losses.values()), stats
 
     def _check(self, reading, role_norms: dict[str, float]) -> None:
@@ -229,29 +258,52 @@ class Trainer:
         # every rank, and all save at this step boundary and exit
         stop_file = self.dist.is_main and (self.run_dir / STOP_FILE).exists()
         stop = float(self.stop_signals.received or stop_file)
+        lrs = self.backend.learning_rates() if metrics else {}  # this step's, before the scheduler moves
         role_norms, stepped, lr, self.stop_requested = self.backend.step(stop, self._check)
         for name in stepped:
             self.opt_steps[name] += 1
         self.step += 1
         self.stage.after_optimizer_step(self.model, self.step, stepped)  # e.g. stage 3's EMA
+        self.window_steps += 1
+        self.window_s += time.perf_counter() - t0
         if not metrics:
             return {}
-        return self._step_metrics(records, role_norms, lr, time.perf_counter() - t0)
+        return self._step_metrics(records, role_norms, lr, lrs)
 
     def _step_metrics(
-        self, records: list[dict], role_norms: dict[str, float], lr: float, elapsed: float
+        self, records: list[dict], role_norms: dict[str, float], lr: float, lrs: dict[str, float]
     ) -> dict[str, float]:
         """The logged metrics of a step: the stage's, averaged over micro-batches and ranks (one
-        all-reduce), gradient norms, learning rate and throughput."""
-        clips = self.cfg.trainer.batch_size * self.grad_accum * self.dist.world_size
+        all-reduce), gradient norms, learning rates; throughput over the steps since the last logged one
+        (``samples_per_s``, ``tokens_per_s``, ``mfu`` on a GPU of known peak) and the peak memory of any rank
+        since then (``max_memory_gib`` allocated and ``max_memory_reserved_gib`` on the GPU, the host's
+        resident set ``host_rss_gib`` and its lifetime peak ``host_max_rss_gib``)."""
         keys = self.metric_keys(records)
         metrics: dict[str, float | torch.Tensor] = dict(micro_means(records, keys, self.dist.device))
         metrics["grad_norm"] = sum(n**2 for n in role_norms.values()) ** 0.5 if role_norms else 0.0
         metrics["data_skipped"] = float(self.data_skipped)  # corrupt samples replaced so far (on_error=skip)
-        metrics = all_mean(metrics, self.dist.device, keys=[*keys, "grad_norm", "data_skipped"])
+        count = self.flops.take()
+        metrics["model_flops"], metrics["trained_tokens"] = count.flops, count.tokens
+        reduced = [*keys, "grad_norm", "data_skipped", "model_flops", "trained_tokens"]
+        metrics = all_mean(metrics, self.dist.device, keys=reduced)
         metrics["data_skipped"] *= self.dist.world_size  # the total over ranks
-        metrics.update({"lr": lr, "samples_per_s": clips / elapsed, "step_time_s": elapsed})
+        steps, seconds = self.window_steps, max(self.window_s, 1e-9)
+        self.window_steps, self.window_s = 0, 0.0
+        flops, tokens = metrics.pop("model_flops"), metrics.pop("trained_tokens")
+        metrics.update(
+            {
+                "lr": lr,
+                "samples_per_s": self.global_batch() * steps / seconds,
+                "tokens_per_s": tokens * self.dist.world_size / seconds,
+                "step_time_s": seconds / steps,
+            }
+        )
+        if self.peak_tflops is not None:
+            metrics["mfu"] = flops / seconds / (self.peak_tflops * 1e12)
+        peaks = memory_peaks(self.dist.device)
+        metrics.update(zip(peaks, host_max(list(peaks.values()))))
         if len(self.group_names) > 1:
+            metrics.update({f"lr/{n}": lrs[n] for n in self.group_names if n in lrs})
             metrics.update({f"grad_norm_{n}": role_norms.get(n, 0.0) for n in self.group_names})
             metrics.update({f"opt_steps_{n}": float(self.opt_steps[n]) for n in self.group_names})
         return metrics
@@ -259,7 +311,10 @@ class Trainer:
     def metric_keys(self, records: list[dict]) -> list[str]:
         """The stage's metric names: fixed per stage so every rank all-reduces the same list."""
         declared = self.stage.metric_names()
-        return sorted(declared if declared is not None else {k for r in records for k in r})
+        if declared is None:
+            return sorted({k for r in records for k in r})
+        roles = [f"loss/{n}" for n in self.group_names] if len(self.group_names) > 1 else []
+        return sorted({*declared, *roles})
 
     # ------------------------------------------------------------------ the loop
     def _callbacks(self) -> list[StepCallback]:
@@ -348,7 +403,9 @@ class Trainer:
             args = (self.model, len(self.dataset), hw, d.world_size, self.grad_accum, d.device, self.dtype)
             print(run_summary(self.cfg, self.run_dir, *args, self.backend.layout()), flush=True)
         if self.dist.is_main and self.cfg.logging.wandb:
-            self.tracker = start_tracker(self.cfg, self.run_dir, self.run_name, self.run_group)
+            self.tracker = start_tracker(
+                self.cfg, self.run_dir, self.sweep_member, self.run_group, self.overrides
+            )
         callbacks = self._callbacks()
         self.backend.wrapped.train()
         every_ckpt, last = self.cfg.trainer.checkpoint_every, self.cfg.trainer.max_steps
@@ -374,9 +431,10 @@ class Trainer:
         return self.run_dir
 
     def _validate_into(self, step: int, metrics: dict[str, float]) -> None:
-        self.stage.before_validation()  # collective (e.g. writes a sharded EMA into the generator)
-        metrics.update(self.validate())  # collective: the prompts are spread over the ranks
-        self.stage.after_validation()
+        with self.flops.paused():  # its forwards are not the training's throughput
+            self.stage.before_validation()  # collective (e.g. writes a sharded EMA into the generator)
+            metrics.update(self.validate())  # collective: the prompts are spread over the ranks
+            self.stage.after_validation()
         barrier()
 
     def validate(self) -> dict[str, float]:

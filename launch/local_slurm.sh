@@ -13,7 +13,12 @@ stop() {  # stop [munge]: the Slurm daemons, and munged when asked
   sleep 1
 }
 
-if [ "$cmd" = stop ]; then stop munge; exit 0; fi
+backup="$state/slurm.conf.before-helios"  # the machine's own slurm.conf, put back by `stop`
+if [ "$cmd" = stop ]; then
+  stop munge
+  if [ -f "$backup" ]; then mv -f "$backup" "$conf"; echo "restored $conf"; fi
+  exit 0
+fi
 [ "$cmd" = start ] || { echo "unknown command $cmd (start|stop)" >&2; exit 2; }
 
 host=$(hostname)
@@ -38,6 +43,11 @@ if ! munge_up; then
   cp /run/munge/munged.pid "$state"/munged.pid 2>/dev/null || true
 fi
 
+# a slurm.conf this script did not write is kept (once: a second start must not back up its own)
+if [ -f "$conf" ] && ! grep -q '^ClusterName=helios-local$' "$conf" && [ ! -f "$backup" ]; then
+  cp -p "$conf" "$backup"
+  echo "kept the existing $conf as $backup (restored by: local_slurm.sh stop $state)"
+fi
 cat > "$conf" <<CONF
 ClusterName=helios-local
 SlurmctldHost=$host

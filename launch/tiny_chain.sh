@@ -10,14 +10,14 @@ mkdir -p "$OUT"
 SHARDS=$($PY -c "from helios.config import compose; from helios.data.synthetic import synthetic_shards; \
 print(synthetic_shards(compose([]), True))")
 
-$PY train_helios.py stage=1 hydra.run.dir="$OUT/s1" trainer.max_steps="$STEPS" validation.enabled=false
-$PY train_helios.py stage=2 hydra.run.dir="$OUT/s2" init_from="$OUT/s1" trainer.max_steps="$STEPS" \
+$PY -m helios.train stage=1 hydra.run.dir="$OUT/s1" trainer.max_steps="$STEPS" validation.enabled=false
+$PY -m helios.train stage=2 hydra.run.dir="$OUT/s2" init_from="$OUT/s1" trainer.max_steps="$STEPS" \
     validation.enabled=false
 $PY -m helios.ode_pairs teacher="$OUT/s2" shards="$SHARDS" output="$OUT/ode" "sampler.steps=[3,3,3]" \
     max_sequence_length=32
-$PY train_helios.py stage=3 stage3=tiny_ode hydra.run.dir="$OUT/s3_ode" trainer.max_steps="$STEPS" \
+$PY -m helios.train stage=3 stage3=tiny_ode hydra.run.dir="$OUT/s3_ode" trainer.max_steps="$STEPS" \
     distill.teacher="$OUT/s1" distill.generator_init="$OUT/s2" distill.ode_pairs="$OUT/ode" validation.enabled=false
-$PY train_helios.py stage=3 hydra.run.dir="$OUT/s3_post" trainer.max_steps="$STEPS" distill.teacher="$OUT/s1" \
+$PY -m helios.train stage=3 hydra.run.dir="$OUT/s3_post" trainer.max_steps="$STEPS" distill.teacher="$OUT/s1" \
     init_from="$OUT/s3_ode" distill.gan.start_step=2 distill.ema_start=0
 $PY -m helios.export checkpoint="$OUT/s3_post" output="$OUT/helios_distilled" weights=ema
 $PY -m helios.generate checkpoint="$OUT/s3_post" sampler=dmd prompt="a red circle moving right" num_frames=60 \

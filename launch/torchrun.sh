@@ -27,4 +27,4 @@ exec "$PY" -m torch.distributed.run \
   --nnodes="${NNODES:-1}" --nproc_per_node="$NPROC_PER_NODE" \
   --rdzv_backend=c10d --rdzv_endpoint="${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}" \
   --rdzv_id="$RDZV_ID" \
-  train_helios.py "$@"
+  -m helios.train "$@"

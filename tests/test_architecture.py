@@ -92,7 +92,7 @@ def test_only_the_command_entries_load_modules_by_name():
     users = sorted(
         str(path.relative_to(ROOT))
         for path in (ROOT / "helios").rglob("*.py")
-        if _implementation_targets(path) or "importlib" in path.read_text()
+        if _implementation_targets(path) or "import_module" in path.read_text()
     )
     assert users == ["helios/config/entry.py"] + [f"helios/{name}.py" for name in sorted(ENTRIES)]
 

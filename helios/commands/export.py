@@ -24,6 +24,7 @@ from helios.config.schema import ExportConfig, TrainConfig
 from helios.loading import load_checkpoint_model
 from helios.model.encoders import build_text_encoder, build_vae
 from helios.model.lora import merged_state_dict
+from helios.sampling.diffusers_compat import call_arguments_for
 from helios.sampling.pipeline import build_section_sampler
 
 log = logging.getLogger("helios.export")
@@ -116,11 +117,14 @@ def export(cfg: ExportConfig) -> Path:
             **extra,
         )
         pipe.save_pretrained(out)
+        h = train_cfg.history
         info.update(
             {
                 "format": "pipeline",
                 "pipeline": pipe_cls.__name__,
-                "history": {"sizes": train_cfg.history.sizes, "window": train_cfg.history.window},
+                "history": {"sizes": h.sizes, "window": h.window},
+                # what the pipeline's call needs besides the prompt (diffusers' defaults are the 14B layout)
+                "call": call_arguments_for(train_cfg.validation.sampler, h.sizes, h.window),
             }
         )
     (out / "helios_export.json").write_text(json.dumps(info, indent=2))
@@ -135,7 +139,24 @@ def export(cfg: ExportConfig) -> Path:
         final.unlink()
     os.replace(out, final)
     log.info("exported %s to %s (%s)", found, final, info["format"])
+    if "call" in info:
+        print(diffusers_usage(final, info), flush=True)
     return final
+
+
+def diffusers_usage(path: Path, info: dict) -> str:
+    """How to sample the export with diffusers (README "Exports in diffusers")."""
+    lines = [
+        f"sample it with diffusers ({info['pipeline']}; its call arguments: {path}/helios_export.json):",
+        "  import torch",
+        "  from diffusers import DiffusionPipeline",
+        "  from helios.sampling.diffusers_compat import fix_pyramid_pipeline, pipeline_call_arguments",
+        f'  pipe = DiffusionPipeline.from_pretrained("{path}")',
+    ]
+    if info["pipeline"] == "HeliosPyramidPipeline":
+        lines.append("  fix_pyramid_pipeline(pipe)  # diffusers 0.42's CFG-Zero* and block-noise defects")
+    lines.append(f'  video = pipe(prompt="...", **pipeline_call_arguments("{path}")).frames[0]')
+    return "\n".join(lines)
 
 
 def check_export(out: Path) -> None:

@@ -8,8 +8,10 @@ JSON of per-section drift statistics next to it.
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -49,8 +51,19 @@ def _number(path: str, line: int, column: str, value: str, kind: type) -> float 
         raise ValueError(f"{path}:{line}: {column} {value!r} is not a {kind.__name__}") from None
 
 
+REFERENCE_COLUMNS = ("id", "prompt_index", "prompt")  # the reference code's interactive CSV
+
+
 def read_timed_prompts(path: str) -> list[tuple[float, str]]:
-    """``time,prompt`` rows (seconds), sorted; the first prompt starts at time 0."""
+    """``time,prompt`` rows (seconds), sorted; the first prompt starts at time 0. The reference code's
+    interactive CSV (``id,prompt_index,prompt``) is refused with a pointer to ``interactive_prompts=``."""
+    with open(path, newline="", encoding="utf-8") as f:
+        header = next(csv.reader(f), [])
+    if set(REFERENCE_COLUMNS) <= set(header) and "time" not in header:
+        raise ValueError(
+            f"timed_prompts={path} is the reference code's interactive CSV (id,prompt_index,prompt): give it "
+            "as interactive_prompts= (each prompt for sections_per_prompt sections)"
+        )
     rows = sorted(
         (_number(path, line, "time", row["time"], float), row["prompt"])
         for line, row in _csv_rows(path, ("time", "prompt"))
@@ -69,7 +82,7 @@ def read_interactive_prompts(path: str, sections_per_prompt: int) -> list[tuple[
     ``refined_prompt``): one video per id, its prompts in ``prompt_index`` order, prompt j from section
     j x ``sections_per_prompt`` on."""
     groups: dict[str, list[tuple[int, str]]] = {}
-    for line, row in _csv_rows(path, ("id", "prompt_index", "prompt")):
+    for line, row in _csv_rows(path, REFERENCE_COLUMNS):
         text = (row.get("refined_prompt") or "").strip() or row["prompt"]
         index = _number(path, line, "prompt_index", row["prompt_index"], int)
         groups.setdefault(row["id"], []).append((index, text))
@@ -122,6 +135,8 @@ def run(cfg: GenerateConfig) -> list[Path]:
         jobs = [(base.with_name(f"{base.stem}_{i:03d}{base.suffix}"), [(0, p)]) for i, p in enumerate(lines)]
     else:
         jobs = [(base, [(0, cfg.prompt)])]
+    if cfg.progress:
+        print(f"loading {cfg.checkpoint} on {device} ({dtype})", file=sys.stderr, flush=True)
     model = load_for_inference(cfg.checkpoint, device, dtype)
     check_decode(cfg.decode, model.latent_format, cfg.checkpoint)
     height = cfg.height or (model.size[0] if model.size else 384)
@@ -164,12 +179,17 @@ def run(cfg: GenerateConfig) -> list[Path]:
             video,
             cfg.seed,
             latent_format=model.latent_format,
+            progress=functools.partial(_print_progress, out.name) if cfg.progress else None,
         )
         stats = {**result.stats, "prompts": prompts, "seed": cfg.seed, "height": height, "width": width}
         save_video(result.frames[0], out, cfg.fps, stats)
         log.info("wrote %s (%d frames) and %s", out, result.frames.shape[2], out.with_suffix(".json"))
         outputs.append(out)
     return outputs
+
+
+def _print_progress(name: str, progress) -> None:
+    print(f"{name}: {progress.line()}", file=sys.stderr, flush=True)
 
 
 def check_decode(decode: str, latent_format: str, checkpoint: str) -> None:

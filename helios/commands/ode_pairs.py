@@ -1,14 +1,18 @@
-"""``python -m helios.ode_pairs teacher=PATH output=DIR``: ODE-pair shards for Staged ODE Init (§3.4.2).
+"""``python -m helios.ode_pairs teacher=PATH shards=DIR output=DIR``: the teacher's ODE pairs for Staged
+ODE Init (§3.4.2).
 
-The teacher (a stage-2 run / checkpoint, or a diffusers Helios-Mid directory) samples one section per
-real clip with the Pyramid UniPC sampler, conditioned on that clip's history (Representation Control
-formats drawn as in training, no corruption); each sample stores the conditioning (history, anchor,
-prompt embedding), the initial noise and the start and end state of every pyramid stage.
+``source=rollout`` (default; how the released Helios-Distilled was initialised, the reference's
+``get_ode-pairs.py``): per caption of the shards, the teacher (Helios-Mid: a stage-2 run / checkpoint or a
+diffusers directory) samples a T2V video of ``sections`` sections with the Pyramid UniPC sampler (CFG against
+the negative prompt), each section conditioned on its earlier ones; every (section, pyramid stage) keeps the
+teacher's states at the distilled schedule's timesteps (the nearest of its own steps) and the stage's end.
+``source=clips``: one section per real clip, on that clip's history (Representation Control formats drawn as
+in training, no corruption), keeping each stage's start and end.
+
 One output shard per input shard; the ranks claim input shards one at a time
 (:class:`~helios.data.work_queue.WorkQueue`: a slow or dead rank delays nobody); a shard is done when
 ``.progress/<shard>.json`` exists, so a rerun continues; ``pairs=N`` samples only the first shards that make
-N pairs (the ODE-init phase's steps x global batch); ``report.json`` sums up (written by the rank that
-finishes the last shard).
+N pairs; ``report.json`` sums up (written by the rank that finishes the last shard).
 """
 
 from __future__ import annotations
@@ -22,23 +26,92 @@ from pathlib import Path
 
 import torch
 
-from helios.config.schema import OdePairsConfig, ParallelConfig, TaskConfig, TrainerConfig
+from helios.config.schema import OdePairsConfig, ParallelConfig, SamplerConfig, TaskConfig, TrainerConfig
 from helios.core.history import apply_tasks, draw_tasks
 from helios.data.dataset import random_section_window
-from helios.data.ode_pair_shards import ODE_MEMBERS, encode_pair
-from helios.data.prepare_job import load_empty_prompt
+from helios.data.ode_pair_shards import ODE_MEMBERS, TRAJECTORY_MEMBERS, encode_pair
+from helios.data.prepare_job import EMPTY_PROMPT_FILE, NEGATIVE_PROMPT_FILE, SETTINGS_FILE, load_empty_prompt
 from helios.data.shards import ShardIndex, list_shards, trim_embeds, write_shard
 from helios.data.work_queue import WorkQueue
 from helios.infra.distributed import setup, teardown
 from helios.loading import load_for_inference
 from helios.model.encoders import encode_prompts
+from helios.sampling.autoregressive import sample_video
 from helios.sampling.pipeline import build_section_sampler
+from helios.sampling.prompts import PromptSchedule
 
 log = logging.getLogger("helios.ode_pairs")
 
 
 @torch.no_grad()
+def rollouts_for_shard(shard: Path, out: Path, cfg: OdePairsConfig, model, negative: torch.Tensor) -> dict:
+    """``source=rollout``: one T2V video of the teacher per caption of ``shard``, its trajectory states at the
+    distilled schedule's timesteps (:func:`keep_dmd_states`)."""
+    layout = model.layout
+    index = ShardIndex([shard])
+    sampler = build_section_sampler(cfg.sampler, tuple(model.transformer.config.patch_size))
+    dmd = build_section_sampler(
+        SamplerConfig(
+            kind="dmd", steps=list(cfg.dmd_steps), amplify_first=cfg.amplify_first, shift_type="linear"
+        ),
+        tuple(model.transformer.config.patch_size),
+    )
+    device = next(model.transformer.parameters()).device
+    samples = []
+    for i in range(len(index)):
+        item = index.read(i)
+        c, _, h, w = item["latents"].shape
+        gen = torch.Generator().manual_seed(zlib.crc32(f"{cfg.seed}:{shard.name}:{item['key']}".encode()))
+        emb = torch.zeros(1, cfg.max_sequence_length, item["prompt_embeds"].shape[-1])
+        emb[0, : item["prompt_embeds"].shape[0]] = item["prompt_embeds"][: cfg.max_sequence_length]
+        trajectories: list = []
+        sample_video(
+            model.transformer,
+            layout,
+            sampler,
+            PromptSchedule([(0, emb)]),
+            negative,
+            cfg.sections,
+            (h, w),
+            gen,
+            device=device,
+            trajectories=trajectories,
+        )
+        arrays, kept = {"prompt_embeds": trim_embeds(emb[0])}, {}
+        for k, section in enumerate(trajectories):
+            for stage, timesteps, states in section:
+                targets = dmd.stage_timesteps(stage, tuple(states[0].shape), first_section=k == 0)
+                picked, ts = keep_dmd_states(timesteps, states, targets)
+                arrays[f"s{k}_stage{stage}_states"] = picked[:, 0]
+                arrays[f"s{k}_stage{stage}_t"] = ts
+                kept[f"s{k}_stage{stage}"] = ts.tolist()
+        meta = {
+            "format": "trajectory",
+            "source": f"{shard.name}:{item['key']}",
+            "sections": cfg.sections,
+            "stages": len(cfg.sampler.steps),
+            "timesteps": kept,
+            "latent_shape": [c, layout.window, h, w],
+            "caption": item["meta"].get("caption"),
+        }
+        samples.append(encode_pair(f"{shard.stem}-{i:05d}", arrays, meta))
+    if samples:
+        write_shard(out / f"ode-{shard.stem}.tar", samples, TRAJECTORY_MEMBERS)
+    return {"shard": shard.name, "written": len(samples), "skipped_too_short": 0}
+
+
+def keep_dmd_states(
+    timesteps: torch.Tensor, states: list[torch.Tensor], targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's states at the steps nearest to the distilled schedule's ``targets`` (the reference keeps
+    those, not the targets themselves), then the stage's end: ([len(targets) + 1, ...], their timesteps)."""
+    nearest = [int(torch.argmin((timesteps - t).abs())) for t in targets.tolist()]
+    return torch.stack([states[j] for j in nearest] + [states[-1]]), timesteps[nearest].float()
+
+
+@torch.no_grad()
 def pairs_for_shard(shard: Path, out: Path, cfg: OdePairsConfig, model, empty: torch.Tensor) -> dict:
+    """``source=clips``: one section per real clip of ``shard``, each pyramid stage's start and end."""
 
     layout = model.layout
     index = ShardIndex([shard])
@@ -116,6 +189,12 @@ def pairs_for_shard(shard: Path, out: Path, cfg: OdePairsConfig, model, empty: t
     return {"shard": shard.name, "written": len(samples), "skipped_too_short": skipped}
 
 
+def prepared_negative_prompt(shards: str) -> str | None:
+    """The negative prompt ``helios.prepare`` encoded next to the shards (its settings file), or None."""
+    settings = Path(shards) / SETTINGS_FILE
+    return json.loads(settings.read_text()).get("negative_prompt") if settings.exists() else None
+
+
 def shards_for(shards: list[Path], pairs: int | None) -> list[Path]:
     """The input shards a job samples: all of them, or the first ones whose clips make ``pairs`` pairs (what
     the ODE-init phase consumes: its steps x global batch)."""
@@ -137,18 +216,21 @@ def run(cfg: OdePairsConfig) -> dict:
     dist = setup(ParallelConfig(), TrainerConfig(device=cfg.device))
     try:
         model = load_for_inference(cfg.teacher, dist.device)
-        empty = load_empty_prompt(cfg.shards)
-        if empty is None:
-            empty = encode_prompts(model.tokenizer, model.text_encoder, [""], cfg.max_sequence_length)[0]
-        padded = torch.zeros(1, cfg.max_sequence_length, empty.shape[-1])
-        padded[0, : min(len(empty), cfg.max_sequence_length)] = empty[: cfg.max_sequence_length]
+        # CFG's unconditional branch: the sampler's negative prompt, as prepare encoded it where it can
+        text = cfg.sampler.negative_prompt
+        stored = load_empty_prompt(cfg.shards, NEGATIVE_PROMPT_FILE if text else EMPTY_PROMPT_FILE)
+        if stored is None or (text and text != prepared_negative_prompt(cfg.shards)):
+            stored = encode_prompts(model.tokenizer, model.text_encoder, [text], cfg.max_sequence_length)[0]
+        padded = torch.zeros(1, cfg.max_sequence_length, stored.shape[-1])
+        padded[0, : min(len(stored), cfg.max_sequence_length)] = stored[: cfg.max_sequence_length]
+        make = rollouts_for_shard if cfg.source == "rollout" else pairs_for_shard
         out = Path(cfg.output)
         shards = shards_for(list_shards(cfg.shards), cfg.pairs)
         queue = WorkQueue(out / ".progress", [s.stem for s in shards], dist.rank, dist.world_size)
         by_name = {s.stem: s for s in shards}
         t0, n, written = time.monotonic(), 0, 0
         for name in queue.claims():
-            record = pairs_for_shard(by_name[name], out, cfg, model, padded)
+            record = make(by_name[name], out, cfg, model, padded)
             queue.finish(name, record)
             n, written = n + 1, written + record["written"]
             log.info(
@@ -168,6 +250,7 @@ def run(cfg: OdePairsConfig) -> dict:
             "pairs": sum(r["written"] for r in records),
             "skipped_too_short": sum(r["skipped_too_short"] for r in records),
             "teacher": str(cfg.teacher),
+            "source": cfg.source,
             "sampler": {"steps": list(cfg.sampler.steps), "guidance_scale": cfg.sampler.guidance_scale},
         }
         tmp = out / f"report.json.tmp-{os.getpid()}"

@@ -1,6 +1,19 @@
 """Frame-Aware Corrupt (paper §3.2.3): simulate drifted history during training.
 
-Applied to the valid history latents only; the first-frame anchor is never corrupted.
+Two readings (``history.corrupt.mode``):
+
+* ``reference`` (default; how the released Helios checkpoints were trained): one decision per micro-batch:
+  clean with ``reference_p_clean``, else the noise branch (``reference_p_noise`` of the rest: "noise"
+  mode, 1.0; "random" mode, 0.9) or down-then-up sampling. Noise ``x <- (1 - s) x + s eps`` with ``s``
+  drawn per sample and frame from ``noise``; down-up by a ratio drawn per history region (the reference's
+  windows: the oldest ``H mod window`` frames, then windows of ``window`` frames; its frame-by-frame
+  down-up, not its reshape that mixes channels and frames). The first-frame anchor is corrupted like a
+  history frame. Stage 3 adds :func:`saturate` to the generator's history only.
+* ``paper``: every history frame independently draws exposure / noise / down-up / clean with
+  ``p_exposure / p_noise / p_downsample / p_clean``; the anchor is kept.
+
+Exposure (paper) and saturation (reference) are the same operator, the reference's: ``(x - m) a + m`` with
+``m`` the mean over the latent channels at each position. Zero frames (dropped history, padding) stay zero.
 """
 
 from __future__ import annotations
@@ -10,7 +23,7 @@ from enum import IntEnum
 import torch
 import torch.nn.functional as F
 
-from helios.config.schema import CorruptConfig
+from helios.config.schema import CorruptConfig, SaturationConfig
 
 
 class Branch(IntEnum):
@@ -44,25 +57,38 @@ def down_up(frame: torch.Tensor, reduction: float) -> torch.Tensor:
     return x[0].to(frame.dtype)
 
 
+def scale_around_channel_mean(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``(x - m) a + m``, ``m`` the mean over the channels at each position (x: [N, C, h, w], factor: [N])."""
+    mean = x.mean(dim=1, keepdim=True)
+    return mean + factor.view(-1, 1, 1, 1) * (x - mean)
+
+
+def reference_regions(frames: int, window: int) -> list[tuple[int, int]]:
+    """The reference code's history regions, oldest first: the ``frames mod window`` oldest frames, then
+    windows of ``window`` frames (one down-up ratio or saturation decision each)."""
+    tail = frames % window
+    starts = ([0] if tail else []) + list(range(tail, frames, window))
+    return [(s, min(s + (tail if s == 0 and tail else window), frames)) for s in starts]
+
+
 def frame_aware_corrupt(
     history: torch.Tensor,
     valid: torch.Tensor,
     cfg: CorruptConfig,
     generator: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Corrupt history latents [B, C, T, h, w]; ``valid`` [B, T] marks frames that hold content.
-
-    ``mode=paper``: each frame draws its own branch (T independent decisions, §3.2.3).
-    ``mode=reference``: one branch per sample, shared by its frames (the public code's behaviour).
-    Returns the corrupted history and the branch per frame ([B, T], CLEAN where not valid).
-    """
+    anchor: torch.Tensor | None = None,
+    window: int = 9,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Corrupt history latents [B, C, T, h, w] (``valid`` [B, T]: frames that hold content) and, in the
+    reference reading, the anchor [B, C, 1, h, w] where it is not zero. Returns (history, branch per frame
+    [B, T] (CLEAN where not valid), anchor)."""
     b, c, t, h, w = history.shape
+    clean = torch.full((b, t), int(Branch.CLEAN), dtype=torch.long)
     if not cfg.enabled:
-        return history, torch.full((b, t), int(Branch.CLEAN), dtype=torch.long)
-    if cfg.mode == "paper":
-        branches = draw_branches((b, t), cfg, generator)
-    else:
-        branches = draw_branches((b, 1), cfg, generator).expand(b, t).clone()
+        return history, clean, anchor
+    if cfg.mode == "reference":
+        return _reference(history, valid, cfg, generator, anchor, window)
+    branches = draw_branches((b, t), cfg, generator)
     branches[~valid] = int(Branch.CLEAN)
 
     out = history.clone()
@@ -77,9 +103,7 @@ def frame_aware_corrupt(
 
     sel = (flat_branch == Branch.EXPOSURE).to(history.device)
     if sel.any():
-        x = frames[sel].float()
-        mean = x.mean(dim=(2, 3), keepdim=True)
-        frames[sel] = (mean + exposure[sel].view(-1, 1, 1, 1) * (x - mean)).to(frames.dtype)
+        frames[sel] = scale_around_channel_mean(frames[sel].float(), exposure[sel]).to(frames.dtype)
     sel = (flat_branch == Branch.NOISE).to(history.device)
     if sel.any():
         s = noise_level[sel].view(-1, 1, 1, 1)
@@ -88,4 +112,72 @@ def frame_aware_corrupt(
         frames[i] = down_up(frames[i], float(reduction[i]))
 
     out = frames.view(b, t, c, h, w).permute(0, 2, 1, 3, 4).contiguous()
-    return out, branches
+    return out, branches, anchor
+
+
+def _reference(history, valid, cfg: CorruptConfig, generator, anchor, window):
+    """The released checkpoints' corrupt: one clean / branch decision per micro-batch (module docstring)."""
+    b, t = history.shape[0], history.shape[2]
+    u_clean, u_branch = torch.rand(2, generator=generator).tolist()
+    if u_clean < cfg.reference_p_clean:
+        branch = Branch.CLEAN
+    else:
+        branch = Branch.NOISE if u_branch < cfg.reference_p_noise else Branch.DOWNSAMPLE
+    branches = torch.full((b, t), int(branch), dtype=torch.long)
+    branches[~valid] = int(Branch.CLEAN)
+    if branch == Branch.CLEAN:
+        return history, branches, anchor
+    # the anchor goes first in the reference's frame order; it is corrupted where it holds content
+    frames = history if anchor is None else torch.cat([anchor, history], dim=2)
+    mask = (
+        valid if anchor is None else torch.cat([anchor.flatten(1).abs().amax(1, keepdim=True) > 0, valid], 1)
+    )
+    mask5 = mask.view(b, 1, -1, 1, 1).to(history.device)
+    if branch == Branch.NOISE:
+        s = _uniform(b * frames.shape[2], cfg.noise, generator).view(b, 1, -1, 1, 1).to(history.device)
+        eps = torch.randn(frames.shape, generator=generator).to(history.device, frames.dtype)
+        noised = ((1.0 - s) * frames.float() + s * eps.float()).to(frames.dtype)
+        out = torch.where(mask5, noised, frames)
+    else:
+        out = frames.clone()
+        offset = 0 if anchor is None else 1
+        regions = ([(0, 1)] if anchor is not None else []) + [
+            (s + offset, e + offset) for s, e in reference_regions(t, window)
+        ]
+        for start, end in regions:
+            reduction = float(_uniform(1, cfg.downsample, generator))
+            for i in range(b):
+                for f in range(start, end):
+                    if mask[i, f]:
+                        out[i, :, f] = down_up(frames[i, :, f], reduction)
+    if anchor is None:
+        return out, branches, None
+    return out[:, :, 1:], branches, out[:, :, :1]
+
+
+def saturate(
+    history: torch.Tensor,
+    valid: torch.Tensor,
+    cfg: SaturationConfig,
+    generator: torch.Generator,
+    window: int = 9,
+) -> torch.Tensor:
+    """The reference's stage-3 saturation of the generator's history (the anchor is never saturated): each
+    history region (:func:`reference_regions`) holding content is kept with ``p_clean``, else scaled around
+    the per-position channel mean by a factor from ``[low, 1)`` or ``(1, high]`` (even odds), one a region."""
+    if not cfg.enabled:
+        return history
+    b, c, t, h, w = history.shape
+    out = history.clone()
+    for start, end in reference_regions(t, window):
+        keep, side, u = torch.rand(3, generator=generator).tolist()
+        if keep < cfg.p_clean or not bool(valid[:, start:end].any()):
+            continue
+        low, high = cfg.range
+        factor = low + u * (1.0 - 1e-3 - low) if side < 0.5 else 1.0 + 1e-3 + u * (high - 1.0 - 1e-3)
+        part = history[:, :, start:end].permute(0, 2, 1, 3, 4).reshape(-1, c, h, w).float()
+        scaled = scale_around_channel_mean(part, torch.full((part.shape[0],), factor))
+        scaled = scaled.view(b, end - start, c, h, w).permute(0, 2, 1, 3, 4).to(history.dtype)
+        region_valid = valid[:, start:end].view(b, 1, -1, 1, 1).to(history.device)
+        out[:, :, start:end] = torch.where(region_valid, scaled.to(history.device), history[:, :, start:end])
+    return out

@@ -149,9 +149,9 @@ class HistoryLayout:
         return clip[:, :, : self.num_history], clip[:, :, self.num_history :]
 
     def partial_lengths(self) -> list[int]:
-        """Valid-history lengths of the early sections of a video: k*window < H."""
-        lengths = [k * self.window for k in range(1, self.num_history) if k * self.window < self.num_history]
-        return lengths or list(range(1, self.num_history))
+        """History lengths kept by partial V2V, as the reference draws them (it zeroes the oldest
+        1 + k x window frames): k x window < H, 0 included (the anchor alone: 16/2/1 + 9 keeps 0, 9 or 18)."""
+        return [k * self.window for k in range(self.num_history) if k * self.window < self.num_history]
 
 
 def draw_tasks(batch_size: int, cfg: TaskConfig, generator: torch.Generator) -> torch.Tensor:
@@ -201,7 +201,7 @@ def apply_tasks(
         elif task == Task.V2V_PARTIAL:
             n_keep = lengths[int(torch.randint(len(lengths), (1,), generator=generator))]
             valid[i, : h_frames - n_keep] = False
-            if not section_format:
+            if not section_format and n_keep:
                 anchor[i] = history[i, :, h_frames - n_keep : h_frames - n_keep + 1]
     history = history * valid.view(b, 1, h_frames, 1, 1).to(history.device, history.dtype)
     return history, anchor, valid

@@ -1,6 +1,12 @@
-"""The ODE-pair shard format of Staged ODE Init (paper §3.4.2): written by ``helios.ode_pairs``, read by
-stage 3's ODE-init phase. Each sample: the conditioning (history, anchor, prompt embedding), the initial
-noise and the start and end state of every pyramid stage (``stage<k>_start/end``), as ``.npy`` members."""
+"""The ODE-pair shard formats of Staged ODE Init (paper §3.4.2): written by ``helios.ode_pairs``, read by
+stage 3's ODE-init phase.
+
+* trajectory (``source=rollout``, the reference's): one sample per teacher video: the prompt embedding and,
+  per section k and pyramid stage s, the teacher's states at the distilled timesteps plus the stage's end
+  (``s<k>_stage<s>_states`` [n + 1, C, T, h, w]) and those timesteps (``s<k>_stage<s>_t`` [n]).
+* endpoints (``source=clips``): one sample per real clip: the conditioning (history, anchor, prompt
+  embedding), the initial noise and the start and end state of every pyramid stage (``stage<k>_start/end``).
+"""
 
 from __future__ import annotations
 
@@ -9,9 +15,11 @@ from pathlib import Path
 
 import torch
 
+from helios.core.history import HistoryLayout
 from helios.data.shards import ShardIndex, list_shards, npy_bytes
 
-ODE_MEMBERS = ("noise.npy", "prompt_embeds.npy", "json")  # members every pair has
+ODE_MEMBERS = ("noise.npy", "prompt_embeds.npy", "json")  # members every endpoints pair has
+TRAJECTORY_MEMBERS = ("prompt_embeds.npy", "json")  # members every trajectory sample has
 
 
 class TensorDict(dict):
@@ -56,3 +64,69 @@ class OdePairDataset(torch.utils.data.Dataset):
     @staticmethod
     def collate(samples: list[dict]) -> TensorDict:
         return TensorDict({k: torch.stack([s[k] for s in samples]) for k in samples[0]})
+
+
+class OdeTrajectoryDataset(torch.utils.data.Dataset):
+    """Trajectory samples (the reference's pairs) as training points: per (sample, epoch) one section k of
+    the teacher's video, drawn uniformly, conditioned as the teacher sampled it (history: the teacher's
+    earlier sections, the anchor its first latent), and per pyramid stage one of the kept states
+    (``stage<s>_x``, its timestep ``stage<s>_t``) with the stage's end (``stage<s>_end``)."""
+
+    def __init__(
+        self, path: str | Path, stages: int, max_sequence_length: int, layout: HistoryLayout, seed: int = 0
+    ) -> None:
+        self.index = ShardIndex(list_shards(path), required=TRAJECTORY_MEMBERS)
+        self.stages, self.max_len, self.layout, self.seed = stages, max_sequence_length, layout, seed
+        self.eligible = list(range(len(self.index)))
+        self.buckets = {(0, 0): self.eligible}
+
+    def __len__(self) -> int:
+        return len(self.eligible)
+
+    def meta(self, i: int) -> dict:
+        return json.loads(self.index.read_member(i, "json"))
+
+    def latent_hw(self) -> tuple[int, int]:
+        return tuple(self.meta(0)["latent_shape"][-2:])
+
+    def __getitem__(self, item):
+        i, epoch = item
+        read = lambda name: self.index.read_array(i, name + ".npy")  # noqa: E731
+        meta = self.meta(i)
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 1_000_033 + i)
+        k = int(torch.randint(meta["sections"], (1,), generator=gen))
+        last = self.stages - 1
+        finals = [read(f"s{j}_stage{last}_states")[-1] for j in range(k)]  # the sections before k
+        c, _, h, w = meta["latent_shape"]
+        history = torch.zeros(c, self.layout.num_history, h, w)
+        if finals:
+            video = torch.cat(finals, dim=1)[:, -self.layout.num_history :]
+            history[:, self.layout.num_history - video.shape[1] :] = video
+        anchor = finals[0][:, :1] if finals else torch.zeros(c, 1, h, w)
+        emb = read("prompt_embeds")[: self.max_len]
+        out = {
+            "history": history,
+            "anchor": anchor,
+            "prompt_embeds": torch.zeros(self.max_len, emb.shape[-1]),
+        }
+        out["prompt_embeds"][: emb.shape[0]] = emb
+        for s in range(self.stages):
+            states, timesteps = read(f"s{k}_stage{s}_states"), read(f"s{k}_stage{s}_t")
+            j = int(torch.randint(len(timesteps), (1,), generator=gen))
+            out[f"stage{s}_x"], out[f"stage{s}_t"], out[f"stage{s}_end"] = states[j], timesteps[j], states[-1]
+        return out
+
+    @staticmethod
+    def collate(samples: list[dict]) -> TensorDict:
+        return TensorDict({k: torch.stack([s[k] for s in samples]) for k in samples[0]})
+
+
+def ode_pair_dataset(
+    path: str | Path, stages: int, max_sequence_length: int, layout: HistoryLayout, seed: int = 0
+):
+    """The dataset of an ``helios.ode_pairs`` output, by the format it was written in."""
+    report = Path(path) / "report.json"
+    source = json.loads(report.read_text()).get("source", "clips") if report.exists() else "clips"
+    if source == "rollout":
+        return OdeTrajectoryDataset(path, stages, max_sequence_length, layout, seed)
+    return OdePairDataset(path, stages, max_sequence_length)

@@ -10,6 +10,8 @@ import hashlib
 import json
 import os
 import shutil
+import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -104,6 +106,13 @@ def ensure_synthetic_shards(data: DataConfig, model: ModelConfig, spec: ClipSpec
     root = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(root, ignore_errors=True)
     syn = data.synthetic
+    started = time.monotonic()
+    print(  # the first run waits here (a minute or two on a laptop); later runs reuse the cache
+        f"first run with this data: writing {syn.num_videos} moving-shapes videos and encoding them into "
+        f"latent shards (cached in {final})",
+        file=sys.stderr,
+        flush=True,
+    )
     make_synthetic_videos(
         root / "videos",
         syn.num_videos,
@@ -124,6 +133,7 @@ def ensure_synthetic_shards(data: DataConfig, model: ModelConfig, spec: ClipSpec
         max_sequence_length=model.text_encoder.max_sequence_length,
     )
     report = write_report(root / "shards")
+    print(f"synthetic shards ready ({time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
     if report["skipped"]:
         raise RuntimeError(f"synthetic videos failed to encode: {report['skipped_inputs'][:3]}")
     try:

@@ -1,10 +1,12 @@
 """Decode a video file into a clip tensor: fps resampling, resize + centre crop (decord; ffmpeg where
-decord fails on a valid stream)."""
+decord is not installed or fails on a valid stream)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
+import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -41,19 +43,27 @@ def resize_center_crop(frames: torch.Tensor, height: int, width: int) -> torch.T
     return (x / 127.5 - 1.0).clamp(-1, 1).permute(1, 0, 2, 3).contiguous()
 
 
-def ffmpeg_frames(source: str | io.BytesIO, idx: list[int], first_error: BaseException) -> torch.Tensor:
-    """Frames ``idx`` as [T, H, W, 3] uint8, decoded by an ffmpeg process (imageio-ffmpeg)."""
-    import tempfile
+@contextlib.contextmanager
+def _as_path(source: str | io.BytesIO):
+    """A file path for ``source`` (an in-memory video is written to a temporary file)."""
+    if not isinstance(source, io.BytesIO):
+        yield str(source)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/clip.mp4"
+        with open(path, "wb") as f:
+            f.write(source.getvalue())
+        yield path
 
+
+def ffmpeg_frames(
+    source: str | io.BytesIO, idx: list[int], first_error: BaseException | None
+) -> torch.Tensor:
+    """Frames ``idx`` as [T, H, W, 3] uint8, decoded by an ffmpeg process (imageio-ffmpeg)."""
     import imageio
     import numpy as np
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = str(source)
-        if isinstance(source, io.BytesIO):
-            path = f"{tmp}/clip.mp4"
-            with open(path, "wb") as f:
-                f.write(source.getvalue())
+    with _as_path(source) as path:
         try:
             with imageio.get_reader(path, "ffmpeg") as reader:
                 frames = np.stack([reader.get_data(i)[..., :3] for i in idx])
@@ -61,6 +71,28 @@ def ffmpeg_frames(source: str | io.BytesIO, idx: list[int], first_error: BaseExc
             reason = f"{first_error}".splitlines()[0] if first_error else ""
             raise VideoDecodeError(f"decode failed: {reason}; ffmpeg: {err}".splitlines()[0]) from None
     return torch.from_numpy(frames)
+
+
+def ffmpeg_probe(source: str | io.BytesIO) -> tuple[int, float]:
+    """(frames, fps) of a video, read by ffmpeg (imageio-ffmpeg)."""
+    import imageio
+
+    with _as_path(source) as path:
+        try:
+            with imageio.get_reader(path, "ffmpeg") as reader:
+                return reader.count_frames(), float(reader.get_meta_data().get("fps") or 0.0)
+        except Exception as err:
+            raise VideoDecodeError(f"cannot open: {err}".splitlines()[0]) from None
+
+
+def decord_reader():
+    """decord where it is installed (its wheels: x86-64 only); None elsewhere (aarch64, e.g. GH200 nodes),
+    where ffmpeg (imageio-ffmpeg) decodes every video."""
+    try:
+        import decord
+    except ImportError:
+        return None
+    return decord
 
 
 def decode_clip(
@@ -74,31 +106,38 @@ def decode_clip(
 ) -> tuple[torch.Tensor, float]:
     """The first ``num_frames`` frames of a file path or in-memory video at ``fps`` (source fps when
     None) as [3, T, H, W] in [-1, 1], and the frame rate actually sampled. ``cut`` = (start, end) source
-    frames and ``crop`` = (x0, x1, y0, y1) pixels restrict it first (the reference code's data index)."""
-    import decord
-
-    try:
-        reader = decord.VideoReader(
-            source if isinstance(source, io.BytesIO) else str(source), ctx=decord.cpu(0), num_threads=1
-        )
-    except Exception as err:  # decord raises its own DECORDError / RuntimeError variants
-        raise VideoDecodeError(f"cannot open: {err}".splitlines()[0]) from None
-    n = len(reader)
+    frames and ``crop`` = (x0, x1, y0, y1) pixels restrict it first (the reference code's data index).
+    Decoded by decord, or by ffmpeg where decord is not installed or fails on a valid stream."""
+    decord = decord_reader()
+    reader = None
+    if decord is None:
+        n, source_fps = ffmpeg_probe(source)
+    else:
+        try:
+            reader = decord.VideoReader(
+                source if isinstance(source, io.BytesIO) else str(source), ctx=decord.cpu(0), num_threads=1
+            )
+        except Exception as err:  # decord raises its own DECORDError / RuntimeError variants
+            raise VideoDecodeError(f"cannot open: {err}".splitlines()[0]) from None
+        n, source_fps = len(reader), float(reader.get_avg_fps() or 0.0)
     if n == 0:
         raise VideoDecodeError("no frames")
-    source_fps = float(reader.get_avg_fps() or fps or 1.0)
+    source_fps = source_fps or fps or 1.0
     start, end = cut if cut is not None else (0, n)
     if not 0 <= start < end:
         raise VideoDecodeError(f"bad cut {list(cut)}")
     idx = frame_indices(min(end, n), source_fps, fps or source_fps, num_frames, start=start)
-    try:
-        frames = torch.from_numpy(reader.get_batch(idx).asnumpy())
-        if frames.ndim != 4 or frames.shape[-1] != 3:
-            raise VideoDecodeError(f"decord returned frames of shape {tuple(frames.shape)}")
-    except Exception as err:
-        # decord mis-decodes some valid streams (e.g. frames narrower than its 32-pixel alignment); ffmpeg
-        # itself (imageio-ffmpeg) reads them, frame by frame
-        frames = ffmpeg_frames(source, idx, err)
+    if reader is None:
+        frames = ffmpeg_frames(source, idx, None)
+    else:
+        try:
+            frames = torch.from_numpy(reader.get_batch(idx).asnumpy())
+            if frames.ndim != 4 or frames.shape[-1] != 3:
+                raise VideoDecodeError(f"decord returned frames of shape {tuple(frames.shape)}")
+        except Exception as err:
+            # decord mis-decodes some valid streams (e.g. frames narrower than its 32-pixel alignment);
+            # ffmpeg itself (imageio-ffmpeg) reads them, frame by frame
+            frames = ffmpeg_frames(source, idx, err)
     if frames.shape[0] != num_frames or frames.numel() == 0:
         raise VideoDecodeError(f"decoded {frames.shape[0]} of {num_frames} frames")
     if crop is not None:

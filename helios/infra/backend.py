@@ -78,6 +78,14 @@ class ParallelBackend(abc.ABC):
     def schedules(self) -> list[tuple[torch.optim.Optimizer, Any, list[str]]]:
         """(optimiser, lr scheduler, the role of each of its param groups)."""
 
+    def learning_rates(self) -> dict[str, float]:
+        """Each role's current learning rate (the rate of the coming update)."""
+        return {
+            role: float(group["lr"])
+            for optimizer, _, roles in self.schedules()
+            for role, group in zip(roles, optimizer.param_groups)
+        }
+
     def set_learning_rates(self, lrs: dict[str, float]) -> None:
         """After loading optimizer and scheduler state: the configured learning rates (they may change on
         resume, e.g. to continue after a divergence with a lower optim.lr), at the schedule's position."""

@@ -132,6 +132,26 @@ def on_every_rank(flag: bool) -> bool:
     return bool(t.item() > 0)
 
 
+def agree_max(values: list[int]) -> list[int]:
+    """The elementwise maximum of a host-side integer list over the ranks (one all-reduce over gloo on the
+    host: the device is not waited for); ``values`` has the same length on every rank."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_HOST_GROUP)
+    return [int(v) for v in t.tolist()]
+
+
+def host_max(values: list[float]) -> list[float]:
+    """The elementwise maximum of host-side numbers over the ranks (e.g. each rank's peak memory); one
+    all-reduce over gloo on the host."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_HOST_GROUP)
+    return t.tolist()
+
+
 def all_mean(
     values: dict[str, float | torch.Tensor], device: torch.device, keys: list[str] | None = None
 ) -> dict[str, float]:

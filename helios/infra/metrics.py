@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 import sys
 import time
 from pathlib import Path
@@ -28,10 +29,9 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        record = {
-            "step": step,
-            **{k: (float(v) if math.isfinite(float(v)) else str(v)) for k, v in metrics.items()},
-        }
+        # a value that is not finite (a metric no micro-batch saw, a diverging loss) is JSON null: numeric
+        # columns stay numeric in pandas and every JSON reader
+        record = {"step": step, **{k: finite_or_none(v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.progress:
@@ -47,9 +47,7 @@ class MetricsLogger:
 
             self.bar = tqdm(total=self.max_steps, initial=self._first_step, unit="step", dynamic_ncols=True)
         self.bar.update(step - self.bar.n)
-        self.bar.set_postfix(
-            loss=f"{metrics.get('loss', float('nan')):.4f}", lr=f"{metrics.get('lr', 0):.1e}"
-        )
+        self.bar.set_postfix_str(f"{loss_text(metrics)} lr {metrics.get('lr', 0):.1e}")
         if step >= self.max_steps:
             self.bar.close()
 
@@ -59,10 +57,45 @@ class MetricsLogger:
         rate = done / elapsed if elapsed > 0 else 0.0
         eta = (self.max_steps - step) / rate if rate > 0 else float("nan")
         line = (
-            f"step {step}/{self.max_steps} loss {metrics.get('loss', float('nan')):.4f} "
+            f"step {step}/{self.max_steps} {loss_text(metrics)} "
             f"lr {metrics.get('lr', 0):.2e} {rate:.2f} step/s eta {eta:.0f}s"
         )
         print(line, file=sys.stderr, flush=True)
+
+
+def finite_or_none(value: float | torch.Tensor) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def loss_text(metrics: dict[str, float]) -> str:
+    """``loss 0.1234``, or per role where a stage trains several (``loss/generator 0.1 loss/critic 0.3``:
+    their sum means nothing)."""
+    roles = [k for k in metrics if k.startswith("loss/")]
+    if not roles:
+        return f"loss {metrics.get('loss', math.nan):.4f}"
+    return " ".join(f"{k} {metrics[k]:.4f}" for k in roles)
+
+
+GIB = 2**30
+
+
+def memory_peaks(device: torch.device) -> dict[str, float]:
+    """This process's memory, GiB: on a GPU the peak allocated and reserved since the last call (the peaks
+    are reset), on the host the resident set now and its peak over the process's life."""
+    peaks = {}
+    if device.type == "cuda":
+        peaks["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / GIB
+        peaks["max_memory_reserved_gib"] = torch.cuda.max_memory_reserved(device) / GIB
+        torch.cuda.reset_peak_memory_stats(device)
+    if Path("/proc/self/statm").exists():  # Linux
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        peaks["host_rss_gib"] = pages * resource.getpagesize() / GIB
+    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    peaks["host_max_rss_gib"] = max(  # the kernel updates its peak lazily: never below the current set
+        max_rss * (1 if sys.platform == "darwin" else 1024) / GIB, peaks.get("host_rss_gib", 0.0)
+    )
+    return peaks
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -3,9 +3,38 @@ workers, the compute dtype."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from helios.config.schema import ConfigError, TrainConfig
+
+# settings that need an optional package: (package, the extra that installs it)
+OPTIONAL = {
+    "deepspeed": "cluster",
+    "wandb": "cluster",
+    "triton": "gpu",
+}
+
+
+def check_installed(cfg: TrainConfig) -> None:
+    """The packages this run's settings need (the optional extras of ``pyproject.toml``), checked before
+    anything is built: a missing one is a config error naming the setting and the install command."""
+    needs = []
+    if cfg.parallel.backend != "ddp":
+        needs.append(("deepspeed", f"parallel={cfg.parallel.backend}"))
+    if cfg.logging.wandb:
+        needs.append(("wandb", "logging.wandb=true"))
+    for name in ("norm", "rope"):
+        if getattr(cfg.model.kernels, name) == "triton":
+            needs.append(("triton", f"model.kernels.{name}=triton"))
+    for package, setting in needs:
+        if importlib.util.find_spec(package) is None:
+            key = setting.split("=")[0]
+            raise ConfigError(
+                key,
+                f"{setting} needs the {package} package: pip install 'helios-train[{OPTIONAL[package]}]'",
+            )
 
 
 def resolve_grad_accum(cfg: TrainConfig, world_size: int) -> int:

@@ -10,20 +10,24 @@ from omegaconf import OmegaConf
 from helios.config.schema import TrainConfig
 
 
-def run_name(cfg: TrainConfig, overrides: str = "") -> str:
-    """``stage1-tiny`` plus the sweep values of this run (``history.corrupt.p_noise=0.4``)."""
+def run_name(cfg: TrainConfig, member: int | None = None) -> str:
+    """``stage1-tiny``, or in a sweep ``stage1-tiny-3`` (its member number): short, the sweep's values are in
+    the run's config (``overrides``) and notes, and the sweep is the run's group."""
     base = cfg.logging.name or f"stage{cfg.stage}-{cfg.phase}"
-    return f"{base}-{overrides}" if overrides else base
+    return base if member is None else f"{base}-{member}"
 
 
 class WandbTracker:
     """Logs every scalar of ``metrics.jsonl``, the resolved config, validation videos and drift plots;
     wandb samples system statistics (GPU/CPU/memory) itself. Offline mode needs no network."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path, name: str, group: str | None) -> None:
+    def __init__(
+        self, cfg: TrainConfig, run_dir: Path, name: str, group: str | None, overrides: list[str]
+    ) -> None:
         import wandb
 
         lg = cfg.logging
+        config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
         self.run = wandb.init(
             project=lg.project,
             entity=lg.entity,
@@ -33,7 +37,8 @@ class WandbTracker:
             tags=[f"stage{cfg.stage}", cfg.phase, cfg.model.name, *lg.tags],
             dir=str(run_dir),
             mode=lg.mode,
-            config=OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
+            config={**config, "overrides": overrides},
+            notes=" ".join(overrides) or None,
             resume="allow",
             id=lg.run_id,
         )
@@ -65,11 +70,14 @@ class WandbTracker:
         self.run.finish()
 
 
-def start_tracker(cfg: TrainConfig, run_dir: Path, name: str | None, group: str | None) -> WandbTracker:
-    """The run's wandb tracker; its id is kept in ``wandb_id.txt``, so a resumed run continues its curves."""
+def start_tracker(
+    cfg: TrainConfig, run_dir: Path, member: int | None, group: str | None, overrides: list[str]
+) -> WandbTracker:
+    """The run's wandb tracker; its id is kept in ``wandb_id.txt``, so a resumed run continues its curves.
+    ``member``: its number in a sweep; ``overrides``: the command line's (or the sweep member's)."""
     id_file = run_dir / "wandb_id.txt"
     if cfg.logging.run_id is None:
         if not id_file.exists():
             id_file.write_text(uuid.uuid4().hex[:12])
         cfg.logging.run_id = id_file.read_text().strip()
-    return WandbTracker(cfg, run_dir, run_name(cfg, name or ""), group)
+    return WandbTracker(cfg, run_dir, run_name(cfg, member), group, overrides)

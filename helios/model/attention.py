@@ -19,8 +19,11 @@ from diffusers.models.transformers.transformer_helios import (
     apply_rotary_emb_transposed,
 )
 
-from helios.kernels.norm import FlashLayerNorm, FlashRMSNorm
-from helios.kernels.rope import flash_rope
+try:
+    from helios.kernels.norm import FlashLayerNorm, FlashRMSNorm
+    from helios.kernels.rope import flash_rope
+except ImportError:  # triton (the gpu extra) is not installed: model.kernels.*=triton is refused at start-up
+    FlashLayerNorm = FlashRMSNorm = flash_rope = None
 
 log = logging.getLogger(__name__)
 

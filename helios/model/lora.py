@@ -11,22 +11,25 @@ ADAPTER_NAME = "default"
 MEMORY_PATCHES = ("patch_short", "patch_mid", "patch_long")
 
 
-def linear_targets(model: torch.nn.Module, scope: str = "all-linear") -> list[str]:
+def linear_targets(
+    model: torch.nn.Module, scope: str = "all-linear", patch_embedding: bool = True
+) -> list[str]:
     """``all-linear``: every ``nn.Linear`` whose name has no "norm" (time/text embedders, the adaLN
-    projection ``time_proj``, ``proj_out`` and the blocks' attention and FFN) plus the patch embedding: the
-    reference code's set, which the released checkpoints were trained with (and a superset of peft's
-    ``all-linear`` on this model). ``blocks``: only the linears inside the DiT blocks."""
+    projection ``time_proj``, ``proj_out`` and the blocks' attention and FFN), plus the patch embedding
+    where ``patch_embedding`` (the reference's switch per phase): the reference code's set, which the
+    released checkpoints were trained with (a superset of peft's ``all-linear`` on this model).
+    ``blocks``: only the linears inside the DiT blocks."""
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     if scope == "blocks":
         return [n for n in linears if n.startswith("blocks.")]
     return [n for n in linears if "norm" not in n] + (
-        ["patch_embedding"] if hasattr(model, "patch_embedding") else []
+        ["patch_embedding"] if patch_embedding and hasattr(model, "patch_embedding") else []
     )
 
 
 def resolve_targets(model: torch.nn.Module, cfg: LoraConfig) -> list[str]:
     if cfg.targets in ("all-linear", "blocks"):
-        targets = linear_targets(model, cfg.targets)
+        targets = linear_targets(model, cfg.targets, cfg.patch_embedding)
     else:
         suffixes = tuple(cfg.targets)
         targets = [n for n, m in model.named_modules() if n.endswith(suffixes) and n]
@@ -47,7 +50,7 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
             lora_alpha=cfg.alpha,
             lora_dropout=cfg.dropout,
             target_modules=resolve_targets(model, cfg),
-            init_lora_weights=True,
+            init_lora_weights="gaussian" if cfg.init == "gaussian" else True,
         )
         model.add_adapter(peft_cfg, adapter_name=ADAPTER_NAME)
     else:  # full fine-tuning of the DiT

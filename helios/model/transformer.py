@@ -99,7 +99,7 @@ def build_transformer(
         )
     else:
         model = load_wan_as_helios(
-            cfg.path, cfg.subfolder, cfg.memory_patch_init, dtype or torch.float32, **guidance
+            cfg.path, cfg.subfolder, cfg.memory_patch_init, dtype or torch.float32, cfg.init_seed, **guidance
         )
     apply_kernels(model, cfg, kernels, attention)
     if cfg.gradient_checkpointing:

@@ -5,11 +5,12 @@ modulation table (``scale_shift_table`` -> ``norm_out.scale_shift_table``). Wan 
 memory patch convs; they are initialised from the patch embedding:
 
 * ``patch_short`` (kernel 1x2x2) = a copy of ``patch_embedding``;
-* ``patch_mid`` (2x4x4) and ``patch_long`` (4x8x8), ``memory_patch_init=average``: the patch
-  kernel tiled over the 2x2x2 (4x4x4) block of short patches and divided by 8 (64), so a mid/long
-  token starts as the *mean of the short-patch tokens it covers*, the same pooling the model applies
-  to their RoPE (diffusers averages the rotary table over 2x2x2 / 4x4x4);
-* ``memory_patch_init=zero``: mid/long start at zero weight and bias.
+* ``patch_mid`` (2x4x4) and ``patch_long`` (4x8x8), ``memory_patch_init=interleave`` (the reference code's
+  rule): every element of the patch kernel repeated over 2x2x2 (4x4x4) and divided by 8 (64), i.e. the
+  patch embedding of the average-pooled (2x / 4x) latent;
+* ``memory_patch_init=random``: what the reference's training run actually started from: it applies that
+  rule in the model's constructor to the xavier-initialised patch embedding, before the Wan weights load
+  (``strict=False`` keeps the result), so Helios-Base's memory patches began from a random kernel.
 
 With no history the converted model computes exactly what the Wan model computes (tested).
 """
@@ -53,13 +54,28 @@ def helios_config_from_wan(wan_config: dict[str, Any], **overrides: Any) -> dict
     return cfg
 
 
-def _tile_kernel(weight: torch.Tensor, factor: int) -> torch.Tensor:
-    """Tile a (1, ph, pw) patch kernel over a (factor, factor*ph, factor*pw) block, divided by the count."""
-    reps = (1, 1, factor, factor, factor)
-    return weight.repeat(*reps) / float(factor**3)
+def _interleave(weight: torch.Tensor, factor: int) -> torch.Tensor:
+    """Each element of a (1, ph, pw) patch kernel repeated over a factor^3 block (the reference's
+    ``einops.repeat(w, "o i t h w -> o i (t f) (h f) (w f)") / f^3``)."""
+    for dim in (2, 3, 4):
+        weight = weight.repeat_interleave(factor, dim=dim)
+    return weight / float(factor**3)
 
 
-def convert_wan_state_dict(wan_sd: dict[str, torch.Tensor], memory_patch_init: str = "average") -> dict:
+def _random_patch(like: torch.Tensor, bias: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A patch embedding as the reference's constructor leaves it: xavier-uniform over the flattened kernel,
+    the Conv3d default bias (uniform +-1/sqrt(fan_in))."""
+    gen = torch.Generator().manual_seed(seed)
+    fan_out, fan_in = like.shape[0], like[0].numel()
+    bound = (6.0 / (fan_in + fan_out)) ** 0.5
+    weight = (torch.rand(like.shape, generator=gen, dtype=torch.float32) * 2 - 1) * bound
+    b = (torch.rand(bias.shape, generator=gen, dtype=torch.float32) * 2 - 1) / fan_in**0.5
+    return weight.to(like.dtype), b.to(bias.dtype)
+
+
+def convert_wan_state_dict(
+    wan_sd: dict[str, torch.Tensor], memory_patch_init: str = "interleave", seed: int = 0
+) -> dict:
     """Wan state dict -> Helios state dict (see module docstring)."""
     out: dict[str, torch.Tensor] = {}
     for key, value in wan_sd.items():
@@ -68,23 +84,26 @@ def convert_wan_state_dict(wan_sd: dict[str, torch.Tensor], memory_patch_init: s
     if weight.shape[2] != 1:
         raise ValueError(f"expected a temporal patch size of 1, got kernel {tuple(weight.shape[2:])}")
     out["patch_short.weight"], out["patch_short.bias"] = weight.clone(), bias.clone()
+    if memory_patch_init == "random":
+        weight, bias = _random_patch(weight, bias, seed)
+        out["patch_short.weight"], out["patch_short.bias"] = weight.clone(), bias.clone()
+    elif memory_patch_init not in ("interleave", "average"):
+        raise ValueError(f"unknown memory_patch_init {memory_patch_init!r} (interleave | random)")
     for name, factor in (("patch_mid", 2), ("patch_long", 4)):
-        if memory_patch_init == "average":
-            out[f"{name}.weight"] = _tile_kernel(weight, factor)
-            out[f"{name}.bias"] = bias.clone()
-        elif memory_patch_init == "zero":
-            out[f"{name}.weight"] = torch.zeros_like(_tile_kernel(weight, factor))
-            out[f"{name}.bias"] = torch.zeros_like(bias)
+        if memory_patch_init == "average":  # earlier checkpoints' rule: the kernel tiled over the block
+            out[f"{name}.weight"] = weight.repeat(1, 1, factor, factor, factor) / float(factor**3)
         else:
-            raise ValueError(f"unknown memory_patch_init {memory_patch_init!r} (average | zero)")
+            out[f"{name}.weight"] = _interleave(weight, factor)
+        out[f"{name}.bias"] = bias.clone()
     return out
 
 
 def load_wan_as_helios(
     path: str,
     subfolder: str | None = None,
-    memory_patch_init: str = "average",
+    memory_patch_init: str = "interleave",
     dtype: torch.dtype = torch.float32,
+    seed: int = 0,
     **overrides,
 ):
     """Load a diffusers Wan-2.1 T2V transformer and return an equivalent ``HeliosTransformer3DModel``.
@@ -97,7 +116,7 @@ def load_wan_as_helios(
 
     wan = WanTransformer3DModel.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype)
     config = helios_config_from_wan(dict(wan.config), **overrides)
-    state = convert_wan_state_dict(wan.state_dict(), memory_patch_init)
+    state = convert_wan_state_dict(wan.state_dict(), memory_patch_init, seed)
     del wan
     try:
         return helios_from_state(config, state, dtype)

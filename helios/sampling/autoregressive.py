@@ -40,13 +40,15 @@ def sample_video(
     device: torch.device | None = None,
     anchor: torch.Tensor | None = None,
     history: torch.Tensor | None = None,
+    trajectories: list | None = None,
 ) -> SampleResult:
     """Generate ``num_sections`` sections of ``layout.window`` latent frames.
 
     T2V: history starts empty, the anchor becomes the first generated latent frame.
     I2V / V2V (see :func:`helios.sampling.pipeline.encode_conditioning`): ``history`` [B, C, T, h, w]
     fills the end of the history buffer, ``anchor`` [B, C, 1, h, w] is the first-frame anchor.
-    ``on_section(k, latents)`` sees each new section (e.g. to decode it).
+    ``on_section(k, latents)`` sees each new section (e.g. to decode it); ``trajectories`` (a list) receives
+    each section's sampler trajectory (:class:`SectionSampler`'s ``trajectory``).
     """
     import time
 
@@ -92,7 +94,12 @@ def sample_video(
         noise = sampler.initial_noise((b, c, layout.window, h, w), generator, device)
         cond = prompts(k).to(device, dtype)
         uncond = negative.to(device, dtype) if negative is not None else None
-        section = sampler(model_fn, noise, cond, uncond, generator, first_section=k == 0).float()
+        trajectory = [] if trajectories is not None else None
+        section = sampler(
+            model_fn, noise, cond, uncond, generator, first_section=k == 0, trajectory=trajectory
+        ).float()
+        if trajectories is not None:
+            trajectories.append(trajectory)
 
         if anchor is None:
             anchor = section[:, :, :1]

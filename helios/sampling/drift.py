@@ -49,7 +49,7 @@ class AdaptiveConfig:
     delta_sigma: float = 0.15
     corrupt: CorruptConfig = field(
         default_factory=lambda: CorruptConfig(
-            p_exposure=0.0, p_noise=1.0, p_downsample=0.0, p_clean=0.0, noise=[0.1, 0.1]
+            mode="paper", p_exposure=0.0, p_noise=1.0, p_downsample=0.0, p_clean=0.0, noise=[0.1, 0.1]
         )
     )
 
@@ -83,5 +83,5 @@ class AdaptiveAntiDrift:
     def corrupt(self, history: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
         """Corrupt the history frames [B, C, H, h, w] selected by the bool mask ``frames`` [H]."""
         valid = frames.view(1, -1).expand(history.shape[0], -1).clone()
-        out, _ = frame_aware_corrupt(history.cpu(), valid, self.cfg.corrupt, self.generator)
+        out, _, _ = frame_aware_corrupt(history.cpu(), valid, self.cfg.corrupt, self.generator)
         return out.to(history.device, history.dtype)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 
 from helios.config.schema import CorruptConfig, SamplerConfig
 from helios.core.history import HistoryLayout
+from helios.data.video import ffmpeg_probe
 from helios.model.encoders import encode_prompts, encode_sections, encode_video, latent_frames_for
 from helios.sampling.autoregressive import sample_video
 from helios.sampling.decode import SectionDecoder, seam_statistic, section_frames
@@ -120,6 +122,24 @@ def encode_conditioning(
     )
 
 
+@dataclass
+class SectionProgress:
+    """One section of a video, done: its number (from 1), of how many, its seconds (sampling and decoding)
+    and its frames, and the frames so far."""
+
+    section: int
+    sections: int
+    seconds: float
+    frames: int
+    frames_so_far: int
+
+    def line(self) -> str:
+        return (
+            f"section {self.section}/{self.sections}: {self.seconds:.1f} s, {self.frames} frames "
+            f"({self.frames / max(self.seconds, 1e-9):.1f} frames/s), {self.frames_so_far} so far"
+        )
+
+
 @torch.no_grad()
 def generate_video(
     transformer,
@@ -139,10 +159,12 @@ def generate_video(
     adaptive_seed: int = 0,
     *,
     latent_format: str,
+    progress: Callable[[SectionProgress], None] | None = None,
 ) -> VideoResult:
     """``prompts``: [(first_section, text), ...]; ``image`` [B, 3, 1, H, W] / ``video`` [B, 3, T, H, W]
     pixels in [-1, 1] for I2V / V2V. ``latent_format``: what the model was trained on; it decides how
-    the conditioning is encoded and how sections are decoded (:class:`SectionDecoder`)."""
+    the conditioning is encoded and how sections are decoded (:class:`SectionDecoder`). ``progress`` sees
+    each section as soon as it is decoded."""
     device = next(transformer.parameters()).device
     t_text = time.perf_counter()
     texts = sorted({p for _, p in prompts} | {sampler_cfg.negative_prompt})
@@ -162,8 +184,13 @@ def generate_video(
                 a.rho_sigma,
                 a.delta_mu,
                 a.delta_sigma,
-                CorruptConfig(
-                    p_exposure=0.0, p_noise=1.0, p_downsample=0.0, p_clean=0.0, noise=[a.noise, a.noise]
+                CorruptConfig(  # every frame of a drifting section: noise of level a.noise
+                    mode="paper",
+                    p_exposure=0.0,
+                    p_noise=1.0,
+                    p_downsample=0.0,
+                    p_clean=0.0,
+                    noise=[a.noise, a.noise],
                 ),
             ),
             seed=adaptive_seed,
@@ -174,15 +201,22 @@ def generate_video(
         shown = cond.anchor if image is not None else cond.history  # I2V: the image itself
         pieces.append(decoder.push_conditioning(shown, layout.window))
 
+    sampler = build_section_sampler(sampler_cfg, tuple(transformer.config.patch_size))
+    num_sections = sections_for(num_frames, layout.window, latent_format)
+    clock = [time.perf_counter(), 0]  # the last section's end, the frames generated so far
+
     def on_section(k: int, latents: torch.Tensor) -> None:
         t0 = time.perf_counter()
         frames = decoder.push(latents)
         vae_time[0] += time.perf_counter() - t0
         pieces.append(frames)
         per_section.append(section_stats(frames))
+        if progress is not None:
+            now = time.perf_counter()
+            clock[1] += frames.shape[2]
+            progress(SectionProgress(k + 1, num_sections, now - clock[0], frames.shape[2], clock[1]))
+            clock[0] = now
 
-    sampler = build_section_sampler(sampler_cfg, tuple(transformer.config.patch_size))
-    num_sections = sections_for(num_frames, layout.window, latent_format)
     result = sample_video(
         transformer,
         layout,
@@ -235,10 +269,8 @@ def save_video(frames: torch.Tensor, path: str | Path, fps: int, stats: dict) ->
     video = ((frames.permute(1, 2, 3, 0).float().cpu() + 1) / 2).clamp(0, 1).numpy()
     try:
         export_to_video(list(video), str(path), fps=fps)
-        import decord
-
-        written = len(decord.VideoReader(str(path), ctx=decord.cpu(0)))
-    except Exception as err:  # ffmpeg / decord report failures in their own ways
+        written = ffmpeg_probe(path)[0]
+    except Exception as err:  # the encoder and ffmpeg report failures in their own ways
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise OSError(f"writing {path} failed: {reason}") from None
     if written != video.shape[0]:

@@ -182,6 +182,14 @@ class SectionSampler:
         amplify = self.amplify_first and first_section
         set_stage_timesteps(self.scheduler, self.steps, stage, x.shape, self.patch, amplify, device)
 
+    def stage_timesteps(
+        self, stage: int, shape: tuple[int, ...], first_section: bool = False
+    ) -> torch.Tensor:
+        """The timesteps this sampler feeds the model in pyramid stage ``stage`` of a section whose latents
+        there have ``shape`` (as float; the model gets them rounded down)."""
+        self._set_timesteps(stage, torch.empty(shape, device="meta"), None, first_section)
+        return self.scheduler.timesteps.float().cpu().clone()
+
     @torch.no_grad()
     def __call__(
         self,
@@ -192,9 +200,12 @@ class SectionSampler:
         generator: torch.Generator | None,
         first_section: bool = False,
         record: list | None = None,
+        trajectory: list | None = None,
     ) -> torch.Tensor:
         """``x``: the output of :meth:`initial_noise`. Returns the clean section latents.
-        ``record`` (a list) receives ``(stage, start_state, end_state)`` per pyramid stage (ODE pairs)."""
+        ``record`` (a list) receives ``(stage, start_state, end_state)`` per pyramid stage; ``trajectory``
+        receives ``(stage, timesteps [n], states [n + 1])`` per stage: the state before each step and after
+        the last, on the CPU (the teacher's ODE trajectory, for Staged ODE Init)."""
         device = x.device
         starts = [x] if self.is_dmd else None
         for stage in range(self.num_stages):
@@ -211,7 +222,10 @@ class SectionSampler:
                     self._set_timesteps(stage, x, device, first_section)
             timesteps = self.scheduler.timesteps
             stage_start = x
+            states = [] if trajectory is not None else None
             for i, t in enumerate(timesteps):
+                if states is not None:
+                    states.append(x.detach().float().cpu())
                 timestep = t.expand(x.shape[0])
                 if self.num_stages > 1 or self.is_dmd:
                     timestep = timestep.to(torch.int64)
@@ -230,4 +244,7 @@ class SectionSampler:
                 x = self.scheduler.step(v, t, x, generator=generator, return_dict=False, **extra)[0]
             if record is not None:
                 record.append((stage, stage_start.detach().clone(), x.detach().clone()))
+            if states is not None:
+                states.append(x.detach().float().cpu())
+                trajectory.append((stage, timesteps.float().cpu().clone(), states))
         return x

@@ -78,7 +78,9 @@ class FlowStage(Stage):
             batch.history_frames,
             section_format=cfg.data.latent_format == "sections",
         )
-        history, branches = frame_aware_corrupt(history, valid, cfg.history.corrupt, generator)
+        history, branches, anchor = frame_aware_corrupt(
+            history, valid, cfg.history.corrupt, generator, anchor, self.layout.window
+        )
         offset = None if self.layout.relative_rope else batch.offset  # absolute: the window's start
         inputs = {
             "encoder_hidden_states": batch.prompt_embeds,

@@ -58,6 +58,10 @@ def test_generate_t2v_and_timed_prompts_and_i2v(run_dir, tmp_path):
     stats = json.loads(out.with_suffix(".json").read_text())
     # the tiny run trained on the section format: sections decode to 9 frames each, ceil(40 / 9) = 5
     assert stats["latent_format"] == "sections"
+    # a line per section as it is done (sampled and decoded), after a line for the model's loading
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("t2v.mp4: section ")]
+    assert [x.split(":")[1].split()[1] for x in lines] == [f"{k}/5" for k in range(1, 6)]
+    assert "frames/s" in lines[0] and lines[-1].endswith("45 so far") and "loading " in proc.stderr  # 40 kept
     assert stats["sections"] == 5 and len(stats["drift"]["sections"]) == 5
     assert len(stats["timing_s"]["per_section_dit"]) == 5
 
@@ -113,6 +117,7 @@ def test_generate_errors_and_help(run_dir, tmp_path):
         ("timed_prompts", "time,prompt\nsoon,a red circle\n", r"prompts.csv:2: time 'soon' is not a float"),
         ("timed_prompts", "prompt\na red circle\n", r"needs the columns time,prompt \(has \['prompt'\]\)"),
         ("timed_prompts", "time,prompt\n", r"prompts.csv: no prompts"),
+        ("timed_prompts", "id,prompt_index,prompt\nv,0,a cat\n", r"reference code's .*interactive_prompts="),
         ("interactive_prompts", "id,prompt_index,prompt\nv,,a cat\n", r"prompts.csv:2: no prompt_index"),
         ("prompts_file", "\n  \n", r"no prompts \(one per line\)"),
     ],

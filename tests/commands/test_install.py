@@ -77,3 +77,31 @@ def test_installed_package_runs_every_command_from_any_directory(installed, tmp_
         tmp_path,
     )
     assert (tmp_path / "e" / "model_index.json").exists()
+
+
+def test_an_installed_package_launches_without_a_checkout(installed, tmp_path):
+    """``torchrun -m helios.train`` and the launchers (shipped as helios/launch, found by ``helios launch``)
+    from a directory that holds no checkout."""
+    python = str(installed / "bin" / "python")
+    folder = Path(_run(installed, ["helios", "launch", "path"], tmp_path).stdout.strip())
+    assert folder.is_relative_to(installed) and (folder / "helios.sbatch").exists()
+    train = ["trainer.max_steps=1", "validation.enabled=false", "trainer.progress=false"]
+    torchrun = [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    _run(installed, [*torchrun, "-m", "helios.train", f"hydra.run.dir={tmp_path / 'ddp'}", *train], tmp_path)
+    assert (tmp_path / "ddp" / "checkpoints" / "step_1" / "COMPLETE").exists()
+    env_run = dict(NPROC_PER_NODE="1", HELIOS_PYTHON=python, MASTER_PORT="29517")
+    out = subprocess.run(
+        ["helios", "launch", "torchrun", f"hydra.run.dir={tmp_path / 'launched'}", *train],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={
+            **os.environ,
+            **env_run,
+            "PATH": f"{installed / 'bin'}:{os.environ['PATH']}",
+            "OMP_NUM_THREADS": "1",
+        },
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "launched" / "checkpoints" / "step_1" / "COMPLETE").exists()

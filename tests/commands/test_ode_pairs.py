@@ -1,4 +1,5 @@
-"""helios.ode_pairs: stage-boundary states from a stage-2 teacher, resumable shards."""
+"""helios.ode_pairs: the teacher's own trajectories (the reference's pairs) or stage-boundary states of real
+clips, resumable shards; the ODE-init dataset built on them."""
 
 import hashlib
 import json
@@ -29,7 +30,7 @@ def test_sampler_records_every_stage_boundary():
     assert torch.equal(record[0][1], noise) and torch.equal(record[-1][2], out)
 
 
-def test_ode_pairs_from_a_stage2_run_are_complete_and_resumable(tmp_path):
+def test_clip_pairs_from_a_stage2_run_are_complete_and_resumable(tmp_path):
     _train(["stage=2", "trainer.max_steps=2", "trainer.checkpoint_every=2"], tmp_path / "teacher")
     base = compose([])
     shards = synthetic_shards(base, is_main=True)
@@ -37,6 +38,7 @@ def test_ode_pairs_from_a_stage2_run_are_complete_and_resumable(tmp_path):
         teacher=str(tmp_path / "teacher"),
         shards=str(shards),
         output=str(tmp_path / "ode"),
+        source="clips",
         sampler=SamplerConfig(kind="pyramid", steps=[2, 2, 2], guidance_scale=3.0, cfg_zero_star=True),
         max_sequence_length=32,
     )
@@ -57,3 +59,61 @@ def test_ode_pairs_from_a_stage2_run_are_complete_and_resumable(tmp_path):
     tar.unlink()
     assert run(cfg)["pairs"] == 8  # the interrupted shard is redone ...
     assert hashlib.sha256(tar.read_bytes()).hexdigest() == digest  # ... identically
+
+
+def test_the_teacher_state_nearest_to_each_distilled_timestep_is_kept():
+    from helios.commands.ode_pairs import keep_dmd_states
+
+    timesteps = torch.tensor([999.0, 950.0, 900.0, 850.0, 800.0])
+    states = [torch.full((1, 2), float(i)) for i in range(6)]  # before each step, then the end
+    picked, kept = keep_dmd_states(timesteps, states, torch.tensor([998.5, 902.2, 833.9]))
+    assert kept.tolist() == [999.0, 900.0, 850.0] and picked[:, 0, 0].tolist() == [0.0, 2.0, 3.0, 5.0]
+
+
+def test_rollout_pairs_are_the_teachers_own_video_and_train_the_ode_phase_on_its_states(tmp_path):
+    """source=rollout (default): per caption one 3-section T2V video of the teacher; per (section, stage) the
+    states at the distilled timesteps (doubled schedule on the first section) and the stage's end. The
+    ODE-init dataset conditions section k on the teacher's own sections before it, anchored on its first
+    latent, and offers each stage's states with their timesteps."""
+    from helios.core.history import HistoryLayout
+    from helios.data.ode_pair_shards import OdeTrajectoryDataset, ode_pair_dataset
+
+    _train(["stage=2", "trainer.max_steps=2", "trainer.checkpoint_every=2"], tmp_path / "teacher")
+    base = compose([])
+    cfg = OdePairsConfig(
+        teacher=str(tmp_path / "teacher"),
+        shards=str(synthetic_shards(base, is_main=True)),
+        output=str(tmp_path / "ode"),
+        sampler=SamplerConfig(kind="pyramid", steps=[3, 3, 3], guidance_scale=3.0),
+        sections=3,
+        max_sequence_length=32,
+        pairs=4,
+    )
+    cfg.sampler.shift_type = "linear"
+    cfg.validate()
+    report = run(cfg)
+    assert report["source"] == "rollout" and report["pairs"] == 8  # one shard of 8 captions covers pairs=4
+    index = ShardIndex(list((tmp_path / "ode").glob("*.tar")))
+    meta = json.loads(index.read_member(0, "json"))
+    assert meta["format"] == "trajectory" and meta["sections"] == 3
+    first, later = meta["timesteps"]["s0_stage0"], meta["timesteps"]["s1_stage0"]
+    assert len(first) == 4 and len(later) == 2 and first[0] == later[0]  # amplified first section
+    states = index.read_array(0, "s2_stage2_states.npy")
+    assert states.shape == (3, 16, 3, 8, 8)  # 2 kept states and the end, full resolution
+    assert index.read_array(0, "s0_stage0_states.npy").shape == (5, 16, 3, 2, 2)
+    layout = HistoryLayout.from_config(base.history)
+    dataset = ode_pair_dataset(tmp_path / "ode", 3, 32, layout)
+    assert isinstance(dataset, OdeTrajectoryDataset)
+    finals = [index.read_array(0, f"s{k}_stage2_states.npy")[-1] for k in range(3)]
+    for epoch in range(12):
+        sample = dataset[(0, epoch)]
+        empty = sample["history"].abs().sum() == 0
+        if empty:  # section 0: a T2V start, no anchor
+            assert sample["anchor"].abs().sum() == 0
+            continue
+        assert torch.equal(sample["anchor"], finals[0][:, :1])
+        assert torch.equal(sample["history"][:, -3:], finals[0]) or torch.equal(
+            sample["history"][:, -3:], finals[1]
+        )
+        for s in range(3):
+            assert sample[f"stage{s}_t"] > 0 and sample[f"stage{s}_x"].shape == sample[f"stage{s}_end"].shape

@@ -35,10 +35,11 @@ def test_wandb_offline_logs_every_scalar_the_config_and_videos(tmp_path, monkeyp
             "trainer.progress=false",
         ]
     )
-    trainer = Trainer(cfg, tmp_path)
+    trainer = Trainer(cfg, tmp_path, sweep_member=2, run_group="sweep", overrides=["seed=3"])
     trainer.run()
     tracker = trainer.tracker
-    assert tracker.run.name == "stage1-tiny" and tracker.run.config["history"]["sizes"] == [4, 2, 1]
+    assert tracker.run.name == "stage1-tiny-2" and tracker.run.config["history"]["sizes"] == [4, 2, 1]
+    assert tracker.run.config["overrides"] == ["seed=3"] and tracker.run.notes == "seed=3"
     trainer.close()
     last = read_metrics(tmp_path)[-1]
     missing = set(last) - {"step"} - tracker.sent_keys
@@ -49,10 +50,11 @@ def test_wandb_offline_logs_every_scalar_the_config_and_videos(tmp_path, monkeyp
     assert (tmp_path / "wandb_id.txt").read_text().strip() == tracker.run.id  # a resumed run reuses it
 
 
-def test_run_names_carry_sweep_values():
+def test_run_names_are_short_and_number_sweep_members():
     cfg = compose([])
-    assert run_name(cfg) == "stage1-tiny"
-    assert run_name(cfg, "history.corrupt.p_noise=0.4") == "stage1-tiny-history.corrupt.p_noise=0.4"
+    assert run_name(cfg) == "stage1-tiny" and run_name(cfg, 3) == "stage1-tiny-3"
+    cfg.logging.name = "corrupt-sweep"
+    assert run_name(cfg, 0) == "corrupt-sweep-0"
 
 
 def test_sweep_expansion():

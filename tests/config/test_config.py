@@ -72,6 +72,14 @@ def test_table1_stage2_values():
     post = compose(["stage=2", "stage2=post", *REAL])
     assert (post.optim.lr, post.trainer.max_steps, post.trainer.global_batch_size) == (3e-5, 20000, 192)
     assert post.pyramid.stage_ratios == [1, 1, 1]
+    # the reference's warm-up and LoRA sets (the paper: constant learning rate)
+    assert (init.optim.schedule, init.optim.warmup_steps, post.optim.warmup_steps) == (
+        "constant_with_warmup",
+        1000,
+        500,
+    )
+    assert (init.model.lora.patch_embedding, post.model.lora.patch_embedding) == (False, True)
+    assert (init.model.lora.memory_patch, post.model.lora.memory_patch) == ("frozen", "lora")
 
 
 @pytest.mark.parametrize("model", sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml")))
@@ -88,9 +96,22 @@ def test_table1_stage1_values():
     assert init.history.sizes == [16, 2, 1] and init.history.window == 9
     post = compose(["stage=1", "stage1=post", *REAL])
     assert (post.optim.lr, post.trainer.max_steps) == (3e-5, 7500)
+    # Frame-Aware Corrupt as the released Helios-Base: the reference's reading in both phases (noise in 90 %
+    # of micro-batches, level U(0, 1/3) per frame); the paper's reading (mode=paper): none in init, Table 1's
+    # per-frame probabilities in post
+    for phase in (init, post):
+        c = phase.history.corrupt
+        assert c.enabled and (c.mode, c.reference_p_clean, c.reference_p_noise) == ("reference", 0.1, 1.0)
+        assert c.noise == pytest.approx([0.0, 1 / 3]) and c.downsample == [0.0, 0.1]
+    assert init.history.corrupt.p_clean == 1.0
     c = post.history.corrupt
-    assert c.enabled and (c.p_exposure, c.p_noise, c.p_downsample, c.p_clean) == (0.0, 0.8, 0.1, 0.1)
-    assert c.noise == [0.0, 0.33] and c.downsample == [0.0, 0.1]
+    assert (c.p_exposure, c.p_noise, c.p_downsample, c.p_clean) == (0.0, 0.8, 0.1, 0.1)
+    assert (init.history.tasks.t2v, init.history.tasks.i2v, init.history.tasks.v2v_partial) == (
+        0.4,
+        0.0,
+        0.24,
+    )
+    assert init.model.lora.patch_embedding and init.model.lora.init == "gaussian"
     # 14B shapes (REFERENCE.md) flow from the model config into the schema
     t = init.model.transformer
     assert (t.num_layers, t.num_attention_heads, t.attention_head_dim, t.ffn_dim) == (40, 40, 128, 13824)

@@ -11,41 +11,102 @@ PAPER_S3 = dict(
 
 
 def test_branch_frequencies_per_frame():
-    cfg = CorruptConfig(p_exposure=0.1, p_noise=0.5, p_downsample=0.15, p_clean=0.25)
+    cfg = CorruptConfig(mode="paper", p_exposure=0.1, p_noise=0.5, p_downsample=0.15, p_clean=0.25)
     history = torch.randn(200, 2, 20, 4, 4)
     valid = torch.ones(200, 20, dtype=torch.bool)
-    _, branches = frame_aware_corrupt(history, valid, cfg, torch.Generator().manual_seed(0))
+    _, branches, _ = frame_aware_corrupt(history, valid, cfg, torch.Generator().manual_seed(0))
     freq = torch.bincount(branches.flatten(), minlength=4).float() / branches.numel()
     assert torch.allclose(freq, torch.tensor([0.1, 0.5, 0.15, 0.25]), atol=0.015), freq
     # independent per frame: frames of one sample do not share their branch
     assert (branches != branches[:, :1]).any(dim=1).float().mean() > 0.9
 
 
-def test_reference_mode_shares_one_branch_per_sample():
-    cfg = CorruptConfig(mode="reference", **PAPER_S3)
-    valid = torch.ones(64, 6, dtype=torch.bool)
-    _, branches = frame_aware_corrupt(
-        torch.randn(64, 2, 6, 4, 4), valid, cfg, torch.Generator().manual_seed(0)
-    )
-    assert (branches == branches[:, :1]).all()
+def test_reference_mode_decides_once_per_micro_batch_and_noises_the_anchor_too():
+    """The released checkpoints' corrupt: one clean / branch decision for the whole micro-batch (clean in
+    10 % of micro-batches, the rest noise), noise per sample and frame, the first-frame anchor corrupted like
+    a history frame, zero (dropped) frames and a zero anchor (T2V) left at zero."""
+    cfg = CorruptConfig()  # the default: mode=reference, noise mode
+    history, anchor = torch.ones(4, 2, 6, 4, 4), torch.ones(4, 2, 1, 4, 4)
+    history[1, :, :3] = 0
+    anchor[2] = 0
+    valid = history.flatten(3).abs().amax(dim=(1, 3)) > 0
+    clean = 0
+    for seed in range(300):
+        gen = torch.Generator().manual_seed(seed)
+        out, branches, anchor_out = frame_aware_corrupt(history, valid, cfg, gen, anchor, window=3)
+        kinds = set(branches[valid].tolist())
+        assert len(kinds) == 1  # one decision for the micro-batch
+        if kinds == {Branch.CLEAN}:
+            clean += 1
+            assert torch.equal(out, history) and torch.equal(anchor_out, anchor)
+            continue
+        assert kinds == {Branch.NOISE}
+        assert out[1, :, :3].abs().sum() == 0 and anchor_out[2].abs().sum() == 0  # zero stays zero
+        assert not torch.equal(anchor_out[0], anchor[0])  # the anchor is corrupted too
+        levels = 1 - out[0].mean(dim=(0, 2, 3))  # per frame: (1 - s) x + s eps on ones -> mean 1 - s
+        assert (levels > -0.1).all() and (levels < 0.45).all() and levels.std() > 0.01  # per frame
+    assert abs(clean / 300 - 0.1) < 0.05
+
+
+def test_reference_random_mode_down_samples_a_tenth_of_the_corrupted_micro_batches():
+    cfg = CorruptConfig(reference_p_noise=0.9)  # stage 3 post: the reference's "random" mode
+    history = torch.randn(2, 2, 6, 8, 8)
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    kinds = [
+        int(frame_aware_corrupt(history, valid, cfg, torch.Generator().manual_seed(s))[1][0, 0])
+        for s in range(600)
+    ]
+    counts = {k: kinds.count(k) / 600 for k in (Branch.CLEAN, Branch.NOISE, Branch.DOWNSAMPLE)}
+    assert abs(counts[Branch.CLEAN] - 0.1) < 0.04 and abs(counts[Branch.DOWNSAMPLE] - 0.09) < 0.04
+
+
+def test_saturation_of_the_generators_history_is_the_references():
+    """Stage 3: each history region (the oldest H mod window frames, then windows) holding content is kept
+    with p_clean, else scaled around the per-position channel mean by one factor from [0.3, 1) or (1, 1.7]."""
+    from helios.config.schema import SaturationConfig
+    from helios.core.corrupt import reference_regions, saturate
+
+    assert reference_regions(19, 9) == [(0, 1), (1, 10), (10, 19)] and reference_regions(7, 3) == [
+        (0, 1),
+        (1, 4),
+        (4, 7),
+    ]
+    history = torch.randn(2, 4, 7, 3, 3)
+    history[:, :, :1] = 0  # the oldest region dropped
+    valid = history.flatten(3).abs().amax(dim=(1, 3)) > 0
+    cfg = SaturationConfig(enabled=True)
+    for seed in range(20):
+        out = saturate(history, valid, cfg, torch.Generator().manual_seed(seed), window=3)
+        assert out[:, :, :1].abs().sum() == 0
+        for start, end in [(1, 4), (4, 7)]:
+            x, y = history[:, :, start:end], out[:, :, start:end]
+            mean = x.mean(dim=1, keepdim=True)
+            factor = float(((y - mean) * (x - mean)).sum() / ((x - mean) ** 2).sum())
+            torch.testing.assert_close(y, mean + factor * (x - mean))  # one factor for the region
+            assert 0.3 <= factor <= 1.7
+            torch.testing.assert_close(y.mean(dim=1), x.mean(dim=1))  # the channel mean is kept
 
 
 def test_invalid_frames_stay_zero_and_clean():
-    cfg = CorruptConfig(p_exposure=0.0, p_noise=1.0, p_downsample=0.0, p_clean=0.0, noise=[0.2, 0.3])
+    cfg = CorruptConfig(
+        mode="paper", p_exposure=0.0, p_noise=1.0, p_downsample=0.0, p_clean=0.0, noise=[0.2, 0.3]
+    )
     history = torch.randn(4, 2, 5, 4, 4)
     history[:, :, :2] = 0
     valid = torch.ones(4, 5, dtype=torch.bool)
     valid[:, :2] = False
-    out, branches = frame_aware_corrupt(history, valid, cfg, torch.Generator().manual_seed(0))
+    out, branches, _ = frame_aware_corrupt(history, valid, cfg, torch.Generator().manual_seed(0))
     assert out[:, :, :2].abs().sum() == 0
     assert (branches[:, :2] == Branch.CLEAN).all() and (branches[:, 2:] == Branch.NOISE).all()
 
 
 def test_noise_level_statistics():
-    cfg = CorruptConfig(p_exposure=0.0, p_noise=1.0, p_downsample=0.0, p_clean=0.0, noise=[0.1, 0.3])
+    cfg = CorruptConfig(
+        mode="paper", p_exposure=0.0, p_noise=1.0, p_downsample=0.0, p_clean=0.0, noise=[0.1, 0.3]
+    )
     history = torch.zeros(1, 16, 400, 16, 16)
     valid = torch.ones(1, 400, dtype=torch.bool)
-    out, _ = frame_aware_corrupt(history, valid, cfg, torch.Generator().manual_seed(0))
+    out, _, _ = frame_aware_corrupt(history, valid, cfg, torch.Generator().manual_seed(0))
     per_frame_std = out[0].std(dim=(0, 2, 3))  # = sigma of that frame (x0 = 0)
     assert per_frame_std.min() > 0.09 and per_frame_std.max() < 0.31
     assert abs(per_frame_std.mean().item() - 0.2) < 0.01
@@ -54,18 +115,24 @@ def test_noise_level_statistics():
 def test_noise_branch_shrinks_the_frame_before_adding_noise():
     """The noise branch is (1 - s) x + s eps (§3.2.3): on a history of ones with s = 0.3 every frame's mean is
     0.7 and its spread 0.3 (the x0 = 0 test above cannot see the (1 - s) factor)."""
-    cfg = CorruptConfig(p_exposure=0.0, p_noise=1.0, p_downsample=0.0, p_clean=0.0, noise=[0.3, 0.3])
+    cfg = CorruptConfig(
+        mode="paper", p_exposure=0.0, p_noise=1.0, p_downsample=0.0, p_clean=0.0, noise=[0.3, 0.3]
+    )
     history = torch.ones(1, 4, 50, 8, 8)
-    out, _ = frame_aware_corrupt(history, torch.ones(1, 50, dtype=torch.bool), cfg, torch.Generator())
+    out, _, _ = frame_aware_corrupt(history, torch.ones(1, 50, dtype=torch.bool), cfg, torch.Generator())
     assert out.mean().item() == pytest.approx(0.7, abs=0.01)
     assert out.std().item() == pytest.approx(0.3, abs=0.01)
 
 
-def test_exposure_scales_around_channel_mean():
-    cfg = CorruptConfig(p_exposure=1.0, p_noise=0.0, p_downsample=0.0, p_clean=0.0, exposure=[1.5, 1.5])
+def test_exposure_scales_around_the_per_position_channel_mean():
+    """The paper's exposure branch is the reference's saturation operator: (x - m) a + m, m the mean over the
+    channels at each position."""
+    cfg = CorruptConfig(
+        mode="paper", p_exposure=1.0, p_noise=0.0, p_downsample=0.0, p_clean=0.0, exposure=[1.5, 1.5]
+    )
     history = torch.randn(1, 3, 2, 8, 8) + 2
-    out, _ = frame_aware_corrupt(history, torch.ones(1, 2, dtype=torch.bool), cfg, torch.Generator())
-    mean = history.mean(dim=(3, 4), keepdim=True)
+    out, _, _ = frame_aware_corrupt(history, torch.ones(1, 2, dtype=torch.bool), cfg, torch.Generator())
+    mean = history.mean(dim=1, keepdim=True)
     assert torch.allclose(out, mean + 1.5 * (history - mean), atol=1e-5)
 
 
@@ -79,7 +146,7 @@ def test_down_up_blurs_and_keeps_shape():
 
 def test_disabled_is_identity():
     history = torch.randn(2, 2, 3, 4, 4)
-    out, branches = frame_aware_corrupt(
+    out, branches, _ = frame_aware_corrupt(
         history, torch.ones(2, 3, dtype=torch.bool), CorruptConfig(enabled=False), torch.Generator()
     )
     assert torch.equal(out, history) and (branches == Branch.CLEAN).all()
@@ -87,6 +154,8 @@ def test_disabled_is_identity():
 
 def test_probabilities_must_sum_to_one():
     with pytest.raises(ConfigError, match="sum to 1"):
-        CorruptConfig(p_exposure=0.2, p_noise=0.8, p_downsample=0.1, p_clean=0.1).validate("history.corrupt.")
+        CorruptConfig(mode="paper", p_exposure=0.2, p_noise=0.8, p_downsample=0.1, p_clean=0.1).validate(
+            "history.corrupt."
+        )
     with pytest.raises(ConfigError, match=r"history\.corrupt\.noise"):
         CorruptConfig(noise=[0.5, 0.2]).validate("history.corrupt.")

@@ -107,6 +107,19 @@ def test_gan_losses_are_non_saturating():
     assert gan_g_loss(hi) < 1e-3 and gan_g_loss(lo) > 7
 
 
+def test_the_default_real_cfg_is_the_references_real_guidance_scale_3():
+    """The released Helios-Distilled's real score: x0_c + 3 (x0_c - x0_u) (the reference's
+    real_guidance_scale 3.0) = standard CFG 4, our default; Table 2's CFG 3 read as standard is real_cfg=3."""
+    from helios.config import compose
+
+    x, s = torch.randn(2, 4, 3, 4, 4), torch.tensor([0.3, 0.8])
+    vc, vu = torch.randn_like(x), torch.randn_like(x)
+    real = ["stage3=post", "distill.teacher=/t", "model.transformer.path=/m", "data.path=/d"]
+    cfg = compose(["stage=3", *real])
+    reference = x - s.view(-1, 1, 1, 1, 1) * (vc + 3.0 * (vc - vu))
+    torch.testing.assert_close(cfg_x0(x, s, vc, vu, cfg.distill.real_cfg), reference)
+
+
 def test_ttur_counts_optimizer_steps_per_role():
     ttur, critic, generator = TTUR(generator_every=5), 0, 0
     for iteration in range(20):

@@ -67,11 +67,12 @@ def test_tasks_formats():
     # I2V: only the last frame, and the anchor is that image
     assert out[1, :, :-1].abs().sum() == 0 and torch.equal(out[1, :, -1], history[1, :, -1])
     assert torch.equal(anchor[1], history[1, :, -1:]) and valid[1].tolist() == [False] * 6 + [True]
-    # partial V2V: the newest k*window frames (3 or 6), the anchor is the first of them
+    # partial V2V (clip format): the newest k*window frames (3 or 6; 0 keeps the video's anchor alone),
+    # the anchor is the first of them
     n = int(valid[2].sum())
-    assert n in (3, 6)
+    assert n in (0, 3, 6)
     assert out[2, :, : 7 - n].abs().sum() == 0 and torch.equal(out[2, :, 7 - n :], history[2, :, 7 - n :])
-    assert torch.equal(anchor[2], history[2, :, 7 - n : 8 - n])
+    assert torch.equal(anchor[2], history[2, :, 7 - n : 8 - n] if n else first[2])
     # full V2V: untouched, anchor = the video's first latent
     assert torch.equal(out[3], history[3]) and torch.equal(anchor[3], first[3]) and valid[3].all()
 
@@ -91,16 +92,17 @@ def test_tasks_in_the_section_format_keep_the_video_anchor_and_the_padding_out()
     )
     assert anchor[0].abs().sum() == 0 and not valid[0].any()
     assert torch.equal(anchor[1], first[1]) and valid[1].tolist() == [False] * 6 + [True]
-    assert torch.equal(anchor[2], first[2]) and int(valid[2].sum()) in (3, 6)
+    assert torch.equal(anchor[2], first[2]) and int(valid[2].sum()) in (0, 3, 6)  # 0: the anchor alone
     assert torch.equal(anchor[3], first[3]) and valid[3].tolist() == [False] * 4 + [True] * 3
     assert torch.equal(out[3], history[3])
 
 
 def test_partial_lengths_real_layout():
-    assert REAL.partial_lengths() == [9, 18]
+    # the reference zeroes the oldest 1 + 9k frames, k in {0, 1, 2}: 18, 9 or 0 kept (the anchor alone)
+    assert REAL.partial_lengths() == [0, 9, 18]
     # k * window < H: a history that is a whole number of windows is a full V2V at its last multiple
-    assert HistoryLayout(2, 1, 1, 2).partial_lengths() == [2]
-    assert HistoryLayout(4, 2, 1, 3).partial_lengths() == [3, 6]
+    assert HistoryLayout(2, 1, 1, 2).partial_lengths() == [0, 2]
+    assert HistoryLayout(4, 2, 1, 3).partial_lengths() == [0, 3, 6]
 
 
 def test_token_counts_real_layout():

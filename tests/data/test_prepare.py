@@ -357,3 +357,27 @@ def test_a_valid_16x16_clip_is_decoded(tmp_path):
     with open(path, "rb") as f:  # an in-memory video (a webdataset member) the same way
         again, _ = decode_clip(io.BytesIO(f.read()), 12, 16, 16)
     torch.testing.assert_close(again, clip)
+
+
+def test_without_decord_ffmpeg_decodes_the_same_clips(tmp_path, monkeypatch):
+    """decord has no wheel for aarch64 (GH200 nodes): where it is not installed, ffmpeg (imageio-ffmpeg)
+    opens, counts and decodes the videos; the clip (fps resampling, cut, crop, resize) is the same."""
+    import imageio
+    import numpy as np
+
+    import helios.data.video as video
+
+    frames = np.random.default_rng(1).integers(0, 256, (40, 48, 64, 3), dtype=np.uint8)
+    path = tmp_path / "clip.mp4"
+    imageio.mimwrite(path, frames, fps=16, macro_block_size=1)
+    args = dict(fps=8, cut=(4, 40), crop=(8, 56, 0, 48))
+    with_decord = video.decode_clip(path, 10, 32, 32, **args)
+    monkeypatch.setattr(video, "decord_reader", lambda: None)
+    without = video.decode_clip(path, 10, 32, 32, **args)
+    assert without[1] == with_decord[1] == 8
+    torch.testing.assert_close(without[0], with_decord[0], atol=2 / 127.5, rtol=0)
+    with pytest.raises(video.VideoDecodeError, match="too short"):
+        video.decode_clip(path, 30, 32, 32, fps=8)
+    (tmp_path / "bad.mp4").write_bytes(b"not a video")
+    with pytest.raises(video.VideoDecodeError, match="cannot open"):
+        video.decode_clip(tmp_path / "bad.mp4", 4, 32, 32)

@@ -69,22 +69,40 @@ def test_every_wan_weight_is_copied(wan_dir):
     assert not any(p.is_meta for p in helios.parameters())
 
 
-def test_average_init_makes_mid_and_long_tokens_the_mean_of_short_tokens(wan_dir):
+def test_interleave_init_embeds_the_average_pooled_latent(wan_dir):
+    """The reference's rule: a mid (long) token starts as the patch embedding of the 2x (4x) average-pooled
+    latent (its kernel every element repeated over the block, divided by 8 / 64)."""
     helios = load_wan_as_helios(str(wan_dir))
     x = torch.randn(1, 16, 4, 16, 16)
     with torch.no_grad():
-        short = helios.patch_short(x)  # [1, D, 4, 8, 8]
-        mid = helios.patch_mid(x)  # [1, D, 2, 4, 4]
-        long = helios.patch_long(x)  # [1, D, 1, 2, 2]
-    # bias is shared, so compare the pooled short tokens directly
-    torch.testing.assert_close(mid, F.avg_pool3d(short, 2), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(long, F.avg_pool3d(short, 4), rtol=1e-4, atol=1e-5)
+        mid, long = helios.patch_mid(x), helios.patch_long(x)  # [1, D, 2, 4, 4], [1, D, 1, 2, 2]
+        torch.testing.assert_close(mid, helios.patch_short(F.avg_pool3d(x, 2)), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(long, helios.patch_short(F.avg_pool3d(x, 4)), rtol=1e-4, atol=1e-5)
+    kernel = torch.arange(4.0).view(1, 1, 1, 2, 2)  # [[0, 1], [2, 3]]: rows as the review showed them
+    sd = convert_wan_state_dict({"patch_embedding.weight": kernel, "patch_embedding.bias": torch.zeros(1)})
+    assert (sd["patch_mid.weight"][0, 0, 0] * 8).tolist() == [
+        [0, 0, 1, 1],
+        [0, 0, 1, 1],
+        [2, 2, 3, 3],
+        [2, 2, 3, 3],
+    ]
 
 
-def test_zero_init_and_unknown_mode():
-    sd = {"patch_embedding.weight": torch.randn(4, 2, 1, 2, 2), "patch_embedding.bias": torch.randn(4)}
-    out = convert_wan_state_dict(sd, "zero")
-    assert out["patch_mid.weight"].shape == (4, 2, 2, 4, 4) and out["patch_long.weight"].abs().sum() == 0
+def test_random_init_is_what_the_reference_run_started_from_and_unknown_mode_fails():
+    """``random``: the reference applied its rule to the xavier-initialised patch embedding before Wan's
+    weights loaded: the memory patches (short included) start from a seeded random kernel, interleaved."""
+    sd = {"patch_embedding.weight": torch.randn(64, 16, 1, 2, 2), "patch_embedding.bias": torch.randn(64)}
+    out = convert_wan_state_dict(sd, "random", seed=3)
+    assert not torch.equal(out["patch_short.weight"], sd["patch_embedding.weight"])
+    assert torch.equal(out["patch_embedding.weight"], sd["patch_embedding.weight"])  # Wan's own stays
+    bound = (6 / (16 * 4 + 64)) ** 0.5  # xavier-uniform over the flattened kernel
+    assert out["patch_short.weight"].abs().max() <= bound and out["patch_short.weight"].std() > bound / 3
+    torch.testing.assert_close(
+        out["patch_mid.weight"][:, :, :2, :2, :2].mean(), out["patch_short.weight"][:, :, 0, 0, 0].mean() / 8
+    )
+    assert torch.equal(
+        convert_wan_state_dict(sd, "random", seed=3)["patch_long.weight"], out["patch_long.weight"]
+    )
     with pytest.raises(ValueError, match="memory_patch_init"):
         convert_wan_state_dict(sd, "bogus")
 

@@ -379,3 +379,44 @@ def test_each_pyramid_stage_is_shifted_by_its_own_token_count(order, grids, monk
     cond = torch.zeros(1, 4, 8)
     sampler(lambda x, t, e: torch.zeros_like(x), x, cond, None, torch.Generator().manual_seed(0))
     assert seen == grids
+
+
+REFERENCE_DMD_TIMESTEPS = {  # the reference's get_ode-pairs.py: its distilled schedule at 384x640, hard-coded
+    True: [
+        [998.5342, 902.2183, 833.9636, 783.0660],
+        [742.8216, 640.0038, 547.1926, 462.9951],
+        [385.4137, 328.6249, 253.9905, 151.5308],
+    ],
+    False: [[998.5342, 833.9636], [742.8216, 547.1926], [385.4137, 253.9905]],
+}
+
+
+@pytest.mark.parametrize("first_section", [True, False])
+def test_distilled_sampler_feeds_the_reference_timesteps_in_our_default_order(first_section):
+    """An oracle outside this project and diffusers: the timesteps the released Helios-Distilled was trained
+    and sampled on (the reference hard-codes them) are what our DMD sampler feeds the model at 384x640, in
+    its default order (each stage shifted by its own token count, after the upsample); diffusers' order
+    (before the upsample) feeds other ones."""
+    from helios.config.schema import SamplerConfig
+    from helios.sampling.pipeline import build_section_sampler
+
+    def timesteps_fed(shift_order: str) -> list[list[float]]:
+        cfg = SamplerConfig(kind="dmd", steps=[2, 2, 2], guidance_scale=1.0, amplify_first=True)
+        cfg.shift_type, cfg.shift_order = "linear", shift_order
+        sampler = build_section_sampler(cfg)
+        seen: dict[int, list[float]] = {}
+
+        def model_fn(x, t, e):
+            seen.setdefault(x.shape[-1], []).append(float(t[0]))
+            return torch.zeros_like(x)
+
+        gen = torch.Generator().manual_seed(0)
+        noise = sampler.initial_noise((1, 16, 9, 48, 80), gen, torch.device("cpu"))
+        sampler(model_fn, noise, torch.zeros(1), None, torch.Generator().manual_seed(1), first_section)
+        return [seen[w] for w in (20, 40, 80)]
+
+    reference = REFERENCE_DMD_TIMESTEPS[first_section]
+    ours = timesteps_fed("stage")
+    for fed, want in zip(ours, reference):
+        assert fed == pytest.approx([float(int(t)) for t in want], abs=1e-6)  # rounded down as fed
+    assert timesteps_fed("diffusers")[1:] != ours[1:]

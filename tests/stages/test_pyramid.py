@@ -221,3 +221,32 @@ def test_pyramid_timestep_is_the_schedulers_in_every_stage():
     for k in range(3):
         sigma, timestep = _scheduler_pairs(k, 7)
         torch.testing.assert_close(schedule.timestep(k, sigma).float(), timestep, rtol=0, atol=1e-3)
+
+
+def test_stage_endpoints_are_the_references_formula():
+    """start_k = (1 - s_k) Up(Down(x0^k)) + s_k eps^k (stage 0: (1 - s_0) x0^0 + s_0 eps^0) and end_k =
+    (1 - e_k) x0^k + e_k eps^k, with x0^k the clean latent bilinearly halved to stage k's scale and eps^k the
+    noise halved and scaled by 2 per halving (the reference's utils_helios_base), computed here by hand."""
+    import torch.nn.functional as F
+
+    def halve(x):  # bilinear 1/2 of [B, C, T, H, W], frame by frame
+        b, c, t, h, w = x.shape
+        y = F.interpolate(
+            x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w), size=(h // 2, w // 2), mode="bilinear"
+        )
+        return y.reshape(b, t, c, h // 2, w // 2).permute(0, 2, 1, 3, 4)
+
+    def up(x):
+        return x.repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1)
+
+    schedule = PyramidSchedule()
+    x0, eps = torch.randn(2, 3, 2, 16, 16), torch.randn(2, 3, 2, 16, 16)
+    for k in range(3):
+        x0_k, eps_k = x0, eps
+        for _ in range(2 - k):
+            x0_k, eps_k = halve(x0_k), halve(eps_k) * 2
+        s, e = schedule.start_sigma(k), schedule.end_sigma(k)
+        coarse = up(halve(x0_k)) if k > 0 else x0_k
+        start, end = schedule.endpoints(x0, eps, k)
+        torch.testing.assert_close(start, (1 - s) * coarse + s * eps_k)
+        torch.testing.assert_close(end, (1 - e) * x0_k + e * eps_k)

@@ -41,8 +41,9 @@ def test_cli_tiny_run_writes_the_run_directory(tmp_path):
     assert (tmp_path / "config.yaml").read_text().startswith("stage: 1")
     metrics = read_metrics(tmp_path)
     assert [m["step"] for m in metrics] == list(range(1, 11))
-    for key in ("loss", "lr", "grad_norm", "samples_per_s"):
-        assert all(isinstance(m[key], float) for m in metrics), key
+    for key in ("loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "step_time_s", "host_rss_gib"):
+        assert all(isinstance(m[key], float) and m[key] > 0 for m in metrics), key
+    assert "mfu" not in metrics[0] and "max_memory_gib" not in metrics[0]  # a GPU's only
     assert [s for s, _ in list_complete(tmp_path)] == [5, 10]
     video = tmp_path / "samples" / "step_10_0.mp4"
     import decord
@@ -688,3 +689,18 @@ def test_a_run_dir_that_cannot_be_written_is_one_line(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     expected = f"error: hydra.run.dir={blocker}/run: cannot write there (Not a directory): choose another"
     assert proc.stderr.strip() == expected + " folder"
+
+
+def test_help_lists_what_applies_to_training_in_one_screen():
+    proc = subprocess.run(
+        [sys.executable, "train_helios.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and len(proc.stdout.splitlines()) < 40, proc.stdout
+    for line in (
+        "stage      1 (Base)",
+        "parallel   ddp (default), zero2, zero3",
+        "--cfg job",
+        "-m helios.train",
+    ):
+        assert line in proc.stdout, line
+    assert "sampler:" not in proc.stdout and "clip:" not in proc.stdout  # generate's and prepare's groups

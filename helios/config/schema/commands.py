@@ -152,6 +152,7 @@ class GenerateConfig(Validated):
     # for the section format, streaming for whole-clip latents); "sections" / "stream" insist on one
     # and are refused for a model trained on the other format
     decode: str = "auto"
+    progress: bool = True  # a line per section on stderr (k/N, seconds, frames/s)
 
     def _validate(self, prefix: str) -> None:
         given = [
@@ -186,29 +187,48 @@ class ExportConfig(Validated):
 
 @dataclass
 class OdePairsConfig(Validated):
-    """``python -m helios.ode_pairs teacher=PATH shards=DIR output=DIR``."""
+    """``python -m helios.ode_pairs teacher=PATH shards=DIR output=DIR``.
+
+    ``source=rollout`` (default, how the released Helios-Distilled was initialised): per caption of the
+    shards the teacher samples a ``sections``-section T2V video of its own, each section conditioned on its
+    earlier ones, and every (section, pyramid stage) keeps the teacher's states at the distilled schedule's
+    timesteps (``dmd_steps``; the nearest of its own steps) and the stage's end. ``source=clips``: one
+    section per real clip on that clip's history, keeping each stage's start and end (the ODE-init phase
+    then regresses points on the straight line between them)."""
 
     teacher: str = MISSING
     shards: str = MISSING
     output: str = MISSING
+    source: str = "rollout"
+    # the reference's: Pyramid UniPC 20/20/20, CFG 5 against Wan's negative prompt, linear shift, no CFG-Zero*
     sampler: SamplerConfig = field(
         default_factory=lambda: SamplerConfig(
-            kind="pyramid", steps=[20, 20, 20], guidance_scale=5.0, cfg_zero_star=True
+            kind="pyramid", steps=[20, 20, 20], guidance_scale=5.0, cfg_zero_star=False, shift_type="linear"
         )
     )
-    tasks: dict = field(default_factory=lambda: {"t2v": 0.4, "i2v": 0.06, "v2v_partial": 0.22})
+    sections: int = 5  # source=rollout: sections per video (the reference: 165 frames = 5)
+    dmd_steps: list[int] = field(default_factory=lambda: [2, 2, 2])  # the generator's distill.steps
+    amplify_first: bool = True  # its doubled first-section schedule
+    tasks: dict = field(default_factory=lambda: {"t2v": 0.4, "i2v": 0.0, "v2v_partial": 0.24})  # source=clips
     max_sequence_length: int = 512
     seed: int = 0
     device: str = "auto"
-    # pairs to write (null: one per clip); the ODE-init phase consumes its steps x global batch
-    # (Table 2: 3,759 x 128 = 481,152)
+    # pairs to write (null: one per clip / caption); the ODE-init phase consumes its steps x global batch
+    # (Table 2: 3,759 x 128 = 481,152); the reference's maintainers found a few thousand enough
     pairs: int | None = None
 
     def _validate(self, prefix: str) -> None:
+        choice(self.source, ("rollout", "clips"), "source")
         check(self.sampler.kind == "pyramid", "sampler.kind", "the teacher samples with the pyramid sampler")
-        check(self.pairs is None or self.pairs >= 1, "pairs", "must be >= 1")
+        check(self.sections >= 1, "sections", "must be >= 1")
+        check(
+            len(self.dmd_steps) == len(self.sampler.steps) and all(s >= 1 for s in self.dmd_steps),
+            "dmd_steps",
+            "one positive count per pyramid stage of the teacher's sampler",
+        )
         choice(self.device, ("auto", "cpu", "cuda"), "device")
         TaskConfig(**self.tasks).validate("tasks.")
+        check(self.pairs is None or self.pairs >= 1, "pairs", "must be >= 1")
 
 
 @dataclass

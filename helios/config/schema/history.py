@@ -12,14 +12,16 @@ from helios.config.schema.base import Validated, check, check_range, choice
 class TaskConfig(Validated):
     """Representation Control (§3.1.1): per-sample probabilities of each history format.
 
-    The remaining probability ``1 - t2v - i2v - v2v_partial`` keeps the full history (V2V).
-    ``i2v`` trains the format the I2V sampler feeds (anchor + last history frame only), which
-    the public reference code never trains.
+    The remaining probability ``1 - t2v - i2v - v2v_partial`` keeps the full history (V2V). The defaults
+    are the released checkpoints' (the reference's nested draws: T2V 0.4, then partial V2V 0.4 of the
+    rest; stage 3: 0.5). ``i2v`` trains the format the I2V sampler feeds (anchor + last history frame
+    only), which the released checkpoints never saw (the reference's own correct.yaml: 0.1 of the rest,
+    ``i2v=0.06 v2v_partial=0.216``).
     """
 
     t2v: float = 0.4
-    i2v: float = 0.06
-    v2v_partial: float = 0.22
+    i2v: float = 0.0
+    v2v_partial: float = 0.24
 
     def _validate(self, prefix: str) -> None:
         for name in ("t2v", "i2v", "v2v_partial"):
@@ -29,24 +31,46 @@ class TaskConfig(Validated):
 
 
 @dataclass
-class CorruptConfig(Validated):
-    """Frame-Aware Corrupt (§3.2.3).
+class SaturationConfig(Validated):
+    """The reference code's stage-3 saturation of the generator's history (``mode=reference`` only): each
+    history region kept with ``p_clean``, else scaled around the per-position channel mean by a factor from
+    ``[range[0], 1)`` or ``(1, range[1]]``."""
 
-    ``mode=paper``: every history frame independently draws exposure (p_exposure, scale in
-    ``exposure``), noise (p_noise, level in ``noise``), down-then-up sampling (p_downsample,
-    resolution reduction in ``downsample``) or clean (p_clean); the four must sum to 1.
-    ``mode=reference``: the public reference code's clip-level draw (one branch per sample).
+    enabled: bool = False
+    p_clean: float = 0.1
+    range: list[float] = field(default_factory=lambda: [0.3, 1.7])
+
+    def _validate(self, prefix: str) -> None:
+        check(0.0 <= self.p_clean <= 1.0, prefix + "p_clean", "must be a probability in [0, 1]")
+        check_range(self.range, prefix + "range", 0.0, 10.0)
+        check(self.range[0] < 1.0 < self.range[1], prefix + "range", "must straddle 1 (below and above)")
+
+
+@dataclass
+class CorruptConfig(Validated):
+    """Frame-Aware Corrupt (§3.2.3; helios/core/corrupt.py).
+
+    ``mode=reference`` (default: how the released checkpoints were trained): per micro-batch, clean with
+    ``reference_p_clean``, else noise (``reference_p_noise`` of the rest; the reference's "random" mode: 0.9)
+    or down-up sampling; noise level per frame from ``noise``, the anchor corrupted too; ``saturation``
+    (stage 3) on the generator's history.
+    ``mode=paper``: every history frame independently draws exposure (p_exposure, scale in ``exposure``),
+    noise (p_noise, level in ``noise``), down-then-up sampling (p_downsample, resolution reduction in
+    ``downsample``) or clean (p_clean); the four must sum to 1 (Table 1: stage-1-post 0 / 0.8 / 0.1 / 0.1).
     """
 
     enabled: bool = True
-    mode: str = "paper"
+    mode: str = "reference"
     p_exposure: float = 0.0
     p_noise: float = 0.8
     p_downsample: float = 0.1
     p_clean: float | None = 0.1  # null: whatever the other three leave (handy in sweeps)
+    reference_p_clean: float = 0.1
+    reference_p_noise: float = 1.0
     exposure: list[float] = field(default_factory=lambda: [0.3, 1.7])
-    noise: list[float] = field(default_factory=lambda: [0.0, 0.33])
+    noise: list[float] = field(default_factory=lambda: [0.0, 1.0 / 3.0])  # Table 1 rounds it to 0.33
     downsample: list[float] = field(default_factory=lambda: [0.0, 0.1])
+    saturation: SaturationConfig = field(default_factory=SaturationConfig)
 
     def _validate(self, prefix: str) -> None:
         choice(self.mode, ("paper", "reference"), prefix + "mode")
@@ -61,9 +85,12 @@ class CorruptConfig(Validated):
             prefix + "p_*",
             f"p_exposure + p_noise + p_downsample + p_clean must sum to 1, got {total:.6f} ({probs})",
         )
+        for k in ("reference_p_clean", "reference_p_noise"):
+            check(0.0 <= getattr(self, k) <= 1.0, prefix + k, "must be a probability in [0, 1]")
         check_range(self.exposure, prefix + "exposure", 0.0, 10.0)
         check_range(self.noise, prefix + "noise", 0.0, 1.0)
         check_range(self.downsample, prefix + "downsample", 0.0, 0.95)
+        self.saturation.validate(prefix + "saturation.")
 
 
 @dataclass

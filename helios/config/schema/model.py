@@ -37,8 +37,10 @@ class TransformerConfig(Validated):
     history_scale_mode: str = "per_head"
     # Ablation "w Guidance Attention*" (Table 5): history queries do not see noisy keys.
     history_causal_mask: bool = False
-    # How the multi-term memory patch convs are initialised from the patch embedding (Wan init).
-    memory_patch_init: str = "average"
+    # How the multi-term memory patch convs start from Wan (helios/model/wan_init.py): "interleave", the
+    # reference's rule (the patch embedding of the average-pooled latent); "random", what its run did;
+    # "average" (the kernel tiled) is read back from checkpoints written before 2026-12-04 only
+    memory_patch_init: str = "interleave"
     init_seed: int = 0
     gradient_checkpointing: bool = False
 
@@ -56,7 +58,7 @@ class TransformerConfig(Validated):
         for name in ("num_attention_heads", "attention_head_dim", "text_dim", "ffn_dim", "num_layers"):
             check(getattr(self, name) > 0, prefix + name, "must be > 0")
         choice(self.history_scale_mode, ("per_head", "scalar"), prefix + "history_scale_mode")
-        choice(self.memory_patch_init, ("average", "copy_center", "zero"), prefix + "memory_patch_init")
+        choice(self.memory_patch_init, ("interleave", "random", "average"), prefix + "memory_patch_init")
 
 
 @dataclass
@@ -71,8 +73,14 @@ class LoraConfig(Validated):
     # blocks) plus the patch embedding, as the reference code that trained the released weights;
     # "blocks": only the linears inside the DiT blocks; or a list of module-name suffixes.
     targets: Any = "all-linear"
+    # LoRA on the patch embedding too (with all-linear): the reference's is_train_lora_patch_embedding, on in
+    # stage 1 and 2-post, off in 2-init and stage 3 (and never on the critic)
+    patch_embedding: bool = True
     # How the multi-term memory patch convs (patch_short/mid/long) train: full | lora | frozen.
     memory_patch: str = "full"
+    # LoRA A's initialisation: "gaussian" (std 1/rank, B = 0: the reference's init_lora_weights="gaussian",
+    # which trained the released weights) or "kaiming" (peft's default, B = 0)
+    init: str = "gaussian"
     # Also train these parameters in full (name substrings), e.g. [history_key_scale].
     extra_trainable: list[str] = field(default_factory=lambda: ["history_key_scale"])
 
@@ -87,6 +95,7 @@ class LoraConfig(Validated):
             "must be 'all-linear', 'blocks' or a list of module-name suffixes",
         )
         choice(self.memory_patch, ("full", "lora", "frozen"), prefix + "memory_patch")
+        choice(self.init, ("gaussian", "kaiming"), prefix + "init")
 
 
 TINY_VAE_BASE_DIM = 8  # the shipped trained tiny VAE (helios/assets/tiny_vae)

@@ -98,7 +98,10 @@ class DistillConfig(Validated):
     generator_init: str | None = None  # Helios-Mid: the generator's base (default: the teacher)
     ode_pairs: str | None = None  # shards from helios.ode_pairs (phase=ode)
     steps: list[int] = field(default_factory=lambda: [2, 2, 2])
-    real_cfg: float = 3.0
+    # the real score's CFG, x0_u + real_cfg (x0_c - x0_u): 4.0 is how the released Helios-Distilled was
+    # trained (the reference's real_guidance_scale 3.0 computes x0_c + 3 (x0_c - x0_u): standard CFG 4);
+    # Table 2's "real CFG 3.0" read as standard CFG: real_cfg=3
+    real_cfg: float = 4.0
     ttur: int = 5
     fake_lr: float = 4e-7
     fake_lora_rank: int = 256

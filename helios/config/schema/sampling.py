@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from helios.config.schema.base import Validated, check, choice
+from helios.config.schema.base import REFERENCE_NEGATIVE_PROMPT, Validated, check, choice
 
 
 @dataclass
@@ -41,7 +41,9 @@ class SamplerConfig(Validated):
     # "diffusers": by the previous stage's (diffusers' HeliosPyramidPipeline; for parity with it)
     shift_order: str = "stage"
     gamma: float = 1.0 / 3.0
-    negative_prompt: str = ""
+    # CFG's unconditional branch: the reference's inference (infer_helios.py) and ODE pairs use Wan's negative
+    # prompt, as the real score of stage 3 does; "" for the empty prompt
+    negative_prompt: str = REFERENCE_NEGATIVE_PROMPT
     interpolation_steps: int = 1
     adaptive: AdaptiveSamplingConfig = field(default_factory=AdaptiveSamplingConfig)
 

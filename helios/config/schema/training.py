@@ -54,6 +54,9 @@ class TrainerConfig(Validated):
     progress: bool = True
     # a finite loss above this counts as divergence too (stops like a NaN, before the update); 0: off
     max_loss: float = 1.0e6
+    # the device's dense bf16 peak for the dashboard's mfu (TFLOP/s); null: known GPUs by name
+    # (helios/infra/flops.py), none on the CPU
+    peak_tflops: float | None = None
 
     def _validate(self, prefix: str) -> None:
         check(self.max_steps >= 0, prefix + "max_steps", "must be >= 0")
@@ -66,6 +69,7 @@ class TrainerConfig(Validated):
         choice(self.precision, ("auto", "fp32", "bf16"), prefix + "precision")
         choice(self.device, ("auto", "cpu", "cuda"), prefix + "device")
         check(self.num_workers is None or self.num_workers >= 0, prefix + "num_workers", "must be >= 0")
+        check(self.peak_tflops is None or self.peak_tflops > 0, prefix + "peak_tflops", "must be > 0")
 
 
 @dataclass

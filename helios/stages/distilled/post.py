@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from helios.core.corrupt import saturate
 from helios.core.distillation import (
     TTUR,
     RenoiseSchedule,
@@ -38,7 +39,7 @@ from helios.core.flow_matching import NUM_TRAIN_TIMESTEPS, shift_factor, shift_s
 from helios.core.history import Task
 from helios.data.dataset import training_dataset
 from helios.data.prepare_job import EMPTY_PROMPT_FILE, NEGATIVE_PROMPT_FILE, load_empty_prompt
-from helios.infra.distributed import on_every_rank
+from helios.infra.distributed import agree_max
 from helios.infra.parallel import RoleSteps
 from helios.stages.distilled.phase import DistillPhase
 from helios.stages.distilled.roles import DistillModule, real_score
@@ -58,6 +59,7 @@ EXTRA_METRICS = [
     "dmd_grad_norm",
     "tau_mean",
     "update_g",
+    "first_section",
     "time_rollout_s",
     "time_critic_s",
     "time_generator_s",
@@ -120,23 +122,39 @@ class PostPhase(DistillPhase):
         cond, target, stats = self.condition(batch, gen)  # on the host
         device = self.device
         dtype = next(m.generator.parameters()).dtype
-        cond = cast_inputs(cond, torch.empty((), device=device, dtype=dtype))
+        like = torch.empty((), device=device, dtype=dtype)
+        # the reference saturates the generator's history only; the scores see the (corrupted) history
+        cond_g = cast_inputs(self.saturated(cond, gen), like)
+        cond = cast_inputs(cond, like)
         target = target.to(device, non_blocking=True)
         update_g = self.ttur.update_generator(step)
         gan_on = m.heads is not None and step >= self.d.gan.start_step
         clock = time.perf_counter()
         activate("generator", then="critic")
         if self.d.history_source == "self_forcing":
-            cond = self.self_forcing_cond(m.generator, cond, target.shape, gen)
-        # every rank's history empty: the first section's amplified schedule (agreed across ranks: it
-        # sets the number of rollout forwards)
-        first = self.d.history_source != "self_forcing" and on_every_rank(stats["history_empty"] == 1.0)
+            cond = cond_g = self.self_forcing_cond(m.generator, cond, target.shape, gen)
+        # this rank's history empty: a video's first section, trained on the doubled schedule that sampling
+        # uses for it (as the reference, each rank decides for its own micro-batch)
+        first = self.d.history_source != "self_forcing" and stats["history_empty"] == 1.0
         exits = self.rollout.exit_steps(shared, first)
+        forwards = None
+        if self.cfg.parallel.role_backend("generator") == "zero3":  # equal forward counts on every rank
+            forwards = agree_max([e + 1 for e in exits])
         x0 = roles.forward(
-            "generator", self.rollout, m.generator, cond, target.shape, gen, update_g, exits, first
+            "generator",
+            self.rollout,
+            m.generator,
+            cond_g,
+            target.shape,
+            gen,
+            update_g,
+            exits,
+            first,
+            forwards,
         )
         metrics = dict.fromkeys(EXTRA_METRICS, float("nan"))
         metrics["update_g"] = float(update_g)
+        metrics["first_section"] = float(first)
         metrics["time_rollout_s"], clock = time.perf_counter() - clock, time.perf_counter()
         draws = self.draws(target, gen, step)
         losses = {}
@@ -169,6 +187,22 @@ class PostPhase(DistillPhase):
             activate(*sorted(needed))
         metrics["tau_mean"] = draws["tau"].mean()
         return losses, {**stats, **metrics}
+
+    def saturated(self, cond: dict, gen: torch.Generator) -> dict:
+        """The generator's history inputs with the reference's stage-3 saturation (``mode=reference`` and
+        ``history.corrupt.saturation.enabled``; the anchor is kept): [long, mid, short] in one sequence,
+        oldest first, as the reference's regions count them."""
+        c = self.cfg.history.corrupt
+        if not (c.enabled and c.mode == "reference" and c.saturation.enabled):
+            return cond
+        keys = [k for k in ("latents_history_long", "latents_history_mid") if k in cond]
+        parts = [cond[k] for k in keys] + [cond["latents_history_short"][:, :, 1:]]
+        history = torch.cat(parts, dim=2)
+        valid = history.flatten(3).abs().amax(dim=(1, 3)) > 0  # frames holding content
+        out = saturate(history, valid, c.saturation, gen, self.layout.window)
+        pieces = out.split([p.shape[2] for p in parts], dim=2)
+        short = torch.cat([cond["latents_history_short"][:, :, :1], pieces[-1]], dim=2)
+        return {**cond, **dict(zip(keys, pieces[:-1])), "latents_history_short": short}
 
     def draws(self, target: torch.Tensor, gen: torch.Generator, step: int) -> dict[str, Any]:
         """The step's random draws shared by the critic's and the generator's losses: the critic's flow

@@ -73,7 +73,9 @@ class DistillRoles:
                 rank=self.d.fake_lora_rank,
                 alpha=self.d.fake_lora_alpha,
                 targets=self.cfg.model.lora.targets,
+                patch_embedding=False,  # the reference excludes it from the critic
                 memory_patch="frozen",
+                init=self.cfg.model.lora.init,
                 extra_trainable=[],
             )
             if not self.d.shared_teacher:  # else the real score is the fake score's base, adapters off

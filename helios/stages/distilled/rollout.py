@@ -54,10 +54,12 @@ class StagedRollout:
         return sched.timesteps.to(torch.int64).float(), sched.sigmas.float().clone()
 
     def exit_steps(self, shared: torch.Generator, first: bool) -> list[int]:
-        """One exit step per pyramid stage, drawn from the rank-shared generator (every rank makes the
-        same forward passes)."""
+        """One exit step per pyramid stage: a uniform draw of the rank-shared generator, scaled to this
+        rank's schedule (its first-section schedule is twice as long; as the reference, each rank decides
+        that for its own micro-batch)."""
         counts = [len(self.stage_schedule(k, (1, 1, 1, 2, 2), first)[0]) for k in range(len(self.steps))]
-        return [int(torch.randint(n, (1,), generator=shared)) for n in counts]
+        draws = torch.rand(len(counts), generator=shared)
+        return [min(int(u * n), n - 1) for u, n in zip(draws.tolist(), counts)]
 
     def __call__(
         self,
@@ -68,13 +70,16 @@ class StagedRollout:
         grad: bool,
         exits: list[int] | None = None,
         first_section: bool = False,
+        forwards: list[int] | None = None,
     ) -> torch.Tensor:
         """Staged Backward Simulation (Eq. 10), as the reference code that trained the released models:
         each pyramid stage k runs its DMD steps up to its exit step ``exits[k]`` (all steps when ``exits``
         is None), ``x0^k = x_t - sigma v`` at the exit initialises stage k+1 (nearest 2x + renoise). Only
         exit steps run with gradient and the hand-offs keep the graph, so the DMD/GAN gradient reaches
         stage k whenever stage k+1 exits at its first step ("through K stages"); the steps before an exit
-        are simulated without gradient. Returns the full-resolution x0."""
+        are simulated without gradient. ``forwards[k]``: the forward passes stage k makes on every rank
+        (ZeRO-3: each forward gathers the weights collectively); a rank whose own schedule needs fewer makes
+        up the difference with forwards whose output it discards. Returns the full-resolution x0."""
         b, c, t, h, w = shape
         device = cond["encoder_hidden_states"].device
         k_max = len(self.steps)
@@ -89,6 +94,10 @@ class StagedRollout:
             start = x
             timesteps, sigmas = self.stage_schedule(k, x.shape, first_section)
             last = len(timesteps) - 1 if exits is None else exits[k]
+            if forwards is not None:
+                with torch.no_grad():
+                    for _ in range(forwards[k] - (last + 1)):
+                        velocity(generator, x, timesteps[0].expand(b).to(device, non_blocking=True), cond)
             for j in range(last + 1):
                 exiting = j == last
                 with torch.set_grad_enabled(grad and exiting):

@@ -1,0 +1,34 @@
+"""Stage 1's conditioning: how a micro-batch becomes history inputs, the clean window and statistics."""
+
+import pytest
+import torch
+
+from helios.config import compose
+from helios.data.dataset import ClipBatch
+from helios.stages import FlowStage, stage1_base
+
+
+def _batch(b: int = 2, hw: int = 4) -> ClipBatch:
+    latents = torch.randn(b, 16, 10, hw, hw) + 3  # 7 history + 3 window latent frames, no exact zeros
+    return ClipBatch(
+        latents, torch.randn(b, 16, 1, hw, hw), torch.randn(b, 32, 32), torch.zeros(b), torch.full((b,), 7)
+    )
+
+
+@pytest.mark.parametrize("latent_format", ["sections", "clip"])
+def test_condition_builds_the_history_in_the_runs_latent_format(monkeypatch, latent_format):
+    """The section format keeps the video's first latent as every non-T2V sample's anchor (the reference's
+    data), the clip format the first kept frame: the stage hands the format to Representation Control."""
+    seen = []
+    real = stage1_base.apply_tasks
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["section_format"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stage1_base, "apply_tasks", spy)
+    stage = FlowStage(compose([f"data.latent_format={latent_format}"]))
+    cond, target, stats = stage.condition(_batch(), torch.Generator().manual_seed(0))
+    assert seen == [latent_format == "sections"]
+    assert target.shape == (2, 16, 3, 4, 4) and cond["latents_history_short"].shape[2] == 2
+    assert 0.0 <= stats["history_empty"] <= 1.0
