@@ -1,5 +1,6 @@
 """The data jobs' throughput per process (CPU, tiny models): ``helios.prepare`` with and without decoding
-worker processes, and ``helios.ode_pairs`` with the tiny Helios-Mid as teacher.
+worker processes, and ``helios.ode_pairs`` with the tiny Helios-Mid as teacher (its default: per caption, the
+teacher's own 5-section video, Pyramid UniPC 20/20/20 with CFG; one trajectory per caption).
 
     python bench/bench_data_jobs.py [--videos 32] [--out bench/results/data_jobs_cpu.json]
 
@@ -26,14 +27,23 @@ if (CHECKOUT / "helios").is_dir():  # run from a checkout without installing
 from helios.cli import bench_results  # noqa: E402
 
 
+def command_config(name: str, schema: type, overrides: dict):
+    """The command's config as its CLI composes it (``configs/<name>.yaml`` + ``key=value`` overrides)."""
+    from hydra import compose, initialize_config_dir
+
+    from helios.config.load import CONFIG_DIR, load_config
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+        raw = compose(name, overrides=[f"{k}={v}" for k, v in overrides.items()])
+    return load_config(raw, schema)
+
+
 def prepare_rate(videos: Path, out: Path, workers: int) -> float:
     from helios.commands.prepare import run
-    from helios.config.load import load_config
     from helios.config.schema import PrepareConfig
 
-    cfg = load_config(
-        {"input": str(videos), "output": str(out), "decode_workers": workers, "device": "cpu"}, PrepareConfig
-    )
+    settings = {"input": videos, "output": out, "decode_workers": workers, "device": "cpu"}
+    cfg = command_config("prepare", PrepareConfig, settings)
     start = time.perf_counter()
     report = run(cfg)
     return report["written"] / (time.perf_counter() - start)
@@ -42,16 +52,15 @@ def prepare_rate(videos: Path, out: Path, workers: int) -> float:
 def ode_pair_rate(shards: Path, out: Path) -> float:
     from helios.commands.ode_pairs import run
     from helios.config import compose
-    from helios.config.load import load_config
     from helios.config.schema import OdePairsConfig
     from helios.tiny_recipe import complete_tiny_distill
 
     mid = complete_tiny_distill(compose(["stage=3"])).distill.generator_init
-    settings = {"teacher": mid, "shards": str(shards), "output": str(out), "device": "cpu"}
-    cfg = load_config({**settings, "max_sequence_length": 32}, OdePairsConfig)
+    settings = {"teacher": mid, "shards": shards, "output": out, "device": "cpu", "max_sequence_length": 32}
+    cfg = command_config("ode_pairs", OdePairsConfig, settings)
     start = time.perf_counter()
     report = run(cfg)
-    return report["pairs"] / (time.perf_counter() - start)
+    return report["pairs"] / (time.perf_counter() - start)  # trajectories (one per caption)
 
 
 def main() -> None:
@@ -59,6 +68,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--videos", type=int, default=32)
+    parser.add_argument("--captions", type=int, default=4, help="captions the ODE-pair teacher rolls out")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -68,7 +78,11 @@ def main() -> None:
         rates = {
             f"prepare_clips_per_s_workers{w}": prepare_rate(videos, Path(tmp) / f"s{w}", w) for w in (0, 2)
         }
-        rates["ode_pairs_per_s"] = ode_pair_rate(Path(tmp) / "s0", Path(tmp) / "ode")
+        make_synthetic_videos(Path(tmp) / "captions", args.captions, 40, 64, 64, 16, seed=1)
+        prepare_rate(Path(tmp) / "captions", Path(tmp) / "caption_shards", 0)
+        rollouts = ode_pair_rate(Path(tmp) / "caption_shards", Path(tmp) / "ode")
+        rates["ode_trajectories_per_s"] = rollouts
+        rates["ode_sections_per_s"] = rollouts * 5
     result = {
         "date": str(date.today()),
         "machine": platform.processor() or platform.machine(),
