@@ -32,3 +32,16 @@ def test_condition_builds_the_history_in_the_runs_latent_format(monkeypatch, lat
     assert seen == [latent_format == "sections"]
     assert target.shape == (2, 16, 3, 4, 4) and cond["latents_history_short"].shape[2] == 2
     assert 0.0 <= stats["history_empty"] <= 1.0
+
+
+def test_the_timestep_is_the_noise_level_of_the_window_in_thousandths():
+    """The DiT's timestep is 1000 σ of the very σ that mixed x_t = (1 − σ) x0 + σ ε (diffusers' convention,
+    the reference's ``timesteps = sigmas * 1000``)."""
+    stage = FlowStage(compose([]))
+    target = torch.randn(3, 16, 3, 4, 4)
+    (group,), stats = stage.noisy_groups(target, torch.Generator().manual_seed(0), torch.Generator())
+    v = group.target.flatten(1)
+    sigma = ((group.x_t - target).flatten(1) * v).sum(1) / (v * v).sum(1)
+    torch.testing.assert_close(group.timestep, 1000 * sigma, rtol=1e-5, atol=1e-3)
+    assert stats["sigma_mean"] == pytest.approx(float(sigma.mean()), abs=1e-5)
+    assert 0.0 < float(sigma.min()) and float(sigma.max()) < 1.0

@@ -45,6 +45,7 @@ def test_tiny_post_counts_optimizer_steps_per_role_and_keeps_an_ema(tmp_path):
     assert [m["loss/generator"] is not None for m in metrics] == [i % 5 == 0 for i in range(11)]
     assert all(m["loss/critic"] == pytest.approx(m["loss"] - (m["loss/generator"] or 0.0)) for m in metrics)
     assert isinstance(metrics[5]["loss_gan_g"], float) and isinstance(metrics[5]["loss_dmd"], float)
+    assert all(m["first_section"] in (0.0, 1.0) for m in metrics)  # one rank: its own decision, logged
     ema = load_file(str(tmp_path / "checkpoints" / "step_11" / "ema.safetensors"))
     trainable = load_file(str(tmp_path / "checkpoints" / "step_11" / "trainable.safetensors"))
     assert ema and all(k.startswith("generator.") and k in trainable for k in ema)
@@ -91,6 +92,7 @@ def test_tiny_ode_phase_regresses_onto_teacher_pairs(tmp_path):
     metrics = _train(
         ["stage=3", "stage3=tiny_ode", "trainer.max_steps=90", "trainer.checkpoint_every=0"], tmp_path
     )
+    assert all(m["loss"] == m["loss_ode"] for m in metrics)
     for k in range(3):
         losses = [m["loss_ode"] for m in metrics if m["ode_stage"] == k]
         third = len(losses) // 3
@@ -286,6 +288,9 @@ def test_bidirectional_teacher_scores_one_segment_without_history_inputs():
     tau5 = torch.full((2, 1, 1, 1, 1), 0.5)
     context = stage.phase.bidirectional_context(Batch, xt, tau5, torch.Generator().manual_seed(0))
     assert context.shape[2] == 8 - stage.layout.window  # 5 of the 7 history frames
+    newest = stage.layout.split_clip(Batch.latents)[0][:, :, -context.shape[2] :]
+    noise = torch.randn(context.shape, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(context, 0.5 * newest + 0.5 * noise)  # re-noised to tau as x_tau was
     m = DistillModule(torch.nn.Identity(), real=Real())  # a separate real score
     v = stage.phase.real_velocity(m, xt, torch.full((2,), 500.0), {"encoder_hidden_states": 0}, context)
     assert calls == [(8, ["encoder_hidden_states"])] and torch.equal(v, xt * 2)
@@ -747,3 +752,33 @@ def test_stage3_roles_train_only_their_adapters_and_heads(shared_teacher):
     assert all(p.requires_grad for p in m.heads.parameters())
     if not shared_teacher:
         assert not any(p.requires_grad for p in m.real.parameters())
+
+
+def test_roles_start_from_their_sources_weights_and_the_gan_has_its_output_head(tmp_path):
+    """The generator's base is distill.generator_init's model (the Mid), the fake score's the teacher's
+    (the Base), by value; the GAN heads include the reference's head on the DiT output."""
+    from helios.loading import merged_weights
+    from helios.trainer import Trainer
+
+    cfg = complete_tiny_distill(compose(["stage=3", "validation.enabled=false", "trainer.progress=false"]))
+    trainer = Trainer(cfg, tmp_path)
+    trainer._build_model()
+    m = trainer.model
+
+    def base_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The base tensors of a (LoRA-wrapped) transformer under their plain names."""
+        return {
+            k.replace(".base_layer", ""): v.float()
+            for k, v in module.state_dict().items()
+            if "lora_" not in k and "memory_patch" not in k
+        }
+
+    # each source's model as it ended (its LoRA merged); the roles' new adapters start at zero (B = 0)
+    mid, base = (merged_weights(s) for s in (cfg.distill.generator_init, cfg.distill.teacher))
+    for role, want in ((m.generator, mid), (m.fake, base)):
+        got = base_weights(role)
+        assert want.keys() <= got.keys()
+        assert all(torch.equal(got[k], v.float()) for k, v in want.items())
+    assert any(not torch.equal(mid[k], base[k]) for k in mid)  # two sources, told apart
+    assert m.heads is not None and m.heads.output_head is not None
+    trainer.close()

@@ -1,0 +1,45 @@
+"""ShardedEma's gather in one process: a stand-in all-gather hands each rank the others' flat chunks, so the
+assembly of the full EMA (chunk order, padding, names) is checked without spawning ranks (the 2-process test
+in tests/core/test_distill.py checks the real collective)."""
+
+from types import SimpleNamespace
+
+import torch
+
+from helios.infra import ema as ema_module
+from helios.infra.ema import ShardedEma
+
+
+def _params(seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)  # sizes that do not divide by the world size: padded chunks
+    return {"b.weight": torch.randn(5, 3, generator=gen), "a.bias": torch.randn(7, generator=gen)}
+
+
+def test_gather_assembles_every_ranks_chunks_into_the_plain_ema(monkeypatch):
+    world, decay = 3, 0.9
+    plain = ShardedEma(_params(0))
+    ranks = [ShardedEma(_params(0), rank=r, world_size=world) for r in range(world)]
+    for ema in (plain, *ranks):
+        ema.update(_params(1), decay)
+    assert [r.shard["a.bias"].numel() for r in ranks] == [3, 3, 1]
+
+    flats: dict[int, torch.Tensor] = {}
+
+    def all_gather(parts: list[torch.Tensor], flat: torch.Tensor) -> None:
+        flats[len(flats)] = flat.clone()
+        for i, part in enumerate(parts):
+            part.copy_(sent[i] if sent else torch.full_like(part, float("nan")))
+
+    sent: list[torch.Tensor] = []
+    fake = SimpleNamespace(is_initialized=lambda: True, get_backend=lambda: "gloo", all_gather=all_gather)
+    monkeypatch.setattr(ema_module, "dist", fake)
+    for ema in ranks:  # first pass: what each rank sends
+        ema.gather()
+    sent = [flats[r] for r in range(world)]
+    expected = plain.gather()
+    for ema in ranks:
+        gathered = ema.gather()
+        assert gathered.keys() == expected.keys()
+        for name, value in expected.items():
+            assert gathered[name].shape == value.shape
+            torch.testing.assert_close(gathered[name], value, rtol=0, atol=0)

@@ -1,0 +1,58 @@
+"""fix_pyramid_pipeline on one pipeline object: its block noise is ours (same law, same generator draws,
+no Cholesky factor) and its transformer's output is contiguous (diffusers' CFG-Zero* step calls .view())."""
+
+from types import SimpleNamespace
+
+import torch
+
+from helios.sampling.diffusers_compat import fix_pyramid_pipeline
+from helios.sampling.section import block_noise
+
+
+class Transposing(torch.nn.Module):
+    def forward(self, x):
+        return (x.transpose(-1, -2),)  # non-contiguous, as the DiT's unpatchified output
+
+
+def test_the_fixed_pipeline_draws_our_block_noise_and_returns_contiguous_outputs():
+    pipe = SimpleNamespace(
+        scheduler=SimpleNamespace(config=SimpleNamespace(gamma=1 / 3)), transformer=Transposing()
+    )
+    assert fix_pyramid_pipeline(pipe) is pipe
+    noise = pipe.sample_block_noise(1, 16, 2, 8, 8, generator=[torch.Generator().manual_seed(3)])
+    expected = block_noise((1, 16, 2, 8, 8), 1 / 3, torch.Generator().manual_seed(3), (2, 2), None)
+    assert torch.equal(noise, expected)
+    x = torch.randn(2, 3, 4)
+    (out,) = pipe.transformer(x)
+    assert out.is_contiguous() and torch.equal(out, x.transpose(-1, -2))
+    assert out.view(-1).numel() == x.numel()
+
+
+def test_stage_timesteps_are_the_ones_sampling_feeds_the_model():
+    """SectionSampler.stage_timesteps (what the ODE pairs keep and the rollout trains on) equals what a
+    section's sampling gives the model, stage by stage, with and without the doubled first-section
+    schedule."""
+    from helios.config.schema import SamplerConfig
+    from helios.sampling.pipeline import build_section_sampler
+
+    sampler = build_section_sampler(
+        SamplerConfig(
+            kind="dmd", steps=[2, 2, 2], amplify_first=True, shift_type="linear", guidance_scale=1.0
+        ),
+        (1, 2, 2),
+    )
+    for first in (True, False):
+        fed: dict[tuple, list[float]] = {}
+
+        def model_fn(x, t, e, fed=fed):
+            fed.setdefault(tuple(x.shape), []).append(float(t.reshape(-1)[0]))
+            return torch.zeros_like(x)
+
+        gen = torch.Generator().manual_seed(0)
+        noise = sampler.initial_noise((1, 16, 3, 16, 16), gen, torch.device("cpu"))
+        sampler(model_fn, noise, torch.zeros(1, 4, 8), torch.zeros(1, 4, 8), gen, first_section=first)
+        assert len(fed) == 3
+        for k, (shape, ts) in enumerate(sorted(fed.items(), key=lambda kv: kv[0][-1])):
+            expected = sampler.stage_timesteps(k, shape, first_section=first)
+            assert ts == [float(int(t)) for t in expected], (k, ts, expected)  # the model gets them floored
+        assert len(ts) == (4 if first else 2)

@@ -1,0 +1,23 @@
+"""The drift report (the paper's Figure 6 statistics): every section's change from the first section."""
+
+import pytest
+
+from helios.sampling.drift import drift_report
+
+
+def test_drift_is_measured_from_the_first_section():
+    report = drift_report(
+        [
+            {"saturation": 0.5, "mean_r": 0.2},
+            {"saturation": 0.7, "mean_r": 0.1},
+            {"saturation": 0.4, "mean_r": 0.2},
+        ]
+    )
+    assert [r["delta_saturation"] for r in report["sections"]] == pytest.approx([0.0, 0.2, -0.1])
+    assert [r["delta_mean_r"] for r in report["sections"]] == pytest.approx([0.0, -0.1, 0.0])
+    assert report["max_abs_delta"] == pytest.approx({"saturation": 0.2, "mean_r": 0.1})
+    assert report["sections"][1]["saturation"] == 0.7  # the statistics themselves are kept
+
+
+def test_no_sections_is_an_empty_report():
+    assert drift_report([]) == {"sections": [], "max_abs_delta": {}}
