@@ -153,3 +153,14 @@ def test_saving_a_step_that_exists_keeps_the_old_one_aside(tmp_path):
     assert torch.equal(load_file(str(first / "trainable.safetensors"))["w"], torch.zeros(4))
     (kept,) = (tmp_path / "checkpoints" / checkpoint.ABANDONED).glob("*-replaced/step_1")
     assert (kept / "trainable.safetensors").read_bytes() == old
+
+
+def test_a_weight_source_is_pinned_to_what_the_run_loaded(tmp_path):
+    """A diffusers directory becomes its absolute path; names that are not local paths stay as given."""
+    from helios.infra.checkpoint import pin_source
+
+    published = tmp_path / "Helios-Base"
+    (published / "transformer").mkdir(parents=True)
+    assert pin_source(str(published), "model.transformer.path") == str(published.resolve())
+    assert pin_source("BestWishYsh/Helios-Base", "distill.teacher") == "BestWishYsh/Helios-Base"
+    assert pin_source(None, "init_from") is None
