@@ -351,16 +351,14 @@ def test_exports_sample_in_diffusers_as_stored_and_give_our_latents(chain, expor
     cond = encode_prompts(pipe.tokenizer, pipe.text_encoder, ["a red circle moving right"], 512)
     neg = encode_prompts(pipe.tokenizer, pipe.text_encoder, [negative], 512) if negative is not None else None
     layout = HistoryLayout.from_config(cfg.history)
-    ours = sample_video(
-        model.eval(),
-        layout,
-        build_section_sampler(dataclasses.replace(s, shift_order="diffusers")),  # diffusers' shift order
-        PromptSchedule([(0, cond)]),
-        neg,
-        2,
-        (8, 8),
-        torch.Generator().manual_seed(0),
-    ).latents
+    sampler = build_section_sampler(dataclasses.replace(s, shift_order="diffusers"))  # diffusers' shift order
+
+    def our_latents(transformer: torch.nn.Module) -> torch.Tensor:
+        schedule = PromptSchedule([(0, cond)])
+        generator = torch.Generator().manual_seed(0)
+        return sample_video(transformer.eval(), layout, sampler, schedule, neg, 2, (8, 8), generator).latents
+
+    ours = our_latents(model)
     kwargs = dict(
         prompt_embeds=cond,
         height=64,
@@ -380,15 +378,4 @@ def test_exports_sample_in_diffusers_as_stored_and_give_our_latents(chain, expor
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-4)
     if weights == "ema":  # the export holds the EMA, not the raw generator (which samples other latents)
         raw, _, _ = load_checkpoint_model(chain.runs / run_name, "raw")
-        sampler = build_section_sampler(dataclasses.replace(s, shift_order="diffusers"))
-        other = sample_video(
-            raw.eval(),
-            layout,
-            sampler,
-            PromptSchedule([(0, cond)]),
-            neg,
-            2,
-            (8, 8),
-            torch.Generator().manual_seed(0),
-        ).latents
-        assert (other - ref).abs().max() > 1e-3
+        assert (our_latents(raw) - ref).abs().max() > 1e-3
