@@ -14,6 +14,10 @@ import tempfile
 import traceback
 from pathlib import Path
 
+# the caching allocator grows its segments instead of fragmenting (the memory model's runtime_overhead
+# assumes it); set before torch is imported, also for `torchrun train_helios.py` without our launchers
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode

@@ -152,15 +152,18 @@ class Trainer:
         self.flops = FlopCounter(self.model)
         self.generator = torch.Generator().manual_seed(cfg.seed * 100_003 + self.dist.rank)
         seed_everything(cfg.seed * 100_003 + self.dist.rank)  # per-rank streams from here on
-        with self.backend.gathered():
+        with self.backend.gathered(trainable_only=True):
             self.initial_weights_rms = weight_stats(model_tensors(self.model, False)["trainable"])["rms"]
 
     # ------------------------------------------------------------------ checkpoint
     def save_checkpoint(self) -> Path:
-        with self.backend.gathered():  # ZeRO-3: full weights on every rank for the duration (collective)
-            tensors = model_tensors(self.model, random_base=self.cfg.model.transformer.source == "random")
-        tensors.update(self.stage.extra_tensors())
-        stats = weight_stats(tensors["trainable"])
+        random_base = self.cfg.model.transformer.source == "random"
+        # ZeRO-3: the trainable weights (a random base too) gathered on every rank meanwhile (collective)
+        with self.backend.gathered(trainable_only=not random_base):
+            # the main rank alone assembles what it writes (no host copy of the weights on the others)
+            tensors = model_tensors(self.model, random_base) if self.dist.is_main else {"trainable": {}}
+        tensors.update(self.stage.extra_tensors())  # collective; the main rank's part
+        stats = broadcast_object(weight_stats(tensors["trainable"]) if self.dist.is_main else None)
         if not stats["finite"]:  # the update of this step overflowed: never checkpoint such weights
             raise diverged(self.run_dir, self.step, "the trainable weights are not finite after the update")
         meta = {
@@ -389,6 +392,8 @@ class Trainer:
         if self.dist.is_main:
             checkpoint.start_branch(self.run_dir, resume)  # newer checkpoints move aside, kept
         barrier()
+        if self.cfg.validation.enabled:  # before the models: no text encoder while training runs
+            self.validation.encode_prompts()
         self._build_data()
         self._build_model(checkpoint.saved_sources(resume) if resume is not None else None)
         if resume is not None:

@@ -10,19 +10,39 @@ from torch import nn
 
 from helios.config.schema import TrainConfig
 from helios.core.history import HistoryLayout
-from helios.infra.distributed import DistInfo, all_gather_objects
-from helios.model.encoders import build_text_encoder, build_vae
+from helios.infra.distributed import DistInfo, all_gather_objects, broadcast_object
+from helios.model.encoders import build_text_encoder, build_vae, encode_prompts
 from helios.sampling.pipeline import generate_video, save_video
 from helios.world.measures import caption_metrics
 
 
 class Validation:
-    """Samples ``cfg.validation.prompts``; the VAE and text encoder are built at the first call and live
-    on the CPU between calls, so training holds only the DiT."""
+    """Samples ``cfg.validation.prompts``. Their embeddings are encoded once, at start-up, before the
+    models are built (:meth:`encode_prompts`): no text encoder is held while training runs. The VAE is
+    built at the first call and lives on the CPU between calls."""
 
     def __init__(self, cfg: TrainConfig, dist: DistInfo, run_dir: Path) -> None:
         self.cfg, self.dist, self.run_dir = cfg, dist, run_dir
-        self.encoders: tuple | None = None  # (VAE, tokenizer, text encoder)
+        self.vae: nn.Module | None = None
+        self.prompt_embeds: dict[str, torch.Tensor] | None = None
+
+    def encode_prompts(self) -> None:
+        """Collective: the main rank loads the text encoder (on its GPU when it has one: nothing else is
+        there yet), encodes the validation prompts and the sampler's negative prompt, frees the encoder
+        and hands the embeddings to every rank."""
+        embeds = None
+        if self.dist.is_main:
+            v = self.cfg.validation
+            texts = sorted(set(v.prompts) | {v.sampler.negative_prompt})
+            tokenizer, text_encoder = build_text_encoder(self.cfg.model.text_encoder)
+            device = self.dist.device
+            max_len = self.cfg.model.text_encoder.max_sequence_length
+            encoded = encode_prompts(tokenizer, text_encoder.to(device), texts, max_len, device)
+            embeds = {text: e.cpu() for text, e in zip(texts, encoded)}
+            del text_encoder, encoded
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        self.prompt_embeds = broadcast_object(embeds)
 
     def prompts_of_rank(self, zero3: bool) -> list[int]:
         """The validation prompts this rank samples: the ranks share them round-robin (rank r: prompts
@@ -46,13 +66,12 @@ class Validation:
         """Videos of ``sampling`` (the trained ``model``'s sampling view) at ``step``; collective: every
         rank returns every prompt's metrics and the main rank hands the videos to ``tracker``."""
         v = self.cfg.validation
-        if self.encoders is None:
-            tokenizer, text_encoder = build_text_encoder(self.cfg.model.text_encoder)
-            self.encoders = (build_vae(self.cfg.model.vae), tokenizer, text_encoder)
-        vae, tokenizer, text_encoder = self.encoders
-        device = self.dist.device
+        if self.prompt_embeds is None:
+            self.encode_prompts()
+        if self.vae is None:
+            self.vae = build_vae(self.cfg.model.vae)
+        vae, device = self.vae, self.dist.device
         vae.to(device)
-        text_encoder.to(device)
         h, w = latent_hw
         layout = HistoryLayout.from_config(self.cfg.history)
         was_training = model.training
@@ -70,8 +89,8 @@ class Validation:
                     result = generate_video(
                         sampling,
                         vae,
-                        tokenizer,
-                        text_encoder,
+                        None,  # no tokenizer or text encoder: the prompts were encoded at start-up
+                        None,
                         layout,
                         v.sampler,
                         [(0, prompt)],
@@ -82,6 +101,7 @@ class Validation:
                         max_len,
                         adaptive_seed=v.seed + i,
                         latent_format=self.cfg.data.latent_format,
+                        prompt_embeds=self.prompt_embeds,
                     )
                 out = self.run_dir / "samples" / f"step_{step}_{i}.mp4"
                 world = caption_metrics(result.frames[0].float().cpu(), prompt)  # moving-shapes prompts only
@@ -107,5 +127,4 @@ class Validation:
         finally:
             model.train(was_training)
             vae.to("cpu")
-            text_encoder.to("cpu")
         return metrics

@@ -1,20 +1,29 @@
-"""``python -m helios.memory [training overrides] world_size=N``: what a training config holds per GPU
-and in each node's host memory, counted without weights or a GPU (paper §4.2: four 14B models on 80 GB).
+"""``python -m helios.memory [training overrides] world_size=N``: the peak memory of a training run per
+GPU and per node's host, phase by phase, counted without weights or a GPU (paper §4.2: four 14B models
+on 80 GB).
 
 The transformers of the config are built on the meta device at their real shapes (the shape fields
 of ``model.transformer``, or the ``config.json`` of ``model.transformer.path`` when it exists), with
 the adapters each role gets (``Stage.role_loras``); every parameter is counted in the dtype the
-trainer gives it (frozen: the compute dtype, trainable: fp32). Activations are counted, not guessed:
-a forward under fake tensors of each role that trains, at the configured micro-batch and the real
-token counts, under bf16 autocast, records every tensor autograd saves, with gradient checkpointing
-as configured; the backward adds the largest block's own saved tensors (recomputed one block at a
-time). Placements follow the trainer: DDP replicates (gradients as bucket views, no second copy;
-the AdamW state sharded with ``parallel.shard_optimizer``), ZeRO-2 partitions gradients and optimizer
-state, ZeRO-3 also the weights, the offload pool keeps
-frozen bases in pinned host memory and makes resident what stage 3's step activates
-(``offload_schedule``). Not counted: the CUDA context, allocator fragmentation, communication
-buffers of NCCL, the GAN heads' activations, the VAE and text encoder (they live on the CPU between
-validations).
+trainer gives it (frozen: the compute dtype, trainable: fp32). Activations are counted, not guessed
+(:mod:`helios.commands.memory_trace`): a forward under fake tensors of each role that trains, at the
+configured micro-batch and the real token counts, under bf16 autocast, records every tensor autograd
+saves, with gradient checkpointing as configured; the backward adds the largest block's own saved
+tensors (recomputed one block at a time) and ``backward_transient``, the activation gradients and
+temporaries of a backward, the live-bytes peak of a forward + backward of the same role cut to two
+blocks less what it saved. Validation counts a sampling forward (no gradients) and the VAE decoding
+a section, also as live-bytes peaks. Placements follow the trainer: DDP replicates (gradients as
+bucket views, no second copy; the AdamW state sharded with ``parallel.shard_optimizer``), ZeRO-2
+partitions gradients and optimizer state, ZeRO-3 also the weights, the offload pool keeps frozen bases
+in pinned host memory and makes resident what stage 3's step activates (``offload_schedule``).
+
+The phases, each a peak of its own (:func:`report`): building the models, the training step,
+validation, writing a checkpoint, loading one at resume, and encoding the validation prompts at
+start-up. ``runtime_overhead`` (CUDA context and library workspaces, NCCL buffers, allocator
+fragmentation) is a documented constant per backend (:data:`RUNTIME_OVERHEAD_GIB`) until a GPU
+calibrates it; each rank's process itself (Python, the CUDA and NCCL host libraries, data-loader
+workers) is :data:`PROCESS_HOST_GIB` of host memory. Not counted: the GAN heads' activations (a few
+[tokens, 1536] features per discriminator layer).
 """
 
 from __future__ import annotations
@@ -26,13 +35,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from helios.commands import memory_trace as trace
 from helios.config.schema import KernelsConfig
 from helios.core.history import HistoryLayout
 from helios.infra.offload import ALIGN
-from helios.infra.resolve import resolve_precision
+from helios.infra.resolve import resolve_num_workers, resolve_precision
 from helios.model import apply_lora, build_transformer
+from helios.model.encoders import TINY_VAE_KWARGS
 from helios.model.gan import GanHeads
-from helios.model.lora import lora_inputs_uncast
 from helios.model.transformer import frozen_dtypes
 from helios.stages import STAGES
 
@@ -71,15 +81,38 @@ def offload_schedule(d) -> list[tuple[set[str], str | None]]:
     ]
 
 
+PHASES = ("build", "prompts", "step", "validation", "checkpoint", "resume")
+PHASE_NAMES = {
+    "build": "building the models",
+    "prompts": "start-up: encoding the validation prompts (main rank)",
+    "step": "training step",
+    "validation": "validation",
+    "checkpoint": "writing a checkpoint",
+    "resume": "loading a checkpoint at resume",
+}
+# runtime_overhead per GPU, GiB, until the GPU issue calibrates it: the CUDA context with cuBLAS / cuDNN
+# workspaces (~1 GiB on an H100 with lazy module loading), NCCL's buffers (~0.5 GiB per communicator on
+# 8 NVLink GPUs; DDP uses one, ZeRO one per engine plus its partition groups) and the caching
+# allocator's fragmentation with expandable segments (every launcher sets them): ~1-2 GiB at these sizes.
+RUNTIME_OVERHEAD_GIB = {"ddp": 3.0, "zero2": 3.5, "zero3": 4.0}
+PROCESS_HOST_GIB = 4.0  # per rank: Python, torch, the CUDA / NCCL host libraries
+LOADER_WORKER_HOST_GIB = 1.0  # per data-loader worker process of a rank
+
+
+TRAINING = ("step", "validation", "checkpoint", "resume")  # the phases after the models are built
+
+
 @dataclass
 class Item:
-    """One category: bytes on each GPU and in each rank's host memory, held always, during the training
-    step only (activations), while a checkpoint is written only, or while the models are built."""
+    """One category: bytes on each GPU and in host memory during the phases ``when`` (default: from the
+    first step on). Host bytes are per rank, or once per node (``host_per="node"``: page cache the node's
+    ranks share, or what only the main rank holds)."""
 
     category: str
     gpu: float = 0.0
     host: float = 0.0
-    when: str = "always"  # always | step | checkpoint | build
+    when: tuple[str, ...] = TRAINING
+    host_per: str = "rank"  # rank | node
 
 
 @dataclass
@@ -105,10 +138,13 @@ def _shape_overrides(cfg) -> dict:
     return {}
 
 
-def build_roles(cfg, compute_dtype: torch.dtype) -> list[Role]:
-    """Every transformer the stage builds, with its adapters, under fake tensors (no memory, no files)."""
+def build_roles(cfg, compute_dtype: torch.dtype, num_layers: int | None = None) -> list[Role]:
+    """Every transformer the stage builds, with its adapters, on the meta device (no memory, no files);
+    ``num_layers``: cut to that many blocks (the backward's transient is one block's)."""
 
     shape = {k: (list(v) if isinstance(v, tuple) else v) for k, v in _shape_overrides(cfg).items()}
+    if num_layers is not None:
+        shape["num_layers"] = min(num_layers, shape.get("num_layers", cfg.model.transformer.num_layers))
     tcfg = replace(cfg.model.transformer, source="random", path=None, **shape)
     roles = []
     for name, lora in STAGES[cfg.stage](cfg).role_loras().items():
@@ -144,114 +180,6 @@ def gan_head_parameters(cfg, roles: list[Role]) -> int:
             out_channels=c.out_channels if d.gan.output_head else None,
         )
         return sum(p.numel() for p in heads.parameters())
-
-
-def _to_fake(module: nn.Module, mode, compute_dtype: torch.dtype) -> None:
-    """Meta parameters and buffers -> fake CPU tensors (frozen in their training dtypes, trainable fp32),
-    assigned in place: fake tensors cannot go through ``Module.to``."""
-
-    frozen = frozen_dtypes(module, compute_dtype)
-    with mode:
-        for prefix, sub in module.named_modules():
-            for key, p in sub._parameters.items():
-                if p is not None:
-                    name = f"{prefix}.{key}" if prefix else key
-                    dtype = torch.float32 if p.requires_grad else frozen.get(name, compute_dtype)
-                    fake = torch.empty(p.shape, dtype=dtype if p.is_floating_point() else p.dtype)
-                    sub._parameters[key] = nn.Parameter(fake, requires_grad=p.requires_grad)
-            for key, b in sub._buffers.items():
-                if b is not None:
-                    sub._buffers[key] = torch.empty(b.shape, dtype=b.dtype)
-
-
-def activation_bytes(
-    cfg,
-    role: Role,
-    batch: int,
-    latent_hw: tuple[int, int],
-    compute_dtype: torch.dtype,
-    noisy_hw: tuple[int, int] | None = None,
-) -> tuple[int, int]:
-    """(bytes autograd saves in one training forward of ``role`` with gradient checkpointing as
-    configured, the largest block's own saved bytes: the extra of recomputing it in the backward).
-    ``noisy_hw``: the noisy window's latent size when it is not ``latent_hw`` (a pyramid stage, a GAN
-    crop); the history keeps ``latent_hw``."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.multiprocessing.reductions import StorageWeakRef
-
-    layout = HistoryLayout.from_config(cfg.history)
-    model, c = role.module, role.module.config
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    _to_fake(model, mode, compute_dtype)
-    h, w = latent_hw
-    saved: list[int] = []
-    per_block: dict[int, int] = {}
-    current: list[int] = []
-
-    weights = {StorageWeakRef(p.untyped_storage()) for p in model.parameters()}
-    seen: set = set()
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        """Each storage once (every block's checkpoint holds the same timestep projection; views share
-        their base), parameters not at all (counted as weights)."""
-        key = StorageWeakRef(t.untyped_storage())
-        if key in weights or key in seen:
-            return t
-        seen.add(key)
-        nbytes = t.untyped_storage().nbytes()
-        saved.append(nbytes)
-        if current:
-            per_block[current[-1]] = per_block.get(current[-1], 0) + nbytes
-        return t
-
-    def enter(i: int) -> None:
-        current.append(i)
-
-    def leave() -> None:
-        current.pop()
-
-    hooks = []
-    for i, block in enumerate(model.blocks):
-        hooks.append(block.register_forward_pre_hook(lambda m, a, i=i: enter(i)))
-        hooks.append(block.register_forward_hook(lambda m, a, o: leave()))
-    checkpointing = model.is_gradient_checkpointing
-
-    def forward(checkpoint: bool) -> int:
-        saved.clear()
-        seen.clear()
-        if checkpoint:
-            model.enable_gradient_checkpointing()
-        else:
-            model.disable_gradient_checkpointing()
-        with mode:
-            x = torch.zeros(batch, c.in_channels, layout.window, *(noisy_hw or (h, w)))
-            history = torch.zeros(batch, c.in_channels, layout.num_history, h, w)
-            inputs = layout.model_inputs(history, torch.zeros(batch, c.in_channels, 1, h, w))
-            embeds = torch.zeros(batch, cfg.model.text_encoder.max_sequence_length, c.text_dim)
-            with (
-                torch.autocast("cpu", dtype=torch.bfloat16),
-                lora_inputs_uncast(model, autocast=True),  # as the trainer's step
-                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
-            ):
-                model(
-                    hidden_states=x.requires_grad_(),
-                    timestep=torch.zeros(batch),
-                    encoder_hidden_states=embeds,
-                    **inputs,
-                    return_dict=False,
-                )
-        return sum(saved)
-
-    try:
-        whole = forward(checkpoint=False)
-        block_peak = max(per_block.values(), default=0)
-        total = forward(checkpoint=True) if checkpointing else whole
-    finally:
-        for hook in hooks:
-            hook.remove()
-        if checkpointing:
-            model.enable_gradient_checkpointing()
-    return total, block_peak if checkpointing else 0
 
 
 def pinned_bytes(sizes: list[int]) -> int:
@@ -342,8 +270,250 @@ def stage3_graphs(
     return {"generator": [generator], "fake": critic}
 
 
+@dataclass
+class Activations:
+    """One graph's activation bytes at the backward's peak: what its forwards saved, the largest block
+    recomputed (gradient checkpointing) and ``backward_transient``, the activation gradients and
+    temporaries of that block's backward."""
+
+    role: str
+    saved: int
+    recompute: int
+    transient: int
+
+    @property
+    def peak(self) -> int:
+        return self.saved + self.recompute + self.transient
+
+
+class FakeRoles:
+    """The roles as fake-tensor models, whole and cut to two blocks, counted once per (role, size)."""
+
+    def __init__(self, cfg, roles: list[Role], dtype: torch.dtype) -> None:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        self.cfg, self.dtype = cfg, dtype
+        self.whole = {r.name: r for r in roles}
+        self.short = {r.name: r for r in build_roles(cfg, dtype, num_layers=2)}
+        self.modes = {}
+        for role in [*self.whole.values(), *self.short.values()]:
+            self.modes[id(role.module)] = mode = FakeTensorMode(allow_non_fake_inputs=True)
+            trace.to_fake(role.module, mode, dtype)
+        self.counted: dict = {}
+
+    def _mode(self, role: Role):
+        return self.modes[id(role.module)]
+
+    def training(self, name: str, inputs: trace.Inputs) -> tuple[int, int, int]:
+        """(saved, recomputed block, backward transient) of one training forward of role ``name``."""
+        key = ("train", name, inputs.batch, inputs.latent_hw, inputs.noisy_hw)
+        if key not in self.counted:
+            whole, short = self.whole[name], self.short[name]
+            saved, block = trace.saved_bytes(self.cfg, whole.module, inputs, self._mode(whole))
+            after, peak = trace.training_peak(self.cfg, short.module, inputs, self._mode(short))
+            self.counted[key] = (saved, block, max(0, peak - after - block))
+        return self.counted[key]
+
+    def sampling(self, name: str, inputs: trace.Inputs) -> int:
+        short = self.short[name]
+        return trace.inference_peak(self.cfg, short.module, inputs, self._mode(short))
+
+
+def count_activations(cfg, fakes: FakeRoles, latent_hw: tuple[int, int]) -> Activations:
+    """The training step's activation peak: the largest of the graphs the step runs one at a time (stage
+    3 post: :func:`stage3_graphs`; else one graph per trainable role); within a graph, every forward's
+    saved tensors wait while the backward runs through the one with the largest recompute + transient."""
+    post = cfg.stage == 3 and cfg.distill.phase != "ode"
+    trainable = [r.name for r in fakes.whole.values() if r.trainable]
+    graphs = stage3_graphs(cfg, latent_hw) if post else {name: [[(None, 1)]] for name in trainable}
+    best: Activations | None = None
+    for name, parts in graphs.items():
+        for forwards in parts:  # the parts of a graph are backpropagated one after the other
+            counts = [
+                (count, fakes.training(name, trace.Inputs(cfg.trainer.batch_size, latent_hw, hw)))
+                for hw, count in forwards
+            ]
+            saved = sum(count * c[0] for count, c in counts)
+            _, (_, block, transient) = max(counts, key=lambda x: x[1][1] + x[1][2])
+            candidate = Activations(name, saved, block, transient)
+            if best is None or candidate.peak > best.peak:
+                best = candidate
+    assert best is not None
+    return best
+
+
+def _pretrained_config(cfg_node, default_subfolder: str | None) -> Path | None:
+    if cfg_node.source != "pretrained" or not cfg_node.path:
+        return None
+    config = Path(cfg_node.path) / (cfg_node.subfolder or default_subfolder or "") / "config.json"
+    return config if config.exists() else None
+
+
+def build_vae_meta(cfg) -> nn.Module:
+    """The config's VAE on the meta device: the pretrained directory's config, or (no directory here) the
+    published Wan 2.1 VAE (diffusers' defaults), or the tiny one."""
+    from diffusers import AutoencoderKLWan
+
+    v = cfg.model.vae
+    config = _pretrained_config(v, "vae")
+    with torch.device("meta"):
+        if config is not None:
+            return AutoencoderKLWan.from_config(json.loads(config.read_text()))
+        if v.source == "pretrained":
+            return AutoencoderKLWan()
+        return AutoencoderKLWan(base_dim=v.base_dim, **TINY_VAE_KWARGS)
+
+
+UMT5_XXL = {  # the published umt5-xxl encoder (Wan 2.1's text encoder)
+    "vocab_size": 256384,
+    "d_model": 4096,
+    "d_kv": 64,
+    "d_ff": 10240,
+    "num_layers": 24,
+    "num_heads": 64,
+    "feed_forward_proj": "gated-gelu",
+}
+
+
+def text_encoder_bytes(cfg) -> int:
+    """The text encoder's weights as loaded (fp32, as stored in the Wan diffusers checkpoint)."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    t = cfg.model.text_encoder
+    config = _pretrained_config(t, "text_encoder")
+    if config is not None:
+        umt5 = UMT5Config.from_json_file(str(config))
+    elif t.source == "pretrained":
+        umt5 = UMT5Config(**UMT5_XXL)
+    else:
+        umt5 = UMT5Config(
+            d_model=t.d_model,
+            d_kv=max(8, t.d_model // 2),
+            d_ff=t.d_model * 2,
+            num_layers=t.num_layers,
+            num_heads=2,
+            vocab_size=384,
+        )
+    with torch.device("meta"):
+        return 4 * sum(p.numel() for p in UMT5EncoderModel(umt5).parameters())
+
+
+def validation_items(cfg, fakes: FakeRoles, latent_hw: tuple[int, int]) -> list[Item]:
+    """Validation on every rank: a sampling forward of the trained model (batch 1, no gradients; CFG runs
+    its branches one after the other), the VAE (fp32) decoding one section, and (stage 3 post) the
+    training weights kept on the host while the EMA is written into the generator. The prompts'
+    embeddings were encoded at start-up, so no text encoder is loaded."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    name = "generator" if "generator" in fakes.whole else "model"
+    sampling = fakes.sampling(name, trace.Inputs(1, latent_hw))
+    vae = build_vae_meta(cfg)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    trace.to_fake(vae, mode, torch.float32)
+    weights = sum(p.numel() * p.element_size() for p in vae.parameters())
+    window = HistoryLayout.from_config(cfg.history).window
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        decode = trace.vae_decode_peak(vae, (1, vae.config.z_dim, window, *latent_hw), mode)
+    items = [
+        Item("validation: sampling forward (batch 1, no gradients, counted)", sampling, when=("validation",)),
+        Item(
+            "validation: VAE (fp32) + decoding one section (counted)", weights + decode, when=("validation",)
+        ),
+        Item("VAE between validations (host, fp32)", 0, weights),
+    ]
+    if cfg.stage == 3 and cfg.distill.phase != "ode":
+        raw = 4 * fakes.whole["generator"].trainable
+        items.append(
+            Item(
+                "validation: the generator's training weights while the EMA samples",
+                0,
+                raw,
+                when=("validation",),
+            )
+        )
+    return items
+
+
+def checkpoint_items(cfg, roles: list[Role], heads: int, world_size: int, offload: bool) -> list[Item]:
+    """Writing a checkpoint and loading one at resume. Writing: the main rank alone assembles what it
+    writes (the trainable weights, the whole EMA, DDP's whole optimizer state), gathered to it; ZeRO
+    engines write each rank's partition from its host copy; ZeRO-3 roles gather their full weights on
+    every rank. Loading: every rank maps the files (page cache, once per node) and copies each tensor
+    into place; ZeRO engines read their partition."""
+    p = cfg.parallel
+    by_name = {r.name: r for r in roles}
+    trainable = sum(r.trainable for r in roles) + heads
+    post = cfg.stage == 3 and cfg.distill.phase != "ode"
+    ema = 4 * by_name["generator"].trainable if post else 0
+    ddp_trainable = sum(
+        r.trainable + (heads if r.name == "fake" else 0)
+        for r in roles
+        if p.role_backend(GROUP_OF[r.name]) == "ddp" and r.trainable
+    )
+    zero_trainable = trainable - ddp_trainable
+    payload = 4 * trainable + ema + 8 * ddp_trainable  # weights, EMA, DDP's AdamW moments
+    items = [
+        Item(
+            "checkpoint: what the main rank writes (host)", 0, payload, when=("checkpoint",), host_per="node"
+        ),
+        Item(
+            "resume: the checkpoint files mapped (page cache, once per node)",
+            0,
+            payload,
+            when=("resume",),
+            host_per="node",
+        ),
+    ]
+    if ema:
+        items.append(Item("checkpoint: EMA gathered on the main rank", ema, when=("checkpoint",)))
+    if zero_trainable:  # fp32 master weights + AdamW moments of this rank's partition
+        part = 12 * zero_trainable / world_size
+        items.append(
+            Item(
+                "checkpoint / resume: this rank's ZeRO partition (host)",
+                0,
+                part,
+                when=("checkpoint", "resume"),
+            )
+        )
+    gathered = [r for r in roles if not offload and p.role_backend(GROUP_OF[r.name]) == "zero3"]
+    if gathered:  # save_checkpoint gathers the ZeRO-3 roles' trainable weights (the frozen bases stay put)
+        full = sum(4 * r.trainable * (1 - 1 / world_size) for r in gathered)
+        names = ", ".join(r.name for r in gathered)
+        items.append(
+            Item(f"checkpoint: ZeRO-3 trainable weights gathered ({names})", full, when=("checkpoint",))
+        )
+        # the trainer moves the built model to the GPU before DeepSpeed partitions its ZeRO-3 roles
+        whole = sum(sum(r.frozen) + 4 * r.trainable for r in roles) + 4 * heads
+        items.append(
+            Item("start-up: every role on the GPU before ZeRO-3 partitions it", whole, when=("build",))
+        )
+    return items
+
+
+def runtime_items(cfg) -> list[Item]:
+    """``runtime_overhead`` on every GPU in every phase; each rank's process and loader workers (host)."""
+    backends = {cfg.parallel.role_backend(GROUP_OF[g]) for g in GROUP_OF if g != "model"}
+    backend = max(backends | {cfg.parallel.backend}, key=lambda b: RUNTIME_OVERHEAD_GIB.get(b, 0))
+    workers = resolve_num_workers(cfg.trainer.num_workers, torch.device("cuda"))
+    return [
+        Item(
+            f"runtime_overhead: CUDA context, NCCL buffers, fragmentation ({backend}; a constant until a GPU "
+            "calibrates it)",
+            RUNTIME_OVERHEAD_GIB[backend] * GIB,
+            when=PHASES,
+        ),
+        Item(
+            f"process: Python, CUDA / NCCL host libraries, {workers} loader workers (host)",
+            0,
+            (PROCESS_HOST_GIB + workers * LOADER_WORKER_HOST_GIB) * GIB,
+            when=PHASES,
+        ),
+    ]
+
+
 def estimate(cfg, world_size: int, latent_hw: tuple[int, int]) -> list[Item]:
-    """Every category per GPU and per rank's host memory for ``cfg`` on ``world_size`` ranks."""
+    """Every category per GPU and in host memory for ``cfg`` on ``world_size`` ranks."""
 
     dtype = resolve_precision(cfg, torch.device("cuda"))
     roles = build_roles(cfg, dtype)
@@ -360,37 +530,37 @@ def estimate(cfg, world_size: int, latent_hw: tuple[int, int]) -> list[Item]:
         items.append(Item("EMA shard (fp32)", 4 * by_name["generator"].trainable / world_size))
     if offload:
         items += offload_items(cfg, roles)
+    fakes = FakeRoles(cfg, roles, dtype)
+    act = count_activations(cfg, fakes, latent_hw)
     b = cfg.trainer.batch_size
-    graphs = stage3_graphs(cfg, latent_hw) if post else {r.name: [[(None, 1)]] for r in roles if r.trainable}
-    saved, recompute, counted = {}, 0, {}
-    for name, parts in graphs.items():  # one role's graph (one part of it) at a time
-        saved[name] = 0
-        for forwards in parts:
-            part = 0
-            for hw, count in forwards:
-                if (name, hw) not in counted:
-                    counted[name, hw] = activation_bytes(cfg, by_name[name], b, latent_hw, dtype, hw)
-                total, block = counted[name, hw]
-                part += count * total
-                recompute = max(recompute, block)
-            saved[name] = max(saved[name], part)
-    largest = max(saved, key=saved.get)
-    label = f"activations saved for backward (batch {b}, counted; the largest graph: {largest})"
-    items.append(Item(label, saved[largest], when="step"))
-    items.append(Item("backward: one block recomputed (gradient checkpointing)", recompute, when="step"))
-    gathered = [  # save_checkpoint gathers every ZeRO-3 role's full weights at once
-        r for r in roles if not offload and p.role_backend(GROUP_OF[r.name]) == "zero3"
+    items += [
+        Item(
+            f"activations saved for backward (batch {b}, counted; the largest graph: {act.role})",
+            act.saved,
+            when=("step",),
+        ),
+        Item("backward: one block recomputed (gradient checkpointing)", act.recompute, when=("step",)),
+        Item(
+            "backward_transient: the block's activation gradients and temporaries (counted)",
+            act.transient,
+            when=("step",),
+        ),
     ]
-    if gathered:
-        full = sum((sum(r.frozen) + 4 * r.trainable) * (1 - 1 / world_size) for r in gathered)
-        names = ", ".join(r.name for r in gathered)
-        items.append(Item(f"checkpoint: ZeRO-3 weights gathered ({names})", full, when="checkpoint"))
-        # the trainer moves the built model to the GPU before DeepSpeed partitions its ZeRO-3 roles
-        whole = sum(sum(r.frozen) + 4 * r.trainable for r in roles) + 4 * heads
+    items += validation_items(cfg, fakes, latent_hw)
+    items += checkpoint_items(cfg, roles, heads, world_size, offload)
+    if cfg.validation.enabled:
+        encoder = text_encoder_bytes(cfg)
         items.append(
-            Item("start-up: every role on the GPU before ZeRO-3 partitions it", whole, when="startup")
+            Item(
+                "start-up: the text encoder encoding the validation prompts (main rank)",
+                encoder,
+                encoder,
+                when=("prompts",),
+                host_per="node",
+            )
         )
     items.append(build_host(cfg, roles, dtype))
+    items += runtime_items(cfg)
     return items
 
 
@@ -399,43 +569,68 @@ def build_host(cfg, roles: list[Role], dtype: torch.dtype) -> Item:
     once in the compute dtype and held by its role itself (``Stage.build_model``: the state's tensors
     assigned, no second copy; a merged ``init_from`` chain rebuilds one model at a time), so the peak
     is every role's frozen base (a separate real score: its own copy) plus its fp32 trainable weights.
-    The offload pool then copies each base tensor by tensor into its host buffer (counted as steady
-    host memory)."""
+    The offload pool then copies each base tensor by tensor into its host buffer (counted from the
+    first step on)."""
     held = sum(sum(r.frozen) + 4 * r.trainable for r in roles)
-    return Item(
-        f"host at build: {len(roles)} bases in {str(dtype).removeprefix('torch.')}", 0, held, when="build"
-    )
+    label = f"host at build: {len(roles)} bases in {str(dtype).removeprefix('torch.')}"
+    return Item(label, 0, held, when=("build",))
+
+
+@dataclass
+class Peaks:
+    """Each phase's GiB per GPU and host GiB per node; the peaks are their maxima."""
+
+    phases: dict[str, tuple[float, float]]
+
+    @property
+    def gpu(self) -> float:
+        return max(g for g, _ in self.phases.values())
+
+    @property
+    def host(self) -> float:
+        return max(h for _, h in self.phases.values())
+
+
+def phase_peaks(items: list[Item], gpus_per_node: int) -> Peaks:
+    """Per phase: the GPU bytes of the items held then, and the host bytes per node (rank items times the
+    node's ranks, node items once)."""
+    phases = {}
+    for phase in PHASES:
+        held = [i for i in items if phase in i.when]
+        if not any(
+            i.gpu or i.host for i in held if not i.category.startswith(("runtime_overhead", "process"))
+        ):
+            continue  # e.g. no prompts to encode
+        gpu = sum(i.gpu for i in held)
+        host = sum(i.host * (1 if i.host_per == "node" else gpus_per_node) for i in held)
+        phases[phase] = (gpu / GIB, host / GIB)
+    return Peaks(phases)
 
 
 def report(items: list[Item], gpus_per_node: int) -> tuple[str, float, float]:
-    """The table, the peak GiB per GPU (the training step, writing a checkpoint or starting up, whichever
-    is largest) and host GiB per node (steady state or model building, whichever is larger)."""
-
-    def total(field: str, *when: str) -> float:
-        return sum(getattr(i, field) for i in items if i.when in when)
-
-    step, ckpt = total("gpu", "always", "step"), total("gpu", "always", "checkpoint")
-    startup = total("gpu", "startup")  # alone: nothing else is on the GPU yet
-    steady, build = total("host", "always", "step"), total("host", "build")
-    lines = [f"{'category':<70} {'GiB/GPU':>8} {'GiB host/rank':>14}"]
-    lines += [f"{i.category:<70} {i.gpu / GIB:>8.2f} {i.host / GIB:>14.2f}" for i in items]
-    lines.append(f"{'training step':<70} {step / GIB:>8.2f} {steady / GIB:>14.2f}")
-    if ckpt > total("gpu", "always"):
-        lines.append(f"{'writing a checkpoint':<70} {ckpt / GIB:>8.2f}")
-    if startup:
-        lines.append(f"{'starting up':<70} {startup / GIB:>8.2f}")
-    lines.append(f"{'building the models':<70} {'':>8} {build / GIB:>14.2f}")
-    return "\n".join(lines), max(step, ckpt, startup) / GIB, gpus_per_node * max(steady, build) / GIB
+    """The table (each category, then each phase's peak), the peak GiB per GPU and host GiB per node over
+    every phase."""
+    peaks = phase_peaks(items, gpus_per_node)
+    width = 84
+    lines = [f"{'category':<{width}} {'GiB/GPU':>8} {'GiB host':>9}  held during"]
+    for i in items:
+        when = "training" if i.when == TRAINING else "all" if i.when == PHASES else ", ".join(i.when)
+        per = "/node" if i.host_per == "node" else "/rank"
+        lines.append(f"{i.category:<{width}} {i.gpu / GIB:>8.2f} {i.host / GIB:>9.2f}{per}  {when}")
+    lines.append(f"{'phase peaks':<{width}} {'GiB/GPU':>8} {'GiB host/node':>14}")
+    for phase, (gpu, host) in peaks.phases.items():
+        lines.append(f"{PHASE_NAMES[phase]:<{width}} {gpu:>8.2f} {host:>14.2f}")
+    return "\n".join(lines), peaks.gpu, peaks.host
 
 
 def print_report(cfg, world_size: int, gpus_per_node: int, height: int, width: int) -> None:
-    """Print every category per GPU and per node; the last line is ``peak_gib_per_gpu=<x>
-    host_gib_per_node=<y>``."""
+    """Print every category and each phase's peak; the last line is ``peak_gib_per_gpu=<x>
+    host_gib_per_node=<y>`` (the maxima over the phases)."""
     items = estimate(cfg, world_size, (height // 8, width // 8))
     table, gpu, host = report(items, gpus_per_node)
     print(
         f"helios.memory: stage {cfg.stage} ({cfg.phase}), parallel={cfg.parallel.backend}, "
-        f"world_size={world_size}, {height}x{width}"
+        f"world_size={world_size}, gpus_per_node={gpus_per_node}, {height}x{width}"
     )
     print(table)
     print(f"peak_gib_per_gpu={gpu:.1f} host_gib_per_node={host:.1f}")

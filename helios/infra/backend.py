@@ -57,8 +57,9 @@ class ParallelBackend(abc.ABC):
     def step(self, stop: float, check: Check) -> tuple[dict[str, float], list[str], float, bool]:
         """The update at a step's end: (gradient norm per role, roles stepped, lr, stop requested)."""
 
-    def gathered(self):
-        """Full weights on every rank for the duration (ZeRO-3; collective)."""
+    def gathered(self, trainable_only: bool = False):
+        """Full weights on every rank for the duration (ZeRO-3; collective); ``trainable_only``: the
+        trainable ones only (a checkpoint's: the frozen 14B bases stay partitioned)."""
         return contextlib.nullcontext()
 
     @abc.abstractmethod
@@ -250,8 +251,8 @@ class ZeroBackend(ParallelBackend):
         stop_requested = self.guard.read([], {"stop": stop}).extra["stop"] > 0
         return role_norms, stepped, lr, stop_requested
 
-    def gathered(self):
-        return self.engines.gathered()
+    def gathered(self, trainable_only: bool = False):
+        return self.engines.gathered(trainable_only)
 
     def checkpoint_objects(self) -> dict[str, Any]:
         return {}

@@ -391,7 +391,9 @@ def data_position(path: Path) -> dict:
 
 def _torch_load(path: Path):
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        # mapped, not read: the node's ranks share the file's pages (a resume reads the optimizer state
+        # once per node into the page cache, not once per rank into its own memory)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as err:  # a truncated or missing pickle surfaces in several forms
         raise CorruptCheckpoint(f"{path} cannot be read: {str(err).splitlines()[0]}") from None
 

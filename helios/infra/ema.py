@@ -3,7 +3,7 @@
 Every tensor is cut into Z chunks of ``ceil(numel / Z)`` elements (the last padded), the layout of
 DeepSpeed ZeRO-3's parameter partitions, so rank r averages elements ``[r*c, (r+1)*c)``: under DDP or
 ZeRO-2 it reads them from the full parameter, under ZeRO-3 from the rank's own partition (``ds_tensor``).
-Updates are local (no communication); ``gather()`` is the one collective, used to save or export.
+Updates are local (no communication); ``gather()`` is the one collective, used to save, validate or export.
 """
 
 from __future__ import annotations
@@ -46,11 +46,13 @@ class ShardedEma:
     def local_bytes(self) -> int:
         return sum(s.numel() * s.element_size() for s in self.shard.values())
 
-    def gather(self) -> dict[str, torch.Tensor]:
-        """The full fp32 EMA on the CPU (collective: every rank calls it; one all-gather)."""
+    def gather(self, dst: int | None = None, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        """The full fp32 EMA on ``device`` (collective: every rank calls it): on every rank (``dst=None``,
+        one all-gather; validation writes it into each rank's generator) or on rank ``dst`` alone (one
+        gather: a checkpoint, which the main rank writes; the others return ``{}``)."""
         names = sorted(self.shard)
         if self.world == 1 or not dist.is_initialized():
-            return {n: self.shard[n].cpu().reshape(self.shapes[n]).clone() for n in names}
+            return {n: self.shard[n].to(device, copy=True).reshape(self.shapes[n]) for n in names}
         chunks = [self._bounds(n)[2] for n in names]
         flat = torch.zeros(sum(chunks), dtype=torch.float32, device=self._comm_device())
         offset = 0
@@ -58,14 +60,19 @@ class ShardedEma:
             s = self.shard[n]
             flat[offset : offset + s.numel()] = s.to(flat.device)
             offset += c
-        parts = [torch.empty_like(flat) for _ in range(self.world)]
-        dist.all_gather(parts, flat)
-        parts = [p.cpu() for p in parts]
+        receives = dst is None or self.rank == dst
+        parts = [torch.empty_like(flat) for _ in range(self.world)] if receives else None
+        if dst is None:
+            dist.all_gather(parts, flat)
+        else:
+            dist.gather(flat, parts, dst=dst)
+        if parts is None:
+            return {}
         out, offset = {}, 0
-        for n, c in zip(names, chunks):
+        for n, c in zip(names, chunks):  # one tensor at a time: the host holds the EMA once
             numel = math.prod(self.shapes[n])
             full = torch.cat([p[offset : offset + c] for p in parts])[:numel]
-            out[n] = full.reshape(self.shapes[n]).clone()
+            out[n] = full.to(device, copy=True).reshape(self.shapes[n])
             offset += c
         return out
 

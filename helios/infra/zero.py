@@ -159,14 +159,15 @@ class RoleEngines:
         return float(engine.lr_scheduler.get_last_lr()[0])
 
     @contextlib.contextmanager
-    def gathered(self):
-        """Full parameters on every rank inside the block (ZeRO-3 partitions gathered; collective)."""
+    def gathered(self, trainable_only: bool = False):
+        """Full parameters on every rank inside the block (ZeRO-3 partitions gathered; collective);
+        ``trainable_only``: only the trainable ones (the frozen bases stay partitioned)."""
         import deepspeed
 
         with contextlib.ExitStack() as stack:
             for name, engine in {**self.engines, **self.frozen}.items():
                 if self.kind[name] == "zero3":
-                    params = list(engine.module.parameters())
+                    params = [p for p in engine.module.parameters() if p.requires_grad or not trainable_only]
                     stack.enter_context(deepspeed.zero.GatheredParameters(params, modifier_rank=None))
             yield
 

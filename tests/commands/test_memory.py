@@ -8,6 +8,7 @@ import torch
 
 from helios import memory as memory_command
 from helios.commands import memory
+from helios.commands import memory_trace as trace
 from helios.config import compose
 
 REAL_STAGE1 = ["stage=1", "stage1=init", "model=wan14b", "model.transformer.path=/nonexistent", "data=/d"]
@@ -31,10 +32,82 @@ def test_checkpointed_activations_grow_by_one_block_input_per_layer():
     totals = {}
     for layers in (1, 2):
         cfg = compose([*REAL_STAGE1, f"model.transformer.num_layers={layers}"])
-        (role,) = memory.build_roles(cfg, torch.bfloat16)
-        totals[layers] = memory.activation_bytes(cfg, role, 2, (48, 80), torch.bfloat16)
+        fakes = memory.FakeRoles(cfg, memory.build_roles(cfg, torch.bfloat16), torch.bfloat16)
+        totals[layers] = fakes.training("model", trace.Inputs(2, (48, 80)))
     assert totals[2][0] - totals[1][0] == 2 * 11040 * 5120 * 2
     assert totals[2][1] > 10 * (totals[2][0] - totals[1][0])  # one block's own saved tensors
+    assert totals[2][2] > 0  # and the backward's activation gradients on top
+
+
+def _profiled_step(model, inputs, cfg) -> int:
+    """Peak bytes the CPU allocator took over one real forward + backward (torch profiler memory events);
+    the gradients are allocated before it (the model counts them as gradients)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = inputs.forward(cfg, model, grad=True)
+        out.float().square().mean().backward()
+        del out
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+        key=lambda e: e.start_ns(),
+    )
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def test_the_backward_peak_is_what_a_real_block_allocates():
+    """The model's activation peak of a training step (saved + one block recomputed + backward_transient)
+    against a real-tensor DiT (2 blocks of the 14B block at 1/5 width: dim 1024, ffn 2764, LoRA 128,
+    gradient checkpointing, bf16 autocast, 2,760 tokens) whose forward + backward the torch profiler
+    follows on the CPU allocator: equal up to the step's inputs and output, which the model leaves out
+    (< 3 %); the fake-tensor counter reads the real step's peak to 0.01 %."""
+    from dataclasses import replace
+
+    from helios.config.schema import KernelsConfig
+    from helios.model import apply_lora, build_transformer
+    from helios.model.transformer import cast_frozen
+
+    shape = ["num_layers=2", "num_attention_heads=8", "ffn_dim=2764", "gradient_checkpointing=true"]
+    cfg = compose([*REAL_STAGE1, *(f"model.transformer.{s}" for s in shape)])
+    inputs = trace.Inputs(1, (24, 40))
+    torch.manual_seed(0)
+    tcfg = replace(cfg.model.transformer, source="random", path=None)
+    real = apply_lora(build_transformer(tcfg, KernelsConfig(), "sdpa"), cfg.model.lora)
+    cast_frozen(real, torch.bfloat16)
+    real.enable_gradient_checkpointing()
+    measured = _profiled_step(real, inputs, cfg)
+
+    fakes = memory.FakeRoles(cfg, memory.build_roles(cfg, torch.bfloat16), torch.bfloat16)
+    saved, block, transient = fakes.training("model", inputs)
+    modelled = saved + block + transient
+    assert transient > 0.2 * block  # the transient is real: about a third of a block here
+    assert 0 <= measured - modelled < 0.03 * measured
+    mode = fakes.modes[id(fakes.short["model"].module)]
+    _, fake_peak = trace.training_peak(cfg, fakes.short["model"].module, inputs, mode)
+    assert fake_peak == pytest.approx(measured, rel=1e-4)  # the allocator's few scalars aside
+
+
+def test_live_bytes_counts_each_storage_once_until_it_dies():
+    """LiveBytes: a view adds nothing, a freed tensor comes off, ignored storages never count."""
+    tracker = trace.LiveBytes()
+    kept = torch.ones(10)
+    tracker.ignore([kept])
+    with tracker:
+        a = torch.zeros(100)  # 400 bytes
+        v = a.view(10, 10)  # a view: the same storage
+        b = kept.view(2, 5) * 1  # a new 40-byte storage; kept itself is ignored
+        assert tracker.live == 440
+        del a, v
+        c = torch.zeros(25)  # 100 bytes
+        assert tracker.live == 140
+    assert tracker.peak == 440 and b.numel() == 10 and c.numel() == 25
 
 
 def test_pinned_bytes_are_the_offload_pools_buffers():
@@ -86,43 +159,78 @@ def test_offload_schedule_is_what_a_stage3_step_activates(tmp_path, monkeypatch,
     assert prefetch or all(ahead is None and not {"generator", "critic"} <= names for names, ahead in calls)
 
 
-def test_cli_prints_every_category_and_the_last_line(capsys):
-    assert memory_command.main(["world_size=2", "height=64", "width=64"]) == 0
+def test_cli_prints_every_category_each_phase_and_the_last_line(capsys):
+    """Every category, the named lines of the peak (backward_transient, runtime_overhead, validation) and
+    each phase's peak; the last line is the maximum over the phases."""
+    assert memory_command.main(["world_size=2", "height=64", "width=64", "validation.enabled=true"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert any(line.startswith("model: AdamW state") for line in out)
-    assert re.fullmatch(r"peak_gib_per_gpu=\d+\.\d host_gib_per_node=\d+\.\d", out[-1])
+    for start in ("model: AdamW state", "backward_transient:", "runtime_overhead:", "validation:"):
+        assert any(line.startswith(start) for line in out), start
+    phases = {}
+    for phase, name in memory.PHASE_NAMES.items():
+        (line,) = [line for line in out if line.startswith(name + " ")]
+        phases[phase] = [float(x) for x in line.split()[-2:]]
+    match = re.fullmatch(r"peak_gib_per_gpu=(\d+\.\d) host_gib_per_node=(\d+\.\d)", out[-1])
+    assert match
+    assert float(match[1]) == round(max(g for g, _ in phases.values()), 1)
+    assert float(match[2]) == round(max(h for _, h in phases.values()), 1)
     assert memory_command.main(["--help"]) == 0 and "world_size" in capsys.readouterr().out
 
 
 def test_zero3_roles_count_the_checkpoint_gather():
     cfg = compose(["stage=3", "parallel=zero3", "distill.teacher=/t"])
     items = memory.estimate(cfg, 2, (8, 8))
-    gathered = [i for i in items if i.when == "checkpoint"]
+    gathered = [i for i in items if i.when == ("checkpoint",) and "ZeRO-3" in i.category]
     assert len(gathered) == 1 and gathered[0].gpu > 0
 
 
-LAYOUTS_THAT_FIT = [  # (the README memory table's overrides, the issue's limit in GiB per GPU)
-    (["stage=1", "stage1=init"], 56),
-    (["stage=1", "stage1=post", "init_from=/x"], 56),
-    (["stage=2", "stage2=init", "init_from=/x"], 70),
-    (["stage=2", "stage2=post", "init_from=/x"], 70),
-    (["stage=3", "stage3=ode", "init_from=/x"], 72),
-    (["stage=3", "stage3=post", "init_from=/x", "parallel=zero2", "parallel.roles.critic=zero3"], 80),
-    (["stage=3", "stage3=post", "init_from=/x", "parallel=zero3"], 80),
-    (["stage=3", "stage3=post", "init_from=/x", "distill.offload=true"], 72),  # the paper's layout
-    (["stage=3", "stage3=post", "init_from=/x", "parallel=zero2", "distill.offload=true"], 80),
-]
+def test_phases_hold_what_each_phase_holds():
+    """The step holds the activations but not validation's VAE; validation the VAE but no activations;
+    the text encoder only while the prompts are encoded at start-up; what the main rank writes once per
+    node; runtime_overhead in every phase."""
+    cfg = compose(["stage=3", "distill.teacher=/t", "validation.enabled=true"])
+    items = memory.estimate(cfg, 2, (8, 8))
+    by = {i.category.split(":")[0].split(" (")[0]: i for i in items}
+    assert by["backward_transient"].when == ("step",) and by["runtime_overhead"].when == memory.PHASES
+    held = {p: {i.category for i in items if p in i.when} for p in memory.PHASES}
+    assert not any("text encoder" in c for p in ("step", "validation", "checkpoint") for c in held[p])
+    assert any("text encoder" in c for c in held["prompts"])
+    assert any(c.startswith("validation: VAE") for c in held["validation"])
+    assert not any(c.startswith("activations") for c in held["validation"])
+    written = [i for i in items if i.category.startswith("checkpoint: what the main rank writes")]
+    assert written[0].host_per == "node" and written[0].host > 0
+    peaks = memory.phase_peaks(items, 8)
+    step = sum(i.gpu for i in items if "step" in i.when)
+    assert peaks.phases["step"][0] == pytest.approx(step / memory.GIB)
 
 
-@pytest.mark.parametrize("overrides,limit", LAYOUTS_THAT_FIT)
-def test_fitting_14b_layouts_stay_under_their_limits(overrides, limit):
-    """The README's 14B layouts stay under their limits (the step and, under ZeRO-3, writing a
-    checkpoint and starting up; the host at build and in steady state): shapes are the real ones, so
-    this arithmetic is exact and deterministic."""
+# The README's 14B rows (bench/memory_table.py) against the peak-memory issue's limits: <= 72 GiB per 80 GB
+# GPU and <= 400 GiB host per 8-GPU node, at the peak of every phase. Rows still over them are strict xfails
+# (README "Not yet"): they fail the day a change makes them fit, so the README is updated with it.
+OVER = pytest.mark.xfail(strict=True, reason="over the limits (README memory table, issue #32)")
+LAYOUTS = [
+    pytest.param(["stage=1", "stage1=init"], id="1-init"),
+    pytest.param(["stage=1", "stage1=post", "init_from=/x"], id="1-post"),
+    pytest.param(["stage=2", "stage2=init", "init_from=/x"], id="2-init"),
+    pytest.param(["stage=2", "stage2=post", "init_from=/x"], id="2-post", marks=OVER),
+    pytest.param(["stage=3", "stage3=ode", "init_from=/x"], id="3-ode"),
+    pytest.param(["stage=3", "stage3=post", "init_from=/x", "distill.offload=true"],
+                 id="3-post-paper", marks=OVER),
+    pytest.param(["stage=3", "stage3=post", "init_from=/x", "parallel=zero2", "distill.offload=true"],
+                 id="3-post-reference", marks=OVER),
+    pytest.param(["stage=3", "stage3=post", "init_from=/x", "parallel=zero2", "parallel.roles.critic=zero3"],
+                 id="3-post-critic-zero3", marks=OVER),
+    pytest.param(["stage=3", "stage3=post", "init_from=/x", "parallel=zero3"], id="3-post-zero3", marks=OVER),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("overrides", LAYOUTS)
+def test_14b_layouts_stay_under_the_limits_at_every_phase(overrides):
+    """Shapes are the real ones and the counts deterministic, so this arithmetic is exact; world size 8."""
     cfg = compose([*overrides, "model=wan14b", "model.transformer.path=/x", "data=/d", "distill.teacher=/x"])
-    _, peak, host = memory.report(memory.estimate(cfg, 8, (48, 80)), 8)
-    assert peak <= limit
-    assert host <= 512  # GiB per 8-GPU node, also while the models are built
+    peaks = memory.phase_peaks(memory.estimate(cfg, 8, (48, 80)), 8)
+    assert peaks.gpu <= 72, peaks.phases
+    assert peaks.host <= 400, peaks.phases
 
 
 @pytest.mark.parametrize(

@@ -192,6 +192,9 @@ def test_sharded_ema_halves_per_rank_bytes_and_gathers_the_unsharded_ema(tmp_pat
     assert sum(r["bytes"] for r in ranks) == full  # no overlap, nothing missing
     assert all(r["bytes"] <= full / 2 + 3 * 4 for r in ranks)  # half each, up to one element per tensor
     assert all(r["diff"] == 0.0 and r["reload_diff"] == 0.0 for r in ranks)
+    # gathered for a checkpoint: on the main rank only, the same values; nothing on the other rank
+    assert ranks[0]["main_keys"] == ["a.weight", "b.bias", "c.lora"] and ranks[0]["main_diff"] == 0.0
+    assert ranks[1]["main_keys"] == [] and ranks[1]["main_diff"] is None
 
 
 def test_sharded_ema_single_process_is_the_plain_ema():

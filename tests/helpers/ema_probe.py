@@ -33,8 +33,12 @@ def main() -> None:
     fresh = ShardedEma(params, rank, world)
     fresh.load(full)
     reload_diff = max(float((fresh.shard[n] - ema.shard[n]).abs().max()) for n in ema.shard)
+    to_main = ema.gather(dst=0)  # a checkpoint's gather: the main rank alone receives the EMA
+    main_diff = max(float((to_main[n] - reference[n]).abs().max()) for n in reference) if to_main else None
     out = {
         "rank": rank,
+        "main_keys": sorted(to_main),
+        "main_diff": main_diff,
         "bytes": ema.local_bytes(),
         "diff": diff,
         "reload_diff": reload_diff,

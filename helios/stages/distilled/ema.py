@@ -69,7 +69,9 @@ class GeneratorEma:
         """Collective: the gathered EMA written into the generator on every rank (its trainable weights only;
         the training values kept on the host for :meth:`swap_out`), so validation never copies the
         generator and its 14B base."""
-        ema = self.average.gather() if self.average is not None else None
+        # gathered where it is written (the trainable weights' device; frozen ones may be offloaded)
+        device = next(iter(trainable_generator_params(model).values())).device
+        ema = self.average.gather(device=device) if self.average is not None else None
         self._raw = self._write(model, ema) if ema else None
 
     def swap_out(self, model: DistillModule) -> None:
@@ -95,8 +97,9 @@ class GeneratorEma:
         return old
 
     def tensors(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Collective: the sharded EMA gathered for the checkpoint."""
-        return {"ema": self.average.gather()} if self.average is not None else {}
+        """Collective: the sharded EMA gathered for the checkpoint, on the main rank (which writes it)."""
+        full = self.average.gather(dst=0) if self.average is not None else {}
+        return {"ema": full} if full else {}
 
     def load_tensors(self, model: DistillModule | None, tensors: dict) -> None:
         full = tensors.get("ema")
