@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -41,7 +42,7 @@ from helios.core.history import HistoryLayout
 from helios.infra.offload import ALIGN
 from helios.infra.resolve import resolve_num_workers, resolve_precision
 from helios.model import apply_lora, build_transformer
-from helios.model.encoders import TINY_VAE_KWARGS
+from helios.model.encoders import TINY_VAE_KWARGS, byte_tokenizer, tiny_text_encoder_config
 from helios.model.gan import GanHeads
 from helios.model.transformer import frozen_dtypes
 from helios.stages import STAGES
@@ -130,12 +131,21 @@ def _shape_overrides(cfg) -> dict:
     """The transformer's shape: the pretrained directory's config.json when it is here, else the
     config's own shape fields (the 14B defaults of the schema)."""
     t = cfg.model.transformer
-    if t.path:
-        for config in (Path(t.path) / (t.subfolder or "") / "config.json", Path(t.path) / "config.json"):
-            if config.exists():
-                found = json.loads(config.read_text())
-                return {k: found[k] for k in SHAPE_KEYS if k in found}
-    return {}
+    config = _config_json(t.path, t.subfolder)
+    if config is None:
+        return {}
+    found = json.loads(config.read_text())
+    return {k: found[k] for k in SHAPE_KEYS if k in found}
+
+
+def _config_json(path: str | None, subfolder: str | None) -> Path | None:
+    """A pretrained directory's ``config.json`` (in ``subfolder``, or at its top) when it is here."""
+    if not path:
+        return None
+    for config in (Path(path) / (subfolder or "") / "config.json", Path(path) / "config.json"):
+        if config.exists():
+            return config
+    return None
 
 
 def build_roles(cfg, compute_dtype: torch.dtype, num_layers: int | None = None) -> list[Role]:
@@ -286,32 +296,40 @@ class Activations:
         return self.saved + self.recompute + self.transient
 
 
+class Counted(NamedTuple):
+    """One training forward's bytes: saved for the backward, the largest block recomputed, the transient."""
+
+    saved: int
+    recompute: int
+    transient: int
+
+
 class FakeRoles:
     """The roles as fake-tensor models, whole and cut to two blocks, counted once per (role, size)."""
 
     def __init__(self, cfg, roles: list[Role], dtype: torch.dtype) -> None:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
-        self.cfg, self.dtype = cfg, dtype
+        self.cfg = cfg
         self.whole = {r.name: r for r in roles}
         self.short = {r.name: r for r in build_roles(cfg, dtype, num_layers=2)}
         self.modes = {}
         for role in [*self.whole.values(), *self.short.values()]:
             self.modes[id(role.module)] = mode = FakeTensorMode(allow_non_fake_inputs=True)
             trace.to_fake(role.module, mode, dtype)
-        self.counted: dict = {}
+        self.counted: dict[tuple, Counted] = {}
 
     def _mode(self, role: Role):
         return self.modes[id(role.module)]
 
-    def training(self, name: str, inputs: trace.Inputs) -> tuple[int, int, int]:
-        """(saved, recomputed block, backward transient) of one training forward of role ``name``."""
-        key = ("train", name, inputs.batch, inputs.latent_hw, inputs.noisy_hw)
+    def training(self, name: str, inputs: trace.Inputs) -> Counted:
+        """One training forward of role ``name`` and its backward."""
+        key = (name, inputs.batch, inputs.latent_hw, inputs.noisy_hw)
         if key not in self.counted:
             whole, short = self.whole[name], self.short[name]
             saved, block = trace.saved_bytes(self.cfg, whole.module, inputs, self._mode(whole))
             after, peak = trace.training_peak(self.cfg, short.module, inputs, self._mode(short))
-            self.counted[key] = (saved, block, max(0, peak - after - block))
+            self.counted[key] = Counted(saved, block, max(0, peak - after - block))
         return self.counted[key]
 
     def sampling(self, name: str, inputs: trace.Inputs) -> int:
@@ -333,20 +351,13 @@ def count_activations(cfg, fakes: FakeRoles, latent_hw: tuple[int, int]) -> Acti
                 (count, fakes.training(name, trace.Inputs(cfg.trainer.batch_size, latent_hw, hw)))
                 for hw, count in forwards
             ]
-            saved = sum(count * c[0] for count, c in counts)
-            _, (_, block, transient) = max(counts, key=lambda x: x[1][1] + x[1][2])
-            candidate = Activations(name, saved, block, transient)
+            saved = sum(count * c.saved for count, c in counts)
+            widest = max((c for _, c in counts), key=lambda c: c.recompute + c.transient)
+            candidate = Activations(name, saved, widest.recompute, widest.transient)
             if best is None or candidate.peak > best.peak:
                 best = candidate
     assert best is not None
     return best
-
-
-def _pretrained_config(cfg_node, default_subfolder: str | None) -> Path | None:
-    if cfg_node.source != "pretrained" or not cfg_node.path:
-        return None
-    config = Path(cfg_node.path) / (cfg_node.subfolder or default_subfolder or "") / "config.json"
-    return config if config.exists() else None
 
 
 def build_vae_meta(cfg) -> nn.Module:
@@ -355,7 +366,7 @@ def build_vae_meta(cfg) -> nn.Module:
     from diffusers import AutoencoderKLWan
 
     v = cfg.model.vae
-    config = _pretrained_config(v, "vae")
+    config = _config_json(v.path, v.subfolder) if v.source == "pretrained" else None
     with torch.device("meta"):
         if config is not None:
             return AutoencoderKLWan.from_config(json.loads(config.read_text()))
@@ -380,20 +391,13 @@ def text_encoder_bytes(cfg) -> int:
     from transformers import UMT5Config, UMT5EncoderModel
 
     t = cfg.model.text_encoder
-    config = _pretrained_config(t, "text_encoder")
+    config = _config_json(t.path, t.subfolder) if t.source == "pretrained" else None
     if config is not None:
         umt5 = UMT5Config.from_json_file(str(config))
     elif t.source == "pretrained":
         umt5 = UMT5Config(**UMT5_XXL)
     else:
-        umt5 = UMT5Config(
-            d_model=t.d_model,
-            d_kv=max(8, t.d_model // 2),
-            d_ff=t.d_model * 2,
-            num_layers=t.num_layers,
-            num_heads=2,
-            vocab_size=384,
-        )
+        umt5 = tiny_text_encoder_config(t, len(byte_tokenizer()))
     with torch.device("meta"):
         return 4 * sum(p.numel() for p in UMT5EncoderModel(umt5).parameters())
 
@@ -434,24 +438,20 @@ def validation_items(cfg, fakes: FakeRoles, latent_hw: tuple[int, int]) -> list[
     return items
 
 
-def checkpoint_items(cfg, roles: list[Role], heads: int, world_size: int, offload: bool) -> list[Item]:
+def checkpoint_items(
+    cfg, roles: list[Role], trainable: dict[str, int], world_size: int, offload: bool
+) -> list[Item]:
     """Writing a checkpoint and loading one at resume. Writing: the main rank alone assembles what it
     writes (the trainable weights, the whole EMA, DDP's whole optimizer state), gathered to it; ZeRO
-    engines write each rank's partition from its host copy; ZeRO-3 roles gather their full weights on
-    every rank. Loading: every rank maps the files (page cache, once per node) and copies each tensor
-    into place; ZeRO engines read their partition."""
+    engines write each rank's partition from its host copy; ZeRO-3 roles gather their trainable weights
+    on every rank (the frozen bases stay partitioned). Loading: every rank maps the files (page cache,
+    once per node) and copies each tensor into place; ZeRO engines read their partition."""
     p = cfg.parallel
-    by_name = {r.name: r for r in roles}
-    trainable = sum(r.trainable for r in roles) + heads
     post = cfg.stage == 3 and cfg.distill.phase != "ode"
-    ema = 4 * by_name["generator"].trainable if post else 0
-    ddp_trainable = sum(
-        r.trainable + (heads if r.name == "fake" else 0)
-        for r in roles
-        if p.role_backend(GROUP_OF[r.name]) == "ddp" and r.trainable
-    )
-    zero_trainable = trainable - ddp_trainable
-    payload = 4 * trainable + ema + 8 * ddp_trainable  # weights, EMA, DDP's AdamW moments
+    ema = 4 * trainable["generator"] if post else 0
+    ddp_trainable = sum(n for name, n in trainable.items() if p.role_backend(GROUP_OF[name]) == "ddp")
+    zero_trainable = sum(trainable.values()) - ddp_trainable
+    payload = 4 * sum(trainable.values()) + ema + 8 * ddp_trainable  # weights, EMA, DDP's AdamW moments
     items = [
         Item(
             "checkpoint: what the main rank writes (host)", 0, payload, when=("checkpoint",), host_per="node"
@@ -484,17 +484,18 @@ def checkpoint_items(cfg, roles: list[Role], heads: int, world_size: int, offloa
             Item(f"checkpoint: ZeRO-3 trainable weights gathered ({names})", full, when=("checkpoint",))
         )
         # the trainer moves the built model to the GPU before DeepSpeed partitions its ZeRO-3 roles
-        whole = sum(sum(r.frozen) + 4 * r.trainable for r in roles) + 4 * heads
+        whole = sum(sum(r.frozen) + 4 * trainable[r.name] for r in roles)
         items.append(
             Item("start-up: every role on the GPU before ZeRO-3 partitions it", whole, when=("build",))
         )
     return items
 
 
-def runtime_items(cfg) -> list[Item]:
-    """``runtime_overhead`` on every GPU in every phase; each rank's process and loader workers (host)."""
-    backends = {cfg.parallel.role_backend(GROUP_OF[g]) for g in GROUP_OF if g != "model"}
-    backend = max(backends | {cfg.parallel.backend}, key=lambda b: RUNTIME_OVERHEAD_GIB.get(b, 0))
+def runtime_items(cfg, roles: list[Role]) -> list[Item]:
+    """``runtime_overhead`` on every GPU in every phase (the costliest of the roles' backends); each rank's
+    process and loader workers (host)."""
+    backends = {cfg.parallel.role_backend(GROUP_OF[r.name]) for r in roles}
+    backend = max(backends, key=RUNTIME_OVERHEAD_GIB.__getitem__)
     workers = resolve_num_workers(cfg.trainer.num_workers, torch.device("cuda"))
     return [
         Item(
@@ -522,10 +523,13 @@ def estimate(cfg, world_size: int, latent_hw: tuple[int, int]) -> list[Item]:
     p = cfg.parallel
     post = cfg.stage == 3 and cfg.distill.phase != "ode"
     offload = cfg.stage == 3 and cfg.distill.offload
+    trainable = {
+        r.name: r.trainable + (heads if r.name == "fake" else 0) for r in roles
+    }  # + the critic's heads
     items: list[Item] = []
     for role in roles:
-        trainable = role.trainable + (heads if role.name == "fake" else 0)
-        items += weight_items(role, trainable, p.role_backend(GROUP_OF[role.name]), p, world_size, offload)
+        kind = p.role_backend(GROUP_OF[role.name])
+        items += weight_items(role, trainable[role.name], kind, p, world_size, offload)
     if post:
         items.append(Item("EMA shard (fp32)", 4 * by_name["generator"].trainable / world_size))
     if offload:
@@ -547,7 +551,7 @@ def estimate(cfg, world_size: int, latent_hw: tuple[int, int]) -> list[Item]:
         ),
     ]
     items += validation_items(cfg, fakes, latent_hw)
-    items += checkpoint_items(cfg, roles, heads, world_size, offload)
+    items += checkpoint_items(cfg, roles, trainable, world_size, offload)
     if cfg.validation.enabled:
         encoder = text_encoder_bytes(cfg)
         items.append(
@@ -560,7 +564,7 @@ def estimate(cfg, world_size: int, latent_hw: tuple[int, int]) -> list[Item]:
             )
         )
     items.append(build_host(cfg, roles, dtype))
-    items += runtime_items(cfg)
+    items += runtime_items(cfg, roles)
     return items
 
 
@@ -597,10 +601,8 @@ def phase_peaks(items: list[Item], gpus_per_node: int) -> Peaks:
     phases = {}
     for phase in PHASES:
         held = [i for i in items if phase in i.when]
-        if not any(
-            i.gpu or i.host for i in held if not i.category.startswith(("runtime_overhead", "process"))
-        ):
-            continue  # e.g. no prompts to encode
+        if not any(i.gpu or i.host for i in held if i.when != PHASES):
+            continue  # nothing of its own, e.g. no prompts to encode
         gpu = sum(i.gpu for i in held)
         host = sum(i.host * (1 if i.host_per == "node" else gpus_per_node) for i in held)
         phases[phase] = (gpu / GIB, host / GIB)

@@ -62,17 +62,22 @@ def build_text_encoder(cfg: TextEncoderConfig) -> tuple[PreTrainedTokenizerFast,
         encoder = UMT5EncoderModel.from_pretrained(cfg.path, subfolder=cfg.subfolder or "")
     else:
         tokenizer = byte_tokenizer()
-        config = UMT5Config(
-            vocab_size=len(tokenizer),
-            d_model=cfg.d_model,
-            d_kv=max(8, cfg.d_model // 2),
-            d_ff=cfg.d_model * 2,
-            num_layers=cfg.num_layers,
-            num_heads=2,
-        )
+        config = tiny_text_encoder_config(cfg, len(tokenizer))
         encoder = seeded(cfg.init_seed, lambda: UMT5EncoderModel(config))
     encoder.requires_grad_(False).eval()
     return tokenizer, encoder
+
+
+def tiny_text_encoder_config(cfg: TextEncoderConfig, vocab_size: int) -> UMT5Config:
+    """The tiny (``source: tiny``) UMT5 encoder's shape."""
+    return UMT5Config(
+        vocab_size=vocab_size,
+        d_model=cfg.d_model,
+        d_kv=max(8, cfg.d_model // 2),
+        d_ff=cfg.d_model * 2,
+        num_layers=cfg.num_layers,
+        num_heads=2,
+    )
 
 
 @torch.no_grad()
