@@ -6,6 +6,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from helios import trainer as trainer_module
 from helios.config import compose
 from helios.model import trainable_state_dict
 from helios.tiny_recipe import complete_tiny_distill
@@ -35,7 +36,13 @@ def main() -> None:
     losses = [trainer.train_step()["loss"] for _ in range(cfg.trainer.max_steps)]
     rank = trainer.dist.rank
     save_file(trainable_state_dict(trainer.model), str(out / f"rank{rank}.safetensors"))
-    (out / f"rank{rank}.json").write_text(json.dumps({"seen": seen, "losses": losses}))
+    assembled = []  # which ranks assemble a checkpoint's tensors (the main rank alone writes them)
+    original = trainer_module.model_tensors
+    trainer_module.model_tensors = lambda *a, **k: assembled.append(rank) or original(*a, **k)
+    saved = trainer.save_checkpoint()
+    trainer_module.model_tensors = original
+    report = {"seen": seen, "losses": losses, "assembled": len(assembled), "checkpoint": str(saved)}
+    (out / f"rank{rank}.json").write_text(json.dumps(report))
     trainer.close()
 
 

@@ -164,3 +164,32 @@ def test_a_weight_source_is_pinned_to_what_the_run_loaded(tmp_path):
     assert pin_source(str(published), "model.transformer.path") == str(published.resolve())
     assert pin_source("BestWishYsh/Helios-Base", "distill.teacher") == "BestWishYsh/Helios-Base"
     assert pin_source(None, "init_from") is None
+
+
+def _mapped_from(tensor, path: Path) -> bool:
+    """The tensor's bytes lie in a mapping of ``path`` (/proc/self/maps): read through the page cache,
+    which the node's ranks share, not copied into this process's own memory."""
+    address = tensor.data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and Path(fields[5]) == path.resolve():
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if start <= address < end:
+                return True
+    return False
+
+
+def test_a_resume_maps_the_checkpoints_files_instead_of_copying_them(tmp_path):
+    """The optimizer state (state.pt) and the weights (safetensors) come back as views of the files'
+    pages: a resume reads a checkpoint once per node, not once per rank (issue #32)."""
+    import torch
+
+    weights = {"trainable": {"w": torch.arange(1 << 16, dtype=torch.float32)}}
+    moments = {"optimizer": {"state": {0: {"exp_avg": torch.full((1 << 16,), 2.0)}}}}
+    path = checkpoint.save(tmp_path, 1, _info(), weights, moments, {}, keep_last=1)
+    tensors, objects, _ = checkpoint.load(path, _info())
+    exp_avg = objects["optimizer"]["state"][0]["exp_avg"]
+    assert torch.equal(exp_avg, moments["optimizer"]["state"][0]["exp_avg"])
+    assert torch.equal(tensors["trainable"]["w"], weights["trainable"]["w"])
+    assert _mapped_from(exp_avg, path / "state.pt")
+    assert _mapped_from(tensors["trainable"]["w"], path / "trainable.safetensors")

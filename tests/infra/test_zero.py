@@ -129,3 +129,24 @@ def test_zero3_validation_samples_the_ema_and_restores_the_weights(tmp_path):
     # drift statistics are differences of frame means in [0, 1]: float32 noise is absolute (~1e-7)
     assert val and {k: zero3[5][k] for k in val} == pytest.approx(val, rel=1e-4, abs=1e-6)
     assert [m["loss"] for m in zero3] == pytest.approx([m["loss"] for m in ddp], rel=1e-5)
+
+
+def test_a_zero3_checkpoint_gathers_the_trainable_weights_and_leaves_the_base_partitioned(tmp_path):
+    """Saving gathers only what the checkpoint holds, the trainable weights (issue #32: gathering the
+    frozen 14B bases too put 80 GiB on every GPU at a save); ``gathered()`` without the flag gathers all."""
+    from helios.trainer import Trainer
+
+    cfg = compose(["parallel=zero3", "model.lora.enabled=true", *QUIET])
+    trainer = Trainer(cfg, tmp_path)
+    trainer._build_data()
+    trainer._build_model()
+    params = list(trainer.model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    frozen = [p for p in params if not p.requires_grad]
+    assert trainable and frozen and all(p.numel() == 0 for p in params)  # partitioned outside a gather
+    with trainer.backend.gathered(trainable_only=True):
+        assert all(p.numel() == p.ds_numel for p in trainable)
+        assert all(p.numel() == 0 for p in frozen)
+    with trainer.backend.gathered():
+        assert all(p.numel() == p.ds_numel for p in params)
+    trainer.close()

@@ -142,6 +142,11 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path):
     for (e0, i0), (e1, i1) in zip(s0["seen"], s1["seen"]):
         assert e0 == e1 and not set(i0) & set(i1)
     assert s0["losses"] == s1["losses"]  # metrics are all-reduced
+    # a checkpoint's tensors are assembled on the main rank alone (no host copy on the others), and it
+    # holds the trained weights by value
+    assert (s0["assembled"], s1["assembled"]) == (1, 0) and s0["checkpoint"] == s1["checkpoint"]
+    saved = load_file(str(Path(s0["checkpoint"]) / "trainable.safetensors"))
+    assert saved.keys() == w0.keys() and all(torch.equal(saved[k], w0[k]) for k in w0)
 
 
 def test_init_from_starts_from_the_previous_function_with_a_fresh_optimizer(tmp_path):
@@ -704,3 +709,51 @@ def test_help_lists_what_applies_to_training_in_one_screen():
     ):
         assert line in proc.stdout, line
     assert "sampler:" not in proc.stdout and "clip:" not in proc.stdout  # generate's and prepare's groups
+
+
+def test_no_text_encoder_is_held_while_training_runs(tmp_path, monkeypatch):
+    """The validation prompts are encoded once at start-up, before the models are built; by the time
+    validation samples, the text encoder is gone (issue #32: 21 GiB of fp32 UMT5-XXL on every GPU)."""
+    import gc
+    import weakref
+
+    from helios import validation
+    from helios.trainer import Trainer
+    from tests.helpers.runs import train_in_process
+
+    events, encoders, alive_at_sampling = [], [], []
+    build_encoder, build_model, generate = (
+        validation.build_text_encoder,
+        Trainer._build_model,
+        validation.generate_video,
+    )
+
+    def spy_encoder(cfg):
+        tokenizer, encoder = build_encoder(cfg)
+        events.append("text encoder")
+        encoders.append(weakref.ref(encoder))
+        return tokenizer, encoder
+
+    def spy_model(self, *args, **kwargs):
+        events.append("models")
+        return build_model(self, *args, **kwargs)
+
+    def spy_generate(*args, **kwargs):
+        gc.collect()
+        alive_at_sampling.append([ref() is not None for ref in encoders])
+        assert kwargs["prompt_embeds"] is not None and args[2] is None and args[3] is None
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(validation, "build_text_encoder", spy_encoder)
+    monkeypatch.setattr(Trainer, "_build_model", spy_model)
+    monkeypatch.setattr(validation, "generate_video", spy_generate)
+    overrides = [
+        "validation.enabled=true",
+        "validation.every=1",
+        "trainer.max_steps=2",
+        "validation.num_frames=9",
+    ]
+    metrics = train_in_process([*overrides, "trainer.checkpoint_every=0"], tmp_path)
+    assert events == ["text encoder", "models"]
+    assert alive_at_sampling and not any(any(alive) for alive in alive_at_sampling)
+    assert any(k.startswith("val/0/") for m in metrics for k in m)
