@@ -219,6 +219,43 @@ def test_published_directories_load_as_users_load_them(fixtures):
         load_for_inference(fixtures / "Wan2.1-T2V-14B-Diffusers", torch.device("cpu"))
 
 
+def test_memory_model_counts_the_published_directories_as_they_load(fixtures):
+    """``python -m helios.memory`` on a published Helios directory (the README's command, model=helios14b):
+    the shapes come from its config.json files, so every count equals the models the directory loads
+    into: the transformer's parameters (the stage-3 critic's base with its LoRA), the VAE's weights, the
+    text encoder's weights; and the command runs as written."""
+    from diffusers import AutoencoderKLWan
+    from transformers import UMT5EncoderModel
+
+    from helios.commands import memory
+    from helios.model import apply_lora, build_transformer
+    from helios.stages import STAGES
+
+    base = fixtures / "Helios-Base"
+    paths = [f"model.transformer.path={base}", f"distill.teacher={base}", f"init_from={base}", "data=/d"]
+    overrides = ["stage=3", "stage3=post", "model=helios14b", *paths, "validation.enabled=true"]
+    cfg = compose(overrides)
+    roles = {r.name: r for r in memory.build_roles(cfg, torch.float32)}
+    stage = STAGES[3](cfg)
+    for name, lora in stage.role_loras().items():
+        model = build_transformer(cfg.model.transformer)
+        model = apply_lora(model, lora) if lora is not None else model.requires_grad_(False)
+        assert roles[name].trainable == sum(p.numel() for p in model.parameters() if p.requires_grad), name
+        assert sum(roles[name].frozen) == 4 * sum(
+            p.numel() for p in model.parameters() if not p.requires_grad
+        )
+    vae = AutoencoderKLWan.from_pretrained(base, subfolder="vae")
+    assert sum(p.numel() for p in memory.build_vae_meta(cfg).parameters()) == sum(
+        p.numel() for p in vae.parameters()
+    )
+    encoder = UMT5EncoderModel.from_pretrained(base, subfolder="text_encoder")
+    assert memory.text_encoder_bytes(cfg) == 4 * sum(p.numel() for p in encoder.parameters())
+    out = subprocess.run([sys.executable, "-m", "helios.memory", *overrides, "world_size=2", "height=64",
+                          "width=64"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert re.fullmatch(r"peak_gib_per_gpu=\d+\.\d host_gib_per_node=\d+\.\d", out.stdout.splitlines()[-1])
+
+
 # ----------------------------------------------------------------------------- the chain
 
 
