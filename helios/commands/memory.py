@@ -246,9 +246,11 @@ def offload_items(cfg, roles: list[Role]) -> list[Item]:
     return [
         Item("frozen bases resident + in flight (offload peak)", peak),
         Item(
-            "offloaded bases, pinned (one exact-size buffer per role)",
+            "offloaded bases, pinned (one exact-size buffer per role"
+            + (", once per node in /dev/shm)" if cfg.distill.offload_shared else ", per rank)"),
             0,
             sum(pinned_bytes(r.frozen) for r in roles),
+            host_per="node" if cfg.distill.offload_shared else "rank",
         ),
     ]
 

@@ -16,12 +16,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from helios.infra.node_share import NodeShare
+
 ALIGN = 16  # bytes: every view in a role's host buffer starts aligned for any dtype
 
 
 class OffloadPool:
-    def __init__(self, roles: dict[str, nn.Module], device: torch.device) -> None:
+    """``share``: the host buffers once per node (:class:`NodeShare`, collective); None: one per rank."""
+
+    def __init__(
+        self, roles: dict[str, nn.Module], device: torch.device, share: NodeShare | None = None
+    ) -> None:
         self.device = torch.device(device)
+        self.share = share
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.params: dict[str, list[nn.Parameter]] = {}
@@ -48,20 +55,32 @@ class OffloadPool:
         for p in params:
             offsets.append(total)
             total += -(-p.numel() * p.element_size() // ALIGN) * ALIGN
-        flat = torch.empty(total, dtype=torch.uint8)
+
+        def views(flat: torch.Tensor) -> list[torch.Tensor]:
+            return [
+                flat[start : start + p.numel() * p.element_size()].view(p.dtype).view(p.shape)
+                for p, start in zip(params, offsets)
+            ]
+
+        def fill(flat: torch.Tensor) -> None:
+            for view, p in zip(views(flat), params):
+                view.copy_(p.data)
+                p.data = view  # the original is freed now (when nothing else holds it), not after the role
+
+        if self.share is not None:  # filled once per node, mapped by the node's other ranks
+            flat = self.share.buffer(name, total, fill)
+        else:
+            flat = torch.empty(total, dtype=torch.uint8)
+            fill(flat)
         if self.cuda and total:
             err = torch.cuda.cudart().cudaHostRegister(flat.data_ptr(), total, 1)  # portable, as torch.cuda
             if int(err) != 0:
                 raise RuntimeError(f"cudaHostRegister of {total} bytes for role {name!r} failed: {err}")
             self._registered.append(flat.data_ptr())
         self.buffers[name] = flat
-        host = []
-        for p, start in zip(params, offsets):
-            n = p.numel() * p.element_size()
-            view = flat[start : start + n].view(p.dtype).view(p.shape)
-            view.copy_(p.data)
-            p.data = view  # the original is freed now (when nothing else holds it), not after the role
-            host.append(view)
+        host = views(flat)
+        for p, view in zip(params, host):
+            p.data = view  # the ranks that mapped the node's buffer drop their own copy here
         return host
 
     def close(self) -> None:

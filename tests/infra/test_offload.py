@@ -135,3 +135,40 @@ def test_stage3_memory_benchmark_runs_in_smoke_mode(tmp_path):
     assert modes["offload_cached_gan"]["predicted_peak_bytes"] < modes["resident"]["predicted_peak_bytes"]
     projected = {m: r["projected_14b"]["total_gib"] for m, r in modes.items()}
     assert projected["resident"] < projected["separate_real"]
+
+
+def test_node_shared_buffers_hold_the_bases_once_per_node(tmp_path, python):
+    """2 ranks on one node: both see their own weights, through one mapping of the same file (one inode),
+    a write on one rank is what the other reads, and nothing is left in the directory (issue #32: eight
+    pinned copies of two 14B bases per 8-GPU node were 427 GiB)."""
+    cmd = [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests/helpers/node_share_probe.py"), str(tmp_path)]  # fmt: skip
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert all(r["equal"] for r in ranks)
+    for role in ("generator", "critic"):
+        assert ranks[0]["inodes"][role] and ranks[0]["inodes"][role] == ranks[1]["inodes"][role], role
+    assert ranks[0]["inodes"]["generator"] != ranks[0]["inodes"]["critic"]
+    assert ranks[0]["left"] == ranks[1]["left"] == []
+    assert ranks[1]["seen"] == 123.0
+
+
+def test_one_rank_per_node_keeps_a_plain_buffer_and_a_small_shm_is_a_config_error(tmp_path, monkeypatch):
+    import shutil
+
+    from helios.config import ConfigError
+    from helios.infra.node_share import NodeShare
+
+    share = NodeShare(tmp_path)  # one process: nothing to share with
+    assert not share.shared
+    pool = OffloadPool({"generator": _role(0)}, torch.device("cpu"), share)
+    assert pool.buffers["generator"].numel() > 0 and list(tmp_path.iterdir()) == []
+    share.shared = True  # as on a node with several ranks, but /dev/shm too small for the base
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage._replace(free=10))
+    with pytest.raises(
+        ConfigError, match=r"distill\.offload_shared.*10 bytes|distill\.offload_shared.*GiB free"
+    ):
+        OffloadPool({"critic": _role(1)}, torch.device("cpu"), share)
+    assert list(tmp_path.iterdir()) == []

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from helios.config.schema import DistillConfig, LoraConfig, TrainConfig
+from helios.infra.node_share import NodeShare
 from helios.infra.offload import OffloadPool
 from helios.model import apply_lora, build_transformer
 from helios.model.gan import GanHeads
@@ -171,7 +172,8 @@ class DistillRoles:
         """``distill.offload``: frozen weights to the offload pool (host), the rest to ``device``."""
         if not self.d.offload:
             return False
-        self.pool = OffloadPool(self.engines(model), device)
+        share = NodeShare() if self.d.offload_shared else None  # collective
+        self.pool = OffloadPool(self.engines(model), device, share)
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.to(device)

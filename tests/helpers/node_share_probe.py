@@ -1,0 +1,53 @@
+"""Under torchrun: two ranks build the offload pool with node-shared host buffers; each writes what it
+sees (values, the mapped file's inode, what is left in the directory, a value the other rank wrote)."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from helios.infra.node_share import NodeShare
+from helios.infra.offload import OffloadPool
+
+
+def mapped_inode(address: int) -> int | None:
+    """The inode of the file mapping that holds ``address`` (/proc/self/maps), None for anonymous memory."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        if start <= address < end:
+            return int(fields[4]) or None
+    return None
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    out = Path(sys.argv[1])
+    directory = out / "shm"
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)  # the same frozen weights on every rank, as a stage-3 base
+    roles = {"generator": nn.Linear(64, 32), "critic": nn.Linear(16, 8, bias=False)}
+    expected = {n: [p.detach().clone() for p in m.parameters()] for n, m in roles.items()}
+    for module in roles.values():
+        module.requires_grad_(False)
+    pool = OffloadPool(roles, torch.device("cpu"), NodeShare(directory))
+    equal = all(torch.equal(p, e) for n, m in roles.items() for p, e in zip(m.parameters(), expected[n]))
+    inodes = {n: mapped_inode(pool.buffers[n].data_ptr()) for n in roles}
+    dist.barrier()
+    left = sorted(os.listdir(directory))
+    if rank == 0:  # one node's memory: a write on rank 0 is what rank 1 reads
+        pool.host["generator"][0][0, 0] = 123.0
+    dist.barrier()
+    seen = float(pool.host["generator"][0][0, 0])
+    report = {"equal": equal, "inodes": inodes, "left": left, "seen": seen}
+    (out / f"rank{rank}.json").write_text(json.dumps(report))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
