@@ -33,6 +33,7 @@ from helios.infra.distributed import (
 from helios.infra.flops import FlopCounter, peak_tflops
 from helios.infra.guard import StepGuard, check_reading, diverged, weight_stats
 from helios.infra.metrics import MetricsLogger, memory_peaks, micro_means
+from helios.infra.node_share import NodeShare, node_shared_loader, own_trainable
 from helios.infra.resolve import (
     check_installed,
     out_of_memory,
@@ -76,7 +77,10 @@ class Trainer:
         self.dist: DistInfo = setup(cfg.parallel, cfg.trainer)
         self.grad_accum = resolve_grad_accum(cfg, self.dist.world_size)
         self.dtype = resolve_precision(cfg, self.dist.device)
-        self.stage = STAGES[cfg.stage](cfg, merged_weights)
+        # the bases read at start-up, once per node (collective)
+        self.share = NodeShare() if cfg.parallel.node_shared_weights and self.dist.world_size > 1 else None
+        self.load_weights = node_shared_loader(self.share, merged_weights)
+        self.stage = STAGES[cfg.stage](cfg, self.load_weights)
         self.step = 0
         self.data_skipped = 0
         self.backend: ParallelBackend | None = None
@@ -121,12 +125,13 @@ class Trainer:
         check_source_formats(cfg)
         # init_from: the previous run's model with its LoRA merged (stage 3's: its generator), so the next
         # phase starts from exactly the function the previous one ended with
-        base_state = merged_weights(cfg.init_from, dtype=self.dtype) if cfg.init_from else None
+        base_state = self.load_weights(cfg.init_from, dtype=self.dtype) if cfg.init_from else None
         seed_everything(cfg.seed)  # the same initial weights (LoRA A draws) on every rank and every run
         # frozen bases loaded in the compute dtype and held once (the state's tensors are the model's)
         self.model = self.stage.build_model(base_state, self.dtype)
         del base_state
         cast_frozen(self.model, self.dtype)  # frozen base in the compute dtype (diffusers' fp32 modules kept)
+        own_trainable(self.model, self.share)
         placed = self.stage.place(self.model, self.dist.device)
         if not placed:
             self.model.to(self.dist.device)

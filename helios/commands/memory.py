@@ -39,7 +39,7 @@ from torch import nn
 from helios.commands import memory_trace as trace
 from helios.config.schema import KernelsConfig
 from helios.core.history import HistoryLayout
-from helios.infra.offload import ALIGN
+from helios.infra.node_share import aligned
 from helios.infra.resolve import resolve_num_workers, resolve_precision
 from helios.model import apply_lora, build_transformer
 from helios.model.encoders import TINY_VAE_KWARGS, byte_tokenizer, tiny_text_encoder_config
@@ -196,7 +196,7 @@ def pinned_bytes(sizes: list[int]) -> int:
     """Host bytes of the offload pool's buffer for tensors of ``sizes`` bytes: one exact-size
     allocation, each tensor 16-byte aligned (helios/infra/offload.py)."""
 
-    return sum(-(-n // ALIGN) * ALIGN for n in sizes)
+    return sum(aligned(n) for n in sizes)
 
 
 GROUP_OF = {"model": "model", "generator": "generator", "fake": "critic", "real": "real"}  # role -> group
@@ -247,10 +247,10 @@ def offload_items(cfg, roles: list[Role]) -> list[Item]:
         Item("frozen bases resident + in flight (offload peak)", peak),
         Item(
             "offloaded bases, pinned (one exact-size buffer per role"
-            + (", once per node in /dev/shm)" if cfg.distill.offload_shared else ", per rank)"),
+            + (", once per node in /dev/shm)" if cfg.parallel.node_shared_weights else ", per rank)"),
             0,
             sum(pinned_bytes(r.frozen) for r in roles),
-            host_per="node" if cfg.distill.offload_shared else "rank",
+            host_per="node" if cfg.parallel.node_shared_weights else "rank",
         ),
     ]
 
@@ -565,21 +565,38 @@ def estimate(cfg, world_size: int, latent_hw: tuple[int, int]) -> list[Item]:
                 host_per="node",
             )
         )
-    items.append(build_host(cfg, roles, dtype))
+    items += build_host(cfg, roles, dtype)
     items += runtime_items(cfg, roles)
     return items
 
 
-def build_host(cfg, roles: list[Role], dtype: torch.dtype) -> Item:
-    """Host memory per rank while the models are built, as the code builds them: each base is loaded
-    once in the compute dtype and held by its role itself (``Stage.build_model``: the state's tensors
-    assigned, no second copy; a merged ``init_from`` chain rebuilds one model at a time), so the peak
-    is every role's frozen base (a separate real score: its own copy) plus its fp32 trainable weights.
-    The offload pool then copies each base tensor by tensor into its host buffer (counted from the
-    first step on)."""
-    held = sum(sum(r.frozen) + 4 * r.trainable for r in roles)
-    label = f"host at build: {len(roles)} bases in {str(dtype).removeprefix('torch.')}"
-    return Item(label, 0, held, when=("build",))
+def build_host(cfg, roles: list[Role], dtype: torch.dtype) -> list[Item]:
+    """Host memory while the models are built, as the code builds them: each base is loaded once in the
+    compute dtype and held by its role itself (``Stage.build_model``: the state's tensors assigned, no
+    second copy; a merged ``init_from`` chain rebuilds one model at a time). The bases read through the
+    weights loader (stage 3's roles, an ``init_from`` run's merged model) are held once per node with
+    ``parallel.node_shared_weights`` (:meth:`helios.infra.node_share.NodeShare.state`): every such base in
+    ``/dev/shm`` plus one more base at a time, the node's first rank reading the next one (or the offload
+    pool copying one into its buffer); the others per rank, with every rank's fp32 trainable weights."""
+    shared = cfg.parallel.node_shared_weights
+    through_loader = cfg.stage == 3 or bool(cfg.init_from)
+    bases = [sum(r.frozen) for r in roles]
+    label = f"{len(roles)} base{'s' * (len(roles) > 1)} in {str(dtype).removeprefix('torch.')}"
+    trainable = Item(
+        "host at build: trainable weights (fp32)", 0, 4 * sum(r.trainable for r in roles), ("build",)
+    )
+    if not (shared and through_loader):
+        return [trainable, Item(f"host at build: {label}", 0, sum(bases), when=("build",))]
+    return [
+        trainable,
+        Item(
+            f"host at build: {label}, once per node in /dev/shm, + one read or copied at a time",
+            0,
+            sum(bases) + max(bases),
+            when=("build",),
+            host_per="node",
+        ),
+    ]
 
 
 @dataclass

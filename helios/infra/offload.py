@@ -16,9 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from helios.infra.node_share import NodeShare
-
-ALIGN = 16  # bytes: every view in a role's host buffer starts aligned for any dtype
+from helios.infra.node_share import NodeShare, aligned, tensor_bytes
 
 
 class OffloadPool:
@@ -54,11 +52,11 @@ class OffloadPool:
         offsets, total = [], 0
         for p in params:
             offsets.append(total)
-            total += -(-p.numel() * p.element_size() // ALIGN) * ALIGN
+            total += aligned(tensor_bytes(p))
 
         def views(flat: torch.Tensor) -> list[torch.Tensor]:
             return [
-                flat[start : start + p.numel() * p.element_size()].view(p.dtype).view(p.shape)
+                flat[start : start + tensor_bytes(p)].view(p.dtype).view(p.shape)
                 for p, start in zip(params, offsets)
             ]
 
@@ -90,7 +88,7 @@ class OffloadPool:
         self._registered.clear()
 
     def role_bytes(self, name: str) -> int:
-        return sum(h.numel() * h.element_size() for h in self.host[name])
+        return sum(tensor_bytes(h) for h in self.host[name])
 
     def prefetch(self, name: str) -> None:
         """Start copying ``name``'s frozen weights to the device (non-blocking, side stream)."""

@@ -1,4 +1,5 @@
-"""Run the trainer for a few steps under torchrun and dump each rank's trainable weights and data."""
+"""Run the trainer for a few steps under torchrun and dump each rank's trainable weights and data, how often
+it read weights and where its parameters live (node-shared /dev/shm files, by inode)."""
 
 import json
 import sys
@@ -11,6 +12,7 @@ from helios.config import compose
 from helios.model import trainable_state_dict
 from helios.tiny_recipe import complete_tiny_distill
 from helios.trainer import Trainer
+from node_share_probe import mapped_inode
 
 
 def main() -> None:
@@ -25,12 +27,19 @@ def main() -> None:
             *sys.argv[2:],
         ]
     )
+    loads = []  # the weight sources this rank read itself
+    read = trainer_module.merged_weights
+    trainer_module.merged_weights = lambda source, *a, **k: loads.append(str(source)) or read(source, *a, **k)
     trainer = Trainer(complete_tiny_distill(cfg), out / "run")
     trainer.run_dir.mkdir(parents=True, exist_ok=True)
     trainer._build_data()
     planned = iter(trainer.sampler)  # the batches training will consume, in order
     seen = [[b[0][1], [i for i, *_ in b]] for b in (next(planned) for _ in range(cfg.trainer.max_steps))]
     trainer._build_model()
+    trainer_module.merged_weights = read
+    placement = {"frozen": set(), "trainable": set()}  # the inodes of the files the parameters map
+    for p in trainer.model.parameters():
+        placement["trainable" if p.requires_grad else "frozen"].add(mapped_inode(p.data_ptr()))
     if trainer.dist.rank == 0:  # the weights before any step, to show that training moved them
         save_file(trainable_state_dict(trainer.model), str(out / "init.safetensors"))
     losses = [trainer.train_step()["loss"] for _ in range(cfg.trainer.max_steps)]
@@ -42,6 +51,7 @@ def main() -> None:
     saved = trainer.save_checkpoint()
     trainer_module.model_tensors = original
     report = {"seen": seen, "losses": losses, "assembled": len(assembled), "checkpoint": str(saved)}
+    report.update(loads=loads, **{k: sorted(v, key=str) for k, v in placement.items()})
     (out / f"rank{rank}.json").write_text(json.dumps(report))
     trainer.close()
 

@@ -140,7 +140,8 @@ def test_stage3_memory_benchmark_runs_in_smoke_mode(tmp_path):
 def test_node_shared_buffers_hold_the_bases_once_per_node(tmp_path, python):
     """2 ranks on one node: both see their own weights, through one mapping of the same file (one inode),
     a write on one rank is what the other reads, and nothing is left in the directory (issue #32: eight
-    pinned copies of two 14B bases per 8-GPU node were 427 GiB)."""
+    pinned copies of two 14B bases per 8-GPU node were 427 GiB); the same for weights read at start-up,
+    which only the node's first rank reads, and whose trainable tensors each rank copies for itself."""
     cmd = [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "tests/helpers/node_share_probe.py"), str(tmp_path)]  # fmt: skip
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -152,6 +153,11 @@ def test_node_shared_buffers_hold_the_bases_once_per_node(tmp_path, python):
     assert ranks[0]["inodes"]["generator"] != ranks[0]["inodes"]["critic"]
     assert ranks[0]["left"] == ranks[1]["left"] == []
     assert ranks[1]["seen"] == 123.0
+    # a state read once per node: rank 0 read it, rank 1 maps it; a trainable weight built on it is copied
+    assert ranks[0]["reads"] == [1] and ranks[1]["reads"] == []
+    assert ranks[0]["inodes"]["state"] and ranks[0]["inodes"]["state"] == ranks[1]["inodes"]["state"]
+    assert ranks[0]["inodes"]["trainable"] is None and ranks[1]["inodes"]["trainable"] is None
+    assert ranks[0]["trainable_seen"] == 7.0 and ranks[1]["trainable_seen"] != 7.0
 
 
 def test_one_rank_per_node_keeps_a_plain_buffer_and_a_small_shm_is_a_config_error(tmp_path, monkeypatch):
@@ -168,7 +174,7 @@ def test_one_rank_per_node_keeps_a_plain_buffer_and_a_small_shm_is_a_config_erro
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda _: usage._replace(free=10))
     with pytest.raises(
-        ConfigError, match=r"distill\.offload_shared.*10 bytes|distill\.offload_shared.*GiB free"
+        ConfigError, match=r"parallel\.node_shared_weights.*10 bytes|parallel\.node_shared_weights.*GiB free"
     ):
         OffloadPool({"critic": _role(1)}, torch.device("cpu"), share)
     assert list(tmp_path.iterdir()) == []

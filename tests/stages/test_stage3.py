@@ -188,6 +188,12 @@ def test_stage3_two_process_ddp_keeps_roles_identical(tmp_path):
     assert any(k.startswith("heads.") for k in w0)
     for key in w0:
         assert torch.equal(w0[key], w1[key]), key
+    # the bases were read once per node (parallel.node_shared_weights): rank 0 read them into /dev/shm, rank 1
+    # read nothing and maps the same files; the trainable weights are each rank's own (issue #32)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert len(r0["loads"]) >= 2 and r1["loads"] == []
+    assert r0["frozen"] and r0["frozen"] == r1["frozen"] and None not in r0["frozen"]
+    assert not set(r0["trainable"]) & set(r0["frozen"]) and not set(r1["trainable"]) & set(r1["frozen"])
 
 
 def test_cached_gan_gradient_equals_plain_autograd(tmp_path):

@@ -131,9 +131,6 @@ class DistillConfig(Validated):
     # with offload: the next role's base copied on a side stream while the current one computes (the
     # copy hidden, one more 14B base on the GPU: for GPUs with room for it, e.g. 141 GB)
     offload_prefetch: bool = False
-    # with offload: the pool's host buffers once per node, the node's ranks mapping the same /dev/shm pages
-    # (the bases are the same on every rank); false: one copy per rank
-    offload_shared: bool = True
     # Table-5 ablations: "w Self-Forcing" (history = the generator's own rollout instead of real data) and
     # "w Bidirectional Teacher" (the real score sees a bidirectional_frames-long segment, no history inputs)
     history_source: str = "teacher"

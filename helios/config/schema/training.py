@@ -114,6 +114,11 @@ class ParallelConfig(Validated):
     zero3_persistence_threshold: int = 100_000
     # a collective that waits longer (a hung or dead rank) fails the job instead of blocking it
     timeout_minutes: float = 10.0
+    # frozen weights held in host memory once per node, the node's ranks mapping the same /dev/shm pages
+    # (they are the same on every rank): the bases read at start-up (stage 3's teacher and generator init,
+    # an init_from run's merged model: the node's first rank reads them, the others map them) and the offload
+    # pool's buffers (distill.offload); false: one private copy per rank
+    node_shared_weights: bool = True
 
     def role_backend(self, role: str) -> str:
         return getattr(self.roles, role, "") or self.backend

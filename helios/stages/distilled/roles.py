@@ -102,31 +102,24 @@ class DistillRoles:
     def build(self, base_state: dict | None, dtype: torch.dtype) -> DistillModule:
         """The roles, each base loaded once in ``dtype`` and held by its role itself: the generator on
         ``base_state`` (``init_from``), else ``distill.generator_init``, else the teacher; the fake score on
-        the teacher (and a separate real score on its own copy with ``shared_teacher=false``). The teacher
-        is read only when a role needs it."""
-        teacher: dict | None = None
-
-        def teacher_state() -> dict:
-            nonlocal teacher
-            if teacher is None:
-                teacher = self._load(self.d.teacher, dtype)
-            return teacher
-
+        the teacher (and a separate real score on its own copy with ``shared_teacher=false``). A role's own
+        copy of the teacher is read again through the loader (once per node with
+        ``parallel.node_shared_weights``), never cloned on each rank."""
         if base_state is not None:
             generator_state = base_state
         elif self.d.generator_init:
             generator_state = self._load(self.d.generator_init, dtype)
-        else:  # its own copy: two roles never share a tensor (checkpoints, the offload pool, ZeRO)
-            generator_state = {k: v.clone() for k, v in teacher_state().items()}
+        else:  # read again, its own copy: two roles never share a tensor (checkpoints, offload pool, ZeRO)
+            generator_state = self._load(self.d.teacher, dtype)
         loras = self.loras()
         generator = self._transformer(generator_state, loras["generator"], dtype)
         del generator_state, base_state
         if self.d.phase == "ode":
             return DistillModule(generator)
-        fake = self._transformer(teacher_state(), loras["fake"], dtype)
+        fake = self._transformer(self._load(self.d.teacher, dtype), loras["fake"], dtype)
         real = None
         if "real" in loras:  # the paper's separate frozen copy
-            real = self._transformer({k: v.clone() for k, v in teacher_state().items()}, loras["real"], dtype)
+            real = self._transformer(self._load(self.d.teacher, dtype), loras["real"], dtype)
         shape = fake.config  # the loaded model's own shape (a checkpoint's, not the config's defaults)
         heads = (
             GanHeads(
@@ -172,7 +165,7 @@ class DistillRoles:
         """``distill.offload``: frozen weights to the offload pool (host), the rest to ``device``."""
         if not self.d.offload:
             return False
-        share = NodeShare() if self.d.offload_shared else None  # collective
+        share = NodeShare() if self.cfg.parallel.node_shared_weights else None  # collective
         self.pool = OffloadPool(self.engines(model), device, share)
         for p in model.parameters():
             if p.requires_grad:
