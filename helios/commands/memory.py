@@ -282,6 +282,18 @@ def stage3_graphs(
     return {"generator": [generator], "fake": critic}
 
 
+def pyramid_forwards(cfg, latent_hw: tuple[int, int]) -> list[tuple[tuple[int, int] | None, int]]:
+    """Stage 2's forwards of one micro-batch: with ``pyramid.stage_draw=every`` one per pyramid stage, at
+    its resolution, of ``stage_ratios[k]`` times the clips; ``random``: the worst draw, every clip at full
+    resolution."""
+    p = cfg.pyramid
+    if p.stage_draw == "random":
+        return [(None, 1)]
+    h, w = latent_hw
+    scale = [2 ** (p.stages - 1 - k) for k in range(p.stages)]
+    return [((h // s, w // s), round(r)) for s, r in zip(scale, p.stage_ratios) if r]
+
+
 @dataclass
 class Activations:
     """One graph's activation bytes at the backward's peak: what its forwards saved, the largest block
@@ -345,7 +357,8 @@ def count_activations(cfg, fakes: FakeRoles, latent_hw: tuple[int, int]) -> Acti
     saved tensors wait while the backward runs through the one with the largest recompute + transient."""
     post = cfg.stage == 3 and cfg.distill.phase != "ode"
     trainable = [r.name for r in fakes.whole.values() if r.trainable]
-    graphs = stage3_graphs(cfg, latent_hw) if post else {name: [[(None, 1)]] for name in trainable}
+    forwards = pyramid_forwards(cfg, latent_hw) if cfg.stage == 2 else [(None, 1)]
+    graphs = stage3_graphs(cfg, latent_hw) if post else {name: [forwards] for name in trainable}
     best: Activations | None = None
     for name, parts in graphs.items():
         for forwards in parts:  # the parts of a graph are backpropagated one after the other
@@ -538,10 +551,12 @@ def estimate(cfg, world_size: int, latent_hw: tuple[int, int]) -> list[Item]:
         items += offload_items(cfg, roles)
     fakes = FakeRoles(cfg, roles, dtype)
     act = count_activations(cfg, fakes, latent_hw)
-    b = cfg.trainer.batch_size
+    b = f"batch {cfg.trainer.batch_size}"
+    if cfg.stage == 2 and cfg.pyramid.samples_per_clip() > 1:
+        b += f" clip(s) x {cfg.pyramid.samples_per_clip()} pyramid stage-samples"
     items += [
         Item(
-            f"activations saved for backward (batch {b}, counted; the largest graph: {act.role})",
+            f"activations saved for backward ({b}, counted; the largest graph: {act.role})",
             act.saved,
             when=("step",),
         ),

@@ -104,11 +104,20 @@ def unknown_key(node, schema_type: type, prefix: str = "") -> str | None:
     return None
 
 
+# keys a saved config (a checkpoint's) may still use, and where they live now
+MOVED_KEYS = {"distill.offload_shared": "parallel.node_shared_weights"}
+
+
 def load_config(cfg: DictConfig | dict, schema_type: type = TrainConfig):
     """Type-check ``cfg`` against the schema and validate ranges; raise :class:`ConfigError`."""
     if isinstance(cfg, dict):
         cfg = OmegaConf.create(cfg)
     cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"]) if "hydra" in cfg else cfg
+    for old, new in MOVED_KEYS.items():
+        section, _, name = old.rpartition(".")
+        node = OmegaConf.select(cfg, section)
+        if isinstance(node, DictConfig) and name in node:
+            OmegaConf.update(cfg, new, node.pop(name), force_add=True)
     extra = unknown_key(OmegaConf.to_container(cfg, resolve=False), schema_type)
     if extra is not None:
         raise ConfigError(extra, "unknown key: the schema has no such field (check its spelling)")

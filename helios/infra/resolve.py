@@ -38,20 +38,27 @@ def check_installed(cfg: TrainConfig) -> None:
 
 
 def resolve_grad_accum(cfg: TrainConfig, world_size: int) -> int:
-    """``trainer.global_batch_size`` (when set) = batch_size x world_size x grad_accum."""
+    """``trainer.global_batch_size`` (when set) = batch_size x world_size x grad_accum, in samples: stage 2
+    with ``pyramid.stage_draw=every`` counts each clip's stage-samples (the reference's global batch 192 of
+    2-post = 1 clip x 3 stages x 64 GPUs)."""
     t = cfg.trainer
     if t.global_batch_size == 0:
         return t.grad_accum
-    per_step = t.batch_size * world_size
+    samples = cfg.pyramid.samples_per_clip() if cfg.stage == 2 else 1
+    per_step = t.batch_size * world_size * samples
     if t.global_batch_size % per_step:
-        fits = [b for b in range(t.batch_size, 0, -1) if t.global_batch_size % (b * world_size) == 0]
+        per_clip = world_size * samples
+        fits = [b for b in range(t.batch_size, 0, -1) if t.global_batch_size % (b * per_clip) == 0]
         lower = t.global_batch_size // per_step * per_step
         options = [f"trainer.batch_size={fits[0]}"] if fits else []
         options += [f"trainer.global_batch_size={g}" for g in (lower, lower + per_step) if g > 0]
         raise ConfigError(
             "trainer.global_batch_size",
             f"{t.global_batch_size} is not a multiple of batch_size x world_size = "
-            f"{t.batch_size} x {world_size}; nearest working settings: " + " or ".join(options),
+            f"{t.batch_size} x {world_size}"
+            + (f" x {samples} stage-samples per clip (pyramid.stage_draw=every)" if samples > 1 else "")
+            + "; nearest working settings: "
+            + " or ".join(options),
         )
     return t.global_batch_size // per_step
 

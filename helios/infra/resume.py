@@ -36,6 +36,7 @@ CHANGEABLE_ON_RESUME = (
     "parallel.shard_optimizer",  # the checkpoint holds the whole optimizer state either way
     "distill.offload",  # where the frozen bases live between uses: the same computation
     "distill.offload_prefetch",
+    "parallel.node_shared_weights",  # where the frozen bases live in host memory: the same computation
     "parallel.grad_comm",
 )
 # Set by the run itself at start-up (pinned weight sources, the tiny recipe's cached teacher and pairs).

@@ -28,7 +28,7 @@ from helios.stages.stage import Stage, WeightsLoader
 class NoisyGroup:
     """Samples of a micro-batch that share one noisy-window shape (one forward pass)."""
 
-    index: torch.Tensor  # which samples of the batch
+    index: torch.Tensor  # the clip of the batch each sample is made of (a clip may make several)
     x_t: torch.Tensor
     timestep: torch.Tensor
     target: torch.Tensor  # velocity, diffusers convention: noise side minus data side
@@ -124,7 +124,7 @@ class FlowStage(Stage):
         cond, target, stats = self.condition(batch, generator)
         groups, noisy_stats = self.noisy_groups(target, generator, shared or generator)
         total = torch.zeros((), device=device)
-        b = target.shape[0]
+        samples = sum(len(g.index) for g in groups)  # the loss is the mean over them
         stats["noisy_tokens"] = float(sum(len(g.index) * token_count(*g.x_t.shape[2:]) for g in groups))
         for g in groups:
             inputs = {k: v[g.index].to(device, non_blocking=True) for k, v in cond.items()}
@@ -135,7 +135,7 @@ class FlowStage(Stage):
                 return_dict=False,
             )[0]
             loss = F.mse_loss(pred.float(), g.target.to(device, non_blocking=True).float())
-            total = total + loss * (len(g.index) / b)
+            total = total + loss * (len(g.index) / samples)
             if g.name != "flow":
                 stats[f"loss_{g.name}"] = loss.detach()  # a device scalar: read when logged
         return total, {**stats, **noisy_stats}

@@ -12,10 +12,12 @@ from helios.stages.stage1_base import FlowStage, NoisyGroup
 
 
 class PyramidStage(FlowStage):
-    """Each sample trains one pyramid stage k (drawn with ``pyramid.stage_ratios``) on the straight
-    path between the stage's start and end points at its resolution; sigma is sampled as in Stage 1
-    and shifted by the stage's own token count; samples of one stage share a forward pass. The stage of
-    each sample comes from the rank-shared generator, so every rank makes the same forward passes."""
+    """Each stage-sample trains one pyramid stage k on the straight path between the stage's start and end
+    points at its resolution (Eq. 5-7); sigma is sampled as in Stage 1 and shifted by the stage's own
+    token count; the stage-samples of one stage share a forward pass. ``pyramid.stage_draw=every`` (the
+    reference): every clip at every stage, ``stage_ratios[k]`` times, its noise shared by them; ``random``:
+    each clip at one stage drawn from the rank-shared generator, so every rank makes the same forward
+    passes (ZeRO-3)."""
 
     name = "pyramid"
 
@@ -24,6 +26,15 @@ class PyramidStage(FlowStage):
         self.schedule = PyramidSchedule(cfg.pyramid.stages, cfg.pyramid.gamma)
         ratios = torch.tensor(cfg.pyramid.stage_ratios, dtype=torch.float64)
         self.probs = ratios / ratios.sum()
+
+    def stage_samples(self, clips: int, shared: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the clip, the stage) of each stage-sample of a micro-batch of ``clips`` clips."""
+        if self.cfg.pyramid.stage_draw == "random":
+            drawn = torch.multinomial(self.probs, clips, replacement=True, generator=shared)
+            return torch.arange(clips), drawn
+        repeats = torch.tensor([round(r) for r in self.cfg.pyramid.stage_ratios])
+        stage_of = torch.repeat_interleave(torch.arange(len(repeats)), repeats)
+        return torch.arange(clips).repeat_interleave(len(stage_of)), stage_of.repeat(clips)
 
     def noisy_groups(
         self, target: torch.Tensor, generator: torch.Generator, shared: torch.Generator
@@ -36,13 +47,11 @@ class PyramidStage(FlowStage):
                 f"latent size {h}x{w} is not divisible by {factor}: {k_max} pyramid stages need it "
                 "(choose the resolution or pyramid.stages accordingly)"
             )
-        b = target.shape[0]
-        # the same stage pattern on every rank: one forward per stage present, equal counts under ZeRO-3
-        stage_of = torch.multinomial(self.probs, b, replacement=True, generator=shared)
-        noise = torch.randn(target.shape, generator=generator)
+        clip_of, stage_of = self.stage_samples(target.shape[0], shared)
+        noise = torch.randn(target.shape, generator=generator)  # one per clip, shared by its stage-samples
         groups, sigmas = [], []
         for k in range(k_max):
-            index = torch.nonzero(stage_of == k).flatten()
+            index = clip_of[stage_of == k]
             if len(index) == 0:
                 continue
             start, end = self.schedule.endpoints(target[index], noise[index], k)

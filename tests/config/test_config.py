@@ -199,3 +199,15 @@ def test_cli_fails_before_building_anything(tmp_path, override, needle):
     assert proc.returncode != 0
     assert needle in proc.stderr + proc.stdout
     assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_a_saved_config_with_a_moved_key_loads_under_its_new_name():
+    """Checkpoints from before ``distill.offload_shared`` became ``parallel.node_shared_weights`` resume."""
+    from omegaconf import OmegaConf
+
+    from helios.config.load import load_config, to_yaml
+
+    saved = OmegaConf.create(to_yaml(compose(["stage=3"])))
+    del saved.parallel["node_shared_weights"]
+    saved.distill.offload_shared = False
+    assert load_config(saved).parallel.node_shared_weights is False

@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+from node_share_probe import mapped_inode
 from safetensors.torch import save_file
 
 from helios import trainer as trainer_module
@@ -12,7 +13,6 @@ from helios.config import compose
 from helios.model import trainable_state_dict
 from helios.tiny_recipe import complete_tiny_distill
 from helios.trainer import Trainer
-from node_share_probe import mapped_inode
 
 
 def main() -> None:

@@ -133,8 +133,11 @@ def test_stage2_tiny_run_decreases_and_resumes(tmp_path):
     full = _train(common, tmp_path / "full")
     assert all(math.isfinite(m["loss"]) for m in full)
     assert {"loss_stage0", "loss_stage1", "loss_stage2", "noisy_tokens"} <= set(full[-1])
-    # the rank-shared stream follows the step: the samples' pyramid stages change from step to step
-    assert len({tuple(m[f"frac_stage{k}"] for k in range(3)) for m in full}) > 1
+    # pyramid.stage_draw=every (the reference): each clip at every stage, [1, 2, 1] times, in every step
+    assert {tuple(m[f"frac_stage{k}"] for k in range(3)) for m in full} == {(0.25, 0.5, 0.25)}
+    # random: the rank-shared stream follows the step, the samples' pyramid stages change from step to step
+    drawn = _train([*common, "pyramid.stage_draw=random", "trainer.batch_size=4"], tmp_path / "random")
+    assert len({tuple(m[f"frac_stage{k}"] for k in range(3)) for m in drawn}) > 1
     _train([*common, "trainer.max_steps=3"], tmp_path / "split")
     resumed = {m["step"]: m["loss"] for m in _train(common, tmp_path / "split")}
     for m in full[3:]:
@@ -250,3 +253,51 @@ def test_stage_endpoints_are_the_references_formula():
         start, end = schedule.endpoints(x0, eps, k)
         torch.testing.assert_close(start, (1 - s) * coarse + s * eps_k)
         torch.testing.assert_close(end, (1 - e) * x0_k + e * eps_k)
+
+
+def test_every_clip_trains_every_stage_as_the_reference():
+    """pyramid.stage_draw=every (the reference's prepare_stage2_clean_input): each clip at stage k
+    stage_ratios[k] times, each time with its own sigma but the clip's one noise (so the replicates of a
+    stage share their target), and the loss is the mean over the stage-samples; the global batch counts
+    stage-samples (2-post: 192 = 1 clip x 3 stages x 64 GPUs)."""
+    from helios.infra.resolve import resolve_grad_accum
+    from helios.stages.stage2_mid import PyramidStage
+
+    stage = PyramidStage(compose(["stage=2"]))  # tiny: ratios [1, 2, 1]
+    target = torch.randn(2, 4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    groups, stats = stage.noisy_groups(
+        target, torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)
+    )
+    assert [(g.name, g.index.tolist()) for g in groups] == [
+        ("stage0", [0, 1]), ("stage1", [0, 0, 1, 1]), ("stage2", [0, 1])
+    ]  # fmt: skip
+    stage1 = groups[1]
+    torch.testing.assert_close(stage1.target[0], stage1.target[1])  # one clip, one noise
+    assert not torch.equal(stage1.target[0], stage1.target[2])  # two clips
+    assert stage1.timestep[0] != stage1.timestep[1]  # each replicate its own sigma
+    assert (stats["frac_stage0"], stats["frac_stage1"], stats["frac_stage2"]) == (0.25, 0.5, 0.25)
+
+    post = ["stage=2", "stage2=post", "init_from=/x", "model=wan14b", "model.transformer.path=/x", "data=/d"]
+    assert resolve_grad_accum(compose(post), 64) == 1 and resolve_grad_accum(compose(post), 8) == 8
+    assert resolve_grad_accum(compose([*post, "pyramid.stage_draw=random", "trainer.batch_size=3"]), 8) == 8
+    with pytest.raises(Exception, match=r"global_batch_size.*x 3 stage-samples per clip"):
+        resolve_grad_accum(compose(post), 5)
+    with pytest.raises(Exception, match=r"pyramid\.stage_ratios.*whole numbers"):
+        compose(["stage=2", "pyramid.stage_ratios=[1,1.5,1]"])
+    compose(["stage=2", "pyramid.stage_ratios=[1,1.5,1]", "pyramid.stage_draw=random"])
+
+
+def test_the_stage2_loss_is_the_mean_over_stage_samples(monkeypatch):
+    """FlowStage weighs each group by its share of the stage-samples (the reference's NaViT-packed mean)."""
+    from helios.stages.stage1_base import NoisyGroup
+    from helios.stages.stage2_mid import PyramidStage
+
+    stage = PyramidStage(compose(["stage=2"]))
+    x, x3 = torch.zeros(1, 4, 3, 8, 8), torch.zeros(3, 4, 3, 8, 8)
+    groups = [NoisyGroup(torch.tensor([0]), x, torch.zeros(1), x + 1.0, "stage0"),
+              NoisyGroup(torch.tensor([0, 0, 0]), x3, torch.zeros(3), x3 + 3.0, "stage1")]  # fmt: skip
+    monkeypatch.setattr(stage, "condition", lambda batch, gen: ({}, x, {}))
+    monkeypatch.setattr(stage, "noisy_groups", lambda *a: (groups, {}))
+    model = lambda hidden_states, **_: (torch.zeros_like(hidden_states),)  # noqa: E731
+    loss, _ = stage.compute_loss(model, None, torch.Generator(), step=0)
+    assert float(loss) == pytest.approx((1 * 1.0 + 3 * 9.0) / 4)

@@ -43,12 +43,21 @@ class FlowConfig(Validated):
 
 @dataclass
 class PyramidConfig(Validated):
-    """Stage 2 (§3.3.2): ``stages`` resolutions (halved below full); each sample trains stage k with
-    probability ``stage_ratios[k] / sum`` (Table 1 reference: [1, 2, 1] init, [1, 1, 1] post)."""
+    """Stage 2 (§3.3.2): ``stages`` resolutions (halved below full), in the proportions ``stage_ratios``
+    (Table 1 reference: [1, 2, 1] init, [1, 1, 1] post). ``stage_draw``: "every" (the reference code) trains
+    every clip at every stage k, ``stage_ratios[k]`` times (whole numbers; each time its own sigma, the
+    clip's noise shared), so a clip is ``sum(stage_ratios)`` stage-samples and the global batch counts
+    those; "random" (Eq. 7's expectation over k) trains each clip at one stage drawn with probability
+    ``stage_ratios[k] / sum``."""
 
     stages: int = 3
     stage_ratios: list[float] = field(default_factory=lambda: [1.0, 2.0, 1.0])
+    stage_draw: str = "every"
     gamma: float = 1.0 / 3.0
+
+    def samples_per_clip(self) -> int:
+        """Stage-samples each clip of a micro-batch makes."""
+        return round(sum(self.stage_ratios)) if self.stage_draw == "every" else 1
 
     def _validate(self, prefix: str) -> None:
         check(self.stages >= 1, prefix + "stages", "must be >= 1")
@@ -57,6 +66,12 @@ class PyramidConfig(Validated):
             all(r >= 0 for r in self.stage_ratios) and sum(self.stage_ratios) > 0,
             prefix + "stage_ratios",
             "must be >= 0 with a positive sum",
+        )
+        choice(self.stage_draw, ("every", "random"), prefix + "stage_draw")
+        check(
+            self.stage_draw == "random" or all(float(r).is_integer() for r in self.stage_ratios),
+            prefix + "stage_ratios",
+            "must be whole numbers with stage_draw=every (each is how often a clip trains that stage)",
         )
         check(0.0 < self.gamma <= 1.0 / 3.0, prefix + "gamma", "must be in (0, 1/3]")
 
