@@ -42,6 +42,7 @@ from helios.core.history import HistoryLayout
 from helios.infra.node_share import aligned
 from helios.infra.resolve import resolve_num_workers, resolve_precision
 from helios.model import apply_lora, build_transformer
+from helios.model.activation_offload import offloaded_checkpoint
 from helios.model.encoders import TINY_VAE_KWARGS, byte_tokenizer, tiny_text_encoder_config
 from helios.model.gan import GanHeads
 from helios.model.transformer import frozen_dtypes
@@ -304,6 +305,7 @@ class Activations:
     saved: int
     recompute: int
     transient: int
+    host: int = 0  # the blocks' inputs in host memory (``checkpoint_offload``)
 
     @property
     def peak(self) -> int:
@@ -311,11 +313,13 @@ class Activations:
 
 
 class Counted(NamedTuple):
-    """One training forward's bytes: saved for the backward, the largest block recomputed, the transient."""
+    """One training forward's bytes: saved for the backward, the largest block recomputed, the transient;
+    ``host``: the blocks' inputs waiting in host memory (``model.transformer.checkpoint_offload``)."""
 
     saved: int
     recompute: int
     transient: int
+    host: int = 0
 
 
 class FakeRoles:
@@ -342,8 +346,16 @@ class FakeRoles:
         if key not in self.counted:
             whole, short = self.whole[name], self.short[name]
             saved, block = trace.saved_bytes(self.cfg, whole.module, inputs, self._mode(whole))
+            offload, short_offload = offloaded_checkpoint(whole.module), offloaded_checkpoint(short.module)
+            host = restored = 0
+            if offload is not None:  # the blocks' inputs wait on the host; one comes back per recompute
+                host, restored = offload.moved_bytes, offload.largest_bytes
+            if short_offload is not None:
+                short.module.enable_gradient_checkpointing()  # the transient as without (no host copies)
             after, peak = trace.training_peak(self.cfg, short.module, inputs, self._mode(short))
-            self.counted[key] = Counted(saved, block, max(0, peak - after - block))
+            if short_offload is not None:
+                short.module.enable_gradient_checkpointing(short_offload)
+            self.counted[key] = Counted(saved, block + restored, max(0, peak - after - block), host)
         return self.counted[key]
 
     def sampling(self, name: str, inputs: trace.Inputs) -> int:
@@ -368,7 +380,8 @@ def count_activations(cfg, fakes: FakeRoles, latent_hw: tuple[int, int]) -> Acti
             ]
             saved = sum(count * c.saved for count, c in counts)
             widest = max((c for _, c in counts), key=lambda c: c.recompute + c.transient)
-            candidate = Activations(name, saved, widest.recompute, widest.transient)
+            host = sum(count * c.host for count, c in counts)
+            candidate = Activations(name, saved, widest.recompute, widest.transient, host)
             if best is None or candidate.peak > best.peak:
                 best = candidate
     assert best is not None
@@ -561,6 +574,11 @@ def estimate(cfg, world_size: int, latent_hw: tuple[int, int]) -> list[Item]:
             when=("step",),
         ),
         Item("backward: one block recomputed (gradient checkpointing)", act.recompute, when=("step",)),
+        *(
+            [Item("activations: the blocks' saved inputs in pinned host memory", 0, act.host, ("step",))]
+            if act.host
+            else []
+        ),
         Item(
             "backward_transient: the block's activation gradients and temporaries (counted)",
             act.transient,

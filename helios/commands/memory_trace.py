@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from helios.core.history import HistoryLayout
+from helios.model.activation_offload import offloaded_checkpoint
 from helios.model.lora import lora_inputs_uncast
 from helios.model.transformer import frozen_dtypes
 
@@ -139,12 +140,17 @@ def saved_bytes(cfg, model: nn.Module, inputs: Inputs, mode) -> tuple[int, int]:
         hooks.append(block.register_forward_pre_hook(lambda m, a, i=i: enter(i)))
         hooks.append(block.register_forward_hook(lambda m, a, o: leave()))
     checkpointing = model.is_gradient_checkpointing
+    offload = offloaded_checkpoint(model)  # its hooks pack the blocks' inputs: counted by it, or here
+    if offload is not None:
+        offload.keep = pack
 
     def forward(checkpoint: bool) -> int:
         saved.clear()
         seen.clear()
         if checkpoint:
-            model.enable_gradient_checkpointing()
+            model.enable_gradient_checkpointing(offload)
+            if offload is not None:
+                offload.moved_bytes = offload.largest_bytes = 0
         else:
             model.disable_gradient_checkpointing()
         with mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -159,7 +165,9 @@ def saved_bytes(cfg, model: nn.Module, inputs: Inputs, mode) -> tuple[int, int]:
         for hook in hooks:
             hook.remove()
         if checkpointing:
-            model.enable_gradient_checkpointing()
+            model.enable_gradient_checkpointing(offload)
+        if offload is not None:
+            offload.keep = lambda t: t
     return total, block_peak if checkpointing else 0
 
 

@@ -6,6 +6,7 @@ import torch
 from diffusers import HeliosTransformer3DModel
 
 from helios.config.schema import KernelsConfig, TransformerConfig
+from helios.model.activation_offload import enable_checkpointing
 from helios.model.attention import replace_norms, set_attention_backend, set_processors, triton_usable
 from helios.model.encoders import seeded
 from helios.model.wan_init import helios_config_from_wan, load_wan_as_helios
@@ -103,7 +104,7 @@ def build_transformer(
         )
     apply_kernels(model, cfg, kernels, attention)
     if cfg.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
+        enable_checkpointing(model, cfg.checkpoint_offload)
     return model
 
 

@@ -43,8 +43,14 @@ SIZES = {
     "prepare": ["clip.height=64", "clip.width=64"],
     "1-init": [*COMMON, "trainer.global_batch_size=8", "validation.sampler.steps=[3]", "parallel=ddp"],
     "1-post": [*COMMON, "trainer.global_batch_size=8", "validation.sampler.steps=[3]", "parallel=zero2"],
-    "2-init": [*COMMON, "trainer.global_batch_size=8", "validation.sampler.steps=[2,2,2]", "parallel=zero3"],
-    "2-init-released": [*COMMON, "trainer.global_batch_size=8", "validation.enabled=false", "parallel=zero2"],
+    # stage 2 counts stage-samples: 2-init's clip is 4 of them ([1, 2, 1]), 2-post's 3
+    "2-init": [*COMMON, "trainer.global_batch_size=16", "validation.sampler.steps=[2,2,2]", "parallel=zero3"],
+    "2-init-released": [
+        *COMMON,
+        "trainer.global_batch_size=16",
+        "validation.enabled=false",
+        "parallel=zero2",
+    ],
     "2-post": [*COMMON, "trainer.global_batch_size=12", "validation.sampler.steps=[2,2,2]", "parallel=ddp"],
     "ode-pairs": ["sampler.steps=[2,2,2]"],
     "3-ode": [*COMMON, "trainer.global_batch_size=4", "parallel=zero3"],
@@ -261,6 +267,7 @@ def test_memory_model_counts_the_published_directories_as_they_load(fixtures):
 
 def test_recipe_runs_two_processes_every_backend_with_accumulation(chain):
     from helios.infra.checkpoint import list_complete
+    from helios.infra.resolve import resolve_grad_accum
 
     for step in SIZES:
         if "train_helios.py" not in dict(recipe())[step]:
@@ -271,8 +278,7 @@ def test_recipe_runs_two_processes_every_backend_with_accumulation(chain):
         assert last == 2, step
         meta = json.loads((ckpt / "meta.json").read_text())
         assert meta["world_size"] == 2, step
-        accum = cfg.trainer.global_batch_size // (cfg.trainer.batch_size * 2)
-        assert accum == 2, step
+        assert resolve_grad_accum(cfg, 2) == 2, step
         assert (ckpt / "zero").is_dir() == (cfg.parallel.backend != "ddp"), step
         losses = [m["loss"] for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
         assert len(losses) == 2, step

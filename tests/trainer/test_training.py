@@ -342,8 +342,8 @@ def test_lora_all_linear_is_the_reference_set():
 
 
 def test_global_batch_that_does_not_divide_names_working_settings():
-    """Table 1's stage-2-post global batch 192 starts on the paper's 64 GPUs (3 clips per GPU, the
-    reference's 1 clip x 3 stages) and on 8; a batch that cannot be met names the nearest settings."""
+    """Table 1's stage-2-post global batch 192 starts on the paper's 64 GPUs (the reference's 1 clip x 3
+    stages per GPU) and on 8; a batch that cannot be met names the nearest settings."""
     from helios.config.schema import ConfigError
     from helios.infra.resolve import resolve_grad_accum
 

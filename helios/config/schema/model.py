@@ -43,9 +43,18 @@ class TransformerConfig(Validated):
     memory_patch_init: str = "interleave"
     init_seed: int = 0
     gradient_checkpointing: bool = False
+    # with gradient_checkpointing: each block's saved input waits for the backward in pinned host memory,
+    # copied back when the block is recomputed (helios/model/activation_offload.py; the same computation,
+    # two copies of the residual stream per block and step)
+    checkpoint_offload: bool = False
 
     def _validate(self, prefix: str) -> None:
         choice(self.source, ("random", "helios", "wan"), prefix + "source")
+        check(
+            not self.checkpoint_offload or self.gradient_checkpointing,
+            prefix + "checkpoint_offload",
+            "offloads what gradient checkpointing saves: set gradient_checkpointing=true too",
+        )
         if self.source != "random":
             check(bool(self.path), prefix + "path", f"source={self.source!r} needs a checkpoint directory")
         check(len(self.rope_dim) == 3, prefix + "rope_dim", "needs three entries (t, h, w)")

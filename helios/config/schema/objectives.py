@@ -141,7 +141,8 @@ class DistillConfig(Validated):
     # copy (the paper's four 14B models; the same outputs, one more base in memory)
     shared_teacher: bool = True
     # §4.2 async VRAM offload (parallel=ddp): frozen role weights in pinned host memory, only the bases
-    # the current point of the step needs resident (one with the shared teacher and cached GAN gradients)
+    # the current point of the step needs resident (one with the shared teacher and cached GAN gradients);
+    # the paper's layout at 8 x 80 GB also offloads activations (model.transformer.checkpoint_offload=true)
     offload: bool = False
     # with offload: the next role's base copied on a side stream while the current one computes (the
     # copy hidden, one more 14B base on the GPU: for GPUs with room for it, e.g. 141 GB)
