@@ -28,6 +28,9 @@ ROWS = [  # (phase, overrides beyond the recipe row's, description)
     ("3-post", ["stage=3", "stage3=post", "init_from=/x", "parallel=zero2", "parallel.roles.critic=zero3"],
      "`parallel=zero2 parallel.roles.critic=zero3`"),
     ("3-post", ["stage=3", "stage3=post", "init_from=/x", "parallel=zero3"], "`parallel=zero3`"),
+    ("3-post", ["stage=3", "stage3=post", "init_from=/x", "parallel=zero3",
+                "parallel.zero_hpz_partition_size=8"],
+     "`parallel=zero3 parallel.zero_hpz_partition_size=8` (all-gathers inside the node)"),
 ]  # fmt: skip
 SHORT = {"build": "build", "prompts": "prompts", "step": "step", "validation": "val", "checkpoint": "save",
          "resume": "resume"}  # fmt: skip

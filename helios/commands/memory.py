@@ -210,8 +210,11 @@ def weight_items(role: Role, trainable: int, kind: str, p, world_size: int, offl
     ``zero3`` the weights too)."""
     label, base = role.name, sum(role.frozen)
     items = []
+    hpz = p.zero_hpz_partition_size if kind == "zero3" else 1
     if kind == "zero3" and not offload:  # its partition + the gathered block in flight
         resident, on_host = base / world_size + 2 * role.largest_block, p.zero_offload_params
+        if hpz > 1:  # ZeRO++'s node-local second partition (on the device even with parameter offload)
+            items.append(Item(f"{label}: frozen base, hpZ partition over {hpz} ranks", base / hpz))
         items.append(
             Item(
                 f"{label}: frozen base (ZeRO-3 partition + gathered)",
@@ -230,7 +233,10 @@ def weight_items(role: Role, trainable: int, kind: str, p, world_size: int, offl
     on_host = shard > 1 and p.zero_offload_optimizer
     return [
         *items,
-        Item(f"{label}: trainable weights (fp32)", 4 * trainable / (world_size if kind == "zero3" else 1)),
+        Item(
+            f"{label}: trainable weights (fp32)",
+            4 * trainable / (world_size if kind == "zero3" else 1) + (4 * trainable / hpz if hpz > 1 else 0),
+        ),
         Item(f"{label}: gradients (fp32)", 4 * trainable / shard + bucket),
         Item(f"{label}: AdamW state (fp32)", 0 if on_host else optimizer, optimizer if on_host else 0),
     ]

@@ -106,6 +106,8 @@ def unknown_key(node, schema_type: type, prefix: str = "") -> str | None:
 
 # keys a saved config (a checkpoint's) may still use, and where they live now
 MOVED_KEYS = {"distill.offload_shared": "parallel.node_shared_weights"}
+# keys added with a new default: a saved config without them ran the behaviour from before they existed
+ADDED_KEYS = {"pyramid.stage_draw": "random"}
 
 
 def load_config(cfg: DictConfig | dict, schema_type: type = TrainConfig):
@@ -118,6 +120,11 @@ def load_config(cfg: DictConfig | dict, schema_type: type = TrainConfig):
         node = OmegaConf.select(cfg, section)
         if isinstance(node, DictConfig) and name in node:
             OmegaConf.update(cfg, new, node.pop(name), force_add=True)
+    for key, before in ADDED_KEYS.items():
+        section, _, name = key.rpartition(".")
+        node = OmegaConf.select(cfg, section)
+        if isinstance(node, DictConfig) and name not in node:
+            OmegaConf.update(cfg, key, before, force_add=True)
     extra = unknown_key(OmegaConf.to_container(cfg, resolve=False), schema_type)
     if extra is not None:
         raise ConfigError(extra, "unknown key: the schema has no such field (check its spelling)")

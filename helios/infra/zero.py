@@ -49,6 +49,8 @@ def deepspeed_config(
                 "stage3_param_persistence_threshold": p.zero3_persistence_threshold,
             }
         )
+        if p.zero_hpz_partition_size > 1:
+            zero["zero_hpz_partition_size"] = p.zero_hpz_partition_size
         if p.zero_offload_params:
             zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if train and p.zero_offload_optimizer:
@@ -85,6 +87,11 @@ class RoleEngines:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())  # the trainer's group
+        hpz, world = cfg.parallel.zero_hpz_partition_size, torch.distributed.get_world_size()
+        if world % hpz:
+            raise ConfigError(
+                "parallel.zero_hpz_partition_size", f"is {hpz}, which does not divide the world size {world}"
+            )
         self.engines: dict[str, deepspeed.DeepSpeedEngine] = {}
         self.frozen: dict[str, deepspeed.DeepSpeedEngine] = {}
         self.kind = {name: cfg.parallel.role_backend(name) for name in modules}

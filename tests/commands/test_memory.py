@@ -223,6 +223,8 @@ LAYOUTS = [
     pytest.param(["stage=3", "stage3=post", "init_from=/x", "parallel=zero2", "parallel.roles.critic=zero3"],
                  id="3-post-critic-zero3"),
     pytest.param(["stage=3", "stage3=post", "init_from=/x", "parallel=zero3"], id="3-post-zero3"),
+    pytest.param(["stage=3", "stage3=post", "init_from=/x", "parallel=zero3",
+                  "parallel.zero_hpz_partition_size=8"], id="3-post-zero3-hpz"),
 ]  # fmt: skip
 
 
@@ -252,6 +254,29 @@ def test_offloaded_block_inputs_leave_the_gpu_for_the_host():
     assert host == 40 * 2 * tokens * 5120 * 2  # 40 blocks x batch 2 x bf16
     restored = offloaded["backward"].gpu - resident["backward"].gpu
     assert restored == host / 40
+
+
+def test_hpz_adds_a_node_local_partition_of_each_zero3_role():
+    """parallel.zero_hpz_partition_size=8 at world 64: each ZeRO-3 weight also 1/8 on every GPU."""
+    common = [
+        "stage=1",
+        "stage1=init",
+        "model=wan14b",
+        "model.transformer.path=/x",
+        "data=/d",
+        "parallel=zero3",
+    ]
+    plain = {i.category: i for i in memory.estimate(compose(common), 64, (48, 80))}
+    hpz = {
+        i.category: i
+        for i in memory.estimate(compose([*common, "parallel.zero_hpz_partition_size=8"]), 64, (48, 80))
+    }
+    base = plain["model: frozen base (ZeRO-3 partition + gathered)"]
+    assert hpz["model: frozen base (ZeRO-3 partition + gathered)"] == base
+    roles = memory.build_roles(compose(common), torch.bfloat16)
+    assert hpz["model: frozen base, hpZ partition over 8 ranks"].gpu == sum(roles[0].frozen) / 8
+    added = hpz["model: trainable weights (fp32)"].gpu - plain["model: trainable weights (fp32)"].gpu
+    assert added == pytest.approx(4 * roles[0].trainable / 8)
 
 
 def test_bases_read_once_per_node_are_counted_once_per_node_while_the_models_are_built():

@@ -202,7 +202,8 @@ def test_cli_fails_before_building_anything(tmp_path, override, needle):
 
 
 def test_a_saved_config_with_a_moved_key_loads_under_its_new_name():
-    """Checkpoints from before ``distill.offload_shared`` became ``parallel.node_shared_weights`` resume."""
+    """Checkpoints from before ``distill.offload_shared`` became ``parallel.node_shared_weights`` (or from
+    before ``pyramid.stage_draw``) resume as they ran."""
     from omegaconf import OmegaConf
 
     from helios.config.load import load_config, to_yaml
@@ -211,3 +212,7 @@ def test_a_saved_config_with_a_moved_key_loads_under_its_new_name():
     del saved.parallel["node_shared_weights"]
     saved.distill.offload_shared = False
     assert load_config(saved).parallel.node_shared_weights is False
+    # a stage-2 run from before pyramid.stage_draw drew one stage per clip: it resumes doing so
+    del saved.pyramid["stage_draw"]
+    assert load_config(saved).pyramid.stage_draw == "random"
+    assert load_config(OmegaConf.create(to_yaml(compose(["stage=2"])))).pyramid.stage_draw == "every"

@@ -150,3 +150,36 @@ def test_a_zero3_checkpoint_gathers_the_trainable_weights_and_leaves_the_base_pa
     with trainer.backend.gathered():
         assert all(p.numel() == p.ds_numel for p in params)
     trainer.close()
+
+
+@pytest.mark.slow
+def test_hierarchical_partitioning_trains_as_plain_zero3(tmp_path, python):
+    """parallel.zero_hpz_partition_size=2 (ZeRO++ hpZ, issue #32: a node-local second partition so that the
+    forward's all-gathers stay in the node): every parameter gets its second partition, the losses are
+    plain ZeRO-3's; a size that does not divide the world is a start-up error naming the key."""
+    import json
+    import subprocess
+
+    from tests.helpers.runs import ROOT
+
+    def run(hpz: int) -> subprocess.CompletedProcess:
+        cmd = [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(ROOT / "tests/helpers/hpz_probe.py"), str(tmp_path), str(hpz)]  # fmt: skip
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+    for hpz in (1, 2):
+        out = run(hpz)
+        assert out.returncode == 0, out.stderr[-2000:]
+    for rank in (0, 1):
+        plain, hpz = (json.loads((tmp_path / f"hpz{h}_rank{rank}.json").read_text()) for h in (1, 2))
+        assert plain["secondary"] == 0 and hpz["secondary"] == hpz["params"] > 0
+        assert hpz["losses"] == pytest.approx(plain["losses"], rel=1e-6)
+    out = run(3)
+    assert out.returncode != 0 and "parallel.zero_hpz_partition_size" in out.stderr + out.stdout
+    assert "does not divide the world size 2" in out.stderr + out.stdout
+
+
+def test_hpz_needs_a_zero3_role():
+    with pytest.raises(ConfigError, match=r"parallel\.zero_hpz_partition_size.*ZeRO-3"):
+        compose(["parallel=zero2", "parallel.zero_hpz_partition_size=8"])
+    compose(["parallel=zero2", "parallel.roles.model=zero3", "parallel.zero_hpz_partition_size=8"])

@@ -12,8 +12,8 @@ import torch
 from helios.config import ConfigError, compose
 from helios.model import build_transformer
 from helios.model.activation_offload import OffloadedCheckpoint, offloaded_checkpoint
+from tests.helpers.model_inputs import tiny_model_inputs
 from tests.helpers.runs import train_in_process as _train
-from tests.model.test_kernels import _model_inputs
 
 
 def _step(offload: bool, probe=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -23,7 +23,7 @@ def _step(offload: bool, probe=None) -> tuple[torch.Tensor, dict[str, torch.Tens
     model.requires_grad_(True)
     if probe is not None:
         probe(model)
-    out = model(**_model_inputs(), return_dict=False)[0]
+    out = model(**tiny_model_inputs(), return_dict=False)[0]
     if probe is not None:
         gc.collect()
         probe(None)

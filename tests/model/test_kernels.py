@@ -6,10 +6,10 @@ import torch.nn.functional as F
 from diffusers.models.transformers.transformer_helios import HeliosAttnProcessor, apply_rotary_emb_transposed
 
 from helios.config import compose
-from helios.core.history import HistoryLayout
 from helios.kernels import flash_layer_norm, flash_rms_norm, flash_rope
 from helios.model.attention import HeliosProcessor, set_processors
 from helios.model.transformer import build_transformer
+from tests.helpers.model_inputs import tiny_model_inputs
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}  # relative, METHOD.md
 
@@ -101,28 +101,14 @@ def test_flash_rope_non_contiguous_heads():
     assert rel(flash_rope(x, freqs), apply_rotary_emb_transposed(x, freqs)) < 1e-6
 
 
-def _model_inputs():
-    gen = torch.Generator().manual_seed(3)
-    layout = HistoryLayout(4, 2, 1, 3)
-    hist = layout.model_inputs(
-        torch.randn(2, 16, 7, 8, 8, generator=gen), torch.randn(2, 16, 1, 8, 8, generator=gen)
-    )
-    return dict(
-        hidden_states=torch.randn(2, 16, 3, 8, 8, generator=gen),
-        timestep=torch.tensor([300.0, 800.0]),
-        encoder_hidden_states=torch.randn(2, 32, 32, generator=gen),
-        **hist,
-    )
-
-
 def test_processor_reimplementation_equals_diffusers():
     cfg = compose(["model.transformer.is_amplify_history=true"])
     model = build_transformer(cfg.model.transformer).eval()
     with torch.no_grad():
-        ref = model(**_model_inputs(), return_dict=False)[0]
+        ref = model(**tiny_model_inputs(), return_dict=False)[0]
         set_processors(model, rope="torch")
         assert isinstance(model.blocks[0].attn1.processor, HeliosProcessor)
-        ours = model(**_model_inputs(), return_dict=False)[0]
+        ours = model(**tiny_model_inputs(), return_dict=False)[0]
     assert torch.equal(ours, ref)
     assert (
         type(build_transformer(compose([]).model.transformer).blocks[0].attn1.processor)
@@ -149,7 +135,7 @@ def test_attention_gets_one_dtype_under_autocast_and_the_same_output(monkeypatch
     for block in model.blocks:
         block.attn1.norm_q, block.attn1.norm_k = Fp32Out(block.attn1.norm_q), Fp32Out(block.attn1.norm_k)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        ref = model(**_model_inputs(), return_dict=False)[0]
+        ref = model(**tiny_model_inputs(), return_dict=False)[0]
         set_processors(model, rope="torch")
         dtypes = []
         original = attention.dispatch_attention_fn
@@ -159,7 +145,7 @@ def test_attention_gets_one_dtype_under_autocast_and_the_same_output(monkeypatch
             return original(q, k, v, **kw)
 
         monkeypatch.setattr(attention, "dispatch_attention_fn", spy)
-        ours = model(**_model_inputs(), return_dict=False)[0]
+        ours = model(**tiny_model_inputs(), return_dict=False)[0]
     assert dtypes and all(d == (torch.bfloat16,) * 3 for d in dtypes)
     assert torch.equal(ours, ref)
 
@@ -172,8 +158,8 @@ def test_patched_model_matches_unpatched_outputs_and_gradients():
     assert type(patched.blocks[0].attn1.norm_q).__name__ == "FlashRMSNorm"
     assert patched.state_dict().keys() == plain.state_dict().keys()
     out_p, out_t = (
-        patched(**_model_inputs(), return_dict=False)[0],
-        plain(**_model_inputs(), return_dict=False)[0],
+        patched(**tiny_model_inputs(), return_dict=False)[0],
+        plain(**tiny_model_inputs(), return_dict=False)[0],
     )
     assert rel(out_p, out_t) < 1e-5
     out_p.square().mean().backward()
@@ -195,7 +181,7 @@ def test_missing_flash_attention_falls_back_to_sdpa(caplog):
     cfg = compose(["model.attention=flash"])
     model = build_transformer(cfg.model.transformer, cfg.model.kernels, cfg.model.attention)
     assert "using SDPA" in caplog.text
-    assert model(**_model_inputs(), return_dict=False)[0].isfinite().all()
+    assert model(**tiny_model_inputs(), return_dict=False)[0].isfinite().all()
 
 
 def test_tiny_training_with_kernels(tmp_path):

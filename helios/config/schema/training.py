@@ -112,6 +112,10 @@ class ParallelConfig(Validated):
     zero_offload_params: bool = False  # ZeRO-3 roles keep their parameters in host memory
     zero_bucket_size: int = 50_000_000
     zero3_persistence_threshold: int = 100_000
+    # ZeRO-3 roles: > 1 adds ZeRO++'s hierarchical partition (hpZ): a second copy of the weights partitioned
+    # over groups of this many ranks (a node's GPUs), so the forward's all-gathers stay inside the node
+    # (1/size of each 14B base more per GPU); it must divide the world size
+    zero_hpz_partition_size: int = 1
     # a collective that waits longer (a hung or dead rank) fails the job instead of blocking it
     timeout_minutes: float = 10.0
     # frozen weights held in host memory once per node, the node's ranks mapping the same /dev/shm pages
@@ -151,6 +155,12 @@ class ParallelConfig(Validated):
                 "parameter offload needs a ZeRO-3 role",
             )
         check(self.zero_bucket_size > 0, prefix + "zero_bucket_size", "must be > 0")
+        check(self.zero_hpz_partition_size >= 1, prefix + "zero_hpz_partition_size", "must be >= 1")
+        check(
+            self.zero_hpz_partition_size == 1 or "zero3" in (self.backend, *self.roles.chosen().values()),
+            prefix + "zero_hpz_partition_size",
+            "partitions ZeRO-3 weights: needs a ZeRO-3 role",
+        )
 
 
 @dataclass
