@@ -301,3 +301,39 @@ def test_the_stage2_loss_is_the_mean_over_stage_samples(monkeypatch):
     model = lambda hidden_states, **_: (torch.zeros_like(hidden_states),)  # noqa: E731
     loss, _ = stage.compute_loss(model, None, torch.Generator(), step=0)
     assert float(loss) == pytest.approx((1 * 1.0 + 3 * 9.0) / 4)
+
+
+def test_the_random_draw_follows_the_ratios_and_the_shared_stream():
+    """pyramid.stage_draw=random (Eq. 7): one stage per clip, drawn with replacement in proportion to the
+    ratios from the rank-shared generator (the same draw on every rank; another state, another draw)."""
+    from helios.stages.stage2_mid import PyramidStage
+
+    stage = PyramidStage(compose(["stage=2", "pyramid.stage_draw=random"]))  # ratios [1, 2, 1]
+    clip_of, stage_of = stage.stage_samples(4000, torch.Generator().manual_seed(0))
+    assert clip_of.tolist() == list(range(4000))
+    freq = torch.bincount(stage_of, minlength=3).double() / 4000
+    assert torch.allclose(freq, torch.tensor([0.25, 0.5, 0.25], dtype=torch.float64), atol=0.03)
+    target = torch.randn(8, 4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+    def groups(seed: int) -> list[tuple[str, list[int]]]:
+        made, _ = stage.noisy_groups(
+            target, torch.Generator().manual_seed(5), torch.Generator().manual_seed(seed)
+        )
+        return [(g.name, g.index.tolist()) for g in made]
+
+    assert groups(6) == groups(6) != groups(7)
+
+
+def test_a_latent_the_pyramid_cannot_halve_is_refused_and_shift_uses_the_stage_tokens():
+    from helios.stages.stage2_mid import PyramidStage
+
+    gens = (torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
+    stage = PyramidStage(compose(["stage=2"]))
+    with pytest.raises(ValueError, match="latent size 16x12 is not divisible by 8"):
+        stage.noisy_groups(torch.zeros(1, 4, 3, 16, 12), *gens)
+    four = PyramidStage(compose(["stage=2", "pyramid.stages=4", "pyramid.stage_ratios=[1,1,1,1]"]))
+    with pytest.raises(ValueError, match="latent size 24x24 is not divisible by 16"):
+        four.noisy_groups(torch.zeros(1, 4, 3, 24, 24), *gens)
+    shifted = PyramidStage(compose(["stage=2", "flow.shift.enabled=true"]))
+    made, _ = shifted.noisy_groups(torch.zeros(1, 4, 3, 16, 16), *gens)
+    assert [g.name for g in made] == ["stage0", "stage1", "stage2"]
