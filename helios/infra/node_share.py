@@ -126,6 +126,8 @@ def node_shared_loader(share: NodeShare | None, load: Callable[..., dict]) -> Ca
 def own_trainable(module: torch.nn.Module, share: NodeShare | None) -> None:
     """Each trainable parameter built on a node-wide buffer (e.g. the memory patches, trained in full from
     the loaded base) copied into this rank's own memory, so that its updates stay on this rank."""
+    if share is None:
+        return
     for p in module.parameters():
-        if share is not None and p.requires_grad and share.holds(p):
+        if p.requires_grad and share.holds(p):
             p.data = p.data.clone()
