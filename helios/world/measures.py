@@ -10,12 +10,20 @@ uses). Per video, from the caption ("a red circle moving right on a blue backgro
 - ``shape_colour_match``: fraction of the non-background pixels labelled as the caption's colour;
 - ``objects``: mean number of connected foreground blobs (4-neighbourhood, at least ``min_area``
   pixels) per frame; 1 for real clips;
-- ``motion_along``: mean per-frame displacement (pixels) of the foreground centroid along the caption's
-  direction (real clips: 1-3, the renderer's speed), frames where the shape wraps around the border
-  left out; ``motion_jitter``: its standard deviation (smoothness).
+- ``motion_along``: mean per-frame displacement (pixels) of the foreground's centre on the torus along the
+  caption's direction (real clips: 1-3, the renderer's speed); ``motion_jitter``: its standard deviation
+  (smoothness).
 
 These are simple, documented statistics, not perceptual scores: they tell moving shapes from noise, a
 right colour from a wrong one, and a moving object from a frozen or jittering one.
+
+A long video is measured section by section (:func:`section_measures`, what drifting looks like for an
+object, §3.2.3) on the pixels of the caption's colour: ``present`` (share of the section's frames where
+the shape is there: at least ``PRESENT_PIXELS`` of them), ``colour`` (share of the non-background pixels
+in the caption's colour), ``advance`` (pixels the shape's centre moved along the caption's direction over
+the section, frame to frame on the torus the renderer draws on) and ``position`` (that centre along the
+caption's direction at the section's end, a fraction of the frame: its trend over the sections is the
+long-range motion). :func:`long_video_summary` reduces them to what a long video is judged by.
 """
 
 from __future__ import annotations
@@ -23,23 +31,14 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from dataclasses import dataclass
 
 import torch
 
-from helios.world.shapes import BACKGROUNDS, COLORS, DIRECTIONS, SHAPES
+from helios.world.shapes import BACKGROUNDS, COLORS, DIRECTIONS, SHAPES, Scene
 
 PALETTE_NAMES = [*(f"fg:{c}" for c in COLORS), *(f"bg:{c}" for c in BACKGROUNDS)]
 PALETTE = torch.tensor([*COLORS.values(), *BACKGROUNDS.values()], dtype=torch.float32) / 255.0
 CAPTION = re.compile(r"a (\w+) (\w+) moving (\w+) on a (\w+) background")
-
-
-@dataclass(frozen=True)
-class Scene:
-    colour: str
-    shape: str
-    direction: str
-    background: str
 
 
 def parse_caption(caption: str) -> Scene:
@@ -82,11 +81,27 @@ def count_blobs(mask: torch.Tensor, min_area: int) -> int:
     return count
 
 
-def _centroid(mask: torch.Tensor) -> tuple[float, float] | None:
+PRESENT_PIXELS = 16  # 1/256 of a 64 x 64 frame; the smallest shape the renderer draws covers ~150
+
+
+def torus_centre(mask: torch.Tensor) -> tuple[float, float] | None:
+    """(x, y) centre of a [H, W] mask on the torus (circular mean per axis: a shape split across a border
+    has its centre at the border, not mid-frame); None for an empty mask."""
     ys, xs = torch.nonzero(mask, as_tuple=True)
     if len(xs) == 0:
         return None
-    return float(xs.float().mean()), float(ys.float().mean())
+    h, w = mask.shape
+
+    def circular(v: torch.Tensor, n: int) -> float:
+        angle = v.double() * (2 * math.pi / n)
+        return (math.atan2(float(angle.sin().mean()), float(angle.cos().mean())) * n / (2 * math.pi)) % n
+
+    return circular(xs, w), circular(ys, h)
+
+
+def torus_step(a: float, b: float, n: int) -> float:
+    """The shortest signed move from ``a`` to ``b`` on a circle of ``n`` pixels."""
+    return (b - a + n / 2) % n - n / 2
 
 
 def video_metrics(video: torch.Tensor, caption: str, min_area: int = 4) -> dict[str, float]:
@@ -100,14 +115,12 @@ def video_metrics(video: torch.Tensor, caption: str, min_area: int = 4) -> dict[
     _, t, h, w = video.shape
     objects = [count_blobs(foreground[i], min_area) for i in range(t)]
     dx, dy = DIRECTIONS[scene.direction]
-    steps = []
-    centroids = [_centroid(foreground[i]) for i in range(t)]
-    for a, b in itertools.pairwise(centroids):
-        if a is None or b is None:
-            continue
-        along = (b[0] - a[0]) * dx + (b[1] - a[1]) * dy
-        if abs(along) < min(h, w) / 4:  # a wrap-around jumps by about the frame size: left out
-            steps.append(along)
+    centres = [torus_centre(foreground[i]) for i in range(t)]
+    steps = [
+        torus_step(a[0], b[0], w) * dx + torus_step(a[1], b[1], h) * dy
+        for a, b in itertools.pairwise(centres)
+        if a is not None and b is not None
+    ]
     mean = sum(steps) / len(steps) if steps else math.nan
     jitter = math.sqrt(sum((s - mean) ** 2 for s in steps) / len(steps)) if steps else math.nan
     return {
@@ -120,6 +133,60 @@ def video_metrics(video: torch.Tensor, caption: str, min_area: int = 4) -> dict[
     }
 
 
+def section_measures(
+    video: torch.Tensor, caption: str, first_frames: int, frames: int
+) -> list[dict[str, float]]:
+    """Per section of a [3, T, H, W] video in [-1, 1] (the first section ``first_frames`` frames, every
+    later one ``frames``): the module docstring's ``present``, ``colour``, ``advance``, ``position``, and
+    ``seam_step``, the centre's move along the caption from the previous section's last frame to this
+    section's first (NaN for the first section or where the shape is missing at the seam)."""
+    scene = parse_caption(caption)
+    label, _ = palette_labels(video)
+    fg = label == PALETTE_NAMES.index(f"fg:{scene.colour}")
+    foreground = label != PALETTE_NAMES.index(f"bg:{scene.background}")
+    t, h, w = label.shape
+    dx, dy = DIRECTIONS[scene.direction]
+    size = w if dx else h
+    centres = [torus_centre(fg[i]) if int(fg[i].sum()) >= PRESENT_PIXELS else None for i in range(t)]
+
+    def along(i: int) -> float:  # the move from frame i - 1 to frame i
+        p, q = centres[i - 1], centres[i]
+        if p is None or q is None:
+            return math.nan
+        return torus_step(p[0], q[0], w) * dx + torus_step(p[1], q[1], h) * dy
+
+    bounds = [0, *range(first_frames, t, frames), t]
+    rows = []
+    for a, b in itertools.pairwise(bounds):
+        last = next((c for c in reversed(centres[a:b]) if c is not None), None)
+        n_fg = int(foreground[a:b].sum())
+        rows.append(
+            {
+                "present": sum(c is not None for c in centres[a:b]) / (b - a),
+                "colour": float((fg[a:b] & foreground[a:b]).sum()) / n_fg if n_fg else 0.0,
+                "advance": float(sum(x for i in range(a + 1, b) if math.isfinite(x := along(i)))),
+                "position": (last[0] * dx + last[1] * dy) % size / size if last else math.nan,
+                "seam_step": along(a) if a else math.nan,
+            }
+        )
+    return rows
+
+
+def long_video_summary(sections: list[dict[str, float]]) -> dict[str, float]:
+    """A long video's verdict from :func:`section_measures`: the worst section's ``present`` and
+    ``colour``, the whole video's ``advance`` (pixels along the caption, seams included), the share of
+    sections that advance the caption's way, and ``moves_along`` (1.0 when the video as a whole does)."""
+    seams = [s["seam_step"] for s in sections if math.isfinite(s["seam_step"])]
+    advance = sum(s["advance"] for s in sections) + sum(seams)
+    return {
+        "min_present": min(s["present"] for s in sections),
+        "min_colour": min(s["colour"] for s in sections),
+        "advance": advance,
+        "sections_advancing": sum(s["advance"] > 0 for s in sections) / len(sections),
+        "moves_along": float(advance > 0),
+    }
+
+
 def caption_metrics(video: torch.Tensor, caption: str) -> dict[str, float]:
     """:func:`video_metrics` when ``caption`` describes a moving-shapes scene (the tiny default's validation
     prompts), else ``{}`` (a real run's prompts); undefined measures (no motion seen) left out."""
@@ -128,6 +195,21 @@ def caption_metrics(video: torch.Tensor, caption: str) -> dict[str, float]:
     except ValueError:
         return {}
     return {k: v for k, v in video_metrics(video, caption).items() if math.isfinite(v)}
+
+
+def caption_section_metrics(
+    video: torch.Tensor, caption: str, first_frames: int, frames: int
+) -> dict[str, float]:
+    """Flat per-section measures (``section<k>_<measure>``, k from 0) and the summary (``long_<key>``) of a
+    moving-shapes video, for a dashboard; ``{}`` for a caption of another world; NaNs left out."""
+    try:
+        parse_caption(caption)
+    except ValueError:
+        return {}
+    rows = section_measures(video, caption, first_frames, frames)
+    flat = {f"section{k}_{key}": v for k, row in enumerate(rows) for key, v in row.items()}
+    flat.update({f"long_{key}": v for key, v in long_video_summary(rows).items()})
+    return {k: v for k, v in flat.items() if math.isfinite(v)}
 
 
 def mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:

@@ -1,8 +1,12 @@
-"""The moving-shapes world: one coloured shape moving in a straight line over a plain background, with
-its caption. The tiny default's data (:mod:`helios.data.synthetic` writes its clips as mp4 files), the
-tiny VAE's training clips, and the reference of the world's measures (:mod:`helios.world.measures`)."""
+"""The moving-shapes world: one coloured shape moving in a straight line over a plain background on a
+torus (what leaves at one border comes back at the other), with its caption. The tiny default's data
+(:mod:`helios.data.synthetic` writes its clips as mp4 files), the tiny VAE's training clips, and the
+reference of the world's measures (:mod:`helios.world.measures`)."""
 
 from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
 
 import torch
 
@@ -17,21 +21,44 @@ SHAPES = ("circle", "square")
 DIRECTIONS = {"right": (1, 0), "left": (-1, 0), "down": (0, 1), "up": (0, -1)}
 
 
+@dataclass(frozen=True)
+class Scene:
+    """What a clip shows, and so what its caption says."""
+
+    colour: str
+    shape: str
+    direction: str
+    background: str
+
+    @property
+    def caption(self) -> str:
+        return f"a {self.colour} {self.shape} moving {self.direction} on a {self.background} background"
+
+
+def all_scenes() -> list[Scene]:
+    """Every scene of the world (4 colours x 2 shapes x 4 directions x 3 backgrounds = 96), in one order."""
+    return [Scene(*combo) for combo in itertools.product(COLORS, SHAPES, DIRECTIONS, BACKGROUNDS)]
+
+
 def _pick(options, generator: torch.Generator):
     keys = list(options)
     return keys[int(torch.randint(len(keys), (1,), generator=generator))]
 
 
 def render_clip(
-    num_frames: int, height: int, width: int, generator: torch.Generator
+    num_frames: int, height: int, width: int, generator: torch.Generator, scene: Scene | None = None
 ) -> tuple[torch.Tensor, str]:
-    """One clip as a float tensor [3, T, H, W] in [-1, 1] and its caption."""
-    shape, color, bg, direction = (
-        _pick(SHAPES, generator),
-        _pick(COLORS, generator),
-        _pick(BACKGROUNDS, generator),
-        _pick(DIRECTIONS, generator),
-    )
+    """One clip as a float tensor [3, T, H, W] in [-1, 1] and its caption: of ``scene``, or of one drawn
+    from ``generator``; its size, speed and start are drawn from ``generator`` either way."""
+    if scene is None:
+        shape, color, bg, direction = (
+            _pick(SHAPES, generator),
+            _pick(COLORS, generator),
+            _pick(BACKGROUNDS, generator),
+            _pick(DIRECTIONS, generator),
+        )
+        scene = Scene(color, shape, direction, bg)
+    color, shape, direction, bg = scene.colour, scene.shape, scene.direction, scene.background
     radius = max(3, int(min(height, width) * (0.12 + 0.1 * float(torch.rand(1, generator=generator)))))
     speed = 1.0 + 2.0 * float(torch.rand(1, generator=generator))
     dx, dy = DIRECTIONS[direction]
@@ -46,13 +73,12 @@ def render_clip(
         torch.tensor(BACKGROUNDS[bg], dtype=torch.float32),
     )
     for t in range(num_frames):
-        px = (cx + dx * speed * t) % width
-        py = (cy + dy * speed * t) % height
+        # the frame is a torus: a shape crossing a border shows on both sides, its motion continuous
+        ox = (xx - (cx + dx * speed * t) + width / 2) % width - width / 2
+        oy = (yy - (cy + dy * speed * t) + height / 2) % height - height / 2
         if shape == "circle":
-            mask = (xx - px) ** 2 + (yy - py) ** 2 <= radius**2
+            mask = ox**2 + oy**2 <= radius**2
         else:
-            mask = ((xx - px).abs() <= radius) & ((yy - py).abs() <= radius)
+            mask = (ox.abs() <= radius) & (oy.abs() <= radius)
         frames[t] = torch.where(mask[..., None], fg, bgc)
-    video = frames.permute(3, 0, 1, 2) / 127.5 - 1.0
-    caption = f"a {color} {shape} moving {direction} on a {bg} background"
-    return video, caption
+    return frames.permute(3, 0, 1, 2) / 127.5 - 1.0, scene.caption

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from helios.world.measures import caption_metrics, count_blobs, mean_metrics, parse_caption, video_metrics
-from helios.world.shapes import BACKGROUNDS, COLORS, render_clip
+from helios.world.measures import (
+    caption_metrics,
+    caption_section_metrics,
+    count_blobs,
+    long_video_summary,
+    mean_metrics,
+    parse_caption,
+    section_measures,
+    torus_centre,
+    torus_step,
+    video_metrics,
+)
+from helios.world.shapes import BACKGROUNDS, COLORS, Scene, all_scenes, render_clip
 
 
 def _clips(n: int, seed: int = 0):
@@ -54,3 +67,55 @@ def test_validation_measures_only_moving_shapes_captions_and_leaves_out_undefine
     blank = rgb.view(3, 1, 1, 1).expand_as(video)  # background only: no motion seen, left out (not NaN)
     measured = caption_metrics(blank, caption)
     assert "motion_along" not in measured and measured["objects"] == 0.0
+
+
+def _long_clip(scene: Scene, sections: int = 10, seed: int = 0) -> torch.Tensor:
+    return render_clip(9 * sections, 64, 64, torch.Generator().manual_seed(seed), scene)[0]
+
+
+def test_a_real_long_clip_keeps_its_shape_colour_and_direction_in_every_section():
+    for k, scene in enumerate(all_scenes()[::7]):  # every direction, colour, shape and background
+        rows = section_measures(_long_clip(scene, seed=k), scene.caption, 9, 9)
+        summary = long_video_summary(rows)
+        assert len(rows) == 10 and summary["min_present"] == 1.0 and summary["min_colour"] == 1.0
+        assert summary["sections_advancing"] == 1.0 and summary["moves_along"] == 1.0
+        # the renderer's speed (1-3 px per frame) over 89 frame-to-frame moves, seams included
+        assert 89 * 0.9 <= summary["advance"] <= 89 * 3 * 1.1
+        assert all(0.0 <= r["position"] < 1.0 for r in rows) and math.isnan(rows[0]["seam_step"])
+        assert all(r["seam_step"] > 0 for r in rows[1:])  # a shape the border clips moves its centre more
+
+
+def test_a_lost_shape_a_wrong_colour_and_a_reversed_move_show_in_their_sections():
+    scene = Scene("red", "circle", "right", "blue")
+    video = _long_clip(scene)
+    bg = (torch.tensor(BACKGROUNDS["blue"], dtype=torch.float32) / 127.5 - 1).view(3, 1, 1, 1)
+    lost = video.clone()
+    lost[:, 9 * 6 + 3 : 9 * 7] = bg  # section 6 loses the shape after 3 of its 9 frames
+    rows = section_measures(lost, scene.caption, 9, 9)
+    assert [r["present"] for r in rows] == [1.0] * 6 + [3 / 9] + [1.0] * 3
+    assert math.isnan(rows[7]["seam_step"])  # nothing to step from
+    assert long_video_summary(rows)["min_present"] == pytest.approx(3 / 9)
+    green = Scene("green", "circle", "right", "blue")
+    assert long_video_summary(section_measures(video, green.caption, 9, 9))["min_present"] == 0.0
+    backwards = section_measures(video.flip(1), scene.caption, 9, 9)
+    assert long_video_summary(backwards)["moves_along"] == 0.0
+    assert all(r["advance"] < 0 for r in backwards)
+    mirrored = Scene("red", "circle", "left", "blue")  # the same pixels read along the other direction
+    assert long_video_summary(section_measures(video, mirrored.caption, 9, 9))["advance"] < 0
+
+
+def test_the_centre_is_taken_on_the_torus():
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    mask[4:6, 0:2] = True
+    mask[4:6, 14:16] = True  # one shape split by the right border: its centre is on the border
+    x, y = torus_centre(mask)
+    assert min(x, 16 - x) == pytest.approx(0.5) and y == pytest.approx(4.5)
+    assert torus_step(15.0, 1.0, 16) == 2.0 and torus_step(1.0, 15.0, 16) == -2.0
+
+
+def test_the_dashboard_gets_flat_section_keys_for_shapes_captions_only():
+    scene = Scene("white", "square", "up", "black")
+    flat = caption_section_metrics(_long_clip(scene, sections=3), scene.caption, 9, 9)
+    assert flat["section2_present"] == 1.0 and flat["long_min_present"] == 1.0
+    assert "section0_seam_step" not in flat and "section1_seam_step" in flat
+    assert caption_section_metrics(_long_clip(scene, sections=3), "a cat on a sofa", 9, 9) == {}
