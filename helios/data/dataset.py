@@ -47,6 +47,14 @@ def _seed(*parts: int) -> int:
     return zlib.crc32(",".join(map(str, parts)).encode())
 
 
+def drop_caption(embeds: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """``embeds`` zeroed with probability ``p`` (the reference's caption dropout: the "NULL text" CFG's
+    unconditional branch is trained on); no draw when ``p`` is 0, so the other draws keep their stream."""
+    if p and float(torch.rand(1, generator=generator)) < p:
+        return torch.zeros_like(embeds)
+    return embeds
+
+
 def section_window(
     latents: torch.Tensor, section: int, num_history: int, window: int
 ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
@@ -79,7 +87,8 @@ class LatentClipDataset(torch.utils.data.Dataset):
       (:func:`section_window`);
     - ``"clip"``: ``num_history + window`` latent frames at a random start of a whole-clip latent.
 
-    Shards must hold the format asked for (recorded per sample by ``helios.prepare``)."""
+    Shards must hold the format asked for (recorded per sample by ``helios.prepare``). A share
+    ``caption_dropout`` of the items have their prompt embeddings zeroed (:func:`drop_caption`)."""
 
     def __init__(
         self,
@@ -91,8 +100,10 @@ class LatentClipDataset(torch.utils.data.Dataset):
         latent_format: str = "sections",
         seed: int = 0,
         on_error: str = "raise",
+        caption_dropout: float = 0.0,
     ) -> None:
         self.index = ShardIndex.open(path)
+        self.caption_dropout = caption_dropout
         self.on_error = on_error
         self.num_history, self.window, self.latent_format = num_history, window, latent_format
         self.clip_frames = num_history + window
@@ -184,7 +195,7 @@ class LatentClipDataset(torch.utils.data.Dataset):
         return {
             "latents": clip,
             "first_latent": first,
-            "prompt_embeds": padded,
+            "prompt_embeds": drop_caption(padded, self.caption_dropout, gen),
             "offset": torch.tensor(offset),
             "history_frames": torch.tensor(real),
             "skipped": skipped,
@@ -212,6 +223,7 @@ def training_dataset(path: str | Path, cfg: TrainConfig) -> LatentClipDataset:
         latent_format=cfg.data.latent_format,
         seed=cfg.seed,
         on_error=cfg.data.on_error,
+        caption_dropout=cfg.data.caption_dropout,
     )
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from helios.core.history import HistoryLayout
+from helios.data.dataset import drop_caption
 from helios.data.shards import ShardIndex, list_shards, npy_bytes
 
 ODE_MEMBERS = ("noise.npy", "prompt_embeds.npy", "json")  # members every endpoints pair has
@@ -38,9 +39,17 @@ def encode_pair(key: str, arrays: dict[str, torch.Tensor], meta: dict) -> dict:
 class OdePairDataset(torch.utils.data.Dataset):
     """ODE pairs written by ``helios.ode_pairs`` (same batching interface as the clip dataset)."""
 
-    def __init__(self, path: str | Path, stages: int, max_sequence_length: int) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        stages: int,
+        max_sequence_length: int,
+        seed: int = 0,
+        caption_dropout: float = 0.0,
+    ) -> None:
         self.index = ShardIndex(list_shards(path), required=ODE_MEMBERS)
         self.stages, self.max_len = stages, max_sequence_length
+        self.seed, self.caption_dropout = seed, caption_dropout
         self.eligible = list(range(len(self.index)))
         self.buckets = {(0, 0): self.eligible}
 
@@ -51,12 +60,15 @@ class OdePairDataset(torch.utils.data.Dataset):
         return tuple(self[(0, 0)]["history"].shape[-2:])
 
     def __getitem__(self, item):
-        i, _ = item
+        i, epoch = item
         read = lambda name: self.index.read_array(i, name + ".npy")  # noqa: E731
         out = {"history": read("history"), "anchor": read("anchor")}
         emb = read("prompt_embeds")[: self.max_len]
         out["prompt_embeds"] = torch.zeros(self.max_len, emb.shape[-1])
         out["prompt_embeds"][: emb.shape[0]] = emb
+        if self.caption_dropout:
+            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 1_000_033 + i)
+            out["prompt_embeds"] = drop_caption(out["prompt_embeds"], self.caption_dropout, gen)
         for k in range(self.stages):
             out[f"stage{k}_start"], out[f"stage{k}_end"] = read(f"stage{k}_start"), read(f"stage{k}_end")
         return out
@@ -73,10 +85,17 @@ class OdeTrajectoryDataset(torch.utils.data.Dataset):
     (``stage<s>_x``, its timestep ``stage<s>_t``) with the stage's end (``stage<s>_end``)."""
 
     def __init__(
-        self, path: str | Path, stages: int, max_sequence_length: int, layout: HistoryLayout, seed: int = 0
+        self,
+        path: str | Path,
+        stages: int,
+        max_sequence_length: int,
+        layout: HistoryLayout,
+        seed: int = 0,
+        caption_dropout: float = 0.0,
     ) -> None:
         self.index = ShardIndex(list_shards(path), required=TRAJECTORY_MEMBERS)
         self.stages, self.max_len, self.layout, self.seed = stages, max_sequence_length, layout, seed
+        self.caption_dropout = caption_dropout
         self.eligible = list(range(len(self.index)))
         self.buckets = {(0, 0): self.eligible}
 
@@ -114,6 +133,7 @@ class OdeTrajectoryDataset(torch.utils.data.Dataset):
             states, timesteps = read(f"s{k}_stage{s}_states"), read(f"s{k}_stage{s}_t")
             j = int(torch.randint(len(timesteps), (1,), generator=gen))
             out[f"stage{s}_x"], out[f"stage{s}_t"], out[f"stage{s}_end"] = states[j], timesteps[j], states[-1]
+        out["prompt_embeds"] = drop_caption(out["prompt_embeds"], self.caption_dropout, gen)
         return out
 
     @staticmethod
@@ -122,11 +142,17 @@ class OdeTrajectoryDataset(torch.utils.data.Dataset):
 
 
 def ode_pair_dataset(
-    path: str | Path, stages: int, max_sequence_length: int, layout: HistoryLayout, seed: int = 0
+    path: str | Path,
+    stages: int,
+    max_sequence_length: int,
+    layout: HistoryLayout,
+    seed: int = 0,
+    caption_dropout: float = 0.0,
 ):
-    """The dataset of an ``helios.ode_pairs`` output, by the format it was written in."""
+    """The dataset of an ``helios.ode_pairs`` output, by the format it was written in (``caption_dropout``:
+    as the clip dataset's, :func:`~helios.data.dataset.drop_caption`)."""
     report = Path(path) / "report.json"
     source = json.loads(report.read_text()).get("source", "clips") if report.exists() else "clips"
     if source == "rollout":
-        return OdeTrajectoryDataset(path, stages, max_sequence_length, layout, seed)
-    return OdePairDataset(path, stages, max_sequence_length)
+        return OdeTrajectoryDataset(path, stages, max_sequence_length, layout, seed, caption_dropout)
+    return OdePairDataset(path, stages, max_sequence_length, seed, caption_dropout)

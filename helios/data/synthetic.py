@@ -21,7 +21,7 @@ import torch
 from helios.config.schema import DataConfig, ModelConfig, TrainConfig
 from helios.data.prepare_job import ClipSpec, prepare, write_report
 from helios.model.encoders import build_text_encoder, build_vae, trained_tiny_vae_digest
-from helios.world.shapes import render_clip
+from helios.world.shapes import all_scenes, render_clip
 
 
 def write_mp4(path: Path, video: torch.Tensor, fps: int) -> None:
@@ -45,13 +45,16 @@ def write_mp4(path: Path, video: torch.Tensor, fps: int) -> None:
 def make_synthetic_videos(
     out_dir: str | Path, num_videos: int, num_frames: int, height: int, width: int, fps: int, seed: int
 ) -> Path:
-    """Write ``num_videos`` mp4 files and ``captions.jsonl`` into ``out_dir``; return the jsonl path."""
+    """Write ``num_videos`` mp4 files and ``captions.jsonl`` into ``out_dir``; return the jsonl path. Clip
+    i shows scene ``i mod 96`` of the world's scenes in an order drawn from ``seed``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
+    scenes = all_scenes()
+    order = torch.randperm(len(scenes), generator=torch.Generator().manual_seed(seed)).tolist()
     lines = []
     for i in range(num_videos):
-        video, caption = render_clip(num_frames, height, width, gen)
+        video, caption = render_clip(num_frames, height, width, gen, scenes[order[i % len(scenes)]])
         name = f"shapes_{i:05d}.mp4"
         write_mp4(out / name, video, fps)
         lines.append(json.dumps({"video": name, "caption": caption, "source": "synthetic"}))
@@ -61,16 +64,18 @@ def make_synthetic_videos(
 
 
 def synthetic_clip(data: DataConfig, num_history: int, window: int) -> ClipSpec:
-    """The clips the synthetic set is encoded into, in ``data.latent_format``: sections of one window
-    each, enough that one section has a full history; or whole clips two latents longer than a
-    training window, so windows start at different offsets."""
+    """The clips the synthetic set is encoded into, in ``data.latent_format``: ``synthetic.sections``
+    sections of one window each (by default enough that one section has a full history), or whole clips
+    of that many windows (by default two latents longer than a training window, so windows start at
+    different offsets)."""
     syn = data.synthetic
     # posterior mode: the trained tiny VAE was fitted on its mode (its posterior spread is untrained);
     # the random one's spread (~1) would bury the latents' (~0.1)
     if data.latent_format == "sections":
-        sections = -(-num_history // window) + 1
+        sections = syn.sections or -(-num_history // window) + 1
         return ClipSpec(sections * window, syn.height, syn.width, None, "sections", window, "mode")
-    return ClipSpec(num_history + window + 2, syn.height, syn.width, None, "clip", posterior="mode")
+    latents = syn.sections * window if syn.sections else num_history + window + 2
+    return ClipSpec(latents, syn.height, syn.width, None, "clip", posterior="mode")
 
 
 def synthetic_shards(cfg: TrainConfig, is_main: bool) -> Path:
@@ -88,7 +93,7 @@ def synthetic_fingerprint(data: DataConfig, model: ModelConfig, spec: ClipSpec) 
             "vae_weights": trained_tiny_vae_digest() if trained else None,
             "text": asdict(model.text_encoder),
             "clip": asdict(spec),
-            "version": 4,  # 4: the section latent format, posterior samples
+            "version": 7,  # 6: every scene in a seeded order, word-piece tiny tokens; 7: shapes on a torus
         },
         sort_keys=True,
     )

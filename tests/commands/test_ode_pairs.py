@@ -14,6 +14,7 @@ from helios.data.ode_pair_shards import ODE_MEMBERS
 from helios.data.shards import ShardIndex, scan_tar
 from helios.data.synthetic import synthetic_shards
 from helios.sampling import Guidance, SectionSampler
+from tests.helpers.runs import SMALL_WORLD
 from tests.helpers.runs import train_in_process as _train
 
 
@@ -32,7 +33,7 @@ def test_sampler_records_every_stage_boundary():
 
 def test_clip_pairs_from_a_stage2_run_are_complete_and_resumable(tmp_path):
     _train(["stage=2", "trainer.max_steps=2", "trainer.checkpoint_every=2"], tmp_path / "teacher")
-    base = compose([])
+    base = compose(SMALL_WORLD)
     shards = synthetic_shards(base, is_main=True)
     cfg = OdePairsConfig(
         teacher=str(tmp_path / "teacher"),
@@ -79,7 +80,7 @@ def test_rollout_pairs_are_the_teachers_own_video_and_train_the_ode_phase_on_its
     from helios.data.ode_pair_shards import OdeTrajectoryDataset, ode_pair_dataset
 
     _train(["stage=2", "trainer.max_steps=2", "trainer.checkpoint_every=2"], tmp_path / "teacher")
-    base = compose([])
+    base = compose(SMALL_WORLD)
     cfg = OdePairsConfig(
         teacher=str(tmp_path / "teacher"),
         shards=str(synthetic_shards(base, is_main=True)),
@@ -117,3 +118,14 @@ def test_rollout_pairs_are_the_teachers_own_video_and_train_the_ode_phase_on_its
         )
         for s in range(3):
             assert sample[f"stage{s}_t"] > 0 and sample[f"stage{s}_x"].shape == sample[f"stage{s}_end"].shape
+    # data.caption_dropout zeroes the prompt of a share of the items, the rest of each item unchanged
+    dropping = ode_pair_dataset(tmp_path / "ode", 3, 32, layout, caption_dropout=0.5)
+    dropped = 0
+    for epoch in range(16):
+        plain, item = dataset[(0, epoch)], dropping[(0, epoch)]
+        assert all(torch.equal(plain[k], item[k]) for k in plain if k != "prompt_embeds")
+        if item["prompt_embeds"].abs().sum() == 0:
+            dropped += 1
+        else:
+            assert torch.equal(plain["prompt_embeds"], item["prompt_embeds"])
+    assert 3 <= dropped <= 13

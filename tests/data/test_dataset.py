@@ -1,5 +1,6 @@
 """The training stream: disjoint and complete across ranks, one shape per batch, exact position."""
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -7,7 +8,9 @@ import torch
 
 from helios.config import compose
 from helios.data.dataset import BucketBatchSampler, LatentClipDataset, make_loader, section_window
-from helios.data.synthetic import ensure_synthetic_shards, synthetic_clip
+from helios.data.synthetic import ensure_synthetic_shards, make_synthetic_videos, synthetic_clip
+from helios.world.shapes import all_scenes
+from tests.helpers.runs import SMALL_WORLD
 
 
 def _fake(n: int, shapes=((8, 8),)) -> SimpleNamespace:
@@ -102,7 +105,7 @@ def test_too_small_dataset_is_a_clear_error():
 
 
 def _tiny_shards(latent_format: str = "sections"):
-    cfg = compose([f"data.latent_format={latent_format}"])
+    cfg = compose([f"data.latent_format={latent_format}", *SMALL_WORLD])
     return ensure_synthetic_shards(cfg.data, cfg.model, synthetic_clip(cfg.data, 7, 3), is_main=True)
 
 
@@ -316,3 +319,35 @@ def test_loader_workers_default_to_the_device():
     assert resolve_num_workers(None, torch.device("cuda", 0)) == 4
     assert resolve_num_workers(2, torch.device("cuda", 0)) == 2
     assert resolve_num_workers(0, torch.device("cuda", 0)) == 0
+
+
+def test_caption_dropout_zeroes_a_share_of_prompts_and_keeps_the_windows():
+    """``data.caption_dropout``: the reference's NULL text (embeddings zeroed), drawn per (item, epoch) so a
+    resumed run drops the same ones; the windows are those of a run without it."""
+    path = _tiny_shards()
+    plain = LatentClipDataset(path, 7, 3, 32, seed=0)
+    dropping = LatentClipDataset(path, 7, 3, 32, seed=0, caption_dropout=0.3)
+    items = [(i, epoch) for i in range(len(plain)) for epoch in range(25)]
+    dropped = 0
+    for item in items:
+        a, b = plain[item], dropping[item]
+        assert torch.equal(a["latents"], b["latents"]) and torch.equal(a["offset"], b["offset"])
+        assert a["prompt_embeds"].abs().sum() > 0
+        if b["prompt_embeds"].abs().sum() == 0:
+            dropped += 1
+        else:
+            assert torch.equal(a["prompt_embeds"], b["prompt_embeds"])
+        assert torch.equal(dropping[item]["prompt_embeds"], b["prompt_embeds"])  # the same draw again
+    assert 0.2 < dropped / len(items) < 0.4
+
+
+def test_the_synthetic_set_shows_every_scene_of_the_world(tmp_path):
+    """96 clips or more cover every (colour, shape, direction, background); fewer are all different."""
+
+    def captions(n, tmp):
+        lines = make_synthetic_videos(tmp / str(n), n, 1, 16, 16, 8, seed=5).read_text().splitlines()
+        return [json.loads(line)["caption"] for line in lines]
+
+    every, few = captions(100, tmp_path), captions(10, tmp_path)
+    assert set(every) == {s.caption for s in all_scenes()} and len(set(few)) == 10
+    assert every[:96] != sorted(every[:96]) and every[96:] == every[:4]  # a seeded order, cycling

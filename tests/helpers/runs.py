@@ -10,6 +10,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 QUIET = ["validation.enabled=false", "trainer.progress=false", "trainer.log_every=1"]
+# the synthetic set of the tiny phases other than stage 1's default (8 clips, just long enough for one full
+# history): for tests of mechanics that count clips or shards, built in seconds
+SMALL_WORLD = ["data.synthetic.num_videos=8", "data.synthetic.sections=null"]
 
 
 def train_cli(

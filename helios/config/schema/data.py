@@ -9,16 +9,22 @@ from helios.config.schema.base import Validated, check, choice
 
 @dataclass
 class SyntheticConfig(Validated):
-    """Moving-shapes videos with captions, written as real mp4 files and encoded like user data."""
+    """Moving-shapes videos with captions, written as real mp4 files and encoded like user data. Clip i
+    shows scene i of a seeded order of the world's 96 (colour, shape, direction, background), cycling:
+    96 clips or more cover every caption, fewer are all different."""
 
     num_videos: int = 8
     height: int = 64
     width: int = 64
     fps: int = 8
     seed: int = 1234
+    # clip length in sections of history.window latent frames; null: just long enough for one full
+    # history (ceil(history / window) + 1 sections; whole-clip latents: history + window + 2)
+    sections: int | None = None
 
     def _validate(self, prefix: str) -> None:
         check(self.num_videos >= 1, prefix + "num_videos", "must be >= 1")
+        check(self.sections is None or self.sections >= 1, prefix + "sections", "must be >= 1 (or null)")
         check(self.height % 16 == 0 and self.width % 16 == 0, prefix + "height/width", "multiples of 16")
 
 
@@ -44,9 +50,13 @@ class DataConfig(Validated):
     # history zero-padded before the video start, per-section decoding) or "clip" (whole-clip latents,
     # the window at a random start, streaming decode). Shards must have been prepared in this format.
     latent_format: str = "sections"
+    # the share of training samples whose prompt embeddings are zeroed (the reference's "NULL text",
+    # caption_dropout_p, 0 in every released phase): trains the unconditional branch CFG samples against
+    caption_dropout: float = 0.0
 
     def _validate(self, prefix: str) -> None:
         choice(self.kind, ("synthetic", "latents"), prefix + "kind")
+        check(0.0 <= self.caption_dropout < 1.0, prefix + "caption_dropout", "a probability in [0, 1)")
         choice(self.latent_format, LATENT_FORMATS, prefix + "latent_format")
         choice(self.on_error, ("raise", "skip"), prefix + "on_error")
         if self.kind == "latents":

@@ -21,7 +21,14 @@ from helios.stages.distilled.rollout import first_section, velocity
 class OdeInitPhase(DistillPhase):
     def dataset(self, data_path: Path | None) -> OdePairDataset | OdeTrajectoryDataset:
         max_len = self.cfg.model.text_encoder.max_sequence_length
-        return ode_pair_dataset(self.d.ode_pairs, len(self.d.steps), max_len, self.layout, self.cfg.seed)
+        return ode_pair_dataset(
+            self.d.ode_pairs,
+            len(self.d.steps),
+            max_len,
+            self.layout,
+            self.cfg.seed,
+            self.cfg.data.caption_dropout,
+        )
 
     @cached_property
     def windows(self) -> list[tuple[float, float]]:
