@@ -43,7 +43,7 @@ from helios.infra.node_share import aligned
 from helios.infra.resolve import resolve_num_workers, resolve_precision
 from helios.model import apply_lora, build_transformer
 from helios.model.activation_offload import offloaded_checkpoint
-from helios.model.encoders import TINY_VAE_KWARGS, byte_tokenizer, tiny_text_encoder_config
+from helios.model.encoders import TINY_VAE_KWARGS, tiny_tokenizer, tiny_text_encoder_config
 from helios.model.gan import GanHeads
 from helios.model.transformer import frozen_dtypes
 from helios.stages import STAGES
@@ -431,7 +431,7 @@ def text_encoder_bytes(cfg) -> int:
     elif t.source == "pretrained":
         umt5 = UMT5Config(**UMT5_XXL)
     else:
-        umt5 = tiny_text_encoder_config(t, len(byte_tokenizer()))
+        umt5 = tiny_text_encoder_config(t, len(tiny_tokenizer()))
     with torch.device("meta"):
         return 4 * sum(p.numel() for p in UMT5EncoderModel(umt5).parameters())
 

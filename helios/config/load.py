@@ -107,7 +107,7 @@ def unknown_key(node, schema_type: type, prefix: str = "") -> str | None:
 # keys a saved config (a checkpoint's) may still use, and where they live now
 MOVED_KEYS = {"distill.offload_shared": "parallel.node_shared_weights"}
 # keys added with a new default: a saved config without them ran the behaviour from before they existed
-ADDED_KEYS = {"pyramid.stage_draw": "random"}
+ADDED_KEYS = {"pyramid.stage_draw": "random", "model.text_encoder.tiny_tokenizer": "bytes"}
 
 
 def load_config(cfg: DictConfig | dict, schema_type: type = TrainConfig):

@@ -1,6 +1,6 @@
 """VAE (``AutoencoderKLWan``) and UMT5 text encoder: load pretrained or build the tiny ones.
 
-The tiny set needs no download: a byte tokenizer built in code, a small seeded UMT5 encoder and a small
+The tiny set needs no download: a word-piece tokenizer built in code, a small seeded UMT5 encoder and a small
 Wan VAE: by default the one shipped in ``helios/assets/tiny_vae`` (trained on the moving-shapes world by
 ``python -m helios.tiny_vae``), or a seeded random one whose ``latents_mean/std`` are calibrated on fixed
 moving-shapes videos, so normalised latents have roughly unit scale like the real VAE's.
@@ -17,7 +17,7 @@ from diffusers import AutoencoderKLWan, HeliosPipeline
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
 from helios.config.schema import TextEncoderConfig, VaeConfig
-from helios.world.shapes import render_clip
+from helios.world.shapes import BACKGROUNDS, COLORS, DIRECTIONS, SHAPES, render_clip
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
 VAE_TEMPORAL = 4  # Wan VAE: 4x temporal compression, the first frame on its own
@@ -34,12 +34,28 @@ def latent_frames_for(video_frames: int) -> int:
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """A character tokenizer over code points 0-255 with T5-style ``</s>`` and ``<pad>`` (id 0)."""
+    """A character tokenizer over code points 0-255 with T5-style ``</s>`` and ``<pad>`` (id 0): the tiny
+    encoder's before the word-piece one (``model.text_encoder.tiny_tokenizer=bytes``)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
     vocab = {PAD: 0, EOS: 1, UNK: 2, **{chr(i): i + 3 for i in range(256)}}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.post_processor = processors.TemplateProcessing(single=f"$A {EOS}", special_tokens=[(EOS, 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK)
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-piece tokenizer with T5-style ``</s>`` and ``<pad>`` (id 0): every word of the moving-shapes
+    world is one token (as UMT5's sentencepiece keeps common words whole), any other word is spelled in
+    characters of code points 0-255 (a character outside them is ``<unk>``)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    words = sorted({"a", "moving", "on", "background", *COLORS, *SHAPES, *DIRECTIONS, *BACKGROUNDS})
+    pieces = [*words, *(chr(i) for i in range(256)), *(f"##{chr(i)}" for i in range(256))]
+    vocab = {PAD: 0, EOS: 1, UNK: 2, **{p: i + 3 for i, p in enumerate(dict.fromkeys(pieces))}}
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token=UNK, max_input_chars_per_word=1000))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single=f"$A {EOS}", special_tokens=[(EOS, 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK)
 
@@ -61,7 +77,7 @@ def build_text_encoder(cfg: TextEncoderConfig) -> tuple[PreTrainedTokenizerFast,
         tokenizer = AutoTokenizer.from_pretrained(cfg.path, subfolder=cfg.tokenizer_subfolder or "")
         encoder = UMT5EncoderModel.from_pretrained(cfg.path, subfolder=cfg.subfolder or "")
     else:
-        tokenizer = byte_tokenizer()
+        tokenizer = tiny_tokenizer() if cfg.tiny_tokenizer == "words" else byte_tokenizer()
         config = tiny_text_encoder_config(cfg, len(tokenizer))
         encoder = seeded(cfg.init_seed, lambda: UMT5EncoderModel(config))
     encoder.requires_grad_(False).eval()

@@ -216,3 +216,7 @@ def test_a_saved_config_with_a_moved_key_loads_under_its_new_name():
     del saved.pyramid["stage_draw"]
     assert load_config(saved).pyramid.stage_draw == "random"
     assert load_config(OmegaConf.create(to_yaml(compose(["stage=2"])))).pyramid.stage_draw == "every"
+    # a tiny run from before the word-piece tokenizer encoded its captions byte by byte: it samples so
+    del saved.model.text_encoder["tiny_tokenizer"]
+    assert load_config(saved).model.text_encoder.tiny_tokenizer == "bytes"
+    assert compose([]).model.text_encoder.tiny_tokenizer == "words"

@@ -139,7 +139,7 @@ class VaeConfig(Validated):
 
 @dataclass
 class TextEncoderConfig(Validated):
-    """UMT5 encoder + tokenizer: ``tiny`` (byte tokenizer, small seeded UMT5) or ``pretrained``."""
+    """UMT5 encoder + tokenizer: ``tiny`` (word-piece tokenizer, small seeded UMT5) or ``pretrained``."""
 
     source: str = "pretrained"
     path: str | None = None
@@ -149,9 +149,13 @@ class TextEncoderConfig(Validated):
     d_model: int = 32
     num_layers: int = 2
     init_seed: int = 0
+    # source=tiny: "words" (word-piece: each word of the moving-shapes world one token) or "bytes" (one token
+    # per byte: the tiny encoder of runs saved before the word-piece one, which sample with it)
+    tiny_tokenizer: str = "words"
 
     def _validate(self, prefix: str) -> None:
         choice(self.source, ("tiny", "pretrained"), prefix + "source")
+        choice(self.tiny_tokenizer, ("words", "bytes"), prefix + "tiny_tokenizer")
         if self.source == "pretrained":
             check(bool(self.path), prefix + "path", "source='pretrained' needs a model directory")
         check(self.max_sequence_length > 0, prefix + "max_sequence_length", "must be > 0")
