@@ -15,7 +15,10 @@ COMMANDS = {
     "export": ("helios.export", "checkpoint -> diffusers pipeline directory or LoRA weights"),
     "tiny-vae": ("helios.tiny_vae", "train the tiny default's VAE on the moving-shapes world"),
     "memory": ("helios.memory", "per-GPU / per-node memory of a training config, no GPU or weights needed"),
-    "bench": (None, "benchmarks: helios bench data | sampler | kernels | stage3-memory | toy [args]"),
+    "bench": (
+        None,
+        "benchmarks: helios bench data | sampler | kernels | stage3-memory | toy | long-video [args]",
+    ),
     "launch": (None, "launchers: helios launch slurm | torchrun | local-slurm | tiny-chain [args] | path"),
 }
 LAUNCHERS = {
@@ -30,6 +33,7 @@ BENCHES = {
     "kernels": "bench_kernels.py",
     "stage3-memory": "bench_stage3_memory.py",
     "toy": "toy_experiment.py",
+    "long-video": "tiny_long_video.py",
 }
 
 

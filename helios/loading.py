@@ -11,13 +11,14 @@ import torch
 from omegaconf import OmegaConf
 
 from helios.config.load import load_config
-from helios.config.schema import ConfigError, TrainConfig
+from helios.config.schema import ConfigError, SamplerConfig, TrainConfig
 from helios.core.history import HistoryLayout
 from helios.infra import checkpoint as ckpt
 from helios.model.encoders import build_text_encoder, build_vae
 from helios.model.lora import load_trainable_state_dict, merged_state_dict
 from helios.model.wan_init import load_wan_as_helios
 from helios.model.weights import cast_state
+from helios.sampling.pipeline import VideoResult, generate_video
 from helios.stages import STAGES
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,36 @@ class LoadedModel:
     train_config: TrainConfig | None = None
     # the latent format it was trained on: "sections" (decode each section on its own) or "clip"
     latent_format: str = "sections"
+
+    def generate(
+        self,
+        sampler: SamplerConfig,
+        prompts: list[tuple[int, str]],
+        num_frames: int,
+        generator: torch.Generator,
+        size: tuple[int, int] | None = None,
+        **kwargs,
+    ) -> VideoResult:
+        """:func:`~helios.sampling.pipeline.generate_video` with this model's transformer, encoders,
+        history layout, text length and latent format, at ``size`` (height, width; default: the size it
+        was trained at). ``kwargs``: image, video, adaptive_seed, progress."""
+        height, width = size or self.size
+        return generate_video(
+            self.transformer,
+            self.vae,
+            self.tokenizer,
+            self.text_encoder,
+            self.layout,
+            sampler,
+            prompts,
+            num_frames,
+            height,
+            width,
+            generator,
+            self.max_sequence_length,
+            latent_format=self.latent_format,
+            **kwargs,
+        )
 
 
 def load_train_config(checkpoint_dir: Path) -> TrainConfig:

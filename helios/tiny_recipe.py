@@ -26,6 +26,9 @@ from helios.infra.checkpoint import list_complete
 from helios.trainer import Trainer
 
 WAIT_S = 1800.0  # how long the other ranks wait for the main rank's tiny stand-ins
+# part of the stand-ins' cache key: raised whenever the tiny defaults they are trained with change (2: every
+# scene of the world, caption dropout, the word-piece tokenizer), so a cache made before is not reused
+RECIPE_VERSION = 2
 
 
 def finished(run_dir: Path, steps: int) -> bool:
@@ -71,6 +74,7 @@ def complete_tiny_distill(cfg: TrainConfig) -> TrainConfig:
 
 def _cache(cfg: TrainConfig, name: str, *inputs: str) -> Path:
     recipe = f"{cfg.seed}:{cfg.distill.tiny_teacher_steps}:{cfg.history.sizes}:{':'.join(inputs)}"
+    recipe += f":v{RECIPE_VERSION}"
     return Path(cfg.data.cache_dir).parent / name / f"{zlib.crc32(recipe.encode()):08x}"
 
 

@@ -1,5 +1,6 @@
 """Validation during training: videos on the fixed prompts and seeds under ``samples/``, with their
-per-section drift (§3.5), seam and, for moving-shapes prompts, shapes-world measures."""
+per-section drift (§3.5), seam and, for moving-shapes prompts, shapes-world measures (of the whole video
+and of each section: is the caption's shape there, in its colour, moving its way)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from helios.config.schema import TrainConfig
 from helios.core.history import HistoryLayout
 from helios.infra.distributed import DistInfo, all_gather_objects, broadcast_object
 from helios.model.encoders import build_text_encoder, build_vae, encode_prompts
+from helios.sampling.decode import section_frames
 from helios.sampling.pipeline import generate_video, save_video
-from helios.world.measures import caption_metrics
+from helios.world.measures import caption_metrics, caption_section_metrics
 
 
 class Validation:
@@ -104,7 +106,10 @@ class Validation:
                         prompt_embeds=self.prompt_embeds,
                     )
                 out = self.run_dir / "samples" / f"step_{step}_{i}.mp4"
-                world = caption_metrics(result.frames[0].float().cpu(), prompt)  # moving-shapes prompts only
+                video = result.frames[0].float().cpu()
+                world = caption_metrics(video, prompt)  # moving-shapes prompts only
+                first, frames = section_frames(layout.window, self.cfg.data.latent_format)
+                world.update(caption_section_metrics(video, prompt, first, frames))
                 if writes:
                     report = {**result.stats, "prompt": prompt, "rank": self.dist.rank, "world": world}
                     save_video(result.frames[0], out, v.fps, report)

@@ -21,7 +21,7 @@ from helios.data.video import decode_clip, resize_center_crop
 from helios.loading import load_for_inference
 from helios.model.encoders import video_frames_for
 from helios.sampling.decode import DECODE_MODES, section_frames
-from helios.sampling.pipeline import generate_video, save_video
+from helios.sampling.pipeline import save_video
 
 log = logging.getLogger("helios.generate")
 
@@ -162,23 +162,15 @@ def run(cfg: GenerateConfig) -> list[Path]:
             sections = prompts[-1][0] + cfg.sections_per_prompt
             num_frames = max(num_frames, first_frames + (sections - 1) * frames_per_section)
         generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
-        result = generate_video(
-            model.transformer,
-            model.vae,
-            model.tokenizer,
-            model.text_encoder,
-            model.layout,
+        result = model.generate(
             sampler,
             prompts,
             num_frames,
-            height,
-            width,
             generator,
-            model.max_sequence_length,
-            image,
-            video,
-            cfg.seed,
-            latent_format=model.latent_format,
+            (height, width),
+            image=image,
+            video=video,
+            adaptive_seed=cfg.seed,
             progress=functools.partial(_print_progress, out.name) if cfg.progress else None,
         )
         stats = {**result.stats, "prompts": prompts, "seed": cfg.seed, "height": height, "width": width}

@@ -43,7 +43,7 @@ from helios.infra.node_share import aligned
 from helios.infra.resolve import resolve_num_workers, resolve_precision
 from helios.model import apply_lora, build_transformer
 from helios.model.activation_offload import offloaded_checkpoint
-from helios.model.encoders import TINY_VAE_KWARGS, tiny_tokenizer, tiny_text_encoder_config
+from helios.model.encoders import TINY_VAE_KWARGS, tiny_text_encoder_config, tiny_tokenizer
 from helios.model.gan import GanHeads
 from helios.model.transformer import frozen_dtypes
 from helios.stages import STAGES

@@ -262,7 +262,14 @@ def test_cli_two_ranks_then_train_with_defaults(tmp_path):
     assert "input=PATH output=DIR" in help_text
     run = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "train_helios.py", f"data={out}", f"hydra.run.dir={run}", "trainer.max_steps=3"],
+        [
+            sys.executable,
+            "train_helios.py",
+            f"data={out}",
+            f"hydra.run.dir={run}",
+            "trainer.max_steps=3",
+            "trainer.batch_size=4",  # the 10 clips prepared here; the default takes 32 a step
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,

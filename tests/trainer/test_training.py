@@ -49,13 +49,17 @@ def test_cli_tiny_run_writes_the_run_directory(tmp_path):
     import decord
 
     reader = decord.VideoReader(str(video))
-    assert len(reader) == 18 and reader[0].shape == (64, 64, 3)
+    assert len(reader) == 90 and reader[0].shape == (64, 64, 3)
     stats = json.loads(video.with_suffix(".json").read_text())
-    assert len(stats["drift"]["sections"]) == 2 and "ratio" in stats["seams"]  # 2 sections of 9 frames
+    assert len(stats["drift"]["sections"]) == 10 and "ratio" in stats["seams"]  # 10 sections of 9 frames
+    assert (tmp_path / "samples" / "step_10_1.mp4").exists()  # the second prompt
     assert "val/0/seam_ratio" in metrics[-1] and "val/0/drift_saturation" in metrics[-1]
-    # the tiny default's prompt is a moving-shapes caption: the world's measures are logged with the video
+    # the tiny default's prompts are moving-shapes captions: the world's measures are logged with the video,
+    # for the whole video and for each of its 10 sections
     world = {f"val/0/world_{k}": v for k, v in stats["world"].items()}
     assert {"val/0/world_background_match", "val/0/world_shape_colour_match"} <= world.keys()
+    sections = {f"val/1/world_section{k}_{m}" for k in range(10) for m in ("present", "colour", "advance")}
+    assert sections | {"val/1/world_long_min_present", "val/1/world_long_moves_along"} <= metrics[-1].keys()
     assert all(metrics[-1][k] == v for k, v in world.items())
 
 
@@ -138,7 +142,7 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path):
     assert any(w0[k].any() for k in w0 if "lora_B" in k)
     s0 = json.loads((tmp_path / "rank0.json").read_text())
     s1 = json.loads((tmp_path / "rank1.json").read_text())
-    # each step the two ranks read disjoint clips of the same epoch (8 clips, 2 per rank per step)
+    # each step the two ranks read disjoint clips of the same epoch (2 per rank per step)
     for (e0, i0), (e1, i1) in zip(s0["seen"], s1["seen"]):
         assert e0 == e1 and not set(i0) & set(i1)
     assert s0["losses"] == s1["losses"]  # metrics are all-reduced

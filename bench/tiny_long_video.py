@@ -1,0 +1,184 @@
+"""Long videos of a tiny moving-shapes model, judged section by section: does the caption's shape stay, in
+its colour, and move the caption's way, for 10 sections and more (§3.2.3 drifting, at toy scale)?
+
+    python bench/tiny_long_video.py --checkpoint RUN_DIR [--sections 10] [--captions 8] [--seeds 0 1]
+        [--out long_video.json] [--figure long_video.png]
+    helios bench long-video [same arguments]
+
+Samples ``--captions`` captions that between them use every colour, shape, direction and background of the
+world, each with every seed of ``--seeds``, for ``--sections`` sections with the run's validation sampler,
+and measures every section (:func:`helios.world.measures.section_measures`). The JSON holds each sample's
+sections, its summary, and the run's verdict against the targets (the caption's shape, in the caption's
+colour, present in >= 95 % of the frames of every section of every sample; moving the caption's way in
+>= 90 % of the samples), and the same verdict for real clips of the same scenes through the run's VAE (the
+best the measures allow with that VAE).
+``--figure`` writes the first sample as a grid: one row per section, one column per frame.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+if (CHECKOUT / "helios").is_dir():  # run from a checkout without installing
+    sys.path.insert(0, str(CHECKOUT))
+
+PRESENT_TARGET, MOVES_TARGET = 0.95, 0.9
+
+
+def spread_captions(n: int) -> list[str]:
+    """``n`` captions that cycle every colour, shape, direction and background (8 use each of the 4
+    colours and 4 directions twice, both shapes 4 times and every background at least twice), no two
+    alike."""
+    from helios.world.shapes import BACKGROUNDS, COLORS, DIRECTIONS, SHAPES
+
+    colours, shapes, directions, backgrounds = (list(x) for x in (COLORS, SHAPES, DIRECTIONS, BACKGROUNDS))
+    out = []
+    for i in range(n):
+        colour, shape = colours[i % 4], shapes[(i // 2) % 2]
+        direction, background = directions[(i + i // 4) % 4], backgrounds[i % 3]
+        out.append(f"a {colour} {shape} moving {direction} on a {background} background")
+    if len(set(out)) != n:
+        raise ValueError(f"--captions {n}: at most 96 distinct captions")
+    return out
+
+
+def evaluate(
+    checkpoint: str,
+    captions: list[str],
+    seeds: list[int],
+    sections: int,
+    guidance_scale: float | None = None,
+    steps: int | None = None,
+) -> dict:
+    """Every (caption, seed) sampled for ``sections`` sections and measured; the report of the module
+    docstring. ``guidance_scale``, ``steps``: instead of the run's validation sampler's."""
+    import dataclasses
+
+    import torch
+
+    from helios.loading import load_for_inference
+    from helios.model.encoders import encode_sections
+    from helios.sampling.decode import decode_sections_independently, section_frames
+    from helios.world.measures import long_video_summary, parse_caption, section_measures
+    from helios.world.shapes import render_clip
+
+    model = load_for_inference(checkpoint, torch.device("cpu"))
+    sampler = model.train_config.validation.sampler
+    if guidance_scale is not None:
+        sampler = dataclasses.replace(sampler, guidance_scale=guidance_scale)
+    if steps is not None:
+        sampler = dataclasses.replace(sampler, steps=[steps] * len(sampler.steps))
+    first, frames = section_frames(model.layout.window, model.latent_format)
+    height, width = model.size
+    samples, videos = [], []
+    started = time.perf_counter()
+    for caption in captions:
+        for seed in seeds:
+            num_frames, generator = first + (sections - 1) * frames, torch.Generator().manual_seed(seed)
+            result = model.generate(sampler, [(0, caption)], num_frames, generator, adaptive_seed=seed)
+            video = result.frames[0].float()
+            rows = section_measures(video, caption, first, frames)
+            samples.append({"caption": caption, "seed": seed, "sections": rows, **long_video_summary(rows)})
+            videos.append(video)
+    reference = []  # real clips of the same scenes through the same VAE: what the measures allow at best
+    for k, (caption, seed) in enumerate((c, s) for c in captions for s in seeds):
+        scene = parse_caption(caption)
+        clip, _ = render_clip(
+            first + (sections - 1) * frames, height, width, torch.Generator().manual_seed(k), scene
+        )
+        with torch.no_grad():
+            latents = encode_sections(model.vae, clip[None], model.layout.window)
+            decoded = decode_sections_independently(
+                model.vae, list(latents.split(model.layout.window, dim=2))
+            )
+        rows = section_measures(decoded[0].float().clamp(-1, 1), caption, first, frames)
+        reference.append({"caption": caption, "seed": seed, "sections": rows, **long_video_summary(rows)})
+    per_section = [
+        {
+            k: sum(s["sections"][j][k] for s in samples) / len(samples)
+            for k in ("present", "colour", "advance")
+        }
+        for j in range(sections)
+    ]
+    return {
+        "checkpoint": str(checkpoint),
+        "sampler": {"steps": list(sampler.steps), "guidance_scale": sampler.guidance_scale},
+        "sections": sections,
+        "frames": {"first_section": first, "section": frames},
+        "samples": samples,
+        "per_section_mean": per_section,
+        "verdict": verdict(samples),
+        "reference_verdict": verdict(reference),
+        "reference": reference,
+        "seconds": time.perf_counter() - started,
+        "_videos": videos,
+    }
+
+
+def verdict(samples: list[dict]) -> dict:
+    """The targets of the module docstring over ``samples`` (each with its :func:`long_video_summary`)."""
+    kept = [s["min_present"] >= PRESENT_TARGET for s in samples]
+    moving = sum(s["moves_along"] for s in samples) / len(samples)
+    return {
+        "samples": len(samples),
+        "shape_kept_in_every_section": sum(kept) / len(samples),
+        "present_frames": sum(r["present"] for s in samples for r in s["sections"])
+        / sum(len(s["sections"]) for s in samples),
+        "worst_section_present": min(s["min_present"] for s in samples),
+        "moves_along": moving,
+        "target_met": all(kept) and moving >= MOVES_TARGET,
+    }
+
+
+def write_figure(video, path: Path, first: int, frames: int) -> None:
+    """One row per section, one column per frame ([3, T, H, W] in [-1, 1])."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = ((video.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).numpy()  # T H W 3
+    t, h, w, _ = pixels.shape
+    starts = [0, *range(first, t, frames)]
+    cols = max(first, frames)
+    grid = np.full((len(starts) * (h + 2), cols * (w + 2), 3), 255, dtype=np.uint8)
+    for row, start in enumerate(starts):
+        for col, frame in enumerate(range(start, min(t, start + (first if row == 0 else frames)))):
+            grid[row * (h + 2) : row * (h + 2) + h, col * (w + 2) : col * (w + 2) + w] = pixels[frame]
+    Image.fromarray(grid).save(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="a tiny run dir or checkpoints/step_<N>")
+    parser.add_argument("--sections", type=int, default=10)
+    parser.add_argument("--captions", type=int, default=8)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--out", default="long_video.json")
+    parser.add_argument("--figure", default=None, help="PNG of the first sample, one row per section")
+    parser.add_argument("--guidance-scale", type=float, default=None, help="default: the run's validation's")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="sampling steps per stage (default: the run's)"
+    )
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    captions = spread_captions(args.captions)
+    report = evaluate(args.checkpoint, captions, args.seeds, args.sections, args.guidance_scale, args.steps)
+    videos = report.pop("_videos")
+    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    if args.figure:
+        write_figure(
+            videos[0], Path(args.figure), report["frames"]["first_section"], report["frames"]["section"]
+        )
+    print(json.dumps(report["verdict"]), flush=True)
+
+
+if __name__ == "__main__":
+    main()
