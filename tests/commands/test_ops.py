@@ -223,6 +223,6 @@ def test_out_of_memory_names_the_fix(tmp_path, monkeypatch):
 
 def test_startup_summary_reports_tokens_and_memory(tmp_path):
     proc = train_cli([f"hydra.run.dir={tmp_path}", "trainer.max_steps=1"], timeout=300)
-    assert "tokens per clip: 48 noisy + 37 history; per step 2720" in proc.stdout  # 32 clips a step
+    assert "tokens per clip: 48 noisy + 37 history; per step 2,720" in proc.stdout  # 32 clips a step
     assert "memory per rank" in proc.stdout and "trainable" in proc.stdout
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 1
