@@ -36,6 +36,18 @@ def encode_pair(key: str, arrays: dict[str, torch.Tensor], meta: dict) -> dict:
     return sample
 
 
+def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The random stream of one (sample, epoch): a resumed run draws the same."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_033 + index)
+
+
+def padded_prompt(embeds: torch.Tensor, max_len: int) -> torch.Tensor:
+    """Stored prompt embeddings cut or zero-padded to ``max_len`` tokens."""
+    out = torch.zeros(max_len, embeds.shape[-1])
+    out[: min(max_len, embeds.shape[0])] = embeds[:max_len]
+    return out
+
+
 class OdePairDataset(torch.utils.data.Dataset):
     """ODE pairs written by ``helios.ode_pairs`` (same batching interface as the clip dataset)."""
 
@@ -63,12 +75,8 @@ class OdePairDataset(torch.utils.data.Dataset):
         i, epoch = item
         read = lambda name: self.index.read_array(i, name + ".npy")  # noqa: E731
         out = {"history": read("history"), "anchor": read("anchor")}
-        emb = read("prompt_embeds")[: self.max_len]
-        out["prompt_embeds"] = torch.zeros(self.max_len, emb.shape[-1])
-        out["prompt_embeds"][: emb.shape[0]] = emb
-        if self.caption_dropout:
-            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 1_000_033 + i)
-            out["prompt_embeds"] = drop_caption(out["prompt_embeds"], self.caption_dropout, gen)
+        prompt = padded_prompt(read("prompt_embeds"), self.max_len)
+        out["prompt_embeds"] = drop_caption(prompt, self.caption_dropout, item_generator(self.seed, epoch, i))
         for k in range(self.stages):
             out[f"stage{k}_start"], out[f"stage{k}_end"] = read(f"stage{k}_start"), read(f"stage{k}_end")
         return out
@@ -112,7 +120,7 @@ class OdeTrajectoryDataset(torch.utils.data.Dataset):
         i, epoch = item
         read = lambda name: self.index.read_array(i, name + ".npy")  # noqa: E731
         meta = self.meta(i)
-        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 1_000_033 + i)
+        gen = item_generator(self.seed, epoch, i)
         k = int(torch.randint(meta["sections"], (1,), generator=gen))
         last = self.stages - 1
         finals = [read(f"s{j}_stage{last}_states")[-1] for j in range(k)]  # the sections before k
@@ -122,18 +130,13 @@ class OdeTrajectoryDataset(torch.utils.data.Dataset):
             video = torch.cat(finals, dim=1)[:, -self.layout.num_history :]
             history[:, self.layout.num_history - video.shape[1] :] = video
         anchor = finals[0][:, :1] if finals else torch.zeros(c, 1, h, w)
-        emb = read("prompt_embeds")[: self.max_len]
-        out = {
-            "history": history,
-            "anchor": anchor,
-            "prompt_embeds": torch.zeros(self.max_len, emb.shape[-1]),
-        }
-        out["prompt_embeds"][: emb.shape[0]] = emb
+        out = {"history": history, "anchor": anchor}
         for s in range(self.stages):
             states, timesteps = read(f"s{k}_stage{s}_states"), read(f"s{k}_stage{s}_t")
             j = int(torch.randint(len(timesteps), (1,), generator=gen))
             out[f"stage{s}_x"], out[f"stage{s}_t"], out[f"stage{s}_end"] = states[j], timesteps[j], states[-1]
-        out["prompt_embeds"] = drop_caption(out["prompt_embeds"], self.caption_dropout, gen)
+        prompt = padded_prompt(read("prompt_embeds"), self.max_len)
+        out["prompt_embeds"] = drop_caption(prompt, self.caption_dropout, gen)  # after the draws above
         return out
 
     @staticmethod
