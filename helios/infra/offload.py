@@ -7,8 +7,15 @@ parameters move (the 14B bases): trainable weights (LoRA, heads) and their optim
 device, so an offload never needs a copy back and the optimiser never sees a moved tensor.
 
 A frozen weight used by a graph that is still waiting for its backward may be released meanwhile: it is
-made resident again (same values) before that backward runs; autograd reads the parameter's data at that
-time. The stage calls ``activate`` with every role whose graph is pending before it returns its losses.
+made resident again (same values) before that backward runs. With gradient checkpointing (every 14B
+config) the blocks' forward is recomputed then, from the parameter as it is at that time, so the release
+frees the device copy meanwhile; without it, what autograd saved (a linear layer saves a view of its
+weight) keeps the device copy alive until the backward, and releasing that role frees nothing. The stage
+calls ``activate`` with every role whose graph is pending before it returns its losses.
+
+On a CPU run (tests, rehearsals) host and device are one memory, so nothing would show a role used while
+it is not resident: there a released weight is an empty tensor (the values stay in the host copy), and a
+forward or backward that reads it fails, as a wrong placement would on a GPU.
 """
 
 from __future__ import annotations
@@ -78,8 +85,13 @@ class OffloadPool:
         self.buffers[name] = flat
         host = views(flat)
         for p, view in zip(params, host):
-            p.data = view  # the ranks that mapped the node's buffer drop their own copy here
+            p.data = self._released(view)  # the ranks that mapped the node's buffer drop their own copy here
         return host
+
+    def _released(self, host: torch.Tensor) -> torch.Tensor:
+        """What a released weight points at: its host copy (the device cannot read it without a copy); on
+        a CPU, where the host copy is device memory too, an empty tensor (module docstring)."""
+        return host if self.cuda else host.new_empty(0)
 
     def close(self) -> None:
         """Unpin the host buffers (their memory is freed with the pool)."""
@@ -110,7 +122,7 @@ class OffloadPool:
         for name in list(self.resident):
             if name not in names:
                 for p, h in zip(self.params[name], self.host[name]):
-                    p.data = h  # frozen: the host copy is current, nothing to copy back
+                    p.data = self._released(h)  # frozen: the host copy is current, nothing to copy back
                 self.resident.discard(name)
         for name in names:
             if name not in self.params or name in self.resident:
@@ -135,4 +147,4 @@ class OffloadPool:
         for name, params in self.params.items():
             if name not in self.resident:
                 for p, h in zip(params, self.host[name]):
-                    p.data = h
+                    p.data = self._released(h)

@@ -68,6 +68,40 @@ def test_a_damaged_manifest_is_named_and_resume_falls_back(tmp_path, caplog):
     assert "skipping step_2" in caplog.text and "manifest.json" in caplog.text
 
 
+def _flip_a_byte(folder: Path) -> None:
+    path = folder / "trainable.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_resume_that_cannot_be_used_names_its_key_and_what_would_work(tmp_path, caplog):
+    """Every refusal starts with the key and the value the user gave (``resume=...``, or the weight source's
+    own key) and says what would work instead."""
+    nowhere = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match=rf"^resume={nowhere}: no complete checkpoint.*resume=latest"):
+        checkpoint.resolve_resume(str(nowhere), tmp_path)
+    with pytest.raises(FileNotFoundError) as err:
+        checkpoint.resolve_resume(str(nowhere), tmp_path, key="distill.teacher")
+    assert str(err.value).startswith(f"distill.teacher={nowhere}: ") and "resume=" not in str(err.value)
+
+    run = tmp_path / "run"
+    first, second = _save(run, 1), _save(run, 2)
+    _flip_a_byte(second)  # the newest checkpoint is named with the one that verifies
+    refusal = rf"^resume={second}: .*checksum.*; {first} verifies"
+    with pytest.raises(checkpoint.CorruptCheckpoint, match=refusal):
+        checkpoint.resolve_resume(str(second), run)
+    _flip_a_byte(first)  # none verifies: each refusal names its own checkpoint or the run, no hint
+    with pytest.raises(checkpoint.CorruptCheckpoint) as err:
+        checkpoint.resolve_resume(str(second), run)
+    assert str(err.value).startswith(f"resume={second}: ") and "verifies" not in str(err.value)
+    for value in ("latest", str(run)):
+        with caplog.at_level("WARNING"), pytest.raises(checkpoint.CorruptCheckpoint) as err:
+            checkpoint.resolve_resume(value, run)
+        assert str(err.value).startswith("resume: none of the 2 checkpoints verifies"), value
+    assert "resume: skipping step_2" in caplog.text and "resume: skipping step_1" in caplog.text
+
+
 def test_a_failed_save_leaves_the_disk_as_it_was_and_deletes_nothing(tmp_path):
     """A write that fails (here: the engines' partitions) removes its temporary folder, raises one clear
     error, and rotation never ran: with keep_last=1 the older checkpoint is still there."""

@@ -420,3 +420,36 @@ def test_distilled_sampler_feeds_the_reference_timesteps_in_our_default_order(fi
     for fed, want in zip(ours, reference):
         assert fed == pytest.approx([float(int(t)) for t in want], abs=1e-6)  # rounded down as fed
     assert timesteps_fed("diffusers")[1:] != ours[1:]
+
+
+def test_a_video_that_fails_to_write_is_named_with_the_encoders_reason(tmp_path, monkeypatch):
+    """``save_video`` reads its mp4 back: a failing encoder raises an OSError that names the file and the
+    first line of the encoder's message (its type where the message is empty); a short video says so; a
+    video written whole leaves its stats next to it and no temporary file."""
+    import json
+
+    import diffusers.utils
+
+    from helios.sampling import pipeline
+
+    frames = torch.zeros(3, 4, 16, 16)
+    out = tmp_path / "v.mp4"
+
+    def failing(message: str):
+        def export(*args, **kwargs):
+            raise RuntimeError(message)
+
+        return export
+
+    for message, reason in (("", "RuntimeError"), ("no encoder\nsecond line", "no encoder")):
+        monkeypatch.setattr(diffusers.utils, "export_to_video", failing(message))
+        with pytest.raises(OSError, match=rf"^writing {out} failed: {reason}$"):
+            pipeline.save_video(frames, out, 8, {"seed": 0})
+    monkeypatch.undo()
+    monkeypatch.setattr(pipeline, "ffmpeg_probe", lambda path: (3, 8.0))
+    with pytest.raises(OSError, match=rf"^writing {out} failed: it holds 3 of 4 frames$"):
+        pipeline.save_video(frames, out, 8, {"seed": 0})
+    monkeypatch.undo()
+    pipeline.save_video(frames, out, 8, {"seed": 0})
+    assert json.loads(out.with_suffix(".json").read_text()) == {"seed": 0}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.json", "v.mp4"]

@@ -104,8 +104,11 @@ def test_real_recipe_needs_its_teacher():
     from helios.stages import DistillStage
 
     no_teacher = compose(["stage=3", "stage3=post", "model.transformer.path=/m", "data.path=/d"])
-    with pytest.raises(ConfigError, match=r"distill\.teacher"):
+    with pytest.raises(ConfigError, match=r"distill\.teacher") as err:
         DistillStage(no_teacher).setup(Path("/d"), None)  # at start-up, before any model is built
+    # what to give, and where the tiny default's comes from
+    assert "needs the teacher (Helios-Base): a run dir, checkpoint or diffusers directory" in str(err.value)
+    assert "(for the tiny model, train_helios.py makes a tiny one: helios.tiny_recipe)" in str(err.value)
     cfg = compose(
         ["stage=3", "stage3=post", "model.transformer.path=/m", "data.path=/d", "distill.teacher=/t"]
     )
@@ -426,8 +429,10 @@ def test_real_score_unconditional_branch_is_the_prepared_negative_prompt(tmp_pat
     # a shard set without the file names the fix
     (tmp_path / "empty_prompt_embeds.npy").write_bytes((shards / "empty_prompt_embeds.npy").read_bytes())
     assert load_empty_prompt(tmp_path, NEGATIVE_PROMPT_FILE) is None
-    with pytest.raises(FileNotFoundError, match=r"rerun helios.prepare .* or use distill.uncond=empty"):
+    fix = "rerun helios.prepare with the same arguments (it adds the file without re-encoding the clips)"
+    with pytest.raises(FileNotFoundError) as err:
         DistillStage(cfg).setup(tmp_path, None)
+    assert str(err.value) == f"{tmp_path} has no {NEGATIVE_PROMPT_FILE}: {fix} or use distill.uncond=empty"
 
 
 def test_validation_samples_the_ema_in_place_and_puts_the_training_weights_back(tmp_path):
