@@ -46,6 +46,7 @@ def main() -> None:
         recipe = ToyRecipe(
             seeds=args.seeds,
             overrides=args.overrides,
+            num_videos=8,  # the ODE pairs are made for every clip: 32 took 61 of 146 s
             stage1_steps=10,
             stage2_steps=10,
             ode_steps=4,
