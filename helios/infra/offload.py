@@ -91,7 +91,7 @@ class OffloadPool:
     def _released(self, host: torch.Tensor) -> torch.Tensor:
         """What a released weight points at: its host copy (the device cannot read it without a copy); on
         a CPU, where the host copy is device memory too, an empty tensor (module docstring)."""
-        return host if self.cuda else host.new_empty(0)
+        return host if self.device.type != "cpu" else host.new_empty(0)
 
     def close(self) -> None:
         """Unpin the host buffers (their memory is freed with the pool)."""
