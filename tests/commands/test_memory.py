@@ -118,10 +118,10 @@ def test_pinned_bytes_are_the_offload_pools_buffers():
     roles = {"generator": torch.nn.Linear(5, 3), "critic": torch.nn.Linear(7, 2, bias=False)}
     for role in roles.values():
         role.requires_grad_(False)
-    pool = OffloadPool(roles, torch.device("cpu"))
-    for name, role in roles.items():
-        sizes = [p.numel() * p.element_size() for p in role.parameters()]
-        assert pool.buffers[name].numel() == memory.pinned_bytes(sizes)
+    sizes = {name: [p.numel() * p.element_size() for p in role.parameters()] for name, role in roles.items()}
+    pool = OffloadPool(roles, torch.device("cpu"))  # released: the weights' bytes are in the pool's buffers
+    for name in roles:
+        assert pool.buffers[name].numel() == memory.pinned_bytes(sizes[name])
         assert all(h.untyped_storage().data_ptr() == pool.buffers[name].data_ptr() for h in pool.host[name])
     assert memory.pinned_bytes([60, 12]) == 64 + 16  # 15x4 and 3x4 bytes
     pool.close()
