@@ -83,7 +83,7 @@ def frame_aware_corrupt(
     reference reading, the anchor [B, C, 1, h, w] where it is not zero. Returns (history, branch per frame
     [B, T] (CLEAN where not valid), anchor)."""
     b, c, t, h, w = history.shape
-    clean = torch.full((b, t), int(Branch.CLEAN), dtype=torch.long)
+    clean = torch.full((b, t), int(Branch.CLEAN))  # an int fill: int64
     if not cfg.enabled:
         return history, clean, anchor
     if cfg.mode == "reference":
@@ -123,7 +123,7 @@ def _reference(history, valid, cfg: CorruptConfig, generator, anchor, window):
         branch = Branch.CLEAN
     else:
         branch = Branch.NOISE if u_branch < cfg.reference_p_noise else Branch.DOWNSAMPLE
-    branches = torch.full((b, t), int(branch), dtype=torch.long)
+    branches = torch.full((b, t), int(branch))
     branches[~valid] = int(Branch.CLEAN)
     if branch == Branch.CLEAN:
         return history, branches, anchor

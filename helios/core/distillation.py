@@ -69,7 +69,7 @@ def _gamma(shape: float, n: int, generator: torch.Generator) -> torch.Tensor:
     out = torch.empty(n, dtype=torch.float64)
     filled = 0
     while filled < n:
-        m = 2 * (n - filled) + 8
+        m = 2 * (n - filled) + 8  # pragma: no mutate (a batch of candidates: any size draws the same law)
         z = torch.randn(m, generator=generator, dtype=torch.float64)
         u = torch.rand(m, generator=generator, dtype=torch.float64)
         v = (1 + c * z) ** 3

@@ -53,5 +53,6 @@ def flow_pair(
     x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x_t, v) on the straight path between data and noise; sigmas has one entry per sample."""
-    s = sigmas.view(-1, *([1] * (x0.dim() - 1))).to(x0.device, x0.dtype, non_blocking=True)
+    s = sigmas.view(-1, *([1] * (x0.dim() - 1)))
+    s = s.to(x0.device, x0.dtype, non_blocking=True)  # pragma: no mutate (placement and a copy hint)
     return (1.0 - s) * x0 + s * noise, noise - x0

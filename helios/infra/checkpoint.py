@@ -289,7 +289,7 @@ def save(
     root = checkpoint_dir(run_dir)
     final = root / f"step_{step}"
     last = list_complete(run_dir)[-1][1] if dist_info.is_main and list_complete(run_dir) else None
-    need = payload_bytes(tensors, objects) if dist_info.is_main else 0
+    need = payload_bytes(tensors, objects)  # only the main rank checks the free space (tensor sizes only)
     problem = None
     if dist_info.is_main:
         root.mkdir(parents=True, exist_ok=True)

@@ -106,7 +106,10 @@ def cfg_zero_star_scale(cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tenso
     """s* = <v_c, v_u> / ||v_u||^2 per sample (CFG-Zero*)."""
     b = cond.shape[0]
     c, u = cond.float().reshape(b, -1), uncond.float().reshape(b, -1)
-    s = (c * u).sum(dim=1, keepdim=True) / ((u * u).sum(dim=1, keepdim=True) + 1e-8)
+    norm = (u * u).sum(dim=1, keepdim=True)
+    s = (c * u).sum(dim=1, keepdim=True) / (
+        norm + 1e-8  # pragma: no mutate (a division guard: its sign and size change nothing measurable)
+    )
     return s.view(b, *([1] * (cond.dim() - 1)))
 
 

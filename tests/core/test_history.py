@@ -123,6 +123,14 @@ def test_task_frequencies():
     assert torch.allclose(freq, expected, atol=0.01), freq
 
 
+def test_a_format_of_probability_zero_is_never_drawn_even_on_a_bucket_edge(monkeypatch):
+    """A uniform draw that lands exactly on an edge (float32 draws are multiples of 2^-24, the edges here are
+    exact) goes to the format above it: with t2v = 0, u = 0 is not a T2V sample."""
+    cfg = TaskConfig(t2v=0.0, i2v=0.5, v2v_partial=0.25)
+    monkeypatch.setattr(torch, "rand", lambda n, generator=None: torch.tensor([0.0, 0.5, 0.75, 0.25]))
+    assert draw_tasks(4, cfg, torch.Generator()).tolist() == [1, 2, 3, 1]
+
+
 def _condition(overrides: list[str]):
     """The history inputs stage 1 builds for one fixed batch (clips starting at latent frames 2 and 5)."""
     from helios.config import compose

@@ -146,6 +146,28 @@ def test_stale_temporaries_are_removed_before_a_save_not_only_after_one(tmp_path
     assert not list((tmp_path / "checkpoints").glob("*.tmp-*"))
 
 
+def test_a_stale_temporary_that_cannot_be_removed_does_not_stop_the_save(tmp_path, monkeypatch):
+    """Removing a crashed save's leftovers is best effort: a file in it that cannot be deleted (another
+    user's, a busy mount) leaves the folder for the next save, and this save completes."""
+    import os
+
+    _save(tmp_path, 1)
+    stale = tmp_path / "checkpoints" / "step_2.tmp-99999"
+    stale.mkdir()
+    (stale / "busy.pt").write_bytes(b"\0" * 10)
+    unlink = os.unlink
+
+    def refuse(path, *args, **kwargs):
+        if str(path).endswith("busy.pt"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", refuse)
+    _save(tmp_path, 2)
+    assert [s for s, _ in checkpoint.list_complete(tmp_path)] == [1, 2]
+    assert (stale / "busy.pt").exists()
+
+
 def test_rotation_keeps_the_newest_and_never_touches_abandoned_branches(tmp_path):
     for step in (1, 2, 3):
         _save(tmp_path, step, keep_last=2)

@@ -205,15 +205,19 @@ def test_cached_gan_gradient_equals_plain_autograd(tmp_path):
 
     grads = {}
     # w_G large so that the GAN term is a visible part of the generator gradient (fresh heads are weak)
-    for cached, w_g in ((False, 50.0), (True, 50.0), ("no_gan", 0.0)):
+    # "offload": the cached form with the bases in the offload pool and gradient checkpointing, the
+    # backwards left to this caller: the step must leave every pending graph's weights resident
+    offload = ["distill.offload=true", "model.transformer.gradient_checkpointing=true"]
+    for cached, w_g in ((False, 50.0), (True, 50.0), ("offload", 50.0), ("no_gan", 0.0)):
         cfg = compose(
             [
                 "stage=3",
                 "distill.gan.start_step=0",
-                f"distill.cache_gan_grad={cached is True}",
+                f"distill.cache_gan_grad={cached in (True, 'offload')}",
                 f"distill.gan.w_g={w_g}",
                 "validation.enabled=false",
                 "trainer.progress=false",
+                *(offload if cached == "offload" else []),
             ]
         )
         trainer = Trainer(complete_tiny_distill(cfg), tmp_path / str(cached))
@@ -240,9 +244,10 @@ def test_cached_gan_gradient_equals_plain_autograd(tmp_path):
             n: p.grad.clone() for n, p in trainer.model.generator.named_parameters() if p.grad is not None
         }
         trainer.close()
-    assert grads[True].keys() == grads[False].keys() and grads[True]
+    assert grads[True].keys() == grads[False].keys() == grads["offload"].keys() and grads[True]
     for name, g in grads[False].items():
         torch.testing.assert_close(grads[True][name], g, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(grads["offload"][name], grads[True][name], rtol=1e-5, atol=1e-8)
     # and the GAN term does reach the generator (without it the gradients differ)
     assert any(not torch.allclose(grads["no_gan"][n], g, atol=1e-7) for n, g in grads[False].items())
 
@@ -272,6 +277,25 @@ def test_self_forcing_history_is_the_generators_own_rollout():
     # final buffer: the last 7 generated frames [1, 2, 2, 2, 3, 3, 3] -> long 4 / mid 2 / short 1x + anchor
     assert cond["latents_history_short"][0, 0, :, 0, 0].tolist() == [1.0, 3.0]
     assert cond["latents_history_long"].shape[2] == 4 and cond["latents_history_mid"].shape[2] == 2
+
+
+def test_self_forcing_history_is_built_on_the_prompts_device():
+    """The rolled-out history buffer lives where the prompt does (the meta device stands in for a GPU
+    here: a buffer built on the host would not concatenate with the generated sections)."""
+    from helios.stages import DistillStage
+
+    stage = DistillStage(compose(["stage=3", "distill.history_source=self_forcing"]))
+    shape = (1, 16, stage.layout.window, 4, 4)
+
+    def fake_rollout(generator, cond, shape, gen, grad, exits=None, first_section=False):
+        assert {v.device.type for v in cond.values()} == {"meta"}
+        return torch.zeros(shape, device="meta")
+
+    stage.phase.rollout = fake_rollout
+    prompt = {"encoder_hidden_states": torch.zeros(1, 8, 32, device="meta")}
+    cond = stage.phase.self_forcing_cond(None, prompt, shape, None)
+    assert {v.device.type for v in cond.values()} == {"meta"}
+    assert cond["latents_history_long"].shape[2] == stage.layout.num_history - 3
 
 
 def test_bidirectional_teacher_scores_one_segment_without_history_inputs():
@@ -433,6 +457,21 @@ def test_real_score_unconditional_branch_is_the_prepared_negative_prompt(tmp_pat
     with pytest.raises(FileNotFoundError) as err:
         DistillStage(cfg).setup(tmp_path, None)
     assert str(err.value) == f"{tmp_path} has no {NEGATIVE_PROMPT_FILE}: {fix} or use distill.uncond=empty"
+
+
+def test_putting_the_training_weights_back_without_an_ema_written_changes_nothing():
+    """``after_validation`` with nothing swapped in (before the first EMA copy, or a validation that failed
+    before its swap) leaves the generator as it is."""
+    from helios.stages.distilled.ema import GeneratorEma
+    from helios.stages.distilled.roles import DistillModule
+
+    ema = GeneratorEma(compose(["stage=3"]).distill)
+    m = DistillModule(torch.nn.Linear(2, 2))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    ema.swap_out(m)
+    ema.swap_in(m)  # no average yet: nothing is written
+    ema.swap_out(m)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
 
 
 def test_validation_samples_the_ema_in_place_and_puts_the_training_weights_back(tmp_path):
@@ -739,6 +778,63 @@ def test_the_first_section_schedule_follows_this_ranks_own_history(empty):
     m = DistillModule(torch.nn.Linear(1, 1), fake=_Score(0.1, 0.0))
     stage.phase.step(m, None, torch.Generator(), torch.Generator(), RoleSteps(), step=1)
     assert seen == [empty == 1.0]
+
+
+def test_each_loss_runs_as_its_roles_forward_and_a_zero3_generator_gets_the_agreed_forward_counts(
+    monkeypatch,
+):
+    """The rollout is the generator's forward and both critic losses (joint backward) the critic's: under
+    DDP each role's wrapper all-reduces what ran through it. A ZeRO-3 generator is given the forward
+    counts agreed over the ranks (here another rank's exits are two steps later)."""
+    from helios.infra.parallel import RoleSteps
+    from helios.stages import DistillStage
+    from helios.stages.distilled import post
+    from helios.stages.distilled.roles import DistillModule
+
+    stage = DistillStage(compose(["stage=3", "distill.gan.start_step=0", "parallel=zero3"]))
+    stage.phase.uncond = torch.zeros(1, 8, 32)
+    layout, seen = stage.layout, {}
+    monkeypatch.setattr(post, "agree_max", lambda values: [v + 2 for v in values])
+
+    class Rollout:
+        exit_steps = staticmethod(stage.rollout.exit_steps)
+
+        def __call__(self, generator, cond, shape, gen, grad, exits, first, forwards):
+            seen.update(exits=exits, forwards=forwards)
+            return torch.zeros(shape)
+
+    class Recorded(RoleSteps):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[tuple[str, str]] = []
+
+        def forward(self, role, fn, *args, final=True):
+            self.calls.append((role, getattr(fn, "__name__", type(fn).__name__)))
+            return fn(*args)
+
+    def critic_flow_loss(*args):
+        return torch.zeros((), requires_grad=True)
+
+    def critic_gan_loss(*args):
+        return torch.ones((), requires_grad=True)
+
+    stage.phase.rollout = Rollout()
+    monkeypatch.setattr(stage.phase, "critic_flow_loss", critic_flow_loss)
+    monkeypatch.setattr(stage.phase, "critic_gan_loss", critic_gan_loss)
+    shape = (2, 16, layout.window, 4, 4)
+    history, anchor = torch.zeros(2, 16, layout.num_history, 4, 4), torch.zeros(2, 16, 1, 4, 4)
+    cond = {"encoder_hidden_states": torch.zeros(2, 8, 32), **layout.model_inputs(history, anchor)}
+    stage.phase.condition = lambda batch, gen: (cond, torch.zeros(shape), {"history_empty": 0.0})
+    m = DistillModule(torch.nn.Linear(1, 1), fake=_Score(0.1, 0.0), heads=torch.nn.Identity())
+    roles = Recorded()
+    losses, _ = stage.phase.step(m, None, torch.Generator(), torch.Generator(), roles, step=1)
+    assert roles.calls == [
+        ("generator", "Rollout"),
+        ("critic", "critic_flow_loss"),
+        ("critic", "critic_gan_loss"),
+    ]
+    assert float(losses["critic"].detach()) == 1.0 and roles.pending == {"critic"}
+    assert seen["forwards"] == [e + 3 for e in seen["exits"]]
 
 
 @pytest.mark.parametrize("shared_teacher", [True, False])

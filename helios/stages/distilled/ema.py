@@ -48,7 +48,8 @@ class GeneratorEma:
         self.rank, self.world_size = 0, 1
         self.average: ShardedEma | None = None
         self.updates = 0  # averaging updates since the first copy (the warm-up's n)
-        self._raw: dict[str, torch.Tensor] | None = None  # the training weights while validation runs
+        # the training weights while validation runs (None: nothing swapped in; an empty value writes nothing)
+        self._raw: dict[str, torch.Tensor] | None = None  # pragma: no mutate
 
     def set_ranks(self, rank: int, world_size: int) -> None:
         if self.sharded:
