@@ -233,18 +233,12 @@ class Trainer:
         with sync:
             with autocast, lora_inputs_uncast(self.model, autocast_on):
                 shared = shared_generator(self.cfg.seed, self.step, micro)
-                loss, stats = self.stage.compute_loss(
-                    self.backend.wrapped, batch, self.generator, shared, roles=roles, step=self.step
+                losses, stats = self.stage.forward_backward(
+                    self.backend.wrapped, batch, self.generator, shared, roles, step=self.step
                 )
-            # a stage with several roles returns one loss per role (their graphs are disjoint); the
-            # roles whose backward the stage ran already (stage 3) are not run again
-            losses = loss if isinstance(loss, dict) else {self.group_names[0]: loss}
-            for role, value in losses.items():
-                if role not in roles.done:
-                    roles.backward(role, value)
         if len(self.group_names) > 1:  # each role's loss (their sum means nothing); absent: NaN
-            stats = {**stats, **{f"loss/{role}": value.detach() for role, value in losses.items()}}
-        return sum(v.detach() for v in losses.values()), stats
+            stats = {**stats, **{f"loss/{role}": value for role, value in losses.items()}}
+        return sum(losses.values()), stats
 
     def _check(self, reading, role_norms: dict[str, float]) -> None:
         check_reading(reading, role_norms, self.cfg.trainer.max_loss, self.run_dir, self.step + 1)
@@ -442,9 +436,8 @@ class Trainer:
 
     def _validate_into(self, step: int, metrics: dict[str, float]) -> None:
         with self.flops.paused():  # its forwards are not the training's throughput
-            self.stage.before_validation()  # collective (e.g. writes a sharded EMA into the generator)
-            metrics.update(self.validate())  # collective: the prompts are spread over the ranks
-            self.stage.after_validation()
+            with self.stage.validating():  # collective (e.g. writes a sharded EMA into the generator)
+                metrics.update(self.validate())  # collective: the prompts are spread over the ranks
         barrier()
 
     def validate(self) -> dict[str, float]:

@@ -33,7 +33,7 @@ Check = Callable[[Reading, dict[str, float]], None]
 
 
 class ParallelBackend(abc.ABC):
-    """What the trainer asks of a parallel backend; ``wrapped`` is what the stage's ``compute_loss`` calls."""
+    """What the trainer asks of a parallel backend; ``wrapped``: the module given to the stage's step."""
 
     name: str = ""
     wrapped: nn.Module

@@ -6,16 +6,18 @@ host-to-device copy on a side CUDA stream so that it overlaps the current role's
 parameters move (the 14B bases): trainable weights (LoRA, heads) and their optimiser state stay on the
 device, so an offload never needs a copy back and the optimiser never sees a moved tensor.
 
-A frozen weight used by a graph that is still waiting for its backward may be released meanwhile: it is
-made resident again (same values) before that backward runs. With gradient checkpointing (every 14B
-config) the blocks' forward is recomputed then, from the parameter as it is at that time, so the release
-frees the device copy meanwhile; without it, what autograd saved (a linear layer saves a view of its
-weight) keeps the device copy alive until the backward, and releasing that role frees nothing. The stage
-calls ``activate`` with every role whose graph is pending before it returns its losses.
+A stage uses the pool through placement blocks (``DistillRoles.resident``): ``activate`` on entry,
+:meth:`OffloadPool.leave` on exit. A frozen weight used by a graph that is still waiting for its backward
+may be released meanwhile: the backward runs inside a block that makes it resident again (same values).
+With gradient checkpointing (every 14B config) the blocks' forward is recomputed then, from the parameter
+as it is at that time, so the release frees the device copy meanwhile; without it, what autograd saved (a
+linear layer saves a view of its weight) keeps the device copy alive until the backward, and releasing that
+role frees nothing.
 
 On a CPU run (tests, rehearsals) host and device are one memory, so nothing would show a role used while
-it is not resident: there a released weight is an empty tensor (the values stay in the host copy), and a
-forward or backward that reads it fails, as a wrong placement would on a GPU.
+it is not resident: there a released weight is an empty tensor (the values stay in the host copy) and a
+block's roles are released as it ends, so that a forward or backward outside its block fails, as a wrong
+placement would on a GPU.
 """
 
 from __future__ import annotations
@@ -139,6 +141,13 @@ class OffloadPool:
             self.resident.add(name)
         if prefetch is not None:
             self.prefetch(prefetch)
+
+    def leave(self) -> None:
+        """A placement block is over. On a GPU its roles stay resident until the next block, which
+        releases what it does not use (no transfer between blocks that share a role); on a CPU they are
+        released now, so that a computation outside its block fails there too (module docstring)."""
+        if self.device.type == "cpu":
+            self.activate()
 
     def restore(self) -> None:
         """Every frozen weight back where the pool holds it (resident roles on the device, the others in

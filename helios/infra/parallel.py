@@ -24,17 +24,14 @@ T = TypeVar("T")
 
 
 class RoleSteps:
-    """How a stage with several roles runs each role's forward and backward inside one step (paper
-    §4.2: the generator's and the critic's graphs are never alive at the same time, so one role's
-    backward runs before the next role's forward).
+    """How a stage runs each role's forward and backward inside its step (paper §4.2: the generator's and
+    the critic's graphs are never alive at the same time, so one role's backward runs before the next
+    role's forward). The stage runs every backward itself; the optimiser step stays at the end of the
+    training step.
 
-    This default runs a forward as a plain call and defers every backward to whoever called the stage
-    (with the losses it returns); those graphs stay pending (:attr:`pending`). The trainer's
-    :class:`TrainerRoleSteps` runs a role's forward through that role's DDP wrapper and its backward at
-    once; the optimiser step stays at the end of the training step."""
-
-    def __init__(self) -> None:
-        self.pending: set[str] = set()
+    This default (a stage called outside the trainer: tests, tools) runs a forward as a plain call and a
+    backward at once by autograd. The trainer's :class:`TrainerRoleSteps` runs a role's forward through
+    that role's DDP wrapper and its backward by DDP (scaled for accumulation) or the role's ZeRO engine."""
 
     def forward(self, role: str, fn: Callable[..., T], *args: Any, final: bool = True) -> T:
         """``fn(*args)`` as ``role``'s forward pass; ``final=False``: another forward + backward of this
@@ -42,14 +39,13 @@ class RoleSteps:
         return fn(*args)
 
     def backward(self, role: str, loss: torch.Tensor) -> None:
-        """``role``'s loss (or a part of it) is complete: run its backward now (or leave its graph
-        pending)."""
-        self.pending.add(role)
+        """``role``'s loss (or a part of it) is complete: its backward, now."""
+        loss.backward()
 
     def splittable(self, role: str) -> bool:
         """Whether ``role``'s loss may be backpropagated in parts, each part's graph freed before the
         next part's forward (the gradients add up; DDP all-reduces them once, at the final part)."""
-        return False
+        return True
 
 
 class RoleCall(nn.Module):
@@ -120,11 +116,9 @@ class TrainerRoleSteps(RoleSteps):
         guard: StepGuard,
         verify: Callable[[str], None],
     ) -> None:
-        super().__init__()
         self.wrappers, self.engines = wrappers, engines
         self.grad_accum, self.sync = grad_accum, sync
         self.guard, self.verify = guard, verify
-        self.done: set[str] = set()
 
     def forward(self, role: str, fn: Callable[..., T], *args: Any, final: bool = True) -> T:
         wrapper = self.wrappers.get(role)
@@ -146,4 +140,3 @@ class TrainerRoleSteps(RoleSteps):
             self.engines.step(role)
         else:
             (loss / self.grad_accum).backward()
-        self.done.add(role)

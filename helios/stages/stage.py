@@ -4,6 +4,7 @@ loader call, each with a default, so no caller probes a stage for optional metho
 from __future__ import annotations
 
 import abc
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,9 @@ from helios.infra.parallel import RoleSteps
 # stage that starts from another run's model (stage 3's teacher) is given the loader by its builder,
 # which sits above the stages (the loader itself builds stages)
 WeightsLoader = Callable[..., dict[str, torch.Tensor]]
+
+
+MODEL_ROLE = "model"  # the one role of a stage whose whole model trains (one optimiser group)
 
 
 class Stage(abc.ABC):
@@ -74,7 +78,7 @@ class Stage(abc.ABC):
     def param_groups(self, model: nn.Module) -> list[dict]:
         """One optimiser group per role: name, learning rate, parameters."""
         params = [p for p in model.parameters() if p.requires_grad]
-        return [{"name": "model", "lr": self.cfg.optim.lr, "params": params}]
+        return [{"name": MODEL_ROLE, "lr": self.cfg.optim.lr, "params": params}]
 
     def place(self, model: nn.Module, device: torch.device) -> bool:
         """Put the model on ``device`` itself (True; stage 3's offload pool), or leave it to the trainer."""
@@ -90,7 +94,7 @@ class Stage(abc.ABC):
 
     # ------------------------------------------------------------------ step
     @abc.abstractmethod
-    def compute_loss(
+    def forward_backward(
         self,
         model: nn.Module,
         batch,
@@ -99,14 +103,14 @@ class Stage(abc.ABC):
         roles: RoleSteps | None = None,
         *,
         step: int,
-    ) -> tuple[torch.Tensor | dict[str, torch.Tensor], dict[str, float | torch.Tensor]]:
-        """One micro-batch (on the host, pinned: the stage conditions it there, with the run's CPU random
-        streams, and copies what the model needs to :attr:`device` without waiting for it): the loss
-        (one per role for several roles) and scalar metrics: floats, or
-        detached device scalars, which the trainer reads only on logged steps (no host sync per step).
-        ``generator``: this rank's stream; ``shared``: the same on every rank; ``roles``: how each
-        role's forward and backward run (stages with several roles); ``step``: the optimizer step
-        being computed (0-based: the number of updates so far)."""
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float | torch.Tensor]]:
+        """One micro-batch's forwards and backwards (the batch on the host, pinned: the stage conditions it
+        there, with the run's CPU random streams, and copies what the model needs to :attr:`device` without
+        waiting for it). The stage runs each role's backward itself through ``roles`` (default: plain
+        autograd) and returns the detached loss of every role it trained, by optimiser group name, and
+        scalar metrics: floats, or detached device scalars, which the trainer reads only on logged steps
+        (no host sync per step). ``generator``: this rank's stream; ``shared``: the same on every rank;
+        ``step``: the optimizer step being computed (0-based: the number of updates so far)."""
 
     def metric_names(self) -> list[str] | None:
         """Every metric key the stage reports (the same on every rank), or None: the keys seen."""
@@ -117,13 +121,9 @@ class Stage(abc.ABC):
         return None
 
     # ------------------------------------------------------------------ validation
-    def before_validation(self) -> None:
-        """Collective, on every rank before validation (stage 3: the EMA swapped in)."""
-        return None
-
-    def after_validation(self) -> None:
-        """Collective, on every rank after validation (stage 3: the training weights back)."""
-        return None
+    def validating(self) -> contextlib.AbstractContextManager:
+        """Collective, on every rank around validation (stage 3: the EMA swapped in and out)."""
+        return contextlib.nullcontext()
 
     # ------------------------------------------------------------------ checkpoints and teardown
     def state_dict(self) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from helios.core.history import HistoryLayout, Task, apply_tasks, draw_tasks
 from helios.data.dataset import ClipBatch
 from helios.infra.parallel import RoleSteps
 from helios.model import apply_lora, build_transformer
-from helios.stages.stage import Stage, WeightsLoader
+from helios.stages.stage import MODEL_ROLE, Stage, WeightsLoader
 
 
 @dataclass
@@ -107,7 +107,7 @@ class FlowStage(Stage):
         group = NoisyGroup(torch.arange(b), x_t, sigmas * NUM_TRAIN_TIMESTEPS, velocity)
         return [group], {"sigma_mean": float(sigmas.mean()), "shift": shift}
 
-    def compute_loss(
+    def forward_backward(
         self,
         model: torch.nn.Module,
         batch: ClipBatch,
@@ -116,10 +116,10 @@ class FlowStage(Stage):
         roles: RoleSteps | None = None,
         *,
         step: int,
-    ) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
-        """Loss of one micro-batch. ``generator``: this rank's stream; ``shared``: the same on every rank
-        (draws that decide the number of forward passes); ``roles``: unused (one role, whose backward
-        the trainer runs); ``step``: unused (no schedule over steps)."""
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float | torch.Tensor]]:
+        """One micro-batch's flow-matching loss and its backward (one role, ``model``: the trainer has
+        wrapped the whole model). ``generator``: this rank's stream; ``shared``: the same on every rank
+        (draws that decide the number of forward passes); ``step``: unused (no schedule over steps)."""
         device = self.device
         cond, target, stats = self.condition(batch, generator)
         groups, noisy_stats = self.noisy_groups(target, generator, shared or generator)
@@ -138,7 +138,8 @@ class FlowStage(Stage):
             total = total + loss * (len(g.index) / samples)
             if g.name != "flow":
                 stats[f"loss_{g.name}"] = loss.detach()  # a device scalar: read when logged
-        return total, {**stats, **noisy_stats}
+        (roles or RoleSteps()).backward(MODEL_ROLE, total)
+        return {MODEL_ROLE: total.detach()}, {**stats, **noisy_stats}
 
     def metric_names(self) -> list[str]:
         """Every metric key this stage reports (the same on every rank and step)."""

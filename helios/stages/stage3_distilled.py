@@ -7,6 +7,8 @@ fake score + GAN heads, real score; :mod:`.roles`), the phase of ``distill.phase
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -93,12 +95,12 @@ class DistillStage(FlowStage):
 
     def sampling_model(self, model: DistillModule, ema: dict | None = None) -> nn.Module:
         """The generator; with ``ema`` (export, generate) a copy holding the EMA weights. During training
-        validation ``before_validation`` has written the EMA into the generator itself (no copy of a 14B
+        validation ``validating`` has written the EMA into the generator itself (no copy of a 14B
         base), so the generator is returned as it is."""
         return with_ema(model.generator, ema)
 
     # ------------------------------------------------------------------ steps
-    def compute_loss(
+    def forward_backward(
         self,
         model,
         batch,
@@ -108,10 +110,9 @@ class DistillStage(FlowStage):
         *,
         step: int,
     ):
-        """One micro-batch's losses per role at optimizer step ``step`` (TTUR, the GAN's start and the
-        re-noise annealing follow it). ``roles`` (the trainer's) runs each role's forward through its DDP
-        wrapper and its backward as soon as its loss is complete; without it the backwards are left to
-        the caller (the graphs stay pending)."""
+        """One micro-batch of the phase at optimizer step ``step`` (TTUR, the GAN's start and the re-noise
+        annealing follow it): each role's forward and backward run through ``roles`` (the trainer's: the
+        role's DDP wrapper or ZeRO engine), one role's graph at a time."""
         return model(self.phase.step, batch, generator, shared or generator, roles or RoleSteps(), step)
 
     def metric_names(self) -> list[str]:
@@ -121,13 +122,16 @@ class DistillStage(FlowStage):
     def after_optimizer_step(self, model: DistillModule, step: int, stepped: list[str]) -> None:
         self.ema.after_optimizer_step(model, step, stepped)
 
-    def before_validation(self) -> None:
-        """Collective: validation samples the EMA, written into the generator in place."""
-        self.roles.activate("generator")
-        self.ema.swap_in(self.model)
-
-    def after_validation(self) -> None:
-        self.ema.swap_out(self.model)
+    @contextlib.contextmanager
+    def validating(self) -> Iterator[None]:
+        """Collective: validation samples the EMA, written into the generator in place (its base resident
+        meanwhile); the training weights are put back after it, also when it fails."""
+        with self.roles.resident("generator"):
+            self.ema.swap_in(self.model)
+            try:
+                yield
+            finally:
+                self.ema.swap_out(self.model)
 
     def extra_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         return self.ema.tensors()

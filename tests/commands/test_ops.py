@@ -215,7 +215,7 @@ def test_out_of_memory_names_the_fix(tmp_path, monkeypatch):
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(trainer.stage, "compute_loss", oom)
+    monkeypatch.setattr(trainer.stage, "forward_backward", oom)
     with pytest.raises(RuntimeError, match=r"trainer\.batch_size=1 trainer\.global_batch_size=32"):
         trainer.run()
     trainer.close()

@@ -15,6 +15,7 @@ import torch
 
 from helios.config import compose
 from helios.infra.guard import StepGuard
+from helios.infra.parallel import TrainerRoleSteps
 from helios.tiny_recipe import complete_tiny_distill
 from helios.trainer import Trainer
 
@@ -52,21 +53,19 @@ def test_a_training_micro_step_never_reads_a_device_value(tmp_path, monkeypatch,
         trainer.model.to("meta")
         trainer.stage.device = torch.device("meta")
         batch = _host_batch(trainer)
-        losses, stats = trainer.stage.compute_loss(
-            trainer.model, batch, torch.Generator().manual_seed(0), step=0
+        # the trainer's role steps with its divergence bookkeeping (device ops only) and plain backwards
+        guard = StepGuard(torch.device("meta"))
+        roles = TrainerRoleSteps({}, None, 1, True, guard, lambda role: None)
+        losses, stats = trainer.stage.forward_backward(
+            trainer.model, batch, torch.Generator().manual_seed(0), roles=roles, step=0
         )
-        losses = losses if isinstance(losses, dict) else {"model": losses}
-        assert all(v.device.type == "meta" for v in losses.values())
+        assert losses and all(v.device.type == "meta" for v in losses.values())
         on_device = {k for k, v in stats.items() if isinstance(v, torch.Tensor) and v.device.type == "meta"}
         # the losses' metrics stay device scalars (read only when a step is logged)
         if cfg.stage == 2:
             assert any(k.startswith("loss_stage") for k in on_device), on_device
         if cfg.stage == 3:
             assert {"loss_dmd", "loss_flow", "loss_gan_g", "loss_gan_d", "r1"} <= on_device, on_device
-        guard = StepGuard(torch.device("meta"))
-        for role, loss in losses.items():
-            guard.observe(role, loss)  # the trainer's divergence bookkeeping: device ops only
-            loss.backward()
     finally:
         trainer.close()
 

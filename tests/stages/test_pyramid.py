@@ -298,9 +298,9 @@ def test_the_stage2_loss_is_the_mean_over_stage_samples(monkeypatch):
               NoisyGroup(torch.tensor([0, 0, 0]), x3, torch.zeros(3), x3 + 3.0, "stage1")]  # fmt: skip
     monkeypatch.setattr(stage, "condition", lambda batch, gen: ({}, x, {}))
     monkeypatch.setattr(stage, "noisy_groups", lambda *a: (groups, {}))
-    model = lambda hidden_states, **_: (torch.zeros_like(hidden_states),)  # noqa: E731
-    loss, _ = stage.compute_loss(model, None, torch.Generator(), step=0)
-    assert float(loss) == pytest.approx((1 * 1.0 + 3 * 9.0) / 4)
+    model = lambda hidden_states, **_: (torch.zeros_like(hidden_states, requires_grad=True),)  # noqa: E731
+    losses, _ = stage.forward_backward(model, None, torch.Generator(), step=0)
+    assert float(losses["model"]) == pytest.approx((1 * 1.0 + 3 * 9.0) / 4)
 
 
 def test_the_random_draw_follows_the_ratios_and_the_shared_stream():

@@ -398,6 +398,23 @@ def test_resume_applies_a_changed_learning_rate_and_refuses_other_changes(tmp_pa
     assert err.value.key == "flow.logit_std"
 
 
+class _ScaledLoss:
+    """The trainer's role steps with every loss multiplied by ``scale`` before its backward (a loss that
+    diverges as the stage computes it)."""
+
+    def __init__(self, roles, scale: float) -> None:
+        self.roles, self.scale = roles, scale
+
+    def forward(self, role, fn, *args, final=True):
+        return self.roles.forward(role, fn, *args, final=final)
+
+    def backward(self, role, loss):
+        self.roles.backward(role, loss * self.scale)
+
+    def splittable(self, role):
+        return self.roles.splittable(role)
+
+
 def test_divergence_stops_before_any_update_names_role_and_checkpoint_and_resume_continues(
     tmp_path, monkeypatch
 ):
@@ -405,13 +422,13 @@ def test_divergence_stops_before_any_update_names_role_and_checkpoint_and_resume
     step, the role and the last checkpoint (step 2), which a resume continues from."""
     from helios.stages import FlowStage
 
-    original = FlowStage.compute_loss
+    original = FlowStage.forward_backward
 
     def poisoned(self, model, batch, generator, shared=None, roles=None, *, step):
-        loss, stats = original(self, model, batch, generator, shared, roles, step=step)
-        return (loss * float("nan") if step == 2 else loss), stats
+        scale = float("nan") if step == 2 else 1.0
+        return original(self, model, batch, generator, shared, _ScaledLoss(roles, scale), step=step)
 
-    monkeypatch.setattr(FlowStage, "compute_loss", poisoned)
+    monkeypatch.setattr(FlowStage, "forward_backward", poisoned)
     with pytest.raises(FloatingPointError) as err:
         _train(["trainer.max_steps=4", "trainer.checkpoint_every=1"], tmp_path)
     message = str(err.value)
@@ -472,13 +489,12 @@ def test_corrupt_checkpoint_is_named_and_resume_falls_back_to_one_that_verifies(
 def test_an_exploding_finite_loss_stops_like_a_nan(tmp_path, monkeypatch):
     from helios.stages import FlowStage
 
-    original = FlowStage.compute_loss
+    original = FlowStage.forward_backward
 
     def exploding(self, model, batch, generator, shared=None, roles=None, *, step):
-        loss, stats = original(self, model, batch, generator, shared, roles, step=step)
-        return loss * 1e9, stats
+        return original(self, model, batch, generator, shared, _ScaledLoss(roles, 1e9), step=step)
 
-    monkeypatch.setattr(FlowStage, "compute_loss", exploding)
+    monkeypatch.setattr(FlowStage, "forward_backward", exploding)
     with pytest.raises(
         FloatingPointError, match=r"the model loss is .* \(> trainer.max_loss=1e\+06\) at step 1"
     ):

@@ -73,9 +73,11 @@ class OdeInitPhase(DistillPhase):
             **self.layout.model_inputs(batch["history"], batch["anchor"]),
         }
         sigma = sigma.to(device, non_blocking=True) if torch.is_tensor(sigma) else sigma
-        x0 = x - sigma * roles.forward("generator", velocity, m.generator, x, t, cond)
-        loss = self.d.ode_weight * F.mse_loss(x0, end.float())
-        return loss, {"loss_ode": loss.detach(), "ode_stage": float(k)}
+        with self.roles.resident("generator"):
+            x0 = x - sigma * roles.forward("generator", velocity, m.generator, x, t, cond)
+            loss = self.d.ode_weight * F.mse_loss(x0, end.float())
+            roles.backward("generator", loss)
+        return {"generator": loss.detach()}, {"loss_ode": loss.detach(), "ode_stage": float(k)}
 
     def metric_names(self) -> list[str]:
         return ["loss", "loss_ode", "ode_stage"]

@@ -53,7 +53,8 @@ class DistillPhase(abc.ABC):
         roles: RoleSteps,
         step: int,
     ) -> tuple:
-        """One micro-batch: (loss or losses per role, metrics)."""
+        """One micro-batch's forwards and backwards through ``roles``, each inside its roles' placement
+        block (``DistillRoles.resident``): (each trained role's detached loss, metrics)."""
 
     @abc.abstractmethod
     def metric_names(self) -> list[str]:

@@ -115,10 +115,11 @@ class PostPhase(DistillPhase):
         step: int,
     ):
         """One DMD + GAN iteration, one role's graph at a time (§4.2): the generator's rollout, its DMD
-        (+ GAN) loss and backward (TTUR steps only), then the critic's losses and backward. With
-        ``distill.offload`` one 14B base is resident at each point (the generator's graph waits for its
-        backward while the scores run on the critic's base)."""
-        activate = self.roles.activate
+        (+ GAN) loss and backward (TTUR steps only), then the critic's losses and backward; each inside the
+        placement block of the roles it computes with (with ``distill.offload`` one or two 14B bases are
+        resident at each point: the generator's graph waits for its backward while the scores run on the
+        critic's base). Returns each trained role's detached loss and the metrics."""
+        resident = self.roles.resident
         cond, target, stats = self.condition(batch, gen)  # on the host
         device = self.device
         dtype = next(m.generator.parameters()).dtype
@@ -130,9 +131,6 @@ class PostPhase(DistillPhase):
         update_g = self.ttur.update_generator(step)
         gan_on = m.heads is not None and step >= self.d.gan.start_step
         clock = time.perf_counter()
-        activate("generator", then="critic")
-        if self.d.history_source == "self_forcing":
-            cond = cond_g = self.self_forcing_cond(m.generator, cond, target.shape, gen)
         # this rank's history empty: a video's first section, trained on the doubled schedule that sampling
         # uses for it (as the reference, each rank decides for its own micro-batch)
         first = self.d.history_source != "self_forcing" and stats["history_empty"] == 1.0
@@ -140,18 +138,21 @@ class PostPhase(DistillPhase):
         forwards = None
         if self.cfg.parallel.role_backend("generator") == "zero3":  # equal forward counts on every rank
             forwards = agree_max([e + 1 for e in exits])
-        x0 = roles.forward(
-            "generator",
-            self.rollout,
-            m.generator,
-            cond_g,
-            target.shape,
-            gen,
-            update_g,
-            exits,
-            first,
-            forwards,
-        )
+        with resident("generator", then="critic"):
+            if self.d.history_source == "self_forcing":
+                cond = cond_g = self.self_forcing_cond(m.generator, cond, target.shape, gen)
+            x0 = roles.forward(
+                "generator",
+                self.rollout,
+                m.generator,
+                cond_g,
+                target.shape,
+                gen,
+                update_g,
+                exits,
+                first,
+                forwards,
+            )
         metrics = dict.fromkeys(EXTRA_METRICS, float("nan"))
         metrics["update_g"] = float(update_g)
         metrics["first_section"] = float(first)
@@ -159,32 +160,28 @@ class PostPhase(DistillPhase):
         draws = self.draws(target, gen, step)
         losses = {}
         if update_g:  # generator: DMD (+ GAN G) through the exit step only
-            losses["generator"] = self.generator_loss(m, batch, x0, cond, draws, gan_on, gen, metrics)
-            activate(*self.generator_graph(gan_on), then="critic")
-            roles.backward("generator", losses["generator"])
+            loss = self.generator_loss(m, batch, x0, cond, draws, gan_on, gen, metrics)
+            with resident(*self.generator_graph(gan_on), then="critic"):
+                roles.backward("generator", loss)
+            losses["generator"] = loss.detach()
             metrics["time_generator_s"], clock = time.perf_counter() - clock, time.perf_counter()
         # critic: flow matching of the fake score on the generator's samples (+ GAN D with approx. R1);
         # in two parts where the role steps allow it (the flow graph freed before the GAN forwards)
-        activate("critic", then="generator")
         split = gan_on and self.d.critic_backward == "parts" and roles.splittable("critic")
         args = (m, x0.detach(), target, cond, draws, gen, metrics)
-        critic = roles.forward("critic", self.critic_flow_loss, *args, final=not split)
-        if gan_on and split:
-            roles.backward("critic", critic)
-            gan = roles.forward("critic", self.critic_gan_loss, *args)
-            roles.backward("critic", gan)
-            critic = critic.detach() + gan.detach()
-        elif gan_on:
-            critic = critic + roles.forward("critic", self.critic_gan_loss, *args)
-        if not split:
-            roles.backward("critic", critic)
-        losses["critic"] = critic
+        with resident("critic", then="generator"):
+            critic = roles.forward("critic", self.critic_flow_loss, *args, final=not split)
+            if gan_on and split:
+                roles.backward("critic", critic)
+                gan = roles.forward("critic", self.critic_gan_loss, *args)
+                roles.backward("critic", gan)
+                critic = critic.detach() + gan.detach()
+            elif gan_on:
+                critic = critic + roles.forward("critic", self.critic_gan_loss, *args)
+            if not split:
+                roles.backward("critic", critic)
+        losses["critic"] = critic.detach()
         metrics["time_critic_s"] = time.perf_counter() - clock
-        needed = {"critic"} if "critic" in roles.pending else set()
-        if "generator" in roles.pending:
-            needed |= set(self.generator_graph(gan_on))
-        if needed:  # graphs left pending (no trainer's role steps): their weights for the backward
-            activate(*sorted(needed))
         metrics["tau_mean"] = draws["tau"].mean()
         return losses, {**stats, **metrics}
 
@@ -296,42 +293,48 @@ class PostPhase(DistillPhase):
         b, device, dtype = x0.shape[0], x0.device, cond["encoder_hidden_states"].dtype
         tau = draws["tau"]
         tau5, t_tau = tau.view(-1, 1, 1, 1, 1), tau * NUM_TRAIN_TIMESTEPS
-        self.roles.activate("critic", "real", then="generator")  # the generator's graph waits meanwhile
-        x_tau = (1 - tau5) * x0 + tau5 * torch.randn(x0.shape, generator=gen).to(device, non_blocking=True)
-        with torch.no_grad():
-            xt = x_tau.detach()
-            uncond = {
-                **cond,
-                "encoder_hidden_states": self.uncond.to(device, dtype, non_blocking=True).expand(b, -1, -1),
-            }
-            context = self.bidirectional_context(batch, xt, tau5, gen)
-            real_x0 = cfg_x0(
-                xt,
-                tau,
-                self.real_velocity(m, xt, t_tau, cond, context),
-                self.real_velocity(m, xt, t_tau, uncond, context),
-                self.d.real_cfg,
+        with self.roles.resident("critic", "real", then="generator"):  # the generator's graph waits
+            x_tau = (1 - tau5) * x0 + tau5 * torch.randn(x0.shape, generator=gen).to(
+                device, non_blocking=True
             )
-            fake_x0 = xt - tau5 * velocity(m.fake, xt, t_tau, cond)
-        grad = dmd_gradient(x0.detach(), real_x0, fake_x0)
-        loss_dmd = dmd_loss(x0, grad)
-        total = loss_dmd
-        metrics.update({"loss_dmd": loss_dmd.detach(), "dmd_grad_norm": grad.detach().norm() / math.sqrt(b)})
-        if gan_on:
-            crop = self._crop(x_tau, draws["top"], draws["left"])
-            if self.d.cache_gan_grad:  # §4.2 Cache Grad: D's input gradient now, its activations freed
-                x_in = crop.detach().requires_grad_(True)
-                with frozen(m.fake, m.heads):
-                    loss_g = gan_g_loss(self._disc(m, x_in, t_tau, cond))
-                    (g_x,) = torch.autograd.grad(self.d.gan.w_g * loss_g, x_in)
-                injected = (crop * g_x).sum()  # its gradient w.r.t. the generator's sample is g_x
-                total = total + injected - injected.detach() + self.d.gan.w_g * loss_g.detach()
-            else:
-                with frozen(m.fake, m.heads):
-                    loss_g = gan_g_loss(self._disc(m, crop, t_tau, cond))
-                total = total + self.d.gan.w_g * loss_g
-            metrics["loss_gan_g"] = loss_g.detach()
-        return total
+            with torch.no_grad():
+                xt = x_tau.detach()
+                uncond = {
+                    **cond,
+                    "encoder_hidden_states": self.uncond.to(device, dtype, non_blocking=True).expand(
+                        b, -1, -1
+                    ),
+                }
+                context = self.bidirectional_context(batch, xt, tau5, gen)
+                real_x0 = cfg_x0(
+                    xt,
+                    tau,
+                    self.real_velocity(m, xt, t_tau, cond, context),
+                    self.real_velocity(m, xt, t_tau, uncond, context),
+                    self.d.real_cfg,
+                )
+                fake_x0 = xt - tau5 * velocity(m.fake, xt, t_tau, cond)
+            grad = dmd_gradient(x0.detach(), real_x0, fake_x0)
+            loss_dmd = dmd_loss(x0, grad)
+            total = loss_dmd
+            metrics.update(
+                {"loss_dmd": loss_dmd.detach(), "dmd_grad_norm": grad.detach().norm() / math.sqrt(b)}
+            )
+            if gan_on:
+                crop = self._crop(x_tau, draws["top"], draws["left"])
+                if self.d.cache_gan_grad:  # §4.2 Cache Grad: D's input gradient now, its activations freed
+                    x_in = crop.detach().requires_grad_(True)
+                    with frozen(m.fake, m.heads):
+                        loss_g = gan_g_loss(self._disc(m, x_in, t_tau, cond))
+                        (g_x,) = torch.autograd.grad(self.d.gan.w_g * loss_g, x_in)
+                    injected = (crop * g_x).sum()  # its gradient w.r.t. the generator's sample is g_x
+                    total = total + injected - injected.detach() + self.d.gan.w_g * loss_g.detach()
+                else:
+                    with frozen(m.fake, m.heads):
+                        loss_g = gan_g_loss(self._disc(m, crop, t_tau, cond))
+                    total = total + self.d.gan.w_g * loss_g
+                metrics["loss_gan_g"] = loss_g.detach()
+            return total
 
     def critic_flow_loss(self, m: DistillModule, x0d, target, cond: dict, draws: dict, gen, metrics):
         """The fake score's flow matching on the generator's samples (Eq. 13)."""

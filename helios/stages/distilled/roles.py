@@ -190,9 +190,18 @@ class DistillRoles:
             self.pool.restore()
             self.pool.activate(role or "generator")
 
-    def activate(self, *roles: str, then: str | None = None) -> None:
-        """Exactly ``roles``' frozen bases resident (a role without a base of its own, the shared real
-        score, is skipped); with ``distill.offload_prefetch`` the copy of ``then``'s base starts meanwhile."""
-        if self.pool is not None:
-            prefetch = then if self.d.offload_prefetch else None
-            self.pool.activate(*roles, prefetch=prefetch)
+    @contextlib.contextmanager
+    def resident(self, *roles: str, then: str | None = None) -> Iterator[None]:
+        """The one way a step brings frozen bases onto the device (§4.2): inside the block exactly ``roles``'
+        bases are resident (a role without a base of its own, the shared real score, is skipped); with
+        ``distill.offload_prefetch`` the copy of ``then``'s base starts meanwhile. After the block they may
+        be released at any time (:meth:`OffloadPool.leave`): a role's forward or backward belongs inside
+        its block. Without ``distill.offload`` every base stays on the device."""
+        if self.pool is None:
+            yield
+            return
+        self.pool.activate(*roles, prefetch=then if self.d.offload_prefetch else None)
+        try:
+            yield
+        finally:
+            self.pool.leave()
