@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from helios.config.schema import LoraConfig, TrainConfig
-from helios.core.corrupt import Branch, frame_aware_corrupt
 from helios.core.flow_matching import (
     NUM_TRAIN_TIMESTEPS,
     flow_pair,
@@ -17,10 +16,11 @@ from helios.core.flow_matching import (
     shift_sigmas,
     token_count,
 )
-from helios.core.history import HistoryLayout, Task, apply_tasks, draw_tasks
+from helios.core.history import Task
 from helios.data.dataset import ClipBatch
 from helios.infra.parallel import RoleSteps
 from helios.model import apply_lora, build_transformer
+from helios.stages.conditioning import HistoryConditioning
 from helios.stages.stage import MODEL_ROLE, Stage, WeightsLoader
 
 
@@ -39,13 +39,15 @@ class FlowStage(Stage):
     """One section per sample: history (Representation Control + Frame-Aware Corrupt) conditions
     the noisy window; the loss is the MSE between predicted and true velocity ``noise - x0``.
 
-    Subclasses change only :meth:`noisy_groups` (how the noisy window and its target are made)."""
+    Subclasses change only :meth:`noisy_groups` (how the noisy window and its target are made); the
+    history comes from the shared :class:`HistoryConditioning`."""
 
     name = "flow"
 
     def __init__(self, cfg: TrainConfig, weights: WeightsLoader | None = None) -> None:
         super().__init__(cfg, weights)
-        self.layout = HistoryLayout.from_config(cfg.history)
+        self.condition = HistoryConditioning(cfg)  # the history inputs of a clip batch
+        self.layout = self.condition.layout
 
     def build_model(
         self, base_state: dict[str, torch.Tensor] | None = None, dtype: torch.dtype = torch.float32
@@ -62,37 +64,6 @@ class FlowStage(Stage):
     def role_loras(self) -> dict[str, LoraConfig | None]:
         """The transformers this stage trains and their adapters: one model with the run's LoRA."""
         return {"model": self.cfg.model.lora}
-
-    def condition(self, batch: ClipBatch, generator: torch.Generator) -> tuple[dict, torch.Tensor, dict]:
-        """History inputs of the model, the clean noisy-window latents, and statistics."""
-        cfg = self.cfg
-        history, target = self.layout.split_clip(batch.latents)
-        b = target.shape[0]
-        tasks = draw_tasks(b, cfg.history.tasks, generator)
-        history, anchor, valid = apply_tasks(
-            history,
-            batch.first_latent,
-            tasks,
-            self.layout,
-            generator,
-            batch.history_frames,
-            section_format=cfg.data.latent_format == "sections",
-        )
-        history, branches, anchor = frame_aware_corrupt(
-            history, valid, cfg.history.corrupt, generator, anchor, self.layout.window
-        )
-        offset = None if self.layout.relative_rope else batch.offset  # absolute: the window's start
-        inputs = {
-            "encoder_hidden_states": batch.prompt_embeds,
-            **self.layout.model_inputs(history, anchor, offset),
-        }
-        n_valid = max(1, int(valid.sum()))
-        stats = {
-            **{f"task_{t.name.lower()}": float((tasks == t).float().mean()) for t in Task},
-            "corrupt_frac": float(((branches != Branch.CLEAN) & valid).sum()) / n_valid,
-            "history_empty": float((~valid.any(dim=1)).float().mean()),  # T2V or a video's first section
-        }
-        return inputs, target, stats
 
     def noisy_groups(
         self, target: torch.Tensor, generator: torch.Generator, shared: torch.Generator

@@ -17,22 +17,24 @@ from torch import nn
 
 from helios.config.schema import ConfigError, LoraConfig, TrainConfig
 from helios.infra.parallel import RoleSteps
+from helios.stages.conditioning import HistoryConditioning
 from helios.stages.distilled.ema import GeneratorEma, with_ema
 from helios.stages.distilled.ode_init import OdeInitPhase
 from helios.stages.distilled.phase import DistillPhase
 from helios.stages.distilled.post import PostPhase
 from helios.stages.distilled.roles import DistillModule, DistillRoles
 from helios.stages.distilled.rollout import StagedRollout
-from helios.stages.stage import WeightsLoader
-from helios.stages.stage1_base import FlowStage
+from helios.stages.stage import Stage, WeightsLoader
 
 
-class DistillStage(FlowStage):
+class DistillStage(Stage):
     name = "distill"
 
     def __init__(self, cfg: TrainConfig, weights: WeightsLoader | None = None) -> None:
         super().__init__(cfg, weights)
         self.d = cfg.distill
+        self.condition = HistoryConditioning(cfg)  # real histories: Pure Teacher Forcing (§3.4)
+        self.layout = self.condition.layout
         self.roles = DistillRoles(cfg, lambda source, dtype: self.load_weights(source, dtype=dtype))
         self.rollout = StagedRollout(cfg)
         parts = (cfg, self.roles, self.rollout, self.layout, lambda: self.device)

@@ -5,7 +5,7 @@ import torch
 
 from helios.config import compose
 from helios.data.dataset import ClipBatch
-from helios.stages import FlowStage, stage1_base
+from helios.stages import FlowStage, conditioning
 
 
 def _batch(b: int = 2, hw: int = 4) -> ClipBatch:
@@ -20,13 +20,13 @@ def test_condition_builds_the_history_in_the_runs_latent_format(monkeypatch, lat
     """The section format keeps the video's first latent as every non-T2V sample's anchor (the reference's
     data), the clip format the first kept frame: the stage hands the format to Representation Control."""
     seen = []
-    real = stage1_base.apply_tasks
+    real = conditioning.apply_tasks
 
     def spy(*args, **kwargs):
         seen.append(kwargs["section_format"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(stage1_base, "apply_tasks", spy)
+    monkeypatch.setattr(conditioning, "apply_tasks", spy)
     stage = FlowStage(compose([f"data.latent_format={latent_format}"]))
     cond, target, stats = stage.condition(_batch(), torch.Generator().manual_seed(0))
     assert seen == [latent_format == "sections"]
