@@ -38,7 +38,7 @@ def main() -> None:
 
     import torch
 
-    from helios.toy_experiment import ToyRecipe, format_tables, run_experiment
+    from bench.toy_recipe import ToyRecipe, format_tables, run_experiment
 
     torch.set_num_threads(args.threads)
     recipe = ToyRecipe(seeds=args.seeds, overrides=args.overrides)

@@ -15,7 +15,7 @@ import sys
 import pytest
 
 import helios.stages.distilled.post as distill_post
-from helios.toy_experiment import ToyRecipe, distill_chain, distill_report, format_tables, summarize
+from bench.toy_recipe import ToyRecipe, distill_chain, distill_report, format_tables, summarize
 from tests.helpers.runs import ROOT
 
 WORLD = ("palette_error", "shape_colour_match", "objects")
