@@ -142,7 +142,9 @@ class DistillStage(Stage):
         self.ema.load_tensors(self.model, tensors)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"teacher": self.d.teacher, "ode_pairs": self.d.ode_pairs, "ema_updates": self.ema.updates}
+        """The EMA's update count (the teacher and the ODE pairs are in the checkpoint's config and pinned
+        sources)."""
+        return {"ema_updates": self.ema.updates}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.ema.updates = int(state.get("ema_updates", 0))

@@ -159,3 +159,26 @@ def test_probabilities_must_sum_to_one():
         )
     with pytest.raises(ConfigError, match=r"history\.corrupt\.noise"):
         CorruptConfig(noise=[0.5, 0.2]).validate("history.corrupt.")
+
+
+def test_down_up_shrinks_height_and_width_by_the_same_factor():
+    """Down-up (§3.2.3) on a non-square frame: the same ``1 - reduction`` on both sides, then back."""
+    import torch.nn.functional as F
+
+    frame = torch.randn(2, 8, 20, generator=torch.Generator().manual_seed(0))
+    small = F.interpolate(frame[None], size=(4, 10), mode="bilinear", align_corners=False, antialias=True)
+    expected = F.interpolate(small, size=(8, 20), mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(down_up(frame, 0.5), expected)
+
+
+def test_branches_follow_the_given_generator_not_the_global_stream():
+    from helios.core.corrupt import draw_branches
+
+    cfg = CorruptConfig(
+        enabled=True, mode="paper", p_exposure=0.25, p_noise=0.25, p_downsample=0.25, p_clean=0.25
+    )
+    draws = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        draws.append(draw_branches((4, 16), cfg, torch.Generator().manual_seed(7)))
+    assert torch.equal(draws[0], draws[1])

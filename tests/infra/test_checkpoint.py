@@ -249,3 +249,13 @@ def test_a_resume_maps_the_checkpoints_files_instead_of_copying_them(tmp_path):
     assert torch.equal(tensors["trainable"]["w"], weights["trainable"]["w"])
     assert _mapped_from(exp_avg, path / "state.pt")
     assert _mapped_from(tensors["trainable"]["w"], path / "trainable.safetensors")
+
+
+def test_the_payload_is_the_tensors_bytes_and_a_first_failed_save_says_nothing_older_exists(tmp_path):
+    import torch
+
+    tensors = {"trainable": {"w": torch.zeros(4), "h": torch.zeros(2, 3, dtype=torch.bfloat16)}}
+    objects = {"step": 3, "optimizer": {"exp_avg": [torch.zeros(5, dtype=torch.float64)], "lr": 1e-4}}
+    assert checkpoint.payload_bytes(tensors, objects) == 4 * 4 + 6 * 2 + 5 * 8
+    message = checkpoint._write_failed(1, tmp_path, 0, OSError("boom"), None)
+    assert "no earlier checkpoint exists" in message and "None" not in message

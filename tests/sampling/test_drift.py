@@ -21,3 +21,19 @@ def test_drift_is_measured_from_the_first_section():
 
 def test_no_sections_is_an_empty_report():
     assert drift_report([]) == {"sections": [], "max_abs_delta": {}}
+
+
+def test_adaptive_corruption_draws_from_its_own_stream():
+    """The adaptive anti-drift corruption (§3.5) is reproducible from its seed, whatever the global stream."""
+    import torch
+
+    from helios.sampling.drift import AdaptiveAntiDrift, AdaptiveConfig
+
+    history = torch.randn(2, 4, 6, 4, 4, generator=torch.Generator().manual_seed(0))
+    frames = torch.tensor([True, True, False, True, True, True])
+    outs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        outs.append(AdaptiveAntiDrift(AdaptiveConfig(enabled=True), seed=3).corrupt(history, frames))
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], history)
+    assert torch.equal(outs[0][:, :, 2], history[:, :, 2])  # an unselected frame stays as it was

@@ -164,7 +164,8 @@ def test_stage2_overfits_two_clips(tmp_path):
 
 
 def test_latent_size_must_fit_the_pyramid(tmp_path):
-    with pytest.raises(ValueError, match="not divisible"):
+    message = r"by 16: 4 pyramid stages need it \(choose the resolution or pyramid\.stages accordingly\)"
+    with pytest.raises(ValueError, match=message):
         _train(
             ["stage=2", "pyramid.stages=4", "pyramid.stage_ratios=[1,1,1,1]", "trainer.max_steps=1"], tmp_path
         )
