@@ -804,19 +804,20 @@ def test_the_first_section_schedule_follows_this_ranks_own_history(empty):
     assert seen == [empty == 1.0]
 
 
+@pytest.mark.parametrize("critic_backward", ["joint", "parts"])
 def test_each_loss_runs_as_its_roles_forward_and_a_zero3_generator_gets_the_agreed_forward_counts(
-    monkeypatch,
+    monkeypatch, critic_backward
 ):
-    """The rollout is the generator's forward and both critic losses (joint backward) the critic's: under
-    DDP each role's wrapper all-reduces what ran through it. A ZeRO-3 generator is given the forward
-    counts agreed over the ranks (here another rank's exits are two steps later)."""
+    """The rollout is the generator's forward and both critic losses the critic's (one backward, or one
+    per part): under DDP each role's wrapper all-reduces what ran through it. A ZeRO-3 generator is given
+    the forward counts agreed over the ranks (here another rank's exits are two steps later)."""
     from helios.infra.parallel import RoleSteps
     from helios.stages import DistillStage
     from helios.stages.distilled import post
     from helios.stages.distilled.roles import DistillModule
 
-    joint = "distill.critic_backward=joint"  # the critic's two losses, one backward
-    stage = DistillStage(compose(["stage=3", "distill.gan.start_step=0", "parallel=zero3", joint]))
+    parts = f"distill.critic_backward={critic_backward}"
+    stage = DistillStage(compose(["stage=3", "distill.gan.start_step=0", "parallel=zero3", parts]))
     stage.phase.uncond = torch.zeros(1, 8, 32)
     layout, seen = stage.layout, {}
     monkeypatch.setattr(post, "agree_max", lambda values: [v + 2 for v in values])
@@ -856,12 +857,13 @@ def test_each_loss_runs_as_its_roles_forward_and_a_zero3_generator_gets_the_agre
     m = DistillModule(torch.nn.Linear(1, 1), fake=_Score(0.1, 0.0), heads=torch.nn.Identity())
     roles = Recorded()
     losses, stats = stage.phase.step(m, None, torch.Generator(), torch.Generator(), roles, step=1)
-    assert roles.calls == [
-        ("generator", "Rollout"),
+    flow, gan, backward = (
         ("critic", "critic_flow_loss"),
         ("critic", "critic_gan_loss"),
         ("critic", "backward"),
-    ]
+    )
+    critic = [flow, gan, backward] if critic_backward == "joint" else [flow, backward, gan, backward]
+    assert roles.calls == [("generator", "Rollout"), *critic]
     assert float(losses["critic"]) == 1.0
     assert set(stats) == {"history_empty", *post.EXTRA_METRICS}  # the dashboard's keys, no others
     assert math.isfinite(stats["time_rollout_s"]) and math.isfinite(stats["time_critic_s"])
