@@ -45,3 +45,11 @@ def test_the_timestep_is_the_noise_level_of_the_window_in_thousandths():
     torch.testing.assert_close(group.timestep, 1000 * sigma, rtol=1e-5, atol=1e-3)
     assert stats["sigma_mean"] == pytest.approx(float(sigma.mean()), abs=1e-5)
     assert 0.0 < float(sigma.min()) and float(sigma.max()) < 1.0
+
+
+def test_the_conditionings_statistics_are_declared_metrics():
+    """Every statistic the conditioning reports is one of the stage's declared metric keys (the dashboard
+    and the ranks' all-reduce use the declared list)."""
+    stage = FlowStage(compose([]))
+    _, _, stats = stage.condition(_batch(), torch.Generator().manual_seed(0))
+    assert set(stats) <= set(stage.metric_names())

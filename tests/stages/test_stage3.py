@@ -922,3 +922,27 @@ def test_roles_start_from_their_sources_weights_and_the_gan_has_its_output_head(
     assert any(not torch.equal(mid[k], base[k]) for k in mid)  # two sources, told apart
     assert m.heads is not None and m.heads.output_head is not None
     trainer.close()
+
+
+def test_the_post_phase_takes_its_renoise_annealing_and_gan_crop_from_the_config():
+    """Dynamic Re-noise anneals over ``distill.renoise_anneal_steps``; the GAN crop is ``distill.gan.crop``
+    of each side, rounded down to even sizes (the reference's patch grid)."""
+    from helios.stages import DistillStage
+
+    cfg = ["stage=3", "distill.renoise_anneal_steps=40", "distill.gan.crop=0.5"]
+    phase = DistillStage(compose(cfg)).phase
+    assert phase.renoise.params(40) == (1.0, 1.0) and phase.renoise.params(20) != (1.0, 1.0)
+    assert phase._crop_hw(torch.zeros(1, 1, 1, 14, 22)) == (6, 10)
+
+
+def test_the_critic_engine_names_its_parameters_as_the_roles_module_does():
+    """Under ZeRO the critic is one engine over the fake score and the GAN heads: its parameter names are
+    the roles module's (``fake.*``, ``heads.*``), the names checkpoints and the optimiser groups use."""
+    from helios.model.gan import GanHeads
+    from helios.stages.distilled.roles import DistillModule, DistillRoles
+
+    fake, heads = torch.nn.Linear(2, 2), GanHeads([0], 2, 8, 4)
+    m = DistillModule(torch.nn.Linear(2, 2), fake=fake, heads=heads)
+    critic = DistillRoles.engines(m)["critic"]
+    expected = {n for n, _ in m.named_parameters() if n.startswith(("fake.", "heads."))}
+    assert {n for n, _ in critic.named_parameters()} == expected and expected

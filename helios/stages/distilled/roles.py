@@ -162,7 +162,8 @@ class DistillRoles:
 
     # ------------------------------------------------------------------ placement (distill.offload)
     def place(self, model: DistillModule, device: torch.device) -> bool:
-        """``distill.offload``: frozen weights to the offload pool (host), the rest to ``device``."""
+        """``distill.offload``: frozen weights to the offload pool (host; each step's placement blocks bring
+        them in), the rest to ``device``."""
         if not self.d.offload:
             return False
         share = NodeShare() if self.cfg.parallel.node_shared_weights else None  # collective
@@ -174,7 +175,6 @@ class DistillRoles:
             for key, buf in module._buffers.items():
                 if buf is not None:
                     module._buffers[key] = buf.to(device)
-        self.pool.activate("generator")
         return True
 
     def release(self) -> None:
