@@ -47,9 +47,11 @@ def test_the_timestep_is_the_noise_level_of_the_window_in_thousandths():
     assert 0.0 < float(sigma.min()) and float(sigma.max()) < 1.0
 
 
-def test_the_conditionings_statistics_are_declared_metrics():
-    """Every statistic the conditioning reports is one of the stage's declared metric keys (the dashboard
-    and the ranks' all-reduce use the declared list)."""
+def test_a_steps_statistics_are_the_declared_metrics():
+    """Every statistic a stage-1 step reports is one of the stage's declared metric keys (the dashboard
+    and the ranks' all-reduce use the declared list; an undeclared key would be dropped)."""
     stage = FlowStage(compose([]))
-    _, _, stats = stage.condition(_batch(), torch.Generator().manual_seed(0))
-    assert set(stats) <= set(stage.metric_names())
+    model = lambda hidden_states, **_: (torch.zeros_like(hidden_states, requires_grad=True),)  # noqa: E731
+    losses, stats = stage.forward_backward(model, _batch(), torch.Generator().manual_seed(0), step=0)
+    assert set(losses) == {"model"} and set(stats) <= set(stage.metric_names())
+    assert {"corrupt_frac", "history_empty", "noisy_tokens", "sigma_mean"} <= set(stats)
