@@ -64,7 +64,8 @@ SHAPE_KEYS = (
 
 def offload_schedule(d) -> list[tuple[set[str], str | None]]:
     """Stage 3 (post, ``distill.offload=true``): (roles activated, role in flight) at each point of a
-    step, as helios/stages/distilled/post.py activates them: placement / validation; the generator's
+    step, as helios/stages/distilled/post.py activates them: validation (the pool itself starts with
+    nothing resident); the generator's
     rollout; the real score (+ the critic's base) for the DMD gradient while the generator's graph waits; the
     generator's backward (with the critic when the GAN term's graph runs through it); the critic's
     losses and backward. In flight only with ``distill.offload_prefetch``.

@@ -138,7 +138,8 @@ def test_offload_schedule_is_what_a_stage3_step_activates(tmp_path, monkeypatch,
     original = OffloadPool.activate
 
     def spy(self, *names, prefetch=None):
-        calls.append((set(names), prefetch))
+        if names or prefetch is not None:  # not a CPU's release at a block's end (nothing resident)
+            calls.append((set(names), prefetch))
         return original(self, *names, prefetch=prefetch)
 
     monkeypatch.setattr(OffloadPool, "activate", spy)
@@ -154,7 +155,7 @@ def test_offload_schedule_is_what_a_stage3_step_activates(tmp_path, monkeypatch,
     _train(overrides, tmp_path)
     schedule = memory.offload_schedule(compose(overrides).distill)
     assert all(c in schedule for c in calls), [c for c in calls if c not in schedule]
-    assert all(s in calls for s in schedule)
+    assert all(s in calls for s in schedule[1:])  # the first, validation's, does not run in 2 steps here
     # one base at a time without prefetch: nothing in flight, never two bases resident
     assert prefetch or all(ahead is None and not {"generator", "critic"} <= names for names, ahead in calls)
 
