@@ -39,7 +39,7 @@ def command_config(name: str, schema: type, overrides: dict):
 
 
 def prepare_rate(videos: Path, out: Path, workers: int) -> float:
-    from helios.commands.prepare import run
+    from helios.commands.latent_shards import run
     from helios.config.schema import PrepareConfig
 
     settings = {"input": videos, "output": out, "decode_workers": workers, "device": "cpu"}
@@ -50,7 +50,7 @@ def prepare_rate(videos: Path, out: Path, workers: int) -> float:
 
 
 def ode_pair_rate(shards: Path, out: Path) -> float:
-    from helios.commands.ode_pairs import run
+    from helios.commands.teacher_ode_pairs import run
     from helios.config import compose
     from helios.config.schema import OdePairsConfig
     from helios.tiny_recipe import complete_tiny_distill

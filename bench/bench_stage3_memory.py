@@ -126,10 +126,10 @@ def run_mode(mode: str, smoke: bool, steps: int) -> dict:
 
 def predicted_peak(cfg, latent_hw: tuple[int, int]) -> float:
     """``python -m helios.memory``'s per-GPU peak (bytes) for this run's config on one rank."""
-    from helios.commands import memory
+    from helios.commands import memory_estimate
 
-    _, peak_gib, _ = memory.report(memory.estimate(cfg, 1, latent_hw), 1)
-    return peak_gib * memory.GIB
+    _, peak_gib, _ = memory_estimate.report(memory_estimate.estimate(cfg, 1, latent_hw), 1)
+    return peak_gib * memory_estimate.GIB
 
 
 def project(result: dict, world: int) -> dict:

@@ -1,5 +1,5 @@
-"""The README's 14B memory table from ``python -m helios.memory``'s model: every recipe row's peak per phase
-at world size 8 and 64 (8 GPUs per node, 384x640, each phase's own batch).
+"""The 14B memory table (docs/scale-out.md) from ``python -m helios.memory``'s model: every recipe row's
+peak per phase at world size 8 and 64 (8 GPUs per node, 384x640, each phase's own batch).
 
     python bench/memory_table.py            # markdown rows
     python bench/memory_table.py --json F   # also the numbers as JSON
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from helios.commands import memory
+from helios.commands import memory_estimate
 from helios.config import compose
 
 COMMON = ["model=wan14b", "model.transformer.path=/x", "data=/d", "distill.teacher=/x"]
@@ -36,9 +36,9 @@ SHORT = {"build": "build", "prompts": "prompts", "step": "step", "validation": "
          "resume": "resume"}  # fmt: skip
 
 
-def row(overrides: list[str], world: int) -> memory.Peaks:
+def row(overrides: list[str], world: int) -> memory_estimate.Peaks:
     cfg = compose([*overrides, *COMMON])
-    return memory.phase_peaks(memory.estimate(cfg, world, (48, 80)), 8)
+    return memory_estimate.phase_peaks(memory_estimate.estimate(cfg, world, (48, 80)), 8)
 
 
 def main() -> None:
@@ -46,13 +46,15 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
     out = []
-    print("| phase | overrides | world | GiB per GPU: " + " / ".join(SHORT[p] for p in memory.PHASES)
+    print("| phase | overrides | world | GiB per GPU: " + " / ".join(SHORT[p] for p in memory_estimate.PHASES)
           + " | **peak** | host GiB per node: build / step / val / save / resume | **peak** |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
     for phase, overrides, label in ROWS:
         for world in (8, 64):
             peaks = row(overrides, world)
-            gpu = " / ".join(f"{peaks.phases[p][0]:.1f}" if p in peaks.phases else "—" for p in memory.PHASES)
+            gpu = " / ".join(
+                f"{peaks.phases[p][0]:.1f}" if p in peaks.phases else "—" for p in memory_estimate.PHASES
+            )
             host = " / ".join(
                 f"{peaks.phases[p][1]:.0f}" for p in ("build", "step", "validation", "checkpoint", "resume")
             )

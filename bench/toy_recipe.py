@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from helios.commands.ode_pairs import run as make_ode_pairs
+from helios.commands.teacher_ode_pairs import run as make_ode_pairs
 from helios.config import compose
 from helios.config.schema import OdePairsConfig, SamplerConfig
 from helios.data.synthetic import synthetic_shards

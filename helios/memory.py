@@ -2,7 +2,7 @@
 per node, counted without weights or a GPU.
 
 Entry point only (it imports nothing heavy before the config is valid): the memory model and its
-documentation are in ``helios/commands/memory.py``.
+documentation are in ``helios/commands/memory_estimate.py``.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    implementation("helios.commands.memory:print_report")(cfg, **own)
+    implementation("helios.commands.memory_estimate:print_report")(cfg, **own)
     return 0
 
 

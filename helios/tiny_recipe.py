@@ -18,7 +18,7 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
-from helios.commands.ode_pairs import run as make_ode_pairs
+from helios.commands.teacher_ode_pairs import run as make_ode_pairs
 from helios.config.load import compose
 from helios.config.schema import ConfigError, OdePairsConfig, SamplerConfig, TrainConfig
 from helios.data.synthetic import synthetic_shards

@@ -1,4 +1,5 @@
-"""Sampling an export with diffusers' own pipelines, as the model was trained (README "Exports in diffusers").
+"""Sampling an export with diffusers' own pipelines, as the model was trained (docs/operations.md,
+"Exports in diffusers").
 
 An export (``python -m helios.export``) records in ``helios_export.json`` the call arguments its pipeline
 needs besides the prompt (:func:`pipeline_call_arguments`): diffusers' defaults are the 14B layout (history

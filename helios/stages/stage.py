@@ -28,8 +28,6 @@ class Stage(abc.ABC):
     """A training stage is a small object; the loop (optimiser, parallelism, logging, checkpoints)
     lives in :class:`helios.trainer.Trainer` and is shared by all stages."""
 
-    name: str = ""
-
     def __init__(self, cfg: TrainConfig, weights: WeightsLoader | None = None) -> None:
         self.cfg = cfg
         self.device = torch.device("cpu")  # where the model computes (set by setup)

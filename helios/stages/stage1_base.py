@@ -35,14 +35,12 @@ class NoisyGroup:
     name: str = "flow"
 
 
-class FlowStage(Stage):
+class Stage1Base(Stage):
     """One section per sample: history (Representation Control + Frame-Aware Corrupt) conditions
     the noisy window; the loss is the MSE between predicted and true velocity ``noise - x0``.
 
     Subclasses change only :meth:`noisy_groups` (how the noisy window and its target are made); the
     history comes from the shared :class:`HistoryConditioning`."""
-
-    name = "flow"
 
     def __init__(self, cfg: TrainConfig, weights: WeightsLoader | None = None) -> None:
         super().__init__(cfg, weights)

@@ -8,18 +8,16 @@ from helios.config.schema import TrainConfig
 from helios.core.flow_matching import sample_sigmas, shift_factor, shift_sigmas, token_count
 from helios.core.pyramid import PyramidSchedule
 from helios.stages.stage import WeightsLoader
-from helios.stages.stage1_base import FlowStage, NoisyGroup
+from helios.stages.stage1_base import NoisyGroup, Stage1Base
 
 
-class PyramidStage(FlowStage):
+class Stage2Mid(Stage1Base):
     """Each stage-sample trains one pyramid stage k on the straight path between the stage's start and end
     points at its resolution (Eq. 5-7); sigma is sampled as in Stage 1 and shifted by the stage's own
     token count; the stage-samples of one stage share a forward pass. ``pyramid.stage_draw=every`` (the
     reference): every clip at every stage, ``stage_ratios[k]`` times, its noise shared by them; ``random``:
     each clip at one stage drawn from the rank-shared generator, so every rank makes the same forward
     passes (ZeRO-3)."""
-
-    name = "pyramid"
 
     def __init__(self, cfg: TrainConfig, weights: WeightsLoader | None = None) -> None:
         super().__init__(cfg, weights)

@@ -27,8 +27,8 @@ from helios.stages.distilled.rollout import StagedRollout
 from helios.stages.stage import Stage, WeightsLoader
 
 
-class DistillStage(Stage):
-    name = "distill"
+class Stage3Distilled(Stage):
+    """Helios-Distilled (§3.4): the roles and the phase of ``distill.phase`` behind the stage contract."""
 
     def __init__(self, cfg: TrainConfig, weights: WeightsLoader | None = None) -> None:
         super().__init__(cfg, weights)

@@ -10,7 +10,7 @@ import torch
 from diffusers import HeliosPipeline, HeliosPyramidPipeline, HeliosTransformer3DModel
 from safetensors.torch import load_file
 
-from helios.commands.export import export
+from helios.commands.diffusers_export import export
 from helios.config.schema import ExportConfig
 from helios.core.history import HistoryLayout
 from helios.loading import load_checkpoint_model
@@ -140,7 +140,7 @@ def test_export_cli_errors(tmp_path, trained):
 
 
 def test_export_refuses_a_non_empty_folder_and_replaces_it_whole(trained, tmp_path, monkeypatch):
-    import helios.commands.export as export_module
+    import helios.commands.diffusers_export as export_module
 
     out = tmp_path / "exp"
     out.mkdir()

@@ -140,7 +140,7 @@ def test_generate_from_a_diffusers_model_directory(tmp_path):
     import torch
     from diffusers import HeliosPipeline, HeliosScheduler
 
-    from helios.commands.generate import run
+    from helios.commands.video_generation import run
     from helios.config.schema import GenerateConfig, SamplerConfig
     from helios.model.encoders import build_text_encoder, build_vae
     from helios.model.transformer import build_transformer
@@ -178,7 +178,7 @@ def test_generate_from_a_diffusers_model_directory(tmp_path):
 def test_reference_interactive_prompt_csv(run_dir, tmp_path):
     """The reference code's interactive CSV (id,prompt_index,prompt[,refined_prompt]): one video per id,
     prompts in prompt_index order, each for sections_per_prompt sections, the video long enough for all."""
-    from helios.commands.generate import read_interactive_prompts
+    from helios.commands.video_generation import read_interactive_prompts
 
     csv_path = tmp_path / "interactive.csv"
     csv_path.write_text(

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helios import memory as memory_command
-from helios.commands import memory
+from helios.commands import memory_estimate
 from helios.commands import memory_trace as trace
 from helios.config import compose
 
@@ -16,11 +16,11 @@ REAL_STAGE1 = ["stage=1", "stage1=init", "model=wan14b", "model.transformer.path
 
 def test_parameter_counts_equal_the_models_the_stage_builds():
     """The fake-built roles hold exactly the parameters (frozen / trainable) of the real tiny model."""
-    from helios.stages import FlowStage
+    from helios.stages import Stage1Base
 
     cfg = compose([])
-    (role,) = memory.build_roles(cfg, torch.float32)
-    real = FlowStage(cfg).build_model()
+    (role,) = memory_estimate.build_roles(cfg, torch.float32)
+    real = Stage1Base(cfg).build_model()
     assert role.trainable == sum(p.numel() for p in real.parameters() if p.requires_grad) > 0
     assert sum(role.frozen) == 4 * sum(p.numel() for p in real.parameters() if not p.requires_grad)
 
@@ -32,7 +32,8 @@ def test_checkpointed_activations_grow_by_one_block_input_per_layer():
     totals = {}
     for layers in (1, 2):
         cfg = compose([*REAL_STAGE1, f"model.transformer.num_layers={layers}"])
-        fakes = memory.FakeRoles(cfg, memory.build_roles(cfg, torch.bfloat16), torch.bfloat16)
+        roles = memory_estimate.build_roles(cfg, torch.bfloat16)
+        fakes = memory_estimate.FakeRoles(cfg, roles, torch.bfloat16)
         totals[layers] = fakes.training("model", trace.Inputs(2, (48, 80)))
     assert totals[2][0] - totals[1][0] == 2 * 11040 * 5120 * 2
     assert totals[2][1] > 10 * (totals[2][0] - totals[1][0])  # one block's own saved tensors
@@ -84,7 +85,7 @@ def test_the_backward_peak_is_what_a_real_block_allocates():
     real.enable_gradient_checkpointing()
     measured = _profiled_step(real, inputs, cfg)
 
-    fakes = memory.FakeRoles(cfg, memory.build_roles(cfg, torch.bfloat16), torch.bfloat16)
+    fakes = memory_estimate.FakeRoles(cfg, memory_estimate.build_roles(cfg, torch.bfloat16), torch.bfloat16)
     saved, block, transient, _ = fakes.training("model", inputs)
     modelled = saved + block + transient
     assert transient > 0.2 * block  # the transient is real: about a third of a block here
@@ -121,9 +122,9 @@ def test_pinned_bytes_are_the_offload_pools_buffers():
     sizes = {name: [p.numel() * p.element_size() for p in role.parameters()] for name, role in roles.items()}
     pool = OffloadPool(roles, torch.device("cpu"))  # released: the weights' bytes are in the pool's buffers
     for name in roles:
-        assert pool.buffers[name].numel() == memory.pinned_bytes(sizes[name])
+        assert pool.buffers[name].numel() == memory_estimate.pinned_bytes(sizes[name])
         assert all(h.untyped_storage().data_ptr() == pool.buffers[name].data_ptr() for h in pool.host[name])
-    assert memory.pinned_bytes([60, 12]) == 64 + 16  # 15x4 and 3x4 bytes
+    assert memory_estimate.pinned_bytes([60, 12]) == 64 + 16  # 15x4 and 3x4 bytes
     pool.close()
 
 
@@ -153,7 +154,7 @@ def test_offload_schedule_is_what_a_stage3_step_activates(tmp_path, monkeypatch,
         "trainer.checkpoint_every=0",
     ]
     _train(overrides, tmp_path)
-    schedule = memory.offload_schedule(compose(overrides).distill)
+    schedule = memory_estimate.offload_schedule(compose(overrides).distill)
     assert all(c in schedule for c in calls), [c for c in calls if c not in schedule]
     assert all(s in calls for s in schedule[1:])  # the first, validation's, does not run in 2 steps here
     # one base at a time without prefetch: nothing in flight, never two bases resident
@@ -168,7 +169,7 @@ def test_cli_prints_every_category_each_phase_and_the_last_line(capsys):
     for start in ("model: AdamW state", "backward_transient:", "runtime_overhead:", "validation:"):
         assert any(line.startswith(start) for line in out), start
     phases = {}
-    for phase, name in memory.PHASE_NAMES.items():
+    for phase, name in memory_estimate.PHASE_NAMES.items():
         (line,) = [line for line in out if line.startswith(name + " ")]
         phases[phase] = [float(x) for x in line.split()[-2:]]
     match = re.fullmatch(r"peak_gib_per_gpu=(\d+\.\d) host_gib_per_node=(\d+\.\d)", out[-1])
@@ -180,7 +181,7 @@ def test_cli_prints_every_category_each_phase_and_the_last_line(capsys):
 
 def test_zero3_roles_count_the_checkpoint_gather():
     cfg = compose(["stage=3", "parallel=zero3", "distill.teacher=/t"])
-    items = memory.estimate(cfg, 2, (8, 8))
+    items = memory_estimate.estimate(cfg, 2, (8, 8))
     gathered = [i for i in items if i.when == ("checkpoint",) and "ZeRO-3" in i.category]
     assert len(gathered) == 1 and gathered[0].gpu > 0
 
@@ -190,25 +191,27 @@ def test_phases_hold_what_each_phase_holds():
     the text encoder only while the prompts are encoded at start-up; what the main rank writes once per
     node; runtime_overhead in every phase."""
     cfg = compose(["stage=3", "distill.teacher=/t", "validation.enabled=true"])
-    items = memory.estimate(cfg, 2, (8, 8))
+    items = memory_estimate.estimate(cfg, 2, (8, 8))
     by = {i.category.split(":")[0].split(" (")[0]: i for i in items}
-    assert by["backward_transient"].when == ("step",) and by["runtime_overhead"].when == memory.PHASES
-    held = {p: {i.category for i in items if p in i.when} for p in memory.PHASES}
+    assert by["backward_transient"].when == ("step",)
+    assert by["runtime_overhead"].when == memory_estimate.PHASES
+    held = {p: {i.category for i in items if p in i.when} for p in memory_estimate.PHASES}
     assert not any("text encoder" in c for p in ("step", "validation", "checkpoint") for c in held[p])
     assert any("text encoder" in c for c in held["prompts"])
     assert any(c.startswith("validation: VAE") for c in held["validation"])
     assert not any(c.startswith("activations") for c in held["validation"])
     written = [i for i in items if i.category.startswith("checkpoint: what the main rank writes")]
     assert written[0].host_per == "node" and written[0].host > 0
-    peaks = memory.phase_peaks(items, 8)
+    peaks = memory_estimate.phase_peaks(items, 8)
     step = sum(i.gpu for i in items if "step" in i.when)
-    assert peaks.phases["step"][0] == pytest.approx(step / memory.GIB)
+    assert peaks.phases["step"][0] == pytest.approx(step / memory_estimate.GIB)
 
 
-# The README's 14B rows (bench/memory_table.py) against the peak-memory issue's limits: <= 72 GiB per 80 GB
-# GPU and <= 400 GiB host per 8-GPU node, at the peak of every phase. Rows still over them are strict xfails
-# (README "Not yet"): they fail the day a change makes them fit, so the README is updated with it.
-OVER = pytest.mark.xfail(strict=True, reason="over the limits (README memory table, issue #32)")
+# The 14B memory table's rows (docs/scale-out.md, bench/memory_table.py) against the peak-memory issue's
+# limits: <= 72 GiB per 80 GB GPU and <= 400 GiB host per 8-GPU node, at the peak of every phase. Rows still
+# over them are strict xfails (README "Not yet"): they fail the day a change makes them fit, so the table is
+# updated with it.
+OVER = pytest.mark.xfail(strict=True, reason="over the limits (docs/scale-out.md memory table, issue #32)")
 LAYOUTS = [
     pytest.param(["stage=1", "stage1=init"], id="1-init"),
     pytest.param(["stage=1", "stage1=post", "init_from=/x"], id="1-post"),
@@ -233,7 +236,7 @@ LAYOUTS = [
 def test_14b_layouts_stay_under_the_limits_at_every_phase(overrides):
     """Shapes are the real ones and the counts deterministic, so this arithmetic is exact; world size 8."""
     cfg = compose([*overrides, "model=wan14b", "model.transformer.path=/x", "data=/d", "distill.teacher=/x"])
-    peaks = memory.phase_peaks(memory.estimate(cfg, 8, (48, 80)), 8)
+    peaks = memory_estimate.phase_peaks(memory_estimate.estimate(cfg, 8, (48, 80)), 8)
     assert peaks.gpu <= 72, peaks.phases
     assert peaks.host <= 400, peaks.phases
 
@@ -243,8 +246,8 @@ def test_offloaded_block_inputs_leave_the_gpu_for_the_host():
     leave the GPU's saved activations for pinned host memory; one comes back per recomputed block."""
     common = ["stage=1", "stage1=init", "model=wan14b", "model.transformer.path=/x", "data=/d"]
 
-    def counted(overrides: list[str]) -> dict[str, memory.Item]:
-        items = memory.estimate(compose([*common, *overrides]), 8, (48, 80))
+    def counted(overrides: list[str]) -> dict[str, memory_estimate.Item]:
+        items = memory_estimate.estimate(compose([*common, *overrides]), 8, (48, 80))
         return {i.category.split(" (")[0].split(":")[0]: i for i in items}
 
     resident, offloaded = counted([]), counted(["model.transformer.checkpoint_offload=true"])
@@ -267,14 +270,16 @@ def test_hpz_adds_a_node_local_partition_of_each_zero3_role():
         "data=/d",
         "parallel=zero3",
     ]
-    plain = {i.category: i for i in memory.estimate(compose(common), 64, (48, 80))}
+    plain = {i.category: i for i in memory_estimate.estimate(compose(common), 64, (48, 80))}
     hpz = {
         i.category: i
-        for i in memory.estimate(compose([*common, "parallel.zero_hpz_partition_size=8"]), 64, (48, 80))
+        for i in memory_estimate.estimate(
+            compose([*common, "parallel.zero_hpz_partition_size=8"]), 64, (48, 80)
+        )
     }
     base = plain["model: frozen base (ZeRO-3 partition + gathered)"]
     assert hpz["model: frozen base (ZeRO-3 partition + gathered)"] == base
-    roles = memory.build_roles(compose(common), torch.bfloat16)
+    roles = memory_estimate.build_roles(compose(common), torch.bfloat16)
     assert hpz["model: frozen base, hpZ partition over 8 ranks"].gpu == sum(roles[0].frozen) / 8
     added = hpz["model: trainable weights (fp32)"].gpu - plain["model: trainable weights (fp32)"].gpu
     assert added == pytest.approx(4 * roles[0].trainable / 8)
@@ -286,16 +291,16 @@ def test_bases_read_once_per_node_are_counted_once_per_node_while_the_models_are
     common = ["model=wan14b", "model.transformer.path=/x", "data=/d", "distill.teacher=/x"]
     post = ["stage=3", "stage3=post", "init_from=/x", "parallel=zero2", "distill.offload=true", *common]
 
-    def build(overrides: list[str]) -> tuple[float, list[memory.Item]]:
-        items = memory.estimate(compose(overrides), 8, (48, 80))
+    def build(overrides: list[str]) -> tuple[float, list[memory_estimate.Item]]:
+        items = memory_estimate.estimate(compose(overrides), 8, (48, 80))
         at_build = [i for i in items if i.when == ("build",) and i.host]
-        return memory.phase_peaks(items, 8).phases["build"][1], at_build
+        return memory_estimate.phase_peaks(items, 8).phases["build"][1], at_build
 
     shared, items = build(post)
     private, _ = build([*post, "parallel.node_shared_weights=false"])
     bases = [i for i in items if "/dev/shm" in i.category]
     assert len(bases) == 1 and bases[0].host_per == "node"
-    base = 14e9 * 2 / memory.GIB  # one 14B base in bf16, about
+    base = 14e9 * 2 / memory_estimate.GIB  # one 14B base in bf16, about
     assert private - shared == pytest.approx(8 * 2 * base - 3 * base, rel=0.05)
     assert private > 400 >= shared
     _, items = build(["stage=1", "stage1=init", *common])

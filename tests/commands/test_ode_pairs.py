@@ -7,7 +7,7 @@ import json
 import torch
 from diffusers import HeliosScheduler
 
-from helios.commands.ode_pairs import run
+from helios.commands.teacher_ode_pairs import run
 from helios.config import compose
 from helios.config.schema import OdePairsConfig, SamplerConfig
 from helios.data.ode_pair_shards import ODE_MEMBERS
@@ -63,7 +63,7 @@ def test_clip_pairs_from_a_stage2_run_are_complete_and_resumable(tmp_path):
 
 
 def test_the_teacher_state_nearest_to_each_distilled_timestep_is_kept():
-    from helios.commands.ode_pairs import keep_dmd_states
+    from helios.commands.teacher_ode_pairs import keep_dmd_states
 
     timesteps = torch.tensor([999.0, 950.0, 900.0, 850.0, 800.0])
     states = [torch.full((1, 2), float(i)) for i in range(6)]  # before each step, then the end

@@ -216,9 +216,9 @@ def test_ema_warmup_counts_generator_updates_not_iterations(monkeypatch):
     from types import SimpleNamespace
 
     from helios.infra.ema import ShardedEma
-    from helios.stages import DistillStage
+    from helios.stages import Stage3Distilled
 
-    stage = DistillStage(compose(["stage=3", "distill.ema_start=0", "distill.ttur=5"]))
+    stage = Stage3Distilled(compose(["stage=3", "distill.ema_start=0", "distill.ttur=5"]))
     model = SimpleNamespace(generator=torch.nn.Linear(2, 2))
     decays = []
     monkeypatch.setattr(ShardedEma, "update", lambda self, params, decay: decays.append(decay))
@@ -261,7 +261,7 @@ def test_shared_teacher_gives_the_losses_of_two_copies(tmp_path, monkeypatch):
     off) trains exactly as a separate frozen real score, with one 14B base fewer; running the real score
     with the adapters left on changes the DMD loss once the critic has trained (the check can fail)."""
     import helios.stages.distilled.post as post
-    from helios.stages import DistillStage
+    from helios.stages import Stage3Distilled
     from helios.stages.distilled.roles import DistillModule
     from tests.helpers.runs import train_in_process as _train
 
@@ -280,7 +280,7 @@ def test_shared_teacher_gives_the_losses_of_two_copies(tmp_path, monkeypatch):
         for k in keys:
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (a["step"], k)
 
-    stage = DistillStage(compose(["stage=3", "distill.teacher=/unused"]))
+    stage = Stage3Distilled(compose(["stage=3", "distill.teacher=/unused"]))
     roles = stage.role_modules(DistillModule(torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)))
     assert "real" not in stage.role_loras() and set(roles) == {"generator", "critic"}
 

@@ -135,10 +135,10 @@ def _condition(overrides: list[str]):
     """The history inputs stage 1 builds for one fixed batch (clips starting at latent frames 2 and 5)."""
     from helios.config import compose
     from helios.data.dataset import ClipBatch
-    from helios.stages import FlowStage
+    from helios.stages import Stage1Base
 
     cfg = compose(["history.tasks={t2v:0.0,i2v:0.0,v2v_partial:0.0}", *overrides])
-    stage = FlowStage(cfg)
+    stage = Stage1Base(cfg)
     gen = torch.Generator().manual_seed(0)
     batch = ClipBatch(
         torch.randn(2, 16, stage.layout.clip_frames, 8, 8, generator=gen),

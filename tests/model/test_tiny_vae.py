@@ -12,7 +12,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKLWan
 
-from helios.commands.tiny_vae import clips, decode_unclamped, held_out_psnr
+from helios.commands.tiny_vae_training import clips, decode_unclamped, held_out_psnr
 from helios.config import compose
 from helios.config.schema import ConfigError, VaeConfig
 from helios.model.encoders import TINY_VAE_KWARGS, build_vae

@@ -187,9 +187,9 @@ def test_stage2_noisy_input_timestep_and_target_are_the_samplers_path(monkeypatc
     x0 = x_t - sigma v lands on end_k), and the timestep is the one diffusers' scheduler pairs with that
     sigma in stage k (t_max at the start, t_min at the end)."""
     from helios.stages import stage2_mid
-    from helios.stages.stage2_mid import PyramidStage
+    from helios.stages.stage2_mid import Stage2Mid
 
-    stage = PyramidStage(compose(["stage=2"]))  # tiny: uniform sigma, no shift
+    stage = Stage2Mid(compose(["stage=2"]))  # tiny: uniform sigma, no shift
     n = 4
     pairs = {k: _scheduler_pairs(k, n) for k in range(3)}
     grid = pairs[0][0]  # sigmas 0.999 .. 0, the same in every stage
@@ -262,9 +262,9 @@ def test_every_clip_trains_every_stage_as_the_reference():
     stage share their target), and the loss is the mean over the stage-samples; the global batch counts
     stage-samples (2-post: 192 = 1 clip x 3 stages x 64 GPUs)."""
     from helios.infra.resolve import resolve_grad_accum
-    from helios.stages.stage2_mid import PyramidStage
+    from helios.stages.stage2_mid import Stage2Mid
 
-    stage = PyramidStage(compose(["stage=2"]))  # tiny: ratios [1, 2, 1]
+    stage = Stage2Mid(compose(["stage=2"]))  # tiny: ratios [1, 2, 1]
     target = torch.randn(2, 4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     groups, stats = stage.noisy_groups(
         target, torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)
@@ -289,11 +289,11 @@ def test_every_clip_trains_every_stage_as_the_reference():
 
 
 def test_the_stage2_loss_is_the_mean_over_stage_samples(monkeypatch):
-    """FlowStage weighs each group by its share of the stage-samples (the reference's NaViT-packed mean)."""
+    """Stage1Base weighs each group by its share of the stage-samples (the reference's NaViT-packed mean)."""
     from helios.stages.stage1_base import NoisyGroup
-    from helios.stages.stage2_mid import PyramidStage
+    from helios.stages.stage2_mid import Stage2Mid
 
-    stage = PyramidStage(compose(["stage=2"]))
+    stage = Stage2Mid(compose(["stage=2"]))
     x, x3 = torch.zeros(1, 4, 3, 8, 8), torch.zeros(3, 4, 3, 8, 8)
     groups = [NoisyGroup(torch.tensor([0]), x, torch.zeros(1), x + 1.0, "stage0"),
               NoisyGroup(torch.tensor([0, 0, 0]), x3, torch.zeros(3), x3 + 3.0, "stage1")]  # fmt: skip
@@ -307,9 +307,9 @@ def test_the_stage2_loss_is_the_mean_over_stage_samples(monkeypatch):
 def test_the_random_draw_follows_the_ratios_and_the_shared_stream():
     """pyramid.stage_draw=random (Eq. 7): one stage per clip, drawn with replacement in proportion to the
     ratios from the rank-shared generator (the same draw on every rank; another state, another draw)."""
-    from helios.stages.stage2_mid import PyramidStage
+    from helios.stages.stage2_mid import Stage2Mid
 
-    stage = PyramidStage(compose(["stage=2", "pyramid.stage_draw=random"]))  # ratios [1, 2, 1]
+    stage = Stage2Mid(compose(["stage=2", "pyramid.stage_draw=random"]))  # ratios [1, 2, 1]
     clip_of, stage_of = stage.stage_samples(4000, torch.Generator().manual_seed(0))
     assert clip_of.tolist() == list(range(4000))
     freq = torch.bincount(stage_of, minlength=3).double() / 4000
@@ -326,15 +326,15 @@ def test_the_random_draw_follows_the_ratios_and_the_shared_stream():
 
 
 def test_a_latent_the_pyramid_cannot_halve_is_refused_and_shift_uses_the_stage_tokens():
-    from helios.stages.stage2_mid import PyramidStage
+    from helios.stages.stage2_mid import Stage2Mid
 
     gens = (torch.Generator().manual_seed(0), torch.Generator().manual_seed(1))
-    stage = PyramidStage(compose(["stage=2"]))
+    stage = Stage2Mid(compose(["stage=2"]))
     with pytest.raises(ValueError, match="latent size 16x12 is not divisible by 8"):
         stage.noisy_groups(torch.zeros(1, 4, 3, 16, 12), *gens)
-    four = PyramidStage(compose(["stage=2", "pyramid.stages=4", "pyramid.stage_ratios=[1,1,1,1]"]))
+    four = Stage2Mid(compose(["stage=2", "pyramid.stages=4", "pyramid.stage_ratios=[1,1,1,1]"]))
     with pytest.raises(ValueError, match="latent size 24x24 is not divisible by 16"):
         four.noisy_groups(torch.zeros(1, 4, 3, 24, 24), *gens)
-    shifted = PyramidStage(compose(["stage=2", "flow.shift.enabled=true"]))
+    shifted = Stage2Mid(compose(["stage=2", "flow.shift.enabled=true"]))
     made, _ = shifted.noisy_groups(torch.zeros(1, 4, 3, 16, 16), *gens)
     assert [g.name for g in made] == ["stage0", "stage1", "stage2"]

@@ -5,7 +5,7 @@ import torch
 
 from helios.config import compose
 from helios.data.dataset import ClipBatch
-from helios.stages import FlowStage, conditioning
+from helios.stages import Stage1Base, conditioning
 
 
 def _batch(b: int = 2, hw: int = 4) -> ClipBatch:
@@ -27,7 +27,7 @@ def test_condition_builds_the_history_in_the_runs_latent_format(monkeypatch, lat
         return real(*args, **kwargs)
 
     monkeypatch.setattr(conditioning, "apply_tasks", spy)
-    stage = FlowStage(compose([f"data.latent_format={latent_format}"]))
+    stage = Stage1Base(compose([f"data.latent_format={latent_format}"]))
     cond, target, stats = stage.condition(_batch(), torch.Generator().manual_seed(0))
     assert seen == [latent_format == "sections"]
     assert target.shape == (2, 16, 3, 4, 4) and cond["latents_history_short"].shape[2] == 2
@@ -37,7 +37,7 @@ def test_condition_builds_the_history_in_the_runs_latent_format(monkeypatch, lat
 def test_the_timestep_is_the_noise_level_of_the_window_in_thousandths():
     """The DiT's timestep is 1000 σ of the very σ that mixed x_t = (1 − σ) x0 + σ ε (diffusers' convention,
     the reference's ``timesteps = sigmas * 1000``)."""
-    stage = FlowStage(compose([]))
+    stage = Stage1Base(compose([]))
     target = torch.randn(3, 16, 3, 4, 4)
     (group,), stats = stage.noisy_groups(target, torch.Generator().manual_seed(0), torch.Generator())
     v = group.target.flatten(1)
@@ -50,7 +50,7 @@ def test_the_timestep_is_the_noise_level_of_the_window_in_thousandths():
 def test_a_steps_statistics_are_the_declared_metrics():
     """Every statistic a stage-1 step reports is one of the stage's declared metric keys (the dashboard
     and the ranks' all-reduce use the declared list; an undeclared key would be dropped)."""
-    stage = FlowStage(compose([]))
+    stage = Stage1Base(compose([]))
     model = lambda hidden_states, **_: (torch.zeros_like(hidden_states, requires_grad=True),)  # noqa: E731
     losses, stats = stage.forward_backward(model, _batch(), torch.Generator().manual_seed(0), step=0)
     assert set(losses) == {"model"} and set(stats) <= set(stage.metric_names())

@@ -101,11 +101,11 @@ def test_tiny_ode_phase_regresses_onto_teacher_pairs(tmp_path):
 
 def test_real_recipe_needs_its_teacher():
     from helios.config import ConfigError
-    from helios.stages import DistillStage
+    from helios.stages import Stage3Distilled
 
     no_teacher = compose(["stage=3", "stage3=post", "model.transformer.path=/m", "data.path=/d"])
     with pytest.raises(ConfigError, match=r"distill\.teacher") as err:
-        DistillStage(no_teacher).setup(Path("/d"), None)  # at start-up, before any model is built
+        Stage3Distilled(no_teacher).setup(Path("/d"), None)  # at start-up, before any model is built
     # what to give, and where the tiny default's comes from
     assert "needs the teacher (Helios-Base): a run dir, checkpoint or diffusers directory" in str(err.value)
     assert "(for the tiny model, train_helios.py makes a tiny one: helios.tiny_recipe)" in str(err.value)
@@ -250,9 +250,9 @@ def test_cached_gan_gradient_equals_plain_autograd(tmp_path):
 def test_self_forcing_history_is_the_generators_own_rollout():
     """Table 5 "w Self-Forcing": sections rolled out from an empty history fill the buffer; each rollout
     sees the previous sections as history and the first generated frame as anchor."""
-    from helios.stages import DistillStage
+    from helios.stages import Stage3Distilled
 
-    stage = DistillStage(compose(["stage=3", "distill.history_source=self_forcing"]))
+    stage = Stage3Distilled(compose(["stage=3", "distill.history_source=self_forcing"]))
     layout = stage.layout  # tiny: history 4/2/1, window 3 -> 3 sections fill the 7-frame buffer
     seen = []
 
@@ -277,9 +277,9 @@ def test_self_forcing_history_is_the_generators_own_rollout():
 def test_self_forcing_history_is_built_on_the_prompts_device():
     """The rolled-out history buffer lives where the prompt does (the meta device stands in for a GPU
     here: a buffer built on the host would not concatenate with the generated sections)."""
-    from helios.stages import DistillStage
+    from helios.stages import Stage3Distilled
 
-    stage = DistillStage(compose(["stage=3", "distill.history_source=self_forcing"]))
+    stage = Stage3Distilled(compose(["stage=3", "distill.history_source=self_forcing"]))
     shape = (1, 16, stage.layout.window, 4, 4)
 
     def fake_rollout(generator, cond, shape, gen, grad, exits=None, first_section=False):
@@ -296,10 +296,10 @@ def test_self_forcing_history_is_built_on_the_prompts_device():
 def test_bidirectional_teacher_scores_one_segment_without_history_inputs():
     """Table 5 "w Bidirectional Teacher": the real score sees [re-noised real context, x_tau] as one clip
     of ``bidirectional_frames`` latent frames, with no history inputs; the x_tau part is returned."""
-    from helios.stages import DistillStage
+    from helios.stages import Stage3Distilled
     from helios.stages.distilled.roles import DistillModule
 
-    stage = DistillStage(
+    stage = Stage3Distilled(
         compose(["stage=3", "distill.real_score=bidirectional", "distill.bidirectional_frames=8"])
     )
     calls = []
@@ -377,10 +377,10 @@ def test_rollout_uses_the_samplers_timesteps(first_section):
     """The stage-3 rollout (all steps) feeds the generator exactly the timesteps and grids the DMD sampler
     that validation, export and generate use feeds it: same shift per stage, same amplified first section."""
     from helios.sampling.pipeline import build_section_sampler
-    from helios.stages import DistillStage
+    from helios.stages import Stage3Distilled
 
     cfg = compose(["stage=3"])
-    stage = DistillStage(cfg)
+    stage = Stage3Distilled(cfg)
     shape = (1, 16, stage.layout.window, 16, 16)
     cond = {"encoder_hidden_states": torch.zeros(1, 4, 32)}
     trained = _Recorder()
@@ -399,9 +399,9 @@ def test_rollout_uses_the_samplers_timesteps(first_section):
 def test_the_rollouts_x0_is_the_flow_estimate_at_every_step():
     """x0 = x_t - sigma v at each step of each stage (the reference's DMD rollout): a generator whose
     velocity points exactly at a constant field gives that field back, whatever the exits."""
-    from helios.stages import DistillStage
+    from helios.stages import Stage3Distilled
 
-    stage = DistillStage(compose(["stage=3"]))
+    stage = Stage3Distilled(compose(["stage=3"]))
     shape = (1, 16, stage.layout.window, 16, 16)
     cond = {"encoder_hidden_states": torch.zeros(1, 4, 32)}
 
@@ -423,9 +423,9 @@ def test_the_rollouts_x0_is_the_flow_estimate_at_every_step():
 def test_staged_backward_simulation_sends_gradient_through_every_stage():
     """Each stage stops at its exit step and hands its x0 on with the graph: the gradient of the final x0
     reaches stage k's exit forward when stage k+1 exits at its first step, and not otherwise (reference)."""
-    from helios.stages import DistillStage
+    from helios.stages import Stage3Distilled
 
-    stage = DistillStage(compose(["stage=3"]))
+    stage = Stage3Distilled(compose(["stage=3"]))
     shape = (1, 16, stage.layout.window, 16, 16)
     cond = {"encoder_hidden_states": torch.zeros(1, 4, 32)}
 
@@ -456,7 +456,7 @@ def test_real_score_unconditional_branch_is_the_prepared_negative_prompt(tmp_pat
     from helios.data.prepare_job import NEGATIVE_PROMPT_FILE, load_empty_prompt
     from helios.data.synthetic import synthetic_shards
     from helios.model.encoders import build_text_encoder, encode_prompts
-    from helios.stages import DistillStage
+    from helios.stages import Stage3Distilled
 
     cfg = compose(["stage=3", "distill.teacher=/t"])
     shards = synthetic_shards(cfg, True)
@@ -465,7 +465,7 @@ def test_real_score_unconditional_branch_is_the_prepared_negative_prompt(tmp_pat
     negative = encode_prompts(tok, text, [REFERENCE_NEGATIVE_PROMPT], n)
     empty = encode_prompts(tok, text, [""], n)
     for uncond, want in (("negative", negative), ("empty", empty)):
-        stage = DistillStage(compose(["stage=3", "distill.teacher=/t", f"distill.uncond={uncond}"]))
+        stage = Stage3Distilled(compose(["stage=3", "distill.teacher=/t", f"distill.uncond={uncond}"]))
         stage.setup(shards, None)
         torch.testing.assert_close(stage.phase.uncond, want)
     assert not torch.equal(negative, empty)
@@ -474,7 +474,7 @@ def test_real_score_unconditional_branch_is_the_prepared_negative_prompt(tmp_pat
     assert load_empty_prompt(tmp_path, NEGATIVE_PROMPT_FILE) is None
     fix = "rerun helios.prepare with the same arguments (it adds the file without re-encoding the clips)"
     with pytest.raises(FileNotFoundError) as err:
-        DistillStage(cfg).setup(tmp_path, None)
+        Stage3Distilled(cfg).setup(tmp_path, None)
     assert str(err.value) == f"{tmp_path} has no {NEGATIVE_PROMPT_FILE}: {fix} or use distill.uncond=empty"
 
 
@@ -612,9 +612,9 @@ def test_renoise_tau_is_shifted_for_the_token_count():
     one 384x640 section, 9 x 24 x 40 tokens: mu = 0.5 + (8640 - 256) * 0.65 / 3840) and clamped."""
     from types import SimpleNamespace
 
-    from helios.stages import DistillStage
+    from helios.stages import Stage3Distilled
 
-    stage = DistillStage(compose(["stage=3"]))  # linear shift, the reference's stage-3 law
+    stage = Stage3Distilled(compose(["stage=3"]))  # linear shift, the reference's stage-3 law
     drawn = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9, 0.999])
     stage.phase.renoise = SimpleNamespace(sample=lambda n, step, gen: drawn[:n].clone())
     target = torch.zeros(6, 16, 9, 48, 80)
@@ -642,11 +642,11 @@ def test_generator_dmd_gradient_is_the_hand_computed_one():
     """Eq. 11-12 on stand-in scores: x_tau = (1 - tau) x0 + tau eps; real x0 with CFG from the conditional
     and unconditional prompts, fake x0 = x_tau - tau v_fake; the generator's sample receives
     (fake_x0 - real_x0) / mean|x0 - real_x0| (over its numel). Equal scores give no gradient."""
-    from helios.stages import DistillStage
+    from helios.stages import Stage3Distilled
     from helios.stages.distilled.roles import DistillModule
 
     scale = 2.5
-    stage = DistillStage(compose(["stage=3", f"distill.real_cfg={scale}"]))
+    stage = Stage3Distilled(compose(["stage=3", f"distill.real_cfg={scale}"]))
     b, shape = 3, (3, 4, 2, 6, 6)
     stage.phase.uncond = torch.zeros(1, 5, 8)
     cond = {"encoder_hidden_states": torch.ones(b, 5, 8)}
@@ -684,10 +684,10 @@ def test_generator_dmd_gradient_is_the_hand_computed_one():
 def test_critic_flow_loss_vanishes_for_the_exact_velocity_of_the_generators_sample():
     """Eq. 13: the fake score learns the flow of the generator's samples, x_t = (1 - t) x0 + t eps with
     target eps - x0; a score that returns the exact velocity of that path given x0 has zero loss."""
-    from helios.stages import DistillStage
+    from helios.stages import Stage3Distilled
     from helios.stages.distilled.roles import DistillModule
 
-    stage = DistillStage(compose(["stage=3"]))
+    stage = Stage3Distilled(compose(["stage=3"]))
     x0d = torch.randn(2, 4, 2, 6, 6, generator=torch.Generator().manual_seed(0))
 
     class Exact(torch.nn.Module):
@@ -723,7 +723,7 @@ def test_each_rank_trains_its_first_sections_on_the_doubled_schedule(tmp_path, b
     """As the reference (and as sampling uses it): a rank whose micro-batch has an empty history trains the
     first section's doubled schedule, whatever the other ranks draw; under ZeRO-3 the other rank makes up the
     forward count with discarded forwards (no hang). first_section is the fraction of ranks that did."""
-    from helios.stages import DistillStage
+    from helios.stages import Stage3Distilled
 
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -732,7 +732,7 @@ def test_each_rank_trains_its_first_sections_on_the_doubled_schedule(tmp_path, b
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    rollout = DistillStage(compose(["stage=3"])).rollout
+    rollout = Stage3Distilled(compose(["stage=3"])).rollout
     schedules = {
         first: {
             float(t)
@@ -750,9 +750,9 @@ def test_each_rank_trains_its_first_sections_on_the_doubled_schedule(tmp_path, b
 def test_only_the_generators_history_is_saturated():
     """The reference's stage 3: the generator's history (not its anchor) is saturated; the scores are given
     the history without it; under mode=paper or with saturation off nothing changes."""
-    from helios.stages import DistillStage
+    from helios.stages import Stage3Distilled
 
-    stage = DistillStage(compose(["stage=3"]))
+    stage = Stage3Distilled(compose(["stage=3"]))
     layout = stage.layout
     history, anchor = torch.randn(2, 16, layout.num_history, 4, 4), torch.randn(2, 16, 1, 4, 4)
     cond = {"encoder_hidden_states": torch.zeros(2, 8, 32), **layout.model_inputs(history, anchor)}
@@ -775,10 +775,10 @@ def test_the_first_section_schedule_follows_this_ranks_own_history(empty):
     """The rollout gets first_section exactly when every sample of this rank's micro-batch has an empty
     history (fast, one process; the two-rank test shows ranks deciding apart)."""
     from helios.infra.parallel import RoleSteps
-    from helios.stages import DistillStage
+    from helios.stages import Stage3Distilled
     from helios.stages.distilled.roles import DistillModule
 
-    stage = DistillStage(compose(["stage=3", "distill.gan.enabled=false"]))
+    stage = Stage3Distilled(compose(["stage=3", "distill.gan.enabled=false"]))
     stage.phase.uncond = torch.zeros(1, 8, 32)
     layout, seen = stage.layout, []
 
@@ -812,12 +812,12 @@ def test_each_loss_runs_as_its_roles_forward_and_a_zero3_generator_gets_the_agre
     per part): under DDP each role's wrapper all-reduces what ran through it. A ZeRO-3 generator is given
     the forward counts agreed over the ranks (here another rank's exits are two steps later)."""
     from helios.infra.parallel import RoleSteps
-    from helios.stages import DistillStage
+    from helios.stages import Stage3Distilled
     from helios.stages.distilled import post
     from helios.stages.distilled.roles import DistillModule
 
     parts = f"distill.critic_backward={critic_backward}"
-    stage = DistillStage(compose(["stage=3", "distill.gan.start_step=0", "parallel=zero3", parts]))
+    stage = Stage3Distilled(compose(["stage=3", "distill.gan.start_step=0", "parallel=zero3", parts]))
     stage.phase.uncond = torch.zeros(1, 8, 32)
     layout, seen = stage.layout, {}
     monkeypatch.setattr(post, "agree_max", lambda values: [v + 2 for v in values])
@@ -927,10 +927,10 @@ def test_roles_start_from_their_sources_weights_and_the_gan_has_its_output_head(
 def test_the_post_phase_takes_its_renoise_annealing_and_gan_crop_from_the_config():
     """Dynamic Re-noise anneals over ``distill.renoise_anneal_steps``; the GAN crop is ``distill.gan.crop``
     of each side, rounded down to even sizes (the reference's patch grid)."""
-    from helios.stages import DistillStage
+    from helios.stages import Stage3Distilled
 
     cfg = ["stage=3", "distill.renoise_anneal_steps=40", "distill.gan.crop=0.5"]
-    phase = DistillStage(compose(cfg)).phase
+    phase = Stage3Distilled(compose(cfg)).phase
     assert phase.renoise.params(40) == (1.0, 1.0) and phase.renoise.params(20) != (1.0, 1.0)
     assert phase._crop_hw(torch.zeros(1, 1, 1, 14, 22)) == (6, 10)
 

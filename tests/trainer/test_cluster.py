@@ -1,5 +1,5 @@
 """The cluster rehearsal tier (CPU, gloo): what only shows with several processes, nodes that come and go,
-signals and launches (marked slow; README "Operations").
+signals and launches (marked slow; docs/operations.md).
 
 * a checkpoint resumes on another world size (2 -> 1, 1 -> 2) under ddp, zero2 and zero3 with every role,
   the EMA, the AdamW moments, the LR position and the data position it was written with;

@@ -233,7 +233,7 @@ def test_memory_model_counts_the_published_directories_as_they_load(fixtures):
     from diffusers import AutoencoderKLWan
     from transformers import UMT5EncoderModel
 
-    from helios.commands import memory
+    from helios.commands import memory_estimate
     from helios.model import apply_lora, build_transformer
     from helios.stages import STAGES
 
@@ -241,7 +241,7 @@ def test_memory_model_counts_the_published_directories_as_they_load(fixtures):
     paths = [f"model.transformer.path={base}", f"distill.teacher={base}", f"init_from={base}", "data=/d"]
     overrides = ["stage=3", "stage3=post", "model=helios14b", *paths, "validation.enabled=true"]
     cfg = compose(overrides)
-    roles = {r.name: r for r in memory.build_roles(cfg, torch.float32)}
+    roles = {r.name: r for r in memory_estimate.build_roles(cfg, torch.float32)}
     stage = STAGES[3](cfg)
     for name, lora in stage.role_loras().items():
         model = build_transformer(cfg.model.transformer)
@@ -251,11 +251,11 @@ def test_memory_model_counts_the_published_directories_as_they_load(fixtures):
             p.numel() for p in model.parameters() if not p.requires_grad
         )
     vae = AutoencoderKLWan.from_pretrained(base, subfolder="vae")
-    assert sum(p.numel() for p in memory.build_vae_meta(cfg).parameters()) == sum(
+    assert sum(p.numel() for p in memory_estimate.build_vae_meta(cfg).parameters()) == sum(
         p.numel() for p in vae.parameters()
     )
     encoder = UMT5EncoderModel.from_pretrained(base, subfolder="text_encoder")
-    assert memory.text_encoder_bytes(cfg) == 4 * sum(p.numel() for p in encoder.parameters())
+    assert memory_estimate.text_encoder_bytes(cfg) == 4 * sum(p.numel() for p in encoder.parameters())
     out = subprocess.run([sys.executable, "-m", "helios.memory", *overrides, "world_size=2", "height=64",
                           "width=64"], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
@@ -335,7 +335,7 @@ def test_init_from_starts_from_the_function_the_previous_phase_ended_with(chain,
 def test_stage3_reloaded_exported_and_generated_model_is_the_in_memory_ema(chain, tmp_path):
     from diffusers import HeliosTransformer3DModel
 
-    from helios.commands.export import export
+    from helios.commands.diffusers_export import export
     from helios.config.schema import ExportConfig
     from helios.loading import load_checkpoint_model, load_for_inference
     from helios.trainer import Trainer

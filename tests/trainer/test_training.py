@@ -420,15 +420,15 @@ def test_divergence_stops_before_any_update_names_role_and_checkpoint_and_resume
 ):
     """A non-finite loss at step 3 stops the run before the optimizer and before a checkpoint, naming the
     step, the role and the last checkpoint (step 2), which a resume continues from."""
-    from helios.stages import FlowStage
+    from helios.stages import Stage1Base
 
-    original = FlowStage.forward_backward
+    original = Stage1Base.forward_backward
 
     def poisoned(self, model, batch, generator, shared=None, roles=None, *, step):
         scale = float("nan") if step == 2 else 1.0
         return original(self, model, batch, generator, shared, _ScaledLoss(roles, scale), step=step)
 
-    monkeypatch.setattr(FlowStage, "forward_backward", poisoned)
+    monkeypatch.setattr(Stage1Base, "forward_backward", poisoned)
     with pytest.raises(FloatingPointError) as err:
         _train(["trainer.max_steps=4", "trainer.checkpoint_every=1"], tmp_path)
     message = str(err.value)
@@ -487,14 +487,14 @@ def test_corrupt_checkpoint_is_named_and_resume_falls_back_to_one_that_verifies(
 
 
 def test_an_exploding_finite_loss_stops_like_a_nan(tmp_path, monkeypatch):
-    from helios.stages import FlowStage
+    from helios.stages import Stage1Base
 
-    original = FlowStage.forward_backward
+    original = Stage1Base.forward_backward
 
     def exploding(self, model, batch, generator, shared=None, roles=None, *, step):
         return original(self, model, batch, generator, shared, _ScaledLoss(roles, 1e9), step=step)
 
-    monkeypatch.setattr(FlowStage, "forward_backward", exploding)
+    monkeypatch.setattr(Stage1Base, "forward_backward", exploding)
     with pytest.raises(
         FloatingPointError, match=r"the model loss is .* \(> trainer.max_loss=1e\+06\) at step 1"
     ):
@@ -550,7 +550,7 @@ def test_frozen_base_in_bf16_keeps_diffusers_fp32_modules(tmp_path):
     """With bf16 compute the frozen base is bf16 except the modules diffusers keeps in fp32 (time
     embedder, modulation tables, affine norms), the trainable weights fp32; the memory model counts
     the same bytes."""
-    from helios.commands import memory
+    from helios.commands import memory_estimate
     from helios.trainer import Trainer
 
     overrides = ["trainer.precision=bf16", "model.lora.enabled=true", "validation.enabled=false"]
@@ -566,7 +566,7 @@ def test_frozen_base_in_bf16_keeps_diffusers_fp32_modules(tmp_path):
     frozen_bytes = sum(
         p.numel() * p.element_size() for p in trainer.model.parameters() if not p.requires_grad
     )
-    (role,) = memory.build_roles(cfg, torch.bfloat16)
+    (role,) = memory_estimate.build_roles(cfg, torch.bfloat16)
     assert sum(role.frozen) == frozen_bytes
     trainer.close()
 

@@ -113,7 +113,7 @@ TINY_VAE_BASE_DIM = 8  # the shipped trained tiny VAE (helios/assets/tiny_vae)
 @dataclass
 class VaeConfig(Validated):
     """`AutoencoderKLWan`: ``tiny`` a small one (``tiny_weights=trained``: the shipped VAE trained on the
-    moving-shapes world, helios/commands/tiny_vae.py; ``random``: seeded init); ``pretrained`` loads
+    moving-shapes world, helios/commands/tiny_vae_training.py; ``random``: seeded init); ``pretrained`` loads
     ``path``."""
 
     source: str = "pretrained"

@@ -145,7 +145,7 @@ def export(cfg: ExportConfig) -> Path:
 
 
 def diffusers_usage(path: Path, info: dict) -> str:
-    """How to sample the export with diffusers (README "Exports in diffusers")."""
+    """How to sample the export with diffusers (docs/operations.md "Exports in diffusers")."""
     lines = [
         f"sample it with diffusers ({info['pipeline']}; its call arguments: {path}/helios_export.json):",
         "  import torch",
