@@ -2,7 +2,7 @@
 
 The stage wires its parts (:mod:`helios.stages.distilled`) to the trainer's hooks: the roles (generator,
 fake score + GAN heads, real score; :mod:`.roles`), the phase of ``distill.phase`` (``ode``: Staged ODE Init,
-:mod:`.ode_init`; ``post``: DMD + GAN, :mod:`.post`) and the generator's EMA (:mod:`.ema`).
+:mod:`.ode_init`; ``post``: DMD + GAN, :mod:`.post`) and the generator's EMA (:mod:`.generator_ema`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import nn
 from helios.config.schema import ConfigError, LoraConfig, TrainConfig
 from helios.infra.parallel import RoleSteps
 from helios.stages.conditioning import HistoryConditioning
-from helios.stages.distilled.ema import GeneratorEma, with_ema
+from helios.stages.distilled.generator_ema import GeneratorEma, with_ema
 from helios.stages.distilled.ode_init import OdeInitPhase
 from helios.stages.distilled.phase import DistillPhase
 from helios.stages.distilled.post import PostPhase

@@ -481,7 +481,7 @@ def test_real_score_unconditional_branch_is_the_prepared_negative_prompt(tmp_pat
 def test_putting_the_training_weights_back_without_an_ema_written_changes_nothing():
     """Putting the training weights back with nothing swapped in (before the first EMA copy, or a
     validation that failed before its swap) leaves the generator as it is."""
-    from helios.stages.distilled.ema import GeneratorEma
+    from helios.stages.distilled.generator_ema import GeneratorEma
     from helios.stages.distilled.roles import DistillModule
 
     ema = GeneratorEma(compose(["stage=3"]).distill)

@@ -18,7 +18,7 @@ from helios.config.schema.commands import (
     TinyVaePhase,
 )
 from helios.config.schema.data import LATENT_FORMATS, DataConfig, SyntheticConfig
-from helios.config.schema.history import CorruptConfig, HistoryConfig, SaturationConfig, TaskConfig
+from helios.config.schema.history_config import CorruptConfig, HistoryConfig, SaturationConfig, TaskConfig
 from helios.config.schema.model import (
     TINY_VAE_BASE_DIM,
     KernelsConfig,

@@ -8,7 +8,7 @@ from omegaconf import MISSING
 
 from helios.config.schema.base import REFERENCE_NEGATIVE_PROMPT, Validated, check, choice
 from helios.config.schema.data import LATENT_FORMATS
-from helios.config.schema.history import TaskConfig
+from helios.config.schema.history_config import TaskConfig
 from helios.config.schema.model import TINY_VAE_BASE_DIM, ModelConfig
 from helios.config.schema.sampling import SamplerConfig
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from helios.config.schema.base import Validated, check
 from helios.config.schema.data import DataConfig
-from helios.config.schema.history import HistoryConfig
+from helios.config.schema.history_config import HistoryConfig
 from helios.config.schema.model import ModelConfig
 from helios.config.schema.objectives import DistillConfig, FlowConfig, PyramidConfig
 from helios.config.schema.sampling import ValidationConfig
