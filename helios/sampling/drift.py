@@ -11,8 +11,9 @@ from helios.core.corrupt import frame_aware_corrupt
 
 
 def saturation(video: torch.Tensor) -> torch.Tensor:
-    """HSV saturation per pixel of [B, 3, T, H, W] in [-1, 1]."""
-    rgb = (video.float() + 1.0) / 2.0
+    """HSV saturation per pixel of [B, 3, T, H, W] in [-1, 1]: (max - min) / max of the RGB values shifted to
+    be non-negative (a ratio: the scale of the shift's result does not change it)."""
+    rgb = video.float() + 1.0
     mx, mn = rgb.max(dim=1).values, rgb.min(dim=1).values
     return torch.where(mx > 0, (mx - mn) / mx.clamp_min(1e-8), torch.zeros_like(mx))
 

@@ -22,13 +22,13 @@ class Stage2Mid(Stage1Base):
     def __init__(self, cfg: TrainConfig, weights: WeightsLoader | None = None) -> None:
         super().__init__(cfg, weights)
         self.schedule = PyramidSchedule(cfg.pyramid.stages, cfg.pyramid.gamma)
-        ratios = torch.tensor(cfg.pyramid.stage_ratios, dtype=torch.float64)
-        self.probs = ratios / ratios.sum()
+        # the draw's weights (multinomial normalises them; float32 or float64 weights draw the same stages)
+        self.weights = torch.tensor(cfg.pyramid.stage_ratios, dtype=torch.float64)  # pragma: no mutate
 
     def stage_samples(self, clips: int, shared: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(the clip, the stage) of each stage-sample of a micro-batch of ``clips`` clips."""
         if self.cfg.pyramid.stage_draw == "random":
-            drawn = torch.multinomial(self.probs, clips, replacement=True, generator=shared)
+            drawn = torch.multinomial(self.weights, clips, replacement=True, generator=shared)
             return torch.arange(clips), drawn
         repeats = torch.tensor([round(r) for r in self.cfg.pyramid.stage_ratios])
         stage_of = torch.repeat_interleave(torch.arange(len(repeats)), repeats)

@@ -259,3 +259,29 @@ def test_the_payload_is_the_tensors_bytes_and_a_first_failed_save_says_nothing_o
     assert checkpoint.payload_bytes(tensors, objects) == 4 * 4 + 6 * 2 + 5 * 8
     message = checkpoint._write_failed(1, tmp_path, 0, OSError("boom"), None)
     assert "no earlier checkpoint exists" in message and "None" not in message
+
+
+@pytest.mark.parametrize(
+    "message",
+    ["[Errno 28] No space left on device", "unexpected pos 4096", "File too large", "Disk quota exceeded"],
+)
+def test_a_write_cut_short_is_known_by_its_message_inside_a_wrapping_error(message):
+    """Libraries wrap the file system's error without its errno (torch's zip writer, safetensors): the
+    message anywhere in the error's chain tells a full disk from another failure."""
+    try:
+        try:
+            raise RuntimeError(message)
+        except RuntimeError as inner:
+            raise ValueError("the checkpoint's write failed") from inner
+    except ValueError as outer:
+        assert checkpoint._disk_full(outer)
+    assert not checkpoint._disk_full(ValueError("a shape mismatch"))
+
+
+def test_a_damaged_meta_file_is_named(tmp_path):
+    newest = _save(tmp_path, 1)
+    (newest / "meta.json").write_text("{")
+    with pytest.raises(
+        checkpoint.CorruptCheckpoint, match=r"step_1/meta.json cannot be read \(JSONDecodeError"
+    ):
+        checkpoint.read_meta(newest)

@@ -1,6 +1,7 @@
 """The drift report (the paper's Figure 6 statistics): every section's change from the first section."""
 
 import pytest
+import torch
 
 from helios.sampling.drift import drift_report
 
@@ -37,3 +38,12 @@ def test_adaptive_corruption_draws_from_its_own_stream():
         outs.append(AdaptiveAntiDrift(AdaptiveConfig(enabled=True), seed=3).corrupt(history, frames))
     assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], history)
     assert torch.equal(outs[0][:, :, 2], history[:, :, 2])  # an unselected frame stays as it was
+
+
+def test_saturation_is_hsv_saturation_of_frames_in_minus_one_to_one():
+    """Pure red 1, grey 0, black 0 (no division by its zero maximum), (1, 0, 0) -> RGB (1, 0.5, 0.5): 0.5."""
+    from helios.sampling.drift import saturation
+
+    pixels = torch.tensor([[1.0, -1.0, -1.0], [0.0, 0.0, 0.0], [-1.0, -1.0, -1.0], [1.0, 0.0, 0.0]])
+    video = pixels.T.reshape(1, 3, 4, 1, 1)  # [B, 3, T, H, W]: one pixel per frame
+    assert saturation(video).flatten().tolist() == pytest.approx([1.0, 0.0, 0.0, 0.5])

@@ -55,3 +55,32 @@ def test_a_steps_statistics_are_the_declared_metrics():
     losses, stats = stage.forward_backward(model, _batch(), torch.Generator().manual_seed(0), step=0)
     assert set(losses) == {"model"} and set(stats) <= set(stage.metric_names())
     assert {"corrupt_frac", "history_empty", "noisy_tokens", "sigma_mean"} <= set(stats)
+
+
+def test_the_task_fractions_are_the_shares_of_each_drawn_history_format(monkeypatch):
+    """``task_<format>`` is the share of the micro-batch's samples drawn with that history format."""
+    from helios.core.history import Task
+
+    drawn = torch.tensor([Task.T2V, Task.V2V, Task.V2V, Task.I2V])
+    monkeypatch.setattr(conditioning, "draw_tasks", lambda b, tasks, generator: drawn)
+    _, _, stats = Stage1Base(compose([])).condition(_batch(4), torch.Generator().manual_seed(0))
+    shares = {k: v for k, v in stats.items() if k.startswith("task_")}
+    assert shares == {"task_t2v": 0.25, "task_i2v": 0.25, "task_v2v_partial": 0.0, "task_v2v": 0.5}
+
+
+@pytest.mark.parametrize("stage", ["1", "2"])
+def test_a_step_hands_the_model_every_input_on_the_stages_device(stage):
+    """The batch is conditioned on the host and each forward's inputs are copied to the stage's device: a
+    meta device makes the copy visible on a CPU (a tensor left on the host would stay on ``cpu``)."""
+    from helios.stages import STAGES
+
+    s = STAGES[int(stage)](compose([f"stage={stage}"]))
+    s.device = torch.device("meta")
+    seen: set[torch.device] = set()
+
+    def model(**inputs):
+        seen.update(v.device for v in inputs.values() if torch.is_tensor(v))
+        return (torch.zeros_like(inputs["hidden_states"], requires_grad=True),)
+
+    losses, _ = s.forward_backward(model, _batch(hw=8), torch.Generator().manual_seed(0), step=0)
+    assert seen == {torch.device("meta")} and losses["model"].device.type == "meta"
