@@ -236,9 +236,9 @@ def test_adaptive_detects_a_shift_and_corrupts_only_those_frames():
 
 
 def test_prompt_interpolation_eq20():
-    e1, e2 = torch.zeros(1, 2, 3), torch.ones(1, 2, 3)
+    e1, e2 = torch.full((1, 2, 3), 2.0), torch.full((1, 2, 3), 4.0)  # neither zero: both weights count
     schedule = PromptSchedule([(0, e1), (2, e2)], interpolation_steps=3)
-    assert [float(schedule(k).mean()) for k in range(6)] == [0.0, 0.0, 0.0, 0.5, 1.0, 1.0]
+    assert [float(schedule(k).mean()) for k in range(6)] == [2.0, 2.0, 2.0, 3.0, 4.0, 4.0]
     with pytest.raises(ValueError):
         PromptSchedule([(1, e1)])
 
