@@ -87,6 +87,28 @@ def test_saturation_of_the_generators_history_is_the_references():
             torch.testing.assert_close(y.mean(dim=1), x.mean(dim=1))  # the channel mean is kept
 
 
+def test_saturation_factors_are_even_odds_below_and_above_one_and_uniform_within_the_range():
+    """One factor per region: below 1 (uniform on [0.3, 1 - 1e-3]) or above 1 (uniform on [1 + 1e-3, 1.7])
+    with even odds, never outside. Channels (1, -1) have mean 0, so a region's output is its factor."""
+    from helios.config.schema import SaturationConfig
+    from helios.core.corrupt import saturate
+
+    n = 6000
+    history = torch.tensor([1.0, -1.0]).view(1, 2, 1, 1, 1).repeat(1, 1, n, 1, 1)
+    valid = torch.ones(1, n, dtype=torch.bool)
+    cfg = SaturationConfig(enabled=True, p_clean=0.0)
+    factors = saturate(history, valid, cfg, torch.Generator().manual_seed(0), window=1)[
+        0, 0, :, 0, 0
+    ].double()
+    below, above = factors[factors < 1], factors[factors > 1]
+    assert len(below) + len(above) == n and abs(len(below) / n - 0.5) < 0.02
+    eps = 1e-6  # float32 storage
+    assert 0.3 - eps <= float(below.min()) and float(below.max()) <= 1 - 1e-3 + eps
+    assert 1 + 1e-3 - eps <= float(above.min()) and float(above.max()) <= 1.7 + eps
+    assert float(below.mean()) == pytest.approx((0.3 + 0.999) / 2, abs=0.01)
+    assert float(above.mean()) == pytest.approx((1.001 + 1.7) / 2, abs=0.01)
+
+
 def test_invalid_frames_stay_zero_and_clean():
     cfg = CorruptConfig(
         mode="paper", p_exposure=0.0, p_noise=1.0, p_downsample=0.0, p_clean=0.0, noise=[0.2, 0.3]

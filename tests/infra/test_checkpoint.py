@@ -285,3 +285,16 @@ def test_a_damaged_meta_file_is_named(tmp_path):
         checkpoint.CorruptCheckpoint, match=r"step_1/meta.json cannot be read \(JSONDecodeError"
     ):
         checkpoint.read_meta(newest)
+
+
+def test_a_file_torch_cannot_load_is_named_with_the_first_line_of_its_error(tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("PytorchStreamReader failed reading zip archive\nfurther detail")
+
+    monkeypatch.setattr(checkpoint.torch, "load", fail)
+    with pytest.raises(checkpoint.CorruptCheckpoint) as err:
+        checkpoint._torch_load(tmp_path / "state.pt")
+    assert (
+        str(err.value)
+        == f"{tmp_path / 'state.pt'} cannot be read: PytorchStreamReader failed reading zip archive"
+    )

@@ -43,3 +43,15 @@ def test_gather_assembles_every_ranks_chunks_into_the_plain_ema(monkeypatch):
         for name, value in expected.items():
             assert gathered[name].shape == value.shape
             torch.testing.assert_close(gathered[name], value, rtol=0, atol=0)
+    # gathered where it is written (validation: the generator's device; meta makes the placement visible)
+    assert {v.device.type for v in ranks[0].gather(device="meta").values()} == {"meta"}
+
+
+def test_a_zero3_parameter_is_read_from_its_own_partition():
+    """Under ZeRO-3 a parameter holds no data of its own: this rank's chunk is its partition (``ds_tensor``,
+    padded to the chunk size), which the EMA reads instead."""
+    ema = ShardedEma({"w": torch.arange(5.0)}, rank=1, world_size=2)  # chunks of 3: rank 1 holds 3, 4
+    partitioned = torch.nn.Parameter(torch.empty(0))
+    partitioned.ds_tensor = torch.tensor([13.0, 14.0, 0.0])  # the partition and its padding
+    ema.update({"w": partitioned}, decay=0.0)
+    assert ema.shard["w"].tolist() == [13.0, 14.0]

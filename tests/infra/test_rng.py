@@ -17,3 +17,18 @@ def test_shared_stream_is_reproducible_and_new_for_every_step_micro_batch_and_se
     by_micro = {tuple(_draw(3, 7, micro)) for micro in range(16)}
     by_seed = {tuple(_draw(seed, 7, 0)) for seed in range(16)}
     assert (len(by_step), len(by_micro), len(by_seed)) == (50, 16, 16)
+
+
+def test_a_ranks_gpu_streams_are_saved_and_restored_where_there_is_a_gpu(monkeypatch):
+    """The CUDA generators' states travel with the rank's checkpoint file (a CPU stands in for the GPU)."""
+    from helios.infra import rng
+
+    restored = []
+    monkeypatch.setattr(rng.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(rng.torch.cuda, "get_rng_state_all", lambda: ["gpu0-state"])
+    monkeypatch.setattr(rng.torch.cuda, "set_rng_state_all", restored.append)
+    generator = torch.Generator().manual_seed(3)
+    state = rng.rank_state(generator)
+    assert state["cuda"] == ["gpu0-state"]
+    rng.restore_rank_state(state, generator)
+    assert restored == [["gpu0-state"]]
