@@ -1,4 +1,6 @@
-"""Shared fixtures: one synthetic-data cache per test session (subprocesses inherit HELIOS_CACHE)."""
+"""Shared fixtures: one synthetic-data cache per test session (subprocesses inherit HELIOS_CACHE), or the one
+named by ``HELIOS_TEST_CACHE`` for every session (tests/mutation.py: each mutant's test session would
+otherwise make the synthetic set and the tiny stage-3 stand-ins again)."""
 
 from __future__ import annotations
 
@@ -21,7 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session", autouse=True)
 def helios_cache(tmp_path_factory) -> Path:
-    cache = tmp_path_factory.mktemp("helios-cache")
+    shared = os.environ.get("HELIOS_TEST_CACHE")
+    cache = Path(shared) if shared else tmp_path_factory.mktemp("helios-cache")
+    cache.mkdir(parents=True, exist_ok=True)
     os.environ["HELIOS_CACHE"] = str(cache)
     # one compute thread per test process (subprocesses inherit it): two xdist workers fill two cores
     os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import os
 import random
 import subprocess
 import sys
@@ -31,10 +32,15 @@ MUTANTS = ROOT / "mutants"
 KILLED = {"killed", "timeout", "caught by type check"}
 
 
+# one data and stand-in cache for every mutant's test session, filled by mutmut's clean run of the unmutated
+# tests (tests/conftest.py): a mutant's tests then train, not make the synthetic set and tiny teachers again
+TEST_CACHE = MUTANTS / "helios-test-cache"
+
+
 def mutmut(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "mutmut", *args], cwd=ROOT, capture_output=True, text=True, check=False
-    )
+    env = {**os.environ, "HELIOS_TEST_CACHE": str(TEST_CACHE)}
+    command = [sys.executable, "-m", "mutmut", *args]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False, env=env)
 
 
 def mutated_files() -> list[Path]:
