@@ -74,7 +74,7 @@ def run_mode(mode: str, smoke: bool, steps: int) -> dict:
     trainer._build_data()
     trainer._build_model()
     cuda = trainer.dist.device.type == "cuda"
-    roles = trainer.stage.role_modules(trainer.model)
+    roles = {r.name: r.module for r in trainer.stage.training_roles(trainer.model)}
     role_params = {n: sum(p.numel() for p in m.parameters()) for n, m in roles.items()}
     role_bytes = {n: sum(p.numel() * p.element_size() for p in m.parameters()) for n, m in roles.items()}
     frozen = {n: [p for p in m.parameters() if not p.requires_grad] for n, m in roles.items()}

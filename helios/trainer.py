@@ -33,6 +33,7 @@ from helios.infra.distributed import (
 from helios.infra.flops import FlopCounter, peak_tflops
 from helios.infra.guard import StepGuard, check_reading, diverged, weight_stats
 from helios.infra.metrics import MetricsLogger, memory_peaks, micro_means
+from helios.infra.model_roles import trained_roles
 from helios.infra.node_share import NodeShare, node_shared_loader, own_trainable
 from helios.infra.resolve import (
     check_installed,
@@ -137,21 +138,19 @@ class Trainer:
             self.model.to(self.dist.device)
         if not any(p.requires_grad for p in self.model.parameters()):
             raise ConfigError("model.lora", "nothing is trainable: enable LoRA or set memory_patch=full")
-        groups = self.stage.param_groups(self.model)
-        self.group_names = [g["name"] for g in groups]
-        self.group_lrs = {g["name"]: g["lr"] for g in groups}  # the configured rates (applied on resume)
-        self.opt_steps = dict.fromkeys(self.group_names, 0)
-        roles = self.stage.role_modules(self.model)
-        resident = self.stage.make_resident if placed else None
+        roles = self.stage.training_roles(self.model)
+        self.role_names = [r.name for r in trained_roles(roles)]
+        # the configured rates (applied on resume)
+        self.role_lrs = {r.name: r.lr for r in trained_roles(roles)}
+        self.opt_steps = dict.fromkeys(self.role_names, 0)
         self.backend = build_backend(
             cfg,
             self.dist,
-            self.grad_accum,
             self.guard,
+            self.grad_accum,
             self.model,
             roles,
-            groups,
-            resident,
+            placed,
             universal=self.resumed_world not in (None, self.dist.world_size),
         )
         self.flops = FlopCounter(self.model)
@@ -205,7 +204,7 @@ class Trainer:
     def load_checkpoint(self, path: Path) -> None:
         tensors, objects, ranks = checkpoint.load(path, self.dist)
         self.backend.load(path, tensors, objects, self.model, checkpoint.checkpoint_dir(self.run_dir))
-        self.backend.set_learning_rates(self.group_lrs)
+        self.backend.set_learning_rates(self.role_lrs)
         meta = checkpoint.read_meta(path)
         self.initial_weights_rms = meta.get("initial_weights_rms", self.initial_weights_rms)
         self.stage.load_state_dict(objects["stage"])
@@ -236,7 +235,7 @@ class Trainer:
                 losses, stats = self.stage.forward_backward(
                     self.backend.wrapped, batch, self.generator, shared, roles, step=self.step
                 )
-        if len(self.group_names) > 1:  # each role's loss (their sum means nothing); absent: NaN
+        if len(self.role_names) > 1:  # each role's loss (their sum means nothing); absent: NaN
             stats = {**stats, **{f"loss/{role}": value for role, value in losses.items()}}
         return sum(losses.values()), stats
 
@@ -304,10 +303,10 @@ class Trainer:
             metrics["mfu"] = flops / seconds / (self.peak_tflops * 1e12)
         peaks = memory_peaks(self.dist.device)
         metrics.update(zip(peaks, host_max(list(peaks.values()))))
-        if len(self.group_names) > 1:
-            metrics.update({f"lr/{n}": lrs[n] for n in self.group_names if n in lrs})
-            metrics.update({f"grad_norm_{n}": role_norms.get(n, 0.0) for n in self.group_names})
-            metrics.update({f"opt_steps_{n}": float(self.opt_steps[n]) for n in self.group_names})
+        if len(self.role_names) > 1:
+            metrics.update({f"lr/{n}": lrs[n] for n in self.role_names if n in lrs})
+            metrics.update({f"grad_norm_{n}": role_norms.get(n, 0.0) for n in self.role_names})
+            metrics.update({f"opt_steps_{n}": float(self.opt_steps[n]) for n in self.role_names})
         return metrics
 
     def metric_keys(self, records: list[dict]) -> list[str]:
@@ -315,7 +314,7 @@ class Trainer:
         declared = self.stage.metric_names()
         if declared is None:
             return sorted({k for r in records for k in r})
-        roles = [f"loss/{n}" for n in self.group_names] if len(self.group_names) > 1 else []
+        roles = [f"loss/{n}" for n in self.role_names] if len(self.role_names) > 1 else []
         return sorted({*declared, *roles})
 
     # ------------------------------------------------------------------ the loop

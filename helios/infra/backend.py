@@ -21,9 +21,11 @@ from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
-from helios.config.schema import ConfigError, TrainConfig
+from helios.config.schema import ParallelConfig, TrainConfig
 from helios.infra.distributed import DistInfo, barrier, broadcast_object
 from helios.infra.guard import Reading, StepGuard
+from helios.infra.model_roles import Role, trained_roles
+from helios.infra.optimization import Optimization
 from helios.infra.parallel import RoleCall, TrainerRoleSteps, wrap_ddp
 from helios.infra.zero import RoleEngines, to_universal
 from helios.model import load_trainable_state_dict, trainable_state_dict
@@ -38,8 +40,8 @@ class ParallelBackend(abc.ABC):
     name: str = ""
     wrapped: nn.Module
 
-    def __init__(self, cfg: TrainConfig, dist: DistInfo, grad_accum: int, guard: StepGuard) -> None:
-        self.cfg, self.dist, self.grad_accum, self.guard = cfg, dist, grad_accum, guard
+    def __init__(self, parallel: ParallelConfig, dist: DistInfo, guard: StepGuard, grad_accum: int) -> None:
+        self.parallel, self.dist, self.guard, self.grad_accum = parallel, dist, guard, grad_accum
 
     @property
     def zero3(self) -> bool:
@@ -47,7 +49,7 @@ class ParallelBackend(abc.ABC):
         return False
 
     def layout(self) -> str:
-        return self.cfg.parallel.backend
+        return self.parallel.backend
 
     @abc.abstractmethod
     def micro_step(self, last: bool, verify: Callable[[str], None]) -> tuple[Any, TrainerRoleSteps]:
@@ -130,30 +132,43 @@ class DdpBackend(ParallelBackend):
 
     name = "ddp"
 
-    def __init__(self, cfg, dist, grad_accum, guard, model, roles, groups, make_scheduler, placed) -> None:
-        super().__init__(cfg, dist, grad_accum, guard)
-        self.wrapped, self.role_ddp = model, {}
-        self.roles = [g["name"] for g in groups]
+    def __init__(
+        self,
+        parallel: ParallelConfig,
+        dist: DistInfo,
+        guard: StepGuard,
+        grad_accum: int,
+        *,
+        model: nn.Module,
+        roles: list[Role],
+        optimization: Optimization,
+        placed: bool,
+    ) -> None:
+        """``placed``: the stage placed the model itself (the offload pool's frozen weights stay where it put
+        them, equal on all ranks)."""
+        super().__init__(parallel, dist, guard, grad_accum)
+        trained = trained_roles(roles)
+        self.wrapped, self.role_ddp, self.clip = model, {}, optimization.clip
+        self.roles = [r.name for r in trained]
         if dist.enabled:
-            # offloaded frozen weights stay where the stage put them (equal on all ranks)
             ddp = {
                 "device": dist.device,
-                "find_unused": cfg.parallel.find_unused_parameters,
+                "find_unused": parallel.find_unused_parameters,
                 "frozen_elsewhere": placed,
-                "grad_comm": cfg.parallel.grad_comm,
+                "grad_comm": parallel.grad_comm,
             }
-            if roles is None:
+            if len(trained) == 1 and trained[0].module is model:  # the whole model is the one role
                 self.wrapped = wrap_ddp(model, **ddp)
             else:
-                self.role_ddp = {name: wrap_ddp(RoleCall(roles[name]), **ddp) for name in self.roles}
-        o = cfg.optim
-        adamw = {"lr": o.lr, "betas": tuple(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
-        param_groups = [{"params": g["params"], "lr": g["lr"]} for g in groups]
-        if dist.enabled and cfg.parallel.shard_optimizer:
-            self.optimizer = ZeroRedundancyOptimizer(param_groups, optimizer_class=torch.optim.AdamW, **adamw)
+                self.role_ddp = {r.name: wrap_ddp(RoleCall(r.module), **ddp) for r in trained}
+        param_groups = [{"params": r.params, "lr": r.lr} for r in trained]
+        if dist.enabled and parallel.shard_optimizer:
+            self.optimizer = ZeroRedundancyOptimizer(
+                param_groups, optimizer_class=torch.optim.AdamW, **optimization.adamw_arguments()
+            )
         else:
-            self.optimizer = torch.optim.AdamW(param_groups, **adamw)
-        self.lr_scheduler = make_scheduler(self.optimizer)
+            self.optimizer = torch.optim.AdamW(param_groups, **optimization.adamw_arguments())
+        self.lr_scheduler = optimization.scheduler(self.optimizer)
 
     def micro_step(self, last: bool, verify: Callable[[str], None]) -> tuple[Any, TrainerRoleSteps]:
         whole = isinstance(self.wrapped, DistributedDataParallel)
@@ -163,7 +178,7 @@ class DdpBackend(ParallelBackend):
     def step(self, stop: float, check: Check) -> tuple[dict[str, float], list[str], float, bool]:
         """Per-role clipping, then one read of the losses, the gradient norms and the stop request (one host
         sync), then one AdamW step over the roles with gradients."""
-        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
+        clip = self.clip if self.clip > 0 else math.inf
         norms = {}
         for name, group in zip(self.roles, self.optimizer.param_groups):
             with_grad = [p for p in group["params"] if p.grad is not None]
@@ -214,20 +229,23 @@ class ZeroBackend(ParallelBackend):
     name = "zero"
 
     def __init__(
-        self, cfg, dist, grad_accum, guard, model, roles, groups, make_scheduler, resident, universal=False
+        self,
+        parallel: ParallelConfig,
+        dist: DistInfo,
+        guard: StepGuard,
+        grad_accum: int,
+        *,
+        model: nn.Module,
+        roles: list[Role],
+        optimization: Optimization,
+        micro_batch: int,
+        universal: bool = False,
     ) -> None:
-        super().__init__(cfg, dist, grad_accum, guard)
-        self.universal = universal  # a resume on another world size: the engines load a universal checkpoint
-        modules = roles or {"model": model}
-        for role in cfg.parallel.roles.chosen():
-            if role not in modules:
-                raise ConfigError(
-                    f"parallel.roles.{role}",
-                    f"stage {cfg.stage} ({cfg.phase}) has no role {role!r}; its roles: " + ", ".join(modules),
-                )
-        self.engines = RoleEngines(cfg, modules, groups, grad_accum, make_scheduler, resident, universal)
-        if resident is not None:
-            resident(None)
+        """``micro_batch``: ``trainer.batch_size`` (DeepSpeed's per-GPU micro-batch); ``universal``: a resume
+        on another world size (the engines load DeepSpeed's universal form of the checkpoint)."""
+        super().__init__(parallel, dist, guard, grad_accum)
+        self.universal = universal
+        self.engines = RoleEngines(parallel, roles, optimization, grad_accum, micro_batch, universal)
         self.wrapped = model
 
     @property
@@ -237,7 +255,7 @@ class ZeroBackend(ParallelBackend):
     def layout(self) -> str:
         """Each role's ZeRO stage, e.g. ``zero2 (generator zero2, critic zero2, real zero3)``."""
         roles = ", ".join(f"{name} {kind}" for name, kind in self.engines.kind.items())
-        return f"{self.cfg.parallel.backend} ({roles})"
+        return f"{self.parallel.backend} ({roles})"
 
     def micro_step(self, last: bool, verify: Callable[[str], None]) -> tuple[Any, TrainerRoleSteps]:
         self.engines.begin_micro_step()  # ZeRO engines accumulate by themselves
@@ -264,7 +282,7 @@ class ZeroBackend(ParallelBackend):
         if not (path / "zero").is_dir():
             raise ValueError(
                 f"resume={path}: written with parallel=ddp, this run uses "
-                f"parallel={self.cfg.parallel.backend}; resume with the same backend or init_from={path}"
+                f"parallel={self.parallel.backend}; resume with the same backend or init_from={path}"
             )
         if not self.universal:
             self.engines.load(path / "zero")  # weights, partitioned optimiser state, LR scheduler
@@ -290,31 +308,25 @@ class ZeroBackend(ParallelBackend):
 def build_backend(
     cfg: TrainConfig,
     dist: DistInfo,
-    grad_accum: int,
     guard: StepGuard,
+    grad_accum: int,
     model: nn.Module,
-    roles: dict[str, nn.Module] | None,
-    groups: list[dict],
-    resident: Callable[[str | None], None] | None,
+    roles: list[Role],
+    placed: bool,
     universal: bool = False,
 ) -> ParallelBackend:
-    """The backend of ``parallel.backend`` over the stage's ``roles`` (None: the model is the one role),
-    with the optimiser's param ``groups``; ``resident(role)``: the offload pool's placement (stage 3);
-    ``universal``: it resumes a checkpoint written on another world size."""
-    from diffusers.optimization import get_scheduler
-
-    def make_scheduler(optimizer):
-        return get_scheduler(
-            cfg.optim.schedule,
-            optimizer,
-            num_warmup_steps=cfg.optim.warmup_steps,
-            num_training_steps=max(1, cfg.trainer.max_steps),
-        )
-
+    """The backend of ``parallel.backend`` over the stage's ``roles``; ``placed``: the stage placed its model
+    itself (the offload pool); ``universal``: it resumes a checkpoint written on another world size."""
+    optimization = Optimization(cfg.optim, cfg.trainer.max_steps)
+    common = {"model": model, "roles": roles, "optimization": optimization}
     if cfg.parallel.backend == "ddp":
-        return DdpBackend(
-            cfg, dist, grad_accum, guard, model, roles, groups, make_scheduler, resident is not None
-        )
+        return DdpBackend(cfg.parallel, dist, guard, grad_accum, **common, placed=placed)
     return ZeroBackend(
-        cfg, dist, grad_accum, guard, model, roles, groups, make_scheduler, resident, universal=universal
+        cfg.parallel,
+        dist,
+        guard,
+        grad_accum,
+        **common,
+        micro_batch=cfg.trainer.batch_size,
+        universal=universal,
     )

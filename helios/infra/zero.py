@@ -20,9 +20,10 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from helios.config.schema import ConfigError, TrainConfig
+from helios.config.schema import ConfigError, ParallelConfig
+from helios.infra.model_roles import Role
+from helios.infra.optimization import Optimization
 
 log = logging.getLogger(__name__)
 # DeepSpeed still calls the collectives torch renamed; the warning repeats on every step
@@ -30,11 +31,16 @@ warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distribu
 
 
 def deepspeed_config(
-    zero_stage: int, cfg: TrainConfig, grad_accum: int, clip: float, train: bool, universal: bool = False
+    zero_stage: int,
+    p: ParallelConfig,
+    micro_batch: int,
+    grad_accum: int,
+    clip: float,
+    train: bool,
+    universal: bool = False,
 ) -> dict:
     """The DeepSpeed config of one role's engine (``universal``: it will load a universal checkpoint, the
     world-size independent form of a ZeRO checkpoint)."""
-    p = cfg.parallel
     zero: dict = {
         "stage": zero_stage,
         "contiguous_gradients": True,
@@ -56,7 +62,7 @@ def deepspeed_config(
     if train and p.zero_offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     return {
-        "train_micro_batch_size_per_gpu": cfg.trainer.batch_size,
+        "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": clip if clip > 0 else 0.0,
         "zero_optimization": zero,
@@ -73,56 +79,59 @@ class RoleEngines:
 
     def __init__(
         self,
-        cfg: TrainConfig,
-        modules: dict[str, nn.Module],
-        groups: list[dict],
+        parallel: ParallelConfig,
+        roles: list[Role],
+        optimization: Optimization,
         grad_accum: int,
-        make_scheduler,
-        resident=None,
+        micro_batch: int,
         universal: bool = False,
     ) -> None:
-        """``resident(role)``: called before a role's engine is built, to make that role's frozen base
-        resident (the offload pool: DeepSpeed moves the module to the device and broadcasts it).
-        ``universal``: the engines will load a universal checkpoint (a resume on another world size)."""
+        """An engine per trained role, built inside the role's ``resident()`` block (the offload pool: its
+        frozen base on the device while DeepSpeed moves the module there and broadcasts it), and one
+        without optimiser per frozen role that ZeRO-3 partitions. ``universal``: the engines will load a
+        universal checkpoint (a resume on another world size)."""
         import deepspeed
 
+        names = [r.name for r in roles]
+        for role in parallel.roles.chosen():
+            if role not in names:
+                raise ConfigError(
+                    f"parallel.roles.{role}",
+                    f"this stage has no role {role!r}; its roles: " + ", ".join(names),
+                )
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())  # the trainer's group
-        hpz, world = cfg.parallel.zero_hpz_partition_size, torch.distributed.get_world_size()
+        hpz, world = parallel.zero_hpz_partition_size, torch.distributed.get_world_size()
         if world % hpz:
             raise ConfigError(
                 "parallel.zero_hpz_partition_size", f"is {hpz}, which does not divide the world size {world}"
             )
         self.engines: dict[str, deepspeed.DeepSpeedEngine] = {}
         self.frozen: dict[str, deepspeed.DeepSpeedEngine] = {}
-        self.kind = {name: cfg.parallel.role_backend(name) for name in modules}
-        o = cfg.optim
-        for group in groups:
-            name = group["name"]
-            if name not in modules:
-                raise ConfigError("parallel.roles", f"no module for the trainable role {name!r}")
-            stage = int(self.kind[name][-1])
-            optimizer = torch.optim.AdamW(
-                group["params"], lr=group["lr"], betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
-            )
-            if resident is not None:
-                resident(name)
-            engine, *_ = deepspeed.initialize(
-                model=modules[name],
-                optimizer=optimizer,
-                lr_scheduler=make_scheduler,
-                config=deepspeed_config(stage, cfg, grad_accum, o.grad_clip, train=True, universal=universal),
-                dist_init_required=False,
-            )
-            self.engines[name] = engine
-        for name, module in modules.items():
-            if name in self.engines or self.kind[name] != "zero3":
-                continue
-            engine, *_ = deepspeed.initialize(
-                model=module,
-                config=deepspeed_config(3, cfg, grad_accum, 0.0, train=False),
-                dist_init_required=False,
-            )
-            self.frozen[name] = engine
+        self.kind = {name: parallel.role_backend(name) for name in names}
+        for role in roles:
+            if role.trained:
+                config = deepspeed_config(
+                    int(self.kind[role.name][-1]),
+                    parallel,
+                    micro_batch,
+                    grad_accum,
+                    optimization.clip,
+                    train=True,
+                    universal=universal,
+                )
+                with role.resident():
+                    self.engines[role.name], *_ = deepspeed.initialize(
+                        model=role.module,
+                        optimizer=optimization.adamw(role.params, role.lr),
+                        lr_scheduler=optimization.scheduler,
+                        config=config,
+                        dist_init_required=False,
+                    )
+            elif self.kind[role.name] == "zero3":
+                config = deepspeed_config(3, parallel, micro_batch, grad_accum, 0.0, train=False)
+                self.frozen[role.name], *_ = deepspeed.initialize(
+                    model=role.module, config=config, dist_init_required=False
+                )
         self._global = {n: e.global_steps for n, e in self.engines.items()}
 
     @property

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from helios.config.schema import LoraConfig, TrainConfig
+from helios.infra.model_roles import Role
 from helios.infra.parallel import RoleSteps
 
 # plain-model weights of a run dir, checkpoint or diffusers directory (helios.loading.merged_weights): a
@@ -68,23 +69,15 @@ class Stage(abc.ABC):
     def role_loras(self) -> dict[str, LoraConfig | None]:
         """Each transformer the stage builds and its adapters (None: frozen): the memory model's roles."""
 
-    def role_modules(self, model: nn.Module) -> dict[str, nn.Module] | None:
-        """The trainable roles as separate modules (one DDP wrapper / ZeRO engine each), or None when
-        the whole model is the one role ``model``."""
-        return None
-
-    def param_groups(self, model: nn.Module) -> list[dict]:
-        """One optimiser group per role: name, learning rate, parameters."""
+    def training_roles(self, model: nn.Module) -> list[Role]:
+        """The model's roles, each one DDP wrapper or ZeRO engine with its own learning rate (stages 1-2: the
+        whole model is the one role ``model``, at ``optim.lr``)."""
         params = [p for p in model.parameters() if p.requires_grad]
-        return [{"name": MODEL_ROLE, "lr": self.cfg.optim.lr, "params": params}]
+        return [Role(MODEL_ROLE, model, params, self.cfg.optim.lr)]
 
     def place(self, model: nn.Module, device: torch.device) -> bool:
         """Put the model on ``device`` itself (True; stage 3's offload pool), or leave it to the trainer."""
         return False
-
-    def make_resident(self, role: str | None = None) -> None:
-        """Only ``role``'s frozen weights on the device (a stage that places its model itself)."""
-        return None
 
     def sampling_model(self, model: nn.Module, ema: dict[str, torch.Tensor] | None = None) -> nn.Module:
         """The module the section sampler runs (stage 3: the generator, with ``ema`` its EMA weights)."""

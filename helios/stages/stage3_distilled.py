@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from helios.config.schema import ConfigError, LoraConfig, TrainConfig
+from helios.infra.model_roles import Role
 from helios.infra.parallel import RoleSteps
 from helios.stages.conditioning import HistoryConditioning
 from helios.stages.distilled.generator_ema import GeneratorEma, with_ema
@@ -80,20 +81,14 @@ class Stage3Distilled(Stage):
     ) -> DistillModule:
         return self.roles.build_generator(base_state, dtype)
 
-    def param_groups(self, model: DistillModule) -> list[dict]:
-        return self.roles.param_groups(model)
-
-    def role_modules(self, model: DistillModule) -> dict[str, nn.Module]:
-        return self.roles.engines(model)
+    def training_roles(self, model: DistillModule) -> list[Role]:
+        return self.roles.training_roles(model)
 
     def place(self, model: DistillModule, device: torch.device) -> bool:
         return self.roles.place(model, device)
 
     def release(self) -> None:
         self.roles.release()
-
-    def make_resident(self, role: str | None = None) -> None:
-        self.roles.make_resident(role)
 
     def sampling_model(self, model: DistillModule, ema: dict | None = None) -> nn.Module:
         """The generator; with ``ema`` (export, generate) a copy holding the EMA weights. During training

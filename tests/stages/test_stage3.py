@@ -704,17 +704,15 @@ def test_critic_flow_loss_vanishes_for_the_exact_velocity_of_the_generators_samp
 def test_critic_optimizer_group_takes_the_fake_score_learning_rate():
     """TTUR's second learning rate (Table 2: generator 2e-6, fake score 4e-7), and the tiny config keeps
     the two apart so that a run can tell them apart."""
-    from types import SimpleNamespace
-
-    from helios.stages.distilled.roles import DistillRoles
+    from helios.stages.distilled.roles import DistillModule, DistillRoles
 
     real = ["stage3=post", "distill.teacher=/t", "model.transformer.path=/m", "data.path=/d"]
     for overrides in (["stage=3", *real], ["stage=3"]):
         cfg = compose(overrides)
         assert cfg.distill.fake_lr != cfg.optim.lr
-        m = SimpleNamespace(generator=torch.nn.Linear(2, 2), fake=torch.nn.Linear(2, 2), heads=None)
-        groups = {g["name"]: g["lr"] for g in DistillRoles(cfg, None).param_groups(m)}
-        assert groups == {"generator": cfg.optim.lr, "critic": cfg.distill.fake_lr}
+        m = DistillModule(torch.nn.Linear(2, 2), fake=torch.nn.Linear(2, 2))
+        lrs = {r.name: r.lr for r in DistillRoles(cfg, None).training_roles(m)}
+        assert lrs == {"generator": cfg.optim.lr, "critic": cfg.distill.fake_lr}
 
 
 @pytest.mark.slow
@@ -943,6 +941,6 @@ def test_the_critic_engine_names_its_parameters_as_the_roles_module_does():
 
     fake, heads = torch.nn.Linear(2, 2), GanHeads([0], 2, 8, 4)
     m = DistillModule(torch.nn.Linear(2, 2), fake=fake, heads=heads)
-    critic = DistillRoles.engines(m)["critic"]
+    critic = DistillRoles.role_modules(m)["critic"]
     expected = {n for n, _ in m.named_parameters() if n.startswith(("fake.", "heads."))}
     assert {n for n, _ in critic.named_parameters()} == expected and expected

@@ -7,12 +7,14 @@ in a host pool and one (or two) is resident at a time."""
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
 from helios.config.schema import DistillConfig, LoraConfig, TrainConfig
+from helios.infra.model_roles import Role
 from helios.infra.node_share import NodeShare
 from helios.infra.offload import OffloadPool
 from helios.model import apply_lora, build_transformer
@@ -134,26 +136,25 @@ class DistillRoles:
         )
         return DistillModule(generator, fake, real, heads)
 
-    def param_groups(self, model: DistillModule) -> list[dict]:
-        """TTUR's two optimiser groups: the generator at ``optim.lr``, the critic (fake score's LoRA + the
-        GAN heads) at ``distill.fake_lr``."""
-        groups = [
-            {
-                "name": "generator",
-                "lr": self.cfg.optim.lr,
-                "params": [p for p in model.generator.parameters() if p.requires_grad],
-            }
+    def training_roles(self, model: DistillModule) -> list[Role]:
+        """TTUR's roles: the generator at ``optim.lr``, the critic (the fake score's LoRA + the GAN heads) at
+        ``distill.fake_lr``, and with ``shared_teacher=false`` the frozen real score; each built inside its
+        own placement block (:meth:`engine_block`)."""
+        lrs = {"generator": self.cfg.optim.lr, "critic": self.d.fake_lr}
+        return [
+            Role(
+                name,
+                module,
+                [p for p in module.parameters() if p.requires_grad],
+                lrs.get(name),
+                resident=functools.partial(self.engine_block, name),
+            )
+            for name, module in self.role_modules(model).items()
         ]
-        if model.fake is not None:
-            critic = [p for p in model.fake.parameters() if p.requires_grad]
-            if model.heads is not None:
-                critic += list(model.heads.parameters())
-            groups.append({"name": "critic", "lr": self.d.fake_lr, "params": critic})
-        return groups
 
     @staticmethod
-    def engines(model: DistillModule) -> dict[str, nn.Module]:
-        """The roles as engines see them (``parallel=zero2|zero3``): the critic is fake score + heads."""
+    def role_modules(model: DistillModule) -> dict[str, nn.Module]:
+        """The roles as one DDP wrapper or ZeRO engine each sees them: the critic is fake score + heads."""
         if model.fake is None:
             return {"generator": model.generator}
         critic = nn.ModuleDict({"fake": model.fake, **({"heads": model.heads} if model.heads else {})})
@@ -167,7 +168,7 @@ class DistillRoles:
         if not self.d.offload:
             return False
         share = NodeShare() if self.cfg.parallel.node_shared_weights else None  # collective
-        self.pool = OffloadPool(self.engines(model), device, share)
+        self.pool = OffloadPool(self.role_modules(model), device, share)
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.to(device)
@@ -182,13 +183,20 @@ class DistillRoles:
             self.pool.close()
             self.pool = None
 
-    def make_resident(self, role: str | None = None) -> None:
-        """Only ``role``'s frozen base on the device (None: a step's start, the generator's), every other
-        frozen weight back in host memory (ZeRO-2 engines are built one role at a time with that role's
-        base resident; DeepSpeed moves and broadcasts the module)."""
-        if self.pool is not None:
+    @contextlib.contextmanager
+    def engine_block(self, role: str) -> Iterator[None]:
+        """The block in which ``role``'s ZeRO engine is built: its base resident while DeepSpeed moves the
+        module to the device and broadcasts it, every other frozen weight back where the pool holds it
+        before and after (:meth:`OffloadPool.restore`)."""
+        if self.pool is None:
+            yield
+            return
+        self.pool.restore()
+        try:
+            with self.resident(role):
+                yield
+        finally:
             self.pool.restore()
-            self.pool.activate(role or "generator")
 
     @contextlib.contextmanager
     def resident(self, *roles: str, then: str | None = None) -> Iterator[None]:
