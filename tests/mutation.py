@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import hashlib
 import json
 import os
 import random
@@ -35,6 +36,7 @@ KILLED = {"killed", "timeout", "caught by type check"}
 # one data and stand-in cache for every mutant's test session, filled by mutmut's clean run of the unmutated
 # tests (tests/conftest.py): a mutant's tests then train, not make the synthetic set and tiny teachers again
 TEST_CACHE = MUTANTS / "helios-test-cache"
+TEST_MAP_STAMP = MUTANTS / "test-map-sources.sha256"
 
 
 def mutmut(*args: str) -> subprocess.CompletedProcess:
@@ -44,11 +46,20 @@ def mutmut(*args: str) -> subprocess.CompletedProcess:
 
 
 def mutated_files() -> list[Path]:
-    """The ``.meta`` files of the configured modules (one per mutated source file)."""
+    """The ``.meta`` files of the configured modules that still exist (one per mutated source file; a module
+    renamed or removed since leaves its old ``.meta`` behind)."""
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]
-    metas = sorted(MUTANTS.glob("helios/**/*.py.meta"))
     wanted = config.get("only_mutate", ["*"])
-    return [m for m in metas if any(fnmatch.fnmatch(str(m.relative_to(MUTANTS))[:-5], w) for w in wanted)]
+    sources = [(m, str(m.relative_to(MUTANTS))[:-5]) for m in sorted(MUTANTS.glob("helios/**/*.py.meta"))]
+    return [m for m, src in sources if (ROOT / src).exists() and any(fnmatch.fnmatch(src, w) for w in wanted)]
+
+
+def source_digest() -> str:
+    """The package's and the tests' sources: what the test map (which tests call which function) is of."""
+    digest = hashlib.sha256()
+    for path in sorted([*ROOT.glob("helios/**/*.py"), *ROOT.glob("tests/**/*.py")]):
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def all_mutants() -> dict[str, int | None]:
@@ -62,11 +73,17 @@ def prepare() -> None:
     """Generate the mutants and the per-function test map (cached by mutmut while the sources are
     unchanged). ``mutmut run`` does both before it looks for the mutants it is asked for: asking for
     none that exists stops it right after."""
+    # mutmut updates its test map incrementally, and misses the tests of a renamed function (its mutants then
+    # run against none or a few): after any source change the map is traced again, whole
+    digest = source_digest()
+    if not TEST_MAP_STAMP.exists() or TEST_MAP_STAMP.read_text() != digest:
+        (MUTANTS / "mutmut-stats.json").unlink(missing_ok=True)
     proc = mutmut("run", "__generate_only__")
     if not mutated_files():
         sys.exit(f"mutmut generated no mutants:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     if "nothing matches" not in proc.stdout + proc.stderr:
         sys.exit(f"mutmut stopped unexpectedly:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    TEST_MAP_STAMP.write_text(digest)
 
 
 def run(names: list[str]) -> float:
