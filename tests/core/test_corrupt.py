@@ -204,3 +204,25 @@ def test_branches_follow_the_given_generator_not_the_global_stream():
         torch.manual_seed(global_seed)
         draws.append(draw_branches((4, 16), cfg, torch.Generator().manual_seed(7)))
     assert torch.equal(draws[0], draws[1])
+
+
+def test_the_references_down_up_draws_one_reduction_per_region_and_resamples_each_frame_once(monkeypatch):
+    """The reference's down-up branch: one reduction drawn per history region (:func:`reference_regions`),
+    applied to that region's frames only, each frame resampled once from its clean value."""
+    from helios.core import corrupt
+
+    calls: list[float] = []
+
+    def down_up(frame: torch.Tensor, reduction: float) -> torch.Tensor:
+        calls.append(reduction)
+        return torch.full_like(frame, reduction)
+
+    monkeypatch.setattr(corrupt, "down_up", down_up)
+    cfg = CorruptConfig(mode="reference", reference_p_clean=0.0, reference_p_noise=0.0, downsample=[0.0, 0.5])
+    history, valid = torch.randn(1, 2, 7, 4, 4), torch.ones(1, 7, dtype=torch.bool)
+    out, _, _ = corrupt.frame_aware_corrupt(history, valid, cfg, torch.Generator().manual_seed(0), window=3)
+    assert len(calls) == 7  # one per frame
+    frames = out[0, 0, :, 0, 0].tolist()
+    regions = corrupt.reference_regions(7, 3)
+    assert [frames[s:e] for s, e in regions] == [[frames[s]] * (e - s) for s, e in regions]
+    assert len({frames[s] for s, _ in regions}) == len(regions)  # a reduction of its own per region

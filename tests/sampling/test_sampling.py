@@ -453,3 +453,18 @@ def test_a_video_that_fails_to_write_is_named_with_the_encoders_reason(tmp_path,
     pipeline.save_video(frames, out, 8, {"seed": 0})
     assert json.loads(out.with_suffix(".json").read_text()) == {"seed": 0}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v.json", "v.mp4"]
+
+
+def test_prompts_given_for_one_section_the_later_one_wins():
+    e1, e2 = torch.full((1, 2, 3), 2.0), torch.full((1, 2, 3), 4.0)
+    assert float(PromptSchedule([(0, e1), (0, e2)])(0).mean()) == 4.0
+
+
+@pytest.mark.parametrize("kind", ["unipc", "pyramid", "dmd"])
+def test_the_samplers_block_noise_gamma_comes_from_the_config(kind):
+    from helios.config.schema import SamplerConfig
+    from helios.sampling.pipeline import build_section_sampler
+
+    steps = [2] if kind == "unipc" else [2, 2, 2]
+    sampler = build_section_sampler(SamplerConfig(kind=kind, steps=steps, gamma=0.25))
+    assert sampler.scheduler.config.gamma == 0.25

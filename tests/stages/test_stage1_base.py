@@ -84,3 +84,15 @@ def test_a_step_hands_the_model_every_input_on_the_stages_device(stage):
 
     losses, _ = s.forward_backward(model, _batch(hw=8), torch.Generator().manual_seed(0), step=0)
     assert seen == {torch.device("meta")} and losses["model"].device.type == "meta"
+
+
+def test_absolute_rope_places_the_window_at_its_offset_in_the_video():
+    """``history.relative_rope=false`` (the Relative RoPE ablation): the window's frame indices start at its
+    offset in the video (latent frames), not at the history's end."""
+    stage = Stage1Base(compose(["history.relative_rope=false"]))
+    b = _batch()
+    at_5 = ClipBatch(b.latents, b.first_latent, b.prompt_embeds, torch.full((2,), 5), b.history_frames)
+    cond, _, _ = stage.condition(at_5, torch.Generator().manual_seed(0))
+    expected = stage.layout.indices(2, torch.full((2,), 5))["indices_hidden_states"]
+    assert torch.equal(cond["indices_hidden_states"], expected)
+    assert not torch.equal(expected, stage.layout.indices(2, None)["indices_hidden_states"])

@@ -931,6 +931,14 @@ def test_the_post_phase_takes_its_renoise_annealing_and_gan_crop_from_the_config
     phase = Stage3Distilled(compose(cfg)).phase
     assert phase.renoise.params(40) == (1.0, 1.0) and phase.renoise.params(20) != (1.0, 1.0)
     assert phase._crop_hw(torch.zeros(1, 1, 1, 14, 22)) == (6, 10)
+    assert phase._crop_hw(torch.zeros(1, 1, 1, 4, 6)) == (2, 2)  # at least 2 x 2, even on both sides
+
+
+def test_a_first_section_is_a_history_with_no_content_at_all():
+    from helios.stages.distilled.rollout import first_section
+
+    assert first_section(torch.zeros(2, 4, 3, 2, 2))
+    assert not first_section(torch.full((2, 4, 3, 2, 2), 0.5)) and not first_section(torch.full((1, 1), -2.0))
 
 
 def test_the_critic_engine_names_its_parameters_as_the_roles_module_does():
