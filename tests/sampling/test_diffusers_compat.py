@@ -56,3 +56,28 @@ def test_stage_timesteps_are_the_ones_sampling_feeds_the_model():
             expected = sampler.stage_timesteps(k, shape, first_section=first)
             assert ts == [float(int(t)) for t in expected], (k, ts, expected)  # the model gets them floored
         assert len(ts) == (4 if first else 2)
+
+
+def test_an_exports_pipeline_call_is_its_samplers_settings():
+    """What ``helios_export.json`` records for the pipeline's call: the history layout, the steps in the
+    pipeline's own argument (one stage: ``num_inference_steps``; pyramid: the per-stage list), the negative
+    prompt only where CFG uses it, and the distilled first-section schedule."""
+    from helios.config.schema import SamplerConfig
+    from helios.sampling.diffusers_compat import call_arguments_for
+
+    unipc = SamplerConfig(kind="unipc", steps=[20], guidance_scale=5.0, negative_prompt="blurry")
+    assert call_arguments_for(unipc, [16, 2, 1], 9) == {
+        "history_sizes": [16, 2, 1],
+        "num_latent_frames_per_chunk": 9,
+        "guidance_scale": 5.0,
+        "negative_prompt": "blurry",
+        "num_inference_steps": 20,
+    }
+    dmd = SamplerConfig(kind="dmd", steps=[2, 2, 2], guidance_scale=1.0, amplify_first=True)
+    assert call_arguments_for(dmd, [4, 2, 1], 3) == {
+        "history_sizes": [4, 2, 1],
+        "num_latent_frames_per_chunk": 3,
+        "guidance_scale": 1.0,
+        "pyramid_num_inference_steps_list": [2, 2, 2],
+        "is_amplify_first_chunk": True,
+    }
