@@ -419,6 +419,26 @@ def test_the_rollouts_x0_is_the_flow_estimate_at_every_step():
         x0 = stage.rollout(Exact(), cond, shape, torch.Generator().manual_seed(0), grad=False, exits=exits)
         torch.testing.assert_close(x0, torch.full(shape, 0.7), rtol=0, atol=1e-4)
 
+    seen: list[torch.Tensor] = []
+
+    class Recording(Exact):  # and the state each step is given
+        def forward(self, hidden_states, timestep, return_dict=False, **_):
+            seen.append(hidden_states.clone())
+            return super().forward(hidden_states, timestep)
+
+    # between two steps of a stage the state is its start re-noised to the next sigma around the x0
+    # estimate: x_j = sigma_j start + (1 - sigma_j) x0, so x_j - x0 = sigma_j (start - x0)
+    stage.rollout(Recording(), cond, shape, torch.Generator().manual_seed(0), grad=False)
+    by_stage: dict[int, list[torch.Tensor]] = {}
+    for x in seen:
+        by_stage.setdefault(x.shape[-1], []).append(x)
+    for states in by_stage.values():
+        start = states[0]
+        for x in states[1:]:
+            sigma = float(((x - 0.7) * (start - 0.7)).sum() / ((start - 0.7) ** 2).sum())
+            assert 0 < sigma < 1
+            torch.testing.assert_close(x - 0.7, sigma * (start - 0.7), rtol=0, atol=1e-5)
+
 
 def test_staged_backward_simulation_sends_gradient_through_every_stage():
     """Each stage stops at its exit step and hands its x0 on with the graph: the gradient of the final x0
