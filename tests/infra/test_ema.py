@@ -4,6 +4,7 @@ in tests/core/test_distill.py checks the real collective)."""
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from helios.infra import ema as ema_module
@@ -55,3 +56,29 @@ def test_a_zero3_parameter_is_read_from_its_own_partition():
     partitioned.ds_tensor = torch.tensor([13.0, 14.0, 0.0])  # the partition and its padding
     ema.update({"w": partitioned}, decay=0.0)
     assert ema.shard["w"].tolist() == [13.0, 14.0]
+
+
+def test_the_gather_goes_through_the_process_groups_device(monkeypatch):
+    """NCCL gathers GPU tensors: the flat buffer is made on the group's device (``cuda:<current>`` under
+    NCCL, the CPU under gloo); a meta device stands in for the GPU here."""
+    ema = ShardedEma(_params(0), rank=0, world_size=2)
+    nccl = SimpleNamespace(is_initialized=lambda: True, get_backend=lambda: "nccl")
+    monkeypatch.setattr(ema_module, "dist", nccl)
+    monkeypatch.setattr(ema_module.torch.cuda, "current_device", lambda: 3)
+    assert ema._comm_device() == torch.device("cuda", 3)
+
+    sent: list[torch.device] = []
+
+    class Sent(Exception):
+        pass
+
+    def all_gather(parts: list[torch.Tensor], flat: torch.Tensor) -> None:
+        sent.append(flat.device)
+        raise Sent
+
+    fake = SimpleNamespace(is_initialized=lambda: True, get_backend=lambda: "nccl", all_gather=all_gather)
+    monkeypatch.setattr(ema_module, "dist", fake)
+    monkeypatch.setattr(ShardedEma, "_comm_device", lambda self: torch.device("meta"))
+    with pytest.raises(Sent):
+        ema.gather()
+    assert sent == [torch.device("meta")]
