@@ -338,3 +338,24 @@ def test_a_latent_the_pyramid_cannot_halve_is_refused_and_shift_uses_the_stage_t
     shifted = Stage2Mid(compose(["stage=2", "flow.shift.enabled=true"]))
     made, _ = shifted.noisy_groups(torch.zeros(1, 4, 3, 16, 16), *gens)
     assert [g.name for g in made] == ["stage0", "stage1", "stage2"]
+
+
+def test_without_a_shared_stream_the_random_stage_draw_comes_from_the_ranks_generator():
+    """A step called without the rank-shared stream (a tool, a test) draws its pyramid stages from the
+    generator it is given, so the same generator state draws the same stages."""
+    from helios.data.dataset import ClipBatch
+    from helios.stages import Stage2Mid
+
+    stage = Stage2Mid(compose(["stage=2", "pyramid.stage_draw=random"]))
+    b = 16
+    batch = ClipBatch(
+        torch.randn(b, 16, 10, 8, 8), torch.randn(b, 16, 1, 8, 8), torch.randn(b, 32, 32), torch.zeros(b),
+        torch.full((b,), 7),
+    )  # fmt: skip
+    model = lambda hidden_states, **_: (torch.zeros_like(hidden_states, requires_grad=True),)  # noqa: E731
+    draws = []
+    for seed in range(2):
+        torch.manual_seed(seed)  # the global stream differs between the two calls
+        _, stats = stage.forward_backward(model, batch, torch.Generator().manual_seed(0), step=0)
+        draws.append([stats[f"frac_stage{k}"] for k in range(3)])
+    assert draws[0] == draws[1]

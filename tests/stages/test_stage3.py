@@ -972,3 +972,23 @@ def test_the_critic_engine_names_its_parameters_as_the_roles_module_does():
     critic = DistillRoles.role_modules(m)["critic"]
     expected = {n for n, _ in m.named_parameters() if n.startswith(("fake.", "heads."))}
     assert {n for n, _ in critic.named_parameters()} == expected and expected
+
+
+def test_the_ema_starts_at_its_step_and_averages_after_generator_updates_only():
+    """``distill.ema_start``: the EMA is a copy of the generator at the first generator update from that
+    step on, then averages after each generator update; a critic-only iteration (TTUR) leaves it alone."""
+    from helios.config.schema import DistillConfig
+    from helios.stages.distilled.generator_ema import GeneratorEma
+    from helios.stages.distilled.roles import DistillModule
+
+    m = DistillModule(torch.nn.Linear(2, 2))
+    ema = GeneratorEma(DistillConfig(ema_start=2, ema_sharded=False))
+    ema.after_optimizer_step(m, 1, ["generator", "critic"])  # before its start
+    ema.after_optimizer_step(m, 2, ["critic"])  # a critic-only iteration
+    assert ema.average is None
+    ema.after_optimizer_step(m, 2, ["generator", "critic"])
+    assert ema.average is not None and ema.updates == 0
+    ema.after_optimizer_step(m, 3, ["critic"])
+    assert ema.updates == 0
+    ema.after_optimizer_step(m, 4, ["generator"])
+    assert ema.updates == 1
