@@ -55,6 +55,7 @@ def test_a_steps_statistics_are_the_declared_metrics():
     losses, stats = stage.forward_backward(model, _batch(), torch.Generator().manual_seed(0), step=0)
     assert set(losses) == {"model"} and set(stats) <= set(stage.metric_names())
     assert {"corrupt_frac", "history_empty", "noisy_tokens", "sigma_mean"} <= set(stats)
+    assert stats["noisy_tokens"] == 2 * 3 * (4 // 2) * (4 // 2)  # 2 samples x 3 latent frames x 2 x 2 patches
 
 
 def test_the_task_fractions_are_the_shares_of_each_drawn_history_format(monkeypatch):

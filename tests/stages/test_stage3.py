@@ -992,3 +992,15 @@ def test_the_ema_starts_at_its_step_and_averages_after_generator_updates_only():
     assert ema.updates == 0
     ema.after_optimizer_step(m, 4, ["generator"])
     assert ema.updates == 1
+
+
+def test_a_checkpoint_before_the_ema_starts_holds_no_ema():
+    from helios.config.schema import DistillConfig
+    from helios.stages.distilled.generator_ema import GeneratorEma
+    from helios.stages.distilled.roles import DistillModule
+
+    m = DistillModule(torch.nn.Linear(2, 2))
+    ema = GeneratorEma(DistillConfig(ema_start=2, ema_sharded=False))
+    assert ema.tensors() == {}
+    ema.after_optimizer_step(m, 2, ["generator"])
+    assert list(ema.tensors()) == ["ema"] and len(ema.tensors()["ema"]) == 2  # weight and bias
