@@ -1003,4 +1003,8 @@ def test_a_checkpoint_before_the_ema_starts_holds_no_ema():
     ema = GeneratorEma(DistillConfig(ema_start=2, ema_sharded=False))
     assert ema.tensors() == {}
     ema.after_optimizer_step(m, 2, ["generator"])
-    assert list(ema.tensors()) == ["ema"] and len(ema.tensors()["ema"]) == 2  # weight and bias
+    saved = ema.tensors()
+    assert list(saved) == ["ema"] and len(saved["ema"]) == 2  # weight and bias
+    resumed = GeneratorEma(DistillConfig(ema_start=2, ema_sharded=False))
+    resumed.load_tensors(m, saved)
+    assert all(torch.equal(resumed.average.gather()[n], v) for n, v in saved["ema"].items())
