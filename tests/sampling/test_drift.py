@@ -47,3 +47,16 @@ def test_saturation_is_hsv_saturation_of_frames_in_minus_one_to_one():
     pixels = torch.tensor([[1.0, -1.0, -1.0], [0.0, 0.0, 0.0], [-1.0, -1.0, -1.0], [1.0, 0.0, 0.0]])
     video = pixels.T.reshape(1, 3, 4, 1, 1)  # [B, 3, T, H, W]: one pixel per frame
     assert saturation(video).flatten().tolist() == pytest.approx([1.0, 0.0, 0.0, 0.5])
+
+
+def test_a_section_drifts_only_when_its_mean_and_its_variance_both_move():
+    """Eq. 19: drift is a section whose latent mean and variance both leave their EMA by more than the
+    thresholds; a shifted mean alone is not drift."""
+    from helios.sampling.drift import AdaptiveAntiDrift, AdaptiveConfig
+
+    base = torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    drift = AdaptiveAntiDrift(AdaptiveConfig(enabled=True))
+    assert not drift.observe(0, base)
+    assert not drift.observe(1, base + 2.0)  # the mean moves, the variance does not
+    assert drift.observe(2, (base + 2.0) * 3.0)  # both move
+    assert drift.events == [2]
