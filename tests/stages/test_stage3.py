@@ -1008,3 +1008,42 @@ def test_a_checkpoint_before_the_ema_starts_holds_no_ema():
     resumed = GeneratorEma(DistillConfig(ema_start=2, ema_sharded=False))
     resumed.load_tensors(m, saved)
     assert all(torch.equal(resumed.average.gather()[n], v) for n, v in saved["ema"].items())
+
+
+def test_the_ode_init_step_on_endpoint_pairs_regresses_onto_the_stage_end():
+    """``helios.ode_pairs source=clips``: x_t = sigma start + (1 - sigma) end at one DMD step of the drawn
+    stage, x0 = x_t - sigma v regressed onto the stage's end, so the exact velocity start - end costs 0."""
+    from helios.data.ode_pair_shards import TensorDict
+    from helios.infra.parallel import RoleSteps
+    from helios.stages import Stage3Distilled
+    from helios.stages.distilled.roles import DistillModule
+
+    stage = Stage3Distilled(compose(["stage=3", "stage3=tiny_ode"]))
+    b, c, w, gen = 2, 16, stage.layout.window, torch.Generator().manual_seed(0)
+    batch = TensorDict(
+        history=torch.randn(b, c, stage.layout.num_history, 16, 16, generator=gen),
+        anchor=torch.randn(b, c, 1, 16, 16, generator=gen),
+        prompt_embeds=torch.randn(b, 4, 32, generator=gen),
+    )
+    for k in range(3):
+        hw = 16 // 2 ** (2 - k)
+        batch[f"stage{k}_start"] = torch.randn(b, c, w, hw, hw, generator=gen)
+        batch[f"stage{k}_end"] = torch.randn(b, c, w, hw, hw, generator=gen)
+
+    class Exact(torch.nn.Module):  # the straight path's velocity, start - end, at every stage
+        def __init__(self) -> None:
+            super().__init__()
+            self.zero = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, hidden_states, timestep, return_dict=False, **_):
+            k = {4: 0, 8: 1, 16: 2}[hidden_states.shape[-1]]
+            return (batch[f"stage{k}_start"] - batch[f"stage{k}_end"] + self.zero,)
+
+    stages = set()
+    for seed in range(6):
+        losses, stats = stage.phase.step(
+            DistillModule(Exact()), batch, torch.Generator().manual_seed(seed), None, RoleSteps(), 0
+        )
+        assert float(losses["generator"]) < 1e-10
+        stages.add(stats["ode_stage"])
+    assert len(stages) > 1
