@@ -139,9 +139,8 @@ class Trainer:
         if not any(p.requires_grad for p in self.model.parameters()):
             raise ConfigError("model.lora", "nothing is trainable: enable LoRA or set memory_patch=full")
         roles = self.stage.training_roles(self.model)
-        self.role_names = [r.name for r in trained_roles(roles)]
-        # the configured rates (applied on resume)
-        self.role_lrs = {r.name: r.lr for r in trained_roles(roles)}
+        self.role_lrs = {r.name: r.lr for r in trained_roles(roles)}  # configured rates (applied on resume)
+        self.role_names = list(self.role_lrs)
         self.opt_steps = dict.fromkeys(self.role_names, 0)
         self.backend = build_backend(
             cfg,
