@@ -30,10 +30,11 @@ from helios.infra.distributed import (
     setup,
     teardown,
 )
+from helios.infra.ema import ModelEma
 from helios.infra.flops import FlopCounter, peak_tflops
 from helios.infra.guard import StepGuard, check_reading, diverged, weight_stats
 from helios.infra.metrics import MetricsLogger, memory_peaks, micro_means
-from helios.infra.model_roles import trained_roles
+from helios.infra.model_roles import Role, trained_roles
 from helios.infra.node_share import NodeShare, node_shared_loader, own_trainable
 from helios.infra.resolve import (
     check_installed,
@@ -138,8 +139,9 @@ class Trainer:
             self.model.to(self.dist.device)
         if not any(p.requires_grad for p in self.model.parameters()):
             raise ConfigError("model.lora", "nothing is trainable: enable LoRA or set memory_patch=full")
-        roles = self.stage.training_roles(self.model)
+        self.roles = roles = self.stage.training_roles(self.model)
         self.role_lrs = {r.name: r.lr for r in trained_roles(roles)}  # configured rates (applied on resume)
+        self.ema = ModelEma(roles, self.dist.rank, self.dist.world_size)  # of the roles that declare one
         self.role_names = list(self.role_lrs)
         self.opt_steps = dict.fromkeys(self.role_names, 0)
         self.backend = build_backend(
@@ -165,7 +167,7 @@ class Trainer:
         with self.backend.gathered(trainable_only=not random_base):
             # the main rank alone assembles what it writes (no host copy of the weights on the others)
             tensors = model_tensors(self.model, random_base) if self.dist.is_main else {"trainable": {}}
-        tensors.update(self.stage.extra_tensors())  # collective; the main rank's part
+        tensors.update(self.ema.tensors())  # collective; the main rank's part
         stats = broadcast_object(weight_stats(tensors["trainable"]) if self.dist.is_main else None)
         if not stats["finite"]:  # the update of this step overflowed: never checkpoint such weights
             raise diverged(self.run_dir, self.step, "the trainable weights are not finite after the update")
@@ -177,7 +179,7 @@ class Trainer:
         objects = {
             "opt_steps": self.opt_steps,
             "step": self.step,
-            "stage": self.stage.state_dict(),
+            "ema": self.ema.state_dict(),
             "config": to_yaml(self.cfg),
             **self.backend.checkpoint_objects(),
         }
@@ -206,8 +208,8 @@ class Trainer:
         self.backend.set_learning_rates(self.role_lrs)
         meta = checkpoint.read_meta(path)
         self.initial_weights_rms = meta.get("initial_weights_rms", self.initial_weights_rms)
-        self.stage.load_state_dict(objects["stage"])
-        self.stage.load_extra_tensors(tensors)
+        self.ema.load_state_dict(objects)
+        self.ema.load_tensors(tensors)
         self.opt_steps.update(objects.get("opt_steps", {}))
         self.step = int(objects["step"])
         if ranks is not None:  # the world size that wrote it: every rank continues its own streams
@@ -263,7 +265,7 @@ class Trainer:
         for name in stepped:
             self.opt_steps[name] += 1
         self.step += 1
-        self.stage.after_optimizer_step(self.model, self.step, stepped)  # e.g. stage 3's EMA
+        self.ema.after_step(self.step, stepped)  # e.g. stage 3's generator EMA
         self.window_steps += 1
         self.window_s += time.perf_counter() - t0
         if not metrics:
@@ -434,9 +436,18 @@ class Trainer:
 
     def _validate_into(self, step: int, metrics: dict[str, float]) -> None:
         with self.flops.paused():  # its forwards are not the training's throughput
-            with self.stage.validating():  # collective (e.g. writes a sharded EMA into the generator)
+            # the sampled role's base resident (the offload pool), its EMA written into it (collective)
+            with self._sampled_role().resident(), self.ema.swapped_in():
                 metrics.update(self.validate())  # collective: the prompts are spread over the ranks
         barrier()
+
+    def _sampled_role(self) -> Role:
+        """The role whose module validation samples (stage 3: the generator; stages 1-2: the model)."""
+        sampled = self.stage.sampling_model(self.model)
+        for role in self.roles:
+            if role.module is sampled:
+                return role
+        raise RuntimeError(f"{type(self.stage).__name__} samples a module that is none of its roles")
 
     def validate(self) -> dict[str, float]:
         """Videos and measures for the validation prompts (:class:`helios.validation.Validation`);

@@ -4,10 +4,8 @@ loader call, each with a default, so no caller probes a stage for optional metho
 from __future__ import annotations
 
 import abc
-import contextlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -107,29 +105,7 @@ class Stage(abc.ABC):
         """Every metric key the stage reports (the same on every rank), or None: the keys seen."""
         return None
 
-    def after_optimizer_step(self, model: nn.Module, step: int, stepped: list[str]) -> None:
-        """After the step's optimiser updates (``stepped``: the roles that were updated)."""
-        return None
-
-    # ------------------------------------------------------------------ validation
-    def validating(self) -> contextlib.AbstractContextManager:
-        """Collective, on every rank around validation (stage 3: the EMA swapped in and out)."""
-        return contextlib.nullcontext()
-
-    # ------------------------------------------------------------------ checkpoints and teardown
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        return None
-
-    def extra_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Collective: tensor groups the checkpoint holds besides the weights (stage 3: the EMA)."""
-        return {}
-
-    def load_extra_tensors(self, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
-        return None
-
+    # ------------------------------------------------------------------ teardown
     def release(self) -> None:
         """Free what the stage holds outside the model when the run ends (stage 3: the offload pool)."""
         return None

@@ -1,25 +1,23 @@
 """Stage 3 (Helios-Distilled): Adversarial Hierarchical Distillation (paper §3.4, Eq. 10-16, Table 2).
 
 The stage wires its parts (:mod:`helios.stages.distilled`) to the trainer's hooks: the roles (generator,
-fake score + GAN heads, real score; :mod:`.roles`), the phase of ``distill.phase`` (``ode``: Staged ODE Init,
-:mod:`.ode_init`; ``post``: DMD + GAN, :mod:`.post`) and the generator's EMA (:mod:`.generator_ema`).
+fake score + GAN heads, real score; :mod:`.roles`; the generator's EMA is declared on its role and kept by
+the trainer, :class:`helios.infra.ema.ModelEma`) and the phase of ``distill.phase`` (``ode``: Staged ODE
+Init, :mod:`.ode_init`; ``post``: DMD + GAN, :mod:`.post`).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from helios.config.schema import ConfigError, LoraConfig, TrainConfig
+from helios.infra.ema import with_ema
 from helios.infra.model_roles import Role
 from helios.infra.parallel import RoleSteps
 from helios.stages.conditioning import HistoryConditioning
-from helios.stages.distilled.generator_ema import GeneratorEma, with_ema
 from helios.stages.distilled.ode_init import OdeInitPhase
 from helios.stages.distilled.phase import DistillPhase
 from helios.stages.distilled.post import PostPhase
@@ -42,16 +40,12 @@ class Stage3Distilled(Stage):
         self.phase: DistillPhase = (
             OdeInitPhase(*parts) if self.d.phase == "ode" else PostPhase(*parts, condition=self.condition)
         )
-        self.ema = GeneratorEma(self.d)
-        self.model: DistillModule | None = None
 
     # ------------------------------------------------------------------ setup and roles
     def setup(self, data_path: Path, dist) -> None:
         """Check the teacher and the ODE pairs are named (the tiny default's: :mod:`helios.tiny_recipe`), then
         the phase's own setup (post: the real score's unconditional prompt)."""
         super().setup(data_path, dist)
-        if dist is not None:
-            self.ema.set_ranks(dist.rank, dist.world_size)
         if self.d.teacher is None:
             raise ConfigError(
                 "distill.teacher",
@@ -73,8 +67,7 @@ class Stage3Distilled(Stage):
     def build_model(
         self, base_state: dict | None = None, dtype: torch.dtype = torch.float32
     ) -> DistillModule:
-        self.model = self.roles.build(base_state, dtype)
-        return self.model
+        return self.roles.build(base_state, dtype)
 
     def build_inference_model(
         self, base_state: dict | None = None, dtype: torch.dtype = torch.float32
@@ -92,9 +85,9 @@ class Stage3Distilled(Stage):
 
     def sampling_model(self, model: DistillModule, ema: dict | None = None) -> nn.Module:
         """The generator; with ``ema`` (export, generate) a copy holding the EMA weights. During training
-        validation ``validating`` has written the EMA into the generator itself (no copy of a 14B
-        base), so the generator is returned as it is."""
-        return with_ema(model.generator, ema)
+        validation the trainer's EMA is written into the generator itself (no copy of a 14B base), so the
+        generator is returned as it is."""
+        return with_ema(model.generator, "generator", ema)
 
     # ------------------------------------------------------------------ steps
     def forward_backward(
@@ -114,32 +107,3 @@ class Stage3Distilled(Stage):
 
     def metric_names(self) -> list[str]:
         return self.phase.metric_names()
-
-    # ------------------------------------------------------------------ the EMA
-    def after_optimizer_step(self, model: DistillModule, step: int, stepped: list[str]) -> None:
-        self.ema.after_optimizer_step(model, step, stepped)
-
-    @contextlib.contextmanager
-    def validating(self) -> Iterator[None]:
-        """Collective: validation samples the EMA, written into the generator in place (its base resident
-        meanwhile); the training weights are put back after it, also when it fails."""
-        with self.roles.resident("generator"):
-            self.ema.swap_in(self.model)
-            try:
-                yield
-            finally:
-                self.ema.swap_out(self.model)
-
-    def extra_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
-        return self.ema.tensors()
-
-    def load_extra_tensors(self, tensors: dict) -> None:
-        self.ema.load_tensors(self.model, tensors)
-
-    def state_dict(self) -> dict[str, Any]:
-        """The EMA's update count (the teacher and the ODE pairs are in the checkpoint's config and pinned
-        sources)."""
-        return {"ema_updates": self.ema.updates}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.ema.updates = int(state.get("ema_updates", 0))

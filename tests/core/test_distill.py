@@ -213,20 +213,19 @@ def test_sharded_ema_single_process_is_the_plain_ema():
 def test_ema_warmup_counts_generator_updates_not_iterations(monkeypatch):
     """TTUR 5: the generator (and its EMA) steps at iterations 1, 6, 11, ...; the warm-up's n counts those
     EMA updates (reference), so the averages after the first copy use 2/11, 3/12, 4/13."""
-    from types import SimpleNamespace
-
-    from helios.infra.ema import ShardedEma
+    from helios.infra.ema import ModelEma, ShardedEma
     from helios.stages import Stage3Distilled
+    from helios.stages.distilled.roles import DistillModule
 
     stage = Stage3Distilled(compose(["stage=3", "distill.ema_start=0", "distill.ttur=5"]))
-    model = SimpleNamespace(generator=torch.nn.Linear(2, 2))
+    ema = ModelEma(stage.training_roles(DistillModule(torch.nn.Linear(2, 2))))
     decays = []
     monkeypatch.setattr(ShardedEma, "update", lambda self, params, decay: decays.append(decay))
     for step in range(1, 17):
         stepped = ["critic", "generator"] if (step - 1) % 5 == 0 else ["critic"]
-        stage.after_optimizer_step(model, step, stepped)
+        ema.after_step(step, stepped)
     assert decays == pytest.approx([2 / 11, 3 / 12, 4 / 13])
-    assert stage.state_dict()["ema_updates"] == 3
+    assert ema.state_dict()["updates"] == {"generator": 3}
 
 
 def test_gan_heads_are_the_references_and_losses_average_per_head():

@@ -49,7 +49,7 @@ def main() -> None:
         with trainer.backend.gathered():
             weights = model_tensors(trainer.model, random_base=False)["trainable"]
         moments = optimizer_moments(trainer)
-        ema = trainer.stage.extra_tensors().get("ema", {})
+        ema = trainer.ema.tensors().get("ema", {})
         lrs = [g["lr"] for opt, _, _ in trainer.backend.schedules() for g in opt.param_groups]
         if trainer.dist.is_main:
             torch.save(
@@ -63,7 +63,7 @@ def main() -> None:
                     "weights": weights,
                     "moments": moments,
                     "ema": ema,
-                    "ema_updates": trainer.stage.state_dict().get("ema_updates"),
+                    "ema_updates": trainer.ema.state_dict()["updates"].get("generator"),
                 },
                 out,
             )

@@ -1,14 +1,17 @@
-"""ShardedEma's gather in one process: a stand-in all-gather hands each rank the others' flat chunks, so the
-assembly of the full EMA (chunk order, padding, names) is checked without spawning ranks (the 2-process test
-in tests/core/test_distill.py checks the real collective)."""
+"""The trainer's EMA component (ModelEma: start, TTUR, validation swap, checkpoint) and ShardedEma's gather
+in one process: a stand-in all-gather hands each rank the others' flat chunks, so the assembly of the full EMA
+(chunk order, padding, names) is checked without spawning ranks (the 2-process test in
+tests/core/test_distill.py checks the real collective)."""
 
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from helios.core.distillation import EmaSchedule
 from helios.infra import ema as ema_module
-from helios.infra.ema import ShardedEma
+from helios.infra.ema import ModelEma, ShardedEma
+from helios.infra.model_roles import Role
 
 
 def _params(seed: int) -> dict[str, torch.Tensor]:
@@ -82,3 +85,79 @@ def test_the_gather_goes_through_the_process_groups_device(monkeypatch):
     with pytest.raises(Sent):
         ema.gather()
     assert sent == [torch.device("meta")]
+
+
+def _generator_ema(module: torch.nn.Module, start: int = 2) -> ModelEma:
+    params = list(module.parameters())
+    return ModelEma([Role("generator", module, params, 1e-4, ema=EmaSchedule(0.99, start))])
+
+
+def test_putting_the_training_weights_back_without_an_ema_written_changes_nothing():
+    """A validation before the first EMA copy writes nothing and puts nothing back."""
+    m = torch.nn.Linear(2, 2)
+    ema = _generator_ema(m)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with ema.swapped_in():  # no average yet: nothing is written
+        assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def test_the_ema_is_written_in_for_validation_and_the_training_weights_put_back_also_on_failure():
+    m = torch.nn.Linear(2, 2)
+    ema = _generator_ema(m, start=1)
+    ema.after_step(1, ["generator"])  # the copy
+    trained = {k: v.clone() for k, v in m.state_dict().items()}
+    with torch.no_grad():
+        m.weight.add_(1.0)
+    ema.after_step(2, ["generator"])  # decay min(2/11, 0.99): ema = 2/11 copy + 9/11 (copy + 1)
+    raw = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(RuntimeError, match="sampling failed"), ema.swapped_in():
+        assert torch.allclose(m.weight, trained["weight"] + 9 / 11) and torch.equal(m.bias, raw["bias"])
+        raise RuntimeError("sampling failed")
+    assert all(torch.equal(raw[k], v) for k, v in m.state_dict().items())
+
+
+def test_the_ema_starts_at_its_step_and_averages_after_generator_updates_only():
+    """``distill.ema_start``: the EMA is a copy of the generator at the first generator update from that
+    step on, then averages after each generator update; a critic-only iteration (TTUR) leaves it alone."""
+    ema = _generator_ema(torch.nn.Linear(2, 2))
+    ema.after_step(1, ["generator", "critic"])  # before its start
+    ema.after_step(2, ["critic"])  # a critic-only iteration
+    assert ema.average == {}
+    ema.after_step(2, ["generator", "critic"])
+    assert list(ema.average) == ["generator"] and ema.updates == {"generator": 0}
+    ema.after_step(3, ["critic"])
+    assert ema.updates == {"generator": 0}
+    ema.after_step(4, ["generator"])
+    assert ema.updates == {"generator": 1}
+
+
+def test_a_checkpoint_before_the_ema_starts_holds_no_ema():
+    m = torch.nn.Linear(2, 2)
+    ema = _generator_ema(m)
+    assert ema.tensors() == {}
+    ema.after_step(2, ["generator"])
+    saved = ema.tensors()
+    assert list(saved) == ["ema"] and sorted(saved["ema"]) == ["generator.bias", "generator.weight"]
+    resumed = _generator_ema(m)
+    resumed.load_tensors(saved)
+    assert all(torch.equal(resumed.average["generator"].gather()[n], v) for n, v in saved["ema"].items())
+    resumed.load_tensors({})  # a checkpoint without an EMA: none started
+    assert resumed.average == {}
+
+
+def test_the_update_count_resumes_also_from_a_checkpoint_that_kept_it_with_the_stage():
+    """Checkpoints written before the EMA was the trainer's component kept the generator's count under
+    ``stage.ema_updates``; both layouts resume it."""
+    ema = _generator_ema(torch.nn.Linear(2, 2))
+    ema.load_state_dict({"ema": {"updates": {"generator": 7}}, "step": 9})
+    assert ema.state_dict() == {"updates": {"generator": 7}}
+    ema.load_state_dict({"stage": {"ema_updates": 4}, "step": 9})
+    assert ema.state_dict() == {"updates": {"generator": 4}}
+
+
+def test_a_role_without_an_ema_schedule_has_none():
+    m = torch.nn.Linear(2, 2)
+    ema = ModelEma([Role("model", m, list(m.parameters()), 1e-4)])
+    ema.after_step(5, ["model"])
+    assert ema.average == {} and ema.tensors() == {} and ema.state_dict() == {"updates": {}}

@@ -498,21 +498,6 @@ def test_real_score_unconditional_branch_is_the_prepared_negative_prompt(tmp_pat
     assert str(err.value) == f"{tmp_path} has no {NEGATIVE_PROMPT_FILE}: {fix} or use distill.uncond=empty"
 
 
-def test_putting_the_training_weights_back_without_an_ema_written_changes_nothing():
-    """Putting the training weights back with nothing swapped in (before the first EMA copy, or a
-    validation that failed before its swap) leaves the generator as it is."""
-    from helios.stages.distilled.generator_ema import GeneratorEma
-    from helios.stages.distilled.roles import DistillModule
-
-    ema = GeneratorEma(compose(["stage=3"]).distill)
-    m = DistillModule(torch.nn.Linear(2, 2))
-    before = {k: v.clone() for k, v in m.state_dict().items()}
-    ema.swap_out(m)
-    ema.swap_in(m)  # no average yet: nothing is written
-    ema.swap_out(m)
-    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
-
-
 def test_validation_samples_the_ema_in_place_and_puts_the_training_weights_back(tmp_path):
     """Validation writes the EMA into the generator (no copy of the generator and its base) and restores
     the training weights: its drift statistics equal the EMA model's sampled the same way, and the
@@ -972,42 +957,6 @@ def test_the_critic_engine_names_its_parameters_as_the_roles_module_does():
     critic = DistillRoles.role_modules(m)["critic"]
     expected = {n for n, _ in m.named_parameters() if n.startswith(("fake.", "heads."))}
     assert {n for n, _ in critic.named_parameters()} == expected and expected
-
-
-def test_the_ema_starts_at_its_step_and_averages_after_generator_updates_only():
-    """``distill.ema_start``: the EMA is a copy of the generator at the first generator update from that
-    step on, then averages after each generator update; a critic-only iteration (TTUR) leaves it alone."""
-    from helios.config.schema import DistillConfig
-    from helios.stages.distilled.generator_ema import GeneratorEma
-    from helios.stages.distilled.roles import DistillModule
-
-    m = DistillModule(torch.nn.Linear(2, 2))
-    ema = GeneratorEma(DistillConfig(ema_start=2, ema_sharded=False))
-    ema.after_optimizer_step(m, 1, ["generator", "critic"])  # before its start
-    ema.after_optimizer_step(m, 2, ["critic"])  # a critic-only iteration
-    assert ema.average is None
-    ema.after_optimizer_step(m, 2, ["generator", "critic"])
-    assert ema.average is not None and ema.updates == 0
-    ema.after_optimizer_step(m, 3, ["critic"])
-    assert ema.updates == 0
-    ema.after_optimizer_step(m, 4, ["generator"])
-    assert ema.updates == 1
-
-
-def test_a_checkpoint_before_the_ema_starts_holds_no_ema():
-    from helios.config.schema import DistillConfig
-    from helios.stages.distilled.generator_ema import GeneratorEma
-    from helios.stages.distilled.roles import DistillModule
-
-    m = DistillModule(torch.nn.Linear(2, 2))
-    ema = GeneratorEma(DistillConfig(ema_start=2, ema_sharded=False))
-    assert ema.tensors() == {}
-    ema.after_optimizer_step(m, 2, ["generator"])
-    saved = ema.tensors()
-    assert list(saved) == ["ema"] and len(saved["ema"]) == 2  # weight and bias
-    resumed = GeneratorEma(DistillConfig(ema_start=2, ema_sharded=False))
-    resumed.load_tensors(m, saved)
-    assert all(torch.equal(resumed.average.gather()[n], v) for n, v in saved["ema"].items())
 
 
 def test_the_ode_init_step_on_endpoint_pairs_regresses_onto_the_stage_end():

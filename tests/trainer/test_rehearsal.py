@@ -346,7 +346,7 @@ def test_stage3_reloaded_exported_and_generated_model_is_the_in_memory_ema(chain
     trainer = Trainer(cfg, tmp_path / "s3-post")
     try:
         trainer.run()
-        ema = trainer.stage.ema.average.gather()
+        ema = trainer.ema.average["generator"].gather()
         in_memory = trainer.stage.sampling_model(trainer.model, ema=ema)
         layout = HistoryLayout.from_config(cfg.history)
         want = _out(in_memory, layout)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from helios.config.schema import DistillConfig, LoraConfig, TrainConfig
+from helios.core.distillation import EmaSchedule
 from helios.infra.model_roles import Role
 from helios.infra.node_share import NodeShare
 from helios.infra.offload import OffloadPool
@@ -139,8 +140,9 @@ class DistillRoles:
     def training_roles(self, model: DistillModule) -> list[Role]:
         """TTUR's roles: the generator at ``optim.lr``, the critic (the fake score's LoRA + the GAN heads) at
         ``distill.fake_lr``, and with ``shared_teacher=false`` the frozen real score; each built inside its
-        own placement block (:meth:`engine_block`)."""
+        own placement block (:meth:`engine_block`); the generator's EMA from ``distill.ema_start``."""
         lrs = {"generator": self.cfg.optim.lr, "critic": self.d.fake_lr}
+        ema = EmaSchedule(self.d.ema_decay, self.d.ema_start)  # the generator's (Table 2)
         return [
             Role(
                 name,
@@ -148,6 +150,8 @@ class DistillRoles:
                 [p for p in module.parameters() if p.requires_grad],
                 lrs.get(name),
                 resident=functools.partial(self.engine_block, name),
+                ema=ema if name == "generator" else None,
+                ema_sharded=self.d.ema_sharded,
             )
             for name, module in self.role_modules(model).items()
         ]
