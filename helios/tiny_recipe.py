@@ -3,7 +3,7 @@
 Stage 3 needs Helios-Base (the real and fake scores' base, ``distill.teacher``), Helios-Mid (the
 generator's start, ``distill.generator_init``, and the ODE pairs' teacher) and, for the ODE-init phase,
 ODE pairs (§3.4.2). For the tiny model, ``python train_helios.py stage=3`` makes tiny stand-ins when
-those keys are unset: stage 1, then stage 2 from it (``distill.tiny_teacher_steps`` steps each), then
+those keys are unset: stage 1, then stage 2 from it (:data:`TEACHER_STEPS` steps each), then
 ODE pairs from the Mid, each trained once and cached next to the synthetic shards. A real run names
 its checkpoints instead. This sits above the trainer: it runs whole training jobs.
 """
@@ -29,6 +29,7 @@ WAIT_S = 1800.0  # how long the other ranks wait for the main rank's tiny stand-
 # part of the stand-ins' cache key: raised whenever the tiny defaults they are trained with change (2: every
 # scene of the world, caption dropout, the word-piece tokenizer), so a cache made before is not reused
 RECIPE_VERSION = 2
+TEACHER_STEPS = 60  # the tiny Base's and Mid's training steps
 
 
 def finished(run_dir: Path, steps: int) -> bool:
@@ -73,7 +74,7 @@ def complete_tiny_distill(cfg: TrainConfig) -> TrainConfig:
 
 
 def _cache(cfg: TrainConfig, name: str, *inputs: str) -> Path:
-    recipe = f"{cfg.seed}:{cfg.distill.tiny_teacher_steps}:{cfg.history.sizes}:{':'.join(inputs)}"
+    recipe = f"{cfg.seed}:{TEACHER_STEPS}:{cfg.history.sizes}:{':'.join(inputs)}"
     recipe += f":v{RECIPE_VERSION}"
     return Path(cfg.data.cache_dir).parent / name / f"{zlib.crc32(recipe.encode()):08x}"
 
@@ -122,7 +123,7 @@ def _made_once(out: Path, ready: Callable[[], bool], make: Callable[[], None], w
 
 def _stand_in(cfg: TrainConfig, name: str, overrides: list[str]) -> Path:
     """Tiny Helios-Base (stage 1) or Helios-Mid (stage 2 from the Base)."""
-    out, steps = _cache(cfg, name), cfg.distill.tiny_teacher_steps
+    out, steps = _cache(cfg, name), TEACHER_STEPS
     make = lambda: train_run(out, [*overrides, f"seed={cfg.seed}"], steps)  # noqa: E731
     _made_once(out, lambda: finished(out, steps), make, name)
     return out

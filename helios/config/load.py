@@ -108,13 +108,13 @@ def unknown_key(node, schema_type: type, prefix: str = "") -> str | None:
 MOVED_KEYS = {"distill.offload_shared": "parallel.node_shared_weights"}
 # keys added with a new default: a saved config without them ran the behaviour from before they existed
 ADDED_KEYS = {"pyramid.stage_draw": "random", "model.text_encoder.tiny_tokenizer": "bytes"}
+# keys a saved config may still hold that no longer configure anything
+REMOVED_KEYS = ("distill.tiny_teacher_steps",)  # the tiny stand-ins' steps: helios.tiny_recipe.TEACHER_STEPS
 
 
-def load_config(cfg: DictConfig | dict, schema_type: type = TrainConfig):
-    """Type-check ``cfg`` against the schema and validate ranges; raise :class:`ConfigError`."""
-    if isinstance(cfg, dict):
-        cfg = OmegaConf.create(cfg)
-    cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"]) if "hydra" in cfg else cfg
+def migrated(cfg: DictConfig) -> DictConfig:
+    """``cfg`` (a saved config, e.g. a checkpoint's) in today's keys: moved keys where they live now, added
+    keys at the behaviour from before they existed, removed keys dropped (in place; returned)."""
     for old, new in MOVED_KEYS.items():
         section, _, name = old.rpartition(".")
         node = OmegaConf.select(cfg, section)
@@ -125,6 +125,20 @@ def load_config(cfg: DictConfig | dict, schema_type: type = TrainConfig):
         node = OmegaConf.select(cfg, section)
         if isinstance(node, DictConfig) and name not in node:
             OmegaConf.update(cfg, key, before, force_add=True)
+    for key in REMOVED_KEYS:
+        section, _, name = key.rpartition(".")
+        node = OmegaConf.select(cfg, section)
+        if isinstance(node, DictConfig) and name in node:
+            node.pop(name)
+    return cfg
+
+
+def load_config(cfg: DictConfig | dict, schema_type: type = TrainConfig):
+    """Type-check ``cfg`` against the schema and validate ranges; raise :class:`ConfigError`."""
+    if isinstance(cfg, dict):
+        cfg = OmegaConf.create(cfg)
+    cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"]) if "hydra" in cfg else cfg
+    cfg = migrated(cfg)
     extra = unknown_key(OmegaConf.to_container(cfg, resolve=False), schema_type)
     if extra is not None:
         raise ConfigError(extra, "unknown key: the schema has no such field (check its spelling)")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from helios.config.load import migrated
 from helios.config.schema import ConfigError, TrainConfig
 from helios.infra import checkpoint
 from helios.infra.distributed import DistInfo, broadcast_object
@@ -63,7 +64,7 @@ def _flatten(node, prefix: str = "") -> dict:
 def config_changes(saved_yaml: str, cfg: TrainConfig, path: Path) -> dict[str, tuple]:
     """``{key: (checkpoint's value, current value)}`` for the settings that differ from the checkpoint's
     (``path``), pinned sources left out; ConfigError for a change outside :data:`CHANGEABLE_ON_RESUME`."""
-    saved = _flatten(OmegaConf.to_container(OmegaConf.create(saved_yaml)))
+    saved = _flatten(OmegaConf.to_container(migrated(OmegaConf.create(saved_yaml))))
     current = _flatten(OmegaConf.to_container(OmegaConf.structured(cfg)))
     changed = {k: (saved.get(k), current.get(k)) for k in sorted(set(saved) | set(current))}
     changed = {k: v for k, v in changed.items() if v[0] != v[1] and not k.startswith(PINNED_ON_START)}

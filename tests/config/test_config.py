@@ -220,3 +220,22 @@ def test_a_saved_config_with_a_moved_key_loads_under_its_new_name():
     del saved.model.text_encoder["tiny_tokenizer"]
     assert load_config(saved).model.text_encoder.tiny_tokenizer == "bytes"
     assert compose([]).model.text_encoder.tiny_tokenizer == "words"
+
+
+def test_a_saved_config_with_a_removed_key_loads_and_resumes_unchanged(tmp_path):
+    """``distill.tiny_teacher_steps`` left the schema (the tiny recipe's constant): a checkpoint's config that
+    still holds it loads, and resuming it with today's config is no change of setting."""
+    from omegaconf import OmegaConf
+
+    from helios.config.load import load_config, to_yaml
+    from helios.infra.resume import config_changes
+
+    cfg = compose(["stage=3"])
+    saved = OmegaConf.create(to_yaml(cfg))
+    saved.distill.tiny_teacher_steps = 60
+    assert load_config(saved.copy()) == cfg
+    assert config_changes(OmegaConf.to_yaml(saved), cfg, tmp_path) == {}
+    # a key the schema never had is still refused
+    saved.distill.tiny_teacher_stepz = 60
+    with pytest.raises(ConfigError, match=r"distill\.tiny_teacher_stepz"):
+        load_config(saved)

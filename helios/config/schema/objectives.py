@@ -155,7 +155,6 @@ class DistillConfig(Validated):
     # reference); "empty" = the empty prompt (the paper's plain CFG)
     uncond: str = "negative"
     bidirectional_frames: int = 21
-    tiny_teacher_steps: int = 60
     gan: GanConfig = field(default_factory=GanConfig)
 
     def _validate(self, prefix: str) -> None:
