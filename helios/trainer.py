@@ -78,7 +78,7 @@ class Trainer:
         self.tracker = None
         self.dist: DistInfo = setup(cfg.parallel, cfg.trainer)
         self.grad_accum = resolve_grad_accum(cfg, self.dist.world_size)
-        self.dtype = resolve_precision(cfg, self.dist.device)
+        self.dtype = resolve_precision(cfg.trainer.precision, self.dist.device)
         # the bases read at start-up, once per node (collective)
         self.share = NodeShare() if cfg.parallel.node_shared_weights and self.dist.world_size > 1 else None
         self.load_weights = node_shared_loader(self.share, merged_weights)
@@ -253,7 +253,9 @@ class Trainer:
             try:
                 loss, stats = self._micro_step(micro, last=micro == self.grad_accum - 1)
             except torch.OutOfMemoryError as err:
-                raise out_of_memory(self.cfg, self.step + 1, self.dist.world_size * self.grad_accum) from err
+                raise out_of_memory(
+                    self.cfg.trainer.batch_size, self.step + 1, self.dist.world_size * self.grad_accum
+                ) from err
             records.append({"loss": loss, **stats})
         # a stop signal on any rank (SIGTERM from scancel or a pre-emption, SIGINT) or a STOP file
         # (launch/helios.sbatch, ahead of a time limit; the main rank looks): the step's one read tells

@@ -551,7 +551,7 @@ def runtime_items(cfg, roles: list[Role]) -> list[Item]:
 def estimate(cfg, world_size: int, latent_hw: tuple[int, int]) -> list[Item]:
     """Every category per GPU and in host memory for ``cfg`` on ``world_size`` ranks."""
 
-    dtype = resolve_precision(cfg, torch.device("cuda"))
+    dtype = resolve_precision(cfg.trainer.precision, torch.device("cuda"))
     roles = build_roles(cfg, dtype)
     by_name = {r.name: r for r in roles}
     heads = gan_head_parameters(cfg, roles)

@@ -38,13 +38,13 @@ def check_installed(cfg: TrainConfig) -> None:
 
 
 def resolve_grad_accum(cfg: TrainConfig, world_size: int) -> int:
-    """``trainer.global_batch_size`` (when set) = batch_size x world_size x grad_accum, in samples: stage 2
-    with ``pyramid.stage_draw=every`` counts each clip's stage-samples (the reference's global batch 192 of
-    2-post = 1 clip x 3 stages x 64 GPUs)."""
+    """``trainer.global_batch_size`` (when set) = batch_size x world_size x grad_accum, in samples
+    (:meth:`TrainConfig.samples_per_clip`: stage 2 with ``pyramid.stage_draw=every`` counts each clip's
+    stage-samples, the reference's global batch 192 of 2-post = 1 clip x 3 stages x 64 GPUs)."""
     t = cfg.trainer
     if t.global_batch_size == 0:
         return t.grad_accum
-    samples = cfg.pyramid.samples_per_clip() if cfg.stage == 2 else 1
+    samples = cfg.samples_per_clip()
     per_step = t.batch_size * world_size * samples
     if t.global_batch_size % per_step:
         per_clip = world_size * samples
@@ -71,16 +71,17 @@ def resolve_num_workers(num_workers: int | None, device: torch.device) -> int:
     return 4 if device.type == "cuda" else 0
 
 
-def resolve_precision(cfg: TrainConfig, device: torch.device) -> torch.dtype:
-    if cfg.trainer.precision == "bf16" or (cfg.trainer.precision == "auto" and device.type == "cuda"):
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """``trainer.precision``: bf16, fp32, or auto (bf16 on a GPU)."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return torch.float32
 
 
-def out_of_memory(cfg: TrainConfig, step: int, ranks_x_accum: int) -> RuntimeError:
-    """What to change when a step runs out of device memory: the same global batch by accumulation,
-    gradient checkpointing, or a shorter clip."""
-    b = cfg.trainer.batch_size
+def out_of_memory(batch_size: int, step: int, ranks_x_accum: int) -> RuntimeError:
+    """What to change when a step runs out of device memory at ``trainer.batch_size``: the same global batch
+    by accumulation, gradient checkpointing, or a shorter clip."""
+    b = batch_size
     return RuntimeError(
         f"out of device memory at step {step} with trainer.batch_size={b}. Try trainer.batch_size=1 "
         f"trainer.global_batch_size={b * ranks_x_accum} (the same global batch by accumulation), "

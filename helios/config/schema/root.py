@@ -37,6 +37,11 @@ class TrainConfig(Validated):
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
+    def samples_per_clip(self) -> int:
+        """Training samples per clip, the unit of ``trainer.global_batch_size``: stage 2 with
+        ``pyramid.stage_draw=every`` trains each clip at every pyramid stage; otherwise one."""
+        return self.pyramid.samples_per_clip() if self.stage == 2 else 1
+
     def _validate(self, prefix: str) -> None:
         check(self.stage in STAGE_NAMES, "stage", f"must be one of {sorted(STAGE_NAMES)}, got {self.stage}")
         check(bool(self.resume), "resume", "must be 'latest', 'none' or a checkpoint path")
