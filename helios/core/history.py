@@ -53,7 +53,7 @@ class HistoryLayout:
         offset training gives a clip that starts at the video's first frame."""
         if self.relative_rope:
             return None
-        return torch.full((batch_size,), max(0, position - self.num_history), dtype=torch.long)
+        return torch.full((batch_size,), max(0, position - self.num_history))  # an int fill: int64
 
     @property
     def num_history(self) -> int:

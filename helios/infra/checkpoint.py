@@ -157,8 +157,9 @@ def _step_of(path: Path) -> int:
     return int(m.group(1)) if m else -1
 
 
-def newest_verified(done: list[tuple[int, Path]], key: str = "resume", quiet: bool = False) -> Path | None:
-    """The newest complete checkpoint whose files match their manifest; each one skipped is reported."""
+def newest_verified(done: list[tuple[int, Path]], key: str, quiet: bool = False) -> Path | None:
+    """The newest complete checkpoint whose files match their manifest; each one skipped is reported under
+    ``key`` (the setting that named it: ``resume``, ``init_from``, a weight source)."""
     for _, path in reversed(done):
         try:
             verify(path)

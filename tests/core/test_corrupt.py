@@ -226,3 +226,29 @@ def test_the_references_down_up_draws_one_reduction_per_region_and_resamples_eac
     regions = corrupt.reference_regions(7, 3)
     assert [frames[s:e] for s, e in regions] == [[frames[s]] * (e - s) for s, e in regions]
     assert len({frames[s] for s, _ in regions}) == len(regions)  # a reduction of its own per region
+
+
+def test_with_an_anchor_the_references_down_up_gives_the_anchor_a_region_before_the_history(monkeypatch):
+    """The reference's frame order puts the anchor first: it is a region of its own, and the history's
+    regions (:func:`reference_regions`) follow it shifted by one frame, every history frame resampled."""
+    from helios.core import corrupt
+
+    calls: list[float] = []
+
+    def down_up(frame: torch.Tensor, reduction: float) -> torch.Tensor:
+        calls.append(reduction)
+        return torch.full_like(frame, reduction)
+
+    monkeypatch.setattr(corrupt, "down_up", down_up)
+    cfg = CorruptConfig(mode="reference", reference_p_clean=0.0, reference_p_noise=0.0, downsample=[0.0, 0.5])
+    history, valid = torch.randn(1, 2, 7, 4, 4) + 5, torch.ones(1, 7, dtype=torch.bool)
+    anchor = torch.randn(1, 2, 1, 4, 4) + 5
+    gen = torch.Generator().manual_seed(0)
+    out, _, new_anchor = corrupt.frame_aware_corrupt(history, valid, cfg, gen, anchor, window=3)
+    assert len(calls) == 8  # the anchor and each history frame, once
+    frames = out[0, 0, :, 0, 0].tolist()
+    regions = corrupt.reference_regions(7, 3)
+    assert [frames[s:e] for s, e in regions] == [[frames[s]] * (e - s) for s, e in regions]
+    assert all(0.0 <= f <= 0.5 for f in frames)  # every history frame resampled (clean values are ~5)
+    assert 0.0 <= float(new_anchor[0, 0, 0, 0, 0]) <= 0.5
+    assert len({float(new_anchor[0, 0, 0, 0, 0]), *(frames[s] for s, _ in regions)}) == len(regions) + 1

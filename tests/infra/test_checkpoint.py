@@ -222,6 +222,21 @@ def test_a_weight_source_is_pinned_to_what_the_run_loaded(tmp_path):
     assert pin_source(None, "init_from") is None
 
 
+def test_a_run_dir_named_as_a_weight_source_is_pinned_to_its_newest_verified_checkpoint(tmp_path, caplog):
+    """``init_from=RUN_DIR``: its newest complete checkpoint that verifies; a damaged one is skipped, named
+    under the source's own key, and none verifying is refused under that key."""
+    from helios.infra.checkpoint import pin_source
+
+    _save(tmp_path, 1)
+    _flip_a_byte(_save(tmp_path, 2))
+    with caplog.at_level("WARNING"):
+        assert pin_source(str(tmp_path), "init_from") == str((tmp_path / "checkpoints" / "step_1").resolve())
+    assert "init_from: skipping step_2" in caplog.text
+    _flip_a_byte(tmp_path / "checkpoints" / "step_1")
+    with pytest.raises(checkpoint.CorruptCheckpoint, match=r"^init_from: none of the 2 checkpoints verifies"):
+        pin_source(str(tmp_path), "init_from")
+
+
 def _mapped_from(tensor, path: Path) -> bool:
     """The tensor's bytes lie in a mapping of ``path`` (/proc/self/maps): read through the page cache,
     which the node's ranks share, not copied into this process's own memory."""

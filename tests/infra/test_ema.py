@@ -161,3 +161,17 @@ def test_a_role_without_an_ema_schedule_has_none():
     ema = ModelEma([Role("model", m, list(m.parameters()), 1e-4)])
     ema.after_step(5, ["model"])
     assert ema.average == {} and ema.tensors() == {} and ema.state_dict() == {"updates": {}}
+
+
+def test_sampling_with_ema_weights_copies_the_module_and_leaves_the_training_weights():
+    """Export and generate (``weights=ema``): a copy of the role holding the EMA; the module itself keeps its
+    training weights."""
+    from helios.infra.ema import with_ema
+
+    m = torch.nn.Linear(2, 2)
+    trained = {k: v.clone() for k, v in m.state_dict().items()}
+    ema = {"generator.weight": torch.full((2, 2), 7.0), "generator.bias": torch.full((2,), 7.0)}
+    sampled = with_ema(m, "generator", ema)
+    assert sampled is not m and all(torch.equal(p, torch.full_like(p, 7.0)) for p in sampled.parameters())
+    assert all(torch.equal(trained[k], v) for k, v in m.state_dict().items())
+    assert with_ema(m, "generator", None) is m and with_ema(m, "generator", {}) is m

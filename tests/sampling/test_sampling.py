@@ -468,3 +468,14 @@ def test_the_samplers_block_noise_gamma_comes_from_the_config(kind):
     steps = [2] if kind == "unipc" else [2, 2, 2]
     sampler = build_section_sampler(SamplerConfig(kind=kind, steps=steps, gamma=0.25))
     assert sampler.scheduler.config.gamma == 0.25
+
+
+@pytest.mark.parametrize(("kind", "steps"), [("unipc", [4]), ("pyramid", [2, 2, 2]), ("dmd", [1, 1, 1])])
+def test_the_timesteps_are_made_on_the_device_that_samples(kind, steps):
+    """Every sampler's schedule is built on the sampling device (a meta device here: no copy per step)."""
+    from helios.sampling.pipeline import build_section_sampler
+    from helios.sampling.section import set_stage_timesteps
+
+    sampler = build_section_sampler(SamplerConfig(kind=kind, steps=steps))
+    set_stage_timesteps(sampler.scheduler, steps, 0, (1, 16, 3, 8, 8), device=torch.device("meta"))
+    assert sampler.scheduler.timesteps.device.type == "meta"

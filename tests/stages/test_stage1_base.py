@@ -97,3 +97,27 @@ def test_absolute_rope_places_the_window_at_its_offset_in_the_video():
     expected = stage.layout.indices(2, torch.full((2,), 5))["indices_hidden_states"]
     assert torch.equal(cond["indices_hidden_states"], expected)
     assert not torch.equal(expected, stage.layout.indices(2, None)["indices_hidden_states"])
+
+
+def test_a_base_with_weights_the_transformer_does_not_know_is_refused_naming_init_from():
+    """A previous phase's weights that do not fit the configured transformer: the error names ``init_from``
+    (where they came from) and the weights."""
+    stage = Stage1Base(compose([]))
+    with pytest.raises(ValueError) as err:
+        stage.build_model({"bogus.weight": torch.zeros(2)})
+    assert str(err.value) == "init_from: weights unknown to this Helios transformer: ['bogus.weight']"
+
+
+def test_frame_aware_corrupt_gets_the_layouts_window(monkeypatch):
+    """The reference's down-up regions are windows of the run's own window length (not the 14B default's)."""
+    windows = []
+    real = conditioning.frame_aware_corrupt
+
+    def spy(*args):
+        windows.append(args[5])
+        return real(*args)
+
+    monkeypatch.setattr(conditioning, "frame_aware_corrupt", spy)
+    stage = Stage1Base(compose([]))
+    stage.condition(_batch(), torch.Generator().manual_seed(0))
+    assert windows == [stage.layout.window] and stage.layout.window != 9

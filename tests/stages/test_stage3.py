@@ -996,3 +996,60 @@ def test_the_ode_init_step_on_endpoint_pairs_regresses_onto_the_stage_end():
         assert float(losses["generator"]) < 1e-10
         stages.add(stats["ode_stage"])
     assert len(stages) > 1
+
+
+def test_the_ode_init_phase_drops_captions_at_the_runs_rate(monkeypatch):
+    """``data.caption_dropout`` reaches the ODE-pair dataset of the ODE-init phase (its unconditional
+    branch trains as in the other stages)."""
+    from helios.stages.distilled import ode_init
+
+    seen = []
+    monkeypatch.setattr(ode_init, "ode_pair_dataset", lambda *args: seen.append(args[-1]))
+    cfg = compose(["stage=3", "stage3=tiny_ode", "data.caption_dropout=0.25", "distill.ode_pairs=/pairs"])
+    ode_init.OdeInitPhase(cfg, None, None, None, lambda: torch.device("cpu")).dataset(None)
+    assert seen == [0.25]
+
+
+def _roles(overrides: list[str], load):
+    from helios.stages.distilled.roles import DistillRoles
+
+    return DistillRoles(compose(["stage=3", "distill.teacher=/teacher", *overrides]), load)
+
+
+def test_without_the_gan_the_post_phase_builds_no_heads():
+    """``distill.gan.enabled=false`` (Table 5's "w/o GAN"): no GAN heads are built or trained."""
+    roles = _roles(["distill.phase=post", "distill.gan.enabled=false"], lambda source, dtype: None)
+    model = roles.build(None, torch.float32)
+    assert model.fake is not None and model.heads is None
+    assert _roles(["distill.phase=post"], lambda source, dtype: None).build(None, torch.float32).heads
+
+
+def test_a_random_base_generator_reads_no_teacher_weights():
+    """Export and generate of a ``model.transformer.source=random`` run restore the base from the checkpoint:
+    building the generator reads no teacher."""
+
+    def load(source, dtype):
+        raise AssertionError(f"read {source}")
+
+    assert _roles(["model.transformer.source=random"], load).build_generator(None, torch.float32).generator
+    published = ["model.transformer.source=helios", "model.transformer.path=/helios-base"]
+    with pytest.raises(AssertionError, match="read /teacher"):  # a published base: the teacher is its start
+        _roles(published, load).build_generator(None, torch.float32)
+
+
+def test_a_generator_step_logs_the_time_of_each_part(tmp_path):
+    """The post phase's step reports only declared metrics, and on a step that updates the generator (the
+    first, TTUR) the seconds of the rollout, the generator's and the critic's parts are on the dashboard."""
+    from helios.trainer import Trainer
+
+    cfg = complete_tiny_distill(compose(["stage=3", "validation.enabled=false", "trainer.progress=false"]))
+    trainer = Trainer(cfg, tmp_path)
+    try:
+        trainer.prepare()
+        metrics = trainer.train_step()
+    finally:
+        trainer.close()
+    declared = trainer.stage.metric_names()
+    assert {"time_rollout_s", "time_generator_s", "time_critic_s"} <= set(declared) <= set(metrics)
+    assert metrics["update_g"] == 1.0
+    assert all(math.isfinite(metrics[k]) and metrics[k] > 0 for k in declared if k.startswith("time_"))

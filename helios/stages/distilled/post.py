@@ -294,9 +294,9 @@ class PostPhase(DistillPhase):
         tau = draws["tau"]
         tau5, t_tau = tau.view(-1, 1, 1, 1, 1), tau * NUM_TRAIN_TIMESTEPS
         with self.roles.resident("critic", "real", then="generator"):  # the generator's graph waits
-            x_tau = (1 - tau5) * x0 + tau5 * torch.randn(x0.shape, generator=gen).to(
-                device, non_blocking=True
-            )
+            eps = torch.randn(x0.shape, generator=gen)
+            eps = eps.to(device, non_blocking=True)  # pragma: no mutate (a copy hint; one device on a CPU)
+            x_tau = (1 - tau5) * x0 + tau5 * eps
             with torch.no_grad():
                 xt = x_tau.detach()
                 uncond = {

@@ -83,7 +83,8 @@ class StagedRollout:
         b, c, t, h, w = shape
         device = cond["encoder_hidden_states"].device
         k_max = len(self.steps)
-        x = torch.randn(b, c, t, h, w, generator=gen).to(device, non_blocking=True)
+        x = torch.randn(b, c, t, h, w, generator=gen)
+        x = x.to(device, non_blocking=True)  # pragma: no mutate (a copy hint; one device on a CPU)
         for _ in range(k_max - 1):
             x = halve(x) * 2
         sched = self.scheduler
@@ -97,7 +98,8 @@ class StagedRollout:
             if forwards is not None:
                 with torch.no_grad():
                     for _ in range(forwards[k] - (last + 1)):
-                        velocity(generator, x, timesteps[0].expand(b).to(device, non_blocking=True), cond)
+                        t0 = timesteps[0].expand(b).to(device, non_blocking=True)  # pragma: no mutate
+                        velocity(generator, x, t0, cond)
             for j in range(last + 1):
                 exiting = j == last
                 with torch.set_grad_enabled(grad and exiting):
