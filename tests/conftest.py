@@ -33,6 +33,16 @@ def helios_cache(tmp_path_factory) -> Path:
     return cache
 
 
+@pytest.fixture(autouse=True)
+def plain_linear():
+    """Every test starts with torch's own ``F.linear``: a ZeRO-3 engine built in the test process replaces it
+    with DeepSpeed's memory-efficient one for the rest of the process ("this will persist unless manually
+    reset"), and a later test (torch's FLOP count of the DiT) would see other operators."""
+    linear = torch.nn.functional.linear
+    yield
+    torch.nn.functional.linear = linear
+
+
 @pytest.fixture
 def python() -> str:
     return sys.executable

@@ -90,8 +90,10 @@ def run(names: list[str]) -> float:
     """Run the mutants ``names`` (explicit names are run again even where mutmut has a result)."""
     start = time.time()
     proc = mutmut("run", "--max-children", "2", *names)
+    log = MUTANTS / "mutmut-run.log"  # the whole output (the spinner fills the tail of it)
+    log.write_text(proc.stdout + proc.stderr)
     if "Failed to run clean test" in proc.stdout:
-        sys.exit(f"the unmutated tests fail; fix them first:\n{proc.stdout[-4000:]}")
+        sys.exit(f"the unmutated tests fail; fix them first (mutmut's output: {log})")
     return time.time() - start
 
 
