@@ -206,9 +206,8 @@ def test_branches_follow_the_given_generator_not_the_global_stream():
     assert torch.equal(draws[0], draws[1])
 
 
-def test_the_references_down_up_draws_one_reduction_per_region_and_resamples_each_frame_once(monkeypatch):
-    """The reference's down-up branch: one reduction drawn per history region (:func:`reference_regions`),
-    applied to that region's frames only, each frame resampled once from its clean value."""
+def _down_up_writes_its_reduction(monkeypatch) -> list[float]:
+    """``down_up`` replaced by one that fills the frame with its reduction; returns the reductions it got."""
     from helios.core import corrupt
 
     calls: list[float] = []
@@ -218,6 +217,15 @@ def test_the_references_down_up_draws_one_reduction_per_region_and_resamples_eac
         return torch.full_like(frame, reduction)
 
     monkeypatch.setattr(corrupt, "down_up", down_up)
+    return calls
+
+
+def test_the_references_down_up_draws_one_reduction_per_region_and_resamples_each_frame_once(monkeypatch):
+    """The reference's down-up branch: one reduction drawn per history region (:func:`reference_regions`),
+    applied to that region's frames only, each frame resampled once from its clean value."""
+    from helios.core import corrupt
+
+    calls = _down_up_writes_its_reduction(monkeypatch)
     cfg = CorruptConfig(mode="reference", reference_p_clean=0.0, reference_p_noise=0.0, downsample=[0.0, 0.5])
     history, valid = torch.randn(1, 2, 7, 4, 4), torch.ones(1, 7, dtype=torch.bool)
     out, _, _ = corrupt.frame_aware_corrupt(history, valid, cfg, torch.Generator().manual_seed(0), window=3)
@@ -233,13 +241,7 @@ def test_with_an_anchor_the_references_down_up_gives_the_anchor_a_region_before_
     regions (:func:`reference_regions`) follow it shifted by one frame, every history frame resampled."""
     from helios.core import corrupt
 
-    calls: list[float] = []
-
-    def down_up(frame: torch.Tensor, reduction: float) -> torch.Tensor:
-        calls.append(reduction)
-        return torch.full_like(frame, reduction)
-
-    monkeypatch.setattr(corrupt, "down_up", down_up)
+    calls = _down_up_writes_its_reduction(monkeypatch)
     cfg = CorruptConfig(mode="reference", reference_p_clean=0.0, reference_p_noise=0.0, downsample=[0.0, 0.5])
     history, valid = torch.randn(1, 2, 7, 4, 4) + 5, torch.ones(1, 7, dtype=torch.bool)
     anchor = torch.randn(1, 2, 1, 4, 4) + 5
