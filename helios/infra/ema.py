@@ -97,7 +97,7 @@ class ShardedEma:
             raise KeyError(f"EMA in the checkpoint lacks {sorted(missing)[:3]}...")
         for name in self.shard:
             start, end, _ = self._bounds(name)
-            self.shard[name].copy_(full[name].reshape(-1)[start:end].to(self.shard[name].device))
+            self.shard[name].copy_(full[name].reshape(-1)[start:end])  # copy_ crosses devices and dtypes
 
 
 def trainable_params(role: str, module: nn.Module) -> dict[str, torch.Tensor]:

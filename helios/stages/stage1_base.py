@@ -92,7 +92,7 @@ class Stage1Base(Stage):
         device = self.device
         cond, target, stats = self.condition(batch, generator)
         groups, noisy_stats = self.noisy_groups(target, generator, shared or generator)
-        total = torch.zeros((), device=device)
+        total = torch.zeros((), device=device)  # pragma: no mutate (a 0-dim host tensor adds to any device)
         samples = sum(len(g.index) for g in groups)  # the loss is the mean over them
         stats["noisy_tokens"] = float(sum(len(g.index) * token_count(*g.x_t.shape[2:]) for g in groups))
         for g in groups:

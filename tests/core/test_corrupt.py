@@ -48,6 +48,21 @@ def test_reference_mode_decides_once_per_micro_batch_and_noises_the_anchor_too()
     assert abs(clean / 300 - 0.1) < 0.05
 
 
+def test_the_references_noise_is_drawn_in_the_latents_dtype():
+    """The reference adds ``torch.randn_like(history)``: bf16 latents get bf16 noise (rounded before the
+    mix), then (1 - s) x + s eps per frame; replayed here from the same generator."""
+    cfg = CorruptConfig(reference_p_clean=0.0)
+    history = torch.randn(2, 4, 3, 6, 6, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    valid = torch.ones(2, 3, dtype=torch.bool)
+    out, _, _ = frame_aware_corrupt(history, valid, cfg, torch.Generator().manual_seed(0))
+    replay = torch.Generator().manual_seed(0)
+    torch.rand(2, generator=replay)  # the micro-batch's clean / branch draws
+    s = (cfg.noise[0] + (cfg.noise[1] - cfg.noise[0]) * torch.rand(6, generator=replay)).view(2, 1, 3, 1, 1)
+    eps = torch.randn(history.shape, generator=replay).to(torch.bfloat16)
+    want = ((1 - s) * history.float() + s * eps.float()).to(torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, want)
+
+
 def test_reference_random_mode_down_samples_a_tenth_of_the_corrupted_micro_batches():
     cfg = CorruptConfig(reference_p_noise=0.9)  # stage 3 post: the reference's "random" mode
     history = torch.randn(2, 2, 6, 8, 8)

@@ -131,6 +131,38 @@ def test_a_save_the_free_space_cannot_hold_is_refused_before_writing(tmp_path, m
     assert _tree(tmp_path) == before
 
 
+def test_the_free_space_check_counts_the_optimizer_state_not_only_the_weights(tmp_path, monkeypatch):
+    """Adam's moments are twice the trainable weights: a disk that holds the weights but not the moments
+    refuses the save before writing anything."""
+    from collections import namedtuple
+
+    import torch
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    weights = {"trainable": {"w": torch.zeros(100)}}  # 400 bytes: fit
+    objects = {"optimizer": {"exp_avg": [torch.zeros(100)], "exp_avg_sq": [torch.zeros(100)]}}  # +800
+    with pytest.raises(checkpoint.CheckpointWriteError, match=r"the disk is full .*needs about"):
+        checkpoint.save(tmp_path, 1, _info(), weights, objects, {}, keep_last=1)
+    assert not list((tmp_path / "checkpoints").glob("step_1*"))
+
+
+def test_a_manifest_that_cannot_be_written_fails_the_save_and_leaves_no_checkpoint(tmp_path, monkeypatch):
+    """The manifest and the completion marker are the last writes: when they fail the save is not
+    complete, the temporary folder is removed and the older checkpoint stays the newest."""
+    _save(tmp_path, 1, keep_last=1)
+    before = _tree(tmp_path)
+
+    def refuse(folder: Path) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(checkpoint, "write_manifest", refuse)
+    failed = r"step_2 was not saved: OSError.*step_1, is intact"
+    with pytest.raises(checkpoint.CheckpointWriteError, match=failed):
+        _save(tmp_path, 2, keep_last=1)
+    assert _tree(tmp_path) == before
+
+
 def test_stale_temporaries_are_removed_before_a_save_not_only_after_one(tmp_path):
     _save(tmp_path, 1)
     stale = tmp_path / "checkpoints" / "step_2.tmp-99999"

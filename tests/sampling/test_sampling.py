@@ -133,6 +133,18 @@ def test_pyramid_unipc_with_cfg_zero_star_matches_diffusers(tiny, pyramid_pipeli
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
 
 
+def test_cfg_zero_star_keeps_the_predictions_dtype():
+    """CFG-Zero*'s scale s* is computed in fp32 and applied in the velocity's dtype: a bf16 transformer's
+    guided velocity stays bf16 (an fp32 s* would promote every later sampler step to fp32)."""
+    gen = torch.Generator().manual_seed(0)
+    cond, uncond = (torch.randn(2, 4, 3, 5, 5, generator=gen).to(torch.bfloat16) for _ in range(2))
+    out = Guidance(5.0, cfg_zero_star=True).combine(cond, uncond, stage=1, step=3)
+    c, u = cond.float().flatten(1), uncond.float().flatten(1)
+    s = ((c * u).sum(1) / (u * u).sum(1)).view(2, 1, 1, 1, 1).to(torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, uncond * s + 5.0 * (cond - uncond * s), rtol=0, atol=0)
+
+
 def test_dmd_few_step_sampler_matches_diffusers(tiny, pyramid_pipeline_patched):
     transformer, vae, tok, text, cond, _ = tiny
     pipe = HeliosPyramidPipeline(

@@ -109,6 +109,12 @@ def test_real_recipe_needs_its_teacher():
     # what to give, and where the tiny default's comes from
     assert "needs the teacher (Helios-Base): a run dir, checkpoint or diffusers directory" in str(err.value)
     assert "(for the tiny model, train_helios.py makes a tiny one: helios.tiny_recipe)" in str(err.value)
+    no_pairs = compose(
+        ["stage=3", "stage3=ode", "model.transformer.path=/m", "data.path=/d", "distill.teacher=/t"]
+    )
+    with pytest.raises(ConfigError) as err:
+        Stage3Distilled(no_pairs).setup(Path("/d"), None)
+    assert err.value.key == "distill.ode_pairs" and "python -m helios.ode_pairs" in err.value.reason
     cfg = compose(
         ["stage=3", "stage3=post", "model.transformer.path=/m", "data.path=/d", "distill.teacher=/t"]
     )
@@ -323,6 +329,9 @@ def test_bidirectional_teacher_scores_one_segment_without_history_inputs():
     v = stage.phase.real_velocity(m, xt, torch.full((2,), 500.0), {"encoder_hidden_states": 0}, context)
     assert calls == [(8, ["encoder_hidden_states"])] and torch.equal(v, xt * 2)
     assert stage.phase.bidirectional_context(Batch, xt, tau5, None) is not None
+    # the batch's latents come from the host: the context is brought to x_tau's device (meta: the GPU)
+    on_device = stage.phase.bidirectional_context(Batch, xt.to("meta"), tau5.to("meta"), None)
+    assert on_device.device.type == "meta" and on_device.shape == context.shape
     stage.d.real_score = "history"
     assert stage.phase.bidirectional_context(Batch, xt, tau5, None) is None
 

@@ -94,7 +94,7 @@ class PostPhase(DistillPhase):
                 + (" or use distill.uncond=empty" if self.d.uncond == "negative" else "")
             )
         n = self.cfg.model.text_encoder.max_sequence_length
-        self.uncond = torch.zeros(1, n, uncond.shape[-1])
+        self.uncond = torch.zeros(1, n, uncond.shape[-1])  # pragma: no mutate (2-D: shape[1] is shape[-1])
         self.uncond[0, : min(n, len(uncond))] = uncond[:n]
 
     def dataset(self, data_path: Path | None):

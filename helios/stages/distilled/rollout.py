@@ -13,7 +13,12 @@ from helios.sampling.section import set_stage_timesteps, upsample_renoise
 
 def velocity(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
     """The transformer's velocity prediction in fp32."""
-    return model(hidden_states=x, timestep=t, **cond, return_dict=False)[0].float()
+    return model(
+        hidden_states=x,
+        timestep=t,
+        **cond,
+        return_dict=False,  # pragma: no mutate (diffusers' output object indexes as the tuple does)
+    )[0].float()
 
 
 def first_section(history: torch.Tensor) -> bool:
