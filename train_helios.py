@@ -47,11 +47,13 @@ def _train(raw: DictConfig, sweep: bool) -> int | None:
     cfg = load_config(raw)
     # imported after the config is valid: the trainer pulls in diffusers (~6 s), which --help, a bad
     # config and a sweep's validation never need (this script is outside the helios package's layers)
-    from helios.tiny_recipe import complete_tiny_distill
     from helios.trainer import Trainer
 
     hc = HydraConfig.get()
-    cfg = complete_tiny_distill(cfg)  # the tiny stage-3 job's Base, Mid and ODE pairs
+    if cfg.stage == 3 and cfg.model.name == "tiny":  # the tiny job's Base, Mid and ODE pairs: the demo's
+        from helios.bench.tiny_recipe import complete_tiny_distill  # bootstrap lives with the benchmarks
+
+        cfg = complete_tiny_distill(cfg)
     trainer = Trainer(
         cfg,
         hc.runtime.output_dir,

@@ -50,10 +50,10 @@ def prepare_rate(videos: Path, out: Path, workers: int) -> float:
 
 
 def ode_pair_rate(shards: Path, out: Path) -> float:
+    from helios.bench.tiny_recipe import complete_tiny_distill
     from helios.commands.teacher_ode_pairs import run
     from helios.config import compose
     from helios.config.schema import OdePairsConfig
-    from helios.tiny_recipe import complete_tiny_distill
 
     mid = complete_tiny_distill(compose(["stage=3"])).distill.generator_init
     settings = {"teacher": mid, "shards": shards, "output": out, "device": "cpu", "max_sequence_length": 32}

@@ -52,8 +52,8 @@ PARAMS_14B = 14.0e9
 def run_mode(mode: str, smoke: bool, steps: int) -> dict:
     import torch
 
+    from helios.bench.tiny_recipe import complete_tiny_distill
     from helios.config import compose
-    from helios.tiny_recipe import complete_tiny_distill
     from helios.trainer import Trainer
 
     overrides = [

@@ -27,13 +27,13 @@ from pathlib import Path
 
 import torch
 
+from helios.bench.tiny_recipe import train_run
 from helios.commands.teacher_ode_pairs import run as make_ode_pairs
 from helios.config import compose
 from helios.config.schema import OdePairsConfig, SamplerConfig
 from helios.data.synthetic import synthetic_shards
 from helios.loading import LoadedModel, load_for_inference
 from helios.sampling.decode import section_frames
-from helios.tiny_recipe import train_run
 from helios.world.measures import mean_metrics, video_metrics
 from helios.world.shapes import render_clip
 

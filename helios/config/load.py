@@ -109,7 +109,8 @@ MOVED_KEYS = {"distill.offload_shared": "parallel.node_shared_weights"}
 # keys added with a new default: a saved config without them ran the behaviour from before they existed
 ADDED_KEYS = {"pyramid.stage_draw": "random", "model.text_encoder.tiny_tokenizer": "bytes"}
 # keys a saved config may still hold that no longer configure anything
-REMOVED_KEYS = ("distill.tiny_teacher_steps",)  # the tiny stand-ins' steps: helios.tiny_recipe.TEACHER_STEPS
+# distill.tiny_teacher_steps: the tiny stand-ins' steps, now bench/tiny_recipe.py's TEACHER_STEPS
+REMOVED_KEYS = ("distill.tiny_teacher_steps",)
 
 
 def migrated(cfg: DictConfig) -> DictConfig:

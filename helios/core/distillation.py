@@ -125,9 +125,6 @@ class TTUR:
     def update_generator(self, iteration: int) -> bool:
         return iteration % self.generator_every == 0
 
-    def update_critic(self, iteration: int) -> bool:
-        return True
-
 
 @dataclass
 class EmaSchedule:

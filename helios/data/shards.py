@@ -18,7 +18,7 @@ import os
 import tarfile
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -203,10 +203,3 @@ class ShardIndex:
         state = self.__dict__.copy()
         state["_files"] = OrderedDict()
         return state
-
-
-def iter_shard_samples(shards: Iterable[Path]) -> Iterator[dict]:
-    """Sequential decode of whole shards (every rank reads what it is given)."""
-    index = ShardIndex([Path(s) for s in shards], max_open=1)
-    for i in range(len(index)):
-        yield index.read(i)

@@ -43,14 +43,14 @@ class Stage3Distilled(Stage):
 
     # ------------------------------------------------------------------ setup and roles
     def setup(self, data_path: Path, dist) -> None:
-        """Check the teacher and the ODE pairs are named (the tiny default's: :mod:`helios.tiny_recipe`), then
+        """Check the teacher and the ODE pairs are named (the tiny default's: ``bench/tiny_recipe.py``), then
         the phase's own setup (post: the real score's unconditional prompt)."""
         super().setup(data_path, dist)
         if self.d.teacher is None:
             raise ConfigError(
                 "distill.teacher",
                 "stage 3 needs the teacher (Helios-Base): a run dir, checkpoint or diffusers directory "
-                "(for the tiny model, train_helios.py makes a tiny one: helios.tiny_recipe)",
+                "(for the tiny model, train_helios.py makes a tiny one: bench/tiny_recipe.py)",
             )
         if self.d.phase == "ode" and self.d.ode_pairs is None:
             raise ConfigError(

@@ -61,6 +61,9 @@ def test_installed_package_runs_every_command_from_any_directory(installed, tmp_
     ):
         assert "python -m" in _run(installed, [python, "-m", module, "--help"], tmp_path).stdout, module
     assert "usage" in _run(installed, ["helios", "bench", "sampler", "--help"], tmp_path).stdout
+    # the tiny stage-3 job's bootstrap ships with the benchmarks (train_helios.py imports it for that job)
+    recipe = [python, "-c", "import helios.bench.tiny_recipe as r; print(r.__file__)"]
+    assert Path(_run(installed, recipe, tmp_path).stdout.strip()).is_relative_to(installed)
     train = ["trainer.max_steps=2", "validation.enabled=false", "trainer.progress=false"]
     _run(installed, ["helios", "train", f"hydra.run.dir={tmp_path / 'a'}", "stage=2", *train], tmp_path)
     assert (tmp_path / "a" / "checkpoints" / "step_2" / "COMPLETE").exists()

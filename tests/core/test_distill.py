@@ -121,11 +121,9 @@ def test_the_default_real_cfg_is_the_references_real_guidance_scale_3():
 
 
 def test_ttur_counts_optimizer_steps_per_role():
-    ttur, critic, generator = TTUR(generator_every=5), 0, 0
-    for iteration in range(20):
-        critic += ttur.update_critic(iteration)
-        generator += ttur.update_generator(iteration)
-    assert (critic, generator) == (20, 4)
+    """The critic steps every iteration; the generator every ``generator_every``-th."""
+    ttur = TTUR(generator_every=5)
+    assert sum(ttur.update_generator(iteration) for iteration in range(20)) == 4
     # the reference's ``global_step % 5 == 0``: the generator steps at the first iteration of each block
     assert [ttur.update_generator(i) for i in range(11)] == [i % 5 == 0 for i in range(11)]
 

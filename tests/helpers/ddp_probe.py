@@ -9,9 +9,9 @@ from node_share_probe import mapped_inode
 from safetensors.torch import save_file
 
 from helios import trainer as trainer_module
+from helios.bench.tiny_recipe import complete_tiny_distill
 from helios.config import compose
 from helios.model import trainable_state_dict
-from helios.tiny_recipe import complete_tiny_distill
 from helios.trainer import Trainer
 
 

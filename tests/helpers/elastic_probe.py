@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
+from helios.bench.tiny_recipe import complete_tiny_distill
 from helios.config import compose
 from helios.infra.backend import DdpBackend, model_tensors
-from helios.tiny_recipe import complete_tiny_distill
 from helios.trainer import Trainer
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
+from helios.bench.tiny_recipe import complete_tiny_distill
 from helios.config import compose
-from helios.tiny_recipe import complete_tiny_distill
 from helios.trainer import Trainer
 
 

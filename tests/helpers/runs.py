@@ -40,9 +40,9 @@ def train_cli(
 
 def train_in_process(overrides: list[str], run_dir: Path) -> list[dict]:
     """Run the trainer in this process with ``overrides`` (after quiet defaults); its metrics.jsonl."""
+    from helios.bench.tiny_recipe import complete_tiny_distill
     from helios.config import compose
     from helios.infra.metrics import read_metrics
-    from helios.tiny_recipe import complete_tiny_distill
     from helios.trainer import Trainer
 
     cfg = compose(["validation.enabled=false", "trainer.progress=false", "trainer.log_every=1", *overrides])

@@ -13,10 +13,10 @@ import math
 import pytest
 import torch
 
+from helios.bench.tiny_recipe import complete_tiny_distill
 from helios.config import compose
 from helios.infra.guard import StepGuard
 from helios.infra.parallel import TrainerRoleSteps
-from helios.tiny_recipe import complete_tiny_distill
 from helios.trainer import Trainer
 
 

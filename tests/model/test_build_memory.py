@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import torch
 
+from helios.bench.tiny_recipe import complete_tiny_distill
 from helios.config import compose
 from helios.loading import merged_weights
 from helios.model import build_transformer
 from helios.model.weights import keeps_fp32
-from helios.tiny_recipe import complete_tiny_distill
 from tests.helpers.runs import train_in_process as _train
 
 

@@ -21,6 +21,8 @@ def test_every_caption_of_the_world_fits_whole_words_and_other_text_is_spelled()
         assert _tokens(tokenizer, scene.caption) == [*words, "</s>"]  # 10 of the 32 tokens
     assert _tokens(tokenizer, "a cat!") == ["a", "c", "##a", "##t", "!", "</s>"]
     assert _tokens(tokenizer, "") == ["</s>"]
+    # the ids the cached synthetic shards and the tiny checkpoints were made with: the words first, sorted
+    assert tokenizer("background yellow a").input_ids == [4, 19, 3, 1] and len(tokenizer) == 531
 
 
 def test_the_byte_tokenizer_of_earlier_runs_still_encodes_as_it_did():

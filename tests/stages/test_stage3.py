@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helios.bench.tiny_recipe import complete_tiny_distill
 from helios.config import compose
 from helios.sampling.pipeline import sections_for
-from helios.tiny_recipe import complete_tiny_distill
 from helios.world.measures import caption_metrics
 from tests.helpers.runs import train_in_process as _train
 
@@ -108,7 +108,7 @@ def test_real_recipe_needs_its_teacher():
         Stage3Distilled(no_teacher).setup(Path("/d"), None)  # at start-up, before any model is built
     # what to give, and where the tiny default's comes from
     assert "needs the teacher (Helios-Base): a run dir, checkpoint or diffusers directory" in str(err.value)
-    assert "(for the tiny model, train_helios.py makes a tiny one: helios.tiny_recipe)" in str(err.value)
+    assert "(for the tiny model, train_helios.py makes a tiny one: bench/tiny_recipe.py)" in str(err.value)
     no_pairs = compose(
         ["stage=3", "stage3=ode", "model.transformer.path=/m", "data.path=/d", "distill.teacher=/t"]
     )
