@@ -98,8 +98,10 @@ def frame_aware_corrupt(
     flat_branch = branches.view(n)
     frames = out.permute(0, 2, 1, 3, 4).reshape(n, c, h, w)  # copy: [B*T, C, h, w]
 
-    exposure = _uniform(n, cfg.exposure, generator).to(history.device, torch.float32)
-    noise_level = _uniform(n, cfg.noise, generator).to(history.device, torch.float32)
+    exposure = _uniform(n, cfg.exposure, generator)
+    noise_level = _uniform(n, cfg.noise, generator)
+    # placement (one device on a CPU, where no test can tell): the levels go where the frames are
+    exposure, noise_level = (x.to(history.device) for x in (exposure, noise_level))  # pragma: no mutate
     reduction = _uniform(n, cfg.downsample, generator)
     eps = torch.randn(frames.shape, generator=generator).to(history.device, frames.dtype)
 
@@ -176,7 +178,8 @@ def saturate(
         if keep < cfg.p_clean or not bool(valid[:, start:end].any()):
             continue
         low, high = cfg.range
-        factor = low + u * (1.0 - 1e-3 - low) if side < 0.5 else 1.0 + 1e-3 + u * (high - 1.0 - 1e-3)
+        below = side < 0.5  # pragma: no mutate (<= differs only at a draw of exactly 0.5)
+        factor = low + u * (1.0 - 1e-3 - low) if below else 1.0 + 1e-3 + u * (high - 1.0 - 1e-3)
         part = history[:, :, start:end].permute(0, 2, 1, 3, 4).reshape(-1, c, h, w).float()
         scaled = scale_around_channel_mean(part, torch.full((part.shape[0],), factor))
         scaled = scaled.view(b, end - start, c, h, w).permute(0, 2, 1, 3, 4).to(history.dtype)

@@ -85,4 +85,4 @@ class AdaptiveAntiDrift:
         """Corrupt the history frames [B, C, H, h, w] selected by the bool mask ``frames`` [H]."""
         valid = frames.view(1, -1).expand(history.shape[0], -1).clone()
         out, _, _ = frame_aware_corrupt(history.cpu(), valid, self.cfg.corrupt, self.generator)
-        return out.to(history.device, history.dtype)
+        return out.to(history.device, history.dtype)  # pragma: no mutate (placement: one device on a CPU)

@@ -219,6 +219,13 @@ def test_branches_follow_the_given_generator_not_the_global_stream():
         torch.manual_seed(global_seed)
         draws.append(draw_branches((4, 16), cfg, torch.Generator().manual_seed(7)))
     assert torch.equal(draws[0], draws[1])
+    # and every level of every branch (the down-sampling reductions too): a rank's corrupt is its stream's
+    history, valid = torch.randn(4, 2, 16, 8, 8), torch.ones(4, 16, dtype=torch.bool)
+    outs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        outs.append(frame_aware_corrupt(history, valid, cfg, torch.Generator().manual_seed(7))[0])
+    assert torch.equal(outs[0], outs[1])
 
 
 def _down_up_writes_its_reduction(monkeypatch) -> list[float]:

@@ -95,6 +95,10 @@ def test_a_resume_that_cannot_be_used_names_its_key_and_what_would_work(tmp_path
     with pytest.raises(checkpoint.CorruptCheckpoint) as err:
         checkpoint.resolve_resume(str(second), run)
     assert str(err.value).startswith(f"resume={second}: ") and "verifies" not in str(err.value)
+    try:
+        checkpoint.verify(second)
+    except checkpoint.CorruptCheckpoint as own:  # no hint: the refusal is the checkpoint's own error, whole
+        assert str(err.value) == f"resume={second}: {own}"
     for value in ("latest", str(run)):
         with caplog.at_level("WARNING"), pytest.raises(checkpoint.CorruptCheckpoint) as err:
             checkpoint.resolve_resume(value, run)
@@ -214,7 +218,7 @@ def test_rotation_keeps_the_newest_and_never_touches_abandoned_branches(tmp_path
     assert checkpoint.resolve_resume("latest", tmp_path).name == "step_5"
 
 
-def test_a_fresh_start_or_a_foreign_checkpoint_moves_the_run_dirs_checkpoints_aside(tmp_path):
+def test_a_fresh_start_or_a_foreign_checkpoint_moves_the_run_dirs_checkpoints_aside(tmp_path, caplog):
     other = tmp_path / "other"
     _save(other, 7)
     run = tmp_path / "run"
@@ -228,6 +232,15 @@ def test_a_fresh_start_or_a_foreign_checkpoint_moves_the_run_dirs_checkpoints_as
     moved = checkpoint.start_branch(run, None)  # resume=none
     assert [p.name for p in moved] == ["step_1"] and moved[0].parent.name.endswith("-fresh")
     assert checkpoint.start_branch(run, None) == []
+    for step in (2, 10, 9):  # the warning names the moved checkpoints in step order, not name order
+        _save(run, step)
+    with caplog.at_level("WARNING"):
+        moved = checkpoint.start_branch(run, run / "checkpoints" / "step_2")
+    assert [p.name for p in moved] == ["step_9", "step_10"]
+    warning = caplog.records[-1].getMessage()
+    start = run / "checkpoints" / "step_2"
+    assert warning.startswith(f"resuming from {start} starts a new branch: step_9, step_10 moved to")
+    assert warning.endswith(f"{moved[0].parent} (kept; resume=<its path> continues that branch)")
 
 
 def test_saving_a_step_that_exists_keeps_the_old_one_aside(tmp_path):

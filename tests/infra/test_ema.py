@@ -135,7 +135,7 @@ def test_the_ema_starts_at_its_step_and_averages_after_generator_updates_only():
 def test_a_checkpoint_before_the_ema_starts_holds_no_ema():
     m = torch.nn.Linear(2, 2)
     ema = _generator_ema(m)
-    assert ema.tensors() == {}
+    assert ema.tensors() == {} and ema.state_dict() == {"updates": {"generator": 0}}  # a count from the start
     ema.after_step(2, ["generator"])
     saved = ema.tensors()
     assert list(saved) == ["ema"] and sorted(saved["ema"]) == ["generator.bias", "generator.weight"]

@@ -1,11 +1,13 @@
 """fix_pyramid_pipeline on one pipeline object: its block noise is ours (same law, same generator draws,
 no Cholesky factor) and its transformer's output is contiguous (diffusers' CFG-Zero* step calls .view())."""
 
+import json
 from types import SimpleNamespace
 
+import pytest
 import torch
 
-from helios.sampling.diffusers_compat import fix_pyramid_pipeline
+from helios.sampling.diffusers_compat import EXPORT_INFO, fix_pyramid_pipeline, pipeline_call_arguments
 from helios.sampling.section import block_noise
 
 
@@ -81,3 +83,12 @@ def test_an_exports_pipeline_call_is_its_samplers_settings():
         "pyramid_num_inference_steps_list": [2, 2, 2],
         "is_amplify_first_chunk": True,
     }
+
+
+def test_an_exports_call_arguments_are_read_from_its_info_file(tmp_path):
+    call = {"history_sizes": [16, 2, 1], "guidance_scale": 5.0, "pyramid_num_inference_steps_list": [2, 2, 2]}
+    (tmp_path / EXPORT_INFO).write_text(json.dumps({"call": call, "stage": 2}))
+    assert pipeline_call_arguments(tmp_path) == call
+    (tmp_path / EXPORT_INFO).write_text(json.dumps({"stage": 2}))  # a LoRA-only export: none
+    with pytest.raises(ValueError, match=f"^{tmp_path}: a LoRA-only export .* has no call arguments$"):
+        pipeline_call_arguments(str(tmp_path))

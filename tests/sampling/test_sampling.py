@@ -145,6 +145,17 @@ def test_cfg_zero_star_keeps_the_predictions_dtype():
     torch.testing.assert_close(out, uncond * s + 5.0 * (cond - uncond * s), rtol=0, atol=0)
 
 
+def test_a_sampler_amplifies_its_first_section_only_when_asked():
+    """``is_amplify_first_chunk`` (the distilled model's doubled first-section schedule) is off unless the
+    sampler is built with it, as in diffusers' pipelines."""
+    shape = (1, 16, 3, 8, 8)
+    plain = SectionSampler(HeliosDMDScheduler(), [2, 2, 2], Guidance(1.0))
+    asked = SectionSampler(HeliosDMDScheduler(), [2, 2, 2], Guidance(1.0), amplify_first=True)
+    assert len(plain.stage_timesteps(0, shape, first_section=True)) == 2
+    assert len(asked.stage_timesteps(0, shape, first_section=True)) == 4
+    assert len(asked.stage_timesteps(0, shape, first_section=False)) == 2
+
+
 def test_dmd_few_step_sampler_matches_diffusers(tiny, pyramid_pipeline_patched):
     transformer, vae, tok, text, cond, _ = tiny
     pipe = HeliosPyramidPipeline(
@@ -360,6 +371,8 @@ def test_section_decoder_decodes_as_the_format_requires(tiny):
     assert a.shape[2] == 18 and b.shape[2] == 21
     torch.testing.assert_close(a, decode_sections_independently(vae, sections), rtol=0, atol=0)
     torch.testing.assert_close(b, StreamingDecoder(vae).push(torch.cat(sections, dim=2)), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"^unknown latent format 'frames'; one of \['clip', 'sections'\]$"):
+        SectionDecoder(vae, "frames")
 
 
 def test_build_section_sampler_kinds():

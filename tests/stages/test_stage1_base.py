@@ -108,6 +108,17 @@ def test_a_base_with_weights_the_transformer_does_not_know_is_refused_naming_ini
     assert str(err.value) == "init_from: weights unknown to this Helios transformer: ['bogus.weight']"
 
 
+def test_a_stage_loads_weights_through_its_loader_in_the_dtype_asked():
+    """The trainer's ``init_from`` and stage 3's teacher read weights through the stage's loader, in the
+    run's dtype (bf16 weights of a 14B base are half the host memory of fp32 ones)."""
+    asked = []
+    stage = Stage1Base(compose([]), weights=lambda source, dtype: asked.append((source, dtype)) or {})
+    assert stage.load_weights("runs/s1", dtype=torch.bfloat16) == {}
+    assert asked == [("runs/s1", torch.bfloat16)]
+    with pytest.raises(RuntimeError, match="Stage1Base was built without a weights loader; it needs runs/s1"):
+        Stage1Base(compose([])).load_weights("runs/s1", dtype=torch.float32)
+
+
 def test_frame_aware_corrupt_gets_the_layouts_window(monkeypatch):
     """The reference's down-up regions are windows of the run's own window length (not the 14B default's)."""
     windows = []

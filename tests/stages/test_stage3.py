@@ -114,7 +114,8 @@ def test_real_recipe_needs_its_teacher():
     )
     with pytest.raises(ConfigError) as err:
         Stage3Distilled(no_pairs).setup(Path("/d"), None)
-    assert err.value.key == "distill.ode_pairs" and "python -m helios.ode_pairs" in err.value.reason
+    assert err.value.key == "distill.ode_pairs"
+    assert err.value.reason == "phase=ode needs ODE pairs: python -m helios.ode_pairs ..."
     cfg = compose(
         ["stage=3", "stage3=post", "model.transformer.path=/m", "data.path=/d", "distill.teacher=/t"]
     )
@@ -1005,6 +1006,48 @@ def test_the_ode_init_step_on_endpoint_pairs_regresses_onto_the_stage_end():
         assert float(losses["generator"]) < 1e-10
         stages.add(stats["ode_stage"])
     assert len(stages) > 1
+
+
+@pytest.mark.parametrize("pairs", ["endpoint", "trajectory"])
+def test_the_ode_init_step_computes_on_the_stages_device(pairs):
+    """The batch arrives on the host; the step's state, timestep, sigma and conditioning go to the stage's
+    device (meta: a tensor left on the host fails there, as on a GPU)."""
+    from helios.data.ode_pair_shards import TensorDict
+    from helios.infra.parallel import RoleSteps
+    from helios.stages import Stage3Distilled
+    from helios.stages.distilled.roles import DistillModule
+
+    stage = Stage3Distilled(compose(["stage=3", "stage3=tiny_ode"]))
+    stage.device = torch.device("meta")
+    b, c, w = 2, 16, stage.layout.window
+    batch = TensorDict(
+        history=torch.randn(b, c, stage.layout.num_history, 16, 16),
+        anchor=torch.randn(b, c, 1, 16, 16),
+        prompt_embeds=torch.randn(b, 4, 32),
+    )
+    for k in range(3):
+        hw = 16 // 2 ** (2 - k)
+        if pairs == "endpoint":
+            batch[f"stage{k}_start"] = torch.randn(b, c, w, hw, hw)
+        else:
+            batch[f"stage{k}_x"], batch[f"stage{k}_t"] = torch.randn(b, c, w, hw, hw), torch.full((b,), 500.0)
+        batch[f"stage{k}_end"] = torch.randn(b, c, w, hw, hw)
+    seen = []
+
+    class Recording(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.zero = torch.nn.Parameter(torch.zeros((), device="meta"))
+
+        def forward(self, hidden_states, timestep, return_dict=False, **inputs):
+            floats = [hidden_states, timestep, *(v for v in inputs.values() if v.is_floating_point())]
+            seen.extend(t.device.type for t in floats)  # (the frame indices: diffusers moves them itself)
+            return (hidden_states + self.zero,)
+
+    losses, _ = stage.phase.step(
+        DistillModule(Recording()), batch, torch.Generator().manual_seed(0), None, RoleSteps(), 0
+    )
+    assert set(seen) == {"meta"} and losses["generator"].device.type == "meta"
 
 
 def test_the_ode_init_phase_drops_captions_at_the_runs_rate(monkeypatch):
