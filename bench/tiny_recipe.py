@@ -5,7 +5,9 @@ generator's start, ``distill.generator_init``, and the ODE pairs' teacher) and, 
 ODE pairs (§3.4.2). For the tiny model, ``python train_helios.py stage=3`` makes tiny stand-ins when
 those keys are unset: stage 1, then stage 2 from it (:data:`TEACHER_STEPS` steps each), then
 ODE pairs from the Mid, each trained once and cached next to the synthetic shards. A real run names
-its checkpoints instead. This sits above the trainer: it runs whole training jobs.
+its checkpoints instead. This sits above the trainer (it runs whole training jobs) and outside the library,
+beside the benchmarks: ``train_helios.py`` imports it (as ``helios.bench.tiny_recipe``) only for a tiny
+``stage=3`` job.
 """
 
 from __future__ import annotations
