@@ -204,6 +204,29 @@ def test_a_stale_temporary_that_cannot_be_removed_does_not_stop_the_save(tmp_pat
     assert (stale / "busy.pt").exists()
 
 
+def test_a_failed_save_whose_partial_files_cannot_be_removed_still_names_the_failure(tmp_path, monkeypatch):
+    """The cleanup after a failed write is best effort too: a partial file that cannot be deleted does not
+    replace the save's own error (what the user must fix) with the cleanup's."""
+    import os
+
+    _save(tmp_path, 1)
+    unlink = os.unlink
+
+    def refuse(path, *args, **kwargs):
+        if str(path).endswith("part.pt"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return unlink(path, *args, **kwargs)
+
+    def crash(tmp: Path) -> None:
+        (tmp / "part.pt").write_bytes(b"\0" * 100)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "unlink", refuse)
+    with pytest.raises(checkpoint.CheckpointWriteError, match=r"step_2 was not saved: .*step_1, is intact"):
+        _save(tmp_path, 2, write_extra=crash)
+    assert [s for s, _ in checkpoint.list_complete(tmp_path)] == [1]
+
+
 def test_rotation_keeps_the_newest_and_never_touches_abandoned_branches(tmp_path):
     for step in (1, 2, 3):
         _save(tmp_path, step, keep_last=2)

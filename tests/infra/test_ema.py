@@ -175,3 +175,13 @@ def test_sampling_with_ema_weights_copies_the_module_and_leaves_the_training_wei
     assert sampled is not m and all(torch.equal(p, torch.full_like(p, 7.0)) for p in sampled.parameters())
     assert all(torch.equal(trained[k], v) for k, v in m.state_dict().items())
     assert with_ema(m, "generator", None) is m and with_ema(m, "generator", {}) is m
+
+
+def test_a_model_is_partitioned_when_zero3_gave_its_parameters_partitions():
+    """``write_weights`` gathers a ZeRO-3 model (parameters that carry ``ds_tensor``) before writing it."""
+    from helios.infra.ema import partitioned
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    assert not partitioned(model)
+    model[1].bias.ds_tensor = torch.zeros(1)  # one partitioned parameter is enough
+    assert partitioned(model)

@@ -210,7 +210,7 @@ def test_cached_gan_gradient_equals_plain_autograd(tmp_path):
     """Cache Grad for GAN (§4.2): the generator's gradients are those of plain autograd."""
     from helios.trainer import Trainer
 
-    grads = {}
+    grads, heads = {}, {}
     # w_G large so that the GAN term is a visible part of the generator gradient (fresh heads are weak)
     for cached, w_g in ((False, 50.0), (True, 50.0), ("no_gan", 0.0)):
         cfg = compose(
@@ -246,10 +246,17 @@ def test_cached_gan_gradient_equals_plain_autograd(tmp_path):
         grads[cached] = {
             n: p.grad.clone() for n, p in trainer.model.generator.named_parameters() if p.grad is not None
         }
+        heads[cached] = {
+            n: p.grad.clone() for n, p in trainer.model.heads.named_parameters() if p.grad is not None
+        }
         trainer.close()
     assert grads[True].keys() == grads[False].keys() and grads[True]
     for name, g in grads[False].items():
         torch.testing.assert_close(grads[True][name], g, rtol=1e-4, atol=1e-7)
+    # the GAN heads' gradients are the critic's loss alone: the generator's GAN loss leaves them frozen
+    assert heads[True].keys() == heads[False].keys() and heads[True]
+    for name, g in heads[False].items():
+        torch.testing.assert_close(heads[True][name], g, rtol=1e-5, atol=1e-8)
     # and the GAN term does reach the generator (without it the gradients differ)
     assert any(not torch.allclose(grads["no_gan"][n], g, atol=1e-7) for n, g in grads[False].items())
 
@@ -728,6 +735,34 @@ def test_critic_optimizer_group_takes_the_fake_score_learning_rate():
         m = DistillModule(torch.nn.Linear(2, 2), fake=torch.nn.Linear(2, 2))
         lrs = {r.name: r.lr for r in DistillRoles(cfg, None).training_roles(m)}
         assert lrs == {"generator": cfg.optim.lr, "critic": cfg.distill.fake_lr}
+
+
+def test_a_placement_block_refuses_a_name_that_is_no_role():
+    """A misspelt role would never be brought onto the device (or prefetched): refused, offload or not."""
+    from helios.stages import Stage3Distilled
+
+    roles = Stage3Distilled(compose(["stage=3"])).roles
+    refusal = r"resident\(XXcriticXX\): not a stage-3 role \(one of generator, critic, real\)"
+    with pytest.raises(KeyError, match=refusal):
+        with roles.resident("generator", then="XXcriticXX"):
+            pass
+    with roles.resident("generator", "real", then="critic"):  # every role of stage 3 is known
+        pass
+
+
+def test_the_exit_steps_are_uniform_over_every_step_of_each_stage():
+    """Each pyramid stage's exit is a uniform draw over all of its DMD steps, the last one included (on a
+    video's first section, over the doubled schedule)."""
+    from helios.stages import Stage3Distilled
+
+    rollout = Stage3Distilled(compose(["stage=3"])).rollout
+    for first in (False, True):
+        counts = [
+            len(rollout.stage_schedule(k, (1, 1, 1, 2, 2), first)[0]) for k in range(len(rollout.steps))
+        ]
+        drawn = [rollout.exit_steps(torch.Generator().manual_seed(s), first) for s in range(400)]
+        for k, n in enumerate(counts):
+            assert {d[k] for d in drawn} == set(range(n)), (first, k, n)
 
 
 @pytest.mark.slow

@@ -24,6 +24,9 @@ from helios.model.gan import GanHeads
 StateLoader = Callable[[str, torch.dtype], dict[str, torch.Tensor]]
 
 
+ROLE_NAMES = ("generator", "critic", "real")  # stage 3's roles (the real score may share the critic's base)
+
+
 class DistillModule(nn.Module):
     """The roles as one module (checkpoints, ``parallel.roles``); ``forward(fn, *args)`` runs
     ``fn(self, *args)``: one step over all roles (under DDP each role has its own wrapper,
@@ -208,7 +211,13 @@ class DistillRoles:
         bases are resident (a role without a base of its own, the shared real score, is skipped); with
         ``distill.offload_prefetch`` the copy of ``then``'s base starts meanwhile. After the block they may
         be released at any time (:meth:`OffloadPool.leave`): a role's forward or backward belongs inside
-        its block. Without ``distill.offload`` every base stays on the device."""
+        its block. Without ``distill.offload`` every base stays on the device. A name that is no role is an
+        error, with or without the offload (a misspelt role would otherwise never be brought in)."""
+        unknown = [r for r in (*roles, then) if r is not None and r not in ROLE_NAMES]
+        if unknown:
+            raise KeyError(
+                f"resident({', '.join(unknown)}): not a stage-3 role (one of {', '.join(ROLE_NAMES)})"
+            )
         if self.pool is None:
             yield
             return
