@@ -53,6 +53,20 @@ def _save(run: Path, step: int, keep_last: int = 3, **kwargs) -> Path:
     return checkpoint.save(run, step, _info(), weights, {"step": step}, {}, keep_last=keep_last, **kwargs)
 
 
+def _undeletable(monkeypatch, name: str) -> None:
+    """Files called ``name`` cannot be deleted (another user's, a busy mount); others can."""
+    import os
+
+    unlink = os.unlink
+
+    def refuse(path, *args, **kwargs):
+        if str(path).endswith(name):
+            raise PermissionError(13, "Permission denied", str(path))
+        return unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", refuse)
+
+
 def _tree(run: Path) -> list[str]:
     return sorted(str(p.relative_to(run)) for p in run.rglob("*"))
 
@@ -185,20 +199,12 @@ def test_stale_temporaries_are_removed_before_a_save_not_only_after_one(tmp_path
 def test_a_stale_temporary_that_cannot_be_removed_does_not_stop_the_save(tmp_path, monkeypatch):
     """Removing a crashed save's leftovers is best effort: a file in it that cannot be deleted (another
     user's, a busy mount) leaves the folder for the next save, and this save completes."""
-    import os
 
     _save(tmp_path, 1)
     stale = tmp_path / "checkpoints" / "step_2.tmp-99999"
     stale.mkdir()
     (stale / "busy.pt").write_bytes(b"\0" * 10)
-    unlink = os.unlink
-
-    def refuse(path, *args, **kwargs):
-        if str(path).endswith("busy.pt"):
-            raise PermissionError(13, "Permission denied", str(path))
-        return unlink(path, *args, **kwargs)
-
-    monkeypatch.setattr(os, "unlink", refuse)
+    _undeletable(monkeypatch, "busy.pt")
     _save(tmp_path, 2)
     assert [s for s, _ in checkpoint.list_complete(tmp_path)] == [1, 2]
     assert (stale / "busy.pt").exists()
@@ -207,21 +213,14 @@ def test_a_stale_temporary_that_cannot_be_removed_does_not_stop_the_save(tmp_pat
 def test_a_failed_save_whose_partial_files_cannot_be_removed_still_names_the_failure(tmp_path, monkeypatch):
     """The cleanup after a failed write is best effort too: a partial file that cannot be deleted does not
     replace the save's own error (what the user must fix) with the cleanup's."""
-    import os
 
     _save(tmp_path, 1)
-    unlink = os.unlink
-
-    def refuse(path, *args, **kwargs):
-        if str(path).endswith("part.pt"):
-            raise PermissionError(13, "Permission denied", str(path))
-        return unlink(path, *args, **kwargs)
+    _undeletable(monkeypatch, "part.pt")
 
     def crash(tmp: Path) -> None:
         (tmp / "part.pt").write_bytes(b"\0" * 100)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(os, "unlink", refuse)
     with pytest.raises(checkpoint.CheckpointWriteError, match=r"step_2 was not saved: .*step_1, is intact"):
         _save(tmp_path, 2, write_extra=crash)
     assert [s for s, _ in checkpoint.list_complete(tmp_path)] == [1]

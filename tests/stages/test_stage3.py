@@ -1004,15 +1004,11 @@ def test_the_critic_engine_names_its_parameters_as_the_roles_module_does():
     assert {n for n, _ in critic.named_parameters()} == expected and expected
 
 
-def test_the_ode_init_step_on_endpoint_pairs_regresses_onto_the_stage_end():
-    """``helios.ode_pairs source=clips``: x_t = sigma start + (1 - sigma) end at one DMD step of the drawn
-    stage, x0 = x_t - sigma v regressed onto the stage's end, so the exact velocity start - end costs 0."""
+def _ode_pair_batch(stage, pairs: str):
+    """A host batch of 2 ODE pairs for the tiny 3-stage pyramid: ``endpoint`` (each stage's start and end) or
+    ``trajectory`` (a teacher state at timestep 500 and the stage's end)."""
     from helios.data.ode_pair_shards import TensorDict
-    from helios.infra.parallel import RoleSteps
-    from helios.stages import Stage3Distilled
-    from helios.stages.distilled.roles import DistillModule
 
-    stage = Stage3Distilled(compose(["stage=3", "stage3=tiny_ode"]))
     b, c, w, gen = 2, 16, stage.layout.window, torch.Generator().manual_seed(0)
     batch = TensorDict(
         history=torch.randn(b, c, stage.layout.num_history, 16, 16, generator=gen),
@@ -1021,8 +1017,24 @@ def test_the_ode_init_step_on_endpoint_pairs_regresses_onto_the_stage_end():
     )
     for k in range(3):
         hw = 16 // 2 ** (2 - k)
-        batch[f"stage{k}_start"] = torch.randn(b, c, w, hw, hw, generator=gen)
+        if pairs == "endpoint":
+            batch[f"stage{k}_start"] = torch.randn(b, c, w, hw, hw, generator=gen)
+        else:
+            batch[f"stage{k}_x"] = torch.randn(b, c, w, hw, hw, generator=gen)
+            batch[f"stage{k}_t"] = torch.full((b,), 500.0)
         batch[f"stage{k}_end"] = torch.randn(b, c, w, hw, hw, generator=gen)
+    return batch
+
+
+def test_the_ode_init_step_on_endpoint_pairs_regresses_onto_the_stage_end():
+    """``helios.ode_pairs source=clips``: x_t = sigma start + (1 - sigma) end at one DMD step of the drawn
+    stage, x0 = x_t - sigma v regressed onto the stage's end, so the exact velocity start - end costs 0."""
+    from helios.infra.parallel import RoleSteps
+    from helios.stages import Stage3Distilled
+    from helios.stages.distilled.roles import DistillModule
+
+    stage = Stage3Distilled(compose(["stage=3", "stage3=tiny_ode"]))
+    batch = _ode_pair_batch(stage, "endpoint")
 
     class Exact(torch.nn.Module):  # the straight path's velocity, start - end, at every stage
         def __init__(self) -> None:
@@ -1047,26 +1059,13 @@ def test_the_ode_init_step_on_endpoint_pairs_regresses_onto_the_stage_end():
 def test_the_ode_init_step_computes_on_the_stages_device(pairs):
     """The batch arrives on the host; the step's state, timestep, sigma and conditioning go to the stage's
     device (meta: a tensor left on the host fails there, as on a GPU)."""
-    from helios.data.ode_pair_shards import TensorDict
     from helios.infra.parallel import RoleSteps
     from helios.stages import Stage3Distilled
     from helios.stages.distilled.roles import DistillModule
 
     stage = Stage3Distilled(compose(["stage=3", "stage3=tiny_ode"]))
     stage.device = torch.device("meta")
-    b, c, w = 2, 16, stage.layout.window
-    batch = TensorDict(
-        history=torch.randn(b, c, stage.layout.num_history, 16, 16),
-        anchor=torch.randn(b, c, 1, 16, 16),
-        prompt_embeds=torch.randn(b, 4, 32),
-    )
-    for k in range(3):
-        hw = 16 // 2 ** (2 - k)
-        if pairs == "endpoint":
-            batch[f"stage{k}_start"] = torch.randn(b, c, w, hw, hw)
-        else:
-            batch[f"stage{k}_x"], batch[f"stage{k}_t"] = torch.randn(b, c, w, hw, hw), torch.full((b,), 500.0)
-        batch[f"stage{k}_end"] = torch.randn(b, c, w, hw, hw)
+    batch = _ode_pair_batch(stage, pairs)
     seen = []
 
     class Recording(torch.nn.Module):
