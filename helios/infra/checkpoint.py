@@ -194,8 +194,7 @@ def start_branch(run_dir: Path, resumed: Path | None) -> list[Path]:
         if here
         else ("from_" + resumed.parent.parent.name if resumed else "fresh")
     )
-    target = root / ABANDONED / f"{time.strftime('%Y%m%d-%H%M%S')}-{origin}"
-    target.mkdir(parents=True, exist_ok=True)
+    target = _aside_dir(root, origin)
     moved = []
     for child in newer:
         os.replace(child, target / child.name)
@@ -207,6 +206,21 @@ def start_branch(run_dir: Path, resumed: Path | None) -> list[Path]:
         target,
     )
     return moved
+
+
+def _aside_dir(root: Path, label: str) -> Path:
+    """A new, empty ``checkpoints/abandoned/<when>-<label>[-<n>]/``: two set aside within one second (a
+    rerun saving the same step twice, two resumes) never share a folder."""
+    base = root / ABANDONED / f"{time.strftime('%Y%m%d-%H%M%S')}-{label}"
+    base.parent.mkdir(exist_ok=True)  # checkpoints/ exists: it holds what is set aside
+    n = 1
+    while True:
+        target = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            target.mkdir()
+            return target
+        except FileExistsError:
+            n += 1
 
 
 # ---------------------------------------------------------------------------------------------- save
@@ -341,9 +355,7 @@ def save(
         raise CheckpointWriteError(message) from failure
     if dist_info.is_main:
         if final.exists():  # the same step again (a rerun of a finished run): the old one is kept aside
-            aside = root / ABANDONED / (time.strftime("%Y%m%d-%H%M%S") + "-replaced")
-            aside.mkdir(parents=True, exist_ok=True)
-            os.replace(final, aside / final.name)
+            os.replace(final, _aside_dir(root, "replaced") / final.name)
         os.replace(tmp, final)
         rotate(run_dir, keep_last)
     barrier()

@@ -1,5 +1,6 @@
 """Checkpoint files against their manifest: sizes and SHA-256 checksums."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -265,17 +266,46 @@ def test_a_fresh_start_or_a_foreign_checkpoint_moves_the_run_dirs_checkpoints_as
     assert warning.endswith(f"{moved[0].parent} (kept; resume=<its path> continues that branch)")
 
 
-def test_saving_a_step_that_exists_keeps_the_old_one_aside(tmp_path):
+def test_two_fresh_starts_within_one_second_set_their_checkpoints_aside_apart(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint.time, "strftime", lambda fmt: "20261206-000000")
+    kept = []
+    for value in (1.0, 2.0):
+        _save(tmp_path, 1)
+        (tmp_path / "checkpoints" / "step_1" / "note").write_text(str(value))
+        kept += checkpoint.start_branch(tmp_path, None)
+    assert [p.parent.name for p in kept] == ["20261206-000000-fresh", "20261206-000000-fresh-2"]
+    assert [(p / "note").read_text() for p in kept] == ["1.0", "2.0"]
+
+
+def test_a_checkpoint_loaded_on_another_world_size_gives_no_rank_state(tmp_path):
+    """The ranks' random streams are per rank: restored only on the world size that wrote them."""
+    import dataclasses
+
+    path = _save(tmp_path, 1)
+    assert checkpoint.load(path, _info())[2] is not None
+    assert checkpoint.load(path, dataclasses.replace(_info(), world_size=2))[2] is None
+
+
+def test_saving_a_step_that_exists_keeps_the_old_one_aside(tmp_path, monkeypatch):
+    """Each replaced copy gets a folder of its own, also when two are set aside within one second."""
     import torch
     from safetensors.torch import load_file
 
+    monkeypatch.setattr(checkpoint.time, "strftime", lambda fmt: "20261206-000000")  # one second
     first = _save(tmp_path, 1)
-    old = first.read_bytes() if first.is_file() else (first / "trainable.safetensors").read_bytes()
-    weights = {"trainable": {"w": torch.zeros(4)}}
-    checkpoint.save(tmp_path, 1, _info(), weights, {"step": 1}, {}, keep_last=3)
-    assert torch.equal(load_file(str(first / "trainable.safetensors"))["w"], torch.zeros(4))
-    (kept,) = (tmp_path / "checkpoints" / checkpoint.ABANDONED).glob("*-replaced/step_1")
-    assert (kept / "trainable.safetensors").read_bytes() == old
+    versions = [(first / "trainable.safetensors").read_bytes()]
+    for value in (0.0, 2.0):
+        weights = {"trainable": {"w": torch.full((4,), value)}}
+        checkpoint.save(tmp_path, 1, _info(), weights, {"step": 1}, {}, keep_last=3)
+        assert torch.equal(load_file(str(first / "trainable.safetensors"))["w"], torch.full((4,), value))
+        versions.append((first / "trainable.safetensors").read_bytes())
+    abandoned = tmp_path / "checkpoints" / checkpoint.ABANDONED
+    assert sorted(p.name for p in abandoned.iterdir()) == [
+        "20261206-000000-replaced",
+        "20261206-000000-replaced-2",
+    ]
+    kept = [abandoned / name / "step_1" / "trainable.safetensors" for name in sorted(os.listdir(abandoned))]
+    assert [k.read_bytes() for k in kept] == versions[:2]  # every earlier version, none written over
 
 
 def test_a_weight_source_is_pinned_to_what_the_run_loaded(tmp_path):

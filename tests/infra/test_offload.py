@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import subprocess
@@ -191,13 +192,14 @@ def test_one_rank_per_node_keeps_a_plain_buffer_and_a_small_shm_is_a_config_erro
 
 @pytest.mark.parametrize(("cached_gan", "shared_teacher"), [(True, True), (False, False)])
 def test_stage3_offload_schedule_makes_every_role_resident_where_it_computes(
-    tmp_path, cached_gan, shared_teacher
+    tmp_path, monkeypatch, cached_gan, shared_teacher
 ):
     """One process, the offload pool on a CPU: a released weight is empty there, so a forward or backward of
     a role the schedule did not make resident fails or changes the losses (issue #36: removing the critic's
     or the real score's activation fails here). Post-phase iterations with the GAN on (critic and generator
     updates, the real score shared or its own, both forms of the GAN gradient) give exactly the losses and
-    weights of the run with every base resident."""
+    weights of the run with every base resident. With ``distill.offload_prefetch`` too, and each block
+    prefetches a role the block after it makes resident (the copy overlaps the current block's compute)."""
     from safetensors.torch import load_file
 
     from tests.helpers.runs import train_in_process
@@ -215,3 +217,20 @@ def test_stage3_offload_schedule_makes_every_role_resident_where_it_computes(
     a = load_file(str(tmp_path / "resident" / "checkpoints" / "step_2" / "trainable.safetensors"))
     b = load_file(str(tmp_path / "offload" / "checkpoints" / "step_2" / "trainable.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if cached_gan:
+        return  # the prefetch schedule: checked once, on the uncached GAN gradient's wider blocks
+    blocks, activate = [], OffloadPool.activate
+
+    def recorded(pool, *names, prefetch=None):
+        if names:  # not a CPU pool's release at a block's end
+            blocks.append((names, prefetch))
+        activate(pool, *names, prefetch=prefetch)
+
+    monkeypatch.setattr(OffloadPool, "activate", recorded)
+    prefetched = train_in_process(
+        [*common, "distill.offload=true", "distill.offload_prefetch=true"], tmp_path / "pf"
+    )
+    assert [m["loss"] for m in prefetched] == [m["loss"] for m in resident]
+    assert len(blocks) == 6  # rollout, scores, generator backward, critic; rollout, critic
+    for (_, prefetch), (following, _) in itertools.pairwise(blocks):
+        assert prefetch in following, blocks

@@ -133,6 +133,26 @@ def test_pyramid_unipc_with_cfg_zero_star_matches_diffusers(tiny, pyramid_pipeli
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "stage, published",
+    [
+        ("1", HeliosScheduler(stages=1, stage_range=[0, 1], use_dynamic_shifting=True)),
+        ("2", HeliosScheduler(stages=3, use_dynamic_shifting=True)),
+        ("3", HeliosDMDScheduler(stages=3, use_dynamic_shifting=True, time_shift_type="linear")),
+    ],
+)
+def test_each_stages_sampler_is_the_published_models_scheduler(stage, published):
+    """The scheduler a stage's validation sampler builds from its config is the one the published Helios
+    directories ship (dynamic shifting by token count on; the distilled model's linear shift), so the parity
+    tests above, which build those schedulers directly, hold for what the configs run."""
+    built = build_section_sampler(compose([f"stage={stage}"]).validation.sampler).scheduler
+    assert type(built) is type(published)
+    ignore = {"_use_default_values"}  # diffusers' bookkeeping of which values were given
+    assert {k: v for k, v in built.config.items() if k not in ignore} == {
+        k: v for k, v in published.config.items() if k not in ignore
+    }
+
+
 def test_cfg_zero_star_keeps_the_predictions_dtype():
     """CFG-Zero*'s scale s* is computed in fp32 and applied in the velocity's dtype: a bf16 transformer's
     guided velocity stays bf16 (an fp32 s* would promote every later sampler step to fp32)."""
@@ -357,6 +377,35 @@ def test_generate_video_t2v_i2v_v2v_and_adaptive(tiny, latent_format):
     assert not torch.equal(
         adaptive.latents[:, :, 6:], t2v.latents[:, :, 6:]
     )  # corrupted history changed them
+
+
+def test_streaming_decode_equals_diffusers_decode_on_a_residual_patchified_vae():
+    """Wan 2.2's VAE layout (residual up-blocks whose shortcut treats the first chunk apart, patch size 2):
+    the streaming decoder starts each stream with its first chunk as diffusers' ``decode`` does."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(
+        base_dim=16,
+        decoder_base_dim=16,
+        z_dim=8,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        is_residual=True,
+        patch_size=2,
+        in_channels=12,
+        out_channels=12,
+        latents_mean=[0.0] * 8,
+        latents_std=[1.0] * 8,
+    ).eval()
+    z = torch.randn(1, 8, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = vae.decode(z).sample
+    stream = StreamingDecoder(vae)
+    for _ in range(2):  # a reset stream starts again from its first chunk
+        torch.testing.assert_close(stream.push(z), expected, rtol=0, atol=1e-6)
+        stream.reset()
 
 
 def test_section_decoder_decodes_as_the_format_requires(tiny):

@@ -348,9 +348,14 @@ def test_bidirectional_teacher_scores_one_segment_without_history_inputs():
     "ablation", ["distill.history_source=self_forcing", "distill.real_score=bidirectional"]
 )
 def test_stage3_ablations_train(tmp_path, ablation):
-    metrics = _train(["stage=3", "trainer.max_steps=2", "distill.gan.start_step=0", ablation], tmp_path)
+    # self-forcing: every data history empty (T2V), which must not make its sections "first" sections
+    tasks = ["history.tasks.t2v=1.0", "history.tasks.v2v_partial=0.0"] if "self_forcing" in ablation else []
+    overrides = ["stage=3", "trainer.max_steps=2", "distill.gan.start_step=0", ablation, *tasks]
+    metrics = _train(overrides, tmp_path)
     assert len(metrics) == 2 and all(math.isfinite(m["loss"]) for m in metrics)
     assert math.isfinite(metrics[0]["loss_dmd"])  # the first iteration trains the generator (TTUR)
+    if "self_forcing" in ablation:  # the generator makes its own history: never a doubled first section
+        assert [m["first_section"] for m in metrics] == [0.0, 0.0]
 
 
 def test_uncached_gan_gradient_trains_with_gradient_checkpointing(tmp_path):

@@ -81,7 +81,8 @@ class PostPhase(DistillPhase):
         self.condition = condition
         self.ttur = TTUR(self.d.ttur)
         self.renoise = RenoiseSchedule(self.d.renoise_a0, self.d.renoise_b0, self.d.renoise_anneal_steps)
-        self.uncond: torch.Tensor | None = None  # the real score's unconditional prompt (distill.uncond)
+        # the real score's unconditional prompt (distill.uncond), read by setup() before any step
+        self.uncond: torch.Tensor | None = None  # pragma: no mutate
 
     def setup(self, data_path: Path | None) -> None:
         """Read the real score's unconditional prompt (the reference's negative prompt, or the empty one)."""
@@ -350,12 +351,9 @@ class PostPhase(DistillPhase):
         samples."""
         tau, top, left = draws["tau"], draws["top"], draws["left"]
         tau5, t_tau, device = tau.view(-1, 1, 1, 1, 1), tau * NUM_TRAIN_TIMESTEPS, x0d.device
-        real_tau = (1 - tau5) * target + tau5 * torch.randn(target.shape, generator=gen).to(
-            device, non_blocking=True
-        )
-        fake_tau = (1 - tau5) * x0d + tau5 * torch.randn(x0d.shape, generator=gen).to(
-            device, non_blocking=True
-        )
+        noise = [torch.randn(x.shape, generator=gen) for x in (target, x0d)]  # the real one drawn first
+        real_eps, fake_eps = (e.to(device, non_blocking=True) for e in noise)  # pragma: no mutate (copy hint)
+        real_tau, fake_tau = (1 - tau5) * target + tau5 * real_eps, (1 - tau5) * x0d + tau5 * fake_eps
         real_c, fake_c = self._crop(real_tau, top, left), self._crop(fake_tau, top, left)
         l_real, l_fake = self._disc(m, real_c, t_tau, cond), self._disc(m, fake_c, t_tau, cond)
         r1 = approx_r1(lambda x: self._disc(m, x, t_tau, cond), real_c, self.d.gan.r1_sigma, gen, l_real)
