@@ -203,8 +203,6 @@ def apply_tasks(
             valid[i, : h_frames - n_keep] = False
             if not section_format and n_keep:
                 anchor[i] = history[i, :, h_frames - n_keep : h_frames - n_keep + 1]
-    # pragma below: a bool mask times a float tensor keeps the float's dtype
-    history = history * valid.view(b, 1, h_frames, 1, 1).to(
-        history.device, history.dtype
-    )  # pragma: no mutate
+    mask = valid.view(b, 1, h_frames, 1, 1)
+    history = history * mask.to(history.device, history.dtype)  # pragma: no mutate (bool * float is float)
     return history, anchor, valid

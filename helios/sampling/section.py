@@ -190,10 +190,8 @@ class SectionSampler:
     ) -> torch.Tensor:
         """The timesteps this sampler feeds the model in pyramid stage ``stage`` of a section whose latents
         there have ``shape`` (as float; the model gets them rounded down)."""
-        # only the shape is read: a meta tensor allocates nothing (pragma: on a CPU it is the same)
-        self._set_timesteps(
-            stage, torch.empty(shape, device="meta"), None, first_section
-        )  # pragma: no mutate
+        like = torch.empty(shape, device="meta")  # pragma: no mutate (only its shape is read)
+        self._set_timesteps(stage, like, None, first_section)
         return self.scheduler.timesteps.float().cpu().clone()
 
     @torch.no_grad()
