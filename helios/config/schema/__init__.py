@@ -32,6 +32,7 @@ from helios.config.schema.objectives import DistillConfig, FlowConfig, GanConfig
 from helios.config.schema.root import STAGE_NAMES, TrainConfig
 from helios.config.schema.sampling import AdaptiveSamplingConfig, SamplerConfig, ValidationConfig
 from helios.config.schema.training import (
+    DISTILL_ROLES,
     LoggingConfig,
     OptimConfig,
     ParallelConfig,
@@ -40,6 +41,7 @@ from helios.config.schema.training import (
 )
 
 __all__ = [
+    "DISTILL_ROLES",
     "LATENT_FORMATS",
     "REFERENCE_NEGATIVE_PROMPT",
     "STAGE_NAMES",

@@ -10,7 +10,13 @@ from helios.config.schema.history_config import HistoryConfig
 from helios.config.schema.model import ModelConfig
 from helios.config.schema.objectives import DistillConfig, FlowConfig, PyramidConfig
 from helios.config.schema.sampling import ValidationConfig
-from helios.config.schema.training import LoggingConfig, OptimConfig, ParallelConfig, TrainerConfig
+from helios.config.schema.training import (
+    DISTILL_ROLES,
+    LoggingConfig,
+    OptimConfig,
+    ParallelConfig,
+    TrainerConfig,
+)
 
 # the paper's stages (§5.1); helios/stages maps each to its class (the config layer knows only names)
 STAGE_NAMES = {1: "base", 2: "mid", 3: "distilled"}
@@ -45,7 +51,7 @@ class TrainConfig(Validated):
     def _validate(self, prefix: str) -> None:
         check(self.stage in STAGE_NAMES, "stage", f"must be one of {sorted(STAGE_NAMES)}, got {self.stage}")
         check(bool(self.resume), "resume", "must be 'latest', 'none' or a checkpoint path")
-        zero3 = [r for r in ("generator", "critic", "real") if self.parallel.role_backend(r) == "zero3"]
+        zero3 = [r for r in DISTILL_ROLES if self.parallel.role_backend(r) == "zero3"]
         check(
             not self.distill.offload or not zero3,
             "distill.offload",

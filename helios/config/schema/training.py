@@ -72,6 +72,13 @@ class TrainerConfig(Validated):
         check(self.peak_tflops is None or self.peak_tflops > 0, prefix + "peak_tflops", "must be > 0")
 
 
+DISTILL_ROLES = (
+    "generator",
+    "critic",
+    "real",
+)  # stage 3's roles (the real score may share the critic's base)
+
+
 @dataclass
 class RoleParallelConfig(Validated):
     """Per-role ZeRO stage under ``parallel=zero2|zero3`` ("" = the backend's): stage 3's ``generator``,

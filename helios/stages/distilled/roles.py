@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from helios.config.schema import DistillConfig, LoraConfig, TrainConfig
+from helios.config.schema import DISTILL_ROLES, DistillConfig, LoraConfig, TrainConfig
 from helios.core.distillation import EmaSchedule
 from helios.infra.model_roles import Role
 from helios.infra.node_share import NodeShare
@@ -22,9 +22,6 @@ from helios.model import apply_lora, build_transformer
 from helios.model.gan import GanHeads
 
 StateLoader = Callable[[str, torch.dtype], dict[str, torch.Tensor]]
-
-
-ROLE_NAMES = ("generator", "critic", "real")  # stage 3's roles (the real score may share the critic's base)
 
 
 class DistillModule(nn.Module):
@@ -213,10 +210,10 @@ class DistillRoles:
         be released at any time (:meth:`OffloadPool.leave`): a role's forward or backward belongs inside
         its block. Without ``distill.offload`` every base stays on the device. A name that is no role is an
         error, with or without the offload (a misspelt role would otherwise never be brought in)."""
-        unknown = [r for r in (*roles, then) if r is not None and r not in ROLE_NAMES]
+        unknown = [r for r in (*roles, then) if r is not None and r not in DISTILL_ROLES]
         if unknown:
             raise KeyError(
-                f"resident({', '.join(unknown)}): not a stage-3 role (one of {', '.join(ROLE_NAMES)})"
+                f"resident({', '.join(unknown)}): not a stage-3 role (one of {', '.join(DISTILL_ROLES)})"
             )
         if self.pool is None:
             yield
