@@ -286,6 +286,23 @@ def test_a_checkpoint_loaded_on_another_world_size_gives_no_rank_state(tmp_path)
     assert checkpoint.load(path, dataclasses.replace(_info(), world_size=2))[2] is None
 
 
+def test_a_checkpoint_written_on_a_gpu_host_loads_on_a_cpu_only_one(tmp_path, monkeypatch):
+    """The pickled state (the optimizer's moments, a rank's CUDA generator) of a checkpoint written on a GPU
+    is tagged with its device; export, generate or a resume on a host without one maps it to the CPU."""
+    import torch
+
+    monkeypatch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+    objects = {"step": 1, "optimizer": {"exp_avg": torch.full((3,), 0.5)}}
+    weights, rank_state = {"trainable": {"w": torch.ones(4)}}, {"rng": torch.ones(2)}
+    path = checkpoint.save(tmp_path, 1, _info(), weights, objects, rank_state, keep_last=3)
+    monkeypatch.undo()
+    _, loaded, rank_state = checkpoint.load(path, _info())
+    assert torch.equal(loaded["optimizer"]["exp_avg"], torch.full((3,), 0.5))
+    assert loaded["optimizer"]["exp_avg"].device.type == "cpu" and torch.equal(
+        rank_state["rng"], torch.ones(2)
+    )
+
+
 def test_saving_a_step_that_exists_keeps_the_old_one_aside(tmp_path, monkeypatch):
     """Each replaced copy gets a folder of its own, also when two are set aside within one second."""
     import torch

@@ -20,7 +20,7 @@ from helios.sampling import (
     sample_video,
     seam_statistic,
 )
-from helios.sampling.decode import decode_sections_independently
+from helios.sampling.decode import decode_sections_independently, section_frames
 from helios.sampling.pipeline import build_section_sampler, generate_video, sections_for
 from helios.sampling.section import renoise_coefficients
 
@@ -282,8 +282,16 @@ def test_prompt_interpolation_eq20():
     e1, e2 = torch.full((1, 2, 3), 2.0), torch.full((1, 2, 3), 4.0)  # neither zero: both weights count
     schedule = PromptSchedule([(0, e1), (2, e2)], interpolation_steps=3)
     assert [float(schedule(k).mean()) for k in range(6)] == [2.0, 2.0, 2.0, 3.0, 4.0, 4.0]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="the first prompt must start at section 0"):
         PromptSchedule([(1, e1)])
+
+
+def test_section_frames_follow_the_latent_format():
+    """A section of 3 latent frames is 9 pixel frames in the section format (each section encoded alone);
+    streamed from whole-clip latents, every section after the first is 12 (4 per latent frame)."""
+    assert section_frames(3, "sections") == (9, 9)
+    assert section_frames(3, "clip") == (9, 12)
+    assert section_frames(9, "clip") == (33, 36)  # the real window
 
 
 def test_i2v_matches_helios_pipeline_in_the_section_format(tiny):

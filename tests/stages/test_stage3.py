@@ -1144,3 +1144,95 @@ def test_a_generator_step_logs_the_time_of_each_part(tmp_path):
     assert {"time_rollout_s", "time_generator_s", "time_critic_s"} <= set(declared) <= set(metrics)
     assert metrics["update_g"] == 1.0
     assert all(math.isfinite(metrics[k]) and metrics[k] > 0 for k in declared if k.startswith("time_"))
+
+
+def test_the_critic_gan_loss_re_noises_real_and_generated_samples_to_tau_and_crops_them_alike(monkeypatch):
+    """Eq. 14-16: the discriminator sees x_tau = (1 - tau) x + tau eps of the real sample and of the
+    generated one (the real one's noise drawn first), both cropped at the step's offsets, at timestep
+    1000 tau; its loss is softplus(-D(real)) + softplus(D(fake)) plus the R1 term of its third forward."""
+    from helios.core.distillation import critic_gan_term
+    from helios.stages import Stage3Distilled
+    from helios.stages.distilled.post import PostPhase
+
+    phase = Stage3Distilled(compose(["stage=3", "distill.gan.crop=0.5"])).phase
+    seen = []
+
+    def disc(m, x, t, cond):
+        seen.append((x.detach().clone(), t.clone()))
+        return x.mean(dim=(1, 2, 3, 4))
+
+    monkeypatch.setattr(PostPhase, "_disc", staticmethod(disc))
+    data = torch.Generator().manual_seed(0)
+    target, x0d = torch.randn(2, 4, 3, 8, 12, generator=data), torch.randn(2, 4, 3, 8, 12, generator=data)
+    tau = torch.tensor([0.25, 0.75])
+    draws = {"tau": tau, "top": 2, "left": 4}
+    metrics = {}
+    loss = phase.critic_gan_loss(None, x0d, target, {}, draws, torch.Generator().manual_seed(5), metrics)
+    gen, t5 = torch.Generator().manual_seed(5), tau.view(-1, 1, 1, 1, 1)
+    real_eps, fake_eps = torch.randn(target.shape, generator=gen), torch.randn(x0d.shape, generator=gen)
+    crop = lambda x: x[..., 2:6, 4:10]  # noqa: E731  (crop 0.5 of 8 x 12: 4 x 6 at (2, 4))
+    real, fake = crop((1 - t5) * target + t5 * real_eps), crop((1 - t5) * x0d + t5 * fake_eps)
+    (real_in, t_real), (fake_in, t_fake), (perturbed, _) = seen
+    torch.testing.assert_close(real_in, real)
+    torch.testing.assert_close(fake_in, fake)
+    torch.testing.assert_close(t_real, tau * 1000)
+    torch.testing.assert_close(t_fake, tau * 1000)
+    l_real, l_fake, l_pert = (x.mean(dim=(1, 2, 3, 4)) for x in (real, fake, perturbed))
+    loss_d = torch.nn.functional.softplus(-l_real).mean() + torch.nn.functional.softplus(l_fake).mean()
+    r1 = (l_real - l_pert).pow(2).mean()
+    g = phase.d.gan
+    torch.testing.assert_close(loss, critic_gan_term(loss_d, r1, g.w_d, g.r1_lambda, g.r1_weighting))
+    assert float(metrics["loss_gan_d"]) == pytest.approx(float(loss_d), rel=1e-6)
+
+
+def test_the_gan_crops_offsets_are_even_inside_the_frame_and_reach_every_even_place():
+    """The crop's top-left corner is drawn on the patch grid (even offsets) so that the whole crop lies in
+    the frame: every even offset from 0 to (side - crop side) is drawn, and no other."""
+    from helios.stages import Stage3Distilled
+
+    phase = Stage3Distilled(compose(["stage=3", "distill.gan.crop=0.5"])).phase
+    target, gen = torch.zeros(1, 4, 3, 14, 22), torch.Generator().manual_seed(0)
+    offsets = [phase.draws(target, gen, step=0) for _ in range(200)]
+    assert {d["top"] for d in offsets} == {0, 2, 4, 6, 8}  # 14 - 6
+    assert {d["left"] for d in offsets} == {0, 2, 4, 6, 8, 10, 12}  # 22 - 10
+    assert all(phase._crop(target, d["top"], d["left"]).shape[-2:] == (6, 10) for d in offsets)
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_the_ode_init_step_draws_a_first_sections_time_from_its_doubled_schedule(first):
+    """Endpoint pairs: a video's first section (an empty history) regresses at one of the doubled
+    first-section schedule's steps when the distilled sampler amplifies the first section, a later
+    section at one of the plain schedule's (the sampler's own rule, as the student will be sampled)."""
+    from helios.infra.parallel import RoleSteps
+    from helios.stages import Stage3Distilled
+    from helios.stages.distilled.roles import DistillModule
+
+    stage = Stage3Distilled(compose(["stage=3", "stage3=tiny_ode"]))
+    assert stage.cfg.validation.sampler.amplify_first
+    batch = _ode_pair_batch(stage, "endpoint")
+    if first:
+        batch["history"] = torch.zeros_like(batch["history"])
+    seen = []
+
+    class Recording(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.zero = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, hidden_states, timestep, return_dict=False, **_):
+            seen.append(float(timestep[0]))
+            return (hidden_states + self.zero,)
+
+    drawn = {}
+    for seed in range(16):
+        _, stats = stage.phase.step(
+            DistillModule(Recording()), batch, torch.Generator().manual_seed(seed), None, RoleSteps(), 0
+        )
+        drawn.setdefault(int(stats["ode_stage"]), set()).add(seen[-1])
+    for k, timesteps in drawn.items():
+        shape = batch[f"stage{k}_start"].shape
+        doubled, plain = (
+            set(stage.phase.rollout.stage_schedule(k, shape, f)[0].tolist()) for f in (True, False)
+        )
+        assert plain < doubled  # the doubled schedule adds steps between the plain one's
+        assert (timesteps <= doubled and timesteps - plain) if first else timesteps <= plain

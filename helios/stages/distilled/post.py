@@ -213,7 +213,7 @@ class PostPhase(DistillPhase):
         tau = (
             shift_sigmas(self.renoise.sample(b, step, gen), shift)
             .clamp(0.02, 0.98)
-            .to(device, non_blocking=True)
+            .to(device, non_blocking=True)  # pragma: no mutate (a copy hint)
         )
         ch, cw = self._crop_hw(target)
         top = 2 * int(torch.randint((target.shape[-2] - ch) // 2 + 1, (1,), generator=gen))
