@@ -287,8 +287,8 @@ def test_a_checkpoint_loaded_on_another_world_size_gives_no_rank_state(tmp_path)
 
 
 def test_a_checkpoint_written_on_a_gpu_host_loads_on_a_cpu_only_one(tmp_path, monkeypatch):
-    """The pickled state (the optimizer's moments, a rank's CUDA generator) of a checkpoint written on a GPU
-    is tagged with its device; export, generate or a resume on a host without one maps it to the CPU."""
+    """The pickled state of a checkpoint written on a GPU (the optimizer's moments, a rank's state) is tagged
+    with the tensors' device; export, generate or a resume on a host without one maps it to the CPU."""
     import torch
 
     monkeypatch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
