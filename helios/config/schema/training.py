@@ -72,11 +72,8 @@ class TrainerConfig(Validated):
         check(self.peak_tflops is None or self.peak_tflops > 0, prefix + "peak_tflops", "must be > 0")
 
 
-DISTILL_ROLES = (
-    "generator",
-    "critic",
-    "real",
-)  # stage 3's roles (the real score may share the critic's base)
+# stage 3's roles (the real score may share the critic's base)
+DISTILL_ROLES = ("generator", "critic", "real")
 
 
 @dataclass
