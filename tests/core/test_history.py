@@ -37,6 +37,8 @@ def test_model_inputs_split_and_anchor():
     assert torch.equal(inputs["latents_history_mid"], clip[:, :, 16:18])
     assert torch.equal(inputs["latents_history_short"][:, :, 0:1], anchor)
     assert torch.equal(inputs["latents_history_short"][:, :, 1:], clip[:, :, 18:19])
+    with pytest.raises(ValueError, match=r"^clip has 27 latent frames, need 28$"):  # frames: dim 2
+        REAL.split_clip(torch.zeros(1, 4, 27, 6, 8))
 
 
 def test_no_multi_term_patch_puts_everything_in_short():

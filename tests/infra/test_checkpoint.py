@@ -308,7 +308,8 @@ def test_saving_a_step_that_exists_keeps_the_old_one_aside(tmp_path, monkeypatch
     import torch
     from safetensors.torch import load_file
 
-    monkeypatch.setattr(checkpoint.time, "strftime", lambda fmt: "20261206-000000")  # one second
+    # one second, in the format the folder names sort by (year first)
+    monkeypatch.setattr(checkpoint.time, "strftime", {"%Y%m%d-%H%M%S": "20261206-000000"}.__getitem__)
     first = _save(tmp_path, 1)
     versions = [(first / "trainable.safetensors").read_bytes()]
     for value in (0.0, 2.0):
@@ -334,6 +335,19 @@ def test_a_weight_source_is_pinned_to_what_the_run_loaded(tmp_path):
     assert pin_source(str(published), "model.transformer.path") == str(published.resolve())
     assert pin_source("BestWishYsh/Helios-Base", "distill.teacher") == "BestWishYsh/Helios-Base"
     assert pin_source(None, "init_from") is None
+
+
+def test_a_checkpoint_names_the_weight_sources_its_run_started_from(tmp_path):
+    """``saved_sources``: the sources ``save`` recorded; a checkpoint that recorded none (written before
+    sources were kept) gives an empty mapping, not None."""
+    import json
+
+    saved = _save(tmp_path, 1, sources={"distill.teacher": "/runs/base/checkpoints/step_9"})
+    assert checkpoint.saved_sources(saved) == {"distill.teacher": "/runs/base/checkpoints/step_9"}
+    meta = json.loads((saved / "meta.json").read_text())
+    del meta["sources"]
+    (saved / "meta.json").write_text(json.dumps(meta))
+    assert checkpoint.saved_sources(saved) == {}
 
 
 def test_a_run_dir_named_as_a_weight_source_is_pinned_to_its_newest_verified_checkpoint(tmp_path, caplog):

@@ -7,6 +7,7 @@ from diffusers import HeliosDMDScheduler, HeliosPipeline, HeliosPyramidPipeline,
 from helios.config import compose
 from helios.config.schema import SamplerConfig
 from helios.core.history import HistoryLayout
+from helios.data.video import decode_clip
 from helios.model.encoders import build_text_encoder, build_vae, encode_prompts
 from helios.model.transformer import build_transformer
 from helios.sampling import (
@@ -532,9 +533,13 @@ def test_a_video_that_fails_to_write_is_named_with_the_encoders_reason(tmp_path,
     with pytest.raises(OSError, match=rf"^writing {out} failed: it holds 3 of 4 frames$"):
         pipeline.save_video(frames, out, 8, {"seed": 0})
     monkeypatch.undo()
+    # a ramp from dark to light: [-1, 1] maps onto the pixels' range, read back within the codec's error
+    frames = torch.linspace(-0.8, 0.8, 16).expand(3, 4, 16, 16).contiguous()
     pipeline.save_video(frames, out, 8, {"seed": 0})
     assert json.loads(out.with_suffix(".json").read_text()) == {"seed": 0}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v.json", "v.mp4"]
+    written, _ = decode_clip(str(out), 4, 16, 16)
+    assert (written - frames).abs().mean() < 0.05, (written - frames).abs().mean()
 
 
 def test_prompts_given_for_one_section_the_later_one_wins():

@@ -106,6 +106,7 @@ def test_real_recipe_needs_its_teacher():
     no_teacher = compose(["stage=3", "stage3=post", "model.transformer.path=/m", "data.path=/d"])
     with pytest.raises(ConfigError, match=r"distill\.teacher") as err:
         Stage3Distilled(no_teacher).setup(Path("/d"), None)  # at start-up, before any model is built
+    assert err.value.key == "distill.teacher"
     # what to give, and where the tiny default's comes from
     assert "needs the teacher (Helios-Base): a run dir, checkpoint or diffusers directory" in str(err.value)
     assert "(for the tiny model, train_helios.py makes a tiny one: bench/tiny_recipe.py)" in str(err.value)
@@ -207,10 +208,12 @@ def test_stage3_two_process_ddp_keeps_roles_identical(tmp_path):
 
 
 def test_cached_gan_gradient_equals_plain_autograd(tmp_path):
-    """Cache Grad for GAN (§4.2): the generator's gradients are those of plain autograd."""
+    """Cache Grad for GAN (§4.2): the generator's gradients are those of plain autograd; the GAN heads' and
+    the fake score's are the critic's losses alone either way (the generator's GAN loss leaves them
+    frozen)."""
     from helios.trainer import Trainer
 
-    grads, heads = {}, {}
+    grads, heads, fakes = {}, {}, {}
     # w_G large so that the GAN term is a visible part of the generator gradient (fresh heads are weak)
     for cached, w_g in ((False, 50.0), (True, 50.0), ("no_gan", 0.0)):
         cfg = compose(
@@ -249,6 +252,9 @@ def test_cached_gan_gradient_equals_plain_autograd(tmp_path):
         heads[cached] = {
             n: p.grad.clone() for n, p in trainer.model.heads.named_parameters() if p.grad is not None
         }
+        fakes[cached] = {
+            n: p.grad.clone() for n, p in trainer.model.fake.named_parameters() if p.grad is not None
+        }
         trainer.close()
     assert grads[True].keys() == grads[False].keys() and grads[True]
     for name, g in grads[False].items():
@@ -257,6 +263,11 @@ def test_cached_gan_gradient_equals_plain_autograd(tmp_path):
     assert heads[True].keys() == heads[False].keys() and heads[True]
     for name, g in heads[False].items():
         torch.testing.assert_close(heads[True][name], g, rtol=1e-5, atol=1e-8)
+    # so are the fake score's (its LoRA): the GAN loss flows through it to the generator only
+    assert fakes[True].keys() == fakes[False].keys() == fakes["no_gan"].keys() and fakes[True]
+    for name, g in fakes["no_gan"].items():
+        torch.testing.assert_close(fakes[False][name], g, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(fakes[True][name], g, rtol=1e-5, atol=1e-8)
     # and the GAN term does reach the generator (without it the gradients differ)
     assert any(not torch.allclose(grads["no_gan"][n], g, atol=1e-7) for n, g in grads[False].items())
 
@@ -755,6 +766,35 @@ def test_a_placement_block_refuses_a_name_that_is_no_role():
         pass
 
 
+def test_a_rollout_padded_to_the_agreed_forward_count_discards_the_extra_forwards():
+    """ZeRO-3 gathers a stage's weights in every forward, so the ranks agree on each stage's forward count
+    (``forwards``): a rank whose exit comes earlier makes up the difference with forwards of the generator
+    whose output it discards; its sample is the unpadded one."""
+    from collections import Counter
+
+    from helios.stages import Stage3Distilled
+
+    stage = Stage3Distilled(compose(["stage=3"]))
+    shape = (1, 16, stage.layout.window, 16, 16)
+    cond = {"encoder_hidden_states": torch.zeros(1, 4, 32)}
+    widths: list[int] = []  # the stage of each forward, by its width: 4, 8, 16
+
+    class Counting(torch.nn.Module):
+        def forward(self, hidden_states, timestep, return_dict=False, **_):
+            widths.append(hidden_states.shape[-1])
+            return (0.5 * hidden_states + timestep.view(-1, 1, 1, 1, 1) / 1000,)
+
+    exits = [0, 1, 0]
+    plain = stage.rollout(Counting(), cond, shape, torch.Generator().manual_seed(0), grad=False, exits=exits)
+    assert Counter(widths) == {4: 1, 8: 2, 16: 1}
+    widths.clear()
+    padded = stage.rollout(
+        Counting(), cond, shape, torch.Generator().manual_seed(0), grad=False, exits=exits, forwards=[2, 2, 3]
+    )
+    assert Counter(widths) == {4: 2, 8: 2, 16: 3}
+    assert torch.equal(padded, plain)
+
+
 def test_the_exit_steps_are_uniform_over_every_step_of_each_stage():
     """Each pyramid stage's exit is a uniform draw over all of its DMD steps, the last one included (on a
     video's first section, over the doubled schedule)."""
@@ -945,6 +985,30 @@ def test_stage3_roles_train_only_their_adapters_and_heads(shared_teacher):
     assert all(p.requires_grad for p in m.heads.parameters())
     if not shared_teacher:
         assert not any(p.requires_grad for p in m.real.parameters())
+
+
+@pytest.mark.parametrize("generator_init", [None, "/mid"])
+def test_each_role_reads_its_own_copy_of_its_source_in_the_runs_dtype(generator_init):
+    """The generator's base is read from ``distill.generator_init`` (the Mid), else from the teacher; the fake
+    score's and the separate real score's from the teacher, each a read of its own; every frozen base in
+    the run's dtype (bf16), but diffusers' fp32 modules; the adapters train in fp32."""
+    from helios.model import build_transformer
+    from helios.model.weights import keeps_fp32
+
+    base = build_transformer(compose(["stage=3"]).model.transformer).state_dict()
+    reads = []
+
+    def load(source, dtype):
+        reads.append((source, dtype))
+        return {k: v.clone() for k, v in base.items()}  # fp32, as a source may store it
+
+    init = [f"distill.generator_init={generator_init}"] if generator_init else []
+    model = _roles(["distill.shared_teacher=false", *init], load).build(None, torch.bfloat16)
+    assert reads == [(generator_init or "/teacher", torch.bfloat16), *[("/teacher", torch.bfloat16)] * 2]
+    for role in (model.generator, model.fake, model.real):
+        for name, p in role.named_parameters():
+            fp32 = p.requires_grad or keeps_fp32(name)
+            assert p.dtype == (torch.float32 if fp32 else torch.bfloat16), name
 
 
 def test_roles_start_from_their_sources_weights_and_the_gan_has_its_output_head(tmp_path):
