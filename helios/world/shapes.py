@@ -46,10 +46,17 @@ def _pick(options, generator: torch.Generator):
 
 
 def render_clip(
-    num_frames: int, height: int, width: int, generator: torch.Generator, scene: Scene | None = None
+    num_frames: int,
+    height: int,
+    width: int,
+    generator: torch.Generator,
+    scene: Scene | None = None,
+    anywhere: bool = False,
 ) -> tuple[torch.Tensor, str]:
     """One clip as a float tensor [3, T, H, W] in [-1, 1] and its caption: of ``scene``, or of one drawn
-    from ``generator``; its size, speed and start are drawn from ``generator`` either way."""
+    from ``generator``; its size, speed and start are drawn from ``generator`` either way. The shape
+    starts in the middle 40 % of the frame, or ``anywhere`` on the torus (a short clip then shows it
+    crossing a border as often as a long one does)."""
     if scene is None:
         shape, color, bg, direction = (
             _pick(SHAPES, generator),
@@ -62,8 +69,9 @@ def render_clip(
     radius = max(3, int(min(height, width) * (0.12 + 0.1 * float(torch.rand(1, generator=generator)))))
     speed = 1.0 + 2.0 * float(torch.rand(1, generator=generator))
     dx, dy = DIRECTIONS[direction]
-    cx = width * (0.3 + 0.4 * float(torch.rand(1, generator=generator)))
-    cy = height * (0.3 + 0.4 * float(torch.rand(1, generator=generator)))
+    low, span = (0.0, 1.0) if anywhere else (0.3, 0.4)
+    cx = width * (low + span * float(torch.rand(1, generator=generator)))
+    cy = height * (low + span * float(torch.rand(1, generator=generator)))
     yy, xx = torch.meshgrid(
         torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32), indexing="ij"
     )

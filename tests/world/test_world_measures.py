@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from helios.world.measures import (
+    PALETTE_NAMES,
     caption_metrics,
     caption_section_metrics,
     count_blobs,
     long_video_summary,
     mean_metrics,
+    palette_labels,
     parse_caption,
     section_measures,
     torus_centre,
@@ -119,3 +121,23 @@ def test_the_dashboard_gets_flat_section_keys_for_shapes_captions_only():
     assert flat["section2_present"] == 1.0 and flat["long_min_present"] == 1.0
     assert "section0_seam_step" not in flat and "section1_seam_step" in flat
     assert caption_section_metrics(_long_clip(scene, sections=3), "a cat on a sofa", 9, 9) == {}
+
+
+def test_a_clip_starts_its_shape_in_the_middle_or_anywhere_on_the_torus():
+    """The default start is in the middle 40 % of the frame (a single frame never shows the shape split by a
+    border); ``anywhere`` (the tiny VAE's last training phase) spreads it over the whole torus, so a short
+    clip shows border crossings as often as a long video does."""
+
+    def starts(anywhere: bool) -> list[tuple[float, float]]:
+        gen = torch.Generator().manual_seed(0)
+        out = []
+        for _ in range(200):
+            clip, caption = render_clip(1, 64, 64, gen, anywhere=anywhere)
+            label, _ = palette_labels(clip)
+            out.append(torus_centre(label[0] == PALETTE_NAMES.index(f"fg:{parse_caption(caption).colour}")))
+        return out
+
+    middle, anywhere = starts(False), starts(True)
+    assert all(19 <= x <= 45.5 and 19 <= y <= 45.5 for x, y in middle)
+    near_border = [min(x, 64 - x) < 8 or min(y, 64 - y) < 8 for x, y in anywhere]
+    assert 0.3 < sum(near_border) / len(near_border) < 0.6  # 1 - (48 / 64) ** 2 = 0.44 of the starts

@@ -77,13 +77,16 @@ class PrepareConfig(Validated):
 class TinyVaePhase(Validated):
     """One phase of the tiny VAE's training: ``steps`` steps, lr on a cosine from ``lr`` to ``lr_end``;
     every ``single_every``-th step takes ``batch_size`` single frames (1: all of them), the others
-    ``sections_batch_size`` 9-frame sections (the causal temporal layers)."""
+    ``sections_batch_size`` 9-frame sections (the causal temporal layers); ``anywhere``: shapes start
+    anywhere on the torus, so borders are crossed as often as in the long training videos (else they start
+    in the frame's middle, and a single frame never shows a shape split across a border)."""
 
     steps: int = 1000
     lr: float = 1e-3
     lr_end: float = 1e-3
     single_every: int = 1
     sections_batch_size: int = 4
+    anywhere: bool = False
 
     def _validate(self, prefix: str) -> None:
         for key in ("steps", "single_every", "sections_batch_size"):
@@ -93,12 +96,14 @@ class TinyVaePhase(Validated):
 
 def _tiny_vae_phases() -> list[TinyVaePhase]:
     """The shipped VAE's lineage (helios/assets/tiny_vae/report.json): single frames until the shapes
-    appear, then more and more 9-frame sections at a falling lr."""
+    appear, then more and more 9-frame sections at a falling lr, then shapes anywhere on the torus (split
+    across the borders, as a long video shows them)."""
     return [
         TinyVaePhase(steps=1500, lr=1e-3, lr_end=1e-3, single_every=1),
         TinyVaePhase(steps=8200, lr=1e-3, lr_end=2.5e-4, single_every=2, sections_batch_size=2),
         TinyVaePhase(steps=1904, lr=3e-4, lr_end=5e-5, single_every=3, sections_batch_size=4),
         TinyVaePhase(steps=3333, lr=2e-4, lr_end=2e-5, single_every=4, sections_batch_size=4),
+        TinyVaePhase(steps=1500, lr=1e-4, lr_end=1e-5, single_every=4, sections_batch_size=4, anywhere=True),
     ]
 
 
