@@ -42,7 +42,7 @@ def test_the_shipped_tiny_vae_keeps_a_shape_that_crosses_the_border():
 
     vae = build_vae(compose([]).model.vae)
     scene = parse_caption("a red circle moving right on a blue background")
-    # radius 7, 1.2 pixels a frame from x = 26.5: on the border x = 0 in frames 26-36 (sections 3 and 4)
+    # radius 7, 1.2 pixels a frame from x = 26.5: on the border x = 0 in frames 26-36 (sections 2-4 of 0-4)
     clip, _ = render_clip(45, 64, 64, torch.Generator().manual_seed(3), scene)
     with torch.no_grad():
         latents = encode_sections(vae, clip[None], 3)
