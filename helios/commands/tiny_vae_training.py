@@ -28,7 +28,7 @@ from diffusers import AutoencoderKLWan
 
 from helios.config.schema import TinyVaeConfig, TinyVaePhase
 from helios.model.encoders import TINY_VAE_KWARGS, latent_stats
-from helios.world.measures import PALETTE_NAMES, PRESENT_PIXELS, palette_labels, parse_caption
+from helios.world.measures import section_measures
 from helios.world.shapes import render_clip
 
 SECTION_FRAMES = 9  # the tiny default's section: 3 latent frames (1 + 4 + 4 pixel frames)
@@ -62,16 +62,14 @@ def held_out_psnr(
 @torch.no_grad()
 def held_out_shape_kept(vae: AutoencoderKLWan, n: int = 16) -> float:
     """Share of the frames of ``n`` held-out 9-frame clips, their shapes anywhere on the torus (often split
-    across a border), whose reconstruction still shows the shape: at least ``PRESENT_PIXELS`` pixels in the
-    caption's colour, as the long-video measures count a frame (:func:`section_measures`)."""
-    generator, kept = torch.Generator().manual_seed(HELD_OUT_SEED), []
+    across a border), whose reconstruction still shows the shape: the long-video measure's ``present``
+    (:func:`section_measures`, each clip one section)."""
+    generator, present = torch.Generator().manual_seed(HELD_OUT_SEED), []
     for _ in range(n):
         clip, caption = render_clip(SECTION_FRAMES, SIZE, SIZE, generator, anywhere=True)
         out = vae.decode(vae.encode(clip[None]).latent_dist.mode()).sample[0]
-        label, _ = palette_labels(out)
-        shape = label == PALETTE_NAMES.index(f"fg:{parse_caption(caption).colour}")
-        kept.extend((shape.sum(dim=(1, 2)) >= PRESENT_PIXELS).tolist())
-    return sum(kept) / len(kept)
+        present.append(section_measures(out, caption, SECTION_FRAMES, SECTION_FRAMES)[0]["present"])
+    return sum(present) / n
 
 
 def decode_unclamped(vae: AutoencoderKLWan, z: torch.Tensor) -> torch.Tensor:
