@@ -305,7 +305,7 @@ def save(
     final = root / f"step_{step}"
     last = list_complete(run_dir)[-1][1] if dist_info.is_main and list_complete(run_dir) else None
     need = payload_bytes(tensors, objects)  # only the main rank checks the free space (tensor sizes only)
-    problem = None
+    problem = None  # pragma: no mutate (falsy as the empty text)
     if dist_info.is_main:
         root.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(run_dir)

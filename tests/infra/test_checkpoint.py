@@ -76,7 +76,9 @@ def test_a_damaged_manifest_is_named_and_resume_falls_back(tmp_path, caplog):
     _save(tmp_path, 1)
     newest = _save(tmp_path, 2)
     (newest / "manifest.json").write_text('{"trainable.safetensors": {"bytes": 1')  # cut short
-    with pytest.raises(checkpoint.CorruptCheckpoint, match=r"step_2/manifest.json cannot be read"):
+    with pytest.raises(
+        checkpoint.CorruptCheckpoint, match=r"step_2/manifest.json cannot be read \(JSONDecodeError"
+    ):
         checkpoint.verify(newest)
     with caplog.at_level("WARNING"):
         assert checkpoint.resolve_resume("latest", tmp_path).name == "step_1"
@@ -441,3 +443,9 @@ def test_a_file_torch_cannot_load_is_named_with_the_first_line_of_its_error(tmp_
         str(err.value)
         == f"{tmp_path / 'state.pt'} cannot be read: PytorchStreamReader failed reading zip archive"
     )
+
+
+def test_sizes_in_messages_are_in_mib_below_a_quarter_gib_and_in_gib_from_it():
+    assert checkpoint._gib(2**28 - 2**20) == "255.0 MiB"
+    assert checkpoint._gib(2**28) == "0.25 GiB"
+    assert checkpoint._gib(100) == "0.0 MiB" and checkpoint._gib(3 * 2**30) == "3.00 GiB"

@@ -32,6 +32,12 @@ def test_a_ranks_gpu_streams_are_saved_and_restored_where_there_is_a_gpu(monkeyp
     assert state["cuda"] == ["gpu0-state"]
     rng.restore_rank_state(state, generator)
     assert restored == [["gpu0-state"]]
+    # the same checkpoint resumed on a host without a GPU (an export or a CPU debug run): its GPU streams
+    # are left alone, the others restored
+    monkeypatch.setattr(rng.torch.cuda, "is_available", lambda: False)
+    expected = torch.randn(3, generator=generator)
+    rng.restore_rank_state(state, generator)
+    assert restored == [["gpu0-state"]] and torch.equal(torch.randn(3, generator=generator), expected)
 
 
 def test_shared_stream_seeds_are_pinned_across_versions():

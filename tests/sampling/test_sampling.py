@@ -535,9 +535,10 @@ def test_a_video_that_fails_to_write_is_named_with_the_encoders_reason(tmp_path,
     monkeypatch.undo()
     # a ramp from dark to light: [-1, 1] maps onto the pixels' range, read back within the codec's error
     frames = torch.linspace(-0.8, 0.8, 16).expand(3, 4, 16, 16).contiguous()
-    pipeline.save_video(frames, out, 8, {"seed": 0})
+    pipeline.save_video(frames, out, 12, {"seed": 0})
     assert json.loads(out.with_suffix(".json").read_text()) == {"seed": 0}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v.json", "v.mp4"]
+    assert pipeline.ffmpeg_probe(out) == (4, 12.0)  # at the frame rate asked for
     written, _ = decode_clip(str(out), 4, 16, 16)
     assert (written - frames).abs().mean() < 0.05, (written - frames).abs().mean()
 
@@ -560,9 +561,40 @@ def test_the_samplers_block_noise_gamma_comes_from_the_config(kind):
 @pytest.mark.parametrize(("kind", "steps"), [("unipc", [4]), ("pyramid", [2, 2, 2]), ("dmd", [1, 1, 1])])
 def test_the_timesteps_are_made_on_the_device_that_samples(kind, steps):
     """Every sampler's schedule is built on the sampling device (a meta device here: no copy per step)."""
+    from helios.sampling import section
     from helios.sampling.pipeline import build_section_sampler
     from helios.sampling.section import set_stage_timesteps
 
     sampler = build_section_sampler(SamplerConfig(kind=kind, steps=steps))
     set_stage_timesteps(sampler.scheduler, steps, 0, (1, 16, 3, 8, 8), device=torch.device("meta"))
     assert sampler.scheduler.timesteps.device.type == "meta"
+    # and a sampling run asks for each stage's schedule on its latents' device (meta cannot run diffusers'
+    # step, which reads a scalar: the device asked for is recorded on the host instead)
+    asked = []
+
+    def recording(*args):
+        asked.append(args[-1])
+        return set_stage_timesteps(*args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(section, "set_stage_timesteps", recording)
+        x = sampler.initial_noise((1, 16, 3, 8, 8), torch.Generator().manual_seed(0), torch.device("cpu"))
+        sampler(lambda x, t, c: torch.zeros_like(x), x, torch.zeros(1, 4, 32), None, None)
+    assert asked and all(device == x.device for device in asked)
+
+
+def test_the_initial_noise_is_float32_whatever_the_default_dtype():
+    """A script that sets torch's default dtype (float64 for a numerical check) samples from the same seeded
+    noise: float32, as diffusers' pipelines draw it."""
+    from helios.sampling.pipeline import build_section_sampler
+
+    sampler = build_section_sampler(SamplerConfig(kind="pyramid", steps=[1, 1, 1]))
+    shape, cpu = (1, 16, 3, 8, 8), torch.device("cpu")
+    expected = sampler.initial_noise(shape, torch.Generator().manual_seed(0), cpu)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        noise = sampler.initial_noise(shape, torch.Generator().manual_seed(0), cpu)
+    finally:
+        torch.set_default_dtype(default)
+    assert noise.dtype == torch.float32 and torch.equal(noise, expected)

@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -358,11 +359,22 @@ def test_bidirectional_teacher_scores_one_segment_without_history_inputs():
 @pytest.mark.parametrize(
     "ablation", ["distill.history_source=self_forcing", "distill.real_score=bidirectional"]
 )
-def test_stage3_ablations_train(tmp_path, ablation):
+def test_stage3_ablations_train(tmp_path, ablation, monkeypatch):
+    from helios.stages.distilled.post import PostPhase
+
     # self-forcing: every data history empty (T2V), which must not make its sections "first" sections
     tasks = ["history.tasks.t2v=1.0", "history.tasks.v2v_partial=0.0"] if "self_forcing" in ablation else []
     overrides = ["stage=3", "trainer.max_steps=2", "distill.gan.start_step=0", ablation, *tasks]
+    contexts, real_velocity = [], PostPhase.real_velocity
+
+    def recording(self, m, xt, t_tau, cond, context):
+        contexts.append(context is not None)
+        return real_velocity(self, m, xt, t_tau, cond, context)
+
+    monkeypatch.setattr(PostPhase, "real_velocity", recording)
     metrics = _train(overrides, tmp_path)
+    # the bidirectional teacher scores both CFG branches on [context, x_tau]; Helios-Base never has one
+    assert len(contexts) == 2 and set(contexts) == {"bidirectional" in ablation}
     assert len(metrics) == 2 and all(math.isfinite(m["loss"]) for m in metrics)
     assert math.isfinite(metrics[0]["loss_dmd"])  # the first iteration trains the generator (TTUR)
     if "self_forcing" in ablation:  # the generator makes its own history: never a doubled first section
@@ -859,6 +871,14 @@ def test_only_the_generators_history_is_saturated():
     assert torch.equal(
         cond["latents_history_long"], layout.model_inputs(history, anchor)["latents_history_long"]
     )
+    # a frame holds content when any of its channels does (here only the first): every region is saturated
+    # by some draw, the newest as the oldest
+    sparse = torch.zeros_like(history)
+    sparse[:, 0] = torch.randn(2, layout.num_history, 4, 4)
+    cond1 = {**cond, **layout.model_inputs(sparse, anchor)}
+    parts = [stage.phase.saturated(cond1, torch.Generator().manual_seed(s)) for s in range(10)]
+    for key in ("latents_history_long", "latents_history_mid"):
+        assert any(not torch.equal(c[key], cond1[key]) for c in parts), key
     stage.cfg.history.corrupt.mode = "paper"
     assert stage.phase.saturated(cond, torch.Generator()) is cond
 
@@ -949,7 +969,9 @@ def test_each_loss_runs_as_its_roles_forward_and_a_zero3_generator_gets_the_agre
     stage.phase.condition = lambda batch, gen: (cond, torch.zeros(shape), {"history_empty": 0.0})
     m = DistillModule(torch.nn.Linear(1, 1), fake=_Score(0.1, 0.0), heads=torch.nn.Identity())
     roles = Recorded()
+    started = time.perf_counter()
     losses, stats = stage.phase.step(m, None, torch.Generator(), torch.Generator(), roles, step=1)
+    elapsed = time.perf_counter() - started
     flow, gan, backward = (
         ("critic", "critic_flow_loss"),
         ("critic", "critic_gan_loss"),
@@ -959,7 +981,7 @@ def test_each_loss_runs_as_its_roles_forward_and_a_zero3_generator_gets_the_agre
     assert roles.calls == [("generator", "Rollout"), *critic]
     assert float(losses["critic"]) == 1.0
     assert set(stats) == {"history_empty", *post.EXTRA_METRICS}  # the dashboard's keys, no others
-    assert math.isfinite(stats["time_rollout_s"]) and math.isfinite(stats["time_critic_s"])
+    assert 0 <= stats["time_rollout_s"] <= elapsed and 0 <= stats["time_critic_s"] <= elapsed
     assert seen["forwards"] == [e + 3 for e in seen["exits"]]
 
 
@@ -1120,6 +1142,38 @@ def test_the_ode_init_step_on_endpoint_pairs_regresses_onto_the_stage_end():
             DistillModule(Exact()), batch, torch.Generator().manual_seed(seed), None, RoleSteps(), 0
         )
         assert float(losses["generator"]) < 1e-10
+        stages.add(stats["ode_stage"])
+    assert len(stages) > 1
+
+
+def test_the_ode_init_step_on_trajectory_pairs_places_each_state_in_its_stage_window():
+    """``helios.ode_pairs source=rollout``: the teacher's state at timestep t of stage k's window
+    (t_max, t_min) lies at sigma = (t - t_min) / (t_max - t_min) of the stage's path; x0 = x_t - sigma v is
+    regressed onto the stage's end, so the exact velocity (x_t - end) / sigma costs 0."""
+    from helios.infra.parallel import RoleSteps
+    from helios.stages import Stage3Distilled
+    from helios.stages.distilled.roles import DistillModule
+
+    stage = Stage3Distilled(compose(["stage=3", "stage3=tiny_ode"]))
+    batch = _ode_pair_batch(stage, "trajectory")
+    for k, (t_max, t_min) in enumerate(stage.phase.windows):
+        batch[f"stage{k}_t"] = torch.full((2,), t_min + 0.25 * (t_max - t_min))  # a quarter of the way up
+
+    class Exact(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.zero = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, hidden_states, timestep, return_dict=False, **_):
+            k = {4: 0, 8: 1, 16: 2}[hidden_states.shape[-1]]
+            return ((batch[f"stage{k}_x"] - batch[f"stage{k}_end"]) / 0.25 + self.zero,)
+
+    stages = set()
+    for seed in range(6):
+        losses, stats = stage.phase.step(
+            DistillModule(Exact()), batch, torch.Generator().manual_seed(seed), None, RoleSteps(), 0
+        )
+        assert float(losses["generator"]) < 1e-10, stats["ode_stage"]
         stages.add(stats["ode_stage"])
     assert len(stages) > 1
 
