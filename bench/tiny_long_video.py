@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -47,6 +49,56 @@ def spread_captions(n: int) -> list[str]:
     return out
 
 
+def long_videos(model, sampler, captions: list[str], seeds: list[int], sections: int) -> tuple[list, list]:
+    """Every (caption, seed) sampled by ``model`` (a :class:`helios.loading.LoadedModel`) with ``sampler``
+    for ``sections`` sections and measured: (samples, videos), each sample its caption, seed, sections'
+    measures and :func:`helios.world.measures.long_video_summary`."""
+    import torch
+
+    from helios.sampling.decode import section_frames
+    from helios.world.measures import long_video_summary, section_measures
+
+    first, frames = section_frames(model.layout.window, model.latent_format)
+    samples, videos = [], []
+    for caption in captions:
+        for seed in seeds:
+            num_frames, generator = first + (sections - 1) * frames, torch.Generator().manual_seed(seed)
+            result = model.generate(sampler, [(0, caption)], num_frames, generator, adaptive_seed=seed)
+            video = result.frames[0].float()
+            rows = section_measures(video, caption, first, frames)
+            samples.append({"caption": caption, "seed": seed, "sections": rows, **long_video_summary(rows)})
+            videos.append(video)
+    return samples, videos
+
+
+def real_long_videos(model, captions: list[str], seeds: list[int], sections: int) -> list[dict]:
+    """Real clips of the same scenes through ``model``'s VAE, section by section, measured as
+    :func:`long_videos`: what the measures allow at best with that VAE."""
+    import torch
+
+    from helios.model.encoders import encode_sections
+    from helios.sampling.decode import decode_sections_independently, section_frames
+    from helios.world.measures import long_video_summary, parse_caption, section_measures
+    from helios.world.shapes import render_clip
+
+    first, frames = section_frames(model.layout.window, model.latent_format)
+    height, width = model.size
+    reference = []
+    for k, (caption, seed) in enumerate((c, s) for c in captions for s in seeds):
+        scene = parse_caption(caption)
+        clip, _ = render_clip(
+            first + (sections - 1) * frames, height, width, torch.Generator().manual_seed(k), scene
+        )
+        with torch.no_grad():
+            latents = encode_sections(model.vae, clip[None], model.layout.window)
+            decoded = decode_sections_independently(
+                model.vae, list(latents.split(model.layout.window, dim=2))
+            )
+        rows = section_measures(decoded[0].float().clamp(-1, 1), caption, first, frames)
+        reference.append({"caption": caption, "seed": seed, "sections": rows, **long_video_summary(rows)})
+    return reference
+
+
 def evaluate(
     checkpoint: str,
     captions: list[str],
@@ -62,10 +114,7 @@ def evaluate(
     import torch
 
     from helios.loading import load_for_inference
-    from helios.model.encoders import encode_sections
-    from helios.sampling.decode import decode_sections_independently, section_frames
-    from helios.world.measures import long_video_summary, parse_caption, section_measures
-    from helios.world.shapes import render_clip
+    from helios.sampling.decode import section_frames
 
     model = load_for_inference(checkpoint, torch.device("cpu"))
     sampler = model.train_config.validation.sampler
@@ -74,30 +123,9 @@ def evaluate(
     if steps is not None:
         sampler = dataclasses.replace(sampler, steps=[steps] * len(sampler.steps))
     first, frames = section_frames(model.layout.window, model.latent_format)
-    height, width = model.size
-    samples, videos = [], []
     started = time.perf_counter()
-    for caption in captions:
-        for seed in seeds:
-            num_frames, generator = first + (sections - 1) * frames, torch.Generator().manual_seed(seed)
-            result = model.generate(sampler, [(0, caption)], num_frames, generator, adaptive_seed=seed)
-            video = result.frames[0].float()
-            rows = section_measures(video, caption, first, frames)
-            samples.append({"caption": caption, "seed": seed, "sections": rows, **long_video_summary(rows)})
-            videos.append(video)
-    reference = []  # real clips of the same scenes through the same VAE: what the measures allow at best
-    for k, (caption, seed) in enumerate((c, s) for c in captions for s in seeds):
-        scene = parse_caption(caption)
-        clip, _ = render_clip(
-            first + (sections - 1) * frames, height, width, torch.Generator().manual_seed(k), scene
-        )
-        with torch.no_grad():
-            latents = encode_sections(model.vae, clip[None], model.layout.window)
-            decoded = decode_sections_independently(
-                model.vae, list(latents.split(model.layout.window, dim=2))
-            )
-        rows = section_measures(decoded[0].float().clamp(-1, 1), caption, first, frames)
-        reference.append({"caption": caption, "seed": seed, "sections": rows, **long_video_summary(rows)})
+    samples, videos = long_videos(model, sampler, captions, seeds, sections)
+    reference = real_long_videos(model, captions, seeds, sections)
     per_section = [
         {
             k: sum(s["sections"][j][k] for s in samples) / len(samples)
@@ -124,12 +152,17 @@ def verdict(samples: list[dict]) -> dict:
     """The targets of the module docstring over ``samples`` (each with its :func:`long_video_summary`)."""
     kept = [s["min_present"] >= PRESENT_TARGET for s in samples]
     moving = sum(s["moves_along"] for s in samples) / len(samples)
+    forms = [r["form"] for s in samples for r in s["sections"] if math.isfinite(r["form"])]
     return {
         "samples": len(samples),
         "shape_kept_in_every_section": sum(kept) / len(samples),
         "present_frames": sum(r["present"] for s in samples for r in s["sections"])
         / sum(len(s["sections"]) for s in samples),
         "worst_section_present": min(s["min_present"] for s in samples),
+        # the caption's form (circle or square) in the sections' frames that show the shape, averaged over
+        # those sections: reported, not judged (real clips through the tiny VAE: about 0.95, its decoder
+        # rounds a small square's corners)
+        "form_match": statistics.fmean(forms) if forms else math.nan,
         "moves_along": moving,
         "target_met": all(kept) and moving >= MOVES_TARGET,
     }

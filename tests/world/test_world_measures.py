@@ -12,6 +12,7 @@ from helios.world.measures import (
     caption_metrics,
     caption_section_metrics,
     count_blobs,
+    form_score,
     long_video_summary,
     mean_metrics,
     palette_labels,
@@ -104,6 +105,39 @@ def test_a_lost_shape_a_wrong_colour_and_a_reversed_move_show_in_their_sections(
     assert all(r["advance"] < 0 for r in backwards)
     mirrored = Scene("red", "circle", "left", "blue")  # the same pixels read along the other direction
     assert long_video_summary(section_measures(video, mirrored.caption, 9, 9))["advance"] < 0
+
+
+def test_the_form_score_tells_a_rendered_circle_from_a_square_wherever_it_is():
+    """Every rendered frame's form score is on its shape's side, by a margin, in the middle of the frame or
+    split across a border; read with the other shape's caption a clip's sections show form 0."""
+    gen = torch.Generator().manual_seed(3)
+    for scene in all_scenes()[::5]:
+        for anywhere in (False, True):
+            clip, _ = render_clip(4, 64, 64, gen, scene, anywhere=anywhere)
+            label, _ = palette_labels(clip)
+            for mask in label == PALETTE_NAMES.index(f"fg:{scene.colour}"):
+                score = form_score(mask, torus_centre(mask))
+                assert (-0.2 < score < -0.13) if scene.shape == "circle" else (0.14 < score < 0.18)
+    circle = Scene("red", "circle", "right", "blue")
+    video = _long_clip(circle, sections=3)
+    assert [r["form"] for r in section_measures(video, circle.caption, 9, 9)] == [1.0] * 3
+    square = Scene("red", "square", "right", "blue")
+    rows = section_measures(video, square.caption, 9, 9)
+    assert [r["form"] for r in rows] == [0.0] * 3 and long_video_summary(rows)["mean_form"] == 0.0
+
+
+def test_a_section_without_the_shape_has_no_form_and_the_mean_leaves_it_out():
+    scene = Scene("yellow", "square", "down", "gray")
+    video = _long_clip(scene, sections=3)
+    bg = (torch.tensor(BACKGROUNDS["gray"], dtype=torch.float32) / 127.5 - 1).view(3, 1, 1, 1)
+    video[:, 9:18] = bg  # section 1 never shows the shape
+    video[:, 18:23] = bg  # section 2 shows it in 4 of its 9 frames: its form counts those 4
+    rows = section_measures(video, scene.caption, 9, 9)
+    assert rows[0]["form"] == 1.0 and math.isnan(rows[1]["form"]) and rows[2]["form"] == 1.0
+    assert rows[2]["present"] == pytest.approx(4 / 9)
+    assert long_video_summary(rows)["mean_form"] == 1.0
+    flat = caption_section_metrics(video, scene.caption, 9, 9)
+    assert "section1_form" not in flat and flat["section2_form"] == 1.0 and flat["long_mean_form"] == 1.0
 
 
 def test_the_centre_is_taken_on_the_torus():
