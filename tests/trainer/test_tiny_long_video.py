@@ -61,6 +61,9 @@ def test_the_default_keeps_the_captions_shape_and_direction_over_ten_sections(lo
     assert v["present_frames"] >= 0.75  # the share of all 1,440 frames with the caption's shape
     assert real["present_frames"] >= 0.95 and real["moves_along"] == 1.0  # the measures can see it
     assert real["target_met"]  # real clips through the tiny VAE meet the target: it is within reach
+    # the form measure tells circles from squares through the VAE (2026-12-06: 0.987); the model's own is
+    # at chance (0.52: a round blob for either caption), reported, not judged
+    assert real["form_match"] >= 0.95 and 0.0 <= v["form_match"] <= 1.0
 
 
 @pytest.mark.xfail(strict=True, reason="issue #35's target: the shape in >= 95 % of every section's frames")
