@@ -160,8 +160,8 @@ def verdict(samples: list[dict]) -> dict:
         / sum(len(s["sections"]) for s in samples),
         "worst_section_present": min(s["min_present"] for s in samples),
         # the caption's form (circle or square) in the sections' frames that show the shape, averaged over
-        # those sections: reported, not judged (real clips through the tiny VAE: about 0.95, its decoder
-        # rounds a small square's corners)
+        # those sections: reported, not judged (real clips through the tiny VAE: 0.987 on the default 16;
+        # its decoder rounds a small square's corners now and then)
         "form_match": statistics.fmean(forms) if forms else math.nan,
         "moves_along": moving,
         "target_met": all(kept) and moving >= MOVES_TARGET,

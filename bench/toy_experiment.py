@@ -3,8 +3,14 @@ and the moving-shapes world, then measured: the distilled student's few-step sam
 many-step samples and the undistilled generator's few-step samples, and stage 1's long-video drift with and
 without Frame-Aware Corrupt and the first-frame anchor, each over several training seeds.
 
-    python bench/toy_experiment.py [--out DIR] [--seeds 0 1 2] [--quick] [--overrides key=value ...]
+    python bench/toy_experiment.py [--out DIR] [--seeds 0 1 2] [--quick] [--world narrow|default]
+        [--overrides key=value ...]
     helios bench toy [same arguments]
+
+``--world default`` asks the distillation question on the tiny default's DiT and world (every scene, caption
+dropout; the empty prompt as every CFG's unconditional branch) and judges every generator's 10-section videos
+by the shapes world's object measures (about 11 minutes a seed); the default ``narrow`` is the 2 x 24 DiT of
+BENCHMARKS.md's first table.
 
 Writes DIR/report.json (every number, per seed), DIR/table.md (mean ± std over the seeds) and DIR/figure.png
 (frames of a real clip, the teacher and each few-step generator). About 20 minutes on 2 CPU cores with the
@@ -14,6 +20,7 @@ defaults; ``--quick`` is a one-minute rehearsal with a few steps of each phase.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -29,6 +36,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a few steps of each phase (a rehearsal)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
+        "--world",
+        choices=("narrow", "default"),
+        default="narrow",
+        help="narrow: the 2 x 24 DiT of BENCHMARKS.md's table; default: the tiny default's DiT and world, "
+        "one unconditional prompt, long videos judged by the object measures (ToyRecipe.default_world)",
+    )
+    parser.add_argument(
         "--overrides",
         nargs="*",
         default=[],
@@ -41,12 +55,13 @@ def main() -> None:
     from bench.toy_recipe import ToyRecipe, format_tables, run_experiment
 
     torch.set_num_threads(args.threads)
-    recipe = ToyRecipe(seeds=args.seeds, overrides=args.overrides)
+    recipe = ToyRecipe.default_world(args.seeds) if args.world == "default" else ToyRecipe(seeds=args.seeds)
+    recipe.overrides = [*recipe.overrides, *args.overrides]
     if args.quick:
-        recipe = ToyRecipe(
-            seeds=args.seeds,
-            overrides=args.overrides,
+        recipe = dataclasses.replace(
+            recipe,
             num_videos=8,  # the ODE pairs are made for every clip: 32 took 61 of 146 s
+            stage1=[*recipe.stage1, "trainer.batch_size=4"],  # (the default world's 32 > 8 clips)
             stage1_steps=10,
             stage2_steps=10,
             ode_steps=4,
@@ -55,6 +70,9 @@ def main() -> None:
             prompts=2,
             sample_seeds=1,
             drift_sections=3,
+            long_sections=min(recipe.long_sections, 2),
+            long_captions=2,
+            long_seeds=[0],
         )
     report = run_experiment(Path(args.out), recipe)
     print(format_tables(report))

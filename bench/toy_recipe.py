@@ -12,6 +12,9 @@ Two questions, each asked over several training seeds:
   Corrupt and the first-frame anchor: how far each section's channel statistics move from the first
   section's.
 
+With :meth:`ToyRecipe.default_world` the distillation question is asked on the tiny default's DiT and world
+and every generator's long videos are judged by the object measures (shape present, form, direction).
+
 The shapes-world measures (:mod:`helios.world.measures`) of the decoded videos are reported beside
 them; they describe the pictures only with a VAE that reconstructs the world, not the tiny default's random
 one (which decodes everything to coloured noise).
@@ -97,7 +100,43 @@ class ToyRecipe:
             "data.caption_dropout=0.0",
         ]
     )
+    stage2: list[str] = field(default_factory=list)  # added to the stage-2 run
     overrides: list[str] = field(default_factory=list)  # added to every training run (e.g. model.vae...)
+    # CFG's unconditional branch for the teacher (ODE pairs, reference samples), the Base's samples and the
+    # real score: "negative" (the reference's negative prompt; the real score's distill.uncond default) or
+    # "empty" (one unconditional prompt everywhere: the one caption dropout trains, issue #35)
+    uncond: str = "negative"
+    # long videos of every generator, judged by the shapes world's object measures (bench/tiny_long_video.py):
+    # sections (0: none), captions spread over the world, sampling seeds
+    long_sections: int = 0
+    long_captions: int = 8
+    long_seeds: list[int] = field(default_factory=lambda: [0, 1])
+
+    @classmethod
+    def default_world(cls, seeds: list[int]) -> ToyRecipe:
+        """The distillation question on the tiny default's world and DiT (every scene, 11-section clips,
+        caption dropout, the 128-wide DiT fully fine-tuned for the default job's 1,800 steps): one
+        unconditional prompt (the empty one) for the teacher, the Base and the real score, DMD + GAN at the
+        generator lr x steps that lands near its real score (3e-4 x 100, BENCHMARKS.md), and every
+        generator's 10-section videos judged by the object measures. Frame-Aware Corrupt and the anchor are
+        measured on this world by ``bench/tiny_long_video.py`` over training seeds (BENCHMARKS.md)."""
+        world = ["data.synthetic.sections=11"]
+        return cls(
+            seeds=seeds,
+            num_videos=96,
+            stage1_steps=1800,
+            stage2_steps=600,
+            post_steps=100,
+            model=[],
+            stage1=[],
+            stage2=["data.caption_dropout=0.1"],  # the Base's unconditional branch stays trained
+            overrides=world,
+            uncond="empty",
+            students={"student": ["optim.lr=3e-4"]},
+            dmd_only={"dmd+gan only": ["optim.lr=3e-4"]},
+            drift_variants={},
+            long_sections=10,
+        )
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -111,12 +150,28 @@ def train(run_dir: Path, overrides: list[str], steps: int, recipe: ToyRecipe, se
     )
 
 
+def negative_prompt(recipe: ToyRecipe) -> dict[str, str]:
+    """The CFG samplers' unconditional prompt (``recipe.uncond``), as SamplerConfig keywords."""
+    return {"negative_prompt": ""} if recipe.uncond == "empty" else {}
+
+
 def teacher_sampler(recipe: ToyRecipe) -> SamplerConfig:
     return SamplerConfig(
         kind="pyramid",
         steps=[recipe.ode_pair_steps] * 3,
         guidance_scale=recipe.teacher_cfg,
         cfg_zero_star=recipe.teacher_cfg_zero_star,
+        **negative_prompt(recipe),
+    )
+
+
+def base_sampler(recipe: ToyRecipe) -> SamplerConfig:
+    """The Base's many-step samples: the distribution DMD's real score describes."""
+    return SamplerConfig(
+        kind="unipc",
+        steps=[3 * recipe.ode_pair_steps],
+        guidance_scale=recipe.teacher_cfg,
+        **negative_prompt(recipe),
     )
 
 
@@ -137,11 +192,16 @@ def distill_chain(root: Path, recipe: ToyRecipe, seed: int) -> dict[str, Path]:
     DMD + GAN phase from Helios-Mid."""
     runs = {"base": train(root / "stage1", ["stage=1", *recipe.stage1], recipe.stage1_steps, recipe, seed)}
     runs["mid"] = train(
-        root / "stage2", ["stage=2", f"init_from={runs['base']}"], recipe.stage2_steps, recipe, seed
+        root / "stage2",
+        ["stage=2", f"init_from={runs['base']}", *recipe.stage2],
+        recipe.stage2_steps,
+        recipe,
+        seed,
     )
     stage3 = [
         "stage=3",
         f"distill.teacher={runs['base']}",
+        f"distill.uncond={recipe.uncond}",
         f"distill.real_cfg={recipe.teacher_cfg}",
         f"distill.steps=[{','.join(map(str, recipe.student_steps))}]",
         "distill.fake_lr=1e-3",  # the critic's lr BENCHMARKS.md's table was measured with
@@ -270,12 +330,9 @@ def distill_report(runs: dict[str, Path], recipe: ToyRecipe) -> dict:
     args = (prompts, recipe.sample_seeds, recipe.distill_sections)
     mid = load_for_inference(runs["mid"], cpu)
     few = student_sampler(recipe)
-    base_sampler = SamplerConfig(
-        kind="unipc", steps=[3 * recipe.ode_pair_steps], guidance_scale=recipe.teacher_cfg
-    )
     samples = {
         "teacher": sample(mid, teacher_sampler(recipe), *args),
-        "base": sample(load_for_inference(runs["base"], cpu), base_sampler, *args),
+        "base": sample(load_for_inference(runs["base"], cpu), base_sampler(recipe), *args),
     }
     for name in candidates(recipe):
         samples[name] = sample(
@@ -296,6 +353,32 @@ def distill_report(runs: dict[str, Path], recipe: ToyRecipe) -> dict:
     clips = real_clips(recipe.prompts, ref.frames.shape[2], ref.frames.shape[-1])
     report["real"] = {"world": world_measures(Samples(clips, clips, prompts))}
     report["_samples"] = samples  # for the figure; dropped from the JSON
+    return report
+
+
+LONG_KEYS = ("shape_kept_in_every_section", "present_frames", "form_match", "moves_along")
+
+
+def long_video_report(runs: dict[str, Path], recipe: ToyRecipe) -> dict[str, dict]:
+    """Every generator's ``recipe.long_sections``-section videos (``recipe.long_captions`` captions spread
+    over the world x ``recipe.long_seeds``) judged by the object measures (bench/tiny_long_video.py's
+    verdict): the teacher (the Mid, many steps, CFG), the Base (many steps, CFG; the real score's
+    samples), each few-step generator, and real clips through the VAE."""
+    from bench.tiny_long_video import long_videos, real_long_videos, spread_captions, verdict
+
+    captions, seeds, sections = spread_captions(recipe.long_captions), recipe.long_seeds, recipe.long_sections
+    cpu = torch.device("cpu")
+    mid = load_for_inference(runs["mid"], cpu)
+    generators = [("teacher", mid, teacher_sampler(recipe))]
+    generators.append(("base", load_for_inference(runs["base"], cpu), base_sampler(recipe)))
+    few = student_sampler(recipe)
+    for name in candidates(recipe):
+        generators.append((name, mid if name == "undistilled" else load_for_inference(runs[name], cpu), few))
+    report = {
+        name: verdict(long_videos(model, sampler, captions, seeds, sections)[0])
+        for name, model, sampler in generators
+    }
+    report["real"] = verdict(real_long_videos(mid, captions, seeds, sections))
     return report
 
 
@@ -342,6 +425,8 @@ def run_experiment(out: Path, recipe: ToyRecipe, log=print) -> dict:
         figure_samples = figure_samples or samples
         drift = drift_report(root, recipe, seed, runs["base"])
         per_seed.append({"seed": seed, "distill": distill, "drift": drift})
+        if recipe.long_sections:
+            per_seed[-1]["long"] = long_video_report(runs, recipe)
         errors = ", ".join(f"{n} {distill[n]['frechet']:.3f}" for n in candidates(recipe))
         log(f"seed {seed}: Fréchet to the teacher: {errors} ({time.perf_counter() - t0:.0f} s)")
     report = {"recipe": asdict(recipe), "seeds": per_seed, "summary": summarize(per_seed)}
@@ -362,6 +447,9 @@ def summarize(per_seed: list[dict]) -> dict:
         for key in keys:
             values = [_get(s["distill"][name], key) for s in per_seed]
             summary[f"distill/{name}/{key}"] = spread(values)
+    for name in first.get("long", {}):
+        for key in LONG_KEYS:
+            summary[f"long/{name}/{key}"] = spread([s["long"][name][key] for s in per_seed])
     for variant in first["drift"]:
         drifts = [s["drift"][variant]["drift"] for s in per_seed]
         for k in sorted({1, len(drifts[0]) // 2, len(drifts[0]) - 1}):
@@ -404,7 +492,23 @@ def format_tables(report: dict) -> str:
             for k in ("paired_error", "frechet", "frechet_base", *(f"world/{w}" for w in WORLD_KEYS))
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    long = report["seeds"][0].get("long", {})
+    if long:
+        sections = report["recipe"]["long_sections"]
+        lines += [
+            "",
+            f"Long videos ({n} seeds; {sections} sections, the object measures of bench/tiny_long_video.py):",
+            "",
+            "| generator | samples keeping the shape in every section | frames with the shape "
+            "| the caption's form | moving the caption's way |",
+            "|---|---|---|---|---|",
+        ]
+        for name in long:
+            cells = [_cell(summary, f"long/{name}/{k}") for k in LONG_KEYS]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     variants = list(report["seeds"][0]["drift"])
+    if not variants:
+        return "\n".join(lines)
     sections = sorted(
         (k for k in summary if k.startswith(f"drift/{variants[0]}/section_")),
         key=lambda k: int(k.rsplit("_", 1)[1]),

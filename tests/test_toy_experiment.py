@@ -98,21 +98,60 @@ def test_the_experiment_command_rehearses_end_to_end(tmp_path):
     assert (out / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_default_world_experiment_rehearses_with_one_unconditional_prompt(tmp_path):
+    """``--world default``: the tiny default's DiT and world, the empty prompt as the teacher's, the Base's
+    and the real score's unconditional branch, and every generator's long videos judged by the object
+    measures (real clips through the VAE keep the shape)."""
+    out = tmp_path / "toy"
+    command = [sys.executable, str(ROOT / "bench" / "toy_experiment.py"), "--quick", "--world=default"]
+    run = subprocess.run(
+        [*command, "--seeds=0", f"--out={out}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    long = report["seeds"][0]["long"]
+    assert set(long) == {"teacher", "base", "undistilled", "ode_init", "student", "dmd+gan only", "real"}
+    assert long["real"]["present_frames"] == 1.0 and long["real"]["samples"] == 2
+    assert report["seeds"][0]["drift"] == {} and "| dmd+gan only |" in run.stdout
+    student = (out / "seed0" / "stage3_student" / "config.yaml").read_text()
+    assert "uncond: empty" in student and "lr: 0.0003" in student
+    base = (out / "seed0" / "stage1" / "config.yaml").read_text()
+    assert "caption_dropout: 0.1" in base and "attention_head_dim: 32" in base
+
+
 def test_every_number_is_summarised_over_the_seeds_with_its_spread():
     def seed(i: float) -> dict:
         row = {"paired_error": i, "frechet": 2 * i, "frechet_base": 3 * i, "world": dict.fromkeys(WORLD, i)}
         world_last = dict.fromkeys(WORLD, i)
+        long = {
+            "shape_kept_in_every_section": i / 4,
+            "present_frames": i / 3,
+            "form_match": 0.5,
+            "moves_along": 1,
+        }
         return {
             "distill": {"student": row, "real": {"world": dict.fromkeys(WORLD, 1.0)}},
             "drift": {"no corrupt": {"drift": [0.0, i, 2 * i], "world_last": world_last}},
+            "long": {"student": {**long, "samples": 16, "target_met": False}},
         }
 
     summary = summarize([seed(1.0), seed(3.0)])
+    assert summary["long/student/shape_kept_in_every_section"]["values"] == [0.25, 0.75]
+    assert summary["long/student/present_frames"]["mean"] == pytest.approx(2 / 3)
+    assert summary["long/student/form_match"]["std"] == 0.0 and "long/student/samples" not in summary
+    table = format_tables({"summary": summary, "seeds": [seed(1.0)], "recipe": {"long_sections": 10}})
+    assert "Long videos (1 seeds; 10 sections" in table
+    assert "| student | 0.500 ± 0.354 | 0.667 ± 0.471 | 0.500 ± 0.000 | 1.000 ± 0.000 |" in table
     assert summary["distill/student/frechet"]["mean"] == 4.0
     assert summary["distill/student/frechet"]["std"] == pytest.approx(2.0**1.5)  # sample std of 2 and 6
     assert summary["drift/no corrupt/section_3"]["values"] == [2.0, 6.0]
     assert summary["drift/no corrupt/mean"]["mean"] == pytest.approx(3.0)  # sections 2..3 of both seeds
     assert "distill/real/frechet" not in summary and summary["distill/real/world/objects"]["std"] == 0.0
-    table = format_tables({"summary": summary, "seeds": [seed(1.0), seed(3.0)]})
+    table = format_tables(
+        {"summary": summary, "seeds": [seed(1.0), seed(3.0)], "recipe": {"long_sections": 10}}
+    )
     assert "| student | 2.000 ± 1.414 | 4.000 ± 2.828 |" in table
     assert table.index("section 2") < table.index("section 3")
