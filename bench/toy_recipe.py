@@ -112,6 +112,10 @@ class ToyRecipe:
     long_captions: int = 8
     long_seeds: list[int] = field(default_factory=lambda: [0, 1])
 
+    def __post_init__(self) -> None:
+        if self.uncond not in ("negative", "empty"):  # before an hour of training reaches stage 3's check
+            raise ValueError(f"uncond: {self.uncond!r} is neither 'negative' nor 'empty'")
+
     @classmethod
     def default_world(cls, seeds: list[int]) -> ToyRecipe:
         """The distillation question on the tiny default's world and DiT (every scene, 11-section clips,

@@ -122,6 +122,12 @@ def test_the_default_world_experiment_rehearses_with_one_unconditional_prompt(tm
     assert "caption_dropout: 0.1" in base and "attention_head_dim: 32" in base
 
 
+def test_an_unknown_unconditional_prompt_is_refused_before_anything_trains():
+    with pytest.raises(ValueError, match="uncond: 'none' is neither 'negative' nor 'empty'"):
+        ToyRecipe(uncond="none")
+    assert ToyRecipe.default_world([0]).uncond == "empty" and ToyRecipe().uncond == "negative"
+
+
 def test_every_number_is_summarised_over_the_seeds_with_its_spread():
     def seed(i: float) -> dict:
         row = {"paired_error": i, "frechet": 2 * i, "frechet_base": 3 * i, "world": dict.fromkeys(WORLD, i)}
