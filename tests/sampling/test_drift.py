@@ -60,3 +60,16 @@ def test_a_section_drifts_only_when_its_mean_and_its_variance_both_move():
     assert not drift.observe(1, base + 2.0)  # the mean moves, the variance does not
     assert drift.observe(2, (base + 2.0) * 3.0)  # both move
     assert drift.events == [2]
+
+
+def test_section_stats_are_rgb_in_zero_to_one():
+    """A section's RGB means and spreads are read on [0, 1] (frames in [-1, 1]): grey 0 is 0.5, and a
+    frame half black, half white has mean 0.5 and spread 0.5."""
+    from helios.sampling.drift import section_stats
+
+    grey = section_stats(torch.zeros(1, 3, 2, 4, 4))
+    assert grey["r_mean"] == 0.5 and grey["g_std"] == 0.0 and grey["saturation"] == 0.0
+    video = torch.ones(1, 3, 1, 2, 1)
+    video[:, :, :, 0] = -1.0
+    half = section_stats(video)
+    assert half["b_mean"] == 0.5 and half["b_std"] == pytest.approx(0.5 * 2**0.5)  # sample std of 0 and 1
