@@ -31,7 +31,6 @@ from helios.infra.distributed import (
     teardown,
 )
 from helios.infra.ema import ModelEma
-from helios.infra.flops import FlopCounter, peak_tflops
 from helios.infra.guard import StepGuard, check_reading, diverged, weight_stats
 from helios.infra.metrics import MetricsLogger, memory_peaks, micro_means
 from helios.infra.model_roles import Role, trained_roles
@@ -50,6 +49,7 @@ from helios.infra.signals import StopSignals
 from helios.infra.summary import run_summary
 from helios.infra.tracking import start_tracker
 from helios.loading import check_source_formats, merged_weights, pin_sources, weight_sources
+from helios.model.flops import FlopCounter, peak_tflops
 from helios.model.lora import lora_inputs_uncast
 from helios.model.transformer import cast_frozen
 from helios.stages import STAGES

@@ -5,7 +5,13 @@ from __future__ import annotations
 import ast
 import shutil
 import subprocess
+import sys
 from pathlib import Path
+
+import pytest
+
+from helios.trainer import Trainer
+from tests.helpers.runs import SMALL_WORLD, train_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,3 +137,76 @@ def test_tests_mirror_the_package_and_import_no_other_test_module(tmp_path):
     probe = tmp_path / "test_probe.py"  # the check sees a test-to-test import, and only that
     probe.write_text("from tests.core.test_flow import x\nfrom tests.helpers.runs import ROOT\n")
     assert _test_module_imports(probe) == ["test_probe.py:1 tests.core.test_flow"]
+
+
+# ---------------------------------------------------------------- who owns a training step (issue #36)
+STEP_LAYERS = (("helios.stages", "S"), ("helios.infra", "I"))
+
+
+def _layer(frame) -> str | None:
+    name = frame.f_globals.get("__name__", "")
+    return next((label for prefix, label in STEP_LAYERS if name.startswith(prefix)), None)
+
+
+def crossings(path: str) -> tuple[int, int]:
+    """``path``: the stages (S) and infra (I) frames of one call stack, outermost first, runs of one layer
+    collapsed; the crossings stages -> infra and infra -> stages along it."""
+    return path.count("SI"), path.count("IS")
+
+
+class StepPaths:
+    """Every call stack seen while tracing (``sys.setprofile``): the worst crossings, each with one stack."""
+
+    def __init__(self) -> None:
+        self.seen: dict[tuple[int, int], list[str]] = {}
+
+    def __call__(self, frame, event, arg) -> None:
+        if event != "call" or _layer(frame) is None:
+            return
+        stack, f = [], frame
+        while f is not None:
+            label = _layer(f)
+            if label is not None and (not stack or stack[-1][0] != label):
+                stack.append((label, f"{f.f_globals['__name__']}.{f.f_code.co_qualname}"))
+            f = f.f_back
+        stack.reverse()
+        self.seen.setdefault(crossings("".join(label for label, _ in stack)), [w for _, w in stack])
+
+
+def test_crossings_count_each_way():
+    assert crossings("SIS") == (1, 1) and crossings("SISI") == (2, 1) and crossings("ISIS") == (1, 2)
+    assert crossings("S") == (0, 0) and crossings("IS") == (0, 1)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["stage=3", "distill.offload=true", "distill.offload_prefetch=true"],  # the offload pool's blocks
+        ["stage=3", "parallel=zero3"],  # the roles' ZeRO-3 engines, the ranks' agreement on forwards
+        ["stage=2", *SMALL_WORLD],
+    ],
+    ids=["stage3-offload", "stage3-zero3", "stage2"],
+)
+def test_no_step_path_crosses_between_stages_and_infra_more_than_once_each_way(tmp_path, overrides):
+    """The method owns its step: the trainer calls the stage once, the stage uses infra's services (a
+    role's placement block, its forward through its wrapper or engine, its backward), and infra calls back
+    into the stage only to run the role's forward it was given -- never stage -> infra -> stage -> infra.
+    Traced over two optimizer steps (stage 3: a generator and a critic-only iteration, the GAN on)."""
+    paths = StepPaths()
+    train_step = Trainer.train_step
+
+    def traced(self, metrics=True):
+        sys.setprofile(paths)
+        try:
+            return train_step(self, metrics)
+        finally:
+            sys.setprofile(None)
+
+    common = ["trainer.max_steps=2", "distill.ttur=2", "distill.gan.start_step=0", "distill.ema_start=0"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Trainer, "train_step", traced)
+        train_in_process([*common, *overrides], tmp_path)
+    worst = max(paths.seen, key=sum)
+    assert all(a <= 1 and b <= 1 for a, b in paths.seen), " -> ".join(paths.seen[worst])
+    if overrides[0] == "stage=3":  # the tracer sees a crossing back: the role's forward runs the rollout
+        assert (1, 1) in paths.seen and paths.seen[(1, 1)][-1].endswith("StagedRollout.__call__")

@@ -143,12 +143,6 @@ class EmaSchedule:
         return min((1.0 + n) / (10.0 + n), self.decay)
 
 
-@torch.no_grad()
-def ema_update(ema: dict[str, torch.Tensor], params: dict[str, torch.Tensor], decay: float) -> None:
-    for name, p in params.items():
-        ema[name].mul_(decay).add_(p.detach().to(ema[name].dtype), alpha=1.0 - decay)
-
-
 @contextmanager
 def frozen(*modules: torch.nn.Module):
     """Parameters of ``modules`` take no gradient inside the block (the generator's GAN loss flows

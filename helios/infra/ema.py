@@ -52,9 +52,6 @@ class ShardedEma:
         torch._foreach_mul_(shards, decay)
         torch._foreach_add_(shards, local, alpha=1.0 - decay)
 
-    def local_bytes(self) -> int:
-        return sum(s.numel() * s.element_size() for s in self.shard.values())
-
     def gather(self, dst: int | None = None, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         """The full fp32 EMA on ``device`` (collective: every rank calls it): on every rank (``dst=None``,
         one all-gather; validation writes it into each rank's generator) or on rank ``dst`` alone (one

@@ -12,13 +12,14 @@ from helios.core.distillation import (
     cfg_x0,
     dmd_gradient,
     dmd_loss,
-    ema_update,
     frozen,
     gan_d_loss,
     gan_g_loss,
 )
+from helios.infra.ema import ShardedEma
 from helios.model.gan import GanHeads
 from helios.model.transformer import build_transformer
+from tests.helpers.ema_probe import ema_update, local_bytes
 
 
 def gaussian_x0(x_tau: torch.Tensor, tau: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
@@ -154,9 +155,9 @@ def test_ema_schedule_and_update():
     assert (
         sched(1) == pytest.approx(2 / 11) and sched(90) == pytest.approx(91 / 100) and sched(10_000) == 0.99
     )
-    ema, p = {"w": torch.zeros(2)}, {"w": torch.ones(2)}
-    ema_update(ema, p, 0.75)
-    torch.testing.assert_close(ema["w"], torch.full((2,), 0.25))
+    ema = ShardedEma({"w": torch.zeros(2)})
+    ema.update({"w": torch.ones(2)}, 0.75)
+    torch.testing.assert_close(ema.gather()["w"], torch.full((2,), 0.25))
 
 
 def test_gan_heads_get_gradients_only_in_the_critic_phase():
@@ -216,7 +217,6 @@ def test_sharded_ema_halves_per_rank_bytes_and_gathers_the_unsharded_ema(tmp_pat
 
 
 def test_sharded_ema_single_process_is_the_plain_ema():
-    from helios.infra.ema import ShardedEma
 
     params = {"w": torch.randn(5, 3)}
     ref = {"w": params["w"].clone()}
@@ -225,7 +225,7 @@ def test_sharded_ema_single_process_is_the_plain_ema():
         params["w"] += torch.randn(5, 3)
         ema.update(params, 0.9)
         ema_update(ref, params, 0.9)
-    assert torch.equal(ema.gather()["w"], ref["w"]) and ema.local_bytes() == 15 * 4
+    assert torch.equal(ema.gather()["w"], ref["w"]) and local_bytes(ema) == 15 * 4
 
 
 def test_ema_warmup_counts_generator_updates_not_iterations(monkeypatch):

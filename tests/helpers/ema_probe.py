@@ -7,8 +7,19 @@ import sys
 import torch
 import torch.distributed as dist
 
-from helios.core.distillation import ema_update
 from helios.infra.ema import ShardedEma
+
+
+@torch.no_grad()
+def ema_update(ema: dict[str, torch.Tensor], params: dict[str, torch.Tensor], decay: float) -> None:
+    """The unsharded reference: ema <- decay * ema + (1 - decay) * param, tensor by tensor."""
+    for name, p in params.items():
+        ema[name].mul_(decay).add_(p.detach().to(ema[name].dtype), alpha=1.0 - decay)
+
+
+def local_bytes(ema: ShardedEma) -> int:
+    """The bytes of this rank's EMA chunks."""
+    return sum(s.numel() * s.element_size() for s in ema.shard.values())
 
 
 def main() -> None:
@@ -39,7 +50,7 @@ def main() -> None:
         "rank": rank,
         "main_keys": sorted(to_main),
         "main_diff": main_diff,
-        "bytes": ema.local_bytes(),
+        "bytes": local_bytes(ema),
         "diff": diff,
         "reload_diff": reload_diff,
         "full_bytes": sum(p.numel() * 4 for p in params.values()),

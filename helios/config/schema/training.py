@@ -55,7 +55,7 @@ class TrainerConfig(Validated):
     # a finite loss above this counts as divergence too (stops like a NaN, before the update); 0: off
     max_loss: float = 1.0e6
     # the device's dense bf16 peak for the dashboard's mfu (TFLOP/s); null: known GPUs by name
-    # (helios/infra/flops.py), none on the CPU
+    # (helios/model/flops.py), none on the CPU
     peak_tflops: float | None = None
 
     def _validate(self, prefix: str) -> None:

@@ -25,9 +25,8 @@ StateLoader = Callable[[str, torch.dtype], dict[str, torch.Tensor]]
 
 
 class DistillModule(nn.Module):
-    """The roles as one module (checkpoints, ``parallel.roles``); ``forward(fn, *args)`` runs
-    ``fn(self, *args)``: one step over all roles (under DDP each role has its own wrapper,
-    helios/infra/parallel.py)."""
+    """The roles as one module (checkpoints, ``parallel.roles``). It has no forward of its own: the phase's
+    step computes with each role (under DDP through that role's own wrapper, helios/infra/parallel.py)."""
 
     def __init__(
         self,
@@ -38,9 +37,6 @@ class DistillModule(nn.Module):
     ) -> None:
         super().__init__()
         self.generator, self.fake, self.real, self.heads = generator, fake, real, heads
-
-    def forward(self, fn, *args):
-        return fn(self, *args)
 
 
 @contextlib.contextmanager

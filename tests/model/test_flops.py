@@ -1,4 +1,4 @@
-"""The dashboard's model FLOPs and tokens (helios/infra/flops.py): the formula against torch's own FLOP
+"""The dashboard's model FLOPs and tokens (helios/model/flops.py): the formula against torch's own FLOP
 counter on the DiT, the counter's conventions, and what a training run logs from them."""
 
 import pytest
@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from helios.config import compose
 from helios.core.history import HistoryLayout
-from helios.infra.flops import FlopCounter, forward_flops, peak_tflops, sequence_tokens
+from helios.model.flops import FlopCounter, forward_flops, peak_tflops, sequence_tokens
 from helios.model.transformer import build_transformer
 from tests.helpers.runs import train_in_process
 
