@@ -254,8 +254,10 @@ def test_a_fresh_start_or_a_foreign_checkpoint_moves_the_run_dirs_checkpoints_as
     assert moved[0].parent.name.endswith("-from_other")
     assert checkpoint.list_complete(run) == []
     _save(run, 1)
-    moved = checkpoint.start_branch(run, None)  # resume=none
+    with caplog.at_level("WARNING"):
+        moved = checkpoint.start_branch(run, None)  # resume=none
     assert [p.name for p in moved] == ["step_1"] and moved[0].parent.name.endswith("-fresh")
+    assert caplog.records[-1].getMessage().startswith("starting afresh starts a new branch: step_1 moved")
     assert checkpoint.start_branch(run, None) == []
     for step in (2, 10, 9):  # the warning names the moved checkpoints in step order, not name order
         _save(run, step)
@@ -404,6 +406,16 @@ def test_the_payload_is_the_tensors_bytes_and_a_first_failed_save_says_nothing_o
     assert checkpoint.payload_bytes(tensors, objects) == 4 * 4 + 6 * 2 + 5 * 8
     message = checkpoint._write_failed(1, tmp_path, 0, OSError("boom"), None)
     assert "no earlier checkpoint exists" in message and "None" not in message
+
+
+def test_a_write_cut_short_with_space_left_names_a_quota_or_a_file_size_limit(tmp_path):
+    """The disk has room (the checkpoint needs 0 bytes here) but the file system stopped the write: the
+    message says so, with the error's first line, instead of calling the disk full."""
+    err = OSError(27, "File too large")
+    message = checkpoint._write_failed(3, tmp_path, 0, err, tmp_path / "step_2")
+    assert message.startswith("checkpoint step_3 was not saved: the write was cut short ([Errno 27] File too")
+    assert "a disk quota or a file-size limit (ulimit -f)" in message
+    assert f"the last checkpoint, {tmp_path / 'step_2'}, is intact" in message
 
 
 @pytest.mark.parametrize(

@@ -440,6 +440,13 @@ def test_build_section_sampler_kinds():
     assert build_section_sampler(SamplerConfig(kind="dmd", steps=[2, 2, 2], guidance_scale=1.0)).is_dmd
 
 
+@pytest.mark.parametrize("kind", ["pyramid", "dmd"])
+def test_a_sampler_of_k_stages_splits_the_timesteps_into_k_equal_windows(kind):
+    """Two stages (the schedulers' own default is three windows): [0, 1/2, 1]."""
+    sampler = build_section_sampler(SamplerConfig(kind=kind, steps=[2, 2], guidance_scale=1.0))
+    assert sampler.num_stages == 2 and list(sampler.scheduler.config.stage_range) == [0.0, 0.5, 1.0]
+
+
 @pytest.mark.parametrize(
     ("order", "grids"),
     [("stage", [(12, 20), (24, 40), (48, 80)]), ("diffusers", [(12, 20), (12, 20), (24, 40)])],

@@ -946,9 +946,11 @@ def test_each_loss_runs_as_its_roles_forward_and_a_zero3_generator_gets_the_agre
         def __init__(self) -> None:
             super().__init__()
             self.calls: list[tuple[str, str]] = []
+            self.finals: list[bool] = []
 
         def forward(self, role, fn, *args, final=True):
             self.calls.append((role, getattr(fn, "__name__", type(fn).__name__)))
+            self.finals.append(final)
             return fn(*args)
 
         def backward(self, role, loss):
@@ -979,6 +981,8 @@ def test_each_loss_runs_as_its_roles_forward_and_a_zero3_generator_gets_the_agre
     )
     critic = [flow, gan, backward] if critic_backward == "joint" else [flow, backward, gan, backward]
     assert roles.calls == [("generator", "Rollout"), *critic]
+    # the flow part of a split critic is not its final forward (DDP all-reduces once, after the GAN part)
+    assert roles.finals == ([True, True, True] if critic_backward == "joint" else [True, False, True])
     assert float(losses["critic"]) == 1.0
     assert set(stats) == {"history_empty", *post.EXTRA_METRICS}  # the dashboard's keys, no others
     assert 0 <= stats["time_rollout_s"] <= elapsed and 0 <= stats["time_critic_s"] <= elapsed
@@ -1354,3 +1358,38 @@ def test_the_ode_init_step_draws_a_first_sections_time_from_its_doubled_schedule
         )
         assert plain < doubled  # the doubled schedule adds steps between the plain one's
         assert (timesteps <= doubled and timesteps - plain) if first else timesteps <= plain
+
+
+@pytest.mark.parametrize(
+    ("gan_on", "cached", "roles"),
+    [(True, False, ("generator", "critic")), (True, True, ("generator",)), (False, False, ("generator",))],
+)
+def test_the_generators_backward_keeps_the_critic_resident_only_for_an_uncached_gan_graph(
+    gan_on, cached, roles
+):
+    """With ``distill.offload`` the generator's backward block holds the critic's base only where the GAN
+    term's graph runs through the discriminator; a cached GAN gradient (or no GAN yet) needs the generator's
+    alone (one 14B base resident, §4.2)."""
+    from helios.stages import Stage3Distilled
+
+    stage = Stage3Distilled(compose(["stage=3", f"distill.cache_gan_grad={cached}"]))
+    assert stage.phase.generator_graph(gan_on) == roles
+
+
+def test_a_released_offload_pool_is_gone_and_a_second_release_is_harmless():
+    """The run's end frees the pool (its host buffers); releasing again (a close on an error path after the
+    normal one) does nothing, and a placement block afterwards has no pool to ask (nothing is offloaded)."""
+    from helios.stages import Stage3Distilled
+    from helios.stages.distilled.roles import DistillModule
+
+    stage = Stage3Distilled(
+        compose(["stage=3", "distill.offload=true", "parallel.node_shared_weights=false"])
+    )
+    frozen = [torch.nn.Linear(2, 2).requires_grad_(False) for _ in range(2)]
+    model = DistillModule(frozen[0], fake=frozen[1])
+    assert stage.place(model, torch.device("cpu")) and stage.roles.pool is not None
+    stage.release()
+    stage.release()
+    assert stage.roles.pool is None
+    with stage.roles.resident("generator", "critic"):
+        pass
