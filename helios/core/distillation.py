@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from helios.core.placement import to_device
+
 
 def dmd_gradient(x0: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor) -> torch.Tensor:
     """DMD's distribution-matching direction, normalised per sample as in DMD:
@@ -110,7 +112,7 @@ def approx_r1(
     """Approximate R1 (Eq. 12, APT): ||D(x) - D(x + sigma eps)||^2, a finite-difference stand-in for
     sigma^2 ||grad_x D||^2 that needs no double backward. ``d_real``: D(x) when the caller has it (the
     GAN loss's real logits: the same value and graph, one discriminator forward fewer)."""
-    eps = torch.randn(x_real.shape, generator=generator).to(x_real.device, x_real.dtype, non_blocking=True)
+    eps = to_device(torch.randn(x_real.shape, generator=generator), x_real.device, x_real.dtype)
     d_real = discriminator(x_real) if d_real is None else d_real
     return (d_real - discriminator(x_real + sigma * eps)).pow(2).mean()
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from diffusers.pipelines.helios.pipeline_helios import calculate_shift
 
+from helios.core.placement import to_device
 from helios.core.pyramid import double_nearest, halve
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, timestep, embeds) -> v
@@ -50,7 +51,7 @@ def block_noise(
     along = math.sqrt(max(1.0 + gamma - n * gamma, 0.0))
     noise = math.sqrt(1.0 + gamma) * (z - mean) + along * mean
     noise = noise.view(b, c, t, h // ph, w // pw, ph, pw).permute(0, 1, 2, 3, 5, 4, 6).reshape(b, c, t, h, w)
-    return noise.to(device, non_blocking=True) if device is not None else noise
+    return to_device(noise, device) if device is not None else noise
 
 
 def set_stage_timesteps(

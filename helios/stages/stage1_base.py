@@ -17,6 +17,7 @@ from helios.core.flow_matching import (
     token_count,
 )
 from helios.core.history import Task
+from helios.core.placement import to_device
 from helios.data.dataset import ClipBatch
 from helios.infra.parallel import RoleSteps
 from helios.model import apply_lora, build_transformer
@@ -96,14 +97,14 @@ class Stage1Base(Stage):
         samples = sum(len(g.index) for g in groups)  # the loss is the mean over them
         stats["noisy_tokens"] = float(sum(len(g.index) * token_count(*g.x_t.shape[2:]) for g in groups))
         for g in groups:
-            inputs = {k: v[g.index].to(device, non_blocking=True) for k, v in cond.items()}
+            inputs = {k: to_device(v[g.index], device) for k, v in cond.items()}
             pred = model(
-                hidden_states=g.x_t.to(device, non_blocking=True),
-                timestep=g.timestep.to(device, non_blocking=True),
+                hidden_states=to_device(g.x_t, device),
+                timestep=to_device(g.timestep, device),
                 **inputs,
                 return_dict=False,
             )[0]
-            loss = F.mse_loss(pred.float(), g.target.to(device, non_blocking=True).float())
+            loss = F.mse_loss(pred.float(), to_device(g.target, device).float())
             total = total + loss * (len(g.index) / samples)
             if g.name != "flow":
                 stats[f"loss_{g.name}"] = loss.detach()  # a device scalar: read when logged

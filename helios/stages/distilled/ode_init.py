@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from helios.core.placement import to_device
 from helios.core.pyramid import PyramidSchedule
 from helios.data.ode_pair_shards import OdePairDataset, OdeTrajectoryDataset, TensorDict, ode_pair_dataset
 from helios.infra.parallel import RoleSteps
@@ -57,7 +58,7 @@ class OdeInitPhase(DistillPhase):
             sigma = ((t - t_min) / (t_max - t_min)).view(-1, 1, 1, 1, 1)
             batch = batch.to(device)
             x, end = batch[f"stage{k}_x"], batch[f"stage{k}_end"]
-            t = t.to(device, non_blocking=True)
+            t = to_device(t, device)
         else:
             # decided on the host (the batch arrives there), then copied without waiting for the device
             first = first_section(batch["history"])
@@ -67,12 +68,12 @@ class OdeInitPhase(DistillPhase):
             j = int(torch.randint(len(timesteps), (1,), generator=gen))
             sigma = float(sigmas[j])
             x = sigma * start + (1 - sigma) * end
-            t = timesteps[j].expand(x.shape[0]).to(device, non_blocking=True)
+            t = to_device(timesteps[j].expand(x.shape[0]), device)
         cond = {
             "encoder_hidden_states": batch["prompt_embeds"],
             **self.layout.model_inputs(batch["history"], batch["anchor"]),
         }
-        sigma = sigma.to(device, non_blocking=True) if torch.is_tensor(sigma) else sigma
+        sigma = to_device(sigma, device) if torch.is_tensor(sigma) else sigma
         with self.roles.resident("generator"):
             x0 = x - sigma * roles.forward("generator", velocity, m.generator, x, t, cond)
             loss = self.d.ode_weight * F.mse_loss(x0, end.float())

@@ -37,6 +37,7 @@ from helios.core.distillation import (
 )
 from helios.core.flow_matching import NUM_TRAIN_TIMESTEPS, shift_factor, shift_sigmas, token_count
 from helios.core.history import Task
+from helios.core.placement import to_device
 from helios.data.dataset import training_dataset
 from helios.data.prepare_job import EMPTY_PROMPT_FILE, NEGATIVE_PROMPT_FILE, load_empty_prompt
 from helios.infra.distributed import agree_max
@@ -70,7 +71,7 @@ def cast_inputs(inputs: dict[str, torch.Tensor], like: torch.Tensor) -> dict[str
     """Model inputs on ``like``'s device, floating-point ones in its dtype (indices keep theirs); a copy
     from the host does not wait for the device."""
     return {
-        k: v.to(like.device, like.dtype if v.is_floating_point() else v.dtype, non_blocking=True)
+        k: to_device(v, like.device, like.dtype if v.is_floating_point() else v.dtype)
         for k, v in inputs.items()
     }
 
@@ -128,7 +129,7 @@ class PostPhase(DistillPhase):
         # the reference saturates the generator's history only; the scores see the (corrupted) history
         cond_g = cast_inputs(self.saturated(cond, gen), like)
         cond = cast_inputs(cond, like)
-        target = target.to(device, non_blocking=True)
+        target = to_device(target, device)
         update_g = self.ttur.update_generator(step)
         gan_on = m.heads is not None and step >= self.d.gan.start_step
         clock = time.perf_counter()
@@ -208,8 +209,8 @@ class PostPhase(DistillPhase):
         reference: [20, 980]), the re-noise time tau (Dynamic Re-noise) and the GAN crop's offsets."""
         b, device = target.shape[0], target.device
         shift = shift_factor(token_count(*target.shape[2:]), self.cfg.flow.shift)
-        t = shift_sigmas(torch.rand(b, generator=gen), shift).clamp(0.02, 0.98).to(device, non_blocking=True)
-        eps = torch.randn(target.shape, generator=gen).to(device, non_blocking=True)
+        t = to_device(shift_sigmas(torch.rand(b, generator=gen), shift).clamp(0.02, 0.98), device)
+        eps = to_device(torch.randn(target.shape, generator=gen), device)
         tau = (
             shift_sigmas(self.renoise.sample(b, step, gen), shift)
             .clamp(0.02, 0.98)
@@ -255,10 +256,8 @@ class PostPhase(DistillPhase):
             return None
         history = self.layout.split_clip(batch.latents)[0]
         m = max(0, min(history.shape[2], self.d.bidirectional_frames - xt.shape[2]))
-        ctx = history[:, :, history.shape[2] - m :].to(xt.device, xt.dtype, non_blocking=True)
-        return (1 - tau5) * ctx + tau5 * torch.randn(ctx.shape, generator=gen).to(
-            xt.device, xt.dtype, non_blocking=True
-        )
+        ctx = to_device(history[:, :, history.shape[2] - m :], xt.device, xt.dtype)
+        return (1 - tau5) * ctx + tau5 * to_device(torch.randn(ctx.shape, generator=gen), xt.device, xt.dtype)
 
     def real_velocity(self, m: DistillModule, xt, t_tau, cond: dict, context: torch.Tensor | None):
         """The real score's velocity on x_tau: with the history inputs (Helios-Base), or, as a bidirectional
@@ -302,9 +301,7 @@ class PostPhase(DistillPhase):
                 xt = x_tau.detach()
                 uncond = {
                     **cond,
-                    "encoder_hidden_states": self.uncond.to(device, dtype, non_blocking=True).expand(
-                        b, -1, -1
-                    ),
+                    "encoder_hidden_states": to_device(self.uncond, device, dtype).expand(b, -1, -1),
                 }
                 context = self.bidirectional_context(batch, xt, tau5, gen)
                 real_x0 = cfg_x0(

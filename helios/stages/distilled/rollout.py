@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from helios.config.schema import TrainConfig
+from helios.core.placement import to_device
 from helios.core.pyramid import halve
 from helios.sampling.section import set_stage_timesteps, upsample_renoise
 
@@ -108,7 +109,7 @@ class StagedRollout:
             for j in range(last + 1):
                 exiting = j == last
                 with torch.set_grad_enabled(grad and exiting):
-                    v = velocity(generator, x, timesteps[j].expand(b).to(device, non_blocking=True), cond)
+                    v = velocity(generator, x, to_device(timesteps[j].expand(b), device), cond)
                 x0 = x - float(sigmas[j]) * v
                 if not exiting:
                     nxt = float(sigmas[j + 1])
