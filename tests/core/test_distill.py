@@ -120,6 +120,11 @@ def test_approximate_r1_matches_the_gradient_penalty():
         (w_grad[given],) = torch.autograd.grad(r1, wp)
         assert r1.item() == pytest.approx(approx.item() * sigma**2, rel=1e-6)
     torch.testing.assert_close(w_grad[True], w_grad[False])
+    # the step is x + sigma eps with eps the generator's next normal draws (the reference's sign)
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    by_hand = (disc(x) - disc(x + sigma * eps)).pow(2).mean()
+    assert approx_r1(disc, x, sigma, torch.Generator().manual_seed(2)).item() == pytest.approx(by_hand.item())
+    assert by_hand.item() != pytest.approx((disc(x) - disc(x - sigma * eps)).pow(2).mean().item())
 
 
 def test_gan_losses_are_non_saturating():

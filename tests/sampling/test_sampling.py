@@ -372,6 +372,7 @@ def test_generate_video_t2v_i2v_v2v_and_adaptive(tiny, latent_format):
     t2v = run()
     assert t2v.frames.shape == (1, 3, 30, 64, 64) and t2v.stats["sections"] == sections
     assert sections_for(30, 3, latent_format) == sections
+    assert sections_for(1, 3, latent_format) == 1  # a single frame still takes one section
     assert len(t2v.stats["drift"]["sections"]) == sections and "ratio" in t2v.stats["seams"]
     i2v = run(image=torch.rand(1, 3, 1, 64, 64) * 2 - 1)
     assert i2v.frames.shape[2] == 31 and i2v.latents.shape[2] == 1 + 3 * sections
@@ -445,6 +446,17 @@ def test_a_sampler_of_k_stages_splits_the_timesteps_into_k_equal_windows(kind):
     """Two stages (the schedulers' own default is three windows): [0, 1/2, 1]."""
     sampler = build_section_sampler(SamplerConfig(kind=kind, steps=[2, 2], guidance_scale=1.0))
     assert sampler.num_stages == 2 and list(sampler.scheduler.config.stage_range) == [0.0, 0.5, 1.0]
+    linear = build_section_sampler(SamplerConfig(kind=kind, steps=[2, 2], shift_type="linear"))
+    assert sampler.scheduler.config.time_shift_type == "exponential"
+    assert linear.scheduler.config.time_shift_type == "linear"  # the config's, not the scheduler's default
+
+
+def test_a_sections_progress_line_gives_its_rate():
+    from helios.sampling.pipeline import SectionProgress
+
+    line = SectionProgress(section=2, sections=5, seconds=0.5, frames=12, frames_so_far=24).line()
+    assert line == "section 2/5: 0.5 s, 12 frames (24.0 frames/s), 24 so far"
+    assert "(12000000000.0 frames/s)" in SectionProgress(1, 1, 0.0, 12, 12).line()  # no division by zero
 
 
 @pytest.mark.parametrize(

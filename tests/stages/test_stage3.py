@@ -214,7 +214,7 @@ def test_cached_gan_gradient_equals_plain_autograd(tmp_path):
     frozen)."""
     from helios.trainer import Trainer
 
-    grads, heads, fakes = {}, {}, {}
+    grads, heads, fakes, values = {}, {}, {}, {}
     # w_G large so that the GAN term is a visible part of the generator gradient (fresh heads are weak)
     for cached, w_g in ((False, 50.0), (True, 50.0), ("no_gan", 0.0)):
         cfg = compose(
@@ -247,6 +247,7 @@ def test_cached_gan_gradient_equals_plain_autograd(tmp_path):
         )
         assert set(losses) == {"generator", "critic"}
         assert math.isfinite(stats["loss_gan_g"])
+        values[cached] = float(losses["generator"])
         grads[cached] = {
             n: p.grad.clone() for n, p in trainer.model.generator.named_parameters() if p.grad is not None
         }
@@ -257,6 +258,9 @@ def test_cached_gan_gradient_equals_plain_autograd(tmp_path):
             n: p.grad.clone() for n, p in trainer.model.fake.named_parameters() if p.grad is not None
         }
         trainer.close()
+    assert values[True] == pytest.approx(
+        values[False], rel=1e-5
+    )  # the logged loss too, not only its gradient
     assert grads[True].keys() == grads[False].keys() and grads[True]
     for name, g in grads[False].items():
         torch.testing.assert_close(grads[True][name], g, rtol=1e-4, atol=1e-7)
@@ -352,6 +356,8 @@ def test_bidirectional_teacher_scores_one_segment_without_history_inputs():
     # the batch's latents come from the host: the context is brought to x_tau's device (meta: the GPU)
     on_device = stage.phase.bidirectional_context(Batch, xt.to("meta"), tau5.to("meta"), None)
     assert on_device.device.type == "meta" and on_device.shape == context.shape
+    stage.d.bidirectional_frames = stage.layout.window  # a segment no longer than x_tau: no context
+    assert stage.phase.bidirectional_context(Batch, xt, tau5, None).shape[2] == 0
     stage.d.real_score = "history"
     assert stage.phase.bidirectional_context(Batch, xt, tau5, None) is None
 
@@ -939,7 +945,7 @@ def test_each_loss_runs_as_its_roles_forward_and_a_zero3_generator_gets_the_agre
         exit_steps = staticmethod(stage.rollout.exit_steps)
 
         def __call__(self, generator, cond, shape, gen, grad, exits, first, forwards):
-            seen.update(exits=exits, forwards=forwards)
+            seen.update(exits=exits, forwards=forwards, dtype=cond["encoder_hidden_states"].dtype)
             return torch.zeros(shape)
 
     class Recorded(RoleSteps):
@@ -969,7 +975,8 @@ def test_each_loss_runs_as_its_roles_forward_and_a_zero3_generator_gets_the_agre
     history, anchor = torch.zeros(2, 16, layout.num_history, 4, 4), torch.zeros(2, 16, 1, 4, 4)
     cond = {"encoder_hidden_states": torch.zeros(2, 8, 32), **layout.model_inputs(history, anchor)}
     stage.phase.condition = lambda batch, gen: (cond, torch.zeros(shape), {"history_empty": 0.0})
-    m = DistillModule(torch.nn.Linear(1, 1), fake=_Score(0.1, 0.0), heads=torch.nn.Identity())
+    generator = torch.nn.Linear(1, 1).to(torch.bfloat16)  # the inputs are cast to the generator's dtype
+    m = DistillModule(generator, fake=_Score(0.1, 0.0), heads=torch.nn.Identity())
     roles = Recorded()
     started = time.perf_counter()
     losses, stats = stage.phase.step(m, None, torch.Generator(), torch.Generator(), roles, step=1)
@@ -986,7 +993,7 @@ def test_each_loss_runs_as_its_roles_forward_and_a_zero3_generator_gets_the_agre
     assert float(losses["critic"]) == 1.0
     assert set(stats) == {"history_empty", *post.EXTRA_METRICS}  # the dashboard's keys, no others
     assert 0 <= stats["time_rollout_s"] <= elapsed and 0 <= stats["time_critic_s"] <= elapsed
-    assert seen["forwards"] == [e + 3 for e in seen["exits"]]
+    assert seen["forwards"] == [e + 3 for e in seen["exits"]] and seen["dtype"] == torch.bfloat16
 
 
 @pytest.mark.parametrize("shared_teacher", [True, False])
@@ -1172,14 +1179,25 @@ def test_the_ode_init_step_on_trajectory_pairs_places_each_state_in_its_stage_wi
             k = {4: 0, 8: 1, 16: 2}[hidden_states.shape[-1]]
             return ((batch[f"stage{k}_x"] - batch[f"stage{k}_end"]) / 0.25 + self.zero,)
 
-    stages = set()
+    class Recorded(RoleSteps):  # the forward and the backward run as the generator's (its DDP wrapper)
+        def __init__(self) -> None:
+            self.roles: list[str] = []
+
+        def forward(self, role, fn, *args, final=True):
+            self.roles.append(role)
+            return fn(*args)
+
+        def backward(self, role, loss):
+            self.roles.append(role)
+
+    stages, roles = set(), Recorded()
     for seed in range(6):
         losses, stats = stage.phase.step(
-            DistillModule(Exact()), batch, torch.Generator().manual_seed(seed), None, RoleSteps(), 0
+            DistillModule(Exact()), batch, torch.Generator().manual_seed(seed), None, roles, 0
         )
         assert float(losses["generator"]) < 1e-10, stats["ode_stage"]
         stages.add(stats["ode_stage"])
-    assert len(stages) > 1
+    assert len(stages) > 1 and roles.roles == ["generator"] * 12
 
 
 @pytest.mark.parametrize("pairs", ["endpoint", "trajectory"])
