@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -196,3 +197,8 @@ def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()  # every group, the host group too
     _HOST_GROUP = None
+    # DeepSpeed keeps its clone of the world group across engines; destroyed with the groups above, it
+    # would fail the next run's engines in this process (a second training in one Python process)
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is not None:
+        groups._WORLD_GROUP = None
