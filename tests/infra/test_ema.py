@@ -12,6 +12,7 @@ from helios.core.distillation import EmaSchedule
 from helios.infra import ema as ema_module
 from helios.infra.ema import ModelEma, ShardedEma
 from helios.infra.model_roles import Role
+from tests.helpers.threaded_ranks import run_ranks
 
 
 def _params(seed: int) -> dict[str, torch.Tensor]:
@@ -85,6 +86,93 @@ def test_the_gather_goes_through_the_process_groups_device(monkeypatch):
     with pytest.raises(Sent):
         ema.gather()
     assert sent == [torch.device("meta")]
+
+
+def _rank_params(rank: int) -> dict[str, torch.Tensor]:
+    """Rank ``rank``'s weights: ``_params(0)`` + 1000 * rank, so a chunk taken from the wrong rank shows."""
+    return {n: t + 1000.0 * rank for n, t in _params(0).items()}
+
+
+def _assembled(world: int) -> dict[str, torch.Tensor]:
+    """Gathered over ``world`` ranks holding ``_rank_params``: each chunk from the rank that owns it."""
+    out = {}
+    for name, tensor in _params(0).items():
+        flat, chunk = tensor.reshape(-1).clone(), -(-tensor.numel() // world)
+        for rank in range(world):
+            flat[rank * chunk : (rank + 1) * chunk] += 1000.0 * rank
+        out[name] = flat.reshape(tensor.shape)
+    return out
+
+
+def _assert_same(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=0)
+
+
+def test_ranks_that_hold_different_weights_gather_each_ones_own_chunks_to_one_rank_or_to_all():
+    """Three ranks (threads on one process group) whose weights differ: the gathered EMA takes every chunk
+    from the rank that averages it; to rank ``dst`` alone (a checkpoint: the others get nothing) or to every
+    rank (validation), where it is asked for (meta makes the placement visible)."""
+    world = 3
+
+    def rank_main(rank: int):
+        ema = ShardedEma(_rank_params(rank), rank, world)
+        return ema.gather(dst=1), ema.gather(), ema.gather(device="meta")
+
+    results = run_ranks(world, rank_main)
+    expected = _assembled(world)
+    assert results[0][0] == {} and results[2][0] == {}
+    _assert_same(results[1][0], expected)
+    for _, to_all, on_meta in results:
+        _assert_same(to_all, expected)
+        assert {v.device.type for v in on_meta.values()} == {"meta"}
+
+
+def test_the_gathered_ema_is_fp32_whatever_the_default_dtype():
+    """The average is kept and gathered in fp32 also where a notebook made float64 (or bf16) the default."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        gathered = run_ranks(2, lambda rank: ShardedEma(_rank_params(rank), rank, 2).gather())
+    finally:
+        torch.set_default_dtype(default)
+    assert {v.dtype for g in gathered for v in g.values()} == {torch.float32}
+
+
+def test_a_sharded_ema_is_checkpointed_from_the_main_rank_and_swapped_in_on_every_rank():
+    """``ModelEma`` over two ranks (``ema_sharded``): the checkpoint's EMA is gathered on the main rank, which
+    writes it (the other rank has nothing to write); validation writes the same gathered EMA into every rank's
+    generator and puts each rank's own training weights back."""
+    world = 2
+
+    def rank_main(rank: int):
+        module = torch.nn.Linear(5, 3)
+        with torch.no_grad():  # the first copy: this rank's weights
+            module.weight.copy_(_rank_params(rank)["b.weight"].T)
+            module.bias.copy_(_rank_params(rank)["a.bias"][:3])
+        role = Role(
+            "generator", module, list(module.parameters()), 1e-4, ema=EmaSchedule(0.9, 1), ema_sharded=True
+        )
+        ema = ModelEma([role], rank, world)
+        ema.after_step(1, ["generator"])
+        raw = {n: p.detach().clone() for n, p in module.named_parameters()}
+        with ema.swapped_in():
+            swapped = {n: p.detach().clone() for n, p in module.named_parameters()}
+        after = {n: p.detach().clone() for n, p in module.named_parameters()}
+        return ema.tensors(), swapped, raw, after
+
+    results = run_ranks(world, rank_main)
+    assert results[1][0] == {} and list(results[0][0]) == ["ema"]
+    saved = results[0][0]["ema"]
+    for rank, (_, swapped, raw, after) in enumerate(results):
+        _assert_same(after, raw)
+        assert torch.equal(swapped["weight"], saved["generator.weight"])
+        assert torch.equal(swapped["bias"], saved["generator.bias"])
+        # each chunk of the flattened weight from the rank that averages it (chunks of 8 of 15)
+        flat = saved["generator.weight"].reshape(-1)
+        own = _rank_params(rank)["b.weight"].T.reshape(-1)
+        assert torch.equal(flat[rank * 8 : (rank + 1) * 8], own[rank * 8 : (rank + 1) * 8])
 
 
 def _generator_ema(module: torch.nn.Module, start: int = 2) -> ModelEma:
@@ -185,3 +273,41 @@ def test_a_model_is_partitioned_when_zero3_gave_its_parameters_partitions():
     assert not partitioned(model)
     model[1].bias.ds_tensor = torch.zeros(1)  # one partitioned parameter is enough
     assert partitioned(model)
+
+
+@pytest.fixture
+def zero3_partitions(tmp_path, monkeypatch):
+    """A one-rank process group in which ``deepspeed.zero.Init`` partitions new modules as ZeRO-3 does."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from helios.infra.distributed import teardown
+
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+    try:
+        yield lambda: deepspeed.zero.Init(config_dict_or_path=config)
+    finally:
+        teardown()
+
+
+def test_weights_written_into_a_zero3_model_stay_and_the_old_ones_come_back(zero3_partitions):
+    """Validation under ZeRO-3 writes the EMA into partitioned parameters (they hold no data outside a
+    gather): written inside a gather whose changes are kept, returned as the full values they replaced."""
+    import deepspeed
+
+    from helios.infra.ema import partitioned, write_weights
+
+    with zero3_partitions():
+        module = torch.nn.Linear(4, 3)
+    assert partitioned(module) and module.weight.numel() == 0
+    with deepspeed.zero.GatheredParameters(list(module.parameters())):
+        trained = {n: p.detach().clone() for n, p in module.named_parameters()}
+    old = write_weights(
+        module, "generator", {"generator.weight": torch.ones(3, 4), "generator.bias": torch.ones(3)}
+    )
+    _assert_same(old, {f"generator.{n}": v for n, v in trained.items()})
+    with deepspeed.zero.GatheredParameters(list(module.parameters())):
+        assert all(torch.equal(p, torch.ones_like(p)) for p in module.parameters())
+    assert module.weight.numel() == 0  # partitioned again
