@@ -16,7 +16,7 @@ from torch.testing._internal.distributed import multi_threaded_pg
 T = TypeVar("T")
 
 
-def run_ranks(world: int, fn: Callable[[int], T], timeout: float = 60.0) -> list[T]:
+def run_ranks(world: int, fn: Callable[[int], T], timeout: float = 20.0) -> list[T]:
     """``fn(rank)`` on ``world`` ranks at once (threads sharing one process group); each rank's result, or
     the first rank's exception (a rank that fails wakes the others waiting in a collective)."""
     results: dict[int, T] = {}

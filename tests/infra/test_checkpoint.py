@@ -461,3 +461,93 @@ def test_sizes_in_messages_are_in_mib_below_a_quarter_gib_and_in_gib_from_it():
     assert checkpoint._gib(2**28 - 2**20) == "255.0 MiB"
     assert checkpoint._gib(2**28) == "0.25 GiB"
     assert checkpoint._gib(100) == "0.0 MiB" and checkpoint._gib(3 * 2**30) == "3.00 GiB"
+
+
+def _two_rank_save(
+    run: Path, step: int, monkeypatch, write_extra=None, manifest_fails: bool = False
+) -> tuple[list, list[int]]:
+    """Two ranks (threads on one process group, tests/helpers/threaded_ranks.py) save step ``step`` into
+    ``run``, each with its own random-stream state; what each returned or raised, and which ranks wrote (or,
+    ``manifest_fails``, tried to write) a manifest."""
+    import torch
+    import torch.distributed as dist
+
+    from helios.infra.distributed import DistInfo
+    from tests.helpers.threaded_ranks import run_ranks
+
+    manifests: list[int] = []
+    write_manifest = checkpoint.write_manifest
+
+    def spied(folder: Path) -> None:
+        manifests.append(dist.get_rank())
+        if manifest_fails:
+            raise OSError(122, "Disk quota exceeded")
+        write_manifest(folder)
+
+    monkeypatch.setattr(checkpoint, "write_manifest", spied)
+
+    def rank_main(rank: int):
+        info = DistInfo(rank=rank, local_rank=rank, world_size=2, device=torch.device("cpu"))
+        weights = {"trainable": {"w": torch.full((4,), float(step))}}
+        try:
+            return checkpoint.save(
+                run, step, info, weights, {"step": step}, {"rank": rank}, 3, write_extra=write_extra
+            )
+        except checkpoint.CheckpointWriteError as err:
+            return err
+
+    return run_ranks(2, rank_main), manifests
+
+
+def test_two_ranks_save_one_checkpoint_each_rank_its_own_state_the_main_rank_the_rest(tmp_path, monkeypatch):
+    """A collective save: every rank writes its own random-stream state, the main rank the weights, the
+    objects and (once, after every rank's write succeeded) the manifest and the marker; each rank reads its
+    own state back on the same world size."""
+    import torch
+
+    from helios.infra.distributed import DistInfo
+
+    saved, manifests = _two_rank_save(tmp_path, 5, monkeypatch)
+    assert saved[0] == saved[1] == tmp_path / "checkpoints" / "step_5" and manifests == [0]
+    checkpoint.verify(saved[0])
+    assert checkpoint.read_meta(saved[0])["world_size"] == 2
+    for rank in (0, 1):
+        info = DistInfo(rank=rank, local_rank=rank, world_size=2, device=torch.device("cpu"))
+        tensors, objects, rank_state = checkpoint.load(saved[0], info)
+        assert rank_state == {"rank": rank} and objects == {"step": 5}
+        assert torch.equal(tensors["trainable"]["w"], torch.full((4,), 5.0))
+
+
+def test_a_save_that_fails_on_one_rank_fails_on_every_rank_and_leaves_the_disk_as_it_was(
+    tmp_path, monkeypatch
+):
+    """Rank 1's write fails (its engine partition): both ranks raise the same error, no manifest is
+    written, nothing of step 2 is left, and step 1 is untouched."""
+    _two_rank_save(tmp_path, 1, monkeypatch)
+    before = _tree(tmp_path)
+
+    def rank1_fails(tmp: Path) -> None:
+        import torch.distributed as dist
+
+        (tmp / f"part_{dist.get_rank()}.pt").write_bytes(b"\0" * 10)
+        if dist.get_rank() == 1:
+            raise OSError(28, "No space left on device")
+
+    raised, manifests = _two_rank_save(tmp_path, 2, monkeypatch, write_extra=rank1_fails)
+    assert all(isinstance(err, checkpoint.CheckpointWriteError) for err in raised) and manifests == []
+    assert str(raised[0]) == str(raised[1]) and "step_2 was not saved" in str(raised[0])
+    assert _tree(tmp_path) == before
+    # the main rank's manifest fails after every rank wrote its files: the other rank learns it too
+    raised, manifests = _two_rank_save(tmp_path, 2, monkeypatch, manifest_fails=True)
+    assert all(isinstance(err, checkpoint.CheckpointWriteError) for err in raised) and manifests == [0]
+    assert str(raised[0]) == str(raised[1]) and "Disk quota exceeded" in str(raised[1])
+    assert _tree(tmp_path) == before
+    # the free space (checked on the main rank) cannot hold it: refused on both before anything is written
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 8, 8))
+    raised, manifests = _two_rank_save(tmp_path, 2, monkeypatch)
+    assert all(isinstance(err, checkpoint.CheckpointWriteError) for err in raised) and manifests == []
+    assert str(raised[0]) == str(raised[1]) and "the disk is full" in str(raised[1])
+    assert _tree(tmp_path) == before
