@@ -173,7 +173,9 @@ class DdpBackend(ParallelBackend):
     def micro_step(self, last: bool, verify: Callable[[str], None]) -> tuple[Any, TrainerRoleSteps]:
         whole = isinstance(self.wrapped, DistributedDataParallel)
         sync = self.wrapped.no_sync() if whole and not last else contextlib.nullcontext()
-        return sync, TrainerRoleSteps(self.role_ddp, None, self.grad_accum, last, self.guard, verify)
+        return sync, TrainerRoleSteps(
+            self.roles, self.role_ddp, None, self.grad_accum, last, self.guard, verify
+        )
 
     def step(self, stop: float, check: Check) -> tuple[dict[str, float], list[str], float, bool]:
         """Per-role clipping, then one read of the losses, the gradient norms and the stop request (one host
@@ -245,6 +247,7 @@ class ZeroBackend(ParallelBackend):
         on another world size (the engines load DeepSpeed's universal form of the checkpoint)."""
         super().__init__(parallel, dist, guard, grad_accum)
         self.universal = universal
+        self.roles = [r.name for r in roles if r.trained]
         self.engines = RoleEngines(parallel, roles, optimization, grad_accum, micro_batch, universal)
         self.wrapped = model
 
@@ -260,7 +263,7 @@ class ZeroBackend(ParallelBackend):
     def micro_step(self, last: bool, verify: Callable[[str], None]) -> tuple[Any, TrainerRoleSteps]:
         self.engines.begin_micro_step()  # ZeRO engines accumulate by themselves
         return contextlib.nullcontext(), TrainerRoleSteps(
-            {}, self.engines, self.grad_accum, last, self.guard, verify
+            self.roles, {}, self.engines, self.grad_accum, last, self.guard, verify
         )
 
     def step(self, stop: float, check: Check) -> tuple[dict[str, float], list[str], float, bool]:

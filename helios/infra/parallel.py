@@ -109,6 +109,7 @@ class TrainerRoleSteps(RoleSteps):
 
     def __init__(
         self,
+        roles: list[str],
         wrappers: dict[str, DistributedDataParallel],
         engines,
         grad_accum: int,
@@ -116,12 +117,18 @@ class TrainerRoleSteps(RoleSteps):
         guard: StepGuard,
         verify: Callable[[str], None],
     ) -> None:
-        self.wrappers, self.engines = wrappers, engines
+        self.roles, self.wrappers, self.engines = roles, wrappers, engines
         self.grad_accum, self.sync = grad_accum, sync
         self.guard, self.verify = guard, verify
 
+    def _trained(self, role: str) -> str:
+        """``role``, one of the trained roles (a misnamed role would bypass its wrapper and its guard)."""
+        if role not in self.roles:
+            raise KeyError(f"{role!r} is not a trained role of this run ({', '.join(self.roles)})")
+        return role
+
     def forward(self, role: str, fn: Callable[..., T], *args: Any, final: bool = True) -> T:
-        wrapper = self.wrappers.get(role)
+        wrapper = self.wrappers.get(self._trained(role))
         if wrapper is None:
             return fn(*args)
         # what no_sync() sets, for this role's forward: a part before the final one accumulates locally
@@ -129,10 +136,11 @@ class TrainerRoleSteps(RoleSteps):
         return wrapper(fn, *args)
 
     def splittable(self, role: str) -> bool:
+        self._trained(role)
         return self.engines is None  # a ZeRO engine takes one backward per micro-batch
 
     def backward(self, role: str, loss: torch.Tensor) -> None:
-        self.guard.observe(role, loss)
+        self.guard.observe(self._trained(role), loss)
         if self.engines is not None:
             self.engines.backward(role, loss)
             if self.sync:

@@ -55,7 +55,7 @@ def test_a_training_micro_step_never_reads_a_device_value(tmp_path, monkeypatch,
         batch = _host_batch(trainer)
         # the trainer's role steps with its divergence bookkeeping (device ops only) and plain backwards
         guard = StepGuard(torch.device("meta"))
-        roles = TrainerRoleSteps({}, None, 1, True, guard, lambda role: None)
+        roles = TrainerRoleSteps(trainer.role_names, {}, None, 1, True, guard, lambda role: None)
         losses, stats = trainer.stage.forward_backward(
             trainer.model, batch, torch.Generator().manual_seed(0), roles=roles, step=0
         )
