@@ -19,10 +19,8 @@ class PromptSchedule:
         self.m = interpolation_steps
 
     def __call__(self, section: int) -> torch.Tensor:
-        current = 0
-        for i, (start, _) in enumerate(self.switches):
-            if start <= section:
-                current = i
+        # the newest switch at or before ``section`` (the first starts at section 0)
+        current = max(i for i, (start, _) in enumerate(self.switches) if start <= section)
         start, target = self.switches[current]
         if current == 0 or self.m == 1:
             return target

@@ -256,6 +256,12 @@ def test_the_references_down_up_draws_one_reduction_per_region_and_resamples_eac
     regions = corrupt.reference_regions(7, 3)
     assert [frames[s:e] for s, e in regions] == [[frames[s]] * (e - s) for s, e in regions]
     assert len({frames[s] for s, _ in regions}) == len(regions)  # a reduction of its own per region
+    for seed in (1, 2):  # the global stream moved: the reductions follow the given generator alone
+        torch.manual_seed(seed)
+        again, _, _ = corrupt.frame_aware_corrupt(
+            history, valid, cfg, torch.Generator().manual_seed(0), window=3
+        )
+        assert torch.equal(again, out)
 
 
 def test_with_an_anchor_the_references_down_up_gives_the_anchor_a_region_before_the_history(monkeypatch):

@@ -237,3 +237,9 @@ def test_each_guidance_attention_switch_changes_what_the_model_computes(switch):
             model.proj_out.weight.normal_(std=0.5, generator=torch.Generator().manual_seed(1))
             outputs.append(model(**inputs, return_dict=False)[0])
     assert (outputs[0] - outputs[1]).abs().max() > 1e-4
+
+
+def test_a_history_of_the_wrong_length_is_refused_with_both_lengths():
+    """The history buffer must hold the layout's long + mid + short frames (19 for the 14B's 16 / 2 / 1)."""
+    with pytest.raises(ValueError, match=r"^history has 18 frames, layout expects 19$"):
+        REAL.model_inputs(torch.zeros(1, 2, 18, 4, 4), torch.zeros(1, 2, 1, 4, 4))

@@ -311,3 +311,14 @@ def test_weights_written_into_a_zero3_model_stay_and_the_old_ones_come_back(zero
     with deepspeed.zero.GatheredParameters(list(module.parameters())):
         assert all(torch.equal(p, torch.ones_like(p)) for p in module.parameters())
     assert module.weight.numel() == 0  # partitioned again
+
+
+def test_an_ema_missing_from_the_checkpoint_is_named():
+    """A checkpoint whose EMA lacks some of the role's weights (another model, a changed LoRA) names the
+    first three it lacks instead of loading a partial average."""
+    names = ["d", "c", "b", "a"]
+    ema = ShardedEma({n: torch.zeros(2) for n in names})
+    with pytest.raises(KeyError, match=r"EMA in the checkpoint lacks \['a', 'b', 'c'\]\.\.\."):
+        ema.load({})
+    ema.load({n: torch.full((2,), 3.0) for n in names})
+    assert all(torch.equal(s, torch.full((2,), 3.0)) for s in ema.shard.values())

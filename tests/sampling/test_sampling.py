@@ -175,6 +175,19 @@ def test_a_sampler_amplifies_its_first_section_only_when_asked():
     assert len(plain.stage_timesteps(0, shape, first_section=True)) == 2
     assert len(asked.stage_timesteps(0, shape, first_section=True)) == 4
     assert len(asked.stage_timesteps(0, shape, first_section=False)) == 2
+    assert len(asked.stage_timesteps(0, shape)) == 2  # a later section unless told otherwise
+
+
+def test_the_initial_noise_is_drawn_from_the_generator_and_put_where_the_model_runs():
+    """The section's noise comes from the sampling generator on the host (the same noise on any device) and
+    is placed on the model's device (meta stands in for the GPU)."""
+    sampler = SectionSampler(HeliosDMDScheduler(), [2, 2, 2], Guidance(1.0))
+    shape = (1, 4, 2, 8, 8)
+    on_host = sampler.initial_noise(shape, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert on_host.shape == (1, 4, 2, 2, 2)  # halved per extra stage: the first stage's resolution
+    torch.testing.assert_close(on_host, sampler.initial_noise(shape, torch.Generator().manual_seed(0), "cpu"))
+    on_device = sampler.initial_noise(shape, torch.Generator().manual_seed(0), torch.device("meta"))
+    assert on_device.device.type == "meta" and on_device.shape == on_host.shape
 
 
 def test_dmd_few_step_sampler_matches_diffusers(tiny, pyramid_pipeline_patched):
@@ -560,6 +573,12 @@ def test_a_video_that_fails_to_write_is_named_with_the_encoders_reason(tmp_path,
     assert pipeline.ffmpeg_probe(out) == (4, 12.0)  # at the frame rate asked for
     written, _ = decode_clip(str(out), 4, 16, 16)
     assert (written - frames).abs().mean() < 0.05, (written - frames).abs().mean()
+    # a sample that overshoots [-1, 1] is clipped to white and black, not wrapped around the 8-bit range
+    over = torch.full((3, 4, 16, 16), 2.0)
+    over[:, :, :8] = -2.0
+    pipeline.save_video(over, out, 12, {"seed": 0})
+    written, _ = decode_clip(str(out), 4, 16, 16)
+    assert float(written[:, :, 10:].min()) > 0.9 and float(written[:, :, :6].max()) < -0.9
 
 
 def test_prompts_given_for_one_section_the_later_one_wins():

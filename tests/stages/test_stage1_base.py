@@ -132,3 +132,17 @@ def test_frame_aware_corrupt_gets_the_layouts_window(monkeypatch):
     stage = Stage1Base(compose([]))
     stage.condition(_batch(), torch.Generator().manual_seed(0))
     assert windows == [stage.layout.window] and stage.layout.window != 9
+
+
+@pytest.mark.parametrize("stage", ["1", "2"])
+def test_the_memory_models_roles_are_the_roles_the_trainer_trains(stage):
+    """``role_loras`` (what ``helios.memory`` sizes, per role) names the same roles as ``training_roles``
+    (what the trainer wraps and steps, what per-role ZeRO settings name): stages 1-2 train one, ``model``."""
+    from helios.stages import STAGES
+
+    cfg = compose([f"stage={stage}"])
+    trainer_stage = STAGES[int(stage)](cfg)
+    model = trainer_stage.build_model(None, torch.float32)
+    assert (
+        list(trainer_stage.role_loras()) == [r.name for r in trainer_stage.training_roles(model)] == ["model"]
+    )

@@ -1095,7 +1095,8 @@ def test_stage3_roles_train_only_their_adapters_and_heads(shared_teacher):
 def test_each_role_reads_its_own_copy_of_its_source_in_the_runs_dtype(generator_init):
     """The generator's base is read from ``distill.generator_init`` (the Mid), else from the teacher; the fake
     score's and the separate real score's from the teacher, each a read of its own; every frozen base in
-    the run's dtype (bf16), but diffusers' fp32 modules; the adapters train in fp32."""
+    the run's dtype (bf16), but diffusers' fp32 modules; the adapters train in fp32; every role with the
+    run's kernels (``model.kernels.norm=triton``: Flash Norm)."""
     from helios.model import build_transformer
     from helios.model.weights import keeps_fp32
 
@@ -1107,12 +1108,33 @@ def test_each_role_reads_its_own_copy_of_its_source_in_the_runs_dtype(generator_
         return {k: v.clone() for k, v in base.items()}  # fp32, as a source may store it
 
     init = [f"distill.generator_init={generator_init}"] if generator_init else []
-    model = _roles(["distill.shared_teacher=false", *init], load).build(None, torch.bfloat16)
+    overrides = ["distill.shared_teacher=false", "model.kernels.norm=triton", *init]
+    model = _roles(overrides, load).build(None, torch.bfloat16)
     assert reads == [(generator_init or "/teacher", torch.bfloat16), *[("/teacher", torch.bfloat16)] * 2]
     for role in (model.generator, model.fake, model.real):
+        assert "FlashLayerNorm" in {type(module).__name__ for module in role.modules()}
         for name, p in role.named_parameters():
             fp32 = p.requires_grad or keeps_fp32(name)
             assert p.dtype == (torch.float32 if fp32 else torch.bfloat16), name
+
+
+def test_a_generator_given_its_base_holds_it_and_only_the_critic_reads_the_teacher():
+    """``init_from`` (a merged previous phase) hands the generator its base: the generator holds those
+    tensors, and only the fake score reads the teacher."""
+    from helios.model import build_transformer
+
+    base = build_transformer(compose(["stage=3"]).model.transformer).state_dict()
+    reads = []
+
+    def load(source, dtype):
+        reads.append(source)
+        return {k: v.clone() for k, v in base.items()}
+
+    given = {k: torch.full_like(v, 0.25) for k, v in base.items()}
+    model = _roles([], load).build(given, torch.float32)
+    assert reads == ["/teacher"]
+    embed = [p for n, p in model.generator.named_parameters() if n.endswith("patch_embedding.weight")]
+    assert len(embed) == 1 and torch.equal(embed[0], torch.full_like(embed[0], 0.25))
 
 
 def test_roles_start_from_their_sources_weights_and_the_gan_has_its_output_head(tmp_path):

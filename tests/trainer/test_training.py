@@ -777,3 +777,24 @@ def test_no_text_encoder_is_held_while_training_runs(tmp_path, monkeypatch):
     assert events == ["text encoder", "models"]
     assert alive_at_sampling and not any(any(alive) for alive in alive_at_sampling)
     assert any(k.startswith("val/0/") for m in metrics for k in m)
+
+
+@pytest.mark.parametrize("stage", ["1", "2"])
+def test_the_trainer_puts_a_stages_model_on_the_device_unless_the_stage_places_it(
+    tmp_path, monkeypatch, stage
+):
+    """Stages 1-2 leave placement to the trainer, which moves the whole model to the rank's device (meta
+    stands in for the GPU); stage 3 places its roles itself (the offload pool)."""
+    from helios import trainer as trainer_module
+    from helios.trainer import Trainer
+
+    # the initial weights' statistics read values, which meta tensors do not have
+    monkeypatch.setattr(trainer_module, "weight_stats", lambda tensors: {"rms": 0.0})
+    monkeypatch.setattr(trainer_module, "model_tensors", lambda model, full: {"trainable": {}})
+    trainer = Trainer(compose([f"stage={stage}", "validation.enabled=false"]), tmp_path)
+    try:
+        trainer.dist = dataclasses.replace(trainer.dist, device=torch.device("meta"))
+        trainer._build_model()
+        assert {p.device.type for p in trainer.model.parameters()} == {"meta"}
+    finally:
+        trainer.close()
