@@ -62,7 +62,7 @@ class Stage1Base(Stage):
 
     def role_loras(self) -> dict[str, LoraConfig | None]:
         """The transformers this stage trains and their adapters: one model with the run's LoRA."""
-        return {"model": self.cfg.model.lora}
+        return {MODEL_ROLE: self.cfg.model.lora}
 
     def noisy_groups(
         self, target: torch.Tensor, generator: torch.Generator, shared: torch.Generator
