@@ -164,7 +164,7 @@ def saturate(
     valid: torch.Tensor,
     cfg: SaturationConfig,
     generator: torch.Generator,
-    window: int = 9,
+    window: int,
 ) -> torch.Tensor:
     """The reference's stage-3 saturation of the generator's history (the anchor is never saturated): each
     history region (:func:`reference_regions`) holding content is kept with ``p_clean``, else scaled around

@@ -115,6 +115,8 @@ def test_token_counts_real_layout():
     assert HistoryLayout(16, 2, 1, 9, multi_term=False).tokens(48, 80) == {"noisy": 8640, "history": 19200}
     # padded: 3 mid frames are 2 temporal patches; 44x76 latents round up to 11x19 (mid), 6x10 (long)
     assert HistoryLayout(16, 3, 1, 9).tokens(44, 76)["history"] == 2 * 22 * 38 + 2 * 11 * 19 + 4 * 6 * 10
+    # counts, as integers (the FLOP counter and the dashboard's trained tokens add them up)
+    assert all(type(n) is int for n in REAL.tokens(48, 80).values())
 
 
 def test_task_frequencies():

@@ -551,3 +551,15 @@ def test_a_save_that_fails_on_one_rank_fails_on_every_rank_and_leaves_the_disk_a
     assert all(isinstance(err, checkpoint.CheckpointWriteError) for err in raised) and manifests == []
     assert str(raised[0]) == str(raised[1]) and "the disk is full" in str(raised[1])
     assert _tree(tmp_path) == before
+
+
+def test_the_saved_config_is_read_from_the_checkpoint_or_from_an_older_ones_state(tmp_path):
+    """``config.yaml`` in the checkpoint; a checkpoint written before it existed keeps the config in its
+    ``state.pt`` objects."""
+    import torch
+
+    weights = {"trainable": {"w": torch.zeros(4)}}
+    new = checkpoint.save(tmp_path, 1, _info(), weights, {"step": 1}, {}, keep_last=3, config="seed: 3\n")
+    assert checkpoint.saved_config(new) == "seed: 3\n"
+    old = checkpoint.save(tmp_path, 2, _info(), weights, {"step": 2, "config": "seed: 4\n"}, {}, keep_last=3)
+    assert not (old / checkpoint.CONFIG).exists() and checkpoint.saved_config(old) == "seed: 4\n"

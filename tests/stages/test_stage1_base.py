@@ -146,3 +146,9 @@ def test_the_memory_models_roles_are_the_roles_the_trainer_trains(stage):
     assert (
         list(trainer_stage.role_loras()) == [r.name for r in trainer_stage.training_roles(model)] == ["model"]
     )
+
+
+def test_a_stage_used_outside_the_trainer_computes_on_the_cpu():
+    """Tools and tests call a stage without ``setup`` (which names the rank's device): it computes on the
+    CPU until then."""
+    assert Stage1Base(compose([])).device == torch.device("cpu")

@@ -1137,6 +1137,22 @@ def test_a_generator_given_its_base_holds_it_and_only_the_critic_reads_the_teach
     assert len(embed) == 1 and torch.equal(embed[0], torch.full_like(embed[0], 0.25))
 
 
+def test_export_and_generate_build_the_generator_on_the_base_they_are_given():
+    """``build_inference_model(base_state)`` (export, generate of an ``init_from`` run): the generator holds
+    the given base and no teacher is read."""
+    from helios.model import build_transformer
+    from helios.stages import Stage3Distilled
+
+    def load(source, dtype):
+        raise AssertionError(f"read {source}")
+
+    stage = Stage3Distilled(compose(["stage=3", "distill.teacher=/teacher"]), load)
+    base = build_transformer(compose(["stage=3"]).model.transformer).state_dict()
+    model = stage.build_inference_model({k: torch.full_like(v, 0.5) for k, v in base.items()})
+    embed = [p for n, p in model.generator.named_parameters() if n.endswith("patch_embedding.weight")]
+    assert len(embed) == 1 and torch.equal(embed[0], torch.full_like(embed[0], 0.5))
+
+
 def test_roles_start_from_their_sources_weights_and_the_gan_has_its_output_head(tmp_path):
     """The generator's base is distill.generator_init's model (the Mid), the fake score's the teacher's
     (the Base), by value; the GAN heads include the reference's head on the DiT output."""
