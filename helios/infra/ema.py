@@ -64,7 +64,7 @@ class ShardedEma:
         offset = 0
         for n, c in zip(names, chunks):
             s = self.shard[n]
-            flat[offset : offset + s.numel()] = s  # (a copy across devices where NCCL's is the GPU)
+            flat[offset : offset + s.numel()] = s  # copies across devices (NCCL's buffer: the GPU)
             offset += c
         receives = dst is None or self.rank == dst
         parts = [torch.empty_like(flat) for _ in range(self.world)] if receives else None

@@ -1118,6 +1118,12 @@ def test_each_role_reads_its_own_copy_of_its_source_in_the_runs_dtype(generator_
             assert p.dtype == (torch.float32 if fp32 else torch.bfloat16), name
 
 
+def _holds_base_value(generator: torch.nn.Module, value: float) -> bool:
+    """The (LoRA-wrapped) generator's base patch embedding is the given base's tensor, all ``value``."""
+    embed = [p for n, p in generator.named_parameters() if n.endswith("patch_embedding.weight")]
+    return len(embed) == 1 and torch.equal(embed[0], torch.full_like(embed[0], value))
+
+
 def test_a_generator_given_its_base_holds_it_and_only_the_critic_reads_the_teacher():
     """``init_from`` (a merged previous phase) hands the generator its base: the generator holds those
     tensors, and only the fake score reads the teacher."""
@@ -1133,8 +1139,7 @@ def test_a_generator_given_its_base_holds_it_and_only_the_critic_reads_the_teach
     given = {k: torch.full_like(v, 0.25) for k, v in base.items()}
     model = _roles([], load).build(given, torch.float32)
     assert reads == ["/teacher"]
-    embed = [p for n, p in model.generator.named_parameters() if n.endswith("patch_embedding.weight")]
-    assert len(embed) == 1 and torch.equal(embed[0], torch.full_like(embed[0], 0.25))
+    assert _holds_base_value(model.generator, 0.25)
 
 
 def test_export_and_generate_build_the_generator_on_the_base_they_are_given():
@@ -1149,8 +1154,7 @@ def test_export_and_generate_build_the_generator_on_the_base_they_are_given():
     stage = Stage3Distilled(compose(["stage=3", "distill.teacher=/teacher"]), load)
     base = build_transformer(compose(["stage=3"]).model.transformer).state_dict()
     model = stage.build_inference_model({k: torch.full_like(v, 0.5) for k, v in base.items()})
-    embed = [p for n, p in model.generator.named_parameters() if n.endswith("patch_embedding.weight")]
-    assert len(embed) == 1 and torch.equal(embed[0], torch.full_like(embed[0], 0.5))
+    assert _holds_base_value(model.generator, 0.5)
 
 
 def test_roles_start_from_their_sources_weights_and_the_gan_has_its_output_head(tmp_path):
