@@ -6,19 +6,21 @@ import torch
 
 
 class PromptSchedule:
-    """Conditioning per section: ``switches`` = [(first_section, embeds [1, L, D]), ...] sorted by
-    section; after a switch the embedding moves linearly from the previous prompt to the new one
-    over ``interpolation_steps`` (M) sections: e[j] = (1 - j/(M-1)) e1 + j/(M-1) e2."""
+    """Conditioning per section: ``switches`` = [(first_section, embeds [1, L, D]), ...] in any order,
+    the first at section 0; after a switch the embedding moves linearly from the previous prompt to the
+    new one over ``interpolation_steps`` (M) sections: e[j] = (1 - j/(M-1)) e1 + j/(M-1) e2."""
 
     def __init__(self, switches: list[tuple[int, torch.Tensor]], interpolation_steps: int = 1) -> None:
-        if not switches or switches[0][0] != 0:
+        self.switches = sorted(switches, key=lambda s: s[0])
+        if not self.switches or self.switches[0][0] != 0:
             raise ValueError("the first prompt must start at section 0")
         if interpolation_steps < 1:
             raise ValueError("interpolation_steps must be >= 1")
-        self.switches = sorted(switches, key=lambda s: s[0])
         self.m = interpolation_steps
 
     def __call__(self, section: int) -> torch.Tensor:
+        if section < 0:
+            raise ValueError(f"section {section}: sections count from 0")
         # the newest switch at or before ``section`` (the first starts at section 0)
         current = max(i for i, (start, _) in enumerate(self.switches) if start <= section)
         start, target = self.switches[current]

@@ -296,8 +296,13 @@ def test_prompt_interpolation_eq20():
     e1, e2 = torch.full((1, 2, 3), 2.0), torch.full((1, 2, 3), 4.0)  # neither zero: both weights count
     schedule = PromptSchedule([(0, e1), (2, e2)], interpolation_steps=3)
     assert [float(schedule(k).mean()) for k in range(6)] == [2.0, 2.0, 2.0, 3.0, 4.0, 4.0]
-    with pytest.raises(ValueError, match="the first prompt must start at section 0"):
-        PromptSchedule([(1, e1)])
+    # switches in any order; the first (after sorting) must start at 0
+    assert float(PromptSchedule([(2, e2), (0, e1)])(3).mean()) == 4.0
+    for switches in ([(1, e1)], [(0, e1), (-1, e2)], []):
+        with pytest.raises(ValueError, match="the first prompt must start at section 0"):
+            PromptSchedule(switches)
+    with pytest.raises(ValueError, match="section -1: sections count from 0"):
+        schedule(-1)
 
 
 def test_section_frames_follow_the_latent_format():
