@@ -1,6 +1,7 @@
 """Checkpoint files against their manifest: sizes and SHA-256 checksums."""
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -144,11 +145,20 @@ def test_a_save_the_free_space_cannot_hold_is_refused_before_writing(tmp_path, m
 
     _save(tmp_path, 1)
     before = _tree(tmp_path)
-    usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 8, 8))
-    full = r"the disk is full \(0.0 MiB free .*needs about"
-    with pytest.raises(checkpoint.CheckpointWriteError, match=full):
+    usage, asked = namedtuple("usage", "total used free"), []
+    monkeypatch.setattr(
+        checkpoint.shutil, "disk_usage", lambda path: asked.append(path) or usage(10**9, 10**9 - 8, 8)
+    )
+    root = tmp_path / "checkpoints"
+    full = (
+        rf"checkpoint step_2 was not saved: the disk is full \(0.0 MiB free on {re.escape(str(root))}, "
+        r"the checkpoint needs about [0-9.]+ [KMG]iB\)\. Its partial files were removed; the last "
+        rf"checkpoint, {re.escape(str(root / 'step_1'))}, is intact\. Free space and rerun with resume=latest"
+    )
+    with pytest.raises(checkpoint.CheckpointWriteError) as raised:
         _save(tmp_path, 2)
+    assert re.fullmatch(full, str(raised.value)), str(raised.value)
+    assert asked and set(asked) == {root}  # the free space of the checkpoints' own file system
     assert _tree(tmp_path) == before
 
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from helios.infra.rng import shared_generator
+from helios.infra.rng import seed_everything, shared_generator
 
 
 def _draw(seed: int, step: int, micro: int) -> list[int]:
@@ -45,3 +45,24 @@ def test_shared_stream_seeds_are_pinned_across_versions():
     stream's seed for (seed, step, micro) is part of the checkpoint format, pinned here by value."""
     assert shared_generator(3, 7, 1).initial_seed() == (3 * 1_000_003 + 7) * 1024 + 1 == 3_072_016_385
     assert shared_generator(0, 0, 0).initial_seed() == 0
+
+
+def test_seed_everything_seeds_pythons_numpys_and_torchs_global_streams():
+    """The per-rank seed reaches all three global streams (what a stage or a library draws from outside
+    the trainer's generators): the same seed gives the same draws, another seed others."""
+    import random
+
+    import numpy as np
+
+    def draws(seed: int) -> tuple[float, float, float]:
+        seed_everything(seed)
+        return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+    seeded = torch.Generator().manual_seed(7)
+    want = (
+        random.Random(7).random(),
+        float(np.random.RandomState(7).rand()),
+        float(torch.rand((), generator=seeded)),
+    )
+    assert draws(7) == want
+    assert all(a != b for a, b in zip(draws(7), draws(8), strict=True))

@@ -687,10 +687,11 @@ class _Score(torch.nn.Module):
 
     def __init__(self, a: float, c: float) -> None:
         super().__init__()
-        self.a, self.c, self.inputs, self.timesteps = a, c, [], []
+        self.a, self.c, self.inputs, self.timesteps, self.prompt_dtypes = a, c, [], [], []
 
     def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict=False, **_):
         self.inputs.append(hidden_states.detach().clone())
+        self.prompt_dtypes.append(encoder_hidden_states.dtype)
         self.timesteps.append(timestep.detach().clone())
         prompt = encoder_hidden_states.mean(dim=(1, 2)).view(-1, 1, 1, 1, 1)
         return (self.a * hidden_states + self.c * prompt,)
@@ -739,6 +740,23 @@ def test_generator_dmd_gradient_is_the_hand_computed_one():
     stage.d.real_cfg = 1.0  # cond only: the real score is the fake score
     x0, _, _ = run(same, same)
     assert x0.grad.abs().max() < 1e-7
+
+
+def test_the_real_scores_unconditional_prompt_takes_the_conditions_dtype():
+    """The unconditional prompt (read once in float32) reaches the real score in the dtype of the step's
+    condition (bfloat16 in a 14B run, whose frozen weights refuse a float32 input): float64 here."""
+    from helios.stages import Stage3Distilled
+    from helios.stages.distilled.roles import DistillModule
+
+    stage = Stage3Distilled(compose(["stage=3"]))
+    stage.phase.uncond = torch.zeros(1, 5, 8)
+    real = _Score(0.7, 0.4)
+    m = DistillModule(torch.nn.Identity(), fake=_Score(-0.3, 0.1), real=real)
+    cond = {"encoder_hidden_states": torch.ones(2, 5, 8, dtype=torch.float64)}
+    x0 = torch.randn(2, 4, 2, 6, 6, dtype=torch.float64)
+    tau = {"tau": torch.tensor([0.3, 0.6])}
+    stage.phase.generator_loss(m, None, x0, cond, tau, False, torch.Generator().manual_seed(2), {})
+    assert real.prompt_dtypes == [torch.float64, torch.float64]  # the conditional branch, then CFG's
 
 
 def test_the_bidirectional_teachers_context_noise_comes_from_the_steps_generator():
