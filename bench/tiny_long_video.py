@@ -2,12 +2,13 @@
 its colour, and move the caption's way, for 10 sections and more (§3.2.3 drifting, at toy scale)?
 
     python bench/tiny_long_video.py --checkpoint RUN_DIR [--sections 10] [--captions 8] [--seeds 0 1]
-        [--out long_video.json] [--figure long_video.png]
+        [--out long_video.json] [--figure long_video.png] [--sampler adaptive.enabled=true ...]
     helios bench long-video [same arguments]
 
 Samples ``--captions`` captions that between them use every colour, shape, direction and background of the
 world, each with every seed of ``--seeds``, for ``--sections`` sections with the run's validation sampler,
-and measures every section (:func:`helios.world.measures.section_measures`). The JSON holds each sample's
+(``--sampler KEY=VALUE``: one of its keys changed, as ``validation.sampler.KEY`` of the run's config), and
+measures every section (:func:`helios.world.measures.section_measures`). The JSON holds each sample's
 sections, its summary, and the run's verdict against the targets (the caption's shape, in the caption's
 colour, present in >= 95 % of the frames of every section of every sample; moving the caption's way in
 >= 90 % of the samples), and the same verdict for real clips of the same scenes through the run's VAE (the
@@ -66,7 +67,11 @@ def long_videos(model, sampler, captions: list[str], seeds: list[int], sections:
             result = model.generate(sampler, [(0, caption)], num_frames, generator, adaptive_seed=seed)
             video = result.frames[0].float()
             rows = section_measures(video, caption, first, frames)
-            samples.append({"caption": caption, "seed": seed, "sections": rows, **long_video_summary(rows)})
+            drifting = result.stats.get("adaptive_drift_sections", [])  # Adaptive Sampling's flags (§3.5)
+            summary = long_video_summary(rows)
+            samples.append(
+                {"caption": caption, "seed": seed, "sections": rows, **summary, "drifting": drifting}
+            )
             videos.append(video)
     return samples, videos
 
@@ -106,9 +111,11 @@ def evaluate(
     sections: int,
     guidance_scale: float | None = None,
     steps: int | None = None,
+    sampler_overrides: list[str] | None = None,
 ) -> dict:
     """Every (caption, seed) sampled for ``sections`` sections and measured; the report of the module
-    docstring. ``guidance_scale``, ``steps``: instead of the run's validation sampler's."""
+    docstring. ``guidance_scale``, ``steps``: instead of the run's validation sampler's;
+    ``sampler_overrides``: ``KEY=VALUE`` of that sampler (``adaptive.enabled=true``), validated."""
     import dataclasses
 
     import torch
@@ -122,6 +129,8 @@ def evaluate(
         sampler = dataclasses.replace(sampler, guidance_scale=guidance_scale)
     if steps is not None:
         sampler = dataclasses.replace(sampler, steps=[steps] * len(sampler.steps))
+    if sampler_overrides:
+        sampler = override_sampler(sampler, sampler_overrides)
     first, frames = section_frames(model.layout.window, model.latent_format)
     started = time.perf_counter()
     samples, videos = long_videos(model, sampler, captions, seeds, sections)
@@ -135,7 +144,11 @@ def evaluate(
     ]
     return {
         "checkpoint": str(checkpoint),
-        "sampler": {"steps": list(sampler.steps), "guidance_scale": sampler.guidance_scale},
+        "sampler": {
+            "steps": list(sampler.steps),
+            "guidance_scale": sampler.guidance_scale,
+            "overrides": list(sampler_overrides or []),
+        },
         "sections": sections,
         "frames": {"first_section": first, "section": frames},
         "samples": samples,
@@ -146,6 +159,29 @@ def evaluate(
         "seconds": time.perf_counter() - started,
         "_videos": videos,
     }
+
+
+def override_sampler(sampler, overrides: list[str]):
+    """``sampler`` (a :class:`helios.config.schema.SamplerConfig`) with ``KEY=VALUE`` overrides merged and
+    validated: an unknown key or a bad value fails here, named as ``--sampler KEY``."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from helios.config.schema import ConfigError
+
+    for item in overrides:
+        if "=" not in item:
+            raise SystemExit(f"--sampler {item}: expected KEY=VALUE (e.g. adaptive.enabled=true)")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(sampler), OmegaConf.from_dotlist(overrides))
+    except OmegaConfBaseException as err:
+        raise SystemExit(f"--sampler: {str(err).splitlines()[0]}") from None
+    result = OmegaConf.to_object(merged)
+    try:
+        result.validate("--sampler ")
+    except ConfigError as err:
+        raise SystemExit(str(err)) from None
+    return result
 
 
 def verdict(samples: list[dict]) -> dict:
@@ -196,6 +232,13 @@ def main() -> None:
     parser.add_argument(
         "--steps", type=int, default=None, help="sampling steps per stage (default: the run's)"
     )
+    parser.add_argument(
+        "--sampler",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a key of the run's validation sampler changed (repeatable): adaptive.enabled=true",
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
@@ -203,7 +246,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     captions = spread_captions(args.captions)
-    report = evaluate(args.checkpoint, captions, args.seeds, args.sections, args.guidance_scale, args.steps)
+    report = evaluate(
+        args.checkpoint, captions, args.seeds, args.sections, args.guidance_scale, args.steps, args.sampler
+    )
     videos = report.pop("_videos")
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     if args.figure:

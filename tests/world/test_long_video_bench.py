@@ -1,0 +1,37 @@
+"""``bench/tiny_long_video.py``'s sampler overrides: what a long-video measurement of the paper's
+inference-side mechanisms (Adaptive Sampling, CFG-Zero*) changes, merged into the run's sampler and
+validated like the training config."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.tiny_long_video import override_sampler
+from helios.config.schema import SamplerConfig
+
+
+def test_sampler_overrides_change_only_the_keys_named():
+    base = SamplerConfig(steps=[8], guidance_scale=3.0, negative_prompt="")
+    changed = override_sampler(
+        base, ["adaptive.enabled=true", "adaptive.delta_mu=0.05", "cfg_zero_star=true"]
+    )
+    assert isinstance(changed, SamplerConfig)
+    assert changed.adaptive.enabled and changed.adaptive.delta_mu == 0.05 and changed.cfg_zero_star
+    assert changed.adaptive.delta_sigma == 0.15  # the rest as it was
+    assert (changed.steps, changed.guidance_scale, changed.negative_prompt) == ([8], 3.0, "")
+    assert not base.adaptive.enabled and not base.cfg_zero_star  # the run's sampler untouched
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("adaptive.enabld=true", "--sampler: Key 'enabld' not in 'AdaptiveSamplingConfig'"),
+        ("adaptive.rho_mu=2", "config error at '--sampler adaptive.rho_mu': must be in (0, 1)"),
+        ("kind", "--sampler kind: expected KEY=VALUE (e.g. adaptive.enabled=true)"),
+        ("guidance_scale=high", "--sampler: Value 'high' of type 'str' could not be converted to Float"),
+    ],
+)
+def test_a_bad_sampler_override_is_refused_with_its_key(override, message):
+    with pytest.raises(SystemExit) as err:
+        override_sampler(SamplerConfig(steps=[8]), [override])
+    assert str(err.value) == message
