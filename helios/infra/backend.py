@@ -247,7 +247,7 @@ class ZeroBackend(ParallelBackend):
         on another world size (the engines load DeepSpeed's universal form of the checkpoint)."""
         super().__init__(parallel, dist, guard, grad_accum)
         self.universal = universal
-        self.roles = [r.name for r in roles if r.trained]
+        self.roles = [r.name for r in trained_roles(roles)]
         self.engines = RoleEngines(parallel, roles, optimization, grad_accum, micro_batch, universal)
         self.wrapped = model
 
