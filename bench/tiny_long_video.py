@@ -6,8 +6,8 @@ its colour, and move the caption's way, for 10 sections and more (§3.2.3 drifti
     helios bench long-video [same arguments]
 
 Samples ``--captions`` captions that between them use every colour, shape, direction and background of the
-world, each with every seed of ``--seeds``, for ``--sections`` sections with the run's validation sampler,
-(``--sampler KEY=VALUE``: one of its keys changed, as ``validation.sampler.KEY`` of the run's config), and
+world, each with every seed of ``--seeds``, for ``--sections`` sections with the run's validation sampler
+(``--sampler KEY=VALUE`` changes one of its keys, as ``validation.sampler.KEY`` of the run's config), and
 measures every section (:func:`helios.world.measures.section_measures`). The JSON holds each sample's
 sections, its summary, and the run's verdict against the targets (the caption's shape, in the caption's
 colour, present in >= 95 % of the frames of every section of every sample; moving the caption's way in
