@@ -163,25 +163,21 @@ def evaluate(
 
 def override_sampler(sampler, overrides: list[str]):
     """``sampler`` (a :class:`helios.config.schema.SamplerConfig`) with ``KEY=VALUE`` overrides merged and
-    validated: an unknown key or a bad value fails here, named as ``--sampler KEY``."""
+    validated as a config file's sampler is (:func:`helios.config.load.load_config`): an unknown key or a
+    bad value fails here, named as ``--sampler KEY``."""
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
-    from helios.config.schema import ConfigError
+    from helios.config.load import load_config
+    from helios.config.schema import ConfigError, SamplerConfig
 
     for item in overrides:
         if "=" not in item:
             raise SystemExit(f"--sampler {item}: expected KEY=VALUE (e.g. adaptive.enabled=true)")
+    plain = OmegaConf.create(OmegaConf.to_container(OmegaConf.structured(sampler)))
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(sampler), OmegaConf.from_dotlist(overrides))
-    except OmegaConfBaseException as err:
-        raise SystemExit(f"--sampler: {str(err).splitlines()[0]}") from None
-    result = OmegaConf.to_object(merged)
-    try:
-        result.validate("--sampler ")
+        return load_config(OmegaConf.merge(plain, OmegaConf.from_dotlist(overrides)), SamplerConfig)
     except ConfigError as err:
-        raise SystemExit(str(err)) from None
-    return result
+        raise SystemExit(f"--sampler {err.key}: {err.reason}") from None
 
 
 def verdict(samples: list[dict]) -> dict:

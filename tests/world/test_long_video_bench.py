@@ -25,10 +25,16 @@ def test_sampler_overrides_change_only_the_keys_named():
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("adaptive.enabld=true", "--sampler: Key 'enabld' not in 'AdaptiveSamplingConfig'"),
-        ("adaptive.rho_mu=2", "config error at '--sampler adaptive.rho_mu': must be in (0, 1)"),
+        (
+            "adaptive.enabld=true",
+            "--sampler adaptive.enabld: unknown key: the schema has no such field (check its spelling)",
+        ),
+        ("adaptive.rho_mu=2", "--sampler adaptive.rho_mu: must be in (0, 1)"),
         ("kind", "--sampler kind: expected KEY=VALUE (e.g. adaptive.enabled=true)"),
-        ("guidance_scale=high", "--sampler: Value 'high' of type 'str' could not be converted to Float"),
+        (
+            "guidance_scale=high",
+            "--sampler guidance_scale: Value 'high' of type 'str' could not be converted to Float",
+        ),
     ],
 )
 def test_a_bad_sampler_override_is_refused_with_its_key(override, message):
