@@ -160,7 +160,7 @@ def test_the_tiny_chain_script(tmp_path):
         capture_output=True,
         text=True,
         timeout=1200,
-        env={**os.environ, "STEPS": "4", "PYTHON": sys.executable},
+        env={**os.environ, "STEPS": "4", "PAIRS": "8", "PYTHON": sys.executable},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "helios_distilled" / "helios_export.json").read_text())["pipeline"] == (
