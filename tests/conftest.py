@@ -20,6 +20,32 @@ if "TRITON_INTERPRET" not in os.environ:
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The longest test files first (their times from `pytest --durations=60`, 2026-12-06), the rest in collection
+# order: the README's command hands whole files to two xdist workers in this order
+# (`--dist loadfile --no-loadscope-reorder`; xdist's own reorder puts files with few tests last, which are
+# the long end-to-end ones, so one worker ran the tail alone). Only the wall time depends on this list.
+LONGEST_FIRST = (
+    "tests/trainer/test_tiny_long_video.py",
+    "tests/stages/test_stage3.py",
+    "tests/commands/test_memory.py",
+    "tests/trainer/test_rehearsal.py",
+    "tests/trainer/test_cluster.py",
+    "tests/test_toy_experiment.py",
+    "tests/infra/test_zero.py",
+    "tests/infra/test_offload.py",
+    "tests/trainer/test_training.py",
+    "tests/commands/test_launch.py",
+    "tests/model/test_kernels.py",
+    "tests/infra/test_shard_optimizer.py",
+    "tests/infra/test_grad_comm.py",
+    "tests/commands/test_install.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: files stay whole
+
 
 @pytest.fixture(scope="session", autouse=True)
 def helios_cache(tmp_path_factory) -> Path:
