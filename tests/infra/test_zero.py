@@ -122,8 +122,10 @@ def test_zero3_validation_samples_the_ema_and_restores_the_weights(tmp_path):
         "distill.gan.start_step=100",
         "distill.ema_start=0",
     ]
-    _train([f"hydra.run.dir={tmp_path / 'ddp'}", *common])
-    _train([f"hydra.run.dir={tmp_path / 'zero3'}", "parallel=zero3", *common])
+    # two ranks: DeepSpeed keeps a write into gathered parameters only when it names the rank that made it
+    # (one rank's partition is the whole tensor, so one process cannot tell)
+    _train([f"hydra.run.dir={tmp_path / 'ddp'}", *common], nproc=2)
+    _train([f"hydra.run.dir={tmp_path / 'zero3'}", "parallel=zero3", *common], nproc=2)
     ddp, zero3 = metrics(tmp_path / "ddp"), metrics(tmp_path / "zero3")
     val = {k: v for k, v in ddp[5].items() if k.startswith("val/")}
     # drift statistics are differences of frame means in [0, 1]: float32 noise is absolute (~1e-7)
