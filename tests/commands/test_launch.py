@@ -95,7 +95,7 @@ def test_sbatch_template_requeues_on_preemption_and_resumes(slurm, tmp_path):
                 "trainer.max_steps=600",
                 "trainer.checkpoint_every=1000",  # no periodic checkpoint: only the pre-emption's
                 "trainer.log_every=20",
-                "trainer.batch_size=4",  # the requeue's mechanics, at a quarter of the default's step time
+                "trainer.batch_size=4",  # the requeue's mechanics: 4 clips a step, not 32 (150 s, not 345)
                 *TINY,
             ],
             capture_output=True,

@@ -172,8 +172,8 @@ def test_a_second_run_into_a_live_run_dir_is_refused_and_harms_nothing(tmp_path)
     common = [*QUIET, f"hydra.run.dir={run}"]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     first = subprocess.Popen(
-        # 4 clips a step: the mechanics, at a quarter of the default's step time (still ~30 s of steps, far
-        # longer than the second run's start-up)
+        # 4 clips a step instead of the default's 32: the mechanics in ~40 s instead of ~140 s (still ~30 s
+        # of steps, far longer than the second run's start-up)
         [*launcher, "train_helios.py", *common, "trainer.max_steps=300", "trainer.checkpoint_every=100",
          "trainer.batch_size=4"],
         cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
