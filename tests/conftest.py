@@ -22,8 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # The longest test files first (their times from `pytest --durations=60`, 2026-12-06), the rest in collection
 # order: the README's command hands whole files to two xdist workers in this order
-# (`--dist loadfile --no-loadscope-reorder`; xdist's own reorder puts files with few tests last, which are
-# the long end-to-end ones, so one worker ran the tail alone). Only the wall time depends on this list.
+# (`--dist loadfile --no-loadscope-reorder`; xdist's own reorder puts files with few tests last, and those
+# are the long end-to-end ones). Only the wall time depends on this list (it gained little measurable: the
+# suite took 37.9 min before this order and three faster tests, 36.3 min after).
 LONGEST_FIRST = (
     "tests/trainer/test_tiny_long_video.py",
     "tests/stages/test_stage3.py",
