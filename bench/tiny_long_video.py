@@ -116,8 +116,6 @@ def evaluate(
     """Every (caption, seed) sampled for ``sections`` sections and measured; the report of the module
     docstring. ``guidance_scale``, ``steps``: instead of the run's validation sampler's;
     ``sampler_overrides``: ``KEY=VALUE`` of that sampler (``adaptive.enabled=true``), validated."""
-    import dataclasses
-
     import torch
 
     from helios.loading import load_for_inference
@@ -125,12 +123,13 @@ def evaluate(
 
     model = load_for_inference(checkpoint, torch.device("cpu"))
     sampler = model.train_config.validation.sampler
-    if guidance_scale is not None:
-        sampler = dataclasses.replace(sampler, guidance_scale=guidance_scale)
+    changes = list(sampler_overrides or [])  # the flags first: a --sampler of the same key wins
     if steps is not None:
-        sampler = dataclasses.replace(sampler, steps=[steps] * len(sampler.steps))
-    if sampler_overrides:
-        sampler = override_sampler(sampler, sampler_overrides)
+        changes.insert(0, f"steps={[steps] * len(sampler.steps)}")
+    if guidance_scale is not None:
+        changes.insert(0, f"guidance_scale={guidance_scale}")
+    if changes:
+        sampler = override_sampler(sampler, changes)
     first, frames = section_frames(model.layout.window, model.latent_format)
     started = time.perf_counter()
     samples, videos = long_videos(model, sampler, captions, seeds, sections)
@@ -165,6 +164,8 @@ def override_sampler(sampler, overrides: list[str]):
     """``sampler`` (a :class:`helios.config.schema.SamplerConfig`) with ``KEY=VALUE`` overrides merged and
     validated as a config file's sampler is (:func:`helios.config.load.load_config`): an unknown key or a
     bad value fails here, named as ``--sampler KEY``."""
+    import dataclasses
+
     from omegaconf import OmegaConf
 
     from helios.config.load import load_config
@@ -173,9 +174,9 @@ def override_sampler(sampler, overrides: list[str]):
     for item in overrides:
         if "=" not in item:
             raise SystemExit(f"--sampler {item}: expected KEY=VALUE (e.g. adaptive.enabled=true)")
-    plain = OmegaConf.create(OmegaConf.to_container(OmegaConf.structured(sampler)))
+    merged = OmegaConf.merge(dataclasses.asdict(sampler), OmegaConf.from_dotlist(overrides))
     try:
-        return load_config(OmegaConf.merge(plain, OmegaConf.from_dotlist(overrides)), SamplerConfig)
+        return load_config(merged, SamplerConfig)
     except ConfigError as err:
         raise SystemExit(f"--sampler {err.key}: {err.reason}") from None
 
