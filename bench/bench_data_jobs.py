@@ -65,6 +65,7 @@ def ode_pair_rate(shards: Path, out: Path) -> float:
 
 def main() -> None:
     from helios.data.synthetic import make_synthetic_videos
+    from helios.world.shapes import RADIUS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--videos", type=int, default=32)
@@ -74,11 +75,11 @@ def main() -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         videos = Path(tmp) / "videos"
-        make_synthetic_videos(videos, args.videos, 40, 64, 64, 16, seed=0)
+        make_synthetic_videos(videos, args.videos, 40, 64, 64, 16, seed=0, radius=RADIUS)
         rates = {
             f"prepare_clips_per_s_workers{w}": prepare_rate(videos, Path(tmp) / f"s{w}", w) for w in (0, 2)
         }
-        make_synthetic_videos(Path(tmp) / "captions", args.captions, 40, 64, 64, 16, seed=1)
+        make_synthetic_videos(Path(tmp) / "captions", args.captions, 40, 64, 64, 16, seed=1, radius=RADIUS)
         prepare_rate(Path(tmp) / "captions", Path(tmp) / "caption_shards", 0)
         rollouts = ode_pair_rate(Path(tmp) / "caption_shards", Path(tmp) / "ode")
         rates["ode_trajectories_per_s"] = rollouts

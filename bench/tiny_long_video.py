@@ -92,7 +92,12 @@ def real_long_videos(model, captions: list[str], seeds: list[int], sections: int
     for k, (caption, seed) in enumerate((c, s) for c in captions for s in seeds):
         scene = parse_caption(caption)
         clip, _ = render_clip(
-            first + (sections - 1) * frames, height, width, torch.Generator().manual_seed(k), scene
+            first + (sections - 1) * frames,
+            height,
+            width,
+            torch.Generator().manual_seed(k),
+            scene,
+            radius=tuple(model.train_config.data.synthetic.radius),  # the run's world
         )
         with torch.no_grad():
             latents = encode_sections(model.vae, clip[None], model.layout.window)

@@ -28,6 +28,7 @@ from helios.config.schema import FixturesConfig, TextEncoderConfig, VaeConfig
 from helios.data.synthetic import make_synthetic_videos
 from helios.model.encoders import build_text_encoder, build_vae, seeded
 from helios.model.wan_init import load_wan_as_helios
+from helios.world.shapes import RADIUS
 
 log = logging.getLogger("helios.fixtures")
 
@@ -121,7 +122,14 @@ def write_fixtures(cfg: FixturesConfig) -> dict[str, Path]:
     for key, variant in (("base", BASE), ("mid", MID), ("distilled", DISTILLED)):
         paths[key] = write_helios(cfg, paths["wan"], root / variant, variant)
     make_synthetic_videos(
-        root / "videos", cfg.videos, cfg.video_frames, cfg.height, cfg.width, fps=16, seed=cfg.seed
+        root / "videos",
+        cfg.videos,
+        cfg.video_frames,
+        cfg.height,
+        cfg.width,
+        fps=16,
+        seed=cfg.seed,
+        radius=RADIUS,
     )
     paths["videos"] = root / "videos"
     (root / "fixtures.json").write_text(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))

@@ -43,10 +43,19 @@ def write_mp4(path: Path, video: torch.Tensor, fps: int) -> None:
 
 
 def make_synthetic_videos(
-    out_dir: str | Path, num_videos: int, num_frames: int, height: int, width: int, fps: int, seed: int
+    out_dir: str | Path,
+    num_videos: int,
+    num_frames: int,
+    height: int,
+    width: int,
+    fps: int,
+    seed: int,
+    *,
+    radius: tuple[float, float],
 ) -> Path:
     """Write ``num_videos`` mp4 files and ``captions.jsonl`` into ``out_dir``; return the jsonl path. Clip
-    i shows scene ``i mod 96`` of the world's scenes in an order drawn from ``seed``."""
+    i shows scene ``i mod 96`` of the world's scenes in an order drawn from ``seed``, its shape's radius
+    drawn from ``radius`` (see :func:`render_clip`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
@@ -54,7 +63,8 @@ def make_synthetic_videos(
     order = torch.randperm(len(scenes), generator=torch.Generator().manual_seed(seed)).tolist()
     lines = []
     for i in range(num_videos):
-        video, caption = render_clip(num_frames, height, width, gen, scenes[order[i % len(scenes)]])
+        scene = scenes[order[i % len(scenes)]]
+        video, caption = render_clip(num_frames, height, width, gen, scene, radius=radius)
         name = f"shapes_{i:05d}.mp4"
         write_mp4(out / name, video, fps)
         lines.append(json.dumps({"video": name, "caption": caption, "source": "synthetic"}))
@@ -126,6 +136,7 @@ def ensure_synthetic_shards(data: DataConfig, model: ModelConfig, spec: ClipSpec
         syn.width,
         syn.fps,
         syn.seed,
+        radius=tuple(syn.radius),
     )
     tokenizer, text_encoder = build_text_encoder(model.text_encoder)
     prepare(

@@ -19,6 +19,10 @@ COLORS = {
 BACKGROUNDS = {"blue": (30, 50, 140), "black": (10, 10, 10), "gray": (110, 110, 110)}
 SHAPES = ("circle", "square")
 DIRECTIONS = {"right": (1, 0), "left": (-1, 0), "down": (0, 1), "up": (0, -1)}
+# the shape's radius, a fraction of the frame's shorter side, drawn per clip from this range: the tiny
+# VAE's training clips (helios/commands/tiny_vae_training.py); the tiny default's clips draw from
+# data.synthetic.radius
+RADIUS = (0.12, 0.22)
 
 
 @dataclass(frozen=True)
@@ -52,11 +56,12 @@ def render_clip(
     generator: torch.Generator,
     scene: Scene | None = None,
     anywhere: bool = False,
+    radius: tuple[float, float] = RADIUS,
 ) -> tuple[torch.Tensor, str]:
     """One clip as a float tensor [3, T, H, W] in [-1, 1] and its caption: of ``scene``, or of one drawn
-    from ``generator``; its size, speed and start are drawn from ``generator`` either way. The shape
-    starts in the middle 40 % of the frame, or ``anywhere`` on the torus (a short clip then shows it
-    crossing a border as often as a long one does)."""
+    from ``generator``; its radius (a share of the frame's shorter side, uniform in ``radius``), speed and
+    start are drawn from ``generator`` either way. The shape starts in the middle 40 % of the frame, or
+    ``anywhere`` on the torus (a short clip then shows it crossing a border as often as a long one does)."""
     if scene is None:
         shape, color, bg, direction = (
             _pick(SHAPES, generator),
@@ -66,7 +71,8 @@ def render_clip(
         )
         scene = Scene(color, shape, direction, bg)
     color, shape, direction, bg = scene.colour, scene.shape, scene.direction, scene.background
-    radius = max(3, int(min(height, width) * (0.12 + 0.1 * float(torch.rand(1, generator=generator)))))
+    share = radius[0] + (radius[1] - radius[0]) * float(torch.rand(1, generator=generator))
+    r = max(3, int(min(height, width) * share))
     speed = 1.0 + 2.0 * float(torch.rand(1, generator=generator))
     dx, dy = DIRECTIONS[direction]
     low, span = (0.0, 1.0) if anywhere else (0.3, 0.4)
@@ -85,8 +91,8 @@ def render_clip(
         ox = (xx - (cx + dx * speed * t) + width / 2) % width - width / 2
         oy = (yy - (cy + dy * speed * t) + height / 2) % height - height / 2
         if shape == "circle":
-            mask = ox**2 + oy**2 <= radius**2
+            mask = ox**2 + oy**2 <= r**2
         else:
-            mask = (ox.abs() <= radius) & (oy.abs() <= radius)
+            mask = (ox.abs() <= r) & (oy.abs() <= r)
         frames[t] = torch.where(mask[..., None], fg, bgc)
     return frames.permute(3, 0, 1, 2) / 127.5 - 1.0, scene.caption

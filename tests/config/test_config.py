@@ -142,6 +142,8 @@ def test_data_path_shorthand():
         ("trainer.precision=fp8", "trainer.precision"),
         ("model.transformer.rope_dim=[8,8,4]", "model.transformer.rope_dim"),
         ("history.sizes=[4,2]", "history.sizes"),
+        ("data.synthetic.radius=[0.3,0.2]", "data.synthetic.radius"),
+        ("data.synthetic.radius=[0.2]", "data.synthetic.radius"),
     ],
 )
 def test_out_of_range_values_name_the_key(override, key):

@@ -9,7 +9,7 @@ import torch
 from helios.config import compose
 from helios.data.dataset import BucketBatchSampler, LatentClipDataset, make_loader, section_window
 from helios.data.synthetic import ensure_synthetic_shards, make_synthetic_videos, synthetic_clip
-from helios.world.shapes import all_scenes
+from helios.world.shapes import RADIUS, all_scenes
 from tests.helpers.runs import SMALL_WORLD
 
 
@@ -345,9 +345,40 @@ def test_the_synthetic_set_shows_every_scene_of_the_world(tmp_path):
     """96 clips or more cover every (colour, shape, direction, background); fewer are all different."""
 
     def captions(n, tmp):
-        lines = make_synthetic_videos(tmp / str(n), n, 1, 16, 16, 8, seed=5).read_text().splitlines()
+        lines = (
+            make_synthetic_videos(tmp / str(n), n, 1, 16, 16, 8, seed=5, radius=RADIUS)
+            .read_text()
+            .splitlines()
+        )
         return [json.loads(line)["caption"] for line in lines]
 
     every, few = captions(100, tmp_path), captions(10, tmp_path)
     assert set(every) == {s.caption for s in all_scenes()} and len(set(few)) == 10
     assert every[:96] != sorted(every[:96]) and every[96:] == every[:4]  # a seeded order, cycling
+
+
+def test_the_synthetic_set_draws_its_shapes_from_the_configured_radius(tmp_path):
+    """``data.synthetic.radius`` reaches the written mp4s: the tiny default's range (3-4 latent pixels across,
+    the schema's default) gives larger shapes than the tiny VAE's training range, and a fixed radius of a
+    quarter of the frame gives a shape of that size in every clip."""
+    from helios.data.video import decode_clip
+    from helios.world.measures import PALETTE_NAMES, palette_labels, parse_caption
+
+    def areas(radius, name):
+        captions = make_synthetic_videos(tmp_path / name, 6, 1, 64, 64, 8, seed=5, radius=radius)
+        out = []
+        for line in captions.read_text().splitlines():
+            row = json.loads(line)
+            frame, _ = decode_clip(str(tmp_path / name / row["video"]), 1, 64, 64)
+            label, _ = palette_labels(frame)
+            colour = parse_caption(row["caption"]).colour
+            out.append((int((label[0] == PALETTE_NAMES.index(f"fg:{colour}")).sum()), row["caption"]))
+        return out
+
+    default = compose([]).data.synthetic.radius
+    assert default == [0.1875, 0.25] and tuple(default) != RADIUS
+    for area, caption in areas((0.25, 0.25), "quarter"):  # radius 16: a 33-pixel square, a circle of ~800
+        expected = 33 * 33 if "square" in caption else 3.14159 * 16 * 16
+        assert abs(area - expected) < 0.15 * expected, (area, caption)  # the mp4's 4:2:0 colour frays edges
+    small, large = areas(RADIUS, "vae"), areas(tuple(default), "default")
+    assert sum(a for a, _ in large) > 1.5 * sum(a for a, _ in small)

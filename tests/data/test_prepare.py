@@ -20,7 +20,7 @@ from helios.data.shards import ShardIndex
 from helios.data.synthetic import make_synthetic_videos, write_mp4
 from helios.infra.metrics import read_metrics
 from helios.model.encoders import build_text_encoder, build_vae
-from helios.world.shapes import render_clip
+from helios.world.shapes import RADIUS, render_clip
 
 ROOT = Path(__file__).resolve().parents[2]
 # 2 sections of 5 frames, each encoded on its own into 2 latent frames (posterior samples, seeded)
@@ -44,7 +44,7 @@ def _run(inp, out, encoders, **kw):
 def messy_input(tmp_path_factory):
     """6 good videos and one of every kind of bad input."""
     root = tmp_path_factory.mktemp("messy")
-    make_synthetic_videos(root, 6, 13, 32, 32, 8, seed=7)
+    make_synthetic_videos(root, 6, 13, 32, 32, 8, seed=7, radius=RADIUS)
     good = [json.loads(line) for line in (root / "captions.jsonl").read_text().splitlines()]
     data = (root / "shapes_00000.mp4").read_bytes()
     (root / "truncated.mp4").write_bytes(data[: len(data) // 3])
@@ -181,7 +181,7 @@ def test_decoding_in_worker_processes_and_a_dead_ranks_unit_write_the_same_shard
 
 def test_csv_and_tar_inputs(tmp_path, encoders):
     videos = tmp_path / "videos"
-    make_synthetic_videos(videos, 3, 13, 32, 32, 8, seed=3)
+    make_synthetic_videos(videos, 3, 13, 32, 32, 8, seed=3, radius=RADIUS)
     entries = [json.loads(line) for line in (videos / "captions.jsonl").read_text().splitlines()]
     (videos / "captions.jsonl").unlink()
     with (videos / "captions.csv").open("w", newline="") as f:
@@ -213,7 +213,7 @@ def test_csv_and_tar_inputs(tmp_path, encoders):
 
 def test_repeated_captions_are_encoded_once(tmp_path, encoders):
     videos = tmp_path / "v"
-    make_synthetic_videos(videos, 4, 13, 32, 32, 8, seed=1)
+    make_synthetic_videos(videos, 4, 13, 32, 32, 8, seed=1, radius=RADIUS)
     lines = [json.loads(x) for x in (videos / "captions.jsonl").read_text().splitlines()]
     (videos / "captions.jsonl").write_text("\n".join(json.dumps({**x, "caption": "same"}) for x in lines))
     vae, tok, text = encoders
@@ -227,7 +227,7 @@ def test_repeated_captions_are_encoded_once(tmp_path, encoders):
 @pytest.mark.slow
 def test_cli_two_ranks_then_train_with_defaults(tmp_path):
     videos = tmp_path / "videos"
-    make_synthetic_videos(videos, 10, 45, 64, 64, 8, seed=11)
+    make_synthetic_videos(videos, 10, 45, 64, 64, 8, seed=11, radius=RADIUS)
     out = tmp_path / "shards"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(

@@ -21,9 +21,19 @@ class SyntheticConfig(Validated):
     # clip length in sections of history.window latent frames; null: just long enough for one full
     # history (ceil(history / window) + 1 sections; whole-clip latents: history + window + 2)
     sections: int | None = None
+    # the shape's radius range, a share of the frame's shorter side: at least 3 latent pixels across
+    # (8x VAE), the shape an object of the latent grid rather than a sub-pixel blob; at most a quarter, so
+    # that the background between a shape and its wrap-around is as wide as the shape and its motion reads
+    # one way (helios/world/shapes.py keeps the tiny VAE's training range, 0.12-0.22)
+    radius: list[float] = field(default_factory=lambda: [0.1875, 0.25])
 
     def _validate(self, prefix: str) -> None:
         check(self.num_videos >= 1, prefix + "num_videos", "must be >= 1")
+        check(
+            len(self.radius) == 2 and 0.0 < self.radius[0] <= self.radius[1] <= 0.5,
+            prefix + "radius",
+            f"needs [low, high] with 0 < low <= high <= 0.5 (a share of the frame's side), got {self.radius}",
+        )
         check(self.sections is None or self.sections >= 1, prefix + "sections", "must be >= 1 (or null)")
         check(self.height % 16 == 0 and self.width % 16 == 0, prefix + "height/width", "multiples of 16")
 
