@@ -23,8 +23,8 @@ class SyntheticConfig(Validated):
     sections: int | None = None
     # the shape's radius range, a share of the frame's shorter side: at least 3 latent pixels across
     # (8x VAE), the shape an object of the latent grid rather than a sub-pixel blob; at most a quarter, so
-    # that the background between a shape and its wrap-around is as wide as the shape and its motion reads
-    # one way (helios/world/shapes.py keeps the tiny VAE's training range, 0.12-0.22)
+    # that the background between a shape and its wrap-around is about as wide as the shape and its motion
+    # reads one way (helios/world/shapes.py keeps the tiny VAE's training range, 0.12-0.22)
     radius: list[float] = field(default_factory=lambda: [0.1875, 0.25])
 
     def _validate(self, prefix: str) -> None:
