@@ -76,6 +76,20 @@ def long_videos(model, sampler, captions: list[str], seeds: list[int], sections:
     return samples, videos
 
 
+def reference_clip(model, caption: str, k: int, num_frames: int):
+    """The ``k``-th reference clip: the caption's scene rendered at the run's size, its shape's radius drawn
+    from the run's own ``data.synthetic.radius`` (the world the model was trained on), [3, T, H, W]."""
+    import torch
+
+    from helios.world.measures import parse_caption
+    from helios.world.shapes import render_clip
+
+    height, width = model.size
+    radius = tuple(model.train_config.data.synthetic.radius)
+    generator = torch.Generator().manual_seed(k)
+    return render_clip(num_frames, height, width, generator, parse_caption(caption), radius=radius)[0]
+
+
 def real_long_videos(model, captions: list[str], seeds: list[int], sections: int) -> list[dict]:
     """Real clips of the same scenes through ``model``'s VAE, section by section, measured as
     :func:`long_videos`: what the measures allow at best with that VAE."""
@@ -83,22 +97,12 @@ def real_long_videos(model, captions: list[str], seeds: list[int], sections: int
 
     from helios.model.encoders import encode_sections
     from helios.sampling.decode import decode_sections_independently, section_frames
-    from helios.world.measures import long_video_summary, parse_caption, section_measures
-    from helios.world.shapes import render_clip
+    from helios.world.measures import long_video_summary, section_measures
 
     first, frames = section_frames(model.layout.window, model.latent_format)
-    height, width = model.size
     reference = []
     for k, (caption, seed) in enumerate((c, s) for c in captions for s in seeds):
-        scene = parse_caption(caption)
-        clip, _ = render_clip(
-            first + (sections - 1) * frames,
-            height,
-            width,
-            torch.Generator().manual_seed(k),
-            scene,
-            radius=tuple(model.train_config.data.synthetic.radius),  # the run's world
-        )
+        clip = reference_clip(model, caption, k, first + (sections - 1) * frames)
         with torch.no_grad():
             latents = encode_sections(model.vae, clip[None], model.layout.window)
             decoded = decode_sections_independently(

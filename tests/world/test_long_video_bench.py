@@ -41,3 +41,23 @@ def test_a_bad_sampler_override_is_refused_with_its_key(override, message):
     with pytest.raises(SystemExit) as err:
         override_sampler(SamplerConfig(steps=[8]), [override])
     assert str(err.value) == message
+
+
+def test_the_reference_clips_draw_the_runs_own_shapes():
+    """The real-clip reference renders the world the run was trained on: its saved
+    ``data.synthetic.radius``, not the tiny VAE's range (a run on other shapes would be judged against a
+    reference it never saw)."""
+    from types import SimpleNamespace
+
+    from bench.tiny_long_video import reference_clip
+    from helios.config import compose
+    from helios.world.measures import PALETTE_NAMES, palette_labels
+
+    def area(radius: str, caption: str) -> int:
+        run = SimpleNamespace(size=(64, 64), train_config=compose([f"data.synthetic.radius={radius}"]))
+        label, _ = palette_labels(reference_clip(run, caption, 3, 2))
+        return int((label[0] == PALETTE_NAMES.index("fg:yellow")).sum())
+
+    square = "a yellow square moving up on a gray background"
+    assert area("[0.25,0.25]", square) == 32 * 32  # radius 16 of 64: a square 32 pixels wide
+    assert area("[0.125,0.125]", square) == 16 * 16
