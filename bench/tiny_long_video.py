@@ -11,8 +11,9 @@ world, each with every seed of ``--seeds``, for ``--sections`` sections with the
 measures every section (:func:`helios.world.measures.section_measures`). The JSON holds each sample's
 sections, its summary, and the run's verdict against the targets (the caption's shape, in the caption's
 colour, present in >= 95 % of the frames of every section of every sample; moving the caption's way in
->= 90 % of the samples), and the same verdict for real clips of the same scenes through the run's VAE (the
-best the measures allow with that VAE).
+>= 90 % of the samples; beside them, of the samples whose first, text-only section holds the shape, the
+share that keep it in every later section: what the history does), and the same verdict for real clips of
+the same scenes through the run's VAE (the best the measures allow with that VAE).
 ``--figure`` writes the first sample as a grid: one row per section, one column per frame.
 """
 
@@ -195,9 +196,13 @@ def verdict(samples: list[dict]) -> dict:
     kept = [s["min_present"] >= PRESENT_TARGET for s in samples]
     moving = sum(s["moves_along"] for s in samples) / len(samples)
     forms = [r["form"] for s in samples for r in s["sections"] if math.isfinite(r["form"])]
+    # what the history does, the first section's drawing (text only: no history, no anchor) set aside
+    after_first = [k for s, k in zip(samples, kept) if s["sections"][0]["present"] >= PRESENT_TARGET]
     return {
         "samples": len(samples),
         "shape_kept_in_every_section": sum(kept) / len(samples),
+        "first_section_held": len(after_first) / len(samples),
+        "kept_when_first_section_held": sum(after_first) / len(after_first) if after_first else math.nan,
         "present_frames": sum(r["present"] for s in samples for r in s["sections"])
         / sum(len(s["sections"]) for s in samples),
         "worst_section_present": min(s["min_present"] for s in samples),

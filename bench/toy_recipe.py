@@ -111,6 +111,9 @@ class ToyRecipe:
     long_sections: int = 0
     long_captions: int = 8
     long_seeds: list[int] = field(default_factory=lambda: [0, 1])
+    # stage-1 Bases each trained without one history mechanism (Frame-Aware Corrupt §3.2.3, the first-frame
+    # anchor §3.5), their long videos judged beside the Base's by the object measures (long_sections > 0)
+    history_ablations: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.uncond not in ("negative", "empty"):  # before an hour of training reaches stage 3's check
@@ -122,8 +125,8 @@ class ToyRecipe:
         caption dropout, the 128-wide DiT fully fine-tuned for the default job's 1,800 steps): one
         unconditional prompt (the empty one) for the teacher, the Base and the real score, DMD + GAN at the
         generator lr x steps that lands near its real score (3e-4 x 100, BENCHMARKS.md), and every
-        generator's 10-section videos judged by the object measures. Frame-Aware Corrupt and the anchor are
-        measured on this world by ``bench/tiny_long_video.py`` over training seeds (BENCHMARKS.md)."""
+        generator's 10-section videos judged by the object measures, beside those of two more Bases, one
+        trained without Frame-Aware Corrupt and one without the first-frame anchor."""
         world = ["data.synthetic.sections=11"]
         return cls(
             seeds=seeds,
@@ -140,6 +143,10 @@ class ToyRecipe:
             dmd_only={"dmd+gan only": ["optim.lr=3e-4"]},
             drift_variants={},
             long_sections=10,
+            history_ablations={
+                "base, no corrupt": ["history.corrupt.enabled=false"],
+                "base, no anchor": ["history.anchor=false"],
+            },
         )
 
 
@@ -193,7 +200,7 @@ def distill_chain(root: Path, recipe: ToyRecipe, seed: int) -> dict[str, Path]:
     """The paper's recipe with the reference's roles: stage 1 (Helios-Base: the real and fake scores'
     base) -> stage 2 (Helios-Mid: the ODE pairs' teacher and the generator's start) -> ODE pairs ->
     stage 3 ODE init -> stage 3 DMD + GAN (each of ``recipe.students``); ``recipe.dmd_only`` start the
-    DMD + GAN phase from Helios-Mid."""
+    DMD + GAN phase from Helios-Mid; ``recipe.history_ablations`` are more stage-1 runs beside the chain."""
     runs = {"base": train(root / "stage1", ["stage=1", *recipe.stage1], recipe.stage1_steps, recipe, seed)}
     runs["mid"] = train(
         root / "stage2",
@@ -218,9 +225,17 @@ def distill_chain(root: Path, recipe: ToyRecipe, seed: int) -> dict[str, Path]:
     variants = [(name, [f"init_from={runs.get('ode_init')}", *o]) for name, o in recipe.students.items()]
     variants += [(name, [*from_mid, *o]) for name, o in recipe.dmd_only.items()]
     for name, overrides in variants:
-        run_dir = root / ("stage3_" + "".join(c if c.isalnum() else "_" for c in name))
-        runs[name] = train(run_dir, [*stage3, *overrides], recipe.post_steps, recipe, seed)
+        stage3_run = [*stage3, *overrides]
+        runs[name] = train(root / f"stage3_{slug(name)}", stage3_run, recipe.post_steps, recipe, seed)
+    for name, overrides in recipe.history_ablations.items():
+        stage1_run = ["stage=1", *recipe.stage1, *overrides]
+        runs[name] = train(root / f"stage1_{slug(name)}", stage1_run, recipe.stage1_steps, recipe, seed)
     return runs
+
+
+def slug(name: str) -> str:
+    """A variant's name as a run folder's name."""
+    return "".join(c if c.isalnum() else "_" for c in name)
 
 
 def ode_pairs(out: Path, teacher: Path, recipe: ToyRecipe, seed: int) -> Path:
@@ -360,21 +375,29 @@ def distill_report(runs: dict[str, Path], recipe: ToyRecipe) -> dict:
     return report
 
 
-LONG_KEYS = ("shape_kept_in_every_section", "present_frames", "form_match", "moves_along")
+LONG_KEYS = (
+    "shape_kept_in_every_section",
+    "kept_when_first_section_held",
+    "present_frames",
+    "form_match",
+    "moves_along",
+)
 
 
 def long_video_report(runs: dict[str, Path], recipe: ToyRecipe) -> dict[str, dict]:
     """Every generator's ``recipe.long_sections``-section videos (``recipe.long_captions`` captions spread
     over the world x ``recipe.long_seeds``) judged by the object measures (bench/tiny_long_video.py's
     verdict): the teacher (the Mid, many steps, CFG), the Base (many steps, CFG; the real score's
-    samples), each few-step generator, and real clips through the VAE."""
+    samples), the Bases of ``recipe.history_ablations`` (the same sampler), each few-step generator, and
+    real clips through the VAE."""
     from bench.tiny_long_video import long_videos, real_long_videos, spread_captions, verdict
 
     captions, seeds, sections = spread_captions(recipe.long_captions), recipe.long_seeds, recipe.long_sections
     cpu = torch.device("cpu")
     mid = load_for_inference(runs["mid"], cpu)
     generators = [("teacher", mid, teacher_sampler(recipe))]
-    generators.append(("base", load_for_inference(runs["base"], cpu), base_sampler(recipe)))
+    for name in ["base", *recipe.history_ablations]:
+        generators.append((name, load_for_inference(runs[name], cpu), base_sampler(recipe)))
     few = student_sampler(recipe)
     for name in candidates(recipe):
         generators.append((name, mid if name == "undistilled" else load_for_inference(runs[name], cpu), few))
@@ -395,9 +418,8 @@ def drift_report(root: Path, recipe: ToyRecipe, seed: int, stage1: Path | None) 
         if not overrides and stage1 is not None:
             run = stage1  # the distillation chain's stage 1 is the default variant
         else:
-            slug = name.replace(" ", "_").replace("+", "_")
             stage1_run = ["stage=1", *recipe.stage1, *overrides]
-            run = train(root / f"drift_{slug}", stage1_run, recipe.stage1_steps, recipe, seed)
+            run = train(root / f"drift_{slug(name)}", stage1_run, recipe.stage1_steps, recipe, seed)
         model = load_for_inference(run, torch.device("cpu"))
         s = sample(model, sampler, prompts, recipe.sample_seeds, recipe.drift_sections)
         window = model.layout.window
@@ -503,9 +525,9 @@ def format_tables(report: dict) -> str:
             "",
             f"Long videos ({n} seeds; {sections} sections, the object measures of bench/tiny_long_video.py):",
             "",
-            "| generator | samples keeping the shape in every section | frames with the shape "
-            "| the caption's form | moving the caption's way |",
-            "|---|---|---|---|---|",
+            "| generator | samples keeping the shape in every section | the same, of those whose first "
+            "section holds it | frames with the shape | the caption's form | moving the caption's way |",
+            "|---|---|---|---|---|---|",
         ]
         for name in long:
             cells = [_cell(summary, f"long/{name}/{k}") for k in LONG_KEYS]

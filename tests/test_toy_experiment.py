@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+from omegaconf import OmegaConf
 
 import helios.stages.distilled.post as distill_post
 from bench.toy_recipe import ToyRecipe, distill_chain, distill_report, format_tables, summarize
@@ -113,13 +114,24 @@ def test_the_default_world_experiment_rehearses_with_one_unconditional_prompt(tm
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     long = report["seeds"][0]["long"]
-    assert set(long) == {"teacher", "base", "undistilled", "ode_init", "student", "dmd+gan only", "real"}
+    generators = {"teacher", "base", "base, no corrupt", "base, no anchor", "undistilled", "ode_init"}
+    assert set(long) == {*generators, "student", "dmd+gan only", "real"}
     assert long["real"]["present_frames"] == 1.0 and long["real"]["samples"] == 2
+    assert long["real"]["kept_when_first_section_held"] == 1.0
     assert report["seeds"][0]["drift"] == {} and "| dmd+gan only |" in run.stdout
+    assert "| base, no anchor |" in run.stdout
     student = (out / "seed0" / "stage3_student" / "config.yaml").read_text()
     assert "uncond: empty" in student and "lr: 0.0003" in student
-    base = (out / "seed0" / "stage1" / "config.yaml").read_text()
+    seed0 = out / "seed0"
+    base = (seed0 / "stage1" / "config.yaml").read_text()
     assert "caption_dropout: 0.1" in base and "attention_head_dim: 32" in base
+    history = {
+        name: OmegaConf.load(seed0 / f"stage1_base__no_{name}" / "config.yaml").history
+        for name in ("corrupt", "anchor")
+    }  # each Base without one mechanism, the other kept, as the Base's own config
+    assert (history["corrupt"].corrupt.enabled, history["corrupt"].anchor) == (False, True)
+    assert (history["anchor"].corrupt.enabled, history["anchor"].anchor) == (True, False)
+    assert OmegaConf.load(seed0 / "stage1" / "config.yaml").history.anchor
 
 
 def test_an_unknown_unconditional_prompt_is_refused_before_anything_trains():
@@ -134,6 +146,7 @@ def test_every_number_is_summarised_over_the_seeds_with_its_spread():
         world_last = dict.fromkeys(WORLD, i)
         long = {
             "shape_kept_in_every_section": i / 4,
+            "kept_when_first_section_held": i / 2,
             "present_frames": i / 3,
             "form_match": 0.5,
             "moves_along": 1,
@@ -150,7 +163,8 @@ def test_every_number_is_summarised_over_the_seeds_with_its_spread():
     assert summary["long/student/form_match"]["std"] == 0.0 and "long/student/samples" not in summary
     table = format_tables({"summary": summary, "seeds": [seed(1.0)], "recipe": {"long_sections": 10}})
     assert "Long videos (1 seeds; 10 sections" in table
-    assert "| student | 0.500 ± 0.354 | 0.667 ± 0.471 | 0.500 ± 0.000 | 1.000 ± 0.000 |" in table
+    row = "| student | 0.500 ± 0.354 | 1.000 ± 0.707 | 0.667 ± 0.471 | 0.500 ± 0.000 | 1.000 ± 0.000 |"
+    assert row in table
     assert summary["distill/student/frechet"]["mean"] == 4.0
     assert summary["distill/student/frechet"]["std"] == pytest.approx(2.0**1.5)  # sample std of 2 and 6
     assert summary["drift/no corrupt/section_3"]["values"] == [2.0, 6.0]

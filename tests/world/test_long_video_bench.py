@@ -4,6 +4,8 @@ validated like the training config."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from bench.tiny_long_video import override_sampler
@@ -61,3 +63,20 @@ def test_the_reference_clips_draw_the_runs_own_shapes():
     square = "a yellow square moving up on a gray background"
     assert area("[0.25,0.25]", square) == 32 * 32  # radius 16 of 64: a square 32 pixels wide
     assert area("[0.125,0.125]", square) == 16 * 16
+
+
+def test_the_verdict_counts_what_the_history_keeps_once_the_first_section_holds():
+    """``kept_when_first_section_held`` sets the first (text-only) section's drawing aside: of the samples
+    whose first section holds the shape, the share that keep it in every later one too."""
+    from bench.tiny_long_video import verdict
+
+    def sample(*present: float) -> dict:
+        rows = [{"present": p, "form": 1.0} for p in present]
+        return {"sections": rows, "min_present": min(present), "moves_along": 1.0}
+
+    held, lost_later, never_drawn = sample(1.0, 1.0, 0.96), sample(1.0, 0.5, 1.0), sample(0.2, 1.0, 1.0)
+    v = verdict([held, lost_later, never_drawn])
+    assert v["shape_kept_in_every_section"] == pytest.approx(1 / 3)
+    assert v["first_section_held"] == pytest.approx(2 / 3)
+    assert v["kept_when_first_section_held"] == 0.5
+    assert math.isnan(verdict([never_drawn])["kept_when_first_section_held"])
