@@ -118,6 +118,8 @@ class ToyRecipe:
     def __post_init__(self) -> None:
         if self.uncond not in ("negative", "empty"):  # before an hour of training reaches stage 3's check
             raise ValueError(f"uncond: {self.uncond!r} is neither 'negative' nor 'empty'")
+        if self.history_ablations and not self.long_sections:  # they would train and never be judged
+            raise ValueError("history_ablations are judged by long videos: they need long_sections > 0")
 
     @classmethod
     def default_world(cls, seeds: list[int]) -> ToyRecipe:

@@ -134,10 +134,12 @@ def test_the_default_world_experiment_rehearses_with_one_unconditional_prompt(tm
     assert OmegaConf.load(seed0 / "stage1" / "config.yaml").history.anchor
 
 
-def test_an_unknown_unconditional_prompt_is_refused_before_anything_trains():
+def test_a_recipe_it_cannot_run_or_judge_is_refused_before_anything_trains():
     with pytest.raises(ValueError, match="uncond: 'none' is neither 'negative' nor 'empty'"):
         ToyRecipe(uncond="none")
     assert ToyRecipe.default_world([0]).uncond == "empty" and ToyRecipe().uncond == "negative"
+    with pytest.raises(ValueError, match="history_ablations are judged by long videos"):
+        ToyRecipe(history_ablations={"no anchor": ["history.anchor=false"]})
 
 
 def test_every_number_is_summarised_over_the_seeds_with_its_spread():
