@@ -10,7 +10,7 @@ without Frame-Aware Corrupt and the first-frame anchor, each over several traini
 ``--world default`` asks the distillation question on the tiny default's DiT and world (every scene, caption
 dropout; the empty prompt as every CFG's unconditional branch) and judges every generator's 10-section videos
 by the shapes world's object measures, beside two more Bases trained without Frame-Aware Corrupt and without
-the first-frame anchor (about 20 minutes a seed on 2 cores); the default ``narrow`` is the 2 x 24 DiT of
+the first-frame anchor (about 17 minutes a seed on 2 cores); the default ``narrow`` is the 2 x 24 DiT of
 BENCHMARKS.md's first table.
 
 Writes DIR/report.json (every number, per seed), DIR/table.md (mean ± std over the seeds) and DIR/figure.png
