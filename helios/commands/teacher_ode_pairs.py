@@ -76,6 +76,7 @@ def rollouts_for_shard(shard: Path, out: Path, cfg: OdePairsConfig, model, negat
             gen,
             device=device,
             trajectories=trajectories,
+            anchor_from_second_section=cfg.sampler.anchor_from_second_section,
         )
         arrays, kept = {"prompt_embeds": trim_embeds(emb[0])}, {}
         for k, section in enumerate(trajectories):
@@ -93,6 +94,7 @@ def rollouts_for_shard(shard: Path, out: Path, cfg: OdePairsConfig, model, negat
             "timesteps": kept,
             "latent_shape": [c, layout.window, h, w],
             "caption": item["meta"].get("caption"),
+            "anchor_section": 1 if cfg.sampler.anchor_from_second_section else 0,
         }
         samples.append(encode_pair(f"{shard.stem}-{i:05d}", arrays, meta))
     if samples:
@@ -182,6 +184,7 @@ def pairs_for_shard(shard: Path, out: Path, cfg: OdePairsConfig, model, empty: t
             "steps": list(cfg.sampler.steps),
             "guidance_scale": cfg.sampler.guidance_scale,
             "caption": item["meta"].get("caption"),
+            "anchor_section": 1 if cfg.sampler.anchor_from_second_section else 0,
         }
         samples.append(encode_pair(f"{shard.stem}-{i:05d}", arrays, meta))
     if samples:

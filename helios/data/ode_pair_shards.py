@@ -89,8 +89,9 @@ class OdePairDataset(torch.utils.data.Dataset):
 class OdeTrajectoryDataset(torch.utils.data.Dataset):
     """Trajectory samples (the reference's pairs) as training points: per (sample, epoch) one section k of
     the teacher's video, drawn uniformly, conditioned as the teacher sampled it (history: the teacher's
-    earlier sections, the anchor its first latent), and per pyramid stage one of the kept states
-    (``stage<s>_x``, its timestep ``stage<s>_t``) with the stage's end (``stage<s>_end``)."""
+    earlier sections, the anchor its first latent or, as the shard records, its second section's), and per
+    pyramid stage one of the kept states (``stage<s>_x``, its timestep ``stage<s>_t``) with the stage's end
+    (``stage<s>_end``)."""
 
     def __init__(
         self,
@@ -129,7 +130,10 @@ class OdeTrajectoryDataset(torch.utils.data.Dataset):
         if finals:
             video = torch.cat(finals, dim=1)[:, -self.layout.num_history :]
             history[:, self.layout.num_history - video.shape[1] :] = video
-        anchor = finals[0][:, :1] if finals else torch.zeros(c, 1, h, w)
+        # the teacher's anchor: its first section's first latent, or from the third section on its second
+        # section's (``anchor_section`` 1: sampled with ``anchor_from_second_section``)
+        anchor_section = meta.get("anchor_section", 0) if k > 1 else 0
+        anchor = finals[anchor_section][:, :1] if finals else torch.zeros(c, 1, h, w)
         out = {"history": history, "anchor": anchor}
         for s in range(self.stages):
             states, timesteps = read(f"s{k}_stage{s}_states"), read(f"s{k}_stage{s}_t")

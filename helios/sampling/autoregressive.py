@@ -41,12 +41,15 @@ def sample_video(
     anchor: torch.Tensor | None = None,
     history: torch.Tensor | None = None,
     trajectories: list | None = None,
+    anchor_from_second_section: bool = False,
 ) -> SampleResult:
     """Generate ``num_sections`` sections of ``layout.window`` latent frames.
 
     T2V: history starts empty, the anchor becomes the first generated latent frame.
     I2V / V2V (see :func:`helios.sampling.pipeline.encode_conditioning`): ``history`` [B, C, T, h, w]
     fills the end of the history buffer, ``anchor`` [B, C, 1, h, w] is the first-frame anchor.
+    ``anchor_from_second_section`` (diffusers' ``is_skip_first_chunk``): from the third section on, the
+    anchor is the second section's first latent frame instead (T2V, I2V and V2V alike).
     ``on_section(k, latents)`` sees each new section (e.g. to decode it); ``trajectories`` (a list) receives
     each section's sampler trajectory (:class:`SectionSampler`'s ``trajectory``).
     """
@@ -101,7 +104,7 @@ def sample_video(
         if trajectories is not None:
             trajectories.append(trajectory)
 
-        if anchor is None:
+        if anchor is None or (anchor_from_second_section and k == 1):
             anchor = section[:, :, :1]
         history = torch.cat([history, section], dim=2)[:, :, -layout.num_history :]
         drift_frames = torch.zeros(layout.num_history, dtype=torch.bool)

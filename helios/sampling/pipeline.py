@@ -236,6 +236,7 @@ def generate_video(
         device=device,
         anchor=cond.anchor,
         history=cond.history,
+        anchor_from_second_section=sampler_cfg.anchor_from_second_section,
     )
     frames = torch.cat(pieces, dim=2)
     cond_frames = pieces[0].shape[2] if len(pieces) > num_sections else 0

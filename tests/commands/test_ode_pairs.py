@@ -4,6 +4,7 @@ clips, resumable shards; the ODE-init dataset built on them."""
 import hashlib
 import json
 
+import pytest
 import torch
 from diffusers import HeliosScheduler
 
@@ -29,6 +30,35 @@ def test_sampler_records_every_stage_boundary():
     out = sampler(velocity, noise, torch.zeros(1), None, torch.Generator().manual_seed(1), record=record)
     assert [(k, s.shape[-1], e.shape[-1]) for k, s, e in record] == [(0, 2, 2), (1, 4, 4), (2, 8, 8)]
     assert torch.equal(record[0][1], noise) and torch.equal(record[-1][2], out)
+
+
+@pytest.mark.parametrize("recorded", [None, 0, 1])
+def test_a_trajectory_section_is_anchored_as_the_teacher_sampled_it(tmp_path, recorded):
+    """Section k of a teacher's video is conditioned on the sections before it and the anchor the teacher
+    had: the first section's first latent, or from the third section on the second section's when the
+    shard records ``anchor_section`` 1 (shards written before the key: the first section's)."""
+    from helios.core.history import HistoryLayout
+    from helios.data.ode_pair_shards import TRAJECTORY_MEMBERS, OdeTrajectoryDataset, encode_pair
+    from helios.data.shards import write_shard
+
+    sections = [torch.full((4, 3, 2, 2), float(k + 1)) + torch.arange(3.0).view(1, 3, 1, 1) for k in range(3)]
+    arrays = {"prompt_embeds": torch.zeros(2, 8)}
+    for k, final in enumerate(sections):
+        arrays[f"s{k}_stage0_states"] = torch.stack([torch.randn(4, 3, 2, 2), final])
+        arrays[f"s{k}_stage0_t"] = torch.tensor([900.0, 500.0])
+    meta = {"format": "trajectory", "sections": 3, "stages": 1, "latent_shape": [4, 3, 2, 2]}
+    if recorded is not None:
+        meta["anchor_section"] = recorded
+    write_shard(tmp_path / "ode-0.tar", [encode_pair("a", arrays, meta)], TRAJECTORY_MEMBERS)
+    dataset = OdeTrajectoryDataset(tmp_path, 1, 8, HistoryLayout(4, 2, 1, 3))
+    seen = set()
+    for epoch in range(24):
+        sample = dataset[(0, epoch)]
+        k = int((sample["history"][0, :, 0, 0] != 0).sum()) // 3  # the sections in the history
+        seen.add(k)
+        want = torch.zeros(4, 1, 2, 2) if k == 0 else sections[1 if recorded == 1 and k == 2 else 0][:, :1]
+        assert torch.equal(sample["anchor"], want), (k, recorded)
+    assert seen == {0, 1, 2}
 
 
 def test_clip_pairs_from_a_stage2_run_are_complete_and_resumable(tmp_path):
@@ -74,8 +104,9 @@ def test_the_teacher_state_nearest_to_each_distilled_timestep_is_kept():
 def test_rollout_pairs_are_the_teachers_own_video_and_train_the_ode_phase_on_its_states(tmp_path):
     """source=rollout (default): per caption one 3-section T2V video of the teacher; per (section, stage) the
     states at the distilled timesteps (doubled schedule on the first section) and the stage's end. The
-    ODE-init dataset conditions section k on the teacher's own sections before it, anchored on its first
-    latent, and offers each stage's states with their timesteps."""
+    ODE-init dataset conditions section k on the teacher's own sections before it, anchored as the teacher
+    was (here ``anchor_from_second_section``: section 2 on section 1's first latent), and offers each
+    stage's states with their timesteps."""
     from helios.core.history import HistoryLayout
     from helios.data.ode_pair_shards import OdeTrajectoryDataset, ode_pair_dataset
 
@@ -91,12 +122,13 @@ def test_rollout_pairs_are_the_teachers_own_video_and_train_the_ode_phase_on_its
         pairs=4,
     )
     cfg.sampler.shift_type = "linear"
+    cfg.sampler.anchor_from_second_section = True
     cfg.validate()
     report = run(cfg)
     assert report["source"] == "rollout" and report["pairs"] == 8  # one shard of 8 captions covers pairs=4
     index = ShardIndex(list((tmp_path / "ode").glob("*.tar")))
     meta = json.loads(index.read_member(0, "json"))
-    assert meta["format"] == "trajectory" and meta["sections"] == 3
+    assert meta["format"] == "trajectory" and meta["sections"] == 3 and meta["anchor_section"] == 1
     first, later = meta["timesteps"]["s0_stage0"], meta["timesteps"]["s1_stage0"]
     assert len(first) == 4 and len(later) == 2 and first[0] == later[0]  # amplified first section
     states = index.read_array(0, "s2_stage2_states.npy")
@@ -112,10 +144,9 @@ def test_rollout_pairs_are_the_teachers_own_video_and_train_the_ode_phase_on_its
         if empty:  # section 0: a T2V start, no anchor
             assert sample["anchor"].abs().sum() == 0
             continue
-        assert torch.equal(sample["anchor"], finals[0][:, :1])
-        assert torch.equal(sample["history"][:, -3:], finals[0]) or torch.equal(
-            sample["history"][:, -3:], finals[1]
-        )
+        third = torch.equal(sample["history"][:, -3:], finals[1])  # section 2, after sections 0 and 1
+        assert third or torch.equal(sample["history"][:, -3:], finals[0])
+        assert torch.equal(sample["anchor"], finals[1 if third else 0][:, :1])  # as the teacher re-anchored
         for s in range(3):
             assert sample[f"stage{s}_t"] > 0 and sample[f"stage{s}_x"].shape == sample[f"stage{s}_end"].shape
     # data.caption_dropout zeroes the prompt of a share of the items, the rest of each item unchanged

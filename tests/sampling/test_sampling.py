@@ -87,6 +87,56 @@ def test_stage1_sampler_matches_helios_pipeline(tiny):
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)  # bit-exact in practice
 
 
+def test_the_anchor_from_the_second_section_is_diffusers_is_skip_first_chunk(tiny):
+    """``sampler.anchor_from_second_section`` samples as HeliosPipeline's ``is_skip_first_chunk``: the first
+    two sections as without it, the third anchored on the second section's first latent frame."""
+    transformer, vae, tok, text, cond, neg = tiny
+
+    def scheduler():
+        return HeliosScheduler(stages=1, stage_range=[0, 1], use_dynamic_shifting=True)
+
+    pipe = HeliosPipeline(
+        tokenizer=tok, text_encoder=text, vae=vae, scheduler=scheduler(), transformer=transformer
+    )
+    ref = pipe(
+        prompt_embeds=cond,
+        negative_prompt_embeds=neg,
+        num_inference_steps=3,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(0),
+        is_skip_first_chunk=True,
+        **KW,
+    ).frames
+    plain = _ours(transformer, scheduler(), [3], Guidance(5.0), cond, neg)
+    ours = _ours(transformer, scheduler(), [3], Guidance(5.0), cond, neg, anchor_from_second_section=True)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours[:, :, :6], plain[:, :, :6], rtol=0, atol=0)
+    assert (ours[:, :, 6:] - plain[:, :, 6:]).abs().max() > 1e-3  # the third section saw another anchor
+
+
+def test_the_sampler_config_hands_the_anchor_rule_to_the_loop(tiny, monkeypatch):
+    """``generate_video`` passes ``anchor_from_second_section`` from the sampler's config."""
+    import helios.sampling.pipeline as pipeline
+
+    transformer, vae, tok, text, _, _ = tiny
+    seen = []
+    real = pipeline.sample_video
+    monkeypatch.setattr(
+        pipeline,
+        "sample_video",
+        lambda *a, **k: seen.append(k["anchor_from_second_section"]) or real(*a, **k),
+    )
+    for flag in (False, True):
+        cfg = SamplerConfig(
+            steps=[1], guidance_scale=1.0, negative_prompt="", anchor_from_second_section=flag
+        )
+        generate_video(
+            transformer, vae, tok, text, LAYOUT, cfg, [(0, "a red circle")], 9, 64, 64,
+            torch.Generator().manual_seed(0), 32, latent_format="sections",
+        )  # fmt: skip
+    assert seen == [False, True]
+
+
 @pytest.fixture
 def pyramid_pipeline_patched(monkeypatch, tiny):
     """diffusers' pyramid pipeline with two of its defects worked around: its block noise goes through a

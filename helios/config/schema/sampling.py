@@ -45,6 +45,10 @@ class SamplerConfig(Validated):
     # prompt, as the real score of stage 3 does; "" for the empty prompt
     negative_prompt: str = REFERENCE_NEGATIVE_PROMPT
     interpolation_steps: int = 1
+    # the first-frame anchor from the second section's first latent frame on (the reference pipeline's
+    # is_skip_first_chunk, suggested there when the first sections come out static); False: the first
+    # section's (T2V) or the given image's / video's first frame for the whole video
+    anchor_from_second_section: bool = False
     adaptive: AdaptiveSamplingConfig = field(default_factory=AdaptiveSamplingConfig)
 
     def _validate(self, prefix: str) -> None:
