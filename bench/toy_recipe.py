@@ -23,6 +23,7 @@ one (which decodes everything to coloured noise).
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -163,6 +164,12 @@ def train(run_dir: Path, overrides: list[str], steps: int, recipe: ToyRecipe, se
     )
 
 
+def train_base(run_dir: Path, overrides: list[str], recipe: ToyRecipe, seed: int) -> Path:
+    """The recipe's stage 1 (Helios-Base) with ``overrides`` on top (none: the chain's Base; else an
+    ablation of it)."""
+    return train(run_dir, ["stage=1", *recipe.stage1, *overrides], recipe.stage1_steps, recipe, seed)
+
+
 def negative_prompt(recipe: ToyRecipe) -> dict[str, str]:
     """The CFG samplers' unconditional prompt (``recipe.uncond``), as SamplerConfig keywords."""
     return {"negative_prompt": ""} if recipe.uncond == "empty" else {}
@@ -203,7 +210,7 @@ def distill_chain(root: Path, recipe: ToyRecipe, seed: int) -> dict[str, Path]:
     base) -> stage 2 (Helios-Mid: the ODE pairs' teacher and the generator's start) -> ODE pairs ->
     stage 3 ODE init -> stage 3 DMD + GAN (each of ``recipe.students``); ``recipe.dmd_only`` start the
     DMD + GAN phase from Helios-Mid; ``recipe.history_ablations`` are more stage-1 runs beside the chain."""
-    runs = {"base": train(root / "stage1", ["stage=1", *recipe.stage1], recipe.stage1_steps, recipe, seed)}
+    runs = {"base": train_base(root / "stage1", [], recipe, seed)}
     runs["mid"] = train(
         root / "stage2",
         ["stage=2", f"init_from={runs['base']}", *recipe.stage2],
@@ -230,8 +237,7 @@ def distill_chain(root: Path, recipe: ToyRecipe, seed: int) -> dict[str, Path]:
         stage3_run = [*stage3, *overrides]
         runs[name] = train(root / f"stage3_{slug(name)}", stage3_run, recipe.post_steps, recipe, seed)
     for name, overrides in recipe.history_ablations.items():
-        stage1_run = ["stage=1", *recipe.stage1, *overrides]
-        runs[name] = train(root / f"stage1_{slug(name)}", stage1_run, recipe.stage1_steps, recipe, seed)
+        runs[name] = train_base(root / f"stage1_{slug(name)}", overrides, recipe, seed)
     return runs
 
 
@@ -328,11 +334,15 @@ def world_measures(samples: Samples) -> dict[str, float]:
     return mean_metrics([video_metrics(v, c) for v, c in zip(samples.frames, samples.captions)])
 
 
-def spread(values: list[float]) -> dict[str, float]:
+def spread(values: list[float]) -> dict:
+    """Mean and sample std over the seeds that have the number: a ratio with nothing to count (no sample's
+    first section holds the shape) is NaN for its seed, left out and counted in ``seeds`` (None: no seed)."""
+    finite = [v for v in values if not math.isnan(v)]
     return {
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "values": values,
+        "mean": statistics.fmean(finite) if finite else None,
+        "std": statistics.stdev(finite) if len(finite) > 1 else 0.0,
+        "values": [None if math.isnan(v) else v for v in values],
+        "seeds": len(finite),
     }
 
 
@@ -420,8 +430,7 @@ def drift_report(root: Path, recipe: ToyRecipe, seed: int, stage1: Path | None) 
         if not overrides and stage1 is not None:
             run = stage1  # the distillation chain's stage 1 is the default variant
         else:
-            stage1_run = ["stage=1", *recipe.stage1, *overrides]
-            run = train(root / f"drift_{slug(name)}", stage1_run, recipe.stage1_steps, recipe, seed)
+            run = train_base(root / f"drift_{slug(name)}", overrides, recipe, seed)
         model = load_for_inference(run, torch.device("cpu"))
         s = sample(model, sampler, prompts, recipe.sample_seeds, recipe.drift_sections)
         window = model.layout.window
@@ -499,7 +508,12 @@ def _get(row: dict, key: str) -> float:
 
 def _cell(summary: dict, key: str) -> str:
     v = summary.get(key)
-    return "" if v is None else f"{v['mean']:.3f} ± {v['std']:.3f}"
+    if v is None:
+        return ""
+    if v["mean"] is None:
+        return "none of the seeds"
+    cell = f"{v['mean']:.3f} ± {v['std']:.3f}"
+    return cell if v["seeds"] == len(v["values"]) else f"{cell} ({v['seeds']} of {len(v['values'])} seeds)"
 
 
 def format_tables(report: dict) -> str:

@@ -9,6 +9,7 @@ after 300), on the world of 2026-12-05 (seed 0; BENCHMARKS.md "toy-scale experim
 100 steps at 3e-4: 7.0. A defect in the DMD gradient's sign or scale breaks both checks."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -16,7 +17,15 @@ import pytest
 from omegaconf import OmegaConf
 
 import helios.stages.distilled.post as distill_post
-from bench.toy_recipe import ToyRecipe, distill_chain, distill_report, format_tables, summarize
+from bench.toy_recipe import (
+    ToyRecipe,
+    _cell,
+    distill_chain,
+    distill_report,
+    format_tables,
+    spread,
+    summarize,
+)
 from tests.helpers.runs import ROOT
 
 WORLD = ("palette_error", "shape_colour_match", "objects")
@@ -177,3 +186,18 @@ def test_every_number_is_summarised_over_the_seeds_with_its_spread():
     )
     assert "| student | 2.000 ± 1.414 | 4.000 ± 2.828 |" in table
     assert table.index("section 2") < table.index("section 3")
+
+
+def test_a_ratio_a_seed_cannot_count_is_left_out_of_the_spread_and_named():
+    """``kept_when_first_section_held`` is NaN for a seed where no sample's first section holds: the
+    summary counts the other seeds and says how many; with none, the cell says so."""
+    summary = {
+        "long/a/kept": spread([0.5, math.nan, 1.0]),
+        "long/b/kept": spread([math.nan]),
+        "long/c/kept": spread([0.25, 0.75]),
+    }
+    assert summary["long/a/kept"]["mean"] == 0.75 and summary["long/a/kept"]["values"] == [0.5, None, 1.0]
+    assert json.loads(json.dumps(summary, allow_nan=False))["long/b/kept"]["mean"] is None
+    assert _cell(summary, "long/a/kept") == "0.750 ± 0.354 (2 of 3 seeds)"
+    assert _cell(summary, "long/b/kept") == "none of the seeds"
+    assert _cell(summary, "long/c/kept") == "0.500 ± 0.354"
