@@ -65,7 +65,11 @@ def _ours(transformer, scheduler, steps, guidance, cond, neg, amplify=False, **c
     ).latents
 
 
-def test_stage1_sampler_matches_helios_pipeline(tiny):
+@pytest.mark.parametrize("skip_first_chunk", [False, True])
+def test_stage1_sampler_matches_helios_pipeline(tiny, skip_first_chunk):
+    """The Base's sampler gives HeliosPipeline's latents; ``sampler.anchor_from_second_section`` is its
+    ``is_skip_first_chunk``: the first two sections as without it, the third anchored on the second
+    section's first latent frame."""
     transformer, vae, tok, text, cond, neg = tiny
 
     def scheduler():
@@ -80,38 +84,18 @@ def test_stage1_sampler_matches_helios_pipeline(tiny):
         num_inference_steps=4,
         guidance_scale=5.0,
         generator=torch.Generator().manual_seed(0),
+        is_skip_first_chunk=skip_first_chunk,
         **KW,
     ).frames
-    ours = _ours(transformer, scheduler(), [4], Guidance(5.0), cond, neg)
+    ours = _ours(
+        transformer, scheduler(), [4], Guidance(5.0), cond, neg, anchor_from_second_section=skip_first_chunk
+    )
     assert ours.abs().max() > 0
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)  # bit-exact in practice
-
-
-def test_the_anchor_from_the_second_section_is_diffusers_is_skip_first_chunk(tiny):
-    """``sampler.anchor_from_second_section`` samples as HeliosPipeline's ``is_skip_first_chunk``: the first
-    two sections as without it, the third anchored on the second section's first latent frame."""
-    transformer, vae, tok, text, cond, neg = tiny
-
-    def scheduler():
-        return HeliosScheduler(stages=1, stage_range=[0, 1], use_dynamic_shifting=True)
-
-    pipe = HeliosPipeline(
-        tokenizer=tok, text_encoder=text, vae=vae, scheduler=scheduler(), transformer=transformer
-    )
-    ref = pipe(
-        prompt_embeds=cond,
-        negative_prompt_embeds=neg,
-        num_inference_steps=3,
-        guidance_scale=5.0,
-        generator=torch.Generator().manual_seed(0),
-        is_skip_first_chunk=True,
-        **KW,
-    ).frames
-    plain = _ours(transformer, scheduler(), [3], Guidance(5.0), cond, neg)
-    ours = _ours(transformer, scheduler(), [3], Guidance(5.0), cond, neg, anchor_from_second_section=True)
-    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
-    torch.testing.assert_close(ours[:, :, :6], plain[:, :, :6], rtol=0, atol=0)
-    assert (ours[:, :, 6:] - plain[:, :, 6:]).abs().max() > 1e-3  # the third section saw another anchor
+    if skip_first_chunk:
+        plain = _ours(transformer, scheduler(), [4], Guidance(5.0), cond, neg)
+        torch.testing.assert_close(ours[:, :, :6], plain[:, :, :6], rtol=0, atol=0)
+        assert (ours[:, :, 6:] - plain[:, :, 6:]).abs().max() > 1e-3  # the third section saw another anchor
 
 
 def test_the_sampler_config_hands_the_anchor_rule_to_the_loop(tiny, monkeypatch):
