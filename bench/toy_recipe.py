@@ -105,7 +105,8 @@ class ToyRecipe:
     overrides: list[str] = field(default_factory=list)  # added to every training run (e.g. model.vae...)
     # CFG's unconditional branch for the teacher (ODE pairs, reference samples), the Base's samples and the
     # real score: "negative" (the reference's negative prompt; the real score's distill.uncond default) or
-    # "empty" (one unconditional prompt everywhere: the one caption dropout trains, issue #35)
+    # "empty" (one unconditional prompt everywhere, the tiny default validation's, issue #35; caption
+    # dropout trains zero embeddings, not the empty prompt's: BENCHMARKS.md)
     uncond: str = "negative"
     # long videos of every generator, judged by the shapes world's object measures (bench/tiny_long_video.py):
     # sections (0: none), captions spread over the world, sampling seeds
