@@ -184,7 +184,6 @@ def pairs_for_shard(shard: Path, out: Path, cfg: OdePairsConfig, model, empty: t
             "steps": list(cfg.sampler.steps),
             "guidance_scale": cfg.sampler.guidance_scale,
             "caption": item["meta"].get("caption"),
-            "anchor_section": 1 if cfg.sampler.anchor_from_second_section else 0,
         }
         samples.append(encode_pair(f"{shard.stem}-{i:05d}", arrays, meta))
     if samples:
