@@ -41,6 +41,13 @@ from helios.sampling.decode import section_frames
 from helios.world.measures import mean_metrics, video_metrics
 from helios.world.shapes import render_clip
 
+# recipe.uncond -> the CFG samplers' SamplerConfig keywords (stage 3 gets distill.uncond=<the same name>)
+UNCOND_SAMPLER: dict[str, dict[str, str | None]] = {
+    "negative": {},
+    "empty": {"negative_prompt": ""},
+    "zeros": {"negative_prompt": None},
+}
+
 
 @dataclass
 class ToyRecipe:
@@ -104,9 +111,9 @@ class ToyRecipe:
     stage2: list[str] = field(default_factory=list)  # added to the stage-2 run
     overrides: list[str] = field(default_factory=list)  # added to every training run (e.g. model.vae...)
     # CFG's unconditional branch for the teacher (ODE pairs, reference samples), the Base's samples and the
-    # real score: "negative" (the reference's negative prompt; the real score's distill.uncond default) or
-    # "empty" (one unconditional prompt everywhere, the tiny default validation's, issue #35; caption
-    # dropout trains zero embeddings, not the empty prompt's: BENCHMARKS.md)
+    # real score: "negative" (the reference's negative prompt; the real score's distill.uncond default),
+    # "empty" (one unconditional prompt everywhere: the empty prompt's encoding, issue #35) or "zeros" (zero
+    # embeddings everywhere: what caption dropout trains, the tiny default validation's; BENCHMARKS.md)
     uncond: str = "negative"
     # long videos of every generator, judged by the shapes world's object measures (bench/tiny_long_video.py):
     # sections (0: none), captions spread over the world, sampling seeds
@@ -118,8 +125,8 @@ class ToyRecipe:
     history_ablations: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.uncond not in ("negative", "empty"):  # before an hour of training reaches stage 3's check
-            raise ValueError(f"uncond: {self.uncond!r} is neither 'negative' nor 'empty'")
+        if self.uncond not in UNCOND_SAMPLER:  # before an hour of training reaches stage 3's check
+            raise ValueError(f"uncond: {self.uncond!r} is not one of {sorted(UNCOND_SAMPLER)}")
         if self.history_ablations and not self.long_sections:  # they would train and never be judged
             raise ValueError("history_ablations are judged by long videos: they need long_sections > 0")
 
@@ -171,9 +178,9 @@ def train_base(run_dir: Path, overrides: list[str], recipe: ToyRecipe, seed: int
     return train(run_dir, ["stage=1", *recipe.stage1, *overrides], recipe.stage1_steps, recipe, seed)
 
 
-def negative_prompt(recipe: ToyRecipe) -> dict[str, str]:
+def negative_prompt(recipe: ToyRecipe) -> dict[str, str | None]:
     """The CFG samplers' unconditional prompt (``recipe.uncond``), as SamplerConfig keywords."""
-    return {"negative_prompt": ""} if recipe.uncond == "empty" else {}
+    return UNCOND_SAMPLER[recipe.uncond]
 
 
 def teacher_sampler(recipe: ToyRecipe) -> SamplerConfig:

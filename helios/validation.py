@@ -15,6 +15,7 @@ from helios.infra.distributed import DistInfo, all_gather_objects, broadcast_obj
 from helios.model.encoders import build_text_encoder, build_vae, encode_prompts
 from helios.sampling.decode import section_frames
 from helios.sampling.pipeline import generate_video, save_video
+from helios.sampling.prompts import texts_to_encode
 from helios.world.measures import caption_metrics, caption_section_metrics
 
 
@@ -30,12 +31,12 @@ class Validation:
 
     def encode_prompts(self) -> None:
         """Collective: the main rank loads the text encoder (on its GPU when it has one: nothing else is
-        there yet), encodes the validation prompts and the sampler's negative prompt, frees the encoder
-        and hands the embeddings to every rank."""
+        there yet), encodes the validation prompts and the sampler's negative prompt (unless null), frees the
+        encoder and hands the embeddings to every rank."""
         embeds = None
         if self.dist.is_main:
             v = self.cfg.validation
-            texts = sorted(set(v.prompts) | {v.sampler.negative_prompt})
+            texts = texts_to_encode(v.prompts, v.sampler.negative_prompt)
             tokenizer, text_encoder = build_text_encoder(self.cfg.model.text_encoder)
             device = self.dist.device
             max_len = self.cfg.model.text_encoder.max_sequence_length

@@ -18,14 +18,18 @@ from omegaconf import OmegaConf
 
 import helios.stages.distilled.post as distill_post
 from bench.toy_recipe import (
+    UNCOND_SAMPLER,
     ToyRecipe,
     _cell,
+    base_sampler,
     distill_chain,
     distill_report,
     format_tables,
     spread,
     summarize,
+    teacher_sampler,
 )
+from helios.config.schema import REFERENCE_NEGATIVE_PROMPT
 from tests.helpers.runs import ROOT
 
 WORLD = ("palette_error", "shape_colour_match", "objects")
@@ -144,8 +148,15 @@ def test_the_default_world_experiment_rehearses_with_one_unconditional_prompt(tm
 
 
 def test_a_recipe_it_cannot_run_or_judge_is_refused_before_anything_trains():
-    with pytest.raises(ValueError, match="uncond: 'none' is neither 'negative' nor 'empty'"):
+    with pytest.raises(ValueError, match=r"uncond: 'none' is not one of \['empty', 'negative', 'zeros'\]"):
         ToyRecipe(uncond="none")
+    recipes = {u: ToyRecipe(uncond=u) for u in UNCOND_SAMPLER}
+    samplers = {u: (teacher_sampler(r), base_sampler(r)) for u, r in recipes.items()}
+    assert {u: {s.negative_prompt for s in pair} for u, pair in samplers.items()} == {
+        "negative": {REFERENCE_NEGATIVE_PROMPT},
+        "empty": {""},
+        "zeros": {None},
+    }
     assert ToyRecipe.default_world([0]).uncond == "empty" and ToyRecipe().uncond == "negative"
     with pytest.raises(ValueError, match="history_ablations are judged by long videos"):
         ToyRecipe(history_ablations={"no anchor": ["history.anchor=false"]})

@@ -124,7 +124,12 @@ def export(cfg: ExportConfig) -> Path:
                 "pipeline": pipe_cls.__name__,
                 "history": {"sizes": h.sizes, "window": h.window},
                 # what the pipeline's call needs besides the prompt (diffusers' defaults are the 14B layout)
-                "call": call_arguments_for(train_cfg.validation.sampler, h.sizes, h.window),
+                "call": call_arguments_for(
+                    train_cfg.validation.sampler,
+                    h.sizes,
+                    h.window,
+                    (train_cfg.model.text_encoder.max_sequence_length, plain.config.text_dim),
+                ),
             }
         )
     (out / "helios_export.json").write_text(json.dumps(info, indent=2))

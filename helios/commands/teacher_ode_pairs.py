@@ -197,6 +197,20 @@ def prepared_negative_prompt(shards: str) -> str | None:
     return json.loads(settings.read_text()).get("negative_prompt") if settings.exists() else None
 
 
+def unconditional_input(cfg: OdePairsConfig, model) -> torch.Tensor:
+    """CFG's unconditional branch for the teacher [1, L, D]: the sampler's negative prompt, as prepare encoded
+    it where it can (encoded here otherwise), or zero embeddings when it is null (caption dropout's input)."""
+    text = cfg.sampler.negative_prompt
+    padded = torch.zeros(1, cfg.max_sequence_length, model.text_encoder.config.d_model)
+    if text is None:
+        return padded
+    stored = load_empty_prompt(cfg.shards, NEGATIVE_PROMPT_FILE if text else EMPTY_PROMPT_FILE)
+    if stored is None or (text and text != prepared_negative_prompt(cfg.shards)):
+        stored = encode_prompts(model.tokenizer, model.text_encoder, [text], cfg.max_sequence_length)[0]
+    padded[0, : min(len(stored), cfg.max_sequence_length)] = stored[: cfg.max_sequence_length]
+    return padded
+
+
 def shards_for(shards: list[Path], pairs: int | None) -> list[Path]:
     """The input shards a job samples: all of them, or the first ones whose clips make ``pairs`` pairs (what
     the ODE-init phase consumes: its steps x global batch)."""
@@ -218,13 +232,7 @@ def run(cfg: OdePairsConfig) -> dict:
     dist = setup(ParallelConfig(), TrainerConfig(device=cfg.device))
     try:
         model = load_for_inference(cfg.teacher, dist.device)
-        # CFG's unconditional branch: the sampler's negative prompt, as prepare encoded it where it can
-        text = cfg.sampler.negative_prompt
-        stored = load_empty_prompt(cfg.shards, NEGATIVE_PROMPT_FILE if text else EMPTY_PROMPT_FILE)
-        if stored is None or (text and text != prepared_negative_prompt(cfg.shards)):
-            stored = encode_prompts(model.tokenizer, model.text_encoder, [text], cfg.max_sequence_length)[0]
-        padded = torch.zeros(1, cfg.max_sequence_length, stored.shape[-1])
-        padded[0, : min(len(stored), cfg.max_sequence_length)] = stored[: cfg.max_sequence_length]
+        padded = unconditional_input(cfg, model)
         make = rollouts_for_shard if cfg.source == "rollout" else pairs_for_shard
         out = Path(cfg.output)
         shards = shards_for(list_shards(cfg.shards), cfg.pairs)

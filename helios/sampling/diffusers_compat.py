@@ -23,30 +23,43 @@ import json
 import types
 from pathlib import Path
 
+import torch
+
 from helios.sampling.section import block_noise
 
 EXPORT_INFO = "helios_export.json"
 
 
-def pipeline_call_arguments(export_dir: str | Path) -> dict:
+def pipeline_call_arguments(export_dir: str | Path, batch_size: int = 1, device=None) -> dict:
     """The keyword arguments an export's diffusers pipeline needs to sample the model as it was trained and
-    validated (history layout, steps, guidance, negative prompt, first-section schedule)."""
+    validated (history layout, steps, guidance, negative prompt, first-section schedule). A null negative
+    prompt (zero embeddings) is stored as ``{"zeros": [L, D]}`` and handed over as ``negative_prompt_embeds``
+    zeros [batch_size, L, D] on ``device`` (batch_size: prompts x videos per prompt; diffusers encodes the
+    empty prompt when neither a negative prompt nor its embeddings are given)."""
     info = json.loads((Path(export_dir) / EXPORT_INFO).read_text())
     if "call" not in info:
         raise ValueError(
             f"{export_dir}: a LoRA-only export or one written before 2026-12-04 has no call arguments"
         )
-    return dict(info["call"])
+    call = dict(info["call"])
+    if "negative_prompt_embeds" in call:
+        call["negative_prompt_embeds"] = torch.zeros(
+            batch_size, *call["negative_prompt_embeds"]["zeros"], device=device
+        )
+    return call
 
 
-def call_arguments_for(sampler, history_sizes: list[int], window: int) -> dict:
-    """The pipeline call of a run's validation sampler (:class:`~helios.config.schema.SamplerConfig`)."""
+def call_arguments_for(sampler, history_sizes: list[int], window: int, text_shape: tuple[int, int]) -> dict:
+    """The pipeline call of a run's validation sampler (:class:`~helios.config.schema.SamplerConfig`);
+    ``text_shape``: the prompt embeddings' [max_sequence_length, text_dim] (a null negative's zeros)."""
     call = {
         "history_sizes": list(history_sizes),
         "num_latent_frames_per_chunk": window,
         "guidance_scale": sampler.guidance_scale,
     }
-    if sampler.guidance_scale > 1.0:
+    if sampler.guidance_scale > 1.0 and sampler.negative_prompt is None:
+        call["negative_prompt_embeds"] = {"zeros": list(text_shape)}
+    elif sampler.guidance_scale > 1.0:
         call["negative_prompt"] = sampler.negative_prompt
     if sampler.kind == "unipc":
         call["num_inference_steps"] = sampler.steps[0]

@@ -18,7 +18,7 @@ from helios.model.encoders import encode_prompts, encode_sections, encode_video,
 from helios.sampling.autoregressive import sample_video
 from helios.sampling.decode import SectionDecoder, seam_statistic, section_frames
 from helios.sampling.drift import AdaptiveAntiDrift, AdaptiveConfig, drift_report, section_stats
-from helios.sampling.prompts import PromptSchedule
+from helios.sampling.prompts import PromptSchedule, texts_to_encode, unconditional_embeds
 from helios.sampling.section import Guidance, SectionSampler
 
 
@@ -165,17 +165,21 @@ def generate_video(
     """``prompts``: [(first_section, text), ...]; ``image`` [B, 3, 1, H, W] / ``video`` [B, 3, T, H, W]
     pixels in [-1, 1] for I2V / V2V. ``latent_format``: what the model was trained on; it decides how
     the conditioning is encoded and how sections are decoded (:class:`SectionDecoder`). ``progress`` sees
-    each section as soon as it is decoded. ``prompt_embeds``: every prompt's (and the negative prompt's)
+    each section as soon as it is decoded. ``prompt_embeds``: every prompt's (and a negative prompt's)
     embeddings encoded beforehand (training's validation: no text encoder is loaded then)."""
     device = next(transformer.parameters()).device
     t_text = time.perf_counter()
-    texts = sorted({p for _, p in prompts} | {sampler_cfg.negative_prompt})
+    texts = texts_to_encode([p for _, p in prompts], sampler_cfg.negative_prompt)
     if prompt_embeds is None:
         encoded = encode_prompts(tokenizer, text_encoder, texts, max_sequence_length, device)
         prompt_embeds = dict(zip(texts, encoded))
     embeds = {text: prompt_embeds[text].to(device) for text in texts}
     schedule = PromptSchedule([(s, embeds[p][None]) for s, p in prompts], sampler_cfg.interpolation_steps)
-    negative = embeds[sampler_cfg.negative_prompt][None] if sampler_cfg.guidance_scale > 1.0 else None
+    negative = (
+        unconditional_embeds(sampler_cfg.negative_prompt, embeds)
+        if sampler_cfg.guidance_scale > 1.0
+        else None
+    )
     t_text = time.perf_counter() - t_text
 
     cond = encode_conditioning(vae, image, video, layout.window, latent_format, device)

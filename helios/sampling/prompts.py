@@ -32,3 +32,16 @@ class PromptSchedule:
         lam = j / (self.m - 1)
         previous = self.switches[current - 1][1]
         return (1 - lam) * previous + lam * target
+
+
+def texts_to_encode(prompts: list[str], negative_prompt: str | None) -> list[str]:
+    """The texts a sampler encodes: its prompts and CFG's negative prompt (none when it is null)."""
+    return sorted(set(prompts) | ({negative_prompt} if negative_prompt is not None else set()))
+
+
+def unconditional_embeds(negative_prompt: str | None, embeds: dict[str, torch.Tensor]) -> torch.Tensor:
+    """CFG's unconditional input [1, L, D]: the negative prompt's embeddings from ``embeds``, or (null) zero
+    embeddings of the prompts' shape: what caption dropout (the reference's "Set NULL Text") trains."""
+    if negative_prompt is not None:
+        return embeds[negative_prompt][None]
+    return torch.zeros_like(next(iter(embeds.values())))[None]

@@ -69,6 +69,39 @@ def test_merged_pipeline_export_round_trips(trained, tmp_path):
     assert info["pipeline"] == "HeliosPipeline" and info["latent_format"] == "sections"
 
 
+def test_an_export_guided_against_zero_embeddings_samples_them_in_diffusers(trained, tmp_path):
+    """The tiny default guides against zero embeddings (validation.sampler.negative_prompt=null): the export
+    stores their shape, the call hands them to diffusers (which would encode the empty prompt instead) and
+    diffusers' latents are ours."""
+    from tests.helpers.export_parity import export_and_our_latents
+
+    out = tmp_path / "pipe"
+    export(ExportConfig(checkpoint=str(trained), output=str(out)))
+    model, cfg, _ = load_checkpoint_model(trained, "raw")
+    assert cfg.validation.sampler.negative_prompt is None and cfg.validation.sampler.guidance_scale > 1
+    stored = json.loads((out / "helios_export.json").read_text())["call"]
+    assert stored["negative_prompt_embeds"] == {"zeros": [32, 32]} and "negative_prompt" not in stored
+    pipe = HeliosPipeline.from_pretrained(out)
+    ref, our_latents, call = export_and_our_latents(out, pipe, cfg, max_sequence_length=32)
+    assert call["negative_prompt"] is None and not call["negative_prompt_embeds"].any()
+    ours = our_latents(model)
+    assert ours.abs().max() > 0
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-4)
+    call.pop("negative_prompt_embeds")
+    with torch.no_grad():  # without them diffusers guides against the empty prompt's encoding: other latents
+        empty = pipe(
+            prompt="a red circle moving right",
+            height=64,
+            width=64,
+            num_frames=18,
+            max_sequence_length=32,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(0),
+            **{k: v for k, v in call.items() if k != "negative_prompt"},
+        ).frames
+    assert (empty - ref).abs().max() > 1e-3
+
+
 def test_lora_only_export_round_trips_every_trained_tensor(trained, tmp_path):
     out = tmp_path / "lora"
     export(ExportConfig(checkpoint=str(trained), output=str(out), lora_only=True))

@@ -61,6 +61,29 @@ def test_a_trajectory_section_is_anchored_as_the_teacher_sampled_it(tmp_path, re
     assert seen == {0, 1, 2}
 
 
+def test_the_teachers_unconditional_input_is_the_samplers_negative_prompt_or_zeros():
+    """The teacher's CFG samples against the sampler's negative prompt (as prepare encoded it, or encoded
+    here when prepare encoded another), or zero embeddings when it is null (caption dropout's input)."""
+    from types import SimpleNamespace
+
+    from helios.commands.teacher_ode_pairs import unconditional_input
+    from helios.model.encoders import build_text_encoder, encode_prompts
+
+    base = compose(SMALL_WORLD)
+    shards = synthetic_shards(base, is_main=True)
+    tokenizer, text_encoder = build_text_encoder(base.model.text_encoder)
+    model = SimpleNamespace(tokenizer=tokenizer, text_encoder=text_encoder)
+    got = {}
+    for negative in ("", "blurry", None):
+        cfg = OdePairsConfig(teacher="t", shards=str(shards), output="o", max_sequence_length=32)
+        cfg.sampler.negative_prompt = negative
+        got[negative] = unconditional_input(cfg, model)
+    empty, blurry = encode_prompts(tokenizer, text_encoder, ["", "blurry"], 32)
+    torch.testing.assert_close(got[""], empty[None])
+    torch.testing.assert_close(got["blurry"], blurry[None])
+    assert got[None].shape == empty[None].shape and not got[None].any() and empty.any()
+
+
 def test_clip_pairs_from_a_stage2_run_are_complete_and_resumable(tmp_path):
     _train(["stage=2", "trainer.max_steps=2", "trainer.checkpoint_every=2"], tmp_path / "teacher")
     base = compose(SMALL_WORLD)

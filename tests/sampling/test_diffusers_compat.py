@@ -66,12 +66,13 @@ def test_stage_timesteps_are_the_ones_sampling_feeds_the_model():
 def test_an_exports_pipeline_call_is_its_samplers_settings():
     """What ``helios_export.json`` records for the pipeline's call: the history layout, the steps in the
     pipeline's own argument (one stage: ``num_inference_steps``; pyramid: the per-stage list), the negative
-    prompt only where CFG uses it, and the distilled first-section schedule."""
+    prompt only where CFG uses it (a null one as the shape of its zero embeddings), and the distilled
+    first-section schedule."""
     from helios.config.schema import SamplerConfig
     from helios.sampling.diffusers_compat import call_arguments_for
 
     unipc = SamplerConfig(kind="unipc", steps=[20], guidance_scale=5.0, negative_prompt="blurry")
-    assert call_arguments_for(unipc, [16, 2, 1], 9) == {
+    assert call_arguments_for(unipc, [16, 2, 1], 9, (512, 4096)) == {
         "history_sizes": [16, 2, 1],
         "num_latent_frames_per_chunk": 9,
         "guidance_scale": 5.0,
@@ -79,7 +80,18 @@ def test_an_exports_pipeline_call_is_its_samplers_settings():
         "num_inference_steps": 20,
     }
     dmd = SamplerConfig(kind="dmd", steps=[2, 2, 2], guidance_scale=1.0, amplify_first=True)
-    assert call_arguments_for(dmd, [4, 2, 1], 3) == {
+    null = SamplerConfig(kind="unipc", steps=[8], guidance_scale=3.0, negative_prompt=None)
+    assert call_arguments_for(null, [4, 2, 1], 3, (32, 16)) == {
+        "history_sizes": [4, 2, 1],
+        "num_latent_frames_per_chunk": 3,
+        "guidance_scale": 3.0,
+        "negative_prompt_embeds": {"zeros": [32, 16]},
+        "num_inference_steps": 8,
+    }
+    dmd = SamplerConfig(
+        kind="dmd", steps=[2, 2, 2], guidance_scale=1.0, amplify_first=True, negative_prompt=None
+    )
+    assert call_arguments_for(dmd, [4, 2, 1], 3, (32, 16)) == {
         "history_sizes": [4, 2, 1],
         "num_latent_frames_per_chunk": 3,
         "guidance_scale": 1.0,
@@ -92,6 +104,13 @@ def test_an_exports_call_arguments_are_read_from_its_info_file(tmp_path):
     call = {"history_sizes": [16, 2, 1], "guidance_scale": 5.0, "pyramid_num_inference_steps_list": [2, 2, 2]}
     (tmp_path / EXPORT_INFO).write_text(json.dumps({"call": call, "stage": 2}))
     assert pipeline_call_arguments(tmp_path) == call
+    # zero embeddings (a null negative prompt) come back as a tensor of the call's batch, on its device
+    (tmp_path / EXPORT_INFO).write_text(
+        json.dumps({"call": {**call, "negative_prompt_embeds": {"zeros": [3, 5]}}})
+    )
+    zeros = pipeline_call_arguments(tmp_path, batch_size=2, device="meta").pop("negative_prompt_embeds")
+    assert zeros.shape == (2, 3, 5) and zeros.is_meta
+    assert not pipeline_call_arguments(tmp_path)["negative_prompt_embeds"].any()
     (tmp_path / EXPORT_INFO).write_text(json.dumps({"stage": 2}))  # a LoRA-only export: none
     with pytest.raises(ValueError, match=f"^{tmp_path}: a LoRA-only export .* has no call arguments$"):
         pipeline_call_arguments(str(tmp_path))

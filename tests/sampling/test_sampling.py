@@ -121,6 +121,39 @@ def test_the_sampler_config_hands_the_anchor_rule_to_the_loop(tiny, monkeypatch)
     assert seen == [False, True]
 
 
+def test_cfg_guides_against_the_configured_unconditional_input(tiny, monkeypatch):
+    """``generate_video``'s unconditional input: the negative prompt's embeddings, or zero embeddings when it
+    is null (what caption dropout trains), then encoding only the prompts; none without CFG."""
+    import inspect
+
+    import helios.sampling.pipeline as pipeline
+
+    transformer, vae, tok, text, _, _ = tiny
+    seen, encoded = [], []
+    real_sample, real_encode = pipeline.sample_video, pipeline.encode_prompts
+
+    def sample(*a, **k):
+        seen.append(inspect.signature(real_sample).bind(*a, **k).arguments["negative"])
+        return real_sample(*a, **k)
+
+    monkeypatch.setattr(pipeline, "sample_video", sample)
+    monkeypatch.setattr(pipeline, "encode_prompts", lambda *a: encoded.append(a[2]) or real_encode(*a))
+    prompt = "a red circle"
+    for negative, scale in (("blurry", 3.0), ("", 3.0), (None, 3.0), (None, 1.0)):
+        cfg = SamplerConfig(steps=[1], guidance_scale=scale, negative_prompt=negative)
+        generate_video(
+            transformer, vae, tok, text, LAYOUT, cfg, [(0, prompt)], 9, 64, 64,
+            torch.Generator().manual_seed(0), 32, latent_format="sections",
+        )  # fmt: skip
+    assert encoded == [["a red circle", "blurry"], ["", "a red circle"], [prompt], [prompt]]
+    blurry, empty, cond = encode_prompts(tok, text, ["blurry", "", prompt], 32)
+    torch.testing.assert_close(seen[0], blurry[None])
+    torch.testing.assert_close(seen[1], empty[None])
+    assert empty.abs().sum() > 0  # the empty prompt's encoding is not zeros (its end-of-sequence token)
+    assert seen[2].shape == cond[None].shape and not seen[2].any()
+    assert seen[3] is None
+
+
 @pytest.fixture
 def pyramid_pipeline_patched(monkeypatch, tiny):
     """diffusers' pyramid pipeline with two of its defects worked around: its block noise goes through a

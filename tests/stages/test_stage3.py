@@ -522,7 +522,8 @@ def test_staged_backward_simulation_sends_gradient_through_every_stage():
 
 def test_real_score_unconditional_branch_is_the_prepared_negative_prompt(tmp_path):
     """Reference: CFG of the real score against its negative prompt, which helios.prepare encodes next to
-    the empty prompt; distill.uncond=empty is the paper's plain CFG."""
+    the empty prompt; distill.uncond=empty is the paper's plain CFG; distill.uncond=zeros is zero embeddings
+    (caption dropout's input), which needs no file."""
     from helios.config.schema import REFERENCE_NEGATIVE_PROMPT
     from helios.data.prepare_job import NEGATIVE_PROMPT_FILE, load_empty_prompt
     from helios.data.synthetic import synthetic_shards
@@ -535,11 +536,12 @@ def test_real_score_unconditional_branch_is_the_prepared_negative_prompt(tmp_pat
     n = cfg.model.text_encoder.max_sequence_length
     negative = encode_prompts(tok, text, [REFERENCE_NEGATIVE_PROMPT], n)
     empty = encode_prompts(tok, text, [""], n)
-    for uncond, want in (("negative", negative), ("empty", empty)):
+    batch_embeds = torch.randn(2, n, negative.shape[-1])  # a batch's prompt embeddings
+    for uncond, want in (("negative", negative), ("empty", empty), ("zeros", torch.zeros_like(negative))):
         stage = Stage3Distilled(compose(["stage=3", "distill.teacher=/t", f"distill.uncond={uncond}"]))
-        stage.setup(shards, None)
-        torch.testing.assert_close(stage.phase.uncond, want)
-    assert not torch.equal(negative, empty)
+        stage.setup(shards if uncond != "zeros" else tmp_path, None)  # zeros: no prepared file read
+        torch.testing.assert_close(stage.phase.unconditional(batch_embeds), want.expand(2, -1, -1))
+    assert not torch.equal(negative, empty) and empty.abs().sum() > 0
     # a shard set without the file names the fix
     (tmp_path / "empty_prompt_embeds.npy").write_bytes((shards / "empty_prompt_embeds.npy").read_bytes())
     assert load_empty_prompt(tmp_path, NEGATIVE_PROMPT_FILE) is None

@@ -11,7 +11,6 @@ generator; each export runs unchanged in diffusers' pipelines and gives our samp
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -376,47 +375,19 @@ def test_exports_sample_in_diffusers_as_stored_and_give_our_latents(chain, expor
     from diffusers import DiffusionPipeline, HeliosDMDScheduler, HeliosPipeline, HeliosPyramidPipeline
 
     from helios.loading import load_checkpoint_model
-    from helios.model.encoders import encode_prompts
-    from helios.sampling import PromptSchedule, sample_video
-    from helios.sampling.diffusers_compat import fix_pyramid_pipeline, pipeline_call_arguments
-    from helios.sampling.pipeline import build_section_sampler
+    from tests.helpers.export_parity import export_and_our_latents
 
     pipe = DiffusionPipeline.from_pretrained(chain.exports / export_name)
     # diffusers' side from what the export stored (its scheduler, flags and call), ours from the run's config
-    call = pipeline_call_arguments(chain.exports / export_name)
     model, cfg, _ = load_checkpoint_model(chain.runs / run_name, weights)
     s = cfg.validation.sampler
     assert type(pipe) is (HeliosPipeline if s.kind == "unipc" else HeliosPyramidPipeline)
     if s.kind == "dmd":
         assert isinstance(pipe.scheduler, HeliosDMDScheduler) and pipe.config.is_distilled
-    negative = call.pop("negative_prompt", None)  # the reference's negative prompt, as trained
-    assert negative == (s.negative_prompt if s.kind != "dmd" else None)
-    cond = encode_prompts(pipe.tokenizer, pipe.text_encoder, ["a red circle moving right"], 512)
-    neg = encode_prompts(pipe.tokenizer, pipe.text_encoder, [negative], 512) if negative is not None else None
-    layout = HistoryLayout.from_config(cfg.history)
-    sampler = build_section_sampler(dataclasses.replace(s, shift_order="diffusers"))  # diffusers' shift order
-
-    def our_latents(transformer: torch.nn.Module) -> torch.Tensor:
-        schedule = PromptSchedule([(0, cond)])
-        generator = torch.Generator().manual_seed(0)
-        return sample_video(transformer.eval(), layout, sampler, schedule, neg, 2, (8, 8), generator).latents
-
+    ref, our_latents, call = export_and_our_latents(chain.exports / export_name, pipe, cfg)
+    # the reference's negative prompt, as trained
+    assert call["negative_prompt"] == (s.negative_prompt if s.kind != "dmd" else None)
     ours = our_latents(model)
-    kwargs = dict(
-        prompt_embeds=cond,
-        height=64,
-        width=64,
-        num_frames=66,  # two sections of 9 latent frames
-        output_type="latent",
-        generator=torch.Generator().manual_seed(0),
-        **call,
-    )
-    if neg is not None:
-        kwargs["negative_prompt_embeds"] = neg
-    if s.kind != "unipc":
-        fix_pyramid_pipeline(pipe)
-    with torch.no_grad():
-        ref = pipe(**kwargs).frames
     assert ours.abs().max() > 0
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-4)
     if weights == "ema":  # the export holds the EMA, not the raw generator (which samples other latents)

@@ -152,7 +152,8 @@ class DistillConfig(Validated):
     history_source: str = "teacher"
     real_score: str = "history"
     # the real score's unconditional branch: "negative" = the negative prompt helios.prepare encoded (the
-    # reference); "empty" = the empty prompt (the paper's plain CFG)
+    # reference); "empty" = the empty prompt's encoding (the paper's plain CFG); "zeros" = zero embeddings,
+    # what caption dropout trains the branch on (the teacher's sampler.negative_prompt=null)
     uncond: str = "negative"
     bidirectional_frames: int = 21
     gan: GanConfig = field(default_factory=GanConfig)
@@ -162,7 +163,7 @@ class DistillConfig(Validated):
         choice(self.history_source, ("teacher", "self_forcing"), prefix + "history_source")
         choice(self.critic_backward, ("parts", "joint"), prefix + "critic_backward")
         choice(self.real_score, ("history", "bidirectional"), prefix + "real_score")
-        choice(self.uncond, ("negative", "empty"), prefix + "uncond")
+        choice(self.uncond, ("negative", "empty", "zeros"), prefix + "uncond")
         check(self.ttur >= 1, prefix + "ttur", "must be >= 1")
         check(
             len(self.steps) >= 1 and all(s >= 1 for s in self.steps), prefix + "steps", "positive per stage"

@@ -42,8 +42,9 @@ class SamplerConfig(Validated):
     shift_order: str = "stage"
     gamma: float = 1.0 / 3.0
     # CFG's unconditional branch: the reference's inference (infer_helios.py) and ODE pairs use Wan's negative
-    # prompt, as the real score of stage 3 does; "" for the empty prompt
-    negative_prompt: str = REFERENCE_NEGATIVE_PROMPT
+    # prompt, as the real score of stage 3 does; "" for the empty prompt's encoding; null for zero embeddings,
+    # what caption dropout (data.caption_dropout, the reference's "Set NULL Text") trains the branch on
+    negative_prompt: str | None = REFERENCE_NEGATIVE_PROMPT
     interpolation_steps: int = 1
     # the first-frame anchor from the second section's first latent frame on (the reference pipeline's
     # is_skip_first_chunk, suggested there when the first sections come out static); False: the first

@@ -86,7 +86,10 @@ class PostPhase(DistillPhase):
         self.uncond: torch.Tensor | None = None  # pragma: no mutate
 
     def setup(self, data_path: Path | None) -> None:
-        """Read the real score's unconditional prompt (the reference's negative prompt, or the empty one)."""
+        """Read the real score's unconditional prompt (the reference's negative prompt, or the empty one);
+        ``zeros``: none to read (zero embeddings, what caption dropout trains)."""
+        if self.d.uncond == "zeros":
+            return
         name = NEGATIVE_PROMPT_FILE if self.d.uncond == "negative" else EMPTY_PROMPT_FILE
         uncond = load_empty_prompt(data_path, name)
         if uncond is None:
@@ -98,6 +101,14 @@ class PostPhase(DistillPhase):
         n = self.cfg.model.text_encoder.max_sequence_length
         self.uncond = torch.zeros(1, n, uncond.shape[-1])  # pragma: no mutate (2-D: shape[1] is shape[-1])
         self.uncond[0, : min(n, len(uncond))] = uncond[:n]
+
+    def unconditional(self, prompt_embeds: torch.Tensor) -> torch.Tensor:
+        """The real score's unconditional input beside the batch's ``prompt_embeds`` [B, L, D]."""
+        if self.d.uncond == "zeros":
+            return torch.zeros_like(prompt_embeds)
+        return to_device(self.uncond, prompt_embeds.device, prompt_embeds.dtype).expand(
+            len(prompt_embeds), -1, -1
+        )
 
     def dataset(self, data_path: Path | None):
         return training_dataset(data_path, self.cfg)
@@ -290,7 +301,7 @@ class PostPhase(DistillPhase):
         self, m: DistillModule, batch, x0: torch.Tensor, cond: dict, draws: dict, gan_on: bool, gen, metrics
     ) -> torch.Tensor:
         """DMD (Eq. 11-12: real score with CFG vs fake score at the re-noised x0) + the GAN G term."""
-        b, device, dtype = x0.shape[0], x0.device, cond["encoder_hidden_states"].dtype
+        b, device = x0.shape[0], x0.device
         tau = draws["tau"]
         tau5, t_tau = tau.view(-1, 1, 1, 1, 1), tau * NUM_TRAIN_TIMESTEPS
         with self.roles.resident("critic", "real", then="generator"):  # the generator's graph waits
@@ -299,10 +310,7 @@ class PostPhase(DistillPhase):
             x_tau = (1 - tau5) * x0 + tau5 * eps
             with torch.no_grad():
                 xt = x_tau.detach()
-                uncond = {
-                    **cond,
-                    "encoder_hidden_states": to_device(self.uncond, device, dtype).expand(b, -1, -1),
-                }
+                uncond = {**cond, "encoder_hidden_states": self.unconditional(cond["encoder_hidden_states"])}
                 context = self.bidirectional_context(batch, xt, tau5, gen)
                 real_x0 = cfg_x0(
                     xt,
