@@ -261,7 +261,9 @@ def main() -> None:
         args.checkpoint, captions, args.seeds, args.sections, args.guidance_scale, args.steps, args.sampler
     )
     videos = report.pop("_videos")
-    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    from helios.infra.metrics import strict_json
+
+    Path(args.out).write_text(json.dumps(strict_json(report), indent=1, allow_nan=False) + "\n")
     if args.figure:
         write_figure(
             videos[0], Path(args.figure), report["frames"]["first_section"], report["frames"]["section"]

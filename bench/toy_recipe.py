@@ -36,6 +36,7 @@ from helios.commands.teacher_ode_pairs import run as make_ode_pairs
 from helios.config import compose
 from helios.config.schema import OdePairsConfig, SamplerConfig
 from helios.data.synthetic import synthetic_shards
+from helios.infra.metrics import strict_json
 from helios.loading import LoadedModel, load_for_inference
 from helios.sampling.decode import section_frames
 from helios.world.measures import mean_metrics, video_metrics
@@ -476,7 +477,7 @@ def run_experiment(out: Path, recipe: ToyRecipe, log=print) -> dict:
         log(f"seed {seed}: Fréchet to the teacher: {errors} ({time.perf_counter() - t0:.0f} s)")
     report = {"recipe": asdict(recipe), "seeds": per_seed, "summary": summarize(per_seed)}
     report["seconds"] = time.perf_counter() - start
-    (out / "report.json").write_text(json.dumps(report, indent=1))
+    (out / "report.json").write_text(json.dumps(strict_json(report), indent=1, allow_nan=False))
     (out / "table.md").write_text(format_tables(report) + "\n")
     save_figure(figure_samples, candidates(recipe), out / "figure.png")
     return report

@@ -68,6 +68,16 @@ def finite_or_none(value: float | torch.Tensor) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def strict_json(obj):
+    """``obj`` with every float that is not finite (NaN: a ratio of nothing) as None, so that ``json.dumps``
+    writes ``null``, which strict JSON readers accept, where Python would write ``NaN``."""
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [strict_json(v) for v in obj]
+    return finite_or_none(obj) if isinstance(obj, float) else obj
+
+
 def loss_text(metrics: dict[str, float]) -> str:
     """``loss 0.1234``, or per role where a stage trains several (``loss/generator 0.1 loss/critic 0.3``:
     their sum means nothing)."""

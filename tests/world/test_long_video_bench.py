@@ -80,3 +80,18 @@ def test_the_verdict_counts_what_the_history_keeps_once_the_first_section_holds(
     assert v["first_section_held"] == pytest.approx(2 / 3)
     assert v["kept_when_first_section_held"] == 0.5
     assert math.isnan(verdict([never_drawn])["kept_when_first_section_held"])
+
+
+def test_the_reports_json_writes_a_ratio_of_nothing_as_null():
+    """What the benches write is strict JSON: NaN (no sample to count) becomes null, nested or not, and
+    finite numbers, strings and booleans are kept."""
+    import json
+
+    from helios.infra.metrics import strict_json
+
+    report = {"verdict": {"kept": math.nan, "held": 0.5, "ok": True}, "rows": [[1.0, math.inf], "x", 3]}
+    text = json.dumps(strict_json(report), allow_nan=False)
+    assert json.loads(text) == {
+        "verdict": {"kept": None, "held": 0.5, "ok": True},
+        "rows": [[1.0, None], "x", 3],
+    }
