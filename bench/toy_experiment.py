@@ -4,14 +4,15 @@ many-step samples and the undistilled generator's few-step samples, and stage 1'
 without Frame-Aware Corrupt and the first-frame anchor, each over several training seeds.
 
     python bench/toy_experiment.py [--out DIR] [--seeds 0 1 2] [--quick] [--world narrow|default]
-        [--overrides key=value ...]
+        [--uncond negative|empty|zeros] [--overrides key=value ...]
     helios bench toy [same arguments]
 
 ``--world default`` asks the distillation question on the tiny default's DiT and world (every scene, caption
-dropout; the empty prompt as every CFG's unconditional branch) and judges every generator's 10-section videos
-by the shapes world's object measures, beside two more Bases trained without Frame-Aware Corrupt and without
-the first-frame anchor (about 17 minutes a seed on 2 cores); the default ``narrow`` is the 2 x 24 DiT of
-BENCHMARKS.md's first table.
+dropout; zero embeddings as every CFG's unconditional input, as the default validates: ``--uncond empty``
+for the empty prompt's encoding, what the results of 2026-12-06/07 used) and judges every generator's
+10-section videos by the shapes world's object measures, beside two more Bases trained without Frame-Aware
+Corrupt and without the first-frame anchor (about 17 minutes a seed on 2 cores); the default ``narrow`` is
+the 2 x 24 DiT of BENCHMARKS.md's first table.
 
 Writes DIR/report.json (every number, per seed), DIR/table.md (mean ± std over the seeds) and DIR/figure.png
 (frames of a real clip, the teacher and each few-step generator). About 20 minutes on 2 CPU cores with the
@@ -44,6 +45,13 @@ def main() -> None:
         "one unconditional prompt, long videos judged by the object measures (ToyRecipe.default_world)",
     )
     parser.add_argument(
+        "--uncond",
+        choices=("negative", "empty", "zeros"),
+        help="CFG's unconditional input for the teacher, the Base's samples and the real score: the "
+        "reference's negative prompt, the empty prompt's encoding or zero embeddings (default: the world's: "
+        "narrow negative, default zeros)",
+    )
+    parser.add_argument(
         "--overrides",
         nargs="*",
         default=[],
@@ -58,6 +66,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     recipe = ToyRecipe.default_world(args.seeds) if args.world == "default" else ToyRecipe(seeds=args.seeds)
     recipe.overrides = [*recipe.overrides, *args.overrides]
+    if args.uncond is not None:
+        recipe = dataclasses.replace(recipe, uncond=args.uncond)
     if args.quick:
         recipe = dataclasses.replace(
             recipe,

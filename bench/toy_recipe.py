@@ -135,7 +135,9 @@ class ToyRecipe:
     def default_world(cls, seeds: list[int]) -> ToyRecipe:
         """The distillation question on the tiny default's world and DiT (every scene, 11-section clips,
         caption dropout, the 128-wide DiT fully fine-tuned for the default job's 1,800 steps): one
-        unconditional prompt (the empty one) for the teacher, the Base and the real score, DMD + GAN at the
+        unconditional input (zero embeddings, what caption dropout trains and the tiny default validates
+        against; until 2026-12-07 the empty prompt, ``uncond="empty"``) for the teacher, the Base and the real
+        score, DMD + GAN at the
         generator lr x steps that lands near its real score (3e-4 x 100, BENCHMARKS.md), and every
         generator's 10-section videos judged by the object measures, beside those of two more Bases, one
         trained without Frame-Aware Corrupt and one without the first-frame anchor."""
@@ -150,7 +152,7 @@ class ToyRecipe:
             stage1=[],
             stage2=["data.caption_dropout=0.1"],  # the Base's unconditional branch stays trained
             overrides=world,
-            uncond="empty",
+            uncond="zeros",
             students={"student": ["optim.lr=3e-4"]},
             dmd_only={"dmd+gan only": ["optim.lr=3e-4"]},
             drift_variants={},

@@ -91,6 +91,7 @@ def test_the_experiment_command_rehearses_end_to_end(tmp_path):
             "--quick",
             "--seeds",
             "3",
+            "--uncond=empty",  # the world's own is the reference's negative prompt
             "--out",
             str(out),
         ],
@@ -100,7 +101,8 @@ def test_the_experiment_command_rehearses_end_to_end(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
-    assert [s["seed"] for s in report["seeds"]] == [3]
+    assert [s["seed"] for s in report["seeds"]] == [3] and report["recipe"]["uncond"] == "empty"
+    assert "uncond: empty" in (out / "seed3" / "stage3_student" / "config.yaml").read_text()
     summary = report["summary"]
     for name in ("undistilled", "ode_init", "student", "dmd+gan only"):
         assert summary[f"distill/{name}/frechet"]["values"] == [
@@ -113,9 +115,9 @@ def test_the_experiment_command_rehearses_end_to_end(tmp_path):
 
 
 def test_the_default_world_experiment_rehearses_with_one_unconditional_prompt(tmp_path):
-    """``--world default``: the tiny default's DiT and world, the empty prompt as the teacher's, the Base's
-    and the real score's unconditional branch, and every generator's long videos judged by the object
-    measures (real clips through the VAE keep the shape)."""
+    """``--world default``: the tiny default's DiT and world, zero embeddings (what caption dropout trains)
+    as the teacher's, the Base's and the real score's unconditional input, and every generator's long videos
+    judged by the object measures (real clips through the VAE keep the shape)."""
     out = tmp_path / "toy"
     command = [sys.executable, str(ROOT / "bench" / "toy_experiment.py"), "--quick", "--world=default"]
     run = subprocess.run(
@@ -134,7 +136,8 @@ def test_the_default_world_experiment_rehearses_with_one_unconditional_prompt(tm
     assert report["seeds"][0]["drift"] == {} and "| dmd+gan only |" in run.stdout
     assert "| base, no anchor |" in run.stdout
     student = (out / "seed0" / "stage3_student" / "config.yaml").read_text()
-    assert "uncond: empty" in student and "lr: 0.0003" in student
+    assert "uncond: zeros" in student and "lr: 0.0003" in student
+    assert report["recipe"]["uncond"] == "zeros"
     seed0 = out / "seed0"
     base = (seed0 / "stage1" / "config.yaml").read_text()
     assert "caption_dropout: 0.1" in base and "attention_head_dim: 32" in base
@@ -157,7 +160,7 @@ def test_a_recipe_it_cannot_run_or_judge_is_refused_before_anything_trains():
         "empty": {""},
         "zeros": {None},
     }
-    assert ToyRecipe.default_world([0]).uncond == "empty" and ToyRecipe().uncond == "negative"
+    assert ToyRecipe.default_world([0]).uncond == "zeros" and ToyRecipe().uncond == "negative"
     with pytest.raises(ValueError, match="history_ablations are judged by long videos"):
         ToyRecipe(history_ablations={"no anchor": ["history.anchor=false"]})
 
