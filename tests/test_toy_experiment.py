@@ -140,7 +140,7 @@ def test_the_default_world_experiment_rehearses_with_one_unconditional_prompt(tm
     assert report["recipe"]["uncond"] == "zeros"
     seed0 = out / "seed0"
     base = (seed0 / "stage1" / "config.yaml").read_text()
-    assert "caption_dropout: 0.1" in base and "attention_head_dim: 32" in base
+    assert "caption_dropout: 0.2" in base and "attention_head_dim: 32" in base
     history = {
         name: OmegaConf.load(seed0 / f"stage1_base__no_{name}" / "config.yaml").history
         for name in ("corrupt", "anchor")
