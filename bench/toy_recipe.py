@@ -137,10 +137,9 @@ class ToyRecipe:
         caption dropout, the 128-wide DiT fully fine-tuned for the default job's 1,800 steps): one
         unconditional input (zero embeddings, what caption dropout trains and the tiny default validates
         against; until 2026-12-07 the empty prompt, ``uncond="empty"``) for the teacher, the Base and the real
-        score, DMD + GAN at the
-        generator lr x steps that lands near its real score (3e-4 x 100, BENCHMARKS.md), and every
-        generator's 10-section videos judged by the object measures, beside those of two more Bases, one
-        trained without Frame-Aware Corrupt and one without the first-frame anchor."""
+        score, DMD + GAN at the generator lr x steps that lands near its real score (3e-4 x 100,
+        BENCHMARKS.md), and every generator's 10-section videos judged by the object measures, beside those of
+        two more Bases, one trained without Frame-Aware Corrupt and one without the first-frame anchor."""
         world = ["data.synthetic.sections=11"]
         return cls(
             seeds=seeds,
