@@ -82,6 +82,30 @@ def test_the_verdict_counts_what_the_history_keeps_once_the_first_section_holds(
     assert math.isnan(verdict([never_drawn])["kept_when_first_section_held"])
 
 
+def test_the_target_pools_each_sections_frames_over_the_samples():
+    """Issue #35's target reads "over 16 samples, the shape in >= 95 % of the frames of every one of 10
+    sections": section k's frames of all the samples pooled. One frame of 9 lost in one of 16 samples
+    (99.3 % of that section's frames) meets it, where the stricter per-sample reading fails; a whole
+    section lost in one of 16 (93.75 %) fails both; direction below 90 % of the samples fails it too."""
+    from bench.tiny_long_video import verdict
+
+    def sample(present: list[float], moves: float = 1.0) -> dict:
+        rows = [{"present": p, "form": 1.0} for p in present]
+        return {"sections": rows, "min_present": min(present), "moves_along": moves}
+
+    whole = [1.0] * 10
+    one_frame = [1.0, 1.0, 8 / 9, *[1.0] * 7]
+    v = verdict([sample(whole)] * 15 + [sample(one_frame)])
+    assert v["section_frames_present"][2] == pytest.approx(1 - 1 / 144)
+    assert v["worst_section_frames"] == pytest.approx(1 - 1 / 144)
+    assert v["target_met"] and not v["every_sample_kept"]
+    lost = verdict([sample(whole)] * 15 + [sample([1.0, 1.0, 0.0, *[1.0] * 7])])
+    assert lost["worst_section_frames"] == pytest.approx(15 / 16) and not lost["target_met"]
+    astray = verdict([sample(whole)] * 14 + [sample(whole, moves=0.0)] * 2)
+    assert astray["moves_along"] == pytest.approx(0.875) and not astray["target_met"]
+    assert verdict([sample(whole)] * 16)["every_sample_kept"]
+
+
 def test_the_reports_json_writes_a_ratio_of_nothing_as_null():
     """What the benches write is strict JSON: NaN (no sample to count) becomes null, nested or not, and
     finite numbers, strings and booleans are kept."""
