@@ -173,6 +173,7 @@ def test_every_number_is_summarised_over_the_seeds_with_its_spread():
             "shape_kept_in_every_section": i / 4,
             "kept_when_first_section_held": i / 2,
             "present_frames": i / 3,
+            "worst_section_frames": i / 5,
             "form_match": 0.5,
             "moves_along": 1,
         }
@@ -188,7 +189,7 @@ def test_every_number_is_summarised_over_the_seeds_with_its_spread():
     assert summary["long/student/form_match"]["std"] == 0.0 and "long/student/samples" not in summary
     table = format_tables({"summary": summary, "seeds": [seed(1.0)], "recipe": {"long_sections": 10}})
     assert "Long videos (1 seeds; 10 sections" in table
-    row = "| student | 0.500 ± 0.354 | 1.000 ± 0.707 | 0.667 ± 0.471 | 0.500 ± 0.000 | 1.000 ± 0.000 |"
+    row = "| student | 0.500 ± 0.354 | 1.000 ± 0.707 | 0.667 ± 0.471 | 0.400 ± 0.283 | 0.500 ± 0.000 | 1.000 "
     assert row in table
     assert summary["distill/student/frechet"]["mean"] == 4.0
     assert summary["distill/student/frechet"]["std"] == pytest.approx(2.0**1.5)  # sample std of 2 and 6
