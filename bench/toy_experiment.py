@@ -9,10 +9,10 @@ without Frame-Aware Corrupt and the first-frame anchor, each over several traini
 
 ``--world default`` asks the distillation question on the tiny default's DiT and world (every scene, caption
 dropout; zero embeddings as every CFG's unconditional input, as the default validates: ``--uncond empty``
-for the empty prompt's encoding, what the results of 2026-12-06/07 used) and judges every generator's
+for the empty prompt's encoding, what most results of 2026-12-06/07 used) and judges every generator's
 10-section videos by the shapes world's object measures, beside two more Bases trained without Frame-Aware
-Corrupt and without the first-frame anchor (about 17 minutes a seed on 2 cores); the default ``narrow`` is
-the 2 x 24 DiT of BENCHMARKS.md's first table.
+Corrupt and without the first-frame anchor (about 26 minutes a fresh seed on 2 cores); the default
+``narrow`` is the 2 x 24 DiT of BENCHMARKS.md's first table.
 
 Writes DIR/report.json (every number, per seed), DIR/table.md (mean ± std over the seeds) and DIR/figure.png
 (frames of a real clip, the teacher and each few-step generator). About 20 minutes on 2 CPU cores with the
