@@ -5,6 +5,7 @@ without Frame-Aware Corrupt and the first-frame anchor, each over several traini
 
     python bench/toy_experiment.py [--out DIR] [--seeds 0 1 2] [--quick] [--world narrow|default]
         [--uncond negative|empty|zeros] [--overrides key=value ...]
+    python bench/toy_experiment.py --merge DIR [DIR ...] --out DIR
     helios bench toy [same arguments]
 
 ``--world default`` asks the distillation question on the tiny default's DiT and world (every scene, caption
@@ -16,7 +17,9 @@ Corrupt and without the first-frame anchor (about 26 minutes a fresh seed on 2 c
 
 Writes DIR/report.json (every number, per seed), DIR/table.md (mean ± std over the seeds) and DIR/figure.png
 (frames of a real clip, the teacher and each few-step generator). About 20 minutes on 2 CPU cores with the
-defaults; ``--quick`` is a one-minute rehearsal with a few steps of each phase.
+defaults; ``--quick`` is a one-minute rehearsal with a few steps of each phase. ``--merge`` joins the reports
+of the same recipe run for other seeds (a command, job or machine each) into one, the spread over all their
+seeds.
 """
 
 from __future__ import annotations
@@ -57,7 +60,16 @@ def main() -> None:
         default=[],
         help="added to every training run, e.g. data.synthetic.fps=16",
     )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="DIR",
+        help="join these runs' report.json (the same recipe, other seeds) into --out; trains nothing",
+    )
     args = parser.parse_args()
+    if args.merge:
+        merge(args.merge, Path(args.out))
+        return
 
     import torch
 
@@ -88,6 +100,32 @@ def main() -> None:
     report = run_experiment(Path(args.out), recipe)
     print(format_tables(report))
     print(f"\n{report['seconds']:.0f} s; {args.out}/report.json, table.md, figure.png")
+
+
+def merge(runs: list[str], out: Path) -> None:
+    """``--merge``: the runs' reports as one in ``out`` (which must not hold a report yet)."""
+    import json
+    import shutil
+
+    from bench.toy_recipe import format_tables, merge_reports
+
+    missing = [run for run in runs if not (Path(run) / "report.json").is_file()]
+    if missing:
+        sys.exit(f"--merge: no report.json in {', '.join(missing)}")
+    if (out / "report.json").exists():
+        sys.exit(f"--out: {out} holds a report already; merge into a new folder")
+    try:
+        report = merge_reports([json.loads((Path(run) / "report.json").read_text()) for run in runs])
+    except ValueError as error:
+        sys.exit(f"--merge: {error}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps({**report, "merged_from": runs}, indent=1, allow_nan=False))
+    (out / "table.md").write_text(format_tables(report) + "\n")
+    figures = [Path(run) / "figure.png" for run in runs if (Path(run) / "figure.png").is_file()]
+    if figures:  # the first run's: its first seed's samples, as the experiment draws it
+        shutil.copyfile(figures[0], out / "figure.png")
+    print(format_tables(report))
+    print(f"\n{len(report['seeds'])} seeds from {len(runs)} runs; {out}/report.json, table.md")
 
 
 if __name__ == "__main__":

@@ -346,12 +346,13 @@ def world_measures(samples: Samples) -> dict[str, float]:
 
 def spread(values: list[float]) -> dict:
     """Mean and sample std over the seeds that have the number: a ratio with nothing to count (no sample's
-    first section holds the shape) is NaN for its seed, left out and counted in ``seeds`` (None: no seed)."""
-    finite = [v for v in values if not math.isnan(v)]
+    first section holds the shape) is NaN (None in a report read back) for its seed, left out and counted in
+    ``seeds`` (None: no seed)."""
+    finite = [v for v in values if v is not None and not math.isnan(v)]  # None: NaN read back from JSON
     return {
         "mean": statistics.fmean(finite) if finite else None,
         "std": statistics.stdev(finite) if len(finite) > 1 else 0.0,
-        "values": [None if math.isnan(v) else v for v in values],
+        "values": [None if v is None or math.isnan(v) else v for v in values],
         "seeds": len(finite),
     }
 
@@ -483,6 +484,30 @@ def run_experiment(out: Path, recipe: ToyRecipe, log=print) -> dict:
     (out / "table.md").write_text(format_tables(report) + "\n")
     save_figure(figure_samples, candidates(recipe), out / "figure.png")
     return report
+
+
+def merge_reports(reports: list[dict]) -> dict:
+    """Reports of the same recipe run for different seeds (separate commands, jobs or machines) as one: the
+    per-seed numbers in seed order, the seed spread recomputed over all of them, the seconds summed. The
+    recipes must agree but for their seeds, and no seed may come twice."""
+    if not reports:
+        raise ValueError("nothing to merge")
+    first = {k: v for k, v in reports[0]["recipe"].items() if k != "seeds"}
+    for i, report in enumerate(reports[1:], 1):
+        other = {k: v for k, v in report["recipe"].items() if k != "seeds"}
+        differ = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
+        if differ:
+            raise ValueError(f"report {i} ran another recipe than report 0: {', '.join(differ)} differ")
+    per_seed = sorted((s for r in reports for s in r["seeds"]), key=lambda s: s["seed"])
+    seeds = [s["seed"] for s in per_seed]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"a seed comes twice: {seeds}")
+    return {
+        "recipe": {**reports[0]["recipe"], "seeds": seeds},
+        "seeds": per_seed,
+        "summary": summarize(per_seed),
+        "seconds": sum(r["seconds"] for r in reports),
+    }
 
 
 def summarize(per_seed: list[dict]) -> dict:

@@ -12,6 +12,7 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import asdict
 
 import pytest
 from omegaconf import OmegaConf
@@ -25,11 +26,13 @@ from bench.toy_recipe import (
     distill_chain,
     distill_report,
     format_tables,
+    merge_reports,
     spread,
     summarize,
     teacher_sampler,
 )
 from helios.config.schema import REFERENCE_NEGATIVE_PROMPT
+from helios.infra.metrics import strict_json
 from tests.helpers.runs import ROOT
 
 WORLD = ("palette_error", "shape_colour_match", "objects")
@@ -165,24 +168,28 @@ def test_a_recipe_it_cannot_run_or_judge_is_refused_before_anything_trains():
         ToyRecipe(history_ablations={"no anchor": ["history.anchor=false"]})
 
 
-def test_every_number_is_summarised_over_the_seeds_with_its_spread():
-    def seed(i: float) -> dict:
-        row = {"paired_error": i, "frechet": 2 * i, "frechet_base": 3 * i, "world": dict.fromkeys(WORLD, i)}
-        world_last = dict.fromkeys(WORLD, i)
-        long = {
-            "shape_kept_in_every_section": i / 4,
-            "kept_when_first_section_held": i / 2,
-            "present_frames": i / 3,
-            "worst_section_frames": i / 5,
-            "form_match": 0.5,
-            "moves_along": 1,
-        }
-        return {
-            "distill": {"student": row, "real": {"world": dict.fromkeys(WORLD, 1.0)}},
-            "drift": {"no corrupt": {"drift": [0.0, i, 2 * i], "world_last": world_last}},
-            "long": {"student": {**long, "samples": 16, "target_met": False}},
-        }
+def _fake_seed(i: float, seed: int = 0) -> dict:
+    """One seed's entry of a report, every number a multiple of ``i``."""
+    row = {"paired_error": i, "frechet": 2 * i, "frechet_base": 3 * i, "world": dict.fromkeys(WORLD, i)}
+    world_last = dict.fromkeys(WORLD, i)
+    long = {
+        "shape_kept_in_every_section": i / 4,
+        "kept_when_first_section_held": i / 2,
+        "present_frames": i / 3,
+        "worst_section_frames": i / 5,
+        "form_match": 0.5,
+        "moves_along": 1,
+    }
+    return {
+        "seed": seed,
+        "distill": {"student": row, "real": {"world": dict.fromkeys(WORLD, 1.0)}},
+        "drift": {"no corrupt": {"drift": [0.0, i, 2 * i], "world_last": world_last}},
+        "long": {"student": {**long, "samples": 16, "target_met": False}},
+    }
 
+
+def test_every_number_is_summarised_over_the_seeds_with_its_spread():
+    seed = _fake_seed
     summary = summarize([seed(1.0), seed(3.0)])
     assert summary["long/student/shape_kept_in_every_section"]["values"] == [0.25, 0.75]
     assert summary["long/student/present_frames"]["mean"] == pytest.approx(2 / 3)
@@ -216,3 +223,63 @@ def test_a_ratio_a_seed_cannot_count_is_left_out_of_the_spread_and_named():
     assert _cell(summary, "long/a/kept") == "0.750 ± 0.354 (2 of 3 seeds)"
     assert _cell(summary, "long/b/kept") == "none of the seeds"
     assert _cell(summary, "long/c/kept") == "0.500 ± 0.354"
+
+
+def _report(seeds: dict[int, float], **recipe) -> dict:
+    """A report as ``run_experiment`` writes it and JSON reads it back (NaN as null)."""
+    per_seed = [_fake_seed(i, seed) for seed, i in seeds.items()]
+    for entry in per_seed:
+        if entry["seed"] == 4:  # no sample's first section held the shape: a ratio of nothing
+            entry["long"]["student"]["kept_when_first_section_held"] = math.nan
+    report = {
+        "recipe": {**asdict(ToyRecipe(seeds=list(seeds))), **recipe, "long_sections": 10},
+        "seeds": per_seed,
+        "summary": summarize(per_seed),
+        "seconds": 100.0 * len(seeds),
+    }
+    return json.loads(json.dumps(strict_json(report), allow_nan=False))
+
+
+def test_seeds_run_apart_merge_into_the_report_of_one_run():
+    """Seeds 3 and 4 run as their own command after 0-2: the merged report is the one a single run of all
+    five writes (the same numbers, spread and table), NaN seeds included."""
+    merged = merge_reports([_report({3: 8.0, 4: 16.0}), _report({0: 1.0, 1: 2.0, 2: 4.0})])
+    whole = _report({0: 1.0, 1: 2.0, 2: 4.0, 3: 8.0, 4: 16.0})
+    assert merged["recipe"] == whole["recipe"] and [s["seed"] for s in merged["seeds"]] == [0, 1, 2, 3, 4]
+    assert merged["seeds"] == whole["seeds"] and merged["summary"] == whole["summary"]
+    assert merged["summary"]["distill/student/frechet"]["values"] == [2.0, 4.0, 8.0, 16.0, 32.0]
+    kept = merged["summary"]["long/student/kept_when_first_section_held"]
+    assert kept["values"] == [0.5, 1.0, 2.0, 4.0, None] and kept["seeds"] == 4 and kept["mean"] == 1.875
+    assert merged["seconds"] == 500.0 and format_tables(merged) == format_tables(whole)
+
+
+def test_reports_of_other_recipes_or_the_same_seed_are_not_merged():
+    with pytest.raises(
+        ValueError, match="report 1 ran another recipe than report 0: post_steps, uncond differ"
+    ):
+        merge_reports([_report({0: 1.0}), _report({1: 2.0}, uncond="zeros", post_steps=5)])
+    with pytest.raises(ValueError, match=r"a seed comes twice: \[0, 1, 1\]"):
+        merge_reports([_report({0: 1.0, 1: 2.0}), _report({1: 2.0})])
+
+
+def test_the_merge_command_writes_a_new_folder_and_never_over_a_report(tmp_path):
+    runs = []
+    for name, seeds in (("a", {0: 1.0, 1: 2.0}), ("b", {2: 4.0})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "report.json").write_text(json.dumps(_report(seeds)))
+        runs.append(str(tmp_path / name))
+    (tmp_path / "a" / "figure.png").write_bytes(b"a's figure")
+    command = [sys.executable, str(ROOT / "bench" / "toy_experiment.py"), "--merge", *runs]
+    run = subprocess.run([*command, f"--out={tmp_path / 'all'}"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((tmp_path / "all" / "report.json").read_text())
+    assert [s["seed"] for s in report["seeds"]] == [0, 1, 2] and report["merged_from"] == runs
+    assert (tmp_path / "all" / "table.md").read_text() == format_tables(report) + "\n"
+    assert "Distillation (3 seeds" in run.stdout and "| student | 2.333 ± 1.528 |" in run.stdout
+    assert (tmp_path / "all" / "figure.png").read_bytes() == b"a's figure"
+    before = (tmp_path / "a" / "report.json").read_text()
+    again = subprocess.run([*command, f"--out={runs[0]}"], capture_output=True, text=True, timeout=120)
+    assert again.returncode != 0 and "holds a report already" in again.stderr
+    assert (tmp_path / "a" / "report.json").read_text() == before
+    lost = subprocess.run([*command, str(tmp_path / "c"), "--out=x"], capture_output=True, text=True)
+    assert lost.returncode != 0 and f"no report.json in {tmp_path / 'c'}" in lost.stderr
