@@ -5,14 +5,14 @@ without Frame-Aware Corrupt and the first-frame anchor, each over several traini
 
     python bench/toy_experiment.py [--out DIR] [--seeds 0 1 2] [--quick] [--world narrow|default]
         [--uncond negative|empty|zeros] [--overrides key=value ...]
-    python bench/toy_experiment.py --merge DIR [DIR ...] --out DIR
+    python bench/toy_experiment.py --merge DIR|REPORT.json [...] --out DIR
     helios bench toy [same arguments]
 
 ``--world default`` asks the distillation question on the tiny default's DiT and world (every scene, caption
 dropout; zero embeddings as every CFG's unconditional input, as the default validates: ``--uncond empty``
 for the empty prompt's encoding, what most results of 2026-12-06/07 used) and judges every generator's
 10-section videos by the shapes world's object measures, beside two more Bases trained without Frame-Aware
-Corrupt and without the first-frame anchor (about 26 minutes a fresh seed on 2 cores); the default
+Corrupt and without the first-frame anchor (30-33 minutes a fresh seed on 2 cores); the default
 ``narrow`` is the 2 x 24 DiT of BENCHMARKS.md's first table.
 
 Writes DIR/report.json (every number, per seed), DIR/table.md (mean ± std over the seeds) and DIR/figure.png
@@ -64,7 +64,8 @@ def main() -> None:
         "--merge",
         nargs="+",
         metavar="DIR",
-        help="join these runs' report.json (the same recipe, other seeds) into --out; trains nothing",
+        help="join these runs' report.json (a run's folder or the JSON file itself: the same recipe, other "
+        "seeds) into --out; trains nothing",
     )
     args = parser.parse_args()
     if args.merge:
@@ -109,19 +110,20 @@ def merge(runs: list[str], out: Path) -> None:
 
     from bench.toy_recipe import format_tables, merge_reports
 
-    missing = [run for run in runs if not (Path(run) / "report.json").is_file()]
+    reports = [Path(run) if Path(run).is_file() else Path(run) / "report.json" for run in runs]
+    missing = [run for run, report in zip(runs, reports, strict=True) if not report.is_file()]
     if missing:
         sys.exit(f"--merge: no report.json in {', '.join(missing)}")
     if (out / "report.json").exists():
         sys.exit(f"--out: {out} holds a report already; merge into a new folder")
     try:
-        report = merge_reports([json.loads((Path(run) / "report.json").read_text()) for run in runs])
+        report = merge_reports([json.loads(path.read_text()) for path in reports])
     except ValueError as error:
         sys.exit(f"--merge: {error}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps({**report, "merged_from": runs}, indent=1, allow_nan=False))
     (out / "table.md").write_text(format_tables(report) + "\n")
-    figures = [Path(run) / "figure.png" for run in runs if (Path(run) / "figure.png").is_file()]
+    figures = [path.parent / "figure.png" for path in reports if (path.parent / "figure.png").is_file()]
     if figures:  # the first run's: its first seed's samples, as the experiment draws it
         shutil.copyfile(figures[0], out / "figure.png")
     print(format_tables(report))

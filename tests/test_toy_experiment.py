@@ -268,6 +268,7 @@ def test_the_merge_command_writes_a_new_folder_and_never_over_a_report(tmp_path)
         (tmp_path / name).mkdir()
         (tmp_path / name / "report.json").write_text(json.dumps(_report(seeds)))
         runs.append(str(tmp_path / name))
+    runs[1] += "/report.json"  # a run's folder or its report itself (one kept in bench/results/)
     (tmp_path / "a" / "figure.png").write_bytes(b"a's figure")
     command = [sys.executable, str(ROOT / "bench" / "toy_experiment.py"), "--merge", *runs]
     run = subprocess.run([*command, f"--out={tmp_path / 'all'}"], capture_output=True, text=True, timeout=120)
