@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument(
         "--merge",
         nargs="+",
-        metavar="DIR",
+        metavar="RUN",
         help="join these runs' report.json (a run's folder or the JSON file itself: the same recipe, other "
         "seeds) into --out; trains nothing",
     )
@@ -116,8 +116,14 @@ def merge(runs: list[str], out: Path) -> None:
         sys.exit(f"--merge: no report.json in {', '.join(missing)}")
     if (out / "report.json").exists():
         sys.exit(f"--out: {out} holds a report already; merge into a new folder")
+    loaded = []
+    for path in reports:
+        try:
+            loaded.append(json.loads(path.read_text()))
+        except ValueError as error:
+            sys.exit(f"--merge: {path} is not JSON: {error}")
     try:
-        report = merge_reports([json.loads(path.read_text()) for path in reports])
+        report = merge_reports(loaded)
     except ValueError as error:
         sys.exit(f"--merge: {error}")
     out.mkdir(parents=True, exist_ok=True)

@@ -492,6 +492,12 @@ def merge_reports(reports: list[dict]) -> dict:
     recipes must agree but for their seeds, and no seed may come twice."""
     if not reports:
         raise ValueError("nothing to merge")
+    for i, report in enumerate(reports):
+        lacking = [
+            k for k in ("recipe", "seeds", "seconds") if not isinstance(report, dict) or k not in report
+        ]
+        if lacking:
+            raise ValueError(f"report {i} is not a toy experiment's report: no {', '.join(lacking)}")
     first = {k: v for k, v in reports[0]["recipe"].items() if k != "seeds"}
     for i, report in enumerate(reports[1:], 1):
         other = {k: v for k, v in report["recipe"].items() if k != "seeds"}

@@ -260,6 +260,8 @@ def test_reports_of_other_recipes_or_the_same_seed_are_not_merged():
         merge_reports([_report({0: 1.0}), _report({1: 2.0}, uncond="zeros", post_steps=5)])
     with pytest.raises(ValueError, match=r"a seed comes twice: \[0, 1, 1\]"):
         merge_reports([_report({0: 1.0, 1: 2.0}), _report({1: 2.0})])
+    with pytest.raises(ValueError, match="report 1 is not a toy experiment's report: no recipe, seconds"):
+        merge_reports([_report({0: 1.0}), {"seeds": []}])
 
 
 def test_the_merge_command_writes_a_new_folder_and_never_over_a_report(tmp_path):
@@ -282,5 +284,10 @@ def test_the_merge_command_writes_a_new_folder_and_never_over_a_report(tmp_path)
     again = subprocess.run([*command, f"--out={runs[0]}"], capture_output=True, text=True, timeout=120)
     assert again.returncode != 0 and "holds a report already" in again.stderr
     assert (tmp_path / "a" / "report.json").read_text() == before
-    lost = subprocess.run([*command, str(tmp_path / "c"), "--out=x"], capture_output=True, text=True)
+    out = f"--out={tmp_path / 'x'}"
+    lost = subprocess.run([*command, str(tmp_path / "c"), out], capture_output=True, text=True)
     assert lost.returncode != 0 and f"no report.json in {tmp_path / 'c'}" in lost.stderr
+    (tmp_path / "cut.json").write_text('{"recipe": {')  # a report cut short by a full disk
+    cut = subprocess.run([*command, str(tmp_path / "cut.json"), out], capture_output=True, text=True)
+    assert cut.returncode != 0 and f"--merge: {tmp_path / 'cut.json'} is not JSON" in cut.stderr
+    assert not (tmp_path / "x").exists()
