@@ -108,7 +108,7 @@ def merge(runs: list[str], out: Path) -> None:
     import json
     import shutil
 
-    from bench.toy_recipe import format_tables, merge_reports
+    from bench.toy_recipe import format_tables, merge_reports, write_report
 
     reports = [Path(run) if Path(run).is_file() else Path(run) / "report.json" for run in runs]
     missing = [run for run, report in zip(runs, reports, strict=True) if not report.is_file()]
@@ -127,8 +127,7 @@ def merge(runs: list[str], out: Path) -> None:
     except ValueError as error:
         sys.exit(f"--merge: {error}")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps({**report, "merged_from": runs}, indent=1, allow_nan=False))
-    (out / "table.md").write_text(format_tables(report) + "\n")
+    write_report(out, {**report, "merged_from": runs})
     figures = [path.parent / "figure.png" for path in reports if (path.parent / "figure.png").is_file()]
     if figures:  # the first run's: its first seed's samples, as the experiment draws it
         shutil.copyfile(figures[0], out / "figure.png")

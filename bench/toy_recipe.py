@@ -480,10 +480,15 @@ def run_experiment(out: Path, recipe: ToyRecipe, log=print) -> dict:
         log(f"seed {seed}: Fréchet to the teacher: {errors} ({time.perf_counter() - t0:.0f} s)")
     report = {"recipe": asdict(recipe), "seeds": per_seed, "summary": summarize(per_seed)}
     report["seconds"] = time.perf_counter() - start
-    (out / "report.json").write_text(json.dumps(strict_json(report), indent=1, allow_nan=False))
-    (out / "table.md").write_text(format_tables(report) + "\n")
+    write_report(out, report)
     save_figure(figure_samples, candidates(recipe), out / "figure.png")
     return report
+
+
+def write_report(out: Path, report: dict) -> None:
+    """``out/report.json`` (strict JSON: NaN as null) and ``out/table.md``."""
+    (out / "report.json").write_text(json.dumps(strict_json(report), indent=1, allow_nan=False))
+    (out / "table.md").write_text(format_tables(report) + "\n")
 
 
 def merge_reports(reports: list[dict]) -> dict:

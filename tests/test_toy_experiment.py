@@ -189,12 +189,11 @@ def _fake_seed(i: float, seed: int = 0) -> dict:
 
 
 def test_every_number_is_summarised_over_the_seeds_with_its_spread():
-    seed = _fake_seed
-    summary = summarize([seed(1.0), seed(3.0)])
+    summary = summarize([_fake_seed(1.0), _fake_seed(3.0)])
     assert summary["long/student/shape_kept_in_every_section"]["values"] == [0.25, 0.75]
     assert summary["long/student/present_frames"]["mean"] == pytest.approx(2 / 3)
     assert summary["long/student/form_match"]["std"] == 0.0 and "long/student/samples" not in summary
-    table = format_tables({"summary": summary, "seeds": [seed(1.0)], "recipe": {"long_sections": 10}})
+    table = format_tables({"summary": summary, "seeds": [_fake_seed(1.0)], "recipe": {"long_sections": 10}})
     assert "Long videos (1 seeds; 10 sections" in table
     row = "| student | 0.500 ± 0.354 | 1.000 ± 0.707 | 0.667 ± 0.471 | 0.400 ± 0.283 | 0.500 ± 0.000 | 1.000 "
     assert row in table
@@ -204,7 +203,7 @@ def test_every_number_is_summarised_over_the_seeds_with_its_spread():
     assert summary["drift/no corrupt/mean"]["mean"] == pytest.approx(3.0)  # sections 2..3 of both seeds
     assert "distill/real/frechet" not in summary and summary["distill/real/world/objects"]["std"] == 0.0
     table = format_tables(
-        {"summary": summary, "seeds": [seed(1.0), seed(3.0)], "recipe": {"long_sections": 10}}
+        {"summary": summary, "seeds": [_fake_seed(1.0), _fake_seed(3.0)], "recipe": {"long_sections": 10}}
     )
     assert "| student | 2.000 ± 1.414 | 4.000 ± 2.828 |" in table
     assert table.index("section 2") < table.index("section 3")
